@@ -1,0 +1,1 @@
+"""Command-line interfaces: one module per command group, one error handler."""

@@ -1,0 +1,70 @@
+"""breqd: the daemon that keeps a durable dirty bitmap per tracked device."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import click
+
+from bmig import __version__
+from bmig import log as bmig_log
+from bmig.cli.common import run
+from bmig.config import load_toml, merge
+from bmig.constants import DEFAULT_CONFIG_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR
+from bmig.errors import ConfigError
+from bmig.tracker.service import Breqd, Settings
+
+DEFAULTS = {
+    "state_dir": DEFAULT_STATE_DIR,
+    "config_dir": DEFAULT_CONFIG_DIR,
+    "control": DEFAULT_CONTROL_SOCKET,
+    "socket_mode": "0600",
+    "log_level": "info",
+}
+KEYS = set(DEFAULTS)
+
+
+def _octal(value: str | int) -> int:
+    try:
+        mode = int(str(value), 8)
+    except ValueError:
+        raise ConfigError(f"socket mode {value!r} is not an octal mode like 0600") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"socket mode {value!r} is out of range")
+    return mode
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", metavar="FILE",
+              help="TOML file with any of the settings below; flags override it.")
+@click.option("--state-dir", metavar="DIR",
+              help=f"Where bitmaps live [default: {DEFAULT_STATE_DIR}].")
+@click.option("--config-dir", metavar="DIR",
+              help=f"Device definitions, one TOML file each [default: {DEFAULT_CONFIG_DIR}].")
+@click.option("--control", metavar="SOCK",
+              help=f"Control socket path [default: {DEFAULT_CONTROL_SOCKET}].")
+@click.option("--socket-mode", metavar="MODE", help="Control socket mode [default: 0600].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least severe message logged [default: info].")
+@click.version_option(__version__, prog_name="breqd")
+def breqd(config_file: str | None, **flags: str | None) -> None:
+    """Keep a durable dirty bitmap for every tracked device."""
+    values = dict(DEFAULTS)
+    if config_file:
+        from_file = load_toml(config_file)
+        unknown = set(from_file) - KEYS
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update(from_file)
+    values = merge(values, flags)
+    bmig_log.setup(str(values["log_level"]))
+    settings = Settings(state_dir=os.path.abspath(str(values["state_dir"])),
+                        config_dir=os.path.abspath(str(values["config_dir"])),
+                        control=os.path.abspath(str(values["control"])),
+                        socket_mode=_octal(values["socket_mode"]))
+    asyncio.run(Breqd(settings).run())
+
+
+def main() -> None:
+    run(breqd, "breqd")

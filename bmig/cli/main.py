@@ -1,0 +1,22 @@
+"""bmigrate: the operator's command."""
+
+from __future__ import annotations
+
+import click
+
+from bmig import __version__
+from bmig.cli.common import run
+from bmig.cli.track import track
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bmigrate")
+def cli() -> None:
+    """Move a live block device to another host with seconds of downtime."""
+
+
+cli.add_command(track)
+
+
+def main() -> None:
+    run(cli, "bmigrate")

@@ -1,0 +1,115 @@
+"""bmigrate track: which devices breqd tracks, and how much of each is dirty."""
+
+from __future__ import annotations
+
+import click
+
+from bmig.cli.common import SIZE, connect, control_option, human_bytes, json_option, print_json, size_of
+from bmig.errors import ConfigError
+
+
+@click.group()
+def track() -> None:
+    """Add, remove and inspect the devices breqd tracks."""
+
+
+@track.command()
+@click.argument("name")
+@click.option("--size", type=SIZE, help="Device size in bytes (units: K, M, G, T).")
+@click.option("--size-of", "size_path", metavar="PATH",
+              help="Take the size from this file or block device.")
+@click.option("--chunk-size", type=SIZE, default=None,
+              help="Bytes per bitmap bit: a power of two, 4K to 16M [default: 64K].")
+@control_option
+@json_option
+def add(name: str, size: int | None, size_path: str | None, chunk_size: int | None,
+        control: str, as_json: bool) -> None:
+    """Start tracking writes to NAME. Every chunk starts dirty."""
+    if (size is None) == (size_path is None):
+        raise ConfigError("give the device size with --size BYTES or --size-of PATH")
+    if size_path is not None:
+        size = size_of(size_path)
+    with connect(control) as client:
+        stats = client.add_device(name, size, chunk_size)
+    if as_json:
+        print_json(stats)
+    else:
+        click.echo(f"tracking {name}: {human_bytes(stats['size'])} in "
+                   f"{human_bytes(stats['chunk_size'])} chunks, device id {stats['device_id']}")
+
+
+@track.command()
+@click.argument("name")
+@control_option
+def remove(name: str, control: str) -> None:
+    """Stop tracking NAME. Its bitmap stays in the state directory."""
+    with connect(control) as client:
+        result = client.remove_device(name)
+    click.echo(f"stopped tracking {name}; bitmap kept in {result.get('state_file')}")
+
+
+@track.command("list")
+@control_option
+@json_option
+def list_(control: str, as_json: bool) -> None:
+    """List tracked devices, one name per line."""
+    with connect(control) as client:
+        devices = client.list_devices()
+    if as_json:
+        print_json([d["name"] for d in devices])
+    else:
+        for device in devices:
+            click.echo(device["name"])
+
+
+@track.command()
+@click.argument("name", required=False)
+@control_option
+@json_option
+def status(name: str | None, control: str, as_json: bool) -> None:
+    """Size, chunk size, dirty and in-flight bytes of NAME or of every device.
+
+    With --json: one object for NAME, or an array of objects.
+    """
+    with connect(control) as client:
+        devices = [client.stats(name)] if name else client.list_devices()
+    if as_json:
+        print_json(devices[0] if name else devices)
+        return
+    if not devices:
+        click.echo("no devices tracked")
+        return
+    rows = [("NAME", "SIZE", "CHUNK", "DIRTY", "IN FLIGHT", "DIRTY %")]
+    for d in devices:
+        percent = 100.0 * d["dirty_bytes"] / d["size"] if d["size"] else 0.0
+        rows.append((d["name"], human_bytes(d["size"]), human_bytes(d["chunk_size"]),
+                     human_bytes(d["dirty_bytes"]), human_bytes(d["inflight_bytes"]),
+                     f"{percent:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for d in devices:
+        if d.get("recovered") and d["recovered"] != "no saved bitmap":
+            click.echo(f"note: {d['name']}: saved bitmap was not trusted ({d['recovered']}); "
+                       "everything was set dirty", err=True)
+
+
+@track.command("set-dirty")
+@click.argument("name")
+@control_option
+def set_dirty(name: str, control: str) -> None:
+    """Mark every chunk of NAME dirty: the next sync ships the whole device."""
+    with connect(control) as client:
+        client.set_all_dirty(name)
+    click.echo(f"{name}: every chunk is dirty")
+
+
+@track.command("clear")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Required: this forgets every dirty chunk.")
+@control_option
+def clear(name: str, force: bool, control: str) -> None:
+    """Forget every dirty chunk of NAME (only when the target is known to be identical)."""
+    with connect(control) as client:
+        client.clear_all(name, force=force)
+    click.echo(f"{name}: every dirty chunk cleared")

@@ -1,0 +1,29 @@
+"""Limits shared by the toolkit, checked against each other at import."""
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+MIN_CHUNK_SIZE = 4 * KiB
+MAX_CHUNK_SIZE = 16 * MiB
+# 64 KiB: QEMU's default mirror granularity; 2 MiB of bitmap per TiB, and see
+# docs/state-format.md for the measurement behind the choice.
+DEFAULT_CHUNK_SIZE = 64 * KiB
+# A device size the bitmap format can describe (2^63-1 bytes would overflow offset math
+# in clients; 2^60 is far beyond any block device).
+MAX_DEVICE_SIZE = 1 << 60
+MAX_DEVICE_NAME = 64
+
+# Control protocol (breqd).
+CONTROL_PROTOCOL_VERSION = 1
+MAX_CONTROL_FRAME = 4 * MiB
+MAX_CONTROL_JSON = 64 * KiB
+MAX_RANGES_PER_FRAME = 65536
+
+DEFAULT_STATE_DIR = "/var/lib/bmig"
+DEFAULT_CONFIG_DIR = "/etc/bmig/devices.d"
+DEFAULT_CONTROL_SOCKET = "/run/bmig/breqd.sock"
+
+assert MIN_CHUNK_SIZE <= DEFAULT_CHUNK_SIZE <= MAX_CHUNK_SIZE
+assert 16 + MAX_CONTROL_JSON + 16 * MAX_RANGES_PER_FRAME <= MAX_CONTROL_FRAME

@@ -1,0 +1,124 @@
+"""One exception hierarchy for the whole toolkit.
+
+Each class carries the exit code a CLI returns for it, the code it travels under on a
+wire (control or replication protocol) and whether a traceback helps (never for a
+mistake the user can fix). The docstring is the meaning; the message says what to do.
+"""
+
+from __future__ import annotations
+
+# Exit codes (documented in man/bmigrate.1 EXIT STATUS; tests/docs checks they are unique).
+EXIT_OK = 0
+EXIT_ERROR = 1          # generic failure
+EXIT_USAGE = 2          # bad command line (click's own code)
+EXIT_CONFIG = 3         # bad configuration file or value
+EXIT_UNREACHABLE = 4    # daemon or peer not reachable
+EXIT_REFUSED = 5        # the daemon understood and refused the request
+EXIT_STATE = 6          # state directory unusable (locked, unwritable, corrupt beyond repair)
+EXIT_PROTOCOL = 7       # the peer broke the protocol
+
+
+class BmigError(Exception):
+    """A failure with a message meant for the operator."""
+
+    exit_code = EXIT_ERROR
+    wire_code = "error"
+    traceback = False
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or (self.__doc__ or self.__class__.__name__).strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(BmigError):
+    """The configuration is invalid."""
+
+    exit_code = EXIT_CONFIG
+    wire_code = "config"
+
+
+class UnreachableError(BmigError):
+    """The daemon or peer cannot be reached."""
+
+    exit_code = EXIT_UNREACHABLE
+    wire_code = "unreachable"
+
+
+class ProtocolError(BmigError):
+    """The peer sent something the protocol does not allow."""
+
+    exit_code = EXIT_PROTOCOL
+    wire_code = "protocol"
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame is larger than the protocol allows."""
+
+    wire_code = "frame-too-large"
+
+
+class RequestError(BmigError):
+    """The request is well formed but cannot be honoured."""
+
+    exit_code = EXIT_REFUSED
+    wire_code = "refused"
+
+
+class UnknownDevice(RequestError):
+    """No such tracked device."""
+
+    wire_code = "unknown-device"
+
+
+class DeviceExists(RequestError):
+    """The device is already tracked."""
+
+    wire_code = "device-exists"
+
+
+class RangeError(RequestError):
+    """A byte range is empty or reaches past the end of the device."""
+
+    wire_code = "bad-range"
+
+
+class NotCheckedOut(RequestError):
+    """The chunks are not checked out by this client."""
+
+    wire_code = "not-checked-out"
+
+
+class StateError(BmigError):
+    """The state directory cannot be used."""
+
+    exit_code = EXIT_STATE
+    wire_code = "state"
+
+
+class StateWriteError(StateError):
+    """Dirty state could not be made durable; the write it guards must fail."""
+
+    wire_code = "state-write-failed"
+
+
+class StateLocked(StateError):
+    """Another process owns the state directory."""
+
+    wire_code = "state-locked"
+
+
+# Wire code -> class, so a client rebuilds the server's error as the same type.
+_ALL: tuple[type[BmigError], ...] = (
+    BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, RequestError,
+    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, StateError, StateWriteError,
+    StateLocked,
+)
+BY_WIRE_CODE: dict[str, type[BmigError]] = {cls.wire_code: cls for cls in _ALL}
+
+
+def from_wire(code: str, message: str) -> BmigError:
+    """Rebuild an error received from a peer; unknown codes become a plain BmigError."""
+    return BY_WIRE_CODE.get(code, BmigError)(message)

@@ -1,0 +1,44 @@
+"""sd_notify without libsystemd: READY=1, STATUS=, WATCHDOG=1, STOPPING=1.
+
+Does nothing when NOTIFY_SOCKET is unset, so daemons call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _address() -> str | None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return None
+    if address.startswith("@"):  # abstract namespace
+        return "\0" + address[1:]
+    return address
+
+
+def notify(*lines: str) -> bool:
+    """Send ``lines`` (e.g. "READY=1", "STATUS=...") to the service manager."""
+    address = _address()
+    if address is None:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto("\n".join(lines).encode(), address)
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None

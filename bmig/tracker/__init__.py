@@ -1,0 +1,1 @@
+"""breqd: durable per-device dirty bitmaps."""

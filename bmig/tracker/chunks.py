@@ -1,0 +1,143 @@
+"""The chunk state machine of one device, in memory, with no I/O.
+
+Each chunk is in one of four states, held in two bit arrays:
+
+    dirty  inflight
+      0       0      clean
+      1       0      dirty: must be shipped
+      0       1      in flight: checked out by a sender, not yet durable on the target
+      1       1      in flight and re-marked since checkout: commit leaves it dirty
+
+So ``commit`` only has to clear ``inflight``: a chunk written after its checkout keeps its
+dirty bit and ships again (invariant 2). What must survive a crash is ``dirty | inflight``
+(invariant 3); ``disk_image`` gives exactly that for a page of the bitmap file.
+"""
+
+from __future__ import annotations
+
+from bitarray import bitarray
+
+from bmig.errors import RangeError
+
+ENDIAN = "little"
+
+
+def zeros(n: int) -> bitarray:
+    bits = bitarray(n, endian=ENDIAN)
+    bits.setall(0)
+    return bits
+
+
+class ChunkMap:
+    """Dirty and in-flight bits of one device of ``size`` bytes in ``chunk_size`` chunks."""
+
+    def __init__(self, size: int, chunk_size: int, dirty: bitarray | None = None):
+        self.size = size
+        self.chunk_size = chunk_size
+        self.nchunks = -(-size // chunk_size)
+        if dirty is None:
+            dirty = zeros(self.nchunks)
+        if len(dirty) != self.nchunks:
+            raise ValueError(f"bitmap has {len(dirty)} bits, device needs {self.nchunks}")
+        self.dirty = dirty
+        self.inflight = zeros(self.nchunks)
+        self._cursor = 0  # where the next checkout starts scanning: passes sweep the device
+
+    # -- byte ranges and chunk spans -------------------------------------------------
+
+    def span(self, offset: int, length: int) -> tuple[int, int]:
+        """Chunks [first, end) covering bytes [offset, offset + length), validated."""
+        if length <= 0:
+            raise RangeError(f"empty range at offset {offset}")
+        if offset < 0 or offset + length > self.size:
+            raise RangeError(
+                f"range {offset}+{length} is outside the device (size {self.size})")
+        return offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
+
+    def chunk_bytes(self, first: int, end: int) -> tuple[int, int]:
+        """The byte range (offset, length) of chunks [first, end), clipped to the device."""
+        offset = first * self.chunk_size
+        return offset, min(end * self.chunk_size, self.size) - offset
+
+    def bytes_of(self, bits: bitarray) -> int:
+        """Bytes covered by the set bits of ``bits`` (the last chunk may be short)."""
+        total = bits.count() * self.chunk_size
+        if self.nchunks and bits[-1]:
+            total -= self.nchunks * self.chunk_size - self.size
+        return total
+
+    # -- transitions -----------------------------------------------------------------
+
+    def covered(self, first: int, end: int) -> bool:
+        """True when every chunk in [first, end) is dirty or in flight."""
+        if end - first == 1:
+            return bool(self.dirty[first] or self.inflight[first])
+        return (self.dirty[first:end] | self.inflight[first:end]).all()
+
+    def mark(self, first: int, end: int) -> None:
+        """Make [first, end) dirty; chunks in flight become re-marked."""
+        self.dirty[first:end] = 1
+
+    def checkout(self, max_chunks: int) -> list[tuple[int, int]]:
+        """Move up to ``max_chunks`` dirty chunks, not in flight, to in flight.
+
+        Returns runs (first, end). The scan starts where the previous one stopped and
+        wraps once, so successive checkouts sweep the whole device.
+        """
+        runs: list[tuple[int, int]] = []
+        budget = max_chunks
+        start = self._cursor if self._cursor < self.nchunks else 0
+        for lo, hi in ((start, self.nchunks), (0, start)):
+            pos = lo
+            while budget > 0 and pos < hi:
+                first = self.dirty.find(1, pos, hi)
+                if first < 0:
+                    break
+                end = self.dirty.find(0, first, hi)
+                if end < 0:
+                    end = hi
+                busy = self.inflight.find(1, first, end)
+                if busy == first:  # re-marked chunks still in flight: skip them
+                    free = self.inflight.find(0, first, end)
+                    pos = end if free < 0 else free
+                    continue
+                if busy >= 0:
+                    end = busy
+                end = min(end, first + budget)
+                self.dirty[first:end] = 0
+                self.inflight[first:end] = 1
+                runs.append((first, end))
+                budget -= end - first
+                pos = end
+                self._cursor = end
+            if budget <= 0:
+                break
+        return runs
+
+    def commit(self, first: int, end: int) -> None:
+        """In flight to clean; re-marked chunks stay dirty."""
+        self.inflight[first:end] = 0
+
+    def abort(self, first: int, end: int) -> None:
+        """In flight back to dirty."""
+        self.inflight[first:end] = 0
+        self.dirty[first:end] = 1
+
+    def set_all_dirty(self) -> None:
+        self.dirty.setall(1)
+
+    def clear_all(self) -> None:
+        """Forget every dirty chunk (chunks in flight stay in flight)."""
+        self.dirty.setall(0)
+
+    # -- persistence -----------------------------------------------------------------
+
+    def disk_image(self, first: int, end: int) -> bitarray:
+        """What must be on disk for chunks [first, end): dirty or in flight."""
+        return self.dirty[first:end] | self.inflight[first:end]
+
+    def dirty_bytes(self) -> int:
+        return self.bytes_of(self.dirty)
+
+    def inflight_bytes(self) -> int:
+        return self.bytes_of(self.inflight)

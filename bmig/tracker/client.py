@@ -1,0 +1,128 @@
+"""A blocking client of breqd's control socket.
+
+``call`` sends one request and waits for its reply. ``send`` and ``receive`` pipeline:
+many requests in flight on one connection, replies matched by request id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from typing import Any, Sequence
+
+from bmig import __version__
+from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME
+from bmig.errors import ProtocolError, UnreachableError, from_wire
+from bmig.framing import pack_frame, recv_frame
+from bmig.tracker.protocol import Message, Op, decode
+
+Ranges = Sequence[tuple[int, int]]
+
+
+class TrackerClient:
+    def __init__(self, path: str, timeout: float | None = 60.0, client: str = "bmig"):
+        self.path = path
+        self._ids = itertools.count(1)
+        self._early: dict[int, Message] = {}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise UnreachableError(
+                f"cannot reach breqd at {path}: {exc.strerror or exc} (is breqd running? "
+                "give its socket with --control or BMIG_CONTROL)") from None
+        self._sock = sock
+        hello = self.call(Op.HELLO, {"version": CONTROL_PROTOCOL_VERSION,
+                                     "client": f"{client} {__version__}"})
+        self.server = str(hello.fields.get("server", "breqd"))
+        self.version = int(hello.fields.get("version", 1))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "TrackerClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- messages --------------------------------------------------------------------
+
+    def send(self, op: Op, fields: dict | None = None, ranges: Ranges = ()) -> int:
+        request_id = next(self._ids)
+        body = Message(op, request_id, fields or {}, ranges).encode()
+        try:
+            self._sock.sendall(pack_frame(body))
+        except OSError as exc:
+            raise UnreachableError(f"lost breqd at {self.path}: {exc.strerror or exc}") from None
+        return request_id
+
+    def receive(self, request_id: int | None = None) -> Message:
+        """The reply to ``request_id`` (or the next reply); raises the server's error."""
+        if request_id is not None and request_id in self._early:
+            return _checked(self._early.pop(request_id))
+        while True:
+            try:
+                msg = decode(recv_frame(self._sock, MAX_CONTROL_FRAME))
+            except ProtocolError as exc:
+                raise UnreachableError(f"lost breqd at {self.path}: {exc.message}") from None
+            except OSError as exc:
+                raise UnreachableError(
+                    f"lost breqd at {self.path}: {exc.strerror or exc}") from None
+            if request_id is None or msg.request_id == request_id or msg.request_id == 0:
+                return _checked(msg)
+            self._early[msg.request_id] = msg
+
+    def call(self, op: Op, fields: dict | None = None, ranges: Ranges = ()) -> Message:
+        return self.receive(self.send(op, fields, ranges))
+
+    # -- requests --------------------------------------------------------------------
+
+    def mark(self, device: str, ranges: Ranges) -> None:
+        """Returns once the chunks are durable in breqd (mark before write)."""
+        self.call(Op.MARK, {"device": device}, ranges)
+
+    def mark_completed(self, device: str, ranges: Ranges) -> None:
+        self.call(Op.MARK_COMPLETED, {"device": device}, ranges)
+
+    def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
+        return list(self.call(Op.CHECKOUT, {"device": device, "max_bytes": max_bytes}).ranges)
+
+    def commit(self, device: str, ranges: Ranges) -> None:
+        self.call(Op.COMMIT, {"device": device}, ranges)
+
+    def abort(self, device: str, ranges: Ranges) -> None:
+        self.call(Op.ABORT, {"device": device}, ranges)
+
+    def stats(self, device: str) -> dict:
+        return self.call(Op.STATS, {"device": device}).fields
+
+    def list_devices(self) -> list[dict]:
+        return list(self.call(Op.LIST).fields.get("devices", []))
+
+    def add_device(self, name: str, size: int, chunk_size: int | None = None) -> dict:
+        fields: dict[str, Any] = {"name": name, "size": size}
+        if chunk_size is not None:
+            fields["chunk_size"] = chunk_size
+        return self.call(Op.ADD_DEVICE, fields).fields
+
+    def remove_device(self, name: str) -> dict:
+        return self.call(Op.REMOVE_DEVICE, {"name": name, "device": name}).fields
+
+    def set_all_dirty(self, device: str) -> None:
+        self.call(Op.SET_ALL_DIRTY, {"device": device})
+
+    def clear_all(self, device: str, force: bool = False) -> None:
+        self.call(Op.CLEAR_ALL, {"device": device, "force": force})
+
+
+def _checked(msg: Message) -> Message:
+    if msg.op == Op.REPLY_ERROR:
+        raise from_wire(str(msg.fields.get("code", "error")),
+                        str(msg.fields.get("message", "unknown error")))
+    if msg.op != Op.REPLY_OK:
+        raise ProtocolError(f"expected a reply, got {msg.op.name}")
+    return msg
+

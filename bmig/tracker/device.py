@@ -1,0 +1,94 @@
+"""One tracked device: its definition, chunk state, bitmap file and group committer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Executor
+
+from bmig.tracker.chunks import ChunkMap
+from bmig.tracker.committer import GroupCommitter, pages_of
+from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker.store import (BITS_PER_PAGE, NO_SAVED_BITMAP, BitmapFile, Identity,
+                                page_span)
+
+log = logging.getLogger("breqd")
+
+BITMAP_SUFFIX = ".bitmap"
+
+
+def bitmap_path(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, name + BITMAP_SUFFIX)
+
+
+class TrackedDevice:
+    def __init__(self, definition: DeviceDefinition, state_dir: str, executor: Executor):
+        self.definition = definition
+        ident = Identity(definition.device_id, definition.size, definition.chunk_size)
+        self.bitmap, bits, self.recovered = BitmapFile.open(
+            bitmap_path(state_dir, definition.name), ident)
+        if self.recovered == NO_SAVED_BITMAP:
+            log.info("%s: new bitmap %s, every chunk dirty", definition.name, self.bitmap.path)
+        elif self.recovered:
+            log.warning("%s: saved bitmap not trusted (%s): every chunk is dirty now and "
+                        "the next sync ships the whole device", definition.name,
+                        self.recovered)
+        elif not self.bitmap.was_clean:
+            log.info("%s: recovered after an unclean stop; every acknowledged mark is kept",
+                     definition.name)
+        self.chunks = ChunkMap(definition.size, definition.chunk_size, bits)
+        self.committer = GroupCommitter(definition.name, self.bitmap, self._page_image,
+                                        executor)
+        self.marks = 0
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    def _page_image(self, index: int) -> bytes:
+        first, end = page_span(index, self.chunks.nchunks)
+        return self.chunks.disk_image(first, end).tobytes()
+
+    def all_pages(self) -> range:
+        return range(-(-self.chunks.nchunks // BITS_PER_PAGE) or 1)
+
+    def mark_spans(self, spans: list[tuple[int, int]]):
+        """Set the spans dirty; return a future to await durability, or None if durable."""
+        need: set[int] = set()
+        committer = self.committer
+        for first, end in spans:
+            if not (self.chunks.covered(first, end) and committer.is_synced(first, end)):
+                need.update(pages_of(first, end))
+            self.chunks.mark(first, end)
+        self.marks += len(spans)
+        return committer.require(need) if need else None
+
+    def stats(self) -> dict:
+        d = self.definition
+        return {
+            "name": d.name,
+            "size": d.size,
+            "chunk_size": d.chunk_size,
+            "dirty_bytes": self.chunks.dirty_bytes(),
+            "inflight_bytes": self.chunks.inflight_bytes(),
+            "device_id": f"{d.device_id:016x}",
+            "generation": f"{self.bitmap.header.generation:016x}",
+            "state_file": self.bitmap.path,
+            "recovered": self.recovered,
+            "marks": self.marks,
+            "flushes": self.committer.flushes,
+            "failed_flushes": self.committer.failed,
+        }
+
+    async def close(self) -> None:
+        """Write what is pending and record a clean shutdown."""
+        clean = True
+        try:
+            await self.committer.drain()
+        except Exception as exc:  # the state stays unclean; the bits already durable hold
+            log.error("%s: final bitmap write failed: %s", self.name, exc)
+            clean = False
+        try:
+            self.bitmap.close(clean=clean)
+        except Exception as exc:
+            log.error("%s: %s", self.name, exc)

@@ -1,0 +1,147 @@
+"""Device definitions: one TOML file per device in breqd's config directory.
+
+    # /etc/bmig/devices.d/vm1.toml
+    name = "vm1"
+    size = 10737418240          # bytes (or "10G")
+    chunk_size = 65536          # optional, power of two, 4 KiB to 16 MiB
+    device_id = "9f3c2a71d04e5b68"  # written by `bmigrate track add`
+
+The file name without ``.toml`` must equal ``name``. ``scan`` reads a directory;
+``ConfigWatcher`` tells breqd when to scan again (inotify through watchdog).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from bmig.config import load_toml, parse_size, write_toml_atomic
+from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_DEVICE_NAME,
+                            MAX_DEVICE_SIZE, MIN_CHUNK_SIZE)
+from bmig.errors import ConfigError
+
+log = logging.getLogger("breqd")
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+SUFFIX = ".toml"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_DEVICE_NAME:
+        raise ConfigError(
+            f"device name {name!r} is invalid: use up to {MAX_DEVICE_NAME} letters, digits, "
+            "'_', '.', '-', not starting with '.' or '-'")
+    return name
+
+
+def check_geometry(size: int, chunk_size: int) -> None:
+    if not 0 < size <= MAX_DEVICE_SIZE:
+        raise ConfigError(f"device size {size} is out of range (1 byte to 2^60)")
+    if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"chunk size {chunk_size} must be a power of two "
+                          f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
+
+
+def new_device_id() -> int:
+    return secrets.randbits(64) or 1
+
+
+@dataclass(frozen=True)
+class DeviceDefinition:
+    name: str
+    size: int
+    chunk_size: int
+    device_id: int
+
+    @classmethod
+    def from_values(cls, values: dict, source: str) -> "DeviceDefinition":
+        try:
+            name = check_name(values["name"])
+            size = parse_size(values["size"])
+            chunk_size = parse_size(values.get("chunk_size", DEFAULT_CHUNK_SIZE))
+            device_id = int(str(values["device_id"]), 16)
+        except KeyError as exc:
+            raise ConfigError(f"{source}: missing key {exc.args[0]!r}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc.message}") from None
+        except ValueError:
+            raise ConfigError(f"{source}: device_id must be 16 hex digits") from None
+        if not 0 < device_id < 1 << 64:
+            raise ConfigError(f"{source}: device_id must be 16 hex digits")
+        try:
+            check_geometry(size, chunk_size)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc.message}") from None
+        return cls(name, size, chunk_size, device_id)
+
+    @classmethod
+    def load(cls, path: str) -> "DeviceDefinition":
+        definition = cls.from_values(load_toml(path), path)
+        stem = os.path.basename(path)[:-len(SUFFIX)]
+        if stem != definition.name:
+            raise ConfigError(f"{path}: name {definition.name!r} does not match the file name")
+        return definition
+
+    def to_values(self) -> dict:
+        return {"name": self.name, "size": self.size, "chunk_size": self.chunk_size,
+                "device_id": f"{self.device_id:016x}"}
+
+    def save(self, config_dir: str) -> str:
+        path = os.path.join(config_dir, self.name + SUFFIX)
+        write_toml_atomic(path, self.to_values(),
+                          comment="Tracked by breqd. Size and chunk size cannot change "
+                                  "while tracked;\nremove the file to stop tracking.")
+        return path
+
+
+def scan(config_dir: str) -> tuple[dict[str, DeviceDefinition], dict[str, str]]:
+    """Definitions found in ``config_dir`` and, separately, files that failed with why."""
+    found: dict[str, DeviceDefinition] = {}
+    errors: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(config_dir))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config directory {config_dir}: {exc.strerror}") from None
+    for entry in names:
+        if entry.startswith(".") or not entry.endswith(SUFFIX):
+            continue
+        path = os.path.join(config_dir, entry)
+        try:
+            definition = DeviceDefinition.load(path)
+        except ConfigError as exc:
+            errors[entry[:-len(SUFFIX)]] = exc.message
+            continue
+        found[definition.name] = definition
+    return found, errors
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, notify: Callable[[], None]):
+        self._notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        self._notify()
+
+
+class ConfigWatcher:
+    """Calls ``notify`` (from a watchdog thread) whenever the directory changes."""
+
+    def __init__(self, config_dir: str, notify: Callable[[], None]):
+        self._observer = Observer()
+        self._observer.schedule(_Handler(notify), config_dir, recursive=False)
+
+    def start(self) -> None:
+        self._observer.start()
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)

@@ -1,0 +1,52 @@
+"""A set of disjoint half-open integer intervals: the chunk runs one client holds."""
+
+from __future__ import annotations
+
+import bisect
+
+
+class IntervalSet:
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __iter__(self):
+        return iter(zip(self._starts, self._ends))
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self)
+
+    def add(self, start: int, end: int) -> None:
+        """Add [start, end), merging with neighbours it touches or overlaps."""
+        i = bisect.bisect_left(self._ends, start)
+        j = bisect.bisect_right(self._starts, end)
+        if i < j:
+            start = min(start, self._starts[i])
+            end = max(end, self._ends[j - 1])
+        self._starts[i:j] = [start]
+        self._ends[i:j] = [end]
+
+    def contains(self, start: int, end: int) -> bool:
+        """True when all of [start, end) is in the set."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self._ends[i] >= end
+
+    def remove(self, start: int, end: int) -> None:
+        """Remove [start, end) (parts not in the set are ignored)."""
+        i = bisect.bisect_right(self._ends, start)
+        j = bisect.bisect_left(self._starts, end)
+        if i >= j:
+            return
+        keep_s: list[int] = []
+        keep_e: list[int] = []
+        if self._starts[i] < start:
+            keep_s.append(self._starts[i])
+            keep_e.append(start)
+        if self._ends[j - 1] > end:
+            keep_s.append(end)
+            keep_e.append(self._ends[j - 1])
+        self._starts[i:j] = keep_s
+        self._ends[i:j] = keep_e

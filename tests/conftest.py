@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+from bmig.tracker.client import TrackerClient
+from tests.daemon import Daemon, breqd_argv
+
+
+@dataclass
+class BreqdInstance:
+    daemon: Daemon
+    state_dir: str
+    config_dir: str
+    control: str
+
+    def client(self) -> TrackerClient:
+        return TrackerClient(self.control, timeout=30)
+
+    def restart(self) -> None:
+        """Start a new breqd on the same directories (after stop or kill9)."""
+        self.daemon = Daemon(self.daemon.argv, self.daemon.log_path).start()
+
+    def stop(self) -> int | None:
+        return self.daemon.stop()
+
+
+@pytest.fixture
+def breqd(tmp_path) -> Iterator[BreqdInstance]:
+    """A real breqd subprocess on directories of its own, stopped at teardown."""
+    state_dir = str(tmp_path / "state")
+    config_dir = str(tmp_path / "devices.d")
+    control = str(tmp_path / "breqd.sock")
+    daemon = Daemon(breqd_argv(state_dir, config_dir, control), str(tmp_path / "breqd.log"))
+    instance = BreqdInstance(daemon.start(), state_dir, config_dir, control)
+    yield instance
+    instance.daemon.stop()
+
+
+@pytest.fixture
+def cli_env(breqd) -> dict[str, str]:
+    return dict(os.environ, BMIG_CONTROL=breqd.control)
