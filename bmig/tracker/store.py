@@ -7,13 +7,17 @@ Layout (all integers little-endian; docs/state-format.md is the reference):
     offset 8192   page 0 slot 0, page 0 slot 1, page 1 slot 0, ...   (4096 bytes each)
 
 Every header and every page is written to the slot that does not hold its newest valid
-copy, then fdatasync'd. Each copy carries a sequence number and a CRC32, so a torn write
-leaves the previous copy in force: after a crash at any instant each page reads back as
-its last durable version. A bit set on disk means the chunk is dirty or in flight.
+copy, then fdatasync'd. Each copy carries a sequence number and a CRC32, so a write torn
+by a power loss never destroys the previous copy. Both slots of every page are valid
+from creation on, so a page with a damaged copy (a torn write, or a media error that
+may have hit the newest acknowledged copy) cannot be trusted either way: its chunks
+all become dirty, and the other pages keep their bits. A bit set on disk means the chunk
+is dirty or in flight.
 
-Anything that does not validate (no file, bad magic or checksum, a page with no valid
-copy, a size or identity that is not the device's) is replaced by an all-dirty bitmap and
-the reason is returned for the caller to log: never an empty one (invariant 4).
+Anything else that does not validate (no file, a header with no valid copy, a file too
+short, a size or identity that is not the device's) replaces the whole bitmap by an
+all-dirty one, and the reason is returned for the caller to log: never an empty one
+(invariant 4).
 """
 
 from __future__ import annotations
@@ -179,7 +183,14 @@ class BitmapFile:
             bits.setall(1)
             cls.create(path, ident, bits, generation or 0)
             loaded = cls._load(path, ident)
-        bitmap, bits = loaded
+        bitmap, bits, damaged = loaded
+        if damaged:
+            reason = (f"page(s) {', '.join(map(str, damaged))} damaged (torn write or media "
+                      f"error): their chunks were set dirty")
+            for index in damaged:  # twice: both copies valid again
+                first, end = page_span(index, ident.nchunks)
+                bitmap.write_pages({index: bits[first:end].tobytes()})
+                bitmap.write_pages({index: bits[first:end].tobytes()})
         bitmap._write_header(flags=bitmap.header.flags & ~FLAG_CLEAN)
         return bitmap, bits, reason
 
@@ -192,13 +203,14 @@ class BitmapFile:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 header = Header(ident, 1, generation, 0)
-                os.pwrite(fd, header.pack(), 0)
-                os.pwrite(fd, b"\0" * BLOCK, BLOCK)
+                _pwrite_all(fd, header.pack(), 0)
+                _pwrite_all(fd, Header(ident, 0, generation, 0).pack(), BLOCK)
                 for index in range(ident.npages):
                     first, end = page_span(index, ident.nchunks)
-                    block = pack_page(index, 1, bits[first:end].tobytes())
+                    payload = bits[first:end].tobytes()
                     base = PAGES_OFFSET + index * HEADER_SLOTS * BLOCK
-                    os.pwrite(fd, block + b"\0" * BLOCK, base)
+                    _pwrite_all(fd, pack_page(index, 1, payload) + pack_page(index, 0, payload),
+                                base)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -212,7 +224,7 @@ class BitmapFile:
             raise StateWriteError(f"cannot create bitmap {path}: {exc.strerror}") from exc
 
     @classmethod
-    def _load(cls, path: str, ident: Identity) -> tuple["BitmapFile", bitarray]:
+    def _load(cls, path: str, ident: Identity) -> tuple["BitmapFile", bitarray, list[int]]:
         fd = os.open(path, os.O_RDWR)
         try:
             return cls._load_fd(path, fd, ident)
@@ -221,7 +233,8 @@ class BitmapFile:
             raise
 
     @classmethod
-    def _load_fd(cls, path: str, fd: int, ident: Identity) -> tuple["BitmapFile", bitarray]:
+    def _load_fd(cls, path: str, fd: int,
+                 ident: Identity) -> tuple["BitmapFile", bitarray, list[int]]:
         actual = os.fstat(fd).st_size
         candidates = [Header.unpack(os.pread(fd, BLOCK, slot * BLOCK))
                       for slot in range(HEADER_SLOTS)]
@@ -245,6 +258,7 @@ class BitmapFile:
             raise _Invalid(f"file is truncated ({actual} of {file_size(ident)} bytes)")
         bits = bitarray(endian=ENDIAN)
         slots = []
+        damaged = []
         newest = header.seq
         for index in range(ident.npages):
             base = PAGES_OFFSET + index * HEADER_SLOTS * BLOCK
@@ -252,18 +266,23 @@ class BitmapFile:
             copies = [unpack_page(raw[s * BLOCK:(s + 1) * BLOCK], index)
                       for s in range(HEADER_SLOTS)]
             good = [(c[0], s, c[1]) for s, c in enumerate(copies) if c is not None]
-            if not good:
-                raise _Invalid(f"page {index} has no valid copy")
-            seq, slot, payload = max(good)
-            newest = max(newest, seq)
             first, end = page_span(index, ident.nchunks)
             page_bits = bitarray(endian=ENDIAN)
-            page_bits.frombytes(payload)
+            if len(good) == HEADER_SLOTS:
+                seq, slot, payload = max(good)
+                newest = max(newest, seq)
+                page_bits.frombytes(payload)
+            else:
+                damaged.append(index)
+                page_bits = zeros(end - first)
+                page_bits.setall(1)
+                slot = good[0][1] if good else 0
+                newest = max([newest] + [g[0] for g in good])
             bits.extend(page_bits[:end - first])
             slots.append(slot)
         bitmap = cls(path, fd, header, slots, header_slot)
         bitmap._seq = newest
-        return bitmap, bits
+        return bitmap, bits, damaged
 
     # -- writing ---------------------------------------------------------------------
 

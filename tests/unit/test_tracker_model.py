@@ -1,0 +1,236 @@
+"""The chunk state machine and its persistence against a simple model, crashes included.
+
+The model keeps the one fact that matters (invariants 1-3): the set of chunks written
+since their last durable commit. After any sequence of marks, mark_completed, checkouts,
+commits, aborts, lazy flushes and crashes, each of those chunks must be dirty or in
+flight in memory, and dirty on disk after a crash and restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from concurrent.futures import Executor, Future
+
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from bmig.tracker.device import TrackedDevice
+from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker.store import BITS_PER_PAGE
+
+CHUNK = 4096
+NCHUNKS = 2 * BITS_PER_PAGE + 1000     # three bitmap pages
+DEFINITION = DeviceDefinition("dev", NCHUNKS * CHUNK - 512, CHUNK, 0xABCD)
+# Chunks near page boundaries, so marks often share pages and runs span them.
+HOT = [0, 1, 2, BITS_PER_PAGE - 1, BITS_PER_PAGE, 2 * BITS_PER_PAGE - 1, NCHUNKS - 1]
+chunk_ranges = st.tuples(st.sampled_from(HOT), st.integers(1, 3))
+
+
+class ManualExecutor(Executor):
+    """Bitmap writes run only when the test says so, so a crash can strike before them."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Future, object, tuple]] = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future = Future()
+        self.jobs.append((future, fn, args))
+        return future
+
+    def run_all(self) -> None:
+        while self.jobs:
+            future, fn, args = self.jobs.pop(0)
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def discard(self) -> None:
+        """A crash: queued writes never reach the disk."""
+        for future, _, _ in self.jobs:
+            future.cancel()
+        self.jobs.clear()
+
+
+class TrackerModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="bmig-model-")
+        self.loop = asyncio.new_event_loop()
+        self.executor = ManualExecutor()
+        self.device = self._open()
+        self.device.chunks.clear_all()
+        self._run(self._flush_everything())
+        self.must_survive: set[int] = set()     # written since their last durable commit
+        self.checked_out: dict[int, bool] = {}  # chunk -> written since its checkout
+        self.crashes = 0
+
+    def _open(self) -> TrackedDevice:
+        return TrackedDevice(DEFINITION, self.dir, self.executor)
+
+    def _run(self, coro):
+        """Run ``coro`` to completion, letting bitmap writes happen while it waits."""
+        task = self.loop.create_task(coro)
+        while True:
+            self.loop.run_until_complete(asyncio.sleep(0))
+            if task.done():
+                return task.result()
+            self.executor.run_all()
+
+    async def _flush_everything(self):
+        self.device.committer.lazy(self.device.all_pages())
+        await self.device.committer.drain()
+
+    def _byte_range(self, first: int, count: int) -> tuple[int, int]:
+        end = min(first + count, NCHUNKS)
+        offset, length = self.device.chunks.chunk_bytes(first, end)
+        return offset + 100 if length > 200 else offset, max(1, length - 200)
+
+    def _written(self, first: int, count: int) -> None:
+        for c in range(first, min(first + count, NCHUNKS)):
+            self.must_survive.add(c)
+            if c in self.checked_out:
+                self.checked_out[c] = True
+
+    async def _mark(self, spans):
+        pending = self.device.mark_spans(spans)
+        if pending is not None:
+            await pending
+
+    @rule(r=chunk_ranges)
+    def mark(self, r):
+        """Mark before write, acknowledged; then the write happens (it 'writes')."""
+        offset, length = self._byte_range(*r)
+        self._run(self._mark([self.device.chunks.span(offset, length)]))
+        self._written(*r)
+
+    @rule(r=chunk_ranges)
+    def mark_completed(self, r):
+        offset, length = self._byte_range(*r)
+        self._run(self._mark([self.device.chunks.span(offset, length)]))
+        self._written(*r)
+
+    @rule(r=chunk_ranges)
+    def mark_unacknowledged(self, r):
+        """A mark whose flush has not finished: the write it guards has not happened."""
+        offset, length = self._byte_range(*r)
+
+        async def start() -> None:
+            self.device.mark_spans([self.device.chunks.span(offset, length)])
+
+        self._run(start())
+
+    @rule()
+    def background_progress(self):
+        """Flushes scheduled so far get their writes submitted, done, and noticed."""
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.executor.run_all()
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    @rule()
+    def background_start(self):
+        """Flushes take their snapshot and submit the write, which has not run yet."""
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    @rule(budget=st.integers(1, 8))
+    def checkout(self, budget):
+        for first, end in self.device.chunks.checkout(budget):
+            for c in range(first, end):
+                assert c not in self.checked_out
+                self.checked_out[c] = False
+
+    @precondition(lambda self: self.checked_out)
+    @rule(data=st.data())
+    def commit(self, data):
+        """The receiver said durable: commit one checked-out chunk."""
+        c = data.draw(st.sampled_from(sorted(self.checked_out)))
+        self.device.chunks.commit(c, c + 1)
+        self.device.committer.lazy([c // BITS_PER_PAGE])
+        if not self.checked_out.pop(c):
+            self.must_survive.discard(c)
+
+    @precondition(lambda self: self.checked_out)
+    @rule(data=st.data())
+    def abort(self, data):
+        c = data.draw(st.sampled_from(sorted(self.checked_out)))
+        self.device.chunks.abort(c, c + 1)
+        self.checked_out.pop(c)
+
+    @rule()
+    def lazy_flush(self):
+        async def flush() -> None:
+            future = self.device.committer.flush_lazy()
+            if future is not None:
+                await future
+
+        self._run(flush())
+
+    @rule(clean=st.booleans())
+    def crash_and_restart(self, clean):
+        """kill -9 (memory lost, the file as written) or a clean stop; then restart."""
+        if clean:
+            self._run(self.device.close())
+        else:  # kill -9: queued and scheduled bitmap writes never happen
+            self.executor.discard()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.device.bitmap.close(clean=False)
+        self.device = self._open()
+        assert self.device.recovered is None, self.device.recovered
+        self.checked_out.clear()   # the sender's session died: its checkouts aborted
+        on_disk = self.device.chunks.dirty
+        lost = [c for c in self.must_survive if not on_disk[c]]
+        assert not lost, f"acknowledged chunks lost in a crash: {lost[:10]}"
+        self.crashes += 1
+
+    @invariant()
+    def written_chunks_are_dirty_or_in_flight(self):
+        chunks = self.device.chunks
+        for c in self.must_survive:
+            assert chunks.dirty[c] or chunks.inflight[c], c
+        for c, rewritten in self.checked_out.items():
+            assert chunks.inflight[c]
+            if rewritten:
+                assert chunks.dirty[c]
+
+    def teardown(self) -> None:
+        try:
+            self._run(self.device.close())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TrackerModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                          deadline=None)
+test_tracker_model = TrackerModel.TestCase
+
+
+def _replay(steps) -> None:
+    machine = TrackerModel()
+    try:
+        for name, kwargs in steps:
+            getattr(machine, name)(**kwargs)
+            machine.written_chunks_are_dirty_or_in_flight()
+    finally:
+        machine.teardown()
+
+
+def test_mark_of_a_chunk_whose_flush_is_pending_waits_for_it():
+    """The chunk is dirty in memory but not yet on disk: a second mark must not be free."""
+    _replay([("mark_unacknowledged", {"r": (0, 1)}),
+             ("mark", {"r": (0, 1)}),
+             ("crash_and_restart", {"clean": False})])
+
+
+def test_page_changed_during_its_flush_stays_unsynced():
+    """A bit set after a flush took its snapshot is not made durable by that flush."""
+    _replay([("mark_unacknowledged", {"r": (0, 1)}),
+             ("background_start", {}),            # snapshot of page 0 taken, write queued
+             ("mark_unacknowledged", {"r": (2, 1)}),
+             ("background_progress", {}),          # the first write lands
+             ("mark", {"r": (2, 1)}),
+             ("crash_and_restart", {"clean": False})])
