@@ -1,0 +1,174 @@
+"""An asyncio client of breqd for the write path: pipelined, batched, reconnecting.
+
+``mark`` calls made in the same event-loop turn for the same device travel as one MARK
+message, and each caller is released when breqd says the whole batch is durable. A lost
+connection fails the requests in flight (so the writes they guard fail) and the next
+call connects again: a restarted breqd is picked up without a restart of the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Sequence
+
+from bmig import __version__
+from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
+from bmig.errors import BmigError, ProtocolError, UnreachableError, from_wire
+from bmig.framing import pack_frame, read_frame
+from bmig.tracker.protocol import Message, Op, decode
+
+Ranges = Sequence[tuple[int, int]]
+
+
+class AsyncTrackerClient:
+    def __init__(self, path: str, client: str = "bmig", connect_timeout: float = 5.0):
+        self.path = path
+        self._client = client
+        self._timeout = connect_timeout
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._batches: dict[tuple[Op, str], list[tuple[Ranges, asyncio.Future]]] = {}
+        self._flush_scheduled = False
+
+    # -- connection ------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._writer is not None:
+                return
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(self.path, limit=MAX_CONTROL_FRAME + 64),
+                    self._timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise UnreachableError(f"cannot reach breqd at {self.path}: "
+                                       f"{getattr(exc, 'strerror', None) or exc}") from None
+            hello = Message(Op.HELLO, next(self._ids),
+                            {"version": CONTROL_PROTOCOL_VERSION,
+                             "client": f"{self._client} {__version__}"})
+            writer.write(pack_frame(hello.encode()))
+            try:
+                reply = decode(await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME),
+                                                      self._timeout))
+            except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
+                writer.close()
+                raise UnreachableError(f"breqd at {self.path} did not answer: {exc}") from None
+            _raise_if_error(reply)
+            self._writer = writer
+            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        why: BmigError = UnreachableError(f"lost breqd at {self.path}")
+        try:
+            while True:
+                msg = decode(await read_frame(reader, MAX_CONTROL_FRAME))
+                future = self._waiting.pop(msg.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+        except (ProtocolError, OSError) as exc:
+            why = UnreachableError(f"lost breqd at {self.path}: {exc}")
+        finally:
+            self._drop(why)
+
+    def _drop(self, why: BmigError) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(why)
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            try:
+                await self._reader_task
+            except asyncio.CancelledError:
+                pass
+            self._reader_task = None
+        self._drop(UnreachableError("client closed"))
+
+    # -- requests --------------------------------------------------------------------
+
+    async def call(self, op: Op, fields: dict[str, Any] | None = None,
+                   ranges: Ranges = ()) -> Message:
+        if self._writer is None:
+            await self.connect()
+        assert self._writer is not None
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        self._writer.write(pack_frame(Message(op, request_id, fields or {}, ranges).encode()))
+        reply = await future
+        _raise_if_error(reply)
+        return reply
+
+    async def mark(self, device: str, ranges: Ranges) -> None:
+        """Returns when the chunks of ``ranges`` are durable in breqd."""
+        await self._batched(Op.MARK, device, ranges)
+
+    async def mark_completed(self, device: str, ranges: Ranges) -> None:
+        await self._batched(Op.MARK_COMPLETED, device, ranges)
+
+    async def _batched(self, op: Op, device: str, ranges: Ranges) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._batches.setdefault((op, device), []).append((ranges, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_batches)
+        await future
+
+    def _send_batches(self) -> None:
+        self._flush_scheduled = False
+        batches, self._batches = self._batches, {}
+        loop = asyncio.get_running_loop()
+        for (op, device), items in batches.items():
+            for group in _groups(items, MAX_RANGES_PER_FRAME):
+                loop.create_task(self._send_group(op, device, group))
+
+    async def _send_group(self, op: Op, device: str,
+                          group: list[tuple[Ranges, asyncio.Future]]) -> None:
+        ranges = [r for rs, _ in group for r in rs]
+        try:
+            await self.call(op, {"device": device}, ranges)
+        except BmigError as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for _, future in group:
+                if not future.done():
+                    future.set_result(None)
+
+    async def stats(self, device: str) -> dict:
+        return (await self.call(Op.STATS, {"device": device})).fields
+
+
+def _groups(items: list, cap: int) -> list[list]:
+    """Consecutive items whose ranges add up to at most ``cap`` (one oversize item alone)."""
+    groups: list[list] = []
+    current: list = []
+    total = 0
+    for item in items:
+        n = len(item[0])
+        if current and total + n > cap:
+            groups.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _raise_if_error(msg: Message) -> None:
+    if msg.op == Op.REPLY_ERROR:
+        raise from_wire(str(msg.fields.get("code", "error")),
+                        str(msg.fields.get("message", "unknown error")))
