@@ -78,10 +78,10 @@ class ChunkMap:
         """Make [first, end) dirty; chunks in flight become re-marked."""
         self.dirty[first:end] = 1
 
-    def checkout(self, max_chunks: int) -> list[tuple[int, int]]:
+    def checkout(self, max_chunks: int, max_runs: int = 1 << 62) -> list[tuple[int, int]]:
         """Move up to ``max_chunks`` dirty chunks, not in flight, to in flight.
 
-        Returns runs (first, end). The scan starts where the previous one stopped and
+        Returns at most ``max_runs`` runs (first, end). The scan starts where the previous one stopped and
         wraps once, so successive checkouts sweep the whole device.
         """
         runs: list[tuple[int, int]] = []
@@ -89,7 +89,7 @@ class ChunkMap:
         start = self._cursor if self._cursor < self.nchunks else 0
         for lo, hi in ((start, self.nchunks), (0, start)):
             pos = lo
-            while budget > 0 and pos < hi:
+            while budget > 0 and pos < hi and len(runs) < max_runs:
                 first = self.dirty.find(1, pos, hi)
                 if first < 0:
                     break
@@ -110,7 +110,7 @@ class ChunkMap:
                 budget -= end - first
                 pos = end
                 self._cursor = end
-            if budget <= 0:
+            if budget <= 0 or len(runs) >= max_runs:
                 break
         return runs
 

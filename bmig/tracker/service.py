@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from bmig import __version__, systemd
-from bmig.constants import (CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE, MAX_CONTROL_FRAME)
+from bmig.constants import (CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE, MAX_CONTROL_FRAME,
+                            MAX_RANGES_PER_FRAME)
 from bmig.errors import (BmigError, ConfigError, DeviceExists, NotCheckedOut, ProtocolError,
                          RequestError, StateError, UnknownDevice)
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
@@ -348,7 +349,8 @@ class Breqd:
         max_bytes = field_int(msg, "max_bytes")
         if max_bytes <= 0:
             raise RequestError(f"max_bytes must be positive, not {max_bytes}")
-        runs = device.chunks.checkout(max(1, max_bytes // device.definition.chunk_size))
+        runs = device.chunks.checkout(max(1, max_bytes // device.definition.chunk_size),
+                                      max_runs=MAX_RANGES_PER_FRAME)
         held = session.checkouts.setdefault(device.name, IntervalSet())
         for first, end in runs:
             held.add(first, end)

@@ -75,3 +75,12 @@ def test_disk_image_is_dirty_or_inflight():
     m.mark(5, 6)
     assert m.disk_image(0, 8).tolist() == [1, 1, 0, 0, 0, 1, 0, 0]
     assert m.covered(0, 2) and not m.covered(0, 3)
+
+
+def test_checkout_caps_the_number_of_runs():
+    m = ChunkMap(100 * 4096, 4096)
+    for c in range(0, 100, 2):
+        m.mark(c, c + 1)
+    runs = m.checkout(1000, max_runs=3)
+    assert runs == [(0, 1), (2, 3), (4, 5)]
+    assert m.checkout(1000, max_runs=2) == [(6, 7), (8, 9)]
