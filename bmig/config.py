@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from typing import Any
 
@@ -23,18 +24,34 @@ def parse_size(text: str | int) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
+# A configuration file is small; anything bigger is not one of ours.
+MAX_CONFIG_FILE = 1 << 20
+
+
 def load_toml(path: str) -> dict[str, Any]:
+    """Parse a TOML file; a FIFO, device or huge file is refused without blocking on it."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if st.st_size > MAX_CONFIG_FILE:
+            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a configuration file")
+        try:
+            return tomllib.loads(f.read(MAX_CONFIG_FILE + 1).decode())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 def toml_value(value: Any) -> str:

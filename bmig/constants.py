@@ -13,6 +13,8 @@ DEFAULT_CHUNK_SIZE = 64 * KiB
 # A device size the bitmap format can describe (2^63-1 bytes would overflow offset math
 # in clients; 2^60 is far beyond any block device).
 MAX_DEVICE_SIZE = 1 << 60
+# Chunks per device: two bitarrays of 2^32 bits are 1 GiB of memory (256 TiB at 64 KiB chunks).
+MAX_CHUNKS = 1 << 32
 MAX_DEVICE_NAME = 64
 
 # Control protocol (breqd).

@@ -6,6 +6,10 @@ import logging
 import os
 import sys
 
+from bmig.errors import ConfigError
+
+LEVELS = ("debug", "info", "warning", "error")
+
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
 
@@ -22,6 +26,8 @@ def setup(level: str = "info") -> None:
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    if level.lower() not in LEVELS:
+        raise ConfigError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -45,7 +45,7 @@ def _octal(value: str | int) -> int:
 @click.option("--control", metavar="SOCK",
               help=f"Control socket path [default: {DEFAULT_CONTROL_SOCKET}].")
 @click.option("--socket-mode", metavar="MODE", help="Control socket mode [default: 0600].")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+@click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
               help="Least severe message logged [default: info].")
 @click.version_option(__version__, prog_name="breqd")
 def breqd(config_file: str | None, **flags: str | None) -> None:

@@ -41,10 +41,14 @@ def add(name: str, size: int | None, size_path: str | None, chunk_size: int | No
 @track.command()
 @click.argument("name")
 @control_option
-def remove(name: str, control: str) -> None:
+@json_option
+def remove(name: str, control: str, as_json: bool) -> None:
     """Stop tracking NAME. Its bitmap stays in the state directory."""
     with connect(control) as client:
         result = client.remove_device(name)
+    if as_json:
+        print_json({"name": name, "state_file": result.get("state_file")})
+        return
     click.echo(f"stopped tracking {name}; bitmap kept in {result.get('state_file')}")
 
 
@@ -97,10 +101,18 @@ def status(name: str | None, control: str, as_json: bool) -> None:
 @track.command("set-dirty")
 @click.argument("name")
 @control_option
-def set_dirty(name: str, control: str) -> None:
-    """Mark every chunk of NAME dirty: the next sync ships the whole device."""
+@json_option
+def set_dirty(name: str, control: str, as_json: bool) -> None:
+    """Mark every chunk of NAME dirty: the next sync ships the whole device.
+
+    With --json: the device's status afterwards.
+    """
     with connect(control) as client:
         client.set_all_dirty(name)
+        stats = client.stats(name) if as_json else None
+    if stats is not None:
+        print_json(stats)
+        return
     click.echo(f"{name}: every chunk is dirty")
 
 
@@ -108,8 +120,16 @@ def set_dirty(name: str, control: str) -> None:
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Required: this forgets every dirty chunk.")
 @control_option
-def clear(name: str, force: bool, control: str) -> None:
-    """Forget every dirty chunk of NAME (only when the target is known to be identical)."""
+@json_option
+def clear(name: str, force: bool, control: str, as_json: bool) -> None:
+    """Forget every dirty chunk of NAME (only when the target is known to be identical).
+
+    With --json: the device's status afterwards.
+    """
     with connect(control) as client:
         client.clear_all(name, force=force)
+        stats = client.stats(name) if as_json else None
+    if stats is not None:
+        print_json(stats)
+        return
     click.echo(f"{name}: every dirty chunk cleared")

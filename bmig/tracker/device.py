@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.committer import GroupCommitter, pages_of
 from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker.intervals import merge_spans
 from bmig.tracker.store import (BITS_PER_PAGE, NO_SAVED_BITMAP, BitmapFile, Identity,
                                 page_span)
 
@@ -56,7 +57,7 @@ class TrackedDevice:
         """Set the spans dirty; return a future to await durability, or None if durable."""
         need: set[int] = set()
         committer = self.committer
-        for first, end in spans:
+        for first, end in merge_spans(spans):
             if not (self.chunks.covered(first, end) and committer.is_synced(first, end)):
                 need.update(pages_of(first, end))
             self.chunks.mark(first, end)
@@ -92,3 +93,4 @@ class TrackedDevice:
             self.bitmap.close(clean=clean)
         except Exception as exc:
             log.error("%s: %s", self.name, exc)
+

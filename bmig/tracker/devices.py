@@ -23,18 +23,18 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from bmig.config import load_toml, parse_size, write_toml_atomic
-from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_DEVICE_NAME,
+from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_DEVICE_NAME,
                             MAX_DEVICE_SIZE, MIN_CHUNK_SIZE)
 from bmig.errors import ConfigError
 
 log = logging.getLogger("breqd")
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 SUFFIX = ".toml"
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or len(name) > MAX_DEVICE_NAME:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_DEVICE_NAME:
         raise ConfigError(
             f"device name {name!r} is invalid: use up to {MAX_DEVICE_NAME} letters, digits, "
             "'_', '.', '-', not starting with '.' or '-'")
@@ -47,6 +47,20 @@ def check_geometry(size: int, chunk_size: int) -> None:
     if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"chunk size {chunk_size} must be a power of two "
                           f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
+    chunks = -(-size // chunk_size)
+    if chunks > MAX_CHUNKS:
+        raise ConfigError(f"{chunks} chunks of {chunk_size} bytes is more than breqd tracks "
+                          f"per device ({MAX_CHUNKS}); use a larger chunk size")
+
+
+_DEVICE_ID = re.compile(r"[0-9a-fA-F]{16}")
+
+
+def parse_device_id(value: object) -> int:
+    """A device id as written in a definition file: exactly 16 hex digits."""
+    if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):
+        raise ValueError(value)
+    return int(value, 16)
 
 
 def new_device_id() -> int:
@@ -66,7 +80,7 @@ class DeviceDefinition:
             name = check_name(values["name"])
             size = parse_size(values["size"])
             chunk_size = parse_size(values.get("chunk_size", DEFAULT_CHUNK_SIZE))
-            device_id = int(str(values["device_id"]), 16)
+            device_id = parse_device_id(values["device_id"])
         except KeyError as exc:
             raise ConfigError(f"{source}: missing key {exc.args[0]!r}") from None
         except ConfigError as exc:

@@ -50,3 +50,21 @@ class IntervalSet:
             keep_e.append(self._ends[j - 1])
         self._starts[i:j] = keep_s
         self._ends[i:j] = keep_e
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint spans covering the same chunks.
+
+    A client may send many overlapping ranges in one message; applied one by one to the
+    bitarrays, the cost would grow with ranges times device size.
+    """
+    if len(spans) < 2:
+        return spans
+    merged: list[tuple[int, int]] = []
+    for first, end in sorted(spans):
+        if merged and first <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((first, end))
+    return merged

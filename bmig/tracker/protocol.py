@@ -91,6 +91,8 @@ def decode(body: bytes) -> Message:
             fields = json.loads(body[_HEAD.size:_HEAD.size + json_len])
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError(f"fields are not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ProtocolError("fields are nested too deeply") from None
         if not isinstance(fields, dict):
             raise ProtocolError("fields must be a JSON object")
     flat = array("Q")

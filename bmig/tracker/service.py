@@ -63,6 +63,7 @@ class Breqd:
         self.settings = settings
         self.devices: dict[str, TrackedDevice] = {}
         self.sessions: set[Session] = set()
+        self._connections: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bitmap")
         self._lock = StateLock(settings.state_dir, f"breqd (control socket {settings.control})")
         self._server: asyncio.AbstractServer | None = None
@@ -124,7 +125,12 @@ class Breqd:
 
     async def _listen(self) -> asyncio.AbstractServer:
         path = self.settings.control
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        directory = os.path.dirname(path) or "."
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {directory} for the control socket: "
+                              f"{exc.strerror}") from None
         if os.path.exists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ConfigError(f"control path {path} exists and is not a socket")
@@ -148,6 +154,10 @@ class Breqd:
                 os.unlink(self.settings.control)
             except OSError:
                 pass
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
         for session in list(self.sessions):
             self._abort_session(session)
         for device in list(self.devices.values()):
@@ -227,6 +237,10 @@ class Breqd:
         except BmigError as exc:
             log.error("%s: cannot track: %s", definition.name, exc.message)
             return None
+        except MemoryError:
+            log.error("%s: cannot track: not enough memory for a bitmap of %d chunks",
+                      definition.name, -(-definition.size // definition.chunk_size))
+            return None
         self.devices[definition.name] = device
         log.info("%s: tracking %d bytes in %d-byte chunks, %d bytes dirty", definition.name,
                  definition.size, definition.chunk_size, device.chunks.dirty_bytes())
@@ -258,6 +272,8 @@ class Breqd:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Session(_peer_name(writer))
         self.sessions.add(session)
+        task = asyncio.current_task()
+        self._connections.add(task)
         request_id = 0
         try:
             hello = decode(await read_frame(reader, MAX_CONTROL_FRAME))
@@ -277,10 +293,15 @@ class Breqd:
             _send(writer, _error_reply(request_id, exc))
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # breqd is stopping. The handler ends normally: asyncio's stream callback
+            # would log a cancelled handler as an error with a traceback.
+            pass
         except Exception:
             log.exception("control client %s: internal error; closing the connection",
                           session.peer)
         finally:
+            self._connections.discard(task)
             self.sessions.discard(session)
             self._abort_session(session)
             writer.close()
@@ -426,7 +447,11 @@ class Breqd:
             definition.save(self.settings.config_dir)
         except OSError as exc:
             raise StateError(f"cannot write {path}: {exc.strerror}") from None
-        device = self._track(definition)
+        try:
+            device = self._track(definition)
+        except BaseException:
+            os.unlink(path)
+            raise
         if device is None:
             os.unlink(path)
             raise StateError(f"{name}: cannot create its bitmap in {self.settings.state_dir}")

@@ -146,14 +146,16 @@ def test_page_with_no_valid_copy_is_dirty_and_repaired(tmp_path):
     assert why is None and bits.count() == BITS_PER_PAGE
 
 
-def test_one_corrupt_header_copy_is_survivable(tmp_path):
+@pytest.mark.parametrize("which", ["newest", "older"])
+def test_one_corrupt_header_copy_is_survivable(tmp_path, which):
     path = str(tmp_path / "d.bitmap")
     fresh(path)
     bitmap, _, _ = BitmapFile.open(path, IDENT)
     newest = bitmap._header_slot
     bitmap.close(clean=True)
-    # The newest header copy is corrupt: the older one (same identity) still opens the file.
-    _corrupt(path, BLOCK * (1 - newest) + 8)   # harmless: the older copy
+    # Either header copy may be torn; the other one (same identity) still opens the file.
+    slot = newest if which == "newest" else 1 - newest
+    _corrupt(path, BLOCK * slot + 8)
     bits, why = load(path)
     assert why is None and not bits.any()
 
