@@ -1,0 +1,280 @@
+"""The man pages and protocol docs against the code, so that neither drifts alone.
+
+- Every long option of every command in the click trees of ``bmigrate`` and ``breqd``
+  is documented in its man page, and every option the page documents exists. In
+  man/bmigrate.1 each command has its own ``.SS`` subsection under OPTIONS, titled with
+  its full path (``.SS "bmigrate track add"``), and its options must appear there; the
+  help option and the shared ones are also described under ``.SS "Common options"``.
+- Every command appears in the SYNOPSIS.
+- The EXIT_* codes of bmig.errors are unique and are exactly the codes listed under
+  EXIT STATUS in man/bmigrate.1 (plus 130, interrupted).
+- Every error class has a wire code of its own, and docs/control-protocol.md lists them.
+- The fields of ``bmigrate track status --json`` and breqd's settings keys are documented.
+
+Roff is compared after removing font escapes and backslashes, so ``\\-\\-chunk\\-size``
+reads as ``--chunk-size``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+import pytest
+
+import bmig
+import bmig.errors
+from bmig.cli.breqd import KEYS as BREQD_KEYS
+from bmig.cli.breqd import breqd
+from bmig.cli.main import cli
+from bmig.errors import BY_WIRE_CODE, BmigError
+
+ROOT = Path(__file__).resolve().parents[2]
+BMIGRATE_PAGE = ROOT / "man" / "bmigrate.1"
+BREQD_PAGE = ROOT / "man" / "breqd.8"
+CONTROL_DOC = ROOT / "docs" / "control-protocol.md"
+INTERRUPTED = 130  # bmig.cli.common.run: Ctrl-C
+
+_FONT = re.compile(r"\\f(\[[^\]]*\]|\(..|.)")
+
+
+# -- reading roff ---------------------------------------------------------------------
+
+_MACRO = re.compile(r"^\.[A-Za-z]+[ \t]*", re.MULTILINE)
+
+
+def plain(roff: str) -> str:
+    """Roff as a reader sees the words: no macro names, font escapes, backslashes or quotes."""
+    text = _FONT.sub("", _MACRO.sub("", roff)).replace("\\", "").replace('"', " ")
+    return re.sub(r"[ \t]+", " ", text)
+
+
+def split(lines: list[str], macro: str) -> dict[str, list[str]]:
+    """Lines of each ``.SH`` or ``.SS`` part, keyed by its plain title."""
+    parts: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        if line.startswith(macro + " ") or line == macro:
+            title = plain(line[len(macro):]).strip()
+            current = parts.setdefault(title, [])
+        elif current is not None:
+            current.append(line)
+    return parts
+
+
+def sections(page: Path) -> dict[str, list[str]]:
+    return split(page.read_text().splitlines(), ".SH")
+
+
+def mentions(lines: list[str], word: str) -> bool:
+    """``word`` appears as a whole option or command name (not inside a longer one)."""
+    pattern = r"(?<![\w-])" + re.escape(word) + r"(?![\w-])"
+    return re.search(pattern, plain("\n".join(lines))) is not None
+
+
+def tags(lines: list[str]) -> list[str]:
+    """The tag line of every ``.TP`` item, as plain text."""
+    return [plain(lines[i + 1]).strip() for i, line in enumerate(lines[:-1])
+            if line.strip() == ".TP"]
+
+
+def long_options(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text))
+
+
+# -- walking the click trees ----------------------------------------------------------
+
+def walk(command: click.Command, name: str, parent: click.Context | None = None):
+    """(path, command, context) for ``command`` and every command below it."""
+    ctx = click.Context(command, info_name=name, parent=parent, **command.context_settings)
+    yield ctx.command_path, command, ctx
+    if isinstance(command, click.Group):
+        for sub_name in sorted(command.list_commands(ctx)):
+            yield from walk(command.get_command(ctx, sub_name), sub_name, ctx)
+
+
+def options_of(command: click.Command, ctx: click.Context) -> tuple[set[str], set[str]]:
+    """(long options, long names of the help option) of ``command``."""
+    help_option = command.get_help_option(ctx)
+    help_names = {o for o in (help_option.opts if help_option else []) if o.startswith("--")}
+    found: set[str] = set()
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option) and param is not help_option:
+            found |= {o for o in param.opts + param.secondary_opts if o.startswith("--")}
+    return found, help_names
+
+
+BMIGRATE_COMMANDS = list(walk(cli, "bmigrate"))
+BREQD_COMMANDS = list(walk(breqd, "breqd"))
+
+
+def test_the_trees_have_what_the_pages_describe():
+    paths = [path for path, _, _ in BMIGRATE_COMMANDS]
+    for expected in ("bmigrate track add", "bmigrate track remove", "bmigrate track list",
+                     "bmigrate track status", "bmigrate track set-dirty",
+                     "bmigrate track clear"):
+        assert expected in paths
+    assert [path for path, _, _ in BREQD_COMMANDS] == ["breqd"]
+
+
+@pytest.mark.parametrize("path,command,ctx", BMIGRATE_COMMANDS,
+                         ids=[p for p, _, _ in BMIGRATE_COMMANDS])
+def test_every_bmigrate_option_is_documented_under_its_command(path, command, ctx):
+    options = split(sections(BMIGRATE_PAGE)["OPTIONS"], ".SS")
+    assert path in options, f'man/bmigrate.1 has no .SS "{path}" under OPTIONS'
+    own, help_names = options_of(command, ctx)
+    missing = sorted(o for o in own if not mentions(options[path], o))
+    assert not missing, f"man/bmigrate.1, {path}: undocumented option(s) {missing}"
+    for name in help_names:
+        assert mentions(options["Common options"], name), \
+            f"man/bmigrate.1: {name} is not under Common options"
+
+
+@pytest.mark.parametrize("path,command,ctx", BMIGRATE_COMMANDS,
+                         ids=[p for p, _, _ in BMIGRATE_COMMANDS])
+def test_every_bmigrate_option_the_page_documents_exists(path, command, ctx):
+    options = split(sections(BMIGRATE_PAGE)["OPTIONS"], ".SS")
+    own, help_names = options_of(command, ctx)
+    documented = set().union(*(long_options(tag) for tag in tags(options.get(path, []))))
+    extra = sorted(documented - own - help_names)
+    assert not extra, f"man/bmigrate.1, {path}: documents options it does not have: {extra}"
+
+
+def test_common_bmigrate_options_exist():
+    common = split(sections(BMIGRATE_PAGE)["OPTIONS"], ".SS")["Common options"]
+    everywhere: set[str] = set()
+    for _, command, ctx in BMIGRATE_COMMANDS:
+        own, help_names = options_of(command, ctx)
+        everywhere |= own | help_names
+    documented = set().union(*(long_options(tag) for tag in tags(common)))
+    assert documented and documented <= everywhere, sorted(documented - everywhere)
+
+
+@pytest.mark.parametrize("path", [p for p, _, _ in BMIGRATE_COMMANDS])
+def test_every_bmigrate_command_is_in_the_synopsis(path):
+    assert mentions(sections(BMIGRATE_PAGE)["SYNOPSIS"], path), \
+        f"man/bmigrate.1: {path} is not in the SYNOPSIS"
+
+
+def test_every_breqd_option_is_documented_and_nothing_else():
+    page = sections(BREQD_PAGE)
+    (_, command, ctx), = BREQD_COMMANDS
+    own, help_names = options_of(command, ctx)
+    missing = sorted(o for o in own | help_names if not mentions(page["OPTIONS"], o))
+    assert not missing, f"man/breqd.8: undocumented option(s) {missing}"
+    missing = sorted(o for o in own if not mentions(page["SYNOPSIS"], o) and o != "--version")
+    assert not missing, f"man/breqd.8: option(s) missing from the SYNOPSIS {missing}"
+    documented = set().union(*(long_options(tag) for tag in tags(page["OPTIONS"])))
+    extra = sorted(documented - own - help_names)
+    assert not extra, f"man/breqd.8 documents options breqd does not have: {extra}"
+
+
+def test_every_breqd_setting_key_is_documented():
+    options = sections(BREQD_PAGE)["OPTIONS"]
+    missing = sorted(key for key in BREQD_KEYS if not mentions(options, key))
+    assert not missing, f"man/breqd.8: --config key(s) not documented: {missing}"
+
+
+# -- exit codes -----------------------------------------------------------------------
+
+def exit_codes() -> dict[str, int]:
+    return {name: value for name, value in vars(bmig.errors).items()
+            if name.startswith("EXIT_") and isinstance(value, int)}
+
+
+def test_exit_codes_are_unique():
+    codes = exit_codes()
+    assert codes
+    by_value: dict[int, list[str]] = {}
+    for name, value in codes.items():
+        by_value.setdefault(value, []).append(name)
+    shared = {value: names for value, names in by_value.items() if len(names) > 1}
+    assert not shared, f"exit codes used twice: {shared}"
+    assert INTERRUPTED not in by_value
+
+
+def test_every_exit_code_is_in_bmigrate_exit_status():
+    listed = tags(sections(BMIGRATE_PAGE)["EXIT STATUS"])
+    assert all(t.isdigit() for t in listed), listed
+    assert len(listed) == len(set(listed)), f"a code is listed twice: {listed}"
+    expected = {str(v) for v in exit_codes().values()} | {str(INTERRUPTED)}
+    missing = sorted(expected - set(listed), key=int)
+    assert not missing, f"man/bmigrate.1 EXIT STATUS lacks {missing}"
+    extra = sorted(set(listed) - expected, key=int)
+    assert not extra, f"man/bmigrate.1 EXIT STATUS lists codes the code lacks: {extra}"
+    for name, value in exit_codes().items():
+        for cls in all_error_classes():
+            if cls.exit_code == value:
+                break
+        else:
+            assert value in (bmig.errors.EXIT_OK, bmig.errors.EXIT_USAGE), \
+                f"{name} = {value} is used by no error class"
+
+
+def test_breqd_exit_status_lists_only_real_codes():
+    listed = tags(sections(BREQD_PAGE)["EXIT STATUS"])
+    known = {str(v) for v in exit_codes().values()} | {str(INTERRUPTED)}
+    assert listed and set(listed) <= known, sorted(set(listed) - known)
+
+
+# -- wire codes -----------------------------------------------------------------------
+
+def all_error_classes() -> list[type[BmigError]]:
+    """BmigError and every subclass defined anywhere in the bmig package."""
+    for info in pkgutil.walk_packages(bmig.__path__, "bmig."):
+        importlib.import_module(info.name)
+    seen: list[type[BmigError]] = []
+    todo = [BmigError]
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.append(cls)
+            todo.extend(cls.__subclasses__())
+    return seen
+
+
+def test_wire_codes_are_unique():
+    by_code: dict[str, list[str]] = {}
+    for cls in all_error_classes():
+        by_code.setdefault(cls.__dict__.get("wire_code", ""), []).append(
+            f"{cls.__module__}.{cls.__qualname__}")
+    assert "" not in by_code, f"error classes without a wire code of their own: {by_code['']}"
+    shared = {code: names for code, names in by_code.items() if len(names) > 1}
+    assert not shared, f"wire codes used twice: {shared}"
+
+
+def test_every_error_of_bmig_errors_can_be_rebuilt_from_its_wire_code():
+    for code, cls in BY_WIRE_CODE.items():
+        assert cls.wire_code == code
+    defined = [cls for _, cls in inspect.getmembers(bmig.errors, inspect.isclass)
+               if issubclass(cls, BmigError) and cls.__module__ == "bmig.errors"]
+    missing = sorted(cls.__name__ for cls in defined if BY_WIRE_CODE.get(cls.wire_code) is not cls)
+    assert not missing, f"not in bmig.errors.BY_WIRE_CODE: {missing}"
+
+
+def test_every_wire_code_is_in_the_control_protocol_doc():
+    text = CONTROL_DOC.read_text()
+    missing = sorted(code for code in BY_WIRE_CODE if f"`{code}`" not in text)
+    assert not missing, f"docs/control-protocol.md lacks wire code(s) {missing}"
+
+
+# -- JSON output ----------------------------------------------------------------------
+
+def test_every_status_field_is_in_json_output(tmp_path):
+    from bmig.tracker.device import TrackedDevice
+    from bmig.tracker.devices import DeviceDefinition
+
+    with ThreadPoolExecutor(1) as executor:
+        device = TrackedDevice(DeviceDefinition("d", 1 << 20, 4096, 1), str(tmp_path), executor)
+        fields = set(device.stats())
+        device.bitmap.close(clean=True)
+    documented = set(tags(sections(BMIGRATE_PAGE)["JSON OUTPUT"]))
+    missing = sorted(fields - documented)
+    assert not missing, f"man/bmigrate.1 JSON OUTPUT lacks field(s) {missing}"
+    extra = sorted(documented - fields)
+    assert not extra, f"man/bmigrate.1 JSON OUTPUT documents unknown field(s) {extra}"
