@@ -1,0 +1,125 @@
+"""bmig-nbd: serve source devices over NBD, reporting every write to breqd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import click
+
+from bmig import __version__
+from bmig import log as bmig_log
+from bmig.cli.common import run
+from bmig.config import load_toml
+from bmig.constants import DEFAULT_CONTROL_SOCKET
+from bmig.errors import ConfigError
+from bmig.nbd.layers.file import FileLayer
+from bmig.nbd.layers.track import TrackLayer
+from bmig.nbd.server import Export, Listen, Server
+from bmig.tracker.aclient import AsyncTrackerClient
+
+TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level", "track",
+            "export"}
+EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
+
+
+def _tcp(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--tcp {value!r}: expected HOST:PORT, e.g. 127.0.0.1:10809")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    values = load_toml(path)
+    unknown = set(values) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    exports = values.get("export", [])
+    if not isinstance(exports, list):
+        raise ConfigError(f"{path}: [[export]] must be an array of tables")
+    for e in exports:
+        if not isinstance(e, dict) or set(e) - EXPORT_KEYS or not {"device", "backing"} <= set(e):
+            raise ConfigError(f"{path}: each [[export]] needs device and backing, and only "
+                              f"{', '.join(sorted(EXPORT_KEYS))}")
+    return values
+
+
+def _open_exports(specs: list[dict[str, Any]], read_only: bool,
+                  tracker: AsyncTrackerClient | None) -> list[Export]:
+    exports: list[Export] = []
+    names: set[str] = set()
+    for spec in specs:
+        name = str(spec.get("name") or spec["device"])
+        if name in names:
+            raise ConfigError(f"export {name!r} is given twice; name them with --export")
+        names.add(name)
+        try:
+            layer = FileLayer(str(spec["backing"]), read_only or bool(spec.get("read_only")))
+        except OSError as exc:
+            raise ConfigError(f"cannot open {spec['backing']}: {exc.strerror}") from None
+        if tracker is not None and not layer.read_only:
+            layer = TrackLayer(layer, tracker, str(spec["device"]))
+        exports.append(Export(name, layer, str(spec.get("description", ""))))
+    return exports
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", metavar="FILE",
+              help="TOML file with exports and settings; flags override it.")
+@click.option("--device", "devices", multiple=True, metavar="NAME",
+              help="Device name in breqd; repeat with --backing for several exports.")
+@click.option("--backing", "backings", multiple=True, metavar="PATH",
+              help="File or block device served for the --device in the same position.")
+@click.option("--export", "export_names", multiple=True, metavar="NAME",
+              help="Export name for the --device in the same position [default: the "
+                   "device name].")
+@click.option("--unix", metavar="SOCK", help="Listen on this Unix socket.")
+@click.option("--tcp", metavar="HOST:PORT", help="Listen on this TCP address.")
+@click.option("--control", metavar="SOCK",
+              help=f"breqd's control socket [default: {DEFAULT_CONTROL_SOCKET}].")
+@click.option("--read-only", is_flag=True, default=None, help="Refuse every write.")
+@click.option("--no-track", "no_track", is_flag=True, default=None,
+              help="Do not report writes to breqd (for measurements; breaks migration).")
+@click.option("--max-connections", type=click.IntRange(1, 10000), metavar="N",
+              help="Connections served at once [default: 64].")
+@click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
+              help="Least severe message logged [default: info].")
+@click.version_option(__version__, prog_name="bmig-nbd")
+def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, ...],
+        export_names: tuple[str, ...], unix: str | None, tcp: str | None,
+        control: str | None, read_only: bool | None, no_track: bool | None,
+        max_connections: int | None, log_level: str | None) -> None:
+    """Serve devices over NBD and mark every write in breqd before it happens."""
+    values: dict[str, Any] = _from_file(config_file) if config_file else {}
+    if len(devices) != len(backings):
+        raise ConfigError("give one --backing per --device")
+    if len(export_names) > len(devices):
+        raise ConfigError("give at most one --export per --device")
+    specs = list(values.get("export", []))
+    specs += [{"device": d, "backing": b,
+               "name": export_names[i] if i < len(export_names) else d}
+              for i, (d, b) in enumerate(zip(devices, backings))]
+    if not specs:
+        raise ConfigError("nothing to serve: give --device NAME --backing PATH or --config")
+    unix = unix or values.get("unix")
+    tcp = tcp or values.get("tcp")
+    if not unix and not tcp:
+        raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT")
+    listen = ([Listen(unix=os.path.abspath(unix))] if unix else []) + \
+             ([Listen(tcp=_tcp(str(tcp)))] if tcp else [])
+    bmig_log.setup(str(log_level or values.get("log_level", "info")))
+    track = not (no_track if no_track is not None else not values.get("track", True))
+    tracker = (AsyncTrackerClient(control or values.get("control", DEFAULT_CONTROL_SOCKET),
+                                  client="bmig-nbd") if track else None)
+    ro = bool(read_only if read_only is not None else values.get("read_only", False))
+    exports = _open_exports(specs, ro, tracker)
+    server = Server(exports, listen,
+                    int(max_connections or values.get("max_connections", 64)),
+                    on_close=tracker.close if tracker else None)
+    asyncio.run(server.run())
+
+
+def main() -> None:
+    run(nbd, "bmig-nbd")

@@ -1,0 +1,1 @@
+"""bmig-nbd: an NBD server that reports every change of its exports to breqd."""
