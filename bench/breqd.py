@@ -41,14 +41,10 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bmig.constants import MAX_RANGES_PER_FRAME  # noqa: E402
+from bmig.constants import MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-TiB = 1024 * GiB
 BLOCK = 4 * KiB
 CHUNK = 64 * KiB
 START_TIMEOUT = 60.0
