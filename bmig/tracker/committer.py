@@ -19,6 +19,9 @@ from bmig.tracker.store import BITS_PER_PAGE, BitmapFile
 
 log = logging.getLogger("breqd")
 
+# Page images prepared per write call: 1 MiB of 4 KiB pages.
+PAGES_PER_WRITE = 256
+
 
 def pages_of(first: int, end: int) -> range:
     """Bitmap pages holding chunks [first, end)."""
@@ -76,11 +79,8 @@ class GroupCommitter:
                 batch = self._queued | self._lazy
                 self._queued, self._lazy = set(), set()
                 waiters, self._next = self._next, None
-                payloads = {index: self._image(index) for index in batch}
                 try:
-                    if payloads:
-                        await loop.run_in_executor(self._executor,
-                                                   self._bitmap.write_pages, payloads)
+                    await self._write(loop, sorted(batch))
                 except StateWriteError as exc:
                     self.failed += 1
                     log.error("%s: %s; marks fail until it can be written", self._name,
@@ -94,6 +94,21 @@ class GroupCommitter:
                 _settle(waiters, None)
         finally:
             self._task = None
+
+    async def _write(self, loop: asyncio.AbstractEventLoop, pages: list[int]) -> None:
+        """Write ``pages`` in slices, then one fdatasync.
+
+        Each slice's images are taken on the loop thread, so a mark that changes a page
+        after its image was taken has queued that page again for the next flush. Slices
+        bound the memory of a flush of a large bitmap to PAGES_PER_WRITE page images.
+        """
+        if not pages:
+            return
+        for start in range(0, len(pages), PAGES_PER_WRITE):
+            payloads = {index: self._image(index)
+                        for index in pages[start:start + PAGES_PER_WRITE]}
+            await loop.run_in_executor(self._executor, self._bitmap.stage_pages, payloads)
+        await loop.run_in_executor(self._executor, self._bitmap.sync_staged)
 
     async def drain(self) -> None:
         """Write everything still queued or lazy (at shutdown and on removal)."""

@@ -47,6 +47,42 @@ class Op(enum.IntEnum):
     REPLY_ERROR = 0x81
 
 
+class RangeList(Sequence[tuple[int, int]]):
+    """The (offset, length) pairs of a message, read from its flat array on demand.
+
+    A MARK of 65536 ranges is 1 MiB as an array, and about 8 MiB as a list of tuples.
+    """
+
+    __slots__ = ("_flat",)
+
+    def __init__(self, flat: array):
+        self._flat = flat
+
+    def __len__(self) -> int:
+        return len(self._flat) // 2
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._flat[2 * index], self._flat[2 * index + 1]
+
+    def __iter__(self):
+        values = iter(self._flat)
+        return zip(values, values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, RangeList)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"RangeList({list(self)!r})"
+
+
 @dataclass
 class Message:
     op: Op
@@ -99,8 +135,7 @@ def decode(body: bytes) -> Message:
     flat.frombytes(body[_HEAD.size + json_len:])
     if sys.byteorder != "little":
         flat.byteswap()
-    ranges = list(zip(flat[0::2], flat[1::2]))
-    return Message(op, request_id, fields, ranges)
+    return Message(op, request_id, fields, RangeList(flat))
 
 
 def field_str(msg: Message, name: str) -> str:

@@ -154,6 +154,7 @@ class BitmapFile:
         self._slots = current_slots    # per page: slot holding the newest valid copy
         self._header_slot = header_slot
         self._seq = header.seq
+        self._staged: dict[int, int] = {}   # page -> spare slot written, not yet synced
         self.was_clean = bool(header.flags & FLAG_CLEAN)
 
     # -- opening ---------------------------------------------------------------------
@@ -288,21 +289,39 @@ class BitmapFile:
 
     def write_pages(self, pages: dict[int, bytes]) -> None:
         """Make ``pages`` (index -> payload) durable: one write each, one fdatasync."""
+        self.stage_pages(pages)
+        self.sync_staged()
+
+    def stage_pages(self, pages: dict[int, bytes]) -> None:
+        """Write ``pages`` to their spare slots; ``sync_staged`` makes them durable.
+
+        Until then the previous copies stay the ones this object trusts. A page staged
+        twice before a sync goes to the same spare slot, so the trusted copy is never
+        overwritten. On error everything staged is dropped.
+        """
         seq = self._seq + 1
-        written = []
         try:
             for index, payload in sorted(pages.items()):
                 slot = 1 - self._slots[index]
                 offset = PAGES_OFFSET + (index * HEADER_SLOTS + slot) * BLOCK
                 _pwrite_all(self._fd, pack_page(index, seq, payload), offset)
-                written.append((index, slot))
-            os.fdatasync(self._fd)
+                self._staged[index] = slot
         except OSError as exc:
+            self._staged.clear()
             raise StateWriteError(
                 f"cannot write bitmap {self.path}: {exc.strerror or exc}") from exc
-        self._seq = seq
-        for index, slot in written:
+
+    def sync_staged(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._staged.clear()
+            raise StateWriteError(
+                f"cannot write bitmap {self.path}: {exc.strerror or exc}") from exc
+        self._seq += 1
+        for index, slot in self._staged.items():
             self._slots[index] = slot
+        self._staged.clear()
 
     def set_generation(self, generation: int) -> None:
         self._write_header(generation=generation)

@@ -46,3 +46,12 @@ def test_malformed_bodies_say_what_is_wrong(body, why):
 def test_encode_refuses_too_many_ranges():
     with pytest.raises(ProtocolError):
         Message(Op.MARK, 1, {}, [(0, 1)] * (MAX_RANGES_PER_FRAME + 1)).encode()
+
+
+def test_decoded_ranges_behave_as_a_sequence_of_pairs():
+    ranges = [(0, 4096), (1 << 40, 65536), ((1 << 64) - 2, 1)]
+    got = decode(Message(Op.MARK, 7, {"device": "d"}, ranges).encode()).ranges
+    assert len(got) == 3 and got[1] == ranges[1] and got[-1] == ranges[-1]
+    assert list(got) == ranges and got == ranges and got[1:] == ranges[1:]
+    with pytest.raises(IndexError):
+        got[3]

@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from bmig.tracker.device import TrackedDevice
 from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker import committer as committer_module
 from bmig.tracker.store import BITS_PER_PAGE
 
 CHUNK = 4096
@@ -207,6 +208,28 @@ class TrackerModel(RuleBasedStateMachine):
 TrackerModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                           deadline=None)
 test_tracker_model = TrackerModel.TestCase
+
+
+class TrackerModelOnePagePerWrite(TrackerModel):
+    """The same model with every flush written one page per slice, so that crashes and
+    marks fall between the slices of one flush (large bitmaps are written that way)."""
+
+    def __init__(self):
+        self._saved_slice = committer_module.PAGES_PER_WRITE
+        committer_module.PAGES_PER_WRITE = 1
+        super().__init__()
+
+    def teardown(self):
+        try:
+            super().teardown()
+        finally:
+            committer_module.PAGES_PER_WRITE = self._saved_slice
+
+
+TrackerModelOnePagePerWrite.TestCase.settings = settings(max_examples=100,
+                                                         stateful_step_count=40,
+                                                         deadline=None)
+test_tracker_model_one_page_per_write = TrackerModelOnePagePerWrite.TestCase
 
 
 def _replay(steps) -> None:
