@@ -18,10 +18,13 @@ MAX_CHUNKS = 1 << 32
 MAX_DEVICE_NAME = 64
 
 # Control protocol (breqd).
-CONTROL_PROTOCOL_VERSION = 1
+# 2: MARK with "hold", MARK_COMPLETED releases holds, QUERY, held_bytes in the status.
+CONTROL_PROTOCOL_VERSION = 2
 MAX_CONTROL_FRAME = 4 * MiB
 MAX_CONTROL_JSON = 1 * MiB
 MAX_RANGES_PER_FRAME = 65536
+# Disjoint runs one connection may hold (marked with "hold", not yet released).
+MAX_HELD_RUNS = 1 << 18
 
 DEFAULT_STATE_DIR = "/var/lib/bmig"
 DEFAULT_CONFIG_DIR = "/etc/bmig/devices.d"

@@ -4,6 +4,9 @@
 message, and each caller is released when breqd says the whole batch is durable. A lost
 connection fails the requests in flight (so the writes they guard fail) and the next
 call connects again: a restarted breqd is picked up without a restart of the client.
+
+Holds belong to a connection: ``session`` changes whenever a connection is made or lost,
+so a caller that keeps holds knows they are gone when the number it saw has changed.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ class AsyncTrackerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting: asyncio.Lock | None = None
-        self._batches: dict[tuple[Op, str], list[tuple[Ranges, asyncio.Future]]] = {}
+        self._batches: dict[tuple[Op, str, bool], list[tuple[Ranges, asyncio.Future]]] = {}
         self._flush_scheduled = False
+        self.session = 0          # changes on every connect and every loss
+        self.version = 0          # the control protocol version of this connection
 
     # -- connection ------------------------------------------------------------------
 
@@ -60,6 +65,8 @@ class AsyncTrackerClient:
                 writer.close()
                 raise UnreachableError(f"breqd at {self.path} did not answer: {exc}") from None
             _raise_if_error(reply)
+            self.version = int(reply.fields.get("version", 1))
+            self.session += 1
             self._writer = writer
             self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
@@ -76,10 +83,15 @@ class AsyncTrackerClient:
         finally:
             self._drop(why)
 
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
     def _drop(self, why: BmigError) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            self.session += 1
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
@@ -106,38 +118,51 @@ class AsyncTrackerClient:
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         self._writer.write(pack_frame(Message(op, request_id, fields or {}, ranges).encode()))
+        session = self.session
         reply = await future
         _raise_if_error(reply)
+        reply.session = session
         return reply
 
-    async def mark(self, device: str, ranges: Ranges) -> None:
-        """Returns when the chunks of ``ranges`` are durable in breqd."""
-        await self._batched(Op.MARK, device, ranges)
+    async def mark(self, device: str, ranges: Ranges, hold: bool = False) -> int:
+        """Returns when the chunks of ``ranges`` are durable in breqd; with ``hold`` they
+        stay dirty until released by ``mark_completed`` or the end of the connection.
+        Returns the ``session`` of the connection that recorded them."""
+        return await self._batched(Op.MARK, device, ranges, hold)
 
     async def mark_completed(self, device: str, ranges: Ranges) -> None:
+        """Mark again after the write; releases this connection's holds on the ranges."""
         await self._batched(Op.MARK_COMPLETED, device, ranges)
 
-    async def _batched(self, op: Op, device: str, ranges: Ranges) -> None:
+    async def query(self, device: str, offset: int,
+                    length: int) -> tuple[list[tuple[int, int]], int]:
+        """Byte runs in the range that may differ from the target, and where the answer
+        ends (see TrackerClient.query)."""
+        reply = await self.call(Op.QUERY, {"device": device}, [(offset, length)])
+        return list(reply.ranges), int(reply.fields.get("end", offset + length))
+
+    async def _batched(self, op: Op, device: str, ranges: Ranges, hold: bool = False) -> int:
         future = asyncio.get_running_loop().create_future()
-        self._batches.setdefault((op, device), []).append((ranges, future))
+        self._batches.setdefault((op, device, hold), []).append((ranges, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_batches)
-        await future
+        return await future
 
     def _send_batches(self) -> None:
         self._flush_scheduled = False
         batches, self._batches = self._batches, {}
         loop = asyncio.get_running_loop()
-        for (op, device), items in batches.items():
+        for (op, device, hold), items in batches.items():
             for group in _groups(items, MAX_RANGES_PER_FRAME):
-                loop.create_task(self._send_group(op, device, group))
+                loop.create_task(self._send_group(op, device, hold, group))
 
-    async def _send_group(self, op: Op, device: str,
+    async def _send_group(self, op: Op, device: str, hold: bool,
                           group: list[tuple[Ranges, asyncio.Future]]) -> None:
         ranges = [r for rs, _ in group for r in rs]
+        fields: dict[str, Any] = {"device": device, "hold": True} if hold else {"device": device}
         try:
-            await self.call(op, {"device": device}, ranges)
+            reply = await self.call(op, fields, ranges)
         except BmigError as exc:
             for _, future in group:
                 if not future.done():
@@ -145,7 +170,7 @@ class AsyncTrackerClient:
         else:
             for _, future in group:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(reply.session)
 
     async def stats(self, device: str) -> dict:
         return (await self.call(Op.STATS, {"device": device})).fields

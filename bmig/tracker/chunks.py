@@ -11,6 +11,12 @@ Each chunk is in one of four states, held in two bit arrays:
 So ``commit`` only has to clear ``inflight``: a chunk written after its checkout keeps its
 dirty bit and ships again (invariant 2). What must survive a crash is ``dirty | inflight``
 (invariant 3); ``disk_image`` gives exactly that for a page of the bitmap file.
+
+A third array, ``held``, has the chunks a writer holds: it marked them before writing and
+has not released them yet, so a write to them may be under way. A checkout of a held chunk
+leaves it re-marked (dirty and in flight), so whatever the sender read, the chunk ships
+again after the writer lets go. Held chunks are always dirty: ``dirty >= held``. Who holds
+what is kept by breqd's sessions; this map only keeps the union.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class ChunkMap:
             raise ValueError(f"bitmap has {len(dirty)} bits, device needs {self.nchunks}")
         self.dirty = dirty
         self.inflight = zeros(self.nchunks)
+        self.held = zeros(self.nchunks)
         self._cursor = 0  # where the next checkout starts scanning: passes sweep the device
 
     # -- byte ranges and chunk spans -------------------------------------------------
@@ -104,7 +111,7 @@ class ChunkMap:
                 if busy >= 0:
                     end = busy
                 end = min(end, first + budget)
-                self.dirty[first:end] = 0
+                self.dirty[first:end] = self.held[first:end]   # held chunks stay re-marked
                 self.inflight[first:end] = 1
                 runs.append((first, end))
                 budget -= end - first
@@ -123,12 +130,24 @@ class ChunkMap:
         self.inflight[first:end] = 0
         self.dirty[first:end] = 1
 
+    def hold(self, first: int, end: int) -> None:
+        """A writer holds [first, end): dirty until released, whatever a sender commits."""
+        self.dirty[first:end] = 1
+        self.held[first:end] = 1
+
+    def set_held(self, first: int, end: int, held: bool) -> None:
+        """Set the union of holds over [first, end) (breqd recomputes it on release)."""
+        self.held[first:end] = held
+        if held:
+            self.dirty[first:end] = 1
+
     def set_all_dirty(self) -> None:
         self.dirty.setall(1)
 
     def clear_all(self) -> None:
-        """Forget every dirty chunk (chunks in flight stay in flight)."""
+        """Forget every dirty chunk not held by a writer (chunks in flight stay in flight)."""
         self.dirty.setall(0)
+        self.dirty |= self.held
 
     # -- persistence -----------------------------------------------------------------
 
@@ -141,3 +160,25 @@ class ChunkMap:
 
     def inflight_bytes(self) -> int:
         return self.bytes_of(self.inflight)
+
+    def held_bytes(self) -> int:
+        return self.bytes_of(self.held)
+
+    def differing_runs(self, first: int, end: int, max_runs: int) -> tuple[list[tuple[int, int]], int]:
+        """Runs of chunks in [first, end) that may differ from the target (dirty or in
+        flight), at most ``max_runs``, and the chunk up to which the answer is complete."""
+        image = self.dirty[first:end] | self.inflight[first:end]
+        runs: list[tuple[int, int]] = []
+        pos = 0
+        n = end - first
+        while pos < n:
+            start = image.find(1, pos)
+            if start < 0:
+                return runs, end
+            if len(runs) == max_runs:
+                return runs, first + start
+            stop = image.find(0, start)
+            stop = n if stop < 0 else stop
+            runs.append((first + start, first + stop))
+            pos = stop
+        return runs, end

@@ -80,12 +80,21 @@ class TrackerClient:
 
     # -- requests --------------------------------------------------------------------
 
-    def mark(self, device: str, ranges: Ranges) -> None:
-        """Returns once the chunks are durable in breqd (mark before write)."""
-        self.call(Op.MARK, {"device": device}, ranges)
+    def mark(self, device: str, ranges: Ranges, hold: bool = False) -> None:
+        """Returns once the chunks are durable in breqd (mark before write). With
+        ``hold`` they stay dirty, whatever a sender commits, until released."""
+        self.call(Op.MARK, {"device": device, "hold": True} if hold else {"device": device},
+                  ranges)
 
     def mark_completed(self, device: str, ranges: Ranges) -> None:
+        """Mark again after the write; releases this connection's holds on the ranges."""
         self.call(Op.MARK_COMPLETED, {"device": device}, ranges)
+
+    def query(self, device: str, offset: int, length: int) -> tuple[list[tuple[int, int]], int]:
+        """Byte runs in [offset, offset + length) that may differ from the target, and the
+        offset up to which the answer is complete."""
+        reply = self.call(Op.QUERY, {"device": device}, [(offset, length)])
+        return list(reply.ranges), int(reply.fields.get("end", offset + length))
 
     def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
         return list(self.call(Op.CHECKOUT, {"device": device, "max_bytes": max_bytes}).ranges)

@@ -34,6 +34,17 @@ class IntervalSet:
         i = bisect.bisect_right(self._starts, start) - 1
         return i >= 0 and self._ends[i] >= end
 
+    def __len__(self) -> int:
+        """The number of disjoint intervals."""
+        return len(self._starts)
+
+    def overlapping(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of the set inside [start, end), in order."""
+        i = bisect.bisect_right(self._ends, start)
+        j = bisect.bisect_left(self._starts, end)
+        return [(max(s, start), min(e, end))
+                for s, e in zip(self._starts[i:j], self._ends[i:j])]
+
     def remove(self, start: int, end: int) -> None:
         """Remove [start, end) (parts not in the set are ignored)."""
         i = bisect.bisect_right(self._ends, start)

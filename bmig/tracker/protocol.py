@@ -43,6 +43,7 @@ class Op(enum.IntEnum):
     LIST = 10
     ADD_DEVICE = 11
     REMOVE_DEVICE = 12
+    QUERY = 13
     REPLY_OK = 0x80
     REPLY_ERROR = 0x81
 
@@ -89,6 +90,7 @@ class Message:
     request_id: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     ranges: Sequence[tuple[int, int]] = ()
+    session: int = 0      # set by AsyncTrackerClient: the connection that answered
 
     def encode(self) -> bytes:
         """The frame body (without the length prefix)."""

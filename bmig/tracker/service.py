@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 
 from bmig import __version__, systemd
 from bmig.constants import (CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE, MAX_CONTROL_FRAME,
-                            MAX_RANGES_PER_FRAME)
+                            MAX_HELD_RUNS, MAX_RANGES_PER_FRAME)
 from bmig.errors import (BmigError, ConfigError, DeviceExists, NotCheckedOut, ProtocolError,
                          RequestError, StateError, UnknownDevice)
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
@@ -48,11 +48,13 @@ class Settings:
 
 
 class Session:
-    """One client connection and the chunk runs it has checked out, per device."""
+    """One client connection: the chunk runs it has checked out and the runs it holds
+    (marked with ``hold`` and not yet released), per device."""
 
     def __init__(self, peer: str):
         self.peer = peer
         self.checkouts: dict[str, IntervalSet] = {}
+        self.holds: dict[str, IntervalSet] = {}
 
 
 Reply = Message | Awaitable[Message]
@@ -74,7 +76,8 @@ class Breqd:
         self._refused: dict[str, DeviceDefinition] = {}
         self._closing: dict[str, asyncio.Task] = {}
         self._handlers: dict[Op, Callable[[Session, Message], Reply]] = {
-            Op.MARK: self._mark, Op.MARK_COMPLETED: self._mark,
+            Op.MARK: self._mark, Op.MARK_COMPLETED: self._mark_completed,
+            Op.QUERY: self._query,
             Op.CHECKOUT: self._checkout, Op.COMMIT: self._commit, Op.ABORT: self._abort,
             Op.STATS: self._stats, Op.LIST: self._list,
             Op.SET_ALL_DIRTY: self._set_all_dirty, Op.CLEAR_ALL: self._clear_all,
@@ -261,6 +264,7 @@ class Breqd:
         device = self.devices.pop(name)
         for session in self.sessions:
             session.checkouts.pop(name, None)
+            session.holds.pop(name, None)
         self._refused.pop(name, None)
         log.info("%s: no longer tracked; its bitmap stays in %s", name, device.bitmap.path)
         task = asyncio.get_running_loop().create_task(device.close())
@@ -334,6 +338,8 @@ class Breqd:
             asyncio.get_running_loop().create_task(_reply_later(msg.request_id, reply, writer))
 
     def _abort_session(self, session: Session) -> None:
+        """A connection ended: its checkouts go back to dirty, its holds are let go
+        (the held chunks stay dirty: a write may have reached the source)."""
         for name, held in session.checkouts.items():
             device = self.devices.get(name)
             if device is None:
@@ -341,6 +347,21 @@ class Breqd:
             for first, end in held:
                 device.chunks.abort(first, end)
         session.checkouts.clear()
+        holds, session.holds = session.holds, {}
+        for name, runs in holds.items():
+            device = self.devices.get(name)
+            if device is not None:
+                for first, end in runs:
+                    self._release(device, session, first, end)
+
+    def _release(self, device: TrackedDevice, session: Session, first: int, end: int) -> None:
+        """Drop ``session``'s hold on [first, end); other sessions' holds stay."""
+        device.chunks.set_held(first, end, False)
+        for other in self.sessions:
+            runs = other.holds.get(device.name) if other is not session else None
+            if runs:
+                for a, b in runs.overlapping(first, end):
+                    device.chunks.set_held(a, b, True)
 
     # -- requests --------------------------------------------------------------------
 
@@ -359,11 +380,51 @@ class Breqd:
 
     def _mark(self, session: Session, msg: Message) -> Reply:
         device = self._device(msg)
-        pending = device.mark_spans(self._spans(device, msg))
+        spans = self._spans(device, msg)
+        hold = field_bool(msg, "hold")
+        if hold:
+            runs = session.holds.setdefault(device.name, IntervalSet())
+            if len(runs) + len(spans) > MAX_HELD_RUNS:
+                raise RequestError(f"{device.name}: more than {MAX_HELD_RUNS} held runs on "
+                                   "one connection; release some first")
+        pending = device.mark_spans(spans)
+        if hold:
+            for first, end in spans:
+                runs.add(first, end)
+                device.chunks.hold(first, end)
         ok = Message(Op.REPLY_OK, msg.request_id)
         if pending is None:
             return ok
         return _then(pending, ok)
+
+    def _mark_completed(self, session: Session, msg: Message) -> Reply:
+        """Mark again after the write, and let go of this connection's holds there."""
+        device = self._device(msg)
+        spans = self._spans(device, msg)
+        pending = device.mark_spans(spans)
+        runs = session.holds.get(device.name)
+        if runs:
+            for first, end in spans:
+                if runs.overlapping(first, end):
+                    runs.remove(first, end)
+                    self._release(device, session, first, end)
+        ok = Message(Op.REPLY_OK, msg.request_id)
+        if pending is None:
+            return ok
+        return _then(pending, ok)
+
+    def _query(self, session: Session, msg: Message) -> Reply:
+        """The byte runs inside one range that may differ from the target."""
+        device = self._device(msg)
+        spans = self._spans(device, msg)
+        if len(spans) != 1:
+            raise RequestError("QUERY takes exactly one range")
+        first, end = spans[0]
+        runs, done = device.chunks.differing_runs(first, end, MAX_RANGES_PER_FRAME)
+        offset, length = msg.ranges[0]
+        covered = min(offset + length, device.chunks.chunk_bytes(0, done)[1])
+        return Message(Op.REPLY_OK, msg.request_id, {"end": covered},
+                       [device.chunks.chunk_bytes(a, b) for a, b in runs])
 
     def _checkout(self, session: Session, msg: Message) -> Reply:
         device = self._device(msg)

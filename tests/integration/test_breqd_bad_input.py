@@ -13,7 +13,8 @@ import struct
 
 import pytest
 
-from bmig.constants import MAX_CONTROL_FRAME, MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
+from bmig.constants import (CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME, MAX_CONTROL_JSON,
+                            MAX_RANGES_PER_FRAME)
 from bmig.errors import RequestError
 from bmig.framing import LENGTH
 from bmig.tracker.protocol import Op
@@ -107,7 +108,7 @@ MALFORMED = [
      body(Op.STATS, 4, doc=b"{}", json_len=MAX_CONTROL_JSON + 1), 0, "does not fit"),
     ("unknown-type-0", True, body(0, 4, {}), 0, "unknown message type"),
     ("unknown-type-99", True, body(99, 4, _device_doc()), 0, "unknown message type"),
-    ("unknown-type-before-hello", False, body(13, 4, {}), 0, "unknown message type"),
+    ("unknown-type-before-hello", False, body(99, 4, {}), 0, "unknown message type"),
     ("reply-ok-as-request", True, body(Op.REPLY_OK, 4, {}), 4, "not a request"),
     ("reply-error-as-request", True, body(Op.REPLY_ERROR, 4, {"code": "x"}), 4,
      "not a request"),
@@ -444,7 +445,7 @@ def test_unknown_fields_flags_and_reserved_bits_are_ignored(setup):
     send(s, body(Op.HELLO, 1, {"version": 99, "client": "future 9", "extra": [1, 2]},
                  flags=0xff, reserved=0xffff))
     reply = receive(s)
-    assert reply.op == Op.REPLY_OK and reply.fields["version"] == 1
+    assert reply.op == Op.REPLY_OK and reply.fields["version"] == CONTROL_PROTOCOL_VERSION
     reply = request(s, Op.STATS, 2, {"device": DEVICE, "whatever": {"a": 1}})
     assert reply.op == Op.REPLY_OK
     s.close()

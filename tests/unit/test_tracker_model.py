@@ -4,6 +4,9 @@ The model keeps the one fact that matters (invariants 1-3): the set of chunks wr
 since their last durable commit. After any sequence of marks, mark_completed, checkouts,
 commits, aborts, lazy flushes and crashes, each of those chunks must be dirty or in
 flight in memory, and dirty on disk after a crash and restart.
+
+Holds: a held chunk may be written at any moment until it is released, so a commit never
+takes it out of that set, and a held chunk is dirty at all times.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class TrackerModel(RuleBasedStateMachine):
         self._run(self._flush_everything())
         self.must_survive: set[int] = set()     # written since their last durable commit
         self.checked_out: dict[int, bool] = {}  # chunk -> written since its checkout
+        self.held: set[int] = set()             # a writer holds them: writes may land
         self.crashes = 0
 
     def _open(self) -> TrackedDevice:
@@ -114,6 +118,26 @@ class TrackerModel(RuleBasedStateMachine):
         self._written(*r)
 
     @rule(r=chunk_ranges)
+    def hold(self, r):
+        """A writer marks with a hold, then writes whenever it likes until it releases."""
+        offset, length = self._byte_range(*r)
+        first, end = self.device.chunks.span(offset, length)
+        self._run(self._mark([(first, end)]))
+        self.device.chunks.hold(first, end)
+        self.held.update(range(first, end))
+        self._written(*r)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data):
+        """The writer's last write to the chunk is done: mark again, let go."""
+        c = data.draw(st.sampled_from(sorted(self.held)))
+        self._run(self._mark([(c, c + 1)]))
+        self.device.chunks.set_held(c, c + 1, False)
+        self.held.discard(c)
+        self._written(c, 1)
+
+    @rule(r=chunk_ranges)
     def mark_unacknowledged(self, r):
         """A mark whose flush has not finished: the write it guards has not happened."""
         offset, length = self._byte_range(*r)
@@ -149,7 +173,7 @@ class TrackerModel(RuleBasedStateMachine):
         c = data.draw(st.sampled_from(sorted(self.checked_out)))
         self.device.chunks.commit(c, c + 1)
         self.device.committer.lazy([c // BITS_PER_PAGE])
-        if not self.checked_out.pop(c):
+        if not self.checked_out.pop(c) and c not in self.held:
             self.must_survive.discard(c)
 
     @precondition(lambda self: self.checked_out)
@@ -182,6 +206,7 @@ class TrackerModel(RuleBasedStateMachine):
         self.device = self._open()
         assert self.device.recovered is None, self.device.recovered
         self.checked_out.clear()   # the sender's session died: its checkouts aborted
+        self.held.clear()          # and the writer's session: its holds let go
         on_disk = self.device.chunks.dirty
         lost = [c for c in self.must_survive if not on_disk[c]]
         assert not lost, f"acknowledged chunks lost in a crash: {lost[:10]}"
@@ -196,6 +221,8 @@ class TrackerModel(RuleBasedStateMachine):
             assert chunks.inflight[c]
             if rewritten:
                 assert chunks.dirty[c]
+        for c in self.held:
+            assert chunks.held[c] and chunks.dirty[c], c
 
     def teardown(self) -> None:
         try:
@@ -238,6 +265,27 @@ def _replay(steps) -> None:
         for name, kwargs in steps:
             getattr(machine, name)(**kwargs)
             machine.written_chunks_are_dirty_or_in_flight()
+    finally:
+        machine.teardown()
+
+
+def test_a_held_chunk_stays_dirty_through_checkout_and_commit():
+    """The write under a hold may land after the sender read the chunk: it ships again."""
+    _replay([("hold", {"r": (0, 1)}),
+             ("checkout", {"budget": 8}),
+             ("lazy_flush", {}),
+             ("crash_and_restart", {"clean": False})])
+    machine = TrackerModel()
+    try:
+        machine.hold(r=(1, 1))
+        machine.checkout(budget=8)
+        chunks = machine.device.chunks
+        chunks.commit(1, 2)
+        assert chunks.dirty[1] and not chunks.inflight[1]
+        chunks.set_held(1, 2, False)
+        assert chunks.checkout(8) == [(1, 2)]
+        chunks.commit(1, 2)
+        assert not chunks.dirty[1]
     finally:
         machine.teardown()
 

@@ -1,0 +1,144 @@
+"""Holds: a writer's marked chunks stay dirty through a sender's commit until released.
+
+A writer (bmig-nbd) marks with ``hold`` before it writes and releases with
+MARK_COMPLETED after its last write to the chunk. While held, a chunk that a sender
+checks out and commits stays dirty: the sender may have read it before the write landed
+(invariant 2). When the writer's connection ends, its holds go and the chunks stay dirty.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bmig.constants import MAX_HELD_RUNS
+from bmig.errors import RequestError
+
+CHUNK = 64 << 10
+SIZE = 64 * CHUNK
+
+
+@pytest.fixture
+def device(breqd):
+    c = breqd.client()
+    c.add_device("h", SIZE)
+    c.clear_all("h", force=True)
+    c.close()
+    return "h"
+
+
+def ship_everything(client, device: str) -> list[tuple[int, int]]:
+    """What a sender does: check out, (ship,) commit; returns what it took."""
+    taken = client.checkout(device, SIZE)
+    if taken:
+        client.commit(device, taken)
+    return taken
+
+
+def test_a_held_chunk_stays_dirty_after_a_sender_commits_it(breqd, device):
+    writer, sender = breqd.client(), breqd.client()
+    writer.mark(device, [(CHUNK, 4096)], hold=True)
+    assert ship_everything(sender, device) == [(CHUNK, CHUNK)]
+    stats = sender.stats(device)
+    assert stats["dirty_bytes"] == CHUNK and stats["held_bytes"] == CHUNK
+    writer.mark_completed(device, [(CHUNK, 4096)])
+    assert sender.stats(device)["held_bytes"] == 0
+    assert ship_everything(sender, device) == [(CHUNK, CHUNK)]
+    assert sender.stats(device)["dirty_bytes"] == 0
+
+
+def test_a_writer_that_dies_leaves_its_held_chunks_dirty(breqd, device):
+    """kill -9 of the writer between its write and its release: the chunk still ships."""
+    script = (
+        "import os, sys\n"
+        "from bmig.tracker.client import TrackerClient\n"
+        f"c = TrackerClient({breqd.control!r})\n"
+        f"c.mark({device!r}, [(0, 4096), ({5 * CHUNK}, {2 * CHUNK})], hold=True)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n")
+    writer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        sender = breqd.client()
+        assert sender.stats(device)["held_bytes"] == 3 * CHUNK
+        ship_everything(sender, device)
+        writer.kill()
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(timeout=30)
+        writer.stdin.close()
+        writer.stdout.close()
+    sender = breqd.client()
+    stats = sender.stats(device)
+    assert stats["held_bytes"] == 0 and stats["dirty_bytes"] == 3 * CHUNK
+    assert ship_everything(sender, device) == [(0, CHUNK), (5 * CHUNK, 2 * CHUNK)]
+    assert sender.stats(device)["dirty_bytes"] == 0
+
+
+def test_holds_of_two_writers_are_released_separately(breqd, device):
+    a, b, sender = breqd.client(), breqd.client(), breqd.client()
+    a.mark(device, [(0, 3 * CHUNK)], hold=True)
+    b.mark(device, [(CHUNK, 4096)], hold=True)
+    a.mark_completed(device, [(0, 3 * CHUNK)])
+    assert sender.stats(device)["held_bytes"] == CHUNK
+    ship_everything(sender, device)
+    assert sender.stats(device)["dirty_bytes"] == CHUNK
+    b.close()
+    ship_everything(sender, device)
+    assert sender.stats(device)["dirty_bytes"] == 0
+
+
+def test_release_without_a_hold_is_a_plain_mark(breqd, device):
+    c = breqd.client()
+    c.mark_completed(device, [(2 * CHUNK, 1)])
+    assert c.stats(device)["dirty_bytes"] == CHUNK and c.stats(device)["held_bytes"] == 0
+
+
+def test_clear_all_keeps_held_chunks_dirty(breqd, device):
+    writer, admin = breqd.client(), breqd.client()
+    writer.mark(device, [(4 * CHUNK, CHUNK)], hold=True)
+    admin.mark(device, [(8 * CHUNK, CHUNK)])
+    admin.clear_all(device, force=True)
+    assert admin.stats(device)["dirty_bytes"] == CHUNK
+
+
+def test_held_chunks_survive_kill9_of_breqd(breqd, device):
+    writer = breqd.client()
+    writer.mark(device, [(3 * CHUNK, 10)], hold=True)
+    sender = breqd.client()
+    ship_everything(sender, device)          # committed, but held: stays dirty
+    breqd.daemon.kill9()
+    breqd.restart()
+    stats = breqd.client().stats(device)
+    assert stats["dirty_bytes"] == CHUNK and stats["held_bytes"] == 0
+
+
+def test_too_many_held_runs_are_refused(breqd, tmp_path):
+    c = breqd.client()
+    c.add_device("big", (MAX_HELD_RUNS + 10) * 2 * 4096, chunk_size=4096)
+    # Every other chunk: each range is a run of its own.
+    ranges = [(2 * i * 4096, 1) for i in range(MAX_HELD_RUNS)]
+    for start in range(0, len(ranges), 65536):
+        c.mark("big", ranges[start:start + 65536], hold=True)
+    assert c.stats("big")["held_bytes"] == MAX_HELD_RUNS * 4096
+    with pytest.raises(RequestError, match="held runs"):
+        c.mark("big", [(2 * (MAX_HELD_RUNS + 1) * 4096, 1)], hold=True)
+    c.mark_completed("big", [(0, 1)])
+    c.mark("big", [(2 * (MAX_HELD_RUNS + 1) * 4096, 1)], hold=True)   # room again
+    c.close()
+
+
+def test_query_answers_the_differing_runs(breqd, device):
+    c = breqd.client()
+    c.mark(device, [(CHUNK, 2 * CHUNK), (10 * CHUNK, 1)])
+    taken = c.checkout(device, CHUNK)                    # in flight: still differs
+    assert taken == [(CHUNK, CHUNK)]
+    runs, end = c.query(device, 0, SIZE)
+    assert runs == [(CHUNK, 2 * CHUNK), (10 * CHUNK, CHUNK)] and end == SIZE
+    runs, end = c.query(device, CHUNK + 100, 4096)
+    assert runs == [(CHUNK, CHUNK)] and end == CHUNK + 100 + 4096
