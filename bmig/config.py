@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -70,10 +71,17 @@ def write_toml_atomic(path: str, values: dict[str, Any], comment: str = "") -> N
     """Write a flat TOML file: temp file, fsync, rename, directory fsync."""
     lines = [f"# {line}".rstrip() for line in comment.splitlines()]
     lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    write_atomic(path, ("\n".join(lines) + "\n").encode(), mode=0o644)
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file:
+    temp file, fsync, rename, directory fsync."""
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
@@ -82,6 +90,27 @@ def write_toml_atomic(path: str, values: dict[str, Any], comment: str = "") -> N
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_state(path: str, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
+    """A small JSON state file written by ``write_atomic``: None if it does not exist,
+    ConfigError if it is damaged (the caller decides what damage means)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise ConfigError(f"{path}: larger than {max_bytes} bytes")
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return value
 
 
 def merge(file_values: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:

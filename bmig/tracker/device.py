@@ -6,6 +6,7 @@ import logging
 import os
 from concurrent.futures import Executor
 
+from bmig.lineage import hex_id, load_source
 from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.committer import GroupCommitter, pages_of
 from bmig.tracker.devices import DeviceDefinition
@@ -37,6 +38,11 @@ class TrackedDevice:
         elif not self.bitmap.was_clean:
             log.info("%s: recovered after an unclean stop; every acknowledged mark is kept",
                      definition.name)
+        self.lineage, why = load_source(state_dir, definition.name, definition.device_id)
+        if why and self.recovered != NO_SAVED_BITMAP:
+            log.warning("%s: %s; a new generation %s starts, and targets synced before "
+                        "will refuse it until told to discard their data", definition.name,
+                        why, hex_id(self.lineage.generation))
         self.chunks = ChunkMap(definition.size, definition.chunk_size, bits)
         self.committer = GroupCommitter(definition.name, self.bitmap, self._page_image,
                                         executor)
@@ -72,8 +78,10 @@ class TrackedDevice:
             "chunk_size": d.chunk_size,
             "dirty_bytes": self.chunks.dirty_bytes(),
             "inflight_bytes": self.chunks.inflight_bytes(),
+            "held_bytes": self.chunks.held_bytes(),
             "device_id": f"{d.device_id:016x}",
-            "generation": f"{self.bitmap.header.generation:016x}",
+            "generation": hex_id(self.lineage.generation),
+            "role": self.lineage.role,
             "state_file": self.bitmap.path,
             "recovered": self.recovered,
             "marks": self.marks,

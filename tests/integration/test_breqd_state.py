@@ -274,7 +274,8 @@ def test_no_room_for_a_new_bitmap_is_a_clear_error_and_breqd_carries_on(on_tmpfs
         c.mark("small", [(8 * MiB, 4096)])                # first-time mark: a real write
         assert c.stats("small")["dirty_bytes"] == 4096
     assert "No space left on device" in daemon.log()
-    assert sorted(os.listdir(state_dir)) == ["breqd.lock", "small.bitmap"]   # no leftovers
+    assert sorted(os.listdir(state_dir)) == ["breqd.lock", "small.bitmap",   # no leftovers
+                                             "small.lineage"]
     assert not os.path.exists(os.path.join(config_dir, "big.toml"))
 
     cli = bmigrate(control, "track", "add", "big", "--size", "64G", "--chunk-size", "4K")
@@ -291,7 +292,7 @@ def test_no_room_for_a_new_bitmap_is_a_clear_error_and_breqd_carries_on(on_tmpfs
     with client(control) as c:
         assert [d["name"] for d in c.list_devices()] == ["small"]
         c.mark("small", [(0, 4096)])
-    assert sorted(os.listdir(state_dir)) == ["breqd.lock", "small.bitmap"]
+    assert sorted(os.listdir(state_dir)) == ["breqd.lock", "small.bitmap", "small.lineage"]
     assert daemon.proc.poll() is None
 
 

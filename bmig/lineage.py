@@ -1,0 +1,172 @@
+"""Lineage (invariant 7): which generation of the data each side holds.
+
+A generation is a random 64-bit id naming one lineage of a device's data. The source
+side (breqd, per tracked device) records its device id, its generation and its role; the
+target side (breceive, per target) records the source device id and generation it holds,
+and the state of its copy. A receiver refuses a stream of another lineage unless told to
+discard its data, so an old source can never overwrite a newer copy.
+
+Both records are small JSON files written atomically (bmig.config.write_atomic). A record
+that cannot be read is never guessed at: the caller refuses to go on and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bmig.config import read_json_state, write_atomic
+from bmig.errors import ConfigError, StateError
+
+ROLE_PRIMARY = "primary"            # the source: writes happen here
+ROLE_SECONDARY = "secondary"        # a target: receives what the primary ships
+ROLE_HANDED_OVER = "handed-over"    # a former source after cutover: read-only by default
+
+STATE_NEW = "new"                   # nothing written by bmig yet
+STATE_INCONSISTENT = "inconsistent"  # a pass is being applied
+STATE_CONSISTENT = "consistent"     # the last pass completed and is durable
+STATE_IN_SYNC = "in-sync"           # synchronous replication runs
+TARGET_STATES = (STATE_NEW, STATE_INCONSISTENT, STATE_CONSISTENT, STATE_IN_SYNC)
+
+SOURCE_SUFFIX = ".lineage"
+TARGET_SUFFIX = ".target"
+
+
+def new_generation() -> int:
+    return secrets.randbits(64) or 1
+
+
+def hex_id(value: int) -> str:
+    return f"{value:016x}"
+
+
+def parse_id(value: object, what: str) -> int:
+    if not isinstance(value, str) or len(value) != 16:
+        raise ConfigError(f"{what} must be 16 hex digits, not {value!r}")
+    try:
+        return int(value, 16)
+    except ValueError:
+        raise ConfigError(f"{what} must be 16 hex digits, not {value!r}") from None
+
+
+# -- the source side ------------------------------------------------------------------
+
+@dataclass
+class SourceLineage:
+    device_id: int
+    generation: int
+    role: str = ROLE_PRIMARY
+    previous: list[str] = field(default_factory=list)   # older generations, newest first
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device_id": hex_id(self.device_id), "generation": hex_id(self.generation),
+                "role": self.role, "previous": self.previous[:16]}
+
+
+def source_path(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, name + SOURCE_SUFFIX)
+
+
+def load_source(state_dir: str, name: str,
+                device_id: int) -> tuple[SourceLineage, str | None]:
+    """The device's lineage record. Returns (record, why) where ``why`` says why a new
+    generation was started (None when the saved record was used). A damaged record, or
+    one of another device id, is kept aside and replaced by a new lineage: targets then
+    refuse the device until told to discard their data, which is the safe side."""
+    path = source_path(state_dir, name)
+    why: str | None
+    try:
+        raw = read_json_state(path)
+        if raw is None:
+            why = "no lineage record"
+        else:
+            record = SourceLineage(parse_id(raw.get("device_id"), "device_id"),
+                                   parse_id(raw.get("generation"), "generation"),
+                                   str(raw.get("role", ROLE_PRIMARY)),
+                                   [str(g) for g in raw.get("previous", [])][:16])
+            if record.device_id == device_id:
+                return record, None
+            why = f"the lineage record is of device id {hex_id(record.device_id)}"
+    except ConfigError as exc:
+        why = f"the lineage record is damaged ({exc.message})"
+    if os.path.exists(path):
+        os.replace(path, f"{path}.bad-{int(time.time())}")
+    record = SourceLineage(device_id, new_generation())
+    save_source(state_dir, name, record)
+    return record, why
+
+
+def save_source(state_dir: str, name: str, record: SourceLineage) -> None:
+    try:
+        write_atomic(source_path(state_dir, name), json.dumps(record.to_json()).encode())
+    except OSError as exc:
+        raise StateError(f"cannot write the lineage record of {name}: {exc.strerror}") from None
+
+
+# -- the target side ------------------------------------------------------------------
+
+@dataclass
+class TargetRecord:
+    export: str
+    source_device_id: int = 0          # 0: none yet
+    generation: int = 0
+    state: str = STATE_NEW
+    role: str = ROLE_SECONDARY
+    size: int = 0
+    last_pass: float | None = None     # time a pass last completed
+    passes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["source_device_id"] = hex_id(self.source_device_id)
+        d["generation"] = hex_id(self.generation)
+        return d
+
+    def shares_lineage(self, device_id: int, generation: int) -> bool:
+        return (self.state != STATE_NEW and self.source_device_id == device_id
+                and self.generation == generation)
+
+
+def target_path(state_dir: str, export: str) -> str:
+    return os.path.join(state_dir, export + TARGET_SUFFIX)
+
+
+def load_target(state_dir: str, export: str) -> TargetRecord:
+    path = target_path(state_dir, export)
+    try:
+        raw = read_json_state(path)
+    except ConfigError as exc:
+        raise StateError(f"target record damaged: {exc.message}; it is not guessed at: "
+                         "move it away and sync again with --discard-target-data") from None
+    if raw is None:
+        return TargetRecord(export)
+    try:
+        state = str(raw.get("state", STATE_NEW))
+        if state not in TARGET_STATES:
+            raise ConfigError(f"{path}: unknown state {state!r}")
+        last = raw.get("last_pass")
+        return TargetRecord(export, parse_id(raw.get("source_device_id"), "source_device_id"),
+                            parse_id(raw.get("generation"), "generation"), state,
+                            str(raw.get("role", ROLE_SECONDARY)), int(raw.get("size", 0)),
+                            float(last) if last is not None else None,
+                            int(raw.get("passes", 0)))
+    except (ConfigError, TypeError, ValueError) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else str(exc)
+        raise StateError(f"target record {path} damaged: {message}") from None
+
+
+def save_target(state_dir: str, record: TargetRecord) -> None:
+    try:
+        write_atomic(target_path(state_dir, record.export),
+                     json.dumps(record.to_json()).encode())
+    except OSError as exc:
+        raise StateError(f"cannot write the target record of {record.export}: "
+                         f"{exc.strerror}") from None
+
+
+def now() -> float:
+    return time.time()
