@@ -16,6 +16,10 @@ EXIT_UNREACHABLE = 4    # daemon or peer not reachable
 EXIT_REFUSED = 5        # the daemon understood and refused the request
 EXIT_STATE = 6          # state directory unusable (locked, unwritable, corrupt beyond repair)
 EXIT_PROTOCOL = 7       # the peer broke the protocol
+EXIT_AUTH = 8           # authentication failed (secret, certificate, host key)
+EXIT_LINEAGE = 9        # the target holds another lineage's data (split brain refused)
+EXIT_NOT_CONVERGING = 10  # writes outpace shipping: cut over with protocol C
+EXIT_TARGET = 11        # the target could not store the data (I/O error, no space)
 
 
 class BmigError(Exception):
@@ -91,6 +95,58 @@ class NotCheckedOut(RequestError):
     wire_code = "not-checked-out"
 
 
+class UnknownExport(RequestError):
+    """The receiver has no target of that name."""
+
+    wire_code = "unknown-export"
+
+
+class TargetBusy(RequestError):
+    """Another session is writing to the target."""
+
+    wire_code = "busy"
+
+
+class LineageError(RequestError):
+    """The target holds data of another lineage."""
+
+    exit_code = EXIT_LINEAGE
+    wire_code = "lineage"
+
+
+class AuthError(BmigError):
+    """Authentication failed."""
+
+    exit_code = EXIT_AUTH
+    wire_code = "auth-failed"
+
+
+class ChecksumMismatch(ProtocolError):
+    """A chunk arrived with a checksum that does not match its data."""
+
+    wire_code = "checksum"
+
+
+class TargetError(BmigError):
+    """The target could not store the data."""
+
+    exit_code = EXIT_TARGET
+    wire_code = "target-io"
+
+
+class TargetFull(TargetError):
+    """The target has no space left."""
+
+    wire_code = "no-space"
+
+
+class NotConverging(BmigError):
+    """The dirty amount stopped shrinking: writes outpace shipping."""
+
+    exit_code = EXIT_NOT_CONVERGING
+    wire_code = "not-converging"
+
+
 class StateError(BmigError):
     """The state directory cannot be used."""
 
@@ -113,8 +169,9 @@ class StateLocked(StateError):
 # Wire code -> class, so a client rebuilds the server's error as the same type.
 _ALL: tuple[type[BmigError], ...] = (
     BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, RequestError,
-    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, StateError, StateWriteError,
-    StateLocked,
+    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, UnknownExport, TargetBusy,
+    LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,
+    StateError, StateWriteError, StateLocked,
 )
 BY_WIRE_CODE: dict[str, type[BmigError]] = {cls.wire_code: cls for cls in _ALL}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from typing import Any
 
 import click
@@ -13,14 +14,15 @@ from bmig import log as bmig_log
 from bmig.cli.common import run
 from bmig.config import load_toml
 from bmig.constants import DEFAULT_CONTROL_SOCKET
-from bmig.errors import ConfigError
+from bmig.errors import BmigError, ConfigError, UnknownDevice
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.layers.track import TrackLayer
-from bmig.nbd.server import Export, Listen, Server
+from bmig.nbd.server import Export, Listen, Server, Tls
 from bmig.tracker.aclient import AsyncTrackerClient
 
 TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level", "track",
-            "export"}
+            "export", "tls", "tls_cert", "tls_key"}
+TLS_MODES = ("require", "on", "off")
 EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
 
 
@@ -46,9 +48,8 @@ def _from_file(path: str) -> dict[str, Any]:
     return values
 
 
-def _open_exports(specs: list[dict[str, Any]], read_only: bool,
-                  tracker: AsyncTrackerClient | None) -> list[Export]:
-    exports: list[Export] = []
+def _open_files(specs: list[dict[str, Any]], read_only: bool) -> list[tuple[dict, FileLayer]]:
+    opened: list[tuple[dict, FileLayer]] = []
     names: set[str] = set()
     for spec in specs:
         name = str(spec.get("name") or spec["device"])
@@ -59,10 +60,67 @@ def _open_exports(specs: list[dict[str, Any]], read_only: bool,
             layer = FileLayer(str(spec["backing"]), read_only or bool(spec.get("read_only")))
         except OSError as exc:
             raise ConfigError(f"cannot open {spec['backing']}: {exc.strerror}") from None
+        opened.append((spec, layer))
+    return opened
+
+
+async def _track(opened: list[tuple[dict, FileLayer]],
+                 tracker: AsyncTrackerClient | None) -> list[Export]:
+    """Put a tracking layer over every writable export; check each against breqd."""
+    exports: list[Export] = []
+    for spec, layer in opened:
+        name = str(spec.get("name") or spec["device"])
+        top = layer
         if tracker is not None and not layer.read_only:
-            layer = TrackLayer(layer, tracker, str(spec["device"]))
-        exports.append(Export(name, layer, str(spec.get("description", ""))))
+            device = str(spec["device"])
+            try:
+                stats = await tracker.stats(device)
+            except UnknownDevice:
+                raise ConfigError(f"breqd does not track a device named {device!r}; add it "
+                                  f"first: bmigrate track add {device} --size-of "
+                                  f"{spec['backing']}") from None
+            if int(stats["size"]) != layer.size:
+                raise ConfigError(f"{device}: breqd tracks {stats['size']} bytes but "
+                                  f"{spec['backing']} has {layer.size}")
+            if tracker.version < 2:
+                raise ConfigError(f"breqd at {tracker.path} is too old (control protocol "
+                                  f"{tracker.version}); bmig-nbd needs version 2")
+            top = TrackLayer(layer, tracker, device, int(stats["chunk_size"]))
+        exports.append(Export(name, top, str(spec.get("description", ""))))
     return exports
+
+
+def _tls(values: dict[str, Any], mode: str | None, cert: str | None,
+         key: str | None) -> Tls | None:
+    cert = cert or values.get("tls_cert")
+    key = key or values.get("tls_key")
+    mode = mode or values.get("tls") or ("require" if cert else "off")
+    if mode not in TLS_MODES:
+        raise ConfigError(f"tls = {mode!r}: expected one of {', '.join(TLS_MODES)}")
+    if mode == "off":
+        return None
+    if not cert:
+        raise ConfigError(f"--tls {mode} needs --tls-cert FILE (and --tls-key FILE)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert}: {exc}") from None
+    return Tls(context, required=mode == "require")
+
+
+async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClient | None,
+                 tls: Tls | None) -> None:
+    try:
+        exports = await _track(opened, tracker)
+    except BmigError:
+        if tracker is not None:
+            await tracker.close()
+        raise
+    server = Server(exports, listen, max_connections,
+                    on_close=tracker.close if tracker else None, tls=tls)
+    await server.run()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,13 +142,20 @@ def _open_exports(specs: list[dict[str, Any]], read_only: bool,
               help="Do not report writes to breqd (for measurements; breaks migration).")
 @click.option("--max-connections", type=click.IntRange(1, 10000), metavar="N",
               help="Connections served at once [default: 64].")
+@click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES),
+              help="TLS: require it, offer it, or not [default: require with --tls-cert, "
+                   "else off].")
+@click.option("--tls-cert", metavar="FILE", help="Server certificate (PEM) for TLS.")
+@click.option("--tls-key", metavar="FILE",
+              help="Private key (PEM) of --tls-cert, if not in the same file.")
 @click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
               help="Least severe message logged [default: info].")
 @click.version_option(__version__, prog_name="bmig-nbd")
 def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, ...],
         export_names: tuple[str, ...], unix: str | None, tcp: str | None,
         control: str | None, read_only: bool | None, no_track: bool | None,
-        max_connections: int | None, log_level: str | None) -> None:
+        max_connections: int | None, tls_mode: str | None, tls_cert: str | None,
+        tls_key: str | None, log_level: str | None) -> None:
     """Serve devices over NBD and mark every write in breqd before it happens."""
     values: dict[str, Any] = _from_file(config_file) if config_file else {}
     if len(devices) != len(backings):
@@ -114,11 +179,10 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
     tracker = (AsyncTrackerClient(control or values.get("control", DEFAULT_CONTROL_SOCKET),
                                   client="bmig-nbd") if track else None)
     ro = bool(read_only if read_only is not None else values.get("read_only", False))
-    exports = _open_exports(specs, ro, tracker)
-    server = Server(exports, listen,
-                    int(max_connections or values.get("max_connections", 64)),
-                    on_close=tracker.close if tracker else None)
-    asyncio.run(server.run())
+    tls = _tls(values, tls_mode, tls_cert, tls_key)
+    opened = _open_files(specs, ro)
+    asyncio.run(_serve(opened, listen, int(max_connections or values.get("max_connections", 64)),
+                       tracker, tls))
 
 
 def main() -> None:

@@ -3,15 +3,20 @@
 Lengths from the client are checked before anything is allocated; the number of options
 is capped; an option the server does not know gets NBD_REP_ERR_UNSUP and the loop goes on.
 Nothing is opened here: the caller gets the chosen export and opens it afterwards.
+
+With TLS configured, NBD_OPT_STARTTLS upgrades the connection in place; with TLS
+required, every option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD until then
+(NBD_OPT_EXPORT_NAME, which cannot be answered with an error, closes the connection).
+What was negotiated before the upgrade is forgotten, as the protocol asks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import ssl
 import struct
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Awaitable, Callable, Mapping
 
 from bmig.errors import ProtocolError
 from bmig.nbd import protocol as p
@@ -47,12 +52,19 @@ class _Invalid(Exception):
 
 
 class Handshake:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 exports: Mapping[str, ExportInfo], peer: str = "?"):
+    def __init__(self, reader, writer, exports: Mapping[str, ExportInfo], peer: str = "?",
+                 tls: ssl.SSLContext | None = None, tls_required: bool = False,
+                 start_tls: Callable[[ssl.SSLContext], Awaitable[None]] | None = None):
+        """``reader`` has ``readexactly``; ``writer`` has ``write`` and ``drain``
+        (asyncio streams, or a bmig.nbd.connection.Connection)."""
         self._r = reader
         self._w = writer
         self._exports = exports
         self._peer = peer
+        self._tls = tls
+        self._tls_required = tls_required and tls is not None
+        self._start_tls = start_tls
+        self.tls_active = False
         self._no_zeroes = False
         self._structured = False
         self._meta_export: str | None = None
@@ -87,13 +99,21 @@ class Handshake:
 
     async def _option(self, opt: int, data: bytes) -> Negotiated | bool | None:
         """Handle one option; a Negotiated ends the loop, False ends it without one."""
+        if opt == p.Opt.STARTTLS and self._tls is not None:
+            return await self._starttls(data)
+        if self._tls_required and not self.tls_active and opt != p.Opt.ABORT:
+            if opt == p.Opt.EXPORT_NAME:
+                raise ProtocolError(f"{self._peer}: NBD_OPT_EXPORT_NAME without TLS, which "
+                                    "this server requires; closing")
+            await self._reply(opt, p.Rep.ERR_TLS_REQD, b"TLS is required: use NBD_OPT_STARTTLS")
+            return None
         if opt == p.Opt.EXPORT_NAME:
             export = self._exports.get(self._resolve(data.decode("utf-8", "replace")))
             if export is None:
                 raise ProtocolError(f"{self._peer}: no export named {data[:64]!r}")
             self._w.write(p.EXPORT_NAME_REPLY.pack(export.size, export.flags))
             if not self._no_zeroes:
-                self._w.write(bytes(124))
+                self._w.write(bytes(p.EXPORT_NAME_PADDING))
             await self._w.drain()
             return Negotiated(export, self._structured, {})
         if opt == p.Opt.ABORT:
@@ -121,6 +141,20 @@ class Handshake:
         await self._reply(opt, p.Rep.ERR_UNSUP, f"{p.name(p.Opt, opt)} unsupported".encode())
         return None
 
+    async def _starttls(self, data: bytes) -> None:
+        if data:
+            raise _Invalid("NBD_OPT_STARTTLS takes no data")
+        if self.tls_active:
+            raise _Invalid("TLS is already active")
+        assert self._tls is not None and self._start_tls is not None
+        await self._reply(p.Opt.STARTTLS, p.Rep.ACK)
+        await self._start_tls(self._tls)
+        self.tls_active = True
+        self._structured = False          # forget what was negotiated in the clear
+        self._meta_export, self._meta = None, {}
+        log.debug("%s: TLS active", self._peer)
+        return None
+
     def _resolve(self, name: str) -> str:
         """The empty name is the default export, the first one configured."""
         if name == "" and self._exports:
@@ -142,8 +176,8 @@ class Handshake:
         await self._reply(opt, p.Rep.INFO,
                           struct.pack(">HQH", p.Info.EXPORT, export.size, export.flags))
         await self._reply(opt, p.Rep.INFO,
-                          struct.pack(">HIII", p.Info.BLOCK_SIZE, p.MIN_BLOCK_SIZE,
-                                      p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD))
+                          p.INFO_TYPE.pack(p.Info.BLOCK_SIZE) + p.BLOCK_SIZES.pack(
+                              p.MIN_BLOCK_SIZE, p.PREFERRED_BLOCK_SIZE, p.MAX_PAYLOAD))
         if p.Info.NAME in wanted:
             await self._reply(opt, p.Rep.INFO, _U16.pack(p.Info.NAME) + export.name.encode())
         if p.Info.DESCRIPTION in wanted and export.description:

@@ -156,6 +156,18 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")     # size, transmission flags (then 12
 REQUEST = struct.Struct(">IHHQQI")           # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")         # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")   # magic, flags, type, cookie, length
+INFO_TYPE = struct.Struct(">H")              # NBD_REP_INFO type; NBD_OPT_GO info request
+BLOCK_SIZES = struct.Struct(">III")          # NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum
+OFFSET_HOLE = struct.Struct(">QI")           # NBD_REPLY_TYPE_OFFSET_HOLE: offset, size
+ERROR_CHUNK = struct.Struct(">IH")           # error chunks: error, message length
+EXTENT = struct.Struct(">II")                # block status descriptor: length, flags
+
+DEFAULT_PORT = 10809                 # IANA port for NBD
+CLISERV_MAGIC = 0x00420281861253     # oldstyle negotiation (not supported)
+EXPORT_NAME_PADDING = 124            # zeroes after NBD_OPT_EXPORT_NAME's reply, unless NO_ZEROES
+REP_ERR_BIT = 1 << 31                # option replies that are errors
+REPLY_TYPE_ERR_BIT = 1 << 15         # structured reply chunks that are errors
+BLOCK_SIZE_NONE = 0xFFFFFFFF         # a maximum block size meaning "no inherent limit"
 
 # -- limits --------------------------------------------------------------------------------
 

@@ -12,12 +12,15 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from bmig import systemd
 from bmig.errors import ProtocolError
 from bmig.nbd import protocol as p
+from bmig.nbd.connection import Connection
 from bmig.nbd.handshake import ExportInfo, Handshake
 from bmig.nbd.layers.base import Layer
 from bmig.nbd.transmission import Transmission
@@ -47,25 +50,36 @@ class Export:
             flags |= p.FLAG_SEND_FAST_ZERO
         if caps.multi_conn:
             flags |= p.FLAG_CAN_MULTI_CONN
-        return ExportInfo(self.name, self.layer.size, flags, self.description)
+        contexts = (p.META_BASE_ALLOCATION,) + self.layer.contexts()
+        return ExportInfo(self.name, self.layer.size, flags, self.description, contexts)
 
 
 @dataclass(frozen=True)
 class Listen:
     unix: str | None = None
     tcp: tuple[str, int] | None = None
+    sock: object | None = None      # a listening socket handed over by systemd
+
+
+@dataclass(frozen=True)
+class Tls:
+    context: ssl.SSLContext
+    required: bool = True
 
 
 class Server:
     def __init__(self, exports: list[Export], listen: list[Listen], max_connections: int = 64,
-                 on_close: Callable[[], Awaitable[None]] | None = None):
+                 on_close: Callable[[], Awaitable[None]] | None = None,
+                 tls: Tls | None = None):
         self._exports = {e.name: e for e in exports}
         self._infos = {e.name: e.info() for e in exports}
         self._listen = listen
         self._max = max_connections
         self._on_close = on_close
+        self._tls = tls
         self._servers: list[asyncio.base_events.Server] = []
-        self._connections: set[asyncio.Task] = set()
+        self._connections: set[Connection] = set()
+        self._lives: set[asyncio.Task] = set()
         self._transmissions: set[Transmission] = set()
         self._stopping = asyncio.Event()
 
@@ -73,20 +87,37 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        for where in self._listen:
-            if where.unix:
-                if os.path.exists(where.unix):
-                    os.unlink(where.unix)
-                self._servers.append(await asyncio.start_unix_server(self._handle, where.unix,
-                                                                    backlog=BACKLOG))
-            elif where.tcp:
-                self._servers.append(await asyncio.start_server(self._handle, *where.tcp,
-                                                               backlog=BACKLOG))
+        await self.start()
         names = ", ".join(self._exports)
-        log.info("serving %s on %s", names, ", ".join(_describe(w) for w in self._listen))
+        log.info("serving %s on %s%s", names, ", ".join(_describe(w) for w in self._listen),
+                 " (TLS)" if self._tls else "")
         systemd.notify("READY=1", f"STATUS=serving {names}")
         await self._stopping.wait()
         await self.stop()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for where in self._listen:
+            if where.sock is not None:
+                if getattr(where.sock, "family", None) == socket.AF_UNIX:
+                    server = await loop.create_unix_server(self._new_connection,
+                                                           sock=where.sock, backlog=BACKLOG)
+                else:
+                    server = await loop.create_server(self._new_connection, sock=where.sock,
+                                                      backlog=BACKLOG)
+            elif where.unix:
+                if os.path.exists(where.unix):
+                    os.unlink(where.unix)
+                server = await loop.create_unix_server(self._new_connection, where.unix,
+                                                       backlog=BACKLOG)
+            else:
+                assert where.tcp is not None
+                server = await loop.create_server(self._new_connection, *where.tcp,
+                                                  backlog=BACKLOG, reuse_address=True)
+            self._servers.append(server)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
 
     async def stop(self) -> None:
         systemd.notify("STOPPING=1")
@@ -95,9 +126,9 @@ class Server:
             server.close()
         for t in list(self._transmissions):
             await t.drain()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        for conn in list(self._connections):
+            conn.close()
+        await asyncio.gather(*self._lives, return_exceptions=True)
         for export in self._exports.values():
             try:
                 await export.layer.flush()
@@ -110,47 +141,58 @@ class Server:
             if where.unix and os.path.exists(where.unix):
                 os.unlink(where.unix)
 
-    async def _handle(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= self._max:
-            log.warning("%s: refused, %d connections already", peer, self._max)
-            writer.close()
+    def _new_connection(self) -> Connection:
+        return Connection(on_made=self._connection_made)
+
+    def _connection_made(self, conn: Connection) -> None:
+        if len(self._connections) >= self._max or self._stopping.is_set():
+            log.warning("%s: refused, %d connections already", conn.peer, self._max)
+            conn.abort()
             return
-        self._connections.add(task)
+        self._connections.add(conn)
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._lives.add(task)
+        task.add_done_callback(self._lives.discard)
+
+    async def _serve(self, conn: Connection) -> None:
+        peer = conn.peer
         try:
-            negotiated = await asyncio.wait_for(
-                Handshake(reader, writer, self._infos, peer).run(), HANDSHAKE_TIMEOUT)
+            tls = self._tls
+            handshake = Handshake(conn, conn, self._infos, peer,
+                                  tls=tls.context if tls else None,
+                                  tls_required=bool(tls and tls.required),
+                                  start_tls=conn.start_tls)
+            negotiated = await asyncio.wait_for(handshake.run(), HANDSHAKE_TIMEOUT)
             if negotiated is None or self._stopping.is_set():
                 return
             name = negotiated.export.name
             log.debug("%s: transmission on %s", peer, name)
-            transmission = Transmission(reader, writer, self._exports[name].layer,
-                                        negotiated, f"{peer} {name}")
+            transmission = Transmission(conn, self._exports[name].layer, negotiated,
+                                        f"{peer} {name}")
             self._transmissions.add(transmission)
+            conn.transmission = transmission
             try:
-                await transmission.run()
+                transmission.process()          # requests sent right after the handshake
+                if conn.is_closing:
+                    transmission.end_of_stream()
+                await asyncio.wait([transmission.finished, conn.closed],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                await transmission.drain()
             finally:
                 self._transmissions.discard(transmission)
         except ProtocolError as exc:
             log.warning("%s", exc.message)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError,
+                ssl.SSLError) as exc:
             log.debug("%s: connection ended: %s", peer, exc or type(exc).__name__)
         except asyncio.CancelledError:
             pass
         finally:
-            self._connections.discard(task)
-            writer.close()
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    name = writer.get_extra_info("peername")
-    if isinstance(name, tuple):
-        return f"{name[0]}:{name[1]}"
-    return f"unix:{writer.get_extra_info('sockname') or '?'}"
+            self._connections.discard(conn)
+            conn.close()
 
 
 def _describe(where: Listen) -> str:
+    if where.sock is not None:
+        return "a socket from systemd"
     return f"unix:{where.unix}" if where.unix else f"tcp:{where.tcp[0]}:{where.tcp[1]}"

@@ -1,9 +1,15 @@
 """Transmission phase: read a request, validate it, run it through the layers, reply.
 
-Requests on one connection run concurrently (NBD allows replies in any order); each reply
-is written in one piece, so replies never interleave. Payload bytes held at once are
-capped per connection. Errors are errnos until the reply is built; ``nbd_error`` is the
-one place that turns them into the NBD error set, after logging the real cause.
+Requests are parsed straight out of the connection's receive buffer. A request the layers
+can finish at once (a read, a write to chunks already held in breqd) is executed and
+answered in the same event-loop turn, and the replies of one turn leave in one write.
+Anything that must wait (a mark in breqd, a flush, a trim) runs as a task and is answered
+when done: NBD allows replies in any order, and each reply is written in one piece, so
+replies never interleave. Payload bytes held by waiting requests are capped per
+connection; past the cap the connection stops reading until some are done.
+
+Errors are errnos until the reply is built; ``nbd_error`` is the one place that turns
+them into the NBD error set, after logging the real cause.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from dataclasses import dataclass
 
 from bmig.errors import ProtocolError
 from bmig.nbd import protocol as p
+from bmig.nbd.connection import Connection
 from bmig.nbd.handshake import Negotiated
 from bmig.nbd.layers.base import Capabilities, Layer
 from bmig.nbd.layers.track import TrackingFailed
 
 log = logging.getLogger("bmig-nbd")
-requests_log = logging.getLogger("bmig-nbd.requests")   # one debug line per accepted request
+requests_log = logging.getLogger("bmig-nbd.requests")   # one debug line per request
 
 _ERRNO_TO_NBD = {
     errno.EPERM: p.Err.EPERM, errno.EROFS: p.Err.EPERM, errno.EACCES: p.Err.EPERM,
@@ -34,8 +41,14 @@ _ERRNO_TO_NBD = {
     errno.ESHUTDOWN: p.Err.ESHUTDOWN,
 }
 _WRITE_LIKE = (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
-_DESCRIPTOR = struct.Struct(">II")
-_DISCARD_STEP = 1024 * 1024
+_OFFSET = struct.Struct(">Q")
+INLINE_PAYLOAD = 128 * 1024    # write payloads up to this are used in the receive buffer
+_HEADER = p.REQUEST.size
+_MAGIC = p.REQUEST_MAGIC
+_WRITE = int(p.Cmd.WRITE)
+_READ = int(p.Cmd.READ)
+_DISC = int(p.Cmd.DISC)
+_FUA = p.CMD_FLAG_FUA
 
 
 class RequestFailed(Exception):
@@ -58,7 +71,7 @@ def nbd_error(exc: BaseException, what: str) -> p.Err:
         error = _ERRNO_TO_NBD.get(exc.errno or 0, p.Err.EIO)
         log.error("%s: %s", what, exc)
         return error
-    log.exception("%s: unexpected failure", what)
+    log.error("%s: unexpected failure", what, exc_info=exc)
     return p.Err.EIO
 
 
@@ -75,75 +88,125 @@ class Request:
 
 
 class Transmission:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 layer: Layer, negotiated: Negotiated, peer: str):
-        self._r = reader
-        self._w = writer
+    def __init__(self, conn: Connection, layer: Layer, negotiated: Negotiated, peer: str):
+        self._conn = conn
         self._layer = layer
         self._caps: Capabilities = layer.capabilities()
         self._size = layer.size
         self._neg = negotiated
+        self._structured = negotiated.structured
         self._peer = peer
         self._tasks: set[asyncio.Task] = set()
-        self._held = 0
-        self._room = asyncio.Condition()
+        self._held = 0                      # payload bytes of requests still running
+        self._discard = 0                   # payload bytes of a refused write to drop
+        self._pending: tuple[Request, bytearray] | None = None   # payload being received
+        self._out = bytearray()             # replies of this turn
+        self._done = False                  # NBD_CMD_DISC, end of stream or broken framing
+        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._trace = requests_log.isEnabledFor(logging.DEBUG)
 
-    async def run(self) -> None:
-        """Serve requests until NBD_CMD_DISC, end of stream or broken framing."""
-        try:
-            while True:
-                try:
-                    header = await self._r.readexactly(p.REQUEST.size)
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
-                        log.warning("%s: connection closed inside a request header",
-                                    self._peer)
-                    return
-                magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(header)
-                if magic != p.REQUEST_MAGIC:
-                    raise ProtocolError(f"{self._peer}: bad request magic {magic:#x}")
-                request = Request(flags, cmd, cookie, offset, length)
-                if cmd == p.Cmd.DISC:
-                    log.debug("%s: NBD_CMD_DISC", self._peer)
-                    return
-                await self._accept(request)
-        finally:
-            await self.drain()
+    # -- reading requests --------------------------------------------------------------
 
-    async def drain(self) -> None:
-        """Wait for every request in flight to finish and be answered."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _accept(self, request: Request) -> None:
-        payload_length = request.length if request.cmd == p.Cmd.WRITE else 0
-        try:
-            self._validate(request)
-        except RequestFailed as exc:
-            if payload_length:
-                await self._discard(payload_length)
-            await self._reply_error(request, nbd_error(exc, f"{self._peer}: "
-                                                             f"{request.describe()}"))
+    def process(self) -> None:
+        """Parse and start every complete request in the receive buffer."""
+        conn = self._conn
+        if self._done or self._pending is not None or conn._reading_paused:
             return
-        holds = payload_length or (request.length if request.cmd == p.Cmd.READ else 0)
-        await self._reserve(holds)
-        data = None
-        if payload_length:
-            data = bytearray(payload_length)
-            view = memoryview(data)
-            got = 0
-            while got < payload_length:     # readexactly would copy; fill in place
-                chunk = await self._r.read(payload_length - got)
-                if not chunk:
-                    await self._release(holds)
-                    raise asyncio.IncompleteReadError(bytes(view[:got]), payload_length)
-                view[got:got + len(chunk)] = chunk
-                got += len(chunk)
-        if requests_log.isEnabledFor(logging.DEBUG):
-            requests_log.debug("%s: %s", self._peer, request.describe())
-        task = asyncio.get_running_loop().create_task(self._run(request, data, holds))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            self._parse(conn)
+        except ProtocolError as exc:
+            log.warning("%s", exc.message)
+            self._finish(abort=True)
+        finally:
+            self._send_out()
+
+    def _parse(self, conn: Connection) -> None:
+        buf, view = conn.buf, conn.view
+        unpack = p.REQUEST.unpack_from
+        while True:
+            start, end = conn.start, conn.end
+            if self._discard:
+                n = min(self._discard, end - start)
+                conn.start += n
+                self._discard -= n
+                if self._discard:
+                    return
+                continue
+            if end - start < _HEADER:
+                return
+            magic, flags, cmd, cookie, offset, length = unpack(buf, start)
+            if magic != _MAGIC:
+                raise ProtocolError(f"{self._peer}: bad request magic {magic:#x}; closing")
+            if cmd == _WRITE:
+                if length <= INLINE_PAYLOAD:
+                    if end - start < _HEADER + length:
+                        return                      # the rest of the payload is coming
+                    conn.start = start + _HEADER + length
+                    self._write(Request(flags, cmd, cookie, offset, length),
+                                view[start + _HEADER:start + _HEADER + length], False)
+                    continue
+                conn.start = start + _HEADER
+                request = Request(flags, cmd, cookie, offset, length)
+                if not self._refuse(request, length):
+                    self._receive_payload(request)
+                if self._pending is not None or self._done:
+                    return
+                continue
+            conn.start = start + _HEADER
+            if cmd == _DISC:
+                log.debug("%s: NBD_CMD_DISC", self._peer)
+                self._finish()
+                return
+            request = Request(flags, cmd, cookie, offset, length)
+            if self._trace:
+                requests_log.debug("%s: %s", self._peer, request.describe())
+            if not self._refuse(request, 0):
+                self._dispatch(request)
+            if conn._reading_paused:
+                return
+
+    def _refuse(self, r: Request, payload: int) -> bool:
+        """Validate; a refused request is answered here (its payload dropped)."""
+        try:
+            self._validate(r)
+        except RequestFailed as exc:
+            if payload:
+                if payload > p.MAX_DISCARD:
+                    raise ProtocolError(f"{self._peer}: refused payload of {payload} bytes "
+                                        "is too large to skip; closing") from None
+                self._discard = payload
+            self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
+            return True
+        return False
+
+    def _receive_payload(self, r: Request) -> None:
+        """A large write: its payload goes from the socket straight into its buffer."""
+        data = bytearray(r.length)
+        self._hold(r.length)
+        self._pending = (r, data)
+        if self._conn.receive_into(memoryview(data)):
+            self._payload_complete()
+
+    def payload_received(self) -> None:
+        """The connection filled the payload buffer (from a later read)."""
+        self._payload_complete()
+        self.process()
+
+    def _payload_complete(self) -> None:
+        assert self._pending is not None
+        r, data = self._pending
+        self._pending = None
+        self._release(r.length)
+        self._write(r, memoryview(data), True)
+
+    def end_of_stream(self) -> None:
+        if self._pending is not None:
+            log.warning("%s: connection closed inside a write payload", self._peer)
+        elif self._conn.pending():
+            log.warning("%s: connection closed inside a request", self._peer)
+        self._finish()
+
+    # -- validation ------------------------------------------------------------------
 
     def _validate(self, r: Request) -> None:
         """Refuse before any work: the layers only ever see valid requests."""
@@ -156,7 +219,7 @@ class Transmission:
             raise RequestFailed(p.Err.EINVAL, "unsupported command")
         if r.flags & ~allowed:
             raise RequestFailed(p.Err.EINVAL, "flag not allowed for this command")
-        if r.flags & p.CMD_FLAG_DF and not self._neg.structured:
+        if r.flags & p.CMD_FLAG_DF and not self._structured:
             raise RequestFailed(p.Err.EINVAL, "NBD_CMD_FLAG_DF needs structured replies")
         if r.flags & p.CMD_FLAG_FAST_ZERO and not self._caps.fast_zero:
             raise RequestFailed(p.Err.EINVAL, "fast zero was not advertised")
@@ -177,118 +240,197 @@ class Transmission:
         if cmd == p.Cmd.BLOCK_STATUS and not self._neg.contexts:
             raise RequestFailed(p.Err.EINVAL, "no meta context was negotiated")
 
-    async def _discard(self, length: int) -> None:
-        """Read and drop a refused payload, bounded; past the bound we cannot resync."""
-        if length > p.MAX_DISCARD:
-            raise ProtocolError(f"{self._peer}: refused payload of {length} bytes is too "
-                                "large to skip; closing")
-        while length:
-            chunk = await self._r.read(min(length, _DISCARD_STEP))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", length)
-            length -= len(chunk)
+    # -- execution -------------------------------------------------------------------
 
-    async def _reserve(self, n: int) -> None:
-        async with self._room:
-            await self._room.wait_for(lambda: self._held == 0
-                                      or self._held + n <= p.MAX_INFLIGHT_BYTES)
-            self._held += n
-
-    async def _release(self, n: int) -> None:
-        async with self._room:
-            self._held -= n
-            self._room.notify_all()
-
-    async def _run(self, r: Request, data: bytearray | None, holds: int) -> None:
-        try:
-            try:
-                await self._execute(r, data)
-            except Exception as exc:     # every failure becomes an NBD error reply
-                await self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            log.debug("%s: client gone before the reply", self._peer)
-        finally:
-            await self._release(holds)
-
-    async def _execute(self, r: Request, data: bytearray | None) -> None:
-        fua = bool(r.flags & p.CMD_FLAG_FUA)
-        cmd = r.cmd
-        if cmd == p.Cmd.READ:
-            buf = bytearray(r.length)
-            await self._layer.read(memoryview(buf), r.offset)
-            await self._reply_read(r, buf)
+    def _write(self, r: Request, data: memoryview, owned: bool) -> None:
+        if self._trace:
+            requests_log.debug("%s: %s", self._peer, r.describe())
+        if self._refuse(r, 0):
             return
-        if cmd == p.Cmd.WRITE:
+        try:
+            if self._layer.write_now(data, r.offset, bool(r.flags & _FUA)):
+                self._reply_ok(r)
+                return
+        except Exception as exc:    # every failure becomes an NBD error reply
+            self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
+            return
+        payload = data if owned else memoryview(bytearray(data))  # the buffer moves on
+        self._start(r, payload, len(payload))
+
+    def _dispatch(self, r: Request) -> None:
+        if r.cmd == _READ:
+            self._read(r)
+            return
+        if r.cmd == p.Cmd.BLOCK_STATUS and all(
+                c == p.META_BASE_ALLOCATION for c in self._neg.contexts.values()):
+            try:
+                self._reply_block_status(r, [self._allocation(r)])
+            except Exception as exc:
+                self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
+            return
+        self._start(r, None, 0)
+
+    def _read(self, r: Request) -> None:
+        head = 8 + p.STRUCTURED_REPLY.size if self._structured else p.SIMPLE_REPLY.size
+        reply = bytearray(head + r.length)
+        try:
+            done = self._layer.read_now(memoryview(reply)[head:], r.offset)
+        except Exception as exc:
+            self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
+            return
+        if not done:
+            self._start(r, None, r.length)
+            return
+        self._fill_read_header(reply, r)
+        self._emit(reply)
+
+    def _start(self, r: Request, data: memoryview | None, holds: int) -> None:
+        self._hold(holds)
+        task = asyncio.get_running_loop().create_task(self._run(r, data, holds))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._done and not self._tasks:
+            self._settle()
+
+    async def _run(self, r: Request, data: memoryview | None, holds: int) -> None:
+        try:
+            await self._execute(r, data)
+        except Exception as exc:     # every failure becomes an NBD error reply
+            self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
+        finally:
+            self._send_out()
+            self._release(holds)
+
+    async def _execute(self, r: Request, data: memoryview | None) -> None:
+        fua = bool(r.flags & _FUA)
+        layer = self._layer
+        cmd = r.cmd
+        if cmd == _READ:
+            head = 8 + p.STRUCTURED_REPLY.size if self._structured else p.SIMPLE_REPLY.size
+            reply = bytearray(head + r.length)
+            await layer.read(memoryview(reply)[head:], r.offset)
+            self._fill_read_header(reply, r)
+            self._emit(reply)
+            return
+        if cmd == _WRITE:
             assert data is not None
-            await self._layer.write(memoryview(data), r.offset, fua)
+            await layer.write(data, r.offset, fua)
         elif cmd == p.Cmd.FLUSH:
-            await self._layer.flush()
+            await layer.flush()
         elif cmd == p.Cmd.TRIM:
-            await self._layer.trim(r.offset, r.length, fua)
+            await layer.trim(r.offset, r.length, fua)
         elif cmd == p.Cmd.WRITE_ZEROES:
-            await self._layer.zero(r.offset, r.length, fua,
-                                   may_trim=not r.flags & p.CMD_FLAG_NO_HOLE,
-                                   fast=bool(r.flags & p.CMD_FLAG_FAST_ZERO))
+            await layer.zero(r.offset, r.length, fua,
+                             may_trim=not r.flags & p.CMD_FLAG_NO_HOLE,
+                             fast=bool(r.flags & p.CMD_FLAG_FAST_ZERO))
         elif cmd == p.Cmd.BLOCK_STATUS:
-            await self._reply_block_status(r)
+            parts = []
+            for context in self._neg.contexts.values():
+                if context == p.META_BASE_ALLOCATION:
+                    parts.append(self._allocation(r))
+                else:
+                    parts.append(self._limit(r, await layer.context_extents(
+                        context, r.offset, r.length)))
+            self._reply_block_status(r, parts)
             return
         else:
             raise RequestFailed(p.Err.EINVAL, "no handler")   # _validate lets none through
-        await self._reply_ok(r)
+        self._reply_ok(r)
+
+    # -- flow control ----------------------------------------------------------------
+
+    def _hold(self, n: int) -> None:
+        self._held += n
+        if self._held > p.MAX_INFLIGHT_BYTES:
+            self._conn.pause_reading("payload")
+
+    def _release(self, n: int) -> None:
+        self._held -= n
+        if self._held <= p.MAX_INFLIGHT_BYTES:
+            self._conn.resume_reading("payload")
+
+    def _finish(self, abort: bool = False) -> None:
+        """No more requests will be read: answer what runs, then end the connection."""
+        if self._done:
+            return
+        self._done = True
+        if abort:
+            self._conn.abort()
+        if not self._tasks:
+            self._settle()
+
+    def _settle(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait for every request in flight to finish and be answered."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # -- replies ---------------------------------------------------------------------
 
-    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Write one reply in one piece (no await inside, so replies never interleave)."""
-        self._w.writelines(parts)
+    def _emit(self, data: bytes | bytearray) -> None:
+        """Queue one whole reply; large ones go out at once, small ones with the turn."""
+        if len(data) >= 64 * 1024:
+            self._send_out()
+            self._conn.write(data)
+        else:
+            self._out += data
 
-    async def _reply_ok(self, r: Request) -> None:
-        if self._neg.structured:
-            self._send(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+    def _send_out(self) -> None:
+        if self._out:
+            self._conn.write(self._out)
+            self._out = bytearray()
+
+    def _fill_read_header(self, reply: bytearray, r: Request) -> None:
+        if self._structured:
+            p.STRUCTURED_REPLY.pack_into(reply, 0, p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                         p.ReplyType.OFFSET_DATA, r.cookie, 8 + r.length)
+            _OFFSET.pack_into(reply, p.STRUCTURED_REPLY.size, r.offset)
+        else:
+            p.SIMPLE_REPLY.pack_into(reply, 0, p.SIMPLE_REPLY_MAGIC, 0, r.cookie)
+
+    def _reply_ok(self, r: Request) -> None:
+        if self._structured:
+            self._emit(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
                                                p.ReplyType.NONE, r.cookie, 0))
         else:
-            self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, r.cookie))
-        await self._w.drain()
+            self._emit(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, r.cookie))
 
-    async def _reply_read(self, r: Request, buf: bytearray) -> None:
-        if self._neg.structured:
-            self._send(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                               p.ReplyType.OFFSET_DATA, r.cookie,
-                                               8 + len(buf)),
-                       r.offset.to_bytes(8, "big"), buf)
-        else:
-            self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, r.cookie), buf)
-        await self._w.drain()
-
-    async def _reply_error(self, r: Request, error: p.Err) -> None:
-        if self._neg.structured:
+    def _reply_error(self, r: Request, error: p.Err) -> None:
+        if self._structured:
             message = p.name(p.Err, error).encode()
-            body = struct.pack(">IH", error, len(message)) + message
-            self._send(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                               p.ReplyType.ERROR, r.cookie, len(body)), body)
+            body = p.ERROR_CHUNK.pack(error, len(message)) + message
+            self._emit(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                               p.ReplyType.ERROR, r.cookie, len(body)) + body)
         else:
-            self._send(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, r.cookie))
-        await self._w.drain()
+            self._emit(p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, error, r.cookie))
 
-    async def _reply_block_status(self, r: Request) -> None:
-        contexts = list(self._neg.contexts.items())
-        for i, (context_id, context) in enumerate(contexts):
-            runs = self._extents(context, r)
-            body = b"".join([context_id.to_bytes(4, "big")]
-                            + [_DESCRIPTOR.pack(n, flags) for n, flags in runs])
+    def _reply_block_status(self, r: Request, parts: list[list[tuple[int, int]]]) -> None:
+        contexts = list(self._neg.contexts)
+        reply = bytearray()
+        for i, (context_id, runs) in enumerate(zip(contexts, parts)):
+            body = context_id.to_bytes(4, "big") + b"".join(
+                p.EXTENT.pack(n, flags) for n, flags in runs)
             last = i == len(contexts) - 1
-            self._send(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC,
-                                               p.REPLY_FLAG_DONE if last else 0,
-                                               p.ReplyType.BLOCK_STATUS, r.cookie, len(body)),
-                       body)
-        await self._w.drain()
+            reply += p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC,
+                                             p.REPLY_FLAG_DONE if last else 0,
+                                             p.ReplyType.BLOCK_STATUS, r.cookie, len(body))
+            reply += body
+        self._emit(reply)
 
-    def _extents(self, context: str, r: Request) -> list[tuple[int, int]]:
-        if context != p.META_BASE_ALLOCATION:
-            raise RequestFailed(p.Err.EINVAL, f"no extents for {context}")
+    def _allocation(self, r: Request) -> list[tuple[int, int]]:
         hole = p.STATE_HOLE | p.STATE_ZERO
-        runs = [(n, hole if is_hole else 0)
-                for n, is_hole in self._layer.extents(r.offset, r.length)][:p.MAX_EXTENTS]
+        return self._limit(r, [(n, hole if is_hole else 0)
+                               for n, is_hole in self._layer.extents(r.offset, r.length)])
+
+    @staticmethod
+    def _limit(r: Request, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        runs = runs[:p.MAX_EXTENTS]
         if r.flags & p.CMD_FLAG_REQ_ONE:
             runs = runs[:1]
         return runs or [(r.length, 0)]

@@ -32,11 +32,14 @@ import bmig.errors
 from bmig.cli.breqd import KEYS as BREQD_KEYS
 from bmig.cli.breqd import breqd
 from bmig.cli.main import cli
+from bmig.cli.nbd import TOP_KEYS as NBD_KEYS
+from bmig.cli.nbd import nbd
 from bmig.errors import BY_WIRE_CODE, BmigError
 
 ROOT = Path(__file__).resolve().parents[2]
 BMIGRATE_PAGE = ROOT / "man" / "bmigrate.1"
 BREQD_PAGE = ROOT / "man" / "breqd.8"
+NBD_PAGE = ROOT / "man" / "bmig-nbd.8"
 CONTROL_DOC = ROOT / "docs" / "control-protocol.md"
 INTERRUPTED = 130  # bmig.cli.common.run: Ctrl-C
 
@@ -161,23 +164,29 @@ def test_every_bmigrate_command_is_in_the_synopsis(path):
         f"man/bmigrate.1: {path} is not in the SYNOPSIS"
 
 
-def test_every_breqd_option_is_documented_and_nothing_else():
-    page = sections(BREQD_PAGE)
-    (_, command, ctx), = BREQD_COMMANDS
+# One page per daemon: (name, click command, page, keys of its --config file).
+DAEMONS = [("breqd", breqd, BREQD_PAGE, BREQD_KEYS), ("bmig-nbd", nbd, NBD_PAGE, NBD_KEYS)]
+
+
+@pytest.mark.parametrize("name,command,page_path,keys", DAEMONS, ids=[d[0] for d in DAEMONS])
+def test_every_daemon_option_is_documented_and_nothing_else(name, command, page_path, keys):
+    page = sections(page_path)
+    (_, command, ctx), = list(walk(command, name))
     own, help_names = options_of(command, ctx)
     missing = sorted(o for o in own | help_names if not mentions(page["OPTIONS"], o))
-    assert not missing, f"man/breqd.8: undocumented option(s) {missing}"
+    assert not missing, f"{page_path.name}: undocumented option(s) {missing}"
     missing = sorted(o for o in own if not mentions(page["SYNOPSIS"], o) and o != "--version")
-    assert not missing, f"man/breqd.8: option(s) missing from the SYNOPSIS {missing}"
+    assert not missing, f"{page_path.name}: option(s) missing from the SYNOPSIS {missing}"
     documented = set().union(*(long_options(tag) for tag in tags(page["OPTIONS"])))
     extra = sorted(documented - own - help_names)
-    assert not extra, f"man/breqd.8 documents options breqd does not have: {extra}"
+    assert not extra, f"{page_path.name} documents options {name} does not have: {extra}"
 
 
-def test_every_breqd_setting_key_is_documented():
-    options = sections(BREQD_PAGE)["OPTIONS"]
-    missing = sorted(key for key in BREQD_KEYS if not mentions(options, key))
-    assert not missing, f"man/breqd.8: --config key(s) not documented: {missing}"
+@pytest.mark.parametrize("name,command,page_path,keys", DAEMONS, ids=[d[0] for d in DAEMONS])
+def test_every_daemon_setting_key_is_documented(name, command, page_path, keys):
+    options = sections(page_path)["OPTIONS"]
+    missing = sorted(key for key in keys if not mentions(options, key))
+    assert not missing, f"{page_path.name}: --config key(s) not documented: {missing}"
 
 
 # -- exit codes -----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, wait_until
 
 TOOL_TIMEOUT = 60
 
@@ -65,3 +66,55 @@ def nbd_server(breqd, tmp_path) -> Iterator[NbdServer]:
     yield server
     assert server.daemon.stop() == 0
     assert not os.path.exists(server.socket)
+
+
+_REQUEST_LINE = re.compile(r"bmig-nbd\.requests: DEBUG: .*: (NBD_CMD_\w+) (\d+)\+(\d+) ")
+WRITE_LIKE = ("NBD_CMD_WRITE", "NBD_CMD_TRIM", "NBD_CMD_WRITE_ZEROES")
+
+
+def logged_requests(log: str) -> list[tuple[str, int, int]]:
+    """(command, offset, length) of every request bmig-nbd logged at debug level."""
+    return [(m.group(1), int(m.group(2)), int(m.group(3)))
+            for m in _REQUEST_LINE.finditer(log)]
+
+
+class NbdFuse:
+    """An export as a file through nbdfuse, on a loop device: a real kernel client."""
+
+    def __init__(self, uri_socket: str, directory: str):
+        self.mountpoint = os.path.join(directory, "fuse")
+        os.makedirs(self.mountpoint, exist_ok=True)
+        pidfile = os.path.join(directory, "nbdfuse.pid")
+        self.proc = subprocess.Popen(["nbdfuse", "-P", pidfile, self.mountpoint,
+                                      "--unix", uri_socket],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.loop: str | None = None
+        wait_until(lambda: os.path.exists(pidfile) or self.proc.poll() is not None,
+                   timeout=30, what="nbdfuse to be ready")
+        if self.proc.poll() is not None:
+            pytest.skip(f"nbdfuse failed: {self.proc.stderr.read().decode().strip()}")
+
+    @property
+    def file(self) -> str:
+        return os.path.join(self.mountpoint, "nbd")
+
+    def attach_loop(self) -> str:
+        done = tool("losetup", "--find", "--show", "--direct-io=on", self.file, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot set up a loop device: {done.stderr.strip()}")
+        self.loop = done.stdout.strip()
+        return self.loop
+
+    def close(self) -> None:
+        if self.loop:
+            tool("losetup", "--detach", self.loop, check=False)
+            self.loop = None
+        if self.proc.poll() is None:
+            tool("fusermount3", "-u", self.mountpoint, check=False)
+            try:
+                self.proc.wait(timeout=TOOL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=TOOL_TIMEOUT)
+        if self.proc.stderr:
+            self.proc.stderr.close()

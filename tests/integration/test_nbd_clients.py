@@ -56,3 +56,18 @@ def test_no_write_reaches_the_backing_when_breqd_is_gone(nbd_server, breqd):
     assert "Input/output error" in result.stdout + result.stderr
     with open(nbd_server.backing, "rb") as f:
         assert f.read(4096) == bytes(4096)
+
+
+def test_the_dirty_bitmap_is_a_meta_context_nbdinfo_can_map(nbd_server, breqd):
+    """qemu:dirty-bitmap:NAME shows what breqd has dirty, as qemu-img and nbdinfo read it."""
+    require("nbdinfo", "qemu-io")
+    chunk = breqd.client().stats("d1")["chunk_size"]
+    context = "qemu:dirty-bitmap:d1"
+    info = json.loads(tool("nbdinfo", "--json", nbd_server.uri).stdout)
+    assert context in info["exports"][0]["contexts"]
+    tool("qemu-io", "-f", "raw", nbd_server.uri, "-c", f"write -P 7 {3 * chunk + 10} 100",
+         "-c", f"write -z {10 * chunk} {2 * chunk}")
+    extents = json.loads(tool("nbdinfo", f"--map={context}", "--json", nbd_server.uri).stdout)
+    dirty = [(e["offset"], e["length"]) for e in extents if e["type"] & 1]
+    assert dirty == [(3 * chunk, chunk), (10 * chunk, 2 * chunk)]
+    assert sum(e["length"] for e in extents) == 64 * MiB

@@ -1,4 +1,9 @@
-"""The tracking layer's order: mark durable, write, mark again, then reply (invariants 1, 2)."""
+"""The tracking layer: mark durable with a hold, write, release later (invariants 1, 2, 4).
+
+A held chunk stays dirty in breqd through any checkout and commit (tests/integration/
+test_breqd_holds.py), so the release after the write is the second mark of invariant 2.
+These tests drive the layer against a fake breqd that records what it is told, in order.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,16 @@ import pytest
 
 from bmig.errors import UnreachableError
 from bmig.nbd.layers.base import Capabilities, Layer
-from bmig.nbd.layers.track import TrackingFailed, TrackLayer
+from bmig.nbd.layers.track import TrackingFailed, TrackLayer, runs_of
+
+CHUNK = 4096
 
 
 class Recorder(Layer):
     def __init__(self, events: list[str]):
         super().__init__(None)
         self.events = events
+        self.gate: asyncio.Event | None = None     # set by a test to hold writes back
 
     @property
     def size(self) -> int:
@@ -23,7 +31,15 @@ class Recorder(Layer):
     def capabilities(self) -> Capabilities:
         return Capabilities(True, True, True, True, True)
 
+    def write_now(self, data, offset, fua):
+        if self.gate is not None:
+            return False
+        self.events.append(f"write {offset}+{len(data)}")
+        return True
+
     async def write(self, data, offset, fua):
+        if self.gate is not None:
+            await self.gate.wait()
         self.events.append(f"write {offset}+{len(data)}")
 
     async def trim(self, offset, length, fua):
@@ -34,18 +50,38 @@ class Recorder(Layer):
 
 
 class FakeTracker:
+    """breqd as the layer sees it: a session number, marks with holds, releases."""
+
     def __init__(self, events: list[str], fail: bool = False):
         self.events = events
         self.fail = fail
+        self.session = 1
+        self.connected = True
 
-    async def mark(self, device, ranges):
+    async def mark(self, device, ranges, hold=False):
         await asyncio.sleep(0)      # durable only after a round trip
         if self.fail:
             raise UnreachableError("breqd is gone")
-        self.events.append(f"mark {ranges}")
+        self.events.append(f"{'hold' if hold else 'mark'} {ranges}")
+        return self.session
 
     async def mark_completed(self, device, ranges):
-        self.events.append(f"again {ranges}")
+        self.events.append(f"release {ranges}")
+
+    def lose_connection(self):
+        self.session += 1
+
+
+def make(events, **kw):
+    tracker = FakeTracker(events, **kw)
+    return TrackLayer(Recorder(events), tracker, "d", CHUNK, idle=3600), tracker
+
+
+def sweep(layer: TrackLayer) -> None:
+    """Two turns of the idle timer: the first forgets what was written, the second
+    lets go of what was not written since."""
+    layer._release()
+    layer._release()
 
 
 @pytest.mark.parametrize("call, done", [
@@ -53,19 +89,106 @@ class FakeTracker:
     (lambda l: l.trim(5, 10, False), "trim 5+10"),
     (lambda l: l.zero(5, 10, False, True, False), "zero 5+10"),
 ])
-def test_mark_durable_then_write_then_mark_again(call, done):
+def test_hold_durable_then_write_then_release_after_it(call, done):
     events: list[str] = []
-    layer = TrackLayer(Recorder(events), FakeTracker(events), "d")
-    asyncio.run(call(layer))
-    assert events == ["mark [(5, 10)]", done, "again [(5, 10)]"]
+    layer, _ = make(events)
+
+    async def main():
+        await call(layer)
+        assert events == ["hold [(5, 10)]", done]
+        sweep(layer)                       # idle for a sweep: the chunk is let go
+        await asyncio.sleep(0)             # the release is sent
+        await layer.close()
+
+    asyncio.run(main())
+    assert events == ["hold [(5, 10)]", done, f"release [(0, {CHUNK})]"]
+
+
+def test_a_write_to_a_held_chunk_needs_no_message_to_breqd():
+    events: list[str] = []
+    layer, _ = make(events)
+
+    async def main():
+        await layer.write(memoryview(b"a" * 100), 0, False)
+        assert layer.write_now(memoryview(b"b" * 100), 200, False)
+        assert not layer.write_now(memoryview(b"c" * 100), CHUNK, False)   # not held
+        await layer.close()
+
+    asyncio.run(main())
+    assert events == ["hold [(0, 100)]", "write 0+100", "write 200+100"]
 
 
 def test_a_failed_mark_fails_the_request_and_writes_nothing():
     events: list[str] = []
-    layer = TrackLayer(Recorder(events), FakeTracker(events, fail=True), "d")
+    layer, _ = make(events, fail=True)
     with pytest.raises(TrackingFailed):
         asyncio.run(layer.write(memoryview(b"x"), 0, False))
     assert events == []
+    assert not layer.held
+
+
+def test_a_hold_lost_during_the_write_is_marked_again_before_the_reply():
+    """breqd restarted while the write ran: a sender may have committed the chunk."""
+    events: list[str] = []
+    layer, tracker = make(events)
+
+    async def main():
+        recorder = layer.inner
+        recorder.gate = asyncio.Event()
+        write = asyncio.ensure_future(layer.write(memoryview(b"x" * 10), 0, False))
+        while not layer.held:
+            await asyncio.sleep(0)
+        tracker.lose_connection()
+        recorder.gate.set()
+        await write
+        assert not layer.write_now(memoryview(b"y"), 0, False)   # the hold is gone
+        await layer.close()
+
+    asyncio.run(main())
+    assert events == ["hold [(0, 10)]", "write 0+10", "mark [(0, 10)]"]
+
+
+def test_a_chunk_is_never_released_while_a_write_to_it_runs():
+    events: list[str] = []
+    layer, _ = make(events)
+
+    async def main():
+        recorder = layer.inner
+        recorder.gate = asyncio.Event()
+        write = asyncio.ensure_future(layer.write(memoryview(b"x" * 10), 0, False))
+        for _ in range(3):
+            sweep(layer)
+        await asyncio.sleep(0)
+        assert not any(e.startswith("release") for e in events)
+        recorder.gate.set()
+        await write
+        sweep(layer)
+        await asyncio.sleep(0)
+        await layer.close()
+
+    asyncio.run(main())
+    assert events == ["hold [(0, 10)]", "write 0+10", f"release [(0, {CHUNK})]"]
+
+
+def test_past_the_hold_limit_the_oldest_chunks_are_released():
+    events: list[str] = []
+    tracker = FakeTracker(events)
+    layer = TrackLayer(Recorder(events), tracker, "d", CHUNK, hold_limit=2, idle=60)
+
+    async def main():
+        for i in range(3):
+            await layer.write(memoryview(b"x"), i * CHUNK, False)
+        assert len(layer.held) <= 2
+        await asyncio.sleep(0)
+        await layer.close()
+
+    asyncio.run(main())
+    assert any(e.startswith("release") for e in events)
+
+
+def test_runs_of_chunks():
+    assert runs_of([5, 1, 2, 3, 9]) == [(1, 4), (5, 6), (9, 10)]
+    assert runs_of([]) == []
 
 
 def test_a_layer_must_handle_every_write_like_command():
@@ -75,3 +198,12 @@ def test_a_layer_must_handle_every_write_like_command():
 
     with pytest.raises(TypeError):
         Forgetful(None)
+
+
+def test_write_now_is_refused_by_default_so_a_layer_sees_every_write():
+    class Passing(Layer):
+        async def write(self, data, offset, fua): ...
+        async def trim(self, offset, length, fua): ...
+        async def zero(self, offset, length, fua, may_trim, fast): ...
+
+    assert Passing(Recorder([])).write_now(memoryview(b"x"), 0, False) is False

@@ -3,6 +3,12 @@
 A layer passes reads, flushes and block status through to the next one by default. The
 write-like commands (WRITE, TRIM, WRITE_ZEROES) have no default: a layer that forgot one
 would let a write slip past it, so each layer must handle each of them by name.
+
+Reads and writes also have a synchronous fast path, ``read_now`` and ``write_now``: done
+at once, returning True, or refused with False, in which case the caller uses the async
+method. ``write_now`` defaults to False, so a layer that does not know it still sees every
+write through its own ``write``. The fast path is what keeps small requests cheap: no
+task, no await, the reply written in the same event-loop turn as the request was read.
 """
 
 from __future__ import annotations
@@ -42,12 +48,32 @@ class Layer(abc.ABC):
         """Fill ``buf`` with the bytes at ``offset``."""
         await self._next().read(buf, offset)
 
+    def read_now(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` at once if this layer can; False means: use ``read``."""
+        return self._next().read_now(buf, offset)
+
+    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
+        """Write at once if this layer can; False means: use ``write``. ``data`` is only
+        valid during the call."""
+        return False
+
     async def flush(self) -> None:
         await self._next().flush()
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """(length, is_hole) runs covering at least the first byte of the range."""
         return self._next().extents(offset, length)
+
+    def contexts(self) -> tuple[str, ...]:
+        """Meta contexts beyond base:allocation that this chain can answer."""
+        return self.inner.contexts() if self.inner is not None else ()
+
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]:
+        """(length, flags) runs of a meta context from ``contexts``."""
+        if self.inner is None:
+            raise KeyError(context)
+        return await self.inner.context_extents(context, offset, length)
 
     async def close(self) -> None:
         if self.inner is not None:

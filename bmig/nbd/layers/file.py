@@ -9,24 +9,11 @@ which is what NBD_FLAG_CAN_MULTI_CONN promises.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 
+from bmig.blockdev import data_runs, punch_hole, size_of_fd, write_zeros
 from bmig.nbd.layers.base import Capabilities, Layer
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_ZERO_BUFFER = bytes(1024 * 1024)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class FileLayer(Layer):
@@ -35,7 +22,7 @@ class FileLayer(Layer):
         self.path = path
         self.read_only = read_only
         self._fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        self._size = size_of_fd(self._fd)
         self._can_punch = True
 
     @property
@@ -48,18 +35,31 @@ class FileLayer(Layer):
                             fast_zero=writable, multi_conn=True)
 
     async def read(self, buf: memoryview, offset: int) -> None:
+        self.read_now(buf, offset)
+
+    def read_now(self, buf: memoryview, offset: int) -> bool:
         done = 0
         while done < len(buf):
             n = os.preadv(self._fd, [buf[done:]], offset + done)
             if n == 0:   # a file shorter than it was: the rest reads as zeros
                 buf[done:] = bytes(len(buf) - done)
-                return
+                return True
             done += n
+        return True
 
-    async def write(self, data: memoryview, offset: int, fua: bool) -> None:
-        done = 0
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        done = os.pwrite(self._fd, data, offset)
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], offset + done)
+
+    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
+        if fua:
+            return False
+        self._pwrite(data, offset)
+        return True
+
+    async def write(self, data: memoryview, offset: int, fua: bool) -> None:
+        self._pwrite(data, offset)
         if fua:
             await self.flush()
 
@@ -74,7 +74,7 @@ class FileLayer(Layer):
                    fast: bool) -> None:
         if self._can_punch and may_trim:
             try:
-                _punch_hole(self._fd, offset, length)
+                punch_hole(self._fd, offset, length)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV):
                     raise
@@ -85,36 +85,13 @@ class FileLayer(Layer):
                 return
         if fast:
             raise OSError(errno.ENOTSUP, "no fast way to zero this range")
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZERO_BUFFER), end - offset)
-            await self.write(memoryview(_ZERO_BUFFER)[:n], offset, False)
-            offset += n
+        write_zeros(self._fd, offset, length)
         if fua:
             await self.flush()
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """Data and hole runs from SEEK_DATA/SEEK_HOLE; all data where unsupported."""
-        end = offset + length
-        runs: list[tuple[int, bool]] = []
-        try:
-            while offset < end:
-                try:
-                    data = os.lseek(self._fd, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno != errno.ENXIO:   # ENXIO: only a hole up to the end
-                        raise
-                    data = self._size
-                if data > offset:
-                    runs.append((min(data, end) - offset, True))
-                    offset = min(data, end)
-                    continue
-                hole = min(os.lseek(self._fd, offset, os.SEEK_HOLE), end)
-                runs.append((hole - offset, False))
-                offset = hole
-        except OSError:
-            return [(end - offset, False)] if not runs else runs
-        return runs
+        return data_runs(self._fd, offset, length)
 
     async def close(self) -> None:
         os.close(self._fd)

@@ -1,56 +1,221 @@
-"""The tracking layer: every write-like command is marked in breqd around the write.
+"""The tracking layer: every write-like command is marked in breqd before the write.
 
-Order for WRITE, TRIM and WRITE_ZEROES (invariants 1, 2 and 4): mark the byte range
-durable in breqd, then pass the request on, then mark it again as completed. If the first
-mark fails for any reason the request fails and the source is never touched.
+For WRITE, TRIM and WRITE_ZEROES (invariants 1, 2 and 4) the chunks the request touches
+are marked durable in breqd, with a hold, before the request goes on. A held chunk stays
+dirty in breqd whatever a sender checks out and commits, until this layer releases it, so
+a sender that read the chunk before the write landed ships it again. That is the second
+mark of invariant 2, taken in advance: it covers the write even if this process dies
+before it could say "done".
+
+The layer keeps the chunks it holds, like DRBD's activity log: a write to chunks already
+held needs no message to breqd at all, which is what makes the fast path fast. Chunks not
+written for ``idle`` seconds, or the oldest ones beyond ``hold_limit``, are released with
+MARK_COMPLETED (a mark again, then the hold goes), never while a write to them runs.
+
+Holds belong to the breqd connection. When it is lost they are gone: the set is emptied,
+the next write marks again, and a write that was running while the connection changed is
+marked again after it completed, before its reply. If breqd cannot be reached or a mark
+fails, the request fails with EIO and the source is not touched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter
 from typing import Awaitable, Callable, Protocol
 
 from bmig.errors import BmigError
+from bmig.nbd import protocol as p
 from bmig.nbd.layers.base import Layer
 
 log = logging.getLogger("bmig-nbd")
 
+Ranges = list[tuple[int, int]]
+
+DEFAULT_HOLD_LIMIT = 16384        # chunks held at once (1 GiB at 64 KiB chunks)
+DEFAULT_HOLD_IDLE = 1.0           # seconds without a write before a chunk is let go
+DIRTY = 1                         # qemu:dirty-bitmap extent flag
+
 
 class Tracker(Protocol):
-    async def mark(self, device: str, ranges: list[tuple[int, int]]) -> None: ...
-    async def mark_completed(self, device: str, ranges: list[tuple[int, int]]) -> None: ...
+    session: int
+    connected: bool
+
+    async def mark(self, device: str, ranges: Ranges, hold: bool = False) -> None: ...
+    async def mark_completed(self, device: str, ranges: Ranges) -> None: ...
+    async def query(self, device: str, offset: int,
+                    length: int) -> tuple[Ranges, int]: ...
 
 
 class TrackingFailed(Exception):
     """breqd could not record the range: the request must fail with NBD_EIO."""
 
 
+def runs_of(chunks: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as (first, end) runs."""
+    runs: list[tuple[int, int]] = []
+    for c in sorted(chunks):
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
 class TrackLayer(Layer):
-    def __init__(self, inner: Layer, tracker: Tracker, device: str):
+    def __init__(self, inner: Layer, tracker: Tracker, device: str, chunk_size: int,
+                 hold_limit: int = DEFAULT_HOLD_LIMIT, idle: float = DEFAULT_HOLD_IDLE):
         super().__init__(inner)
         self.tracker = tracker
         self.device = device
+        self.chunk_size = chunk_size
+        self.hold_limit = max(1, hold_limit)
+        self.idle = idle
+        self.held: set[int] = set()          # chunks held under ``self._session``
+        self._touched: set[int] = set()      # held chunks written since the last sweep
+        self._busy: Counter[int] = Counter()  # chunks with an async request running
+        self._session = -1
+        self._unrecorded: Ranges = []         # written, but the mark again failed
+        self._sweeper: asyncio.Task | None = None
 
-    async def _tracked(self, offset: int, length: int,
-                       action: Callable[[], Awaitable[None]]) -> None:
-        ranges = [(offset, length)]
+    # -- holds -----------------------------------------------------------------------
+
+    def _span(self, offset: int, length: int) -> range:
+        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+
+    def _holds_valid(self) -> bool:
+        """True while the holds in ``held`` are still breqd's; empties them otherwise."""
+        tracker = self.tracker
+        if tracker.connected and tracker.session == self._session:
+            return True
+        if self.held:
+            log.info("%s: breqd connection changed; %d held chunks forgotten", self.device,
+                     len(self.held))
+        self.held.clear()
+        self._touched.clear()
+        self._session = tracker.session
+        return False
+
+    def _holds_all(self, chunks: range) -> bool:
+        held = self.held
+        if len(chunks) == 1:
+            return chunks[0] in held
+        return all(c in held for c in chunks)
+
+    async def _acquire(self, offset: int, length: int) -> int:
+        """Hold every chunk of the range (durably marked); returns the hold's session."""
+        chunks = self._span(offset, length)
+        if self._holds_valid() and self._holds_all(chunks):
+            self._touched.update(chunks)
+            return self._session
+        earlier = len(self._unrecorded)
+        ranges = self._unrecorded[:earlier] + [(offset, length)]
         try:
-            await self.tracker.mark(self.device, ranges)
+            session = await self.tracker.mark(self.device, ranges, hold=True)
         except BmigError as exc:
             raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} dirty: "
                                  f"{exc.message}") from None
-        await action()
-        # A sender may have checked the range out while the write ran: without the second
-        # mark it could commit the old data. One retry covers a reconnect to breqd.
+        del self._unrecorded[:earlier]
+        self._holds_valid()              # a new connection answered: start afresh
+        if session != self._session:     # ... and has been lost since: hold nothing
+            return session
+        for range_offset, range_length in ranges:
+            self.held.update(self._span(range_offset, range_length))
+        self._touched.update(chunks)
+        if len(self.held) > self.hold_limit:
+            self._release(over_limit=True)
+        self._ensure_sweeper()
+        return session
+
+    async def _tracked(self, offset: int, length: int,
+                       action: Callable[[], Awaitable[None]]) -> None:
+        session = await self._acquire(offset, length)
+        chunks = self._span(offset, length)
+        busy = self._busy
+        for c in chunks:
+            busy[c] += 1
+        try:
+            await action()
+        finally:
+            for c in chunks:
+                busy[c] -= 1
+                if not busy[c]:
+                    del busy[c]
+            self._touched.update(chunks)
+        if session != self.tracker.session:
+            await self._mark_again(offset, length)
+
+    async def _mark_again(self, offset: int, length: int) -> None:
+        """The hold was lost while the write ran: a sender may have committed the chunk
+        since, so mark it again now (invariant 2). One retry covers a reconnect."""
         for attempt in (1, 2):
             try:
-                await self.tracker.mark_completed(self.device, ranges)
+                await self.tracker.mark(self.device, [(offset, length)])
                 return
             except BmigError as exc:
-                log.warning("%s: second mark of %d+%d failed (attempt %d): %s",
-                            self.device, offset, length, attempt, exc.message)
+                log.warning("%s: mark again of %d+%d failed (attempt %d): %s", self.device,
+                            offset, length, attempt, exc.message)
+        self._unrecorded.append((offset, length))
+        log.error("%s: %d+%d was written but breqd could not be told again; it is marked "
+                  "with the next write that reaches breqd", self.device, offset, length)
         raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} again after "
                              "the write")
+
+    def _release(self, over_limit: bool = False) -> None:
+        """Let go of held chunks not written lately (and the oldest if over the limit)."""
+        if not self._holds_valid():
+            return
+        busy, touched = self._busy, self._touched
+        victims = [c for c in self.held if c not in touched and c not in busy]
+        if over_limit and len(self.held) - len(victims) > self.hold_limit:
+            victims = [c for c in self.held if c not in busy]
+        if not over_limit:
+            touched.clear()
+        if not victims:
+            return
+        self.held.difference_update(victims)
+        ranges = [(first * self.chunk_size, (end - first) * self.chunk_size)
+                  for first, end in runs_of(victims)]
+        ranges[-1] = (ranges[-1][0], min(ranges[-1][1], self.size - ranges[-1][0]))
+        asyncio.get_running_loop().create_task(self._send_release(ranges))
+
+    async def _send_release(self, ranges: Ranges) -> None:
+        for start in range(0, len(ranges), 65536):
+            try:
+                await self.tracker.mark_completed(self.device, ranges[start:start + 65536])
+            except BmigError as exc:   # the holds end with the connection anyway
+                log.debug("%s: release failed: %s", self.device, exc.message)
+                return
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while self.held:
+            await asyncio.sleep(self.idle / 2)
+            self._release()
+
+    # -- requests --------------------------------------------------------------------
+
+    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
+        # The hot path of the whole proxy, hence written out: a write inside one chunk
+        # held on the current breqd connection goes straight on, with no message.
+        if self.tracker.session != self._session:     # a lost connection changes it too
+            return False
+        cs = self.chunk_size
+        first = offset // cs
+        if (offset + len(data) - 1) // cs == first:
+            if first not in self.held or not self.inner.write_now(data, offset, fua):
+                return False
+            self._touched.add(first)
+            return True
+        chunks = self._span(offset, len(data))
+        if not self._holds_all(chunks) or not self.inner.write_now(data, offset, fua):
+            return False
+        self._touched.update(chunks)
+        return True
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> None:
         await self._tracked(offset, len(data), lambda: self._next().write(data, offset, fua))
@@ -62,3 +227,39 @@ class TrackLayer(Layer):
                    fast: bool) -> None:
         await self._tracked(offset, length,
                             lambda: self._next().zero(offset, length, fua, may_trim, fast))
+
+    # -- the dirty bitmap as a meta context --------------------------------------------
+
+    @property
+    def dirty_context(self) -> str:
+        return p.META_DIRTY_BITMAP_PREFIX + self.device
+
+    def contexts(self) -> tuple[str, ...]:
+        return (self.dirty_context,) + super().contexts()
+
+    async def context_extents(self, context: str, offset: int,
+                              length: int) -> list[tuple[int, int]]:
+        if context != self.dirty_context:
+            return await super().context_extents(context, offset, length)
+        try:
+            runs, end = await self.tracker.query(self.device, offset, length)
+        except BmigError as exc:
+            raise TrackingFailed(f"{self.device}: cannot read the dirty bitmap: "
+                                 f"{exc.message}") from None
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        for run_offset, run_length in runs:
+            start, stop = max(run_offset, offset), min(run_offset + run_length, end)
+            if start > pos:
+                extents.append((start - pos, 0))
+            if stop > start:
+                extents.append((stop - start, DIRTY))
+                pos = stop
+        if end > pos:
+            extents.append((end - pos, 0))
+        return extents
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await super().close()
