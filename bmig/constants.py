@@ -29,6 +29,8 @@ MAX_HELD_RUNS = 1 << 18
 DEFAULT_STATE_DIR = "/var/lib/bmig"
 DEFAULT_CONFIG_DIR = "/etc/bmig/devices.d"
 DEFAULT_CONTROL_SOCKET = "/run/bmig/breqd.sock"
+DEFAULT_RECEIVER_STATE_DIR = "/var/lib/bmig/targets"
+DEFAULT_RECEIVER_CONFIG = "/etc/bmig/breceive.toml"
 
 assert MIN_CHUNK_SIZE <= DEFAULT_CHUNK_SIZE <= MAX_CHUNK_SIZE
 assert 16 + MAX_CONTROL_JSON + 16 * MAX_RANGES_PER_FRAME <= MAX_CONTROL_FRAME

@@ -42,3 +42,28 @@ def watchdog_interval() -> float | None:
     except ValueError:
         return None
     return value / 2e6 if value > 0 else None
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_sockets() -> list[socket.socket]:
+    """Listening sockets handed over by systemd (LISTEN_FDS, LISTEN_PID), or none.
+
+    The variables are removed so that children do not take the sockets for theirs.
+    """
+    pid = os.environ.get("LISTEN_PID")
+    count = os.environ.get("LISTEN_FDS")
+    if not count or (pid and pid != str(os.getpid())):
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    try:
+        n = int(count)
+    except ValueError:
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets

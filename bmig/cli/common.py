@@ -83,6 +83,17 @@ def size_of(path: str) -> int:
         os.close(fd)
 
 
+def host_port(value: str, option: str, default_host: str = "0.0.0.0",
+              any_port: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; an empty host means every address);
+    with ``any_port``, port 0 asks for any free one."""
+    host, sep, port = str(value).rpartition(":")
+    low = 0 if any_port else 1
+    if not sep or not port.isdigit() or not low <= int(port) < 65536:
+        raise ConfigError(f"{option} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:10810")
+    return host.strip("[]") or default_host, int(port)
+
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

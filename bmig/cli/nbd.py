@@ -11,7 +11,7 @@ import click
 
 from bmig import __version__
 from bmig import log as bmig_log
-from bmig.cli.common import run
+from bmig.cli.common import host_port, run
 from bmig.config import load_toml
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import BmigError, ConfigError, UnknownDevice
@@ -24,13 +24,6 @@ TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level
             "export", "tls", "tls_cert", "tls_key"}
 TLS_MODES = ("require", "on", "off")
 EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
-
-
-def _tcp(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--tcp {value!r}: expected HOST:PORT, e.g. 127.0.0.1:10809")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _from_file(path: str) -> dict[str, Any]:
@@ -173,7 +166,7 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
     if not unix and not tcp:
         raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT")
     listen = ([Listen(unix=os.path.abspath(unix))] if unix else []) + \
-             ([Listen(tcp=_tcp(str(tcp)))] if tcp else [])
+             ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
     bmig_log.setup(str(log_level or values.get("log_level", "info")))
     track = not (no_track if no_track is not None else not values.get("track", True))
     tracker = (AsyncTrackerClient(control or values.get("control", DEFAULT_CONTROL_SOCKET),

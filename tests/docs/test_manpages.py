@@ -32,6 +32,8 @@ import bmig.errors
 from bmig.cli.breqd import KEYS as BREQD_KEYS
 from bmig.cli.breqd import breqd
 from bmig.cli.main import cli
+from bmig.cli.breceive import KEYS as BRECEIVE_KEYS
+from bmig.cli.breceive import breceive
 from bmig.cli.nbd import TOP_KEYS as NBD_KEYS
 from bmig.cli.nbd import nbd
 from bmig.errors import BY_WIRE_CODE, BmigError
@@ -40,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BMIGRATE_PAGE = ROOT / "man" / "bmigrate.1"
 BREQD_PAGE = ROOT / "man" / "breqd.8"
 NBD_PAGE = ROOT / "man" / "bmig-nbd.8"
+BRECEIVE_PAGE = ROOT / "man" / "breceive.8"
 CONTROL_DOC = ROOT / "docs" / "control-protocol.md"
+WIRE_DOC = ROOT / "docs" / "wire-protocol.md"
 INTERRUPTED = 130  # bmig.cli.common.run: Ctrl-C
 
 _FONT = re.compile(r"\\f(\[[^\]]*\]|\(..|.)")
@@ -165,7 +169,8 @@ def test_every_bmigrate_command_is_in_the_synopsis(path):
 
 
 # One page per daemon: (name, click command, page, keys of its --config file).
-DAEMONS = [("breqd", breqd, BREQD_PAGE, BREQD_KEYS), ("bmig-nbd", nbd, NBD_PAGE, NBD_KEYS)]
+DAEMONS = [("breqd", breqd, BREQD_PAGE, BREQD_KEYS), ("bmig-nbd", nbd, NBD_PAGE, NBD_KEYS),
+           ("breceive", breceive, BRECEIVE_PAGE, BRECEIVE_KEYS)]
 
 
 @pytest.mark.parametrize("name,command,page_path,keys", DAEMONS, ids=[d[0] for d in DAEMONS])
@@ -266,10 +271,10 @@ def test_every_error_of_bmig_errors_can_be_rebuilt_from_its_wire_code():
     assert not missing, f"not in bmig.errors.BY_WIRE_CODE: {missing}"
 
 
-def test_every_wire_code_is_in_the_control_protocol_doc():
-    text = CONTROL_DOC.read_text()
+def test_every_wire_code_is_in_a_protocol_doc():
+    text = CONTROL_DOC.read_text() + WIRE_DOC.read_text()
     missing = sorted(code for code in BY_WIRE_CODE if f"`{code}`" not in text)
-    assert not missing, f"docs/control-protocol.md lacks wire code(s) {missing}"
+    assert not missing, f"docs/control-protocol.md and wire-protocol.md lack {missing}"
 
 
 # -- JSON output ----------------------------------------------------------------------
@@ -282,8 +287,28 @@ def test_every_status_field_is_in_json_output(tmp_path):
         device = TrackedDevice(DeviceDefinition("d", 1 << 20, 4096, 1), str(tmp_path), executor)
         fields = set(device.stats())
         device.bitmap.close(clean=True)
-    documented = set(tags(sections(BMIGRATE_PAGE)["JSON OUTPUT"]))
+    lines = sections(BMIGRATE_PAGE)["JSON OUTPUT"]
+    status_part = lines[:next((i for i, line in enumerate(lines) if line.startswith(".SS")),
+                              len(lines))]
+    documented = set(tags(status_part))
     missing = sorted(fields - documented)
     assert not missing, f"man/bmigrate.1 JSON OUTPUT lacks field(s) {missing}"
     extra = sorted(documented - fields)
     assert not extra, f"man/bmigrate.1 JSON OUTPUT documents unknown field(s) {extra}"
+
+
+def test_every_migration_file_key_is_documented():
+    from bmig.cli.sync import KEYS
+
+    section = sections(BMIGRATE_PAGE)["MIGRATION FILES"]
+    missing = sorted(key for key in KEYS if not mentions(section, key))
+    assert not missing, f"man/bmigrate.1 MIGRATION FILES lacks {missing}"
+
+
+def test_every_summary_field_is_in_json_output():
+    from bmig.sender.converge import Summary
+
+    fields = set(Summary("d", "t").to_json()) - {"event"}
+    text = "\n".join(sections(BMIGRATE_PAGE)["JSON OUTPUT"])
+    missing = sorted(f for f in fields if not mentions(text.splitlines(), f))
+    assert not missing, f"man/bmigrate.1 JSON OUTPUT lacks summary field(s) {missing}"

@@ -33,7 +33,7 @@ log = logging.getLogger("bmig-nbd")
 
 Ranges = list[tuple[int, int]]
 
-DEFAULT_HOLD_LIMIT = 16384        # chunks held at once (1 GiB at 64 KiB chunks)
+DEFAULT_HOLD_LIMIT = 65536        # chunks held at once (4 GiB at 64 KiB chunks)
 DEFAULT_HOLD_IDLE = 1.0           # seconds without a write before a chunk is let go
 DIRTY = 1                         # qemu:dirty-bitmap extent flag
 
@@ -167,10 +167,17 @@ class TrackLayer(Layer):
         if not self._holds_valid():
             return
         busy, touched = self._busy, self._touched
-        victims = [c for c in self.held if c not in touched and c not in busy]
-        if over_limit and len(self.held) - len(victims) > self.hold_limit:
-            victims = [c for c in self.held if c not in busy]
-        if not over_limit:
+        if over_limit:
+            # Down to 7/8 of the limit, chunks not written lately first: releasing more
+            # would only mean marking them again at the next write.
+            want = len(self.held) - self.hold_limit + self.hold_limit // 8
+            victims = [c for c in self.held if c not in touched and c not in busy][:want]
+            if len(victims) < want:
+                chosen = set(victims)
+                victims += [c for c in self.held
+                            if c not in busy and c not in chosen][:want - len(victims)]
+        else:
+            victims = [c for c in self.held if c not in touched and c not in busy]
             touched.clear()
         if not victims:
             return

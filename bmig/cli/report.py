@@ -1,0 +1,145 @@
+"""How a migration shows itself: a progress bar on a terminal, one line per pass
+otherwise, JSON event lines with --json.
+
+stdout carries results (the --json event lines, the final summary); stderr carries
+progress and log lines, so ``bmigrate sync --json | jq`` sees only JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from bmig.cli.common import human_bytes
+from bmig.sender.converge import Reporter, Summary
+from bmig.sender.passes import PassResult
+
+PROGRESS_EVERY = 1.0       # seconds between JSON progress events
+
+
+def rate(n: float) -> str:
+    return f"{human_bytes(int(n))}/s"
+
+
+class TextReporter(Reporter):
+    """Human output: tqdm on a terminal, one line per pass when not."""
+
+    def __init__(self, name: str, stream: TextIO = sys.stderr, bar: bool | None = None):
+        self.name = name
+        self.stream = stream
+        self.bar_enabled = stream.isatty() if bar is None else bar
+        self._bar: tqdm | None = None
+        self._lock = threading.Lock()
+        self._done = 0
+
+    def pass_started(self, number: int, dirty: int) -> None:
+        if self.bar_enabled:
+            with self._lock:
+                self._bar = tqdm(total=dirty, unit="B", unit_scale=True, unit_divisor=1024,
+                                 desc=f"{self.name} pass {number}", file=self.stream,
+                                 dynamic_ncols=True, leave=True)
+                self._done = 0
+
+    def progress(self, result: PassResult) -> None:
+        if self._bar is None:
+            return
+        with self._lock:
+            if self._bar is None:
+                return
+            step = result.bytes_done - self._done
+            self._done = result.bytes_done
+            if self._bar.total is not None and self._done > self._bar.total:
+                self._bar.total = self._done
+            self._bar.set_postfix_str(f"left {human_bytes(max(0, (self._bar.total or 0) - self._done))}"
+                                      f", sent {human_bytes(result.bytes_sent)}", refresh=False)
+            self._bar.update(step)
+
+    def pass_done(self, result: PassResult, dirty: int, held: int) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        ratio = (f", compression {(result.bytes_read - result.bytes_same) / result.bytes_sent:.1f}x"
+                 if result.bytes_sent else "")
+        same = f", {human_bytes(result.bytes_same)} already equal" if result.bytes_same else ""
+        busy = f" ({human_bytes(held)} being written)" if held else ""
+        self.stream.write(
+            f"{self.name}: pass {result.number}: {human_bytes(result.bytes_committed)} in "
+            f"{result.seconds:.1f} s ({rate(result.rate())}), sent "
+            f"{human_bytes(result.bytes_sent)}{ratio}, zeros {human_bytes(result.bytes_zero)}"
+            f"{same}; {human_bytes(dirty)} dirty{busy}\n")
+        self.stream.flush()
+
+    def note(self, message: str, **fields: Any) -> None:
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def lag(self, dirty: int, seconds: float | None) -> None:
+        pass
+
+    def summary(self, summary: Summary) -> None:
+        ratio = summary.compression_ratio()
+        state = ("converged, the copy is identical" if summary.converged and not summary.dirty_bytes
+                 else f"converged, {human_bytes(summary.dirty_bytes)} still dirty"
+                 if summary.converged else f"stopped, {human_bytes(summary.dirty_bytes)} dirty")
+        self.stream.write(
+            f"{self.name}: {state}: {summary.passes} pass(es) in {summary.seconds:.1f} s; "
+            f"read {human_bytes(summary.bytes_read)}, sent {human_bytes(summary.bytes_sent)}"
+            f"{f' (compression {ratio}x)' if ratio else ''}, zeros "
+            f"{human_bytes(summary.bytes_zero)}\n")
+        self.stream.flush()
+
+
+class JsonReporter(Reporter):
+    """One JSON object per line on stdout: events, then the summary."""
+
+    def __init__(self, name: str, stream: TextIO = sys.stdout):
+        self.name = name
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "device": self.name, "time": round(time.time(), 3),
+                           **fields}, sort_keys=True)
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def pass_started(self, number: int, dirty: int) -> None:
+        self.emit("pass-start", passes=number, dirty_bytes=dirty)
+
+    def progress(self, result: PassResult) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY:
+            self._last = now
+            self.emit("progress", passes=result.number, bytes_done=result.bytes_done,
+                      bytes_sent=result.bytes_sent)
+
+    def pass_done(self, result: PassResult, dirty: int, held: int) -> None:
+        self.emit("pass", passes=result.number, bytes_committed=result.bytes_committed,
+                  bytes_read=result.bytes_read, bytes_sent=result.bytes_sent,
+                  bytes_zero=result.bytes_zero, bytes_same=result.bytes_same,
+                  seconds=round(result.seconds, 3), rate=round(result.rate()),
+                  dirty_bytes=dirty, held_bytes=held)
+
+    def note(self, message: str, **fields: Any) -> None:
+        self.emit("note", message=message, **fields)
+
+    def lag(self, dirty: int, seconds: float | None) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_EVERY:
+            self._last = now
+            self.emit("lag", dirty_bytes=dirty,
+                      lag_seconds=None if seconds is None else round(seconds, 3))
+
+    def summary(self, summary: Summary) -> None:
+        with self._lock:
+            self.stream.write(json.dumps({**summary.to_json(), "time": round(time.time(), 3)},
+                                         sort_keys=True) + "\n")
+            self.stream.flush()

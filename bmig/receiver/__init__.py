@@ -1,0 +1,1 @@
+"""breceive: writes what a sender ships to target devices."""

@@ -1,0 +1,392 @@
+"""One sender's session on the receiver: hello, authentication, open, passes, data.
+
+States and what each allows (anything else is answered ERROR and, where the stream can
+no longer be trusted, the session ends):
+
+    hello    HELLO                              (frames capped at MAX_PREAUTH_FRAME)
+    auth     AUTH                               (when the transport did not authenticate)
+    ready    OPEN, STATUS_REQ, BYE
+    open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, BYE
+    pass     DATA, ZERO, FLUSH, HASHES_REQ, PASS_END, STATUS_REQ, BYE
+
+A DATA or ZERO is checked (offset and length inside the target, codec, size, checksum)
+before anything is written; a bad one is answered ERROR with its seq and nothing of it is
+written, and the session goes on. FLUSH(seq) is answered DURABLE(seq) once fdatasync has
+returned for everything written before it: the syncer thread does that, so receiving goes
+on while the disk flushes. The sender commits a chunk only on DURABLE (invariant 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from bmig import __version__
+from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from bmig.errors import (AuthError, BmigError, ChecksumMismatch, LineageError, ProtocolError,
+                         TargetError, UnknownExport)
+from bmig.framing import ConnectionClosed
+from bmig.lineage import (STATE_CONSISTENT, STATE_INCONSISTENT, STATE_NEW, TargetRecord,
+                          hex_id, load_target, now, parse_id, save_target)
+from bmig.receiver.target import TargetDevice, TargetLock
+from bmig.wire import auth, codec
+from bmig.wire.channel import Channel
+from bmig.wire.protocol import (MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
+                                decode_json, error_message, pack_hashes, pack_seq,
+                                type_of, unpack_data, unpack_seq, unpack_zero)
+
+log = logging.getLogger("breceive")
+
+FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    export: str
+    path: str
+    allow_discard: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a peer may do: the configured targets and nothing else (deny by default)."""
+
+    targets: dict[str, TargetConfig]
+    state_dir: str
+    secret: bytes | None = None
+
+
+class _Syncer(threading.Thread):
+    """fdatasync on request, then DURABLE for the highest seq asked for."""
+
+    def __init__(self, session: "Session"):
+        super().__init__(name="syncer", daemon=True)
+        self._session = session
+        self._requests: queue.Queue[int | None] = queue.Queue()
+        self.failed: BmigError | None = None
+
+    def request(self, seq: int) -> None:
+        self._requests.put(seq)
+
+    def stop(self) -> None:
+        self._requests.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            seq = self._requests.get()
+            if seq is None:
+                return
+            while True:                       # coalesce what queued up meanwhile
+                try:
+                    more = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._requests.put(None)
+                    break
+                seq = max(seq, more)
+            try:
+                self._session.sync_now()
+                self._session.send_seq(T.DURABLE, seq)
+            except BmigError as exc:
+                self.failed = exc
+                self._session.fail(exc, seq)
+                return
+
+
+class Session:
+    def __init__(self, channel: Channel, policy: Policy, authenticated: bool, peer: str):
+        self.channel = channel
+        self.policy = policy
+        self.authenticated = authenticated     # by the transport (TLS client cert, SSH)
+        self.peer = peer
+        self.state = "hello"
+        self.version = WIRE_VERSION
+        self.config: TargetConfig | None = None
+        self.record: TargetRecord | None = None
+        self.target: TargetDevice | None = None
+        self.lock: TargetLock | None = None
+        self.source_id = 0
+        self.source_generation = 0
+        self.size = 0
+        self._syncer: _Syncer | None = None
+        self._sync_lock = threading.Lock()
+        self._closed = False
+        self.bytes_written = 0
+        self.on_ready: Callable[[], None] | None = None    # called once authenticated
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        self.channel.send(message.encode())
+
+    def send_seq(self, kind: T, seq: int) -> None:
+        self.channel.send(pack_seq(kind, seq))
+
+    def fail(self, exc: BmigError, seq: int | None = None, fatal: bool = True) -> None:
+        """Tell the sender; a fatal error ends the session."""
+        log.log(logging.ERROR if fatal else logging.WARNING, "%s: %s", self.peer, exc.message)
+        try:
+            self.send(error_message(exc, seq, fatal))
+        except BmigError:
+            pass
+        if fatal:
+            self._closed = True
+            self.channel.close()
+
+    def sync_now(self) -> None:
+        with self._sync_lock:
+            assert self.target is not None
+            self.target.sync()
+
+    # -- the session -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._handshake()
+            while not self._closed:
+                body = self.channel.read()
+                if not self._dispatch(body):
+                    break
+        except ConnectionClosed:
+            log.debug("%s: connection closed", self.peer)
+        except ProtocolError as exc:
+            if not self._closed:
+                self.fail(exc)
+        except BmigError as exc:
+            if not self._closed:
+                self.fail(exc)
+        finally:
+            self._finish()
+
+    def _handshake(self) -> None:
+        hello = decode_json(self.channel.read(MAX_PREAUTH_FRAME))
+        if hello.type != T.HELLO:
+            raise ProtocolError(f"expected HELLO, got {hello.type.name}")
+        theirs = hello.int("version", 1, 1, 1 << 16)
+        if theirs < 1:
+            raise ProtocolError(f"wire version {theirs} is not supported")
+        self.version = min(theirs, WIRE_VERSION)
+        need_auth = not self.authenticated
+        if need_auth and self.policy.secret is None:
+            raise AuthError("this receiver has no way to authenticate the sender (no secret "
+                            "file, no client certificates)")
+        challenge = auth.new_nonce() if need_auth else ""
+        self.send(Message(T.HELLO, {"version": self.version, "server": f"breceive {__version__}",
+                                    "features": FEATURES,
+                                    "auth": auth.METHOD if need_auth else "transport",
+                                    "challenge": challenge}))
+        if need_auth:
+            assert self.policy.secret is not None
+            answer = decode_json(self.channel.read(MAX_PREAUTH_FRAME))
+            if answer.type != T.AUTH:
+                raise AuthError(f"expected AUTH, got {answer.type.name}")
+            client_nonce = answer.fields.get("nonce")
+            expected = auth.client_proof(self.policy.secret, challenge, str(client_nonce))
+            if not auth.valid_nonce(client_nonce) or \
+                    not auth.matches(expected, answer.fields.get("proof")):
+                log.warning("%s: authentication failed", self.peer)
+                raise AuthError("authentication failed: the sender's secret does not match "
+                                "the receiver's")
+            self.send(Message(T.AUTH_OK, {"proof": auth.server_proof(
+                self.policy.secret, challenge, str(client_nonce))}))
+        self.state = "ready"
+        if self.on_ready is not None:
+            self.on_ready()
+        log.info("%s: authenticated (%s)", self.peer,
+                 auth.METHOD if need_auth else "by the transport")
+
+    def _dispatch(self, body: memoryview) -> bool:
+        kind = type_of(body)
+        if kind == T.DATA:
+            self._data(body)
+        elif kind == T.ZERO:
+            self._zero(body)
+        elif kind == T.FLUSH:
+            self._flush(unpack_seq(body))
+        else:
+            message = decode_json(body) if kind in _JSON_HANDLERS else None
+            if message is None:
+                self.fail(ProtocolError(f"{kind.name} is not something a sender sends"),
+                          fatal=False)
+                return True
+            return _JSON_HANDLERS[kind](self, message)
+        return True
+
+    def _require(self, *states: str) -> None:
+        if self.state not in states:
+            raise ProtocolError(f"not allowed now (session is {self.state})")
+
+    # -- control messages --------------------------------------------------------------
+
+    def _open(self, msg: Message) -> bool:
+        self._require("ready")
+        export = msg.str("export")
+        config = self.policy.targets.get(export)
+        if config is None:
+            self.fail(UnknownExport(f"no target named {export!r} is configured on this "
+                                    "receiver"), fatal=False)
+            return True
+        source_id = parse_id(msg.fields.get("device_id"), "device_id")
+        generation = parse_id(msg.fields.get("generation"), "generation")
+        size = msg.int("size", low=1, high=1 << 60)
+        discard = msg.bool("discard_target_data")
+        lock = TargetLock(self.policy.state_dir, export)
+        lock.acquire()
+        try:
+            record = load_target(self.policy.state_dir, export)
+            relation = self._relation(record, source_id, generation)
+            if relation == "foreign":
+                if not discard:
+                    raise LineageError(
+                        f"target {export!r} holds generation {hex_id(record.generation)} of "
+                        f"device {hex_id(record.source_device_id)}, not generation "
+                        f"{hex_id(generation)} of {hex_id(source_id)}; to overwrite it, "
+                        f"sync with --discard-target-data {export}")
+                if not config.allow_discard:
+                    raise LineageError(f"target {export!r} holds another lineage and this "
+                                       "receiver does not allow discarding it "
+                                       "(allow_discard)")
+                log.warning("%s: %s: discarding generation %s of %s on request", self.peer,
+                            export, hex_id(record.generation), hex_id(record.source_device_id))
+                record = TargetRecord(export)
+                relation = "new"
+            target = TargetDevice(config.path, size)
+        except BaseException:
+            lock.release()
+            raise
+        self.config, self.record, self.target, self.lock = config, record, target, lock
+        self.source_id, self.source_generation, self.size = source_id, generation, size
+        self._syncer = _Syncer(self)
+        self._syncer.start()
+        self.state = "open"
+        log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
+                 relation)
+        self.send(Message(T.OPENED, {"relation": relation, "target": record.to_json()}))
+        return True
+
+    @staticmethod
+    def _relation(record: TargetRecord, source_id: int, generation: int) -> str:
+        if record.state == STATE_NEW:
+            return "new"
+        if record.shares_lineage(source_id, generation):
+            return "same"
+        return "foreign"
+
+    def _pass_begin(self, msg: Message) -> bool:
+        self._require("open")
+        assert self.record is not None
+        record = self.record
+        record.source_device_id, record.generation = self.source_id, self.source_generation
+        record.state = STATE_INCONSISTENT
+        record.size = self.size
+        save_target(self.policy.state_dir, record)       # durable before the first write
+        self.state = "pass"
+        return True
+
+    def _pass_end(self, msg: Message) -> bool:
+        self._require("pass")
+        assert self.record is not None
+        complete = msg.bool("complete", True)
+        self.sync_now()
+        record = self.record
+        if complete:
+            record.state = STATE_CONSISTENT
+            record.last_pass = now()
+            record.passes += 1
+            save_target(self.policy.state_dir, record)
+        self.state = "open"
+        self.send(Message(T.PASS_DONE, {"target": record.to_json()}))
+        return True
+
+    def _hashes(self, msg: Message) -> bool:
+        self._require("open", "pass")
+        assert self.target is not None
+        offset = msg.int("offset")
+        length = msg.int("length", low=1)
+        chunk = msg.int("chunk_size", low=MIN_CHUNK_SIZE, high=MAX_CHUNK_SIZE)
+        if chunk & (chunk - 1) or offset % chunk:
+            raise ProtocolError("HASHES_REQ: chunk_size must be a power of two and offset "
+                                "a multiple of it")
+        if -(-length // chunk) > MAX_HASHES or offset + length > self.size:
+            raise ProtocolError(f"HASHES_REQ of {length} bytes at {offset} is too large or "
+                                "outside the target")
+        self.channel.send(pack_hashes(offset, self.target.hashes(offset, length, chunk)))
+        return True
+
+    def _status(self, msg: Message) -> bool:
+        targets = []
+        for export in sorted(self.policy.targets):
+            try:
+                record = load_target(self.policy.state_dir, export).to_json()
+            except BmigError as exc:
+                record = {"export": export, "error": exc.message}
+            targets.append(record)
+        self.send(Message(T.STATUS, {"targets": targets, "server": f"breceive {__version__}"}))
+        return True
+
+    def _bye(self, msg: Message) -> bool:
+        return False
+
+    # -- data --------------------------------------------------------------------------
+
+    def _check_range(self, seq: int, offset: int, length: int) -> None:
+        if offset + length > self.size:
+            raise ProtocolError(f"seq {seq}: {offset}+{length} is outside the target "
+                                f"({self.size} bytes)")
+
+    def _data(self, body: memoryview) -> None:
+        self._require("pass")
+        assert self.target is not None
+        head, payload = unpack_data(body)
+        try:
+            self._check_range(head.seq, head.offset, head.raw_length)
+            raw = codec.decode(head.codec, payload, head.raw_length)
+            if codec.checksum(raw) != head.checksum:
+                raise ChecksumMismatch(f"seq {head.seq}: checksum mismatch for "
+                                       f"{head.offset}+{head.raw_length}; nothing written")
+            self.target.write(head.offset, raw)
+        except (ProtocolError, TargetError) as exc:
+            self.fail(exc, head.seq, fatal=False)
+            return
+        self.bytes_written += head.raw_length
+
+    def _zero(self, body: memoryview) -> None:
+        self._require("pass")
+        assert self.target is not None
+        seq, offset, length, _ = unpack_zero(body)
+        try:
+            self._check_range(seq, offset, length)
+            self.target.zero(offset, length)
+        except (ProtocolError, TargetError) as exc:
+            self.fail(exc, seq, fatal=False)
+
+    def _flush(self, seq: int) -> None:
+        self._require("open", "pass")
+        assert self._syncer is not None
+        if self._syncer.failed is not None:
+            raise self._syncer.failed
+        self._syncer.request(seq)
+
+    def _finish(self) -> None:
+        if self._syncer is not None:
+            self._syncer.stop()
+        if self.target is not None:
+            try:
+                self.target.sync()
+            except BmigError as exc:
+                log.error("%s: final sync failed: %s", self.peer, exc.message)
+            self.target.close()
+        if self.lock is not None:
+            self.lock.release()
+        self.channel.close()
+
+
+_JSON_HANDLERS = {
+    T.OPEN: Session._open, T.PASS_BEGIN: Session._pass_begin, T.PASS_END: Session._pass_end,
+    T.HASHES_REQ: Session._hashes, T.STATUS_REQ: Session._status, T.BYE: Session._bye,
+}

@@ -1,0 +1,288 @@
+"""A migration of one device to one target: connect, agree on lineage, make passes.
+
+``sync`` makes passes until what is dirty is below the threshold (bytes, or seconds of
+shipping at the rate measured), or raises NotConverging when the dirty amount stops
+shrinking: the application writes faster than the changes ship. ``run`` (the catch-up
+service) never stops on its own: it ships changes as they come, reconnects with backoff
+after a failure, and reports its lag.
+
+Lineage, on opening the target (invariant 7):
+    same     the target holds this device's generation: ship what is dirty
+    new      the target holds nothing of ours: every chunk is set dirty first (holes
+             skipped), or compared by hash with --checksum
+    foreign  refused by the receiver, unless --discard-target-data names the target
+    none     an NBD target, which keeps no record: everything, every time we connect
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
+                         StateError)
+from bmig.lineage import parse_id
+from bmig.sender.passes import LockedTracker, Pass, PassResult, PassSettings, RateLimit, Source
+from bmig.sender.targets import ConnectOptions, SourceInfo, open_target
+from bmig.sender.urls import TargetUrl
+from bmig.tracker.client import TrackerClient
+
+log = logging.getLogger("bmigrate")
+
+STALL_PASSES = 3            # passes without shrinking before "not converging"
+SHRINK = 0.9                # shrinking means: below this fraction of the best so far
+HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is active)
+MAX_HOLD_WAIT = 5.0         # ... for at most this long before it counts as a pass
+BACKOFF = (1, 2, 5, 10, 30, 60)
+
+
+@dataclass
+class SyncSettings:
+    passes: PassSettings = field(default_factory=PassSettings)
+    threshold_bytes: int = 0
+    threshold_seconds: float | None = 1.0
+    bwlimit: int | None = None
+    discard_export: str | None = None
+    interval: float = 1.0            # run: how often to look for new writes when idle
+
+
+@dataclass
+class Summary:
+    device: str
+    target: str
+    relation: str = ""
+    passes: int = 0
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    bytes_zero: int = 0
+    bytes_same: int = 0
+    bytes_committed: int = 0
+    seconds: float = 0.0
+    dirty_bytes: int = 0
+    converged: bool = False
+
+    def add(self, result: PassResult) -> None:
+        self.passes += 1
+        self.bytes_read += result.bytes_read
+        self.bytes_sent += result.bytes_sent
+        self.bytes_zero += result.bytes_zero
+        self.bytes_same += result.bytes_same
+        self.bytes_committed += result.bytes_committed
+
+    def compression_ratio(self) -> float | None:
+        data = self.bytes_read - self.bytes_same
+        return round(data / self.bytes_sent, 2) if self.bytes_sent else None
+
+    def to_json(self) -> dict:
+        return {"event": "summary", "device": self.device, "target": self.target,
+                "relation": self.relation, "passes": self.passes,
+                "bytes_read": self.bytes_read, "bytes_sent": self.bytes_sent,
+                "bytes_zero": self.bytes_zero, "bytes_same": self.bytes_same,
+                "bytes_committed": self.bytes_committed,
+                "compression_ratio": self.compression_ratio(),
+                "seconds": round(self.seconds, 3), "dirty_bytes": self.dirty_bytes,
+                "converged": self.converged}
+
+
+class Reporter:
+    """What a migration tells its operator; bmig.cli.sync renders it."""
+
+    def pass_started(self, number: int, dirty: int) -> None: ...
+    def progress(self, result: PassResult) -> None: ...
+    def pass_done(self, result: PassResult, dirty: int, held: int) -> None: ...
+    def note(self, message: str, **fields) -> None: ...
+    def lag(self, dirty: int, seconds: float | None) -> None: ...
+
+
+class Migration:
+    def __init__(self, name: str, source_path: str, url: TargetUrl, options: ConnectOptions,
+                 settings: SyncSettings, control: str, reporter: Reporter | None = None,
+                 stop: threading.Event | None = None):
+        self.name = name
+        self.source_path = source_path
+        self.url = url
+        self.options = options
+        self.settings = settings
+        self.control = control
+        self.reporter = reporter or Reporter()
+        self.stop = stop or threading.Event()
+        self.limit = RateLimit(settings.bwlimit)
+        self.summary = Summary(name, str(url))
+        self.rate = 0.0                      # bytes per second, the last passes
+        self._tracker: LockedTracker | None = None
+        self._client: TrackerClient | None = None
+        self._source: Source | None = None
+        self._target = None
+        self._info: SourceInfo | None = None
+        self._number = 0
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """breqd, the source, the target, and the lineage handshake."""
+        self.close()
+        self._client = TrackerClient(self.control, client="bmigrate")
+        self._tracker = LockedTracker(self._client)
+        stats = self._client.stats(self.name)
+        self._info = SourceInfo(self.name, parse_id(stats["device_id"], "device_id"),
+                                parse_id(stats["generation"], "generation"),
+                                int(stats["size"]), int(stats["chunk_size"]))
+        self._source = Source(self.source_path, self._info.size, self.settings.passes.direct)
+        self._check_source_size()
+        self._target = open_target(self.url, self.options)
+        discard = self.settings.discard_export is not None
+        if discard and self.settings.discard_export != self.url.export \
+                and self.url.kind != "nbd":
+            raise ConfigError(f"--discard-target-data names {self.settings.discard_export!r}, "
+                              f"but the target is {self.url.export!r}")
+        relation = self._target.open(self._info, discard)
+        self.summary.relation = relation
+        if relation in ("new", "none"):
+            if not self.settings.passes.checksum:
+                self.reporter.note(f"{self.name}: the target holds no copy of this lineage; "
+                                   "shipping everything (holes skipped)", relation=relation)
+            else:
+                self.reporter.note(f"{self.name}: comparing every chunk with the target",
+                                   relation=relation)
+            self._client.set_all_dirty(self.name)
+        elif self.settings.passes.checksum:
+            self._client.set_all_dirty(self.name)
+
+    def _check_source_size(self) -> None:
+        from bmig.blockdev import size_of_fd
+
+        assert self._source is not None and self._info is not None
+        have = size_of_fd(self._source.fd)
+        if have != self._info.size:
+            raise ConfigError(f"{self.source_path} has {have} bytes, but breqd tracks "
+                              f"{self._info.size} for {self.name}")
+
+    def close(self) -> None:
+        for closer in (self._target, self._source, self._client):
+            if closer is not None:
+                try:
+                    closer.close()
+                except (BmigError, OSError):
+                    pass
+        self._target = self._source = self._client = self._tracker = None
+
+    # -- passes ----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        assert self._tracker is not None
+        return self._tracker.stats(self.name)
+
+    def one_pass(self, budget: int, checksum: bool | None = None) -> PassResult:
+        assert self._tracker and self._source and self._target and self._info
+        self._number += 1
+        settings = self.settings.passes
+        if checksum is not None and checksum != settings.checksum:
+            settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
+        self.reporter.pass_started(self._number, budget)
+        result = Pass(self._number, self._tracker, self._source, self._target, self._info,
+                      settings, self.limit, self.reporter.progress, self.stop).run(budget)
+        self.summary.add(result)
+        if result.seconds > 0 and result.bytes_committed:
+            measured = result.rate()
+            self.rate = measured if not self.rate else 0.5 * self.rate + 0.5 * measured
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def _threshold(self) -> int:
+        s = self.settings
+        by_time = int(self.rate * s.threshold_seconds) if s.threshold_seconds and self.rate \
+            else 0
+        return max(s.threshold_bytes, by_time)
+
+    def _wait_for_holds(self, stats: dict) -> dict:
+        """Only chunks a writer holds are left: give it the moment it needs to let go."""
+        deadline = time.monotonic() + MAX_HOLD_WAIT
+        while (stats["held_bytes"] and stats["dirty_bytes"] <= stats["held_bytes"]
+               and time.monotonic() < deadline and not self.stop.is_set()):
+            self.stop.wait(HOLD_WAIT)
+            stats = self.stats()
+        return stats
+
+    def sync(self) -> Summary:
+        """Passes until converged; NotConverging when the dirty amount stops shrinking."""
+        started = time.monotonic()
+        best: int | None = None
+        stalled = 0
+        checksum_first = self.settings.passes.checksum and self.summary.relation in (
+            "new", "none", "same")
+        try:
+            while not self.stop.is_set():
+                stats = self._wait_for_holds(self.stats())
+                dirty = int(stats["dirty_bytes"])
+                if dirty == 0 or (self.summary.passes and dirty <= self._threshold()):
+                    self.summary.converged = True
+                    self.summary.dirty_bytes = dirty
+                    break
+                result = self.one_pass(dirty, checksum=checksum_first)
+                checksum_first = False
+                after = self.stats()
+                self.summary.dirty_bytes = int(after["dirty_bytes"])
+                self.reporter.pass_done(result, self.summary.dirty_bytes,
+                                        int(after["held_bytes"]))
+                if best is None or self.summary.dirty_bytes < SHRINK * best:
+                    best, stalled = self.summary.dirty_bytes, 0
+                else:
+                    stalled += 1
+                if stalled >= STALL_PASSES and self.summary.dirty_bytes > self._threshold():
+                    raise self._not_converging(result)
+        finally:
+            self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def _not_converging(self, result: PassResult) -> NotConverging:
+        shipping = result.rate()
+        # What got dirty again while the pass ran is roughly what it shipped plus the
+        # growth of the dirty amount; per second of the pass.
+        writes = (result.bytes_committed / result.seconds) if result.seconds else 0.0
+        return NotConverging(
+            f"not converging: writes at {writes / 1e6:.1f} MB/s, shipping at "
+            f"{shipping / 1e6:.1f} MB/s, {self.summary.dirty_bytes} bytes dirty after "
+            f"{self.summary.passes} passes; cut over with protocol C "
+            "(bmigrate cutover), or slow the writes down")
+
+    # -- the catch-up service --------------------------------------------------------------
+
+    def run_forever(self, on_idle: Callable[[], None] | None = None) -> Summary:
+        """Ship writes as they come until ``stop``; reconnect with backoff on failure."""
+        started = time.monotonic()
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                if self._target is None:
+                    self.connect()
+                    failures = 0
+                stats = self.stats()
+                dirty = int(stats["dirty_bytes"])
+                self.reporter.lag(dirty, dirty / self.rate if self.rate else None)
+                if dirty:
+                    result = self.one_pass(dirty)
+                    after = self.stats()
+                    self.reporter.pass_done(result, int(after["dirty_bytes"]),
+                                            int(after["held_bytes"]))
+                    if int(after["dirty_bytes"]) > int(after["held_bytes"]):
+                        continue            # more came in meanwhile: go on at once
+                # Nothing dirty, or only chunks a writer is busy with (they would only
+                # be sent again): look again in a moment.
+                if on_idle is not None:
+                    on_idle()
+                self.stop.wait(self.settings.interval)
+            except (ConfigError, AuthError, LineageError, StateError):
+                raise                     # these do not mend themselves: say so and stop
+            except BmigError as exc:
+                self.close()
+                delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+                failures += 1
+                self.reporter.note(f"{self.name}: {exc.message}; trying again in {delay} s",
+                                   error=exc.wire_code, retry_in=delay)
+                self.stop.wait(delay)
+        self.summary.seconds = time.monotonic() - started
+        return self.summary

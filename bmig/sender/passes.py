@@ -1,0 +1,592 @@
+"""One pass: check out dirty chunks, read, encode, send, commit on "durable".
+
+    planner (caller's thread)  checkout from breqd in bounded windows; runs → jobs
+    encoder thread             read the source (holes and zero chunks become ZERO ranges),
+                               compress when it pays, checksum → frames
+    sender thread              sequence numbers, the bandwidth limit, send; a FLUSH every
+                               quarter window and at the end
+    acknowledgements           DURABLE(seq): a run whose frames are all durable is committed
+                               in breqd (invariant 3); a failed frame aborts its run
+
+Reading, compressing and sending overlap; the queues between the threads are short, so
+memory is bounded by the frame size times the queue depths, whatever the device size.
+What is checked out and not yet committed is at most ``window`` bytes: that is also the
+most a resumed sync sends again after an interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bmig.blockdev import data_runs
+from bmig.constants import MiB
+from bmig.errors import BmigError, UnreachableError
+from bmig.sender.targets import SourceInfo
+from bmig.tracker.client import TrackerClient
+from bmig.wire import codec
+from bmig.wire.protocol import MAX_DATA
+
+log = logging.getLogger("bmigrate")
+
+QUEUE_DEPTH = 4          # frames between encoder and sender
+CHECKOUT_STEP = 64 * MiB
+ACK_TIMEOUT = 300.0      # seconds without a DURABLE before the target is given up on
+
+
+@dataclass
+class PassSettings:
+    window: int = 256 * MiB          # checked out and not yet committed
+    frame_size: int = MAX_DATA       # raw bytes per DATA frame
+    level: int | None = codec.DEFAULT_LEVEL   # zstd level; None: never compress
+    direct: bool = False             # O_DIRECT reads of the source
+    checksum: bool = False           # compare per-chunk hashes and send what differs
+    skip_holes: bool = True          # SEEK_DATA/SEEK_HOLE on the source
+
+
+class RateLimit:
+    """A token bucket over bytes on the wire; ``rate`` may change at any time (SIGHUP)."""
+
+    def __init__(self, rate: int | None = None):
+        self.rate = rate
+        self._allowance = 0.0
+        self._last = time.monotonic()
+
+    def consume(self, nbytes: int, stop: threading.Event) -> None:
+        while self.rate and not stop.is_set():
+            now = time.monotonic()
+            self._allowance = min(self._allowance + (now - self._last) * self.rate,
+                                  float(self.rate))
+            self._last = now
+            if self._allowance >= nbytes or nbytes > self.rate:
+                self._allowance -= nbytes
+                return
+            stop.wait((nbytes - self._allowance) / self.rate)
+        self._last = time.monotonic()
+
+
+class LockedTracker:
+    """breqd's client shared by the planner and the acknowledgement thread: checkouts
+    and commits must travel on one connection, one call at a time."""
+
+    def __init__(self, client: TrackerClient):
+        self.client = client
+        self._lock = threading.Lock()
+
+    def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
+        with self._lock:
+            return self.client.checkout(device, max_bytes)
+
+    def commit(self, device: str, ranges: list[tuple[int, int]]) -> None:
+        with self._lock:
+            self.client.commit(device, ranges)
+
+    def abort(self, device: str, ranges: list[tuple[int, int]]) -> None:
+        with self._lock:
+            self.client.abort(device, ranges)
+
+    def stats(self, device: str) -> dict:
+        with self._lock:
+            return self.client.stats(device)
+
+
+@dataclass
+class Run:
+    """A checked-out byte range and the frames it was cut into."""
+
+    offset: int
+    length: int
+    frames: int = 0          # frames not yet durable
+    planned: bool = False    # every frame of it is known
+    failed: bool = False
+    done: bool = False
+
+
+@dataclass
+class Frame:
+    run: Run
+    offset: int
+    length: int
+    kind: str                        # "data", "zero" or "same" (checksum equal: no bytes)
+    codec: int = codec.RAW
+    payload: object = None
+    digest: int = 0
+    buffer: object = None            # the pooled buffer the payload may point into
+    seq: int = 0
+
+
+@dataclass
+class PassResult:
+    number: int
+    bytes_checked_out: int = 0
+    bytes_read: int = 0
+    bytes_sent: int = 0              # payload bytes on the wire
+    bytes_zero: int = 0              # shipped as zero ranges
+    bytes_same: int = 0              # found equal by --checksum
+    bytes_committed: int = 0
+    bytes_done: int = 0              # of the pass's budget: sent, zeroed or found equal
+    frames: int = 0
+    failed_frames: int = 0
+    seconds: float = 0.0
+    error: BmigError | None = None
+    target: dict = field(default_factory=dict)
+
+    def rate(self) -> float:
+        """Bytes of the device brought up to date per second."""
+        return self.bytes_committed / self.seconds if self.seconds > 0 else 0.0
+
+
+class BufferPool:
+    """Page-aligned buffers (O_DIRECT needs that), reused from frame to frame."""
+
+    def __init__(self, size: int, count: int):
+        self.size = size
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(count):
+            self._free.put(mmap.mmap(-1, size))
+
+    def get(self) -> mmap.mmap:
+        return self._free.get()
+
+    def put(self, buf: mmap.mmap) -> None:
+        self._free.put(buf)
+
+
+class Source:
+    """The device being migrated, read at byte offsets (optionally with O_DIRECT)."""
+
+    def __init__(self, path: str, size: int, direct: bool = False):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BmigError(f"cannot open the source {path}: {exc.strerror}") from None
+        self.direct_fd = -1
+        if direct:
+            try:
+                self.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError as exc:
+                log.warning("%s: O_DIRECT not possible (%s); reading through the cache",
+                            path, exc.strerror)
+        self.size = size
+        self._known = (0, 0, False)    # (start, end, is_hole) of a range seen whole
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        fd = self.fd
+        if self.direct_fd >= 0 and offset % 4096 == 0 and len(view) % 4096 == 0:
+            fd = self.direct_fd
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                view[done:] = bytes(len(view) - done)
+                return
+            done += n
+
+    def holes(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """(length, is_hole) runs of the range. SEEK_HOLE may scan far ahead (to the end
+        of a file with no hole), so what it found is remembered for the next frames."""
+        end = offset + length
+        known_start, known_end, known_hole = self._known
+        if known_start <= offset and end <= known_end:
+            return [(length, known_hole)]
+        runs = data_runs(self.fd, offset, length)
+        if len(runs) == 1 and not runs[0][1]:
+            try:
+                hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+                self._known = (offset, hole, False)
+            except OSError:
+                pass
+        return runs
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+class Pass:
+    """Ships what is dirty in breqd when the pass starts (and what is checked out on the
+    way, up to that amount: a pass ends even under endless writes)."""
+
+    def __init__(self, number: int, tracker: LockedTracker, source: Source, target,
+                 info: SourceInfo, settings: PassSettings, limit: RateLimit,
+                 progress: Callable[[PassResult], None] | None = None,
+                 stop: threading.Event | None = None):
+        self.result = PassResult(number)
+        self._tracker = tracker
+        self._source = source
+        self._target = target
+        self._info = info
+        self._s = settings
+        self._limit = limit
+        self._progress = progress
+        self._stop = stop or threading.Event()
+        self._jobs: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._frames: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._lock = threading.Condition()
+        self._pending: dict[int, Frame] = {}        # sent, not yet durable
+        self._inflight = 0                          # bytes checked out, not committed
+        self._runs: list[Run] = []
+        self._fatal: BmigError | None = None
+        self._failure: BmigError | None = None       # the first frame the target refused
+        self._pool = BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3)
+        self._flushed = 0                           # seq of the last FLUSH sent
+        self._planner_waiting = False               # for room in the window
+        self._last_ack = time.monotonic()
+        target.set_acks(self)
+
+    # -- the pass ----------------------------------------------------------------------
+
+    def run(self, budget: int) -> PassResult:
+        """Ship up to ``budget`` bytes of dirty chunks (all that is dirty, usually)."""
+        started = time.monotonic()
+        self._target.begin_pass()
+        encoder = threading.Thread(target=self._guard(self._encode), name="encoder",
+                                   daemon=True)
+        sender = threading.Thread(target=self._guard(self._send), name="sender", daemon=True)
+        encoder.start()
+        sender.start()
+        try:
+            self._plan(budget)
+        except BmigError as exc:
+            self._set_fatal(exc)
+        finally:
+            self._jobs.put(None)
+        encoder.join()
+        sender.join()
+        self._wait_settled()
+        self.result.seconds = time.monotonic() - started
+        complete = self._fatal is None and not self.result.failed_frames
+        if self._fatal is None:
+            try:
+                self.result.target = self._target.end_pass(complete)
+            except BmigError as exc:
+                self._fatal = exc
+        self._abort_unsettled()
+        self.result.error = self._fatal or self._failure
+        return self.result
+
+    def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except BmigError as exc:
+                self._set_fatal(exc)
+            except Exception as exc:     # a bug: stop the pass, say what happened
+                log.exception("%s failed", threading.current_thread().name)
+                self._set_fatal(BmigError(f"internal error: {exc}"))
+        return run
+
+    def _plan(self, budget: int) -> None:
+        device = self._info.name
+        planned = 0
+        while planned < budget and not self._stopped():
+            with self._lock:
+                waiting = time.monotonic()
+                while self._inflight >= self._s.window and not self._stopped():
+                    self._planner_waiting = True
+                    self._give_up_if_silent(waiting)
+                    self._lock.wait(0.5)
+                self._planner_waiting = False
+                room = self._s.window - self._inflight
+            if self._stopped():
+                return
+            runs = self._tracker.checkout(device, min(room, CHECKOUT_STEP, budget - planned))
+            if not runs:
+                return
+            for offset, length in runs:
+                run = Run(offset, length)
+                with self._lock:
+                    self._inflight += length
+                    self._runs.append(run)
+                self.result.bytes_checked_out += length
+                planned += length
+                end = offset + length
+                for start in range(offset, end, self._s.frame_size):
+                    n = min(self._s.frame_size, end - start)
+                    self._jobs.put((run, start, n, start + n == end))
+
+    def _stopped(self) -> bool:
+        return self._stop.is_set() or self._fatal is not None
+
+    # -- encoder -----------------------------------------------------------------------
+
+    def _encode(self) -> None:
+        """Jobs to frames. After a failure it keeps taking jobs (and drops them), so the
+        planner never waits on a full queue."""
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                if self._stopped():
+                    continue
+                run, offset, length, last = job
+                try:
+                    for frame in self._frames_of(run, offset, length):
+                        with self._lock:
+                            run.frames += 1
+                        self._frames.put(frame)
+                except BmigError as exc:
+                    self._set_fatal(exc)
+                    continue
+                except Exception as exc:    # a bug: stop the pass, keep draining the jobs
+                    log.exception("encoder failed")
+                    self._set_fatal(BmigError(f"internal error in the encoder: {exc}"))
+                    continue
+                if last:
+                    with self._lock:
+                        run.planned = True
+                        ready = self._ready(run)
+                    if ready:             # every frame was durable already
+                        self._settle(run)
+        finally:
+            self._frames.put(None)
+
+    def _frames_of(self, run: Run, offset: int, length: int):
+        pieces = [(length, False)]
+        if self._s.skip_holes and not self._s.checksum:
+            pieces = self._source.holes(offset, length)
+        pos = offset
+        for n, hole in pieces:
+            if hole:
+                yield Frame(run, pos, n, "zero")
+            else:
+                yield from self._data_frames(run, pos, n)
+            pos += n
+
+    def _data_frames(self, run: Run, offset: int, length: int):
+        buf = self._pool.get()
+        view = memoryview(buf)[:length]
+        self._source.read_into(view, offset)
+        self.result.bytes_read += length
+        if self._s.checksum:
+            yield from self._differing(run, offset, view, buf)
+            return
+        if codec.is_zero(view):
+            view.release()
+            self._pool.put(buf)
+            yield Frame(run, offset, length, "zero")
+            return
+        yield self._data(run, offset, view, buf)
+
+    def _data(self, run: Run, offset: int, view: memoryview, buf) -> Frame:
+        level = self._s.level if self._target.compresses else None
+        kind, payload = codec.encode(view, level)
+        frame = Frame(run, offset, len(view), "data", kind, payload, codec.checksum(view), buf)
+        if kind != codec.RAW:                 # the buffer is free again
+            view.release()
+            self._pool.put(buf)
+            frame.buffer = None
+        return frame
+
+    def _differing(self, run: Run, offset: int, view: memoryview, buf):
+        """--checksum: per chunk, the target's hash against ours; equal chunks cost no
+        bytes, differing ones are sent (adjacent ones together)."""
+        chunk = self._info.chunk_size
+        theirs = self._target.hashes(offset, len(view), chunk)
+        start = None
+        pieces = []
+        for i, h in enumerate(theirs):
+            a = i * chunk
+            part = view[a:a + chunk]
+            same = codec.checksum(part) == h
+            if same:
+                if start is not None:
+                    pieces.append((start, a))
+                    start = None
+                self.result.bytes_same += len(part)
+            elif start is None:
+                start = a
+        if start is not None:
+            pieces.append((start, len(view)))
+        if not pieces:
+            length = len(view)
+            view.release()
+            self._pool.put(buf)
+            yield Frame(run, offset, length, "same")
+            return
+        for a, b in pieces:
+            part = bytes(view[a:b])          # the pooled buffer goes back below
+            level = self._s.level if self._target.compresses else None
+            kind, payload = codec.encode(part, level)
+            yield Frame(run, offset + a, b - a, "data", kind, payload, codec.checksum(part))
+        view.release()
+        self._pool.put(buf)
+
+    # -- sender ------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        flush_every = max(self._s.window // 4, self._s.frame_size)
+        since_flush = 0           # device bytes sent since the last FLUSH
+        seq = 0
+        while True:
+            frame = self._take(seq)
+            if frame is None:
+                break
+            if self._stopped():
+                self._drop(frame)
+                continue
+            seq += 1
+            frame.seq = seq
+            with self._lock:
+                self._pending[seq] = frame
+            try:
+                self._send_frame(frame)
+                since_flush += frame.length
+                if since_flush >= flush_every:
+                    self._flush(seq)
+                    since_flush = 0
+            except BmigError as exc:    # the target is gone: drain, so nobody waits on us
+                self._set_fatal(exc)
+            finally:
+                self._free(frame)
+            self.result.frames += 1
+            if self._progress is not None:
+                self._progress(self.result)
+        if seq > self._flushed and self._fatal is None:
+            self._flush(seq)                       # what was sent gets its answer
+
+    def _take(self, seq: int) -> Frame | None:
+        """The next frame. While none comes and the planner waits for room in the
+        window, ask for what was sent to be made durable: the commits that make the room
+        must not wait on frames that cannot come before it."""
+        while True:
+            try:
+                return self._frames.get(timeout=0.05)
+            except queue.Empty:
+                if seq > self._flushed and self._planner_waiting and self._fatal is None:
+                    self._flush(seq)
+
+    def _flush(self, seq: int) -> None:
+        try:
+            self._target.request_durable(seq)
+        except BmigError as exc:
+            self._set_fatal(exc)
+        self._flushed = seq
+
+    def _send_frame(self, frame: Frame) -> None:
+        """Put one frame on the wire."""
+        if frame.kind == "data":
+            wire = len(frame.payload)
+            self._limit.consume(wire, self._stop)
+            self._target.send_data(frame.seq, frame.offset, frame.codec, frame.payload,
+                                   frame.length, frame.digest)
+            self.result.bytes_sent += wire
+        elif frame.kind == "zero":
+            self._target.send_zero(frame.seq, frame.offset, frame.length)
+            self.result.bytes_zero += frame.length
+        self.result.bytes_done += frame.length
+
+    def _drop(self, frame: Frame) -> None:
+        """A frame not sent (stopping): its run goes back to dirty."""
+        self._free(frame)
+        with self._lock:
+            frame.run.failed = True
+            frame.run.frames -= 1
+            ready = self._ready(frame.run)
+        if ready:
+            self._settle(frame.run)
+
+    def _free(self, frame: Frame) -> None:
+        if frame.buffer is not None:
+            if isinstance(frame.payload, memoryview):
+                frame.payload.release()
+            self._pool.put(frame.buffer)
+            frame.buffer = None
+        frame.payload = None
+
+    # -- acknowledgements (any thread) ---------------------------------------------------
+
+    def durable(self, seq: int) -> None:
+        settled: list[Run] = []
+        with self._lock:
+            self._last_ack = time.monotonic()
+            for s in [s for s in self._pending if s <= seq]:
+                frame = self._pending.pop(s)
+                frame.run.frames -= 1
+                if self._ready(frame.run):
+                    settled.append(frame.run)
+        for run in settled:
+            self._settle(run)
+
+    def failed(self, seq: int, error: BmigError) -> None:
+        log.warning("%s", error.message)
+        with self._lock:
+            frame = self._pending.pop(seq, None)
+            if frame is None:
+                return
+            self.result.failed_frames += 1
+            self._failure = self._failure or error
+            frame.run.failed = True
+            frame.run.frames -= 1
+            ready = self._ready(frame.run)
+        if ready:
+            self._settle(frame.run)
+
+    def fatal(self, error: BmigError) -> None:
+        self._set_fatal(error)
+
+    def _set_fatal(self, error: BmigError) -> None:
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = error
+            self._lock.notify_all()
+
+    def _ready(self, run: Run) -> bool:
+        return run.planned and run.frames == 0 and not run.done
+
+    def _settle(self, run: Run) -> None:
+        """Commit a run whose frames are all durable; abort it if one failed."""
+        with self._lock:
+            if run.done:
+                return
+            run.done = True
+        device = self._info.name
+        try:
+            if run.failed:
+                self._tracker.abort(device, [(run.offset, run.length)])
+            else:
+                self._tracker.commit(device, [(run.offset, run.length)])
+                self.result.bytes_committed += run.length
+        except BmigError as exc:
+            self._set_fatal(exc)
+        with self._lock:
+            self._inflight -= run.length
+            self._lock.notify_all()
+
+    def _wait_settled(self) -> None:
+        """Until every run is committed or aborted; a target that stops answering for
+        ACK_TIMEOUT seconds is given up on (its chunks stay dirty)."""
+        with self._lock:
+            waiting = time.monotonic()
+            while self._fatal is None and any(not r.done for r in self._runs):
+                self._give_up_if_silent(waiting)
+                self._lock.wait(0.5)
+
+    def _give_up_if_silent(self, waiting_since: float) -> None:
+        """Called with the lock held while waiting for acknowledgements."""
+        if time.monotonic() - max(waiting_since, self._last_ack) > ACK_TIMEOUT \
+                and self._fatal is None:
+            self._fatal = UnreachableError(f"{self._target.description} stopped "
+                                           f"acknowledging for {ACK_TIMEOUT:.0f} s")
+
+    def _abort_unsettled(self) -> None:
+        """After a failure: what is still checked out goes back to dirty now (breqd would
+        also do it when the connection closes)."""
+        with self._lock:
+            left = [r for r in self._runs if not r.done]
+            for r in left:
+                r.done = True
+        for run in left:
+            try:
+                self._tracker.abort(self._info.name, [(run.offset, run.length)])
+            except BmigError:
+                return

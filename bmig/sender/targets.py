@@ -1,0 +1,434 @@
+"""The sender's side of a target: breceive over a stream, or any NBD server.
+
+A pass hands a target frames with sequence numbers and asks for durability now and
+then; the target reports back through ``Acks``: ``durable(seq)`` (every frame up to seq
+is on stable storage, except those reported failed), ``failed(seq, error)`` (nothing of
+that frame was written) and ``fatal(error)`` (the target is gone; nothing more will be
+made durable). A pass commits chunks in breqd only on ``durable`` (invariant 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from bmig import __version__
+from bmig.errors import (AuthError, BmigError, ConfigError, ProtocolError, TargetError,
+                         UnreachableError, from_wire)
+from bmig.framing import ConnectionClosed
+from bmig.lineage import hex_id
+from bmig.sender.urls import TargetUrl
+from bmig.wire import auth
+from bmig.wire.channel import Channel
+from bmig.wire.codec import checksum as xxh3
+from bmig.wire.protocol import (MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
+                                decode_json, pack_data, pack_seq, pack_zero, type_of,
+                                unpack_hashes, unpack_seq)
+from bmig.wire.transports import (SocketStream, Stream, client_tls_context, connect_tcp)
+
+log = logging.getLogger("bmigrate")
+
+REPLY_TIMEOUT = 300.0      # a control reply (OPENED, PASS_DONE, HASHES) may wait for a sync
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    device_id: int
+    generation: int
+    size: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach and authenticate a target (from flags and the config file)."""
+
+    secret: bytes | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    ssh_command: str = "breceive --stdio"
+    ssh_program: str = "paramiko"          # or "openssh"
+    known_hosts: str | None = None
+    accept_new_host_key: bool = False
+    identity: str | None = None
+    ssh_cipher: str | None = None
+    timeout: float = 30.0
+
+
+class Acks(Protocol):
+    def durable(self, seq: int) -> None: ...
+    def failed(self, seq: int, error: BmigError) -> None: ...
+    def fatal(self, error: BmigError) -> None: ...
+
+
+class Target(Protocol):
+    description: str
+    compresses: bool            # worth compressing for (a breceive) or not (NBD)
+    lineage: bool               # keeps a lineage record
+
+    def open(self, source: SourceInfo, discard: bool) -> str: ...
+    def begin_pass(self) -> None: ...
+    def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
+                  digest: int) -> None: ...
+    def send_zero(self, seq: int, offset: int, length: int) -> None: ...
+    def request_durable(self, seq: int) -> None: ...
+    def end_pass(self, complete: bool) -> dict: ...
+    def hashes(self, offset: int, length: int, chunk: int) -> list[int]: ...
+    def status(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+# -- breceive over a stream --------------------------------------------------------------
+
+class WireTarget:
+    """breceive at the other end of a Stream: handshake, then a reader thread that sorts
+    acknowledgements from replies."""
+
+    compresses = True
+    lineage = True
+
+    def __init__(self, stream: Stream, url: TargetUrl, options: ConnectOptions,
+                 transport_authenticated: bool):
+        self.description = str(url)
+        self.export = url.export
+        self.channel = Channel(stream)
+        self._replies: queue.Queue[Message | memoryview | BmigError] = queue.Queue()
+        self._acks: Acks | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = False
+        self.server = "breceive"
+        self._handshake(options, transport_authenticated)
+
+    # -- handshake -------------------------------------------------------------------
+
+    def _read_json(self, expect: T, cap: int | None = None) -> Message:
+        try:
+            body = self.channel.read(cap)
+        except ConnectionClosed:
+            raise UnreachableError(f"{self.description} closed the connection during the "
+                                   "handshake") from None
+        message = decode_json(body)
+        if message.type == T.ERROR:
+            raise _remote_error(message)
+        if message.type != expect:
+            raise ProtocolError(f"{self.description}: expected {expect.name}, got "
+                                f"{message.type.name}")
+        return message
+
+    def _handshake(self, options: ConnectOptions, transport_authenticated: bool) -> None:
+        self._send(Message(T.HELLO, {"version": WIRE_VERSION,
+                                     "client": f"bmigrate {__version__}"}))
+        hello = self._read_json(T.HELLO, MAX_PREAUTH_FRAME)
+        self.server = hello.str("server", "breceive")
+        version = hello.int("version", 1, 1, 1 << 16)
+        if version > WIRE_VERSION:
+            raise ProtocolError(f"{self.description} answered wire version {version}, above "
+                                f"what this bmigrate speaks ({WIRE_VERSION})")
+        method = hello.str("auth", "")
+        if method == "transport":
+            return
+        if method != auth.METHOD:
+            raise AuthError(f"{self.description} asks for authentication by {method!r}, "
+                            "which this bmigrate does not know")
+        if options.secret is None:
+            raise AuthError(f"{self.description} wants the shared secret: give "
+                            "--secret-file FILE")
+        challenge = hello.fields.get("challenge")
+        if not auth.valid_nonce(challenge):
+            raise ProtocolError(f"{self.description} sent a malformed challenge")
+        nonce = auth.new_nonce()
+        self._send(Message(T.AUTH, {"method": auth.METHOD, "nonce": nonce,
+                                    "proof": auth.client_proof(options.secret, challenge,
+                                                               nonce)}))
+        ok = self._read_json(T.AUTH_OK, MAX_PREAUTH_FRAME)
+        expected = auth.server_proof(options.secret, str(challenge), nonce)
+        if not auth.matches(expected, ok.fields.get("proof")):
+            raise AuthError(f"{self.description} does not know the shared secret: it is "
+                            "not the receiver you meant")
+
+    # -- control -----------------------------------------------------------------------
+
+    def _send(self, message: Message) -> None:
+        self.channel.send(message.encode())
+
+    def _request(self, message: Message, expect: T) -> Message | memoryview:
+        self._send(message)
+        try:
+            reply = self._replies.get(timeout=REPLY_TIMEOUT)
+        except queue.Empty:
+            raise UnreachableError(f"{self.description} did not answer {message.type.name} "
+                                   f"in {REPLY_TIMEOUT:.0f} s") from None
+        if isinstance(reply, BmigError):
+            raise reply
+        kind = type_of(reply) if isinstance(reply, memoryview) else reply.type
+        if kind != expect:
+            raise ProtocolError(f"{self.description}: expected {expect.name}, got {kind.name}")
+        return reply
+
+    def set_acks(self, acks: Acks) -> None:
+        self._acks = acks
+
+    def open(self, source: SourceInfo, discard: bool) -> str:
+        self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
+        self._reader.start()
+        reply = self._request(Message(T.OPEN, {
+            "export": self.export, "device": source.name, "device_id": hex_id(source.device_id),
+            "generation": hex_id(source.generation), "size": source.size,
+            "chunk_size": source.chunk_size, "discard_target_data": discard}), T.OPENED)
+        assert isinstance(reply, Message)
+        self.opened = reply.fields.get("target", {})
+        return reply.str("relation")
+
+    def begin_pass(self) -> None:
+        self._send(Message(T.PASS_BEGIN, {}))
+
+    def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
+                  digest: int) -> None:
+        self.channel.send(pack_data(codec, 0, raw_length, seq, offset, digest), payload)
+
+    def send_zero(self, seq: int, offset: int, length: int) -> None:
+        self.channel.send(pack_zero(seq, offset, length))
+
+    def request_durable(self, seq: int) -> None:
+        self.channel.send(pack_seq(T.FLUSH, seq))
+
+    def end_pass(self, complete: bool) -> dict:
+        reply = self._request(Message(T.PASS_END, {"complete": complete}), T.PASS_DONE)
+        assert isinstance(reply, Message)
+        return dict(reply.fields.get("target", {}))
+
+    def hashes(self, offset: int, length: int, chunk: int) -> list[int]:
+        out: list[int] = []
+        step = MAX_HASHES * chunk
+        for start in range(offset, offset + length, step):
+            n = min(step, offset + length - start)
+            reply = self._request(Message(T.HASHES_REQ, {"offset": start, "length": n,
+                                                         "chunk_size": chunk}), T.HASHES)
+            assert isinstance(reply, memoryview)
+            got_offset, values = unpack_hashes(reply)
+            if got_offset != start or len(values) != -(-n // chunk):
+                raise ProtocolError(f"{self.description} answered hashes for another range")
+            out.extend(values)
+        return out
+
+    def status(self) -> dict:
+        reply = self._request(Message(T.STATUS_REQ, {}), T.STATUS)
+        assert isinstance(reply, Message)
+        return dict(reply.fields)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._send(Message(T.BYE, {}))
+        except BmigError:
+            pass
+        self.channel.close()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+
+    # -- the reader thread ---------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        why: BmigError = UnreachableError(f"lost {self.description}")
+        try:
+            while True:
+                body = self.channel.read()
+                kind = type_of(body)
+                if kind == T.DURABLE:
+                    if self._acks is not None:
+                        self._acks.durable(unpack_seq(body))
+                elif kind == T.RECEIVED:
+                    pass
+                elif kind == T.HASHES:
+                    self._replies.put(memoryview(bytes(body)))   # outlives the buffer
+                elif kind == T.ERROR:
+                    self._error(decode_json(body))
+                else:
+                    self._replies.put(decode_json(body))
+        except ConnectionClosed:
+            why = UnreachableError(f"{self.description} closed the connection")
+        except BmigError as exc:
+            why = exc
+        finally:
+            if not self._closed:
+                log.debug("%s: reader stops: %s", self.description, why.message)
+                if self._acks is not None:
+                    self._acks.fatal(why)
+                self._replies.put(why)
+
+    def _error(self, message: Message) -> None:
+        error = _remote_error(message)
+        seq = message.fields.get("seq")
+        if isinstance(seq, int) and not message.fields.get("fatal") and self._acks is not None:
+            self._acks.failed(seq, error)
+        elif message.fields.get("fatal"):
+            if self._acks is not None:
+                self._acks.fatal(error)
+            self._replies.put(error)
+        else:
+            self._replies.put(error)
+
+
+def _remote_error(message: Message) -> BmigError:
+    code = str(message.fields.get("code", "error"))
+    text = str(message.fields.get("message", "unknown error"))
+    return from_wire(code, f"receiver: {text}")
+
+
+# -- any NBD server ------------------------------------------------------------------------
+
+class NbdTarget:
+    """An NBD export as the target: writes pipelined, durable when a FLUSH is answered.
+    No lineage and no compression; the sender ships everything at each start."""
+
+    compresses = False
+    lineage = False
+
+    def __init__(self, url: TargetUrl, options: ConnectOptions):
+        from bmig.nbd.client import NbdClient
+
+        self.description = url.nbd_uri
+        context = None
+        if url.nbd_uri.startswith("nbds"):
+            context = client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
+        self.client = NbdClient.connect(url.nbd_uri, timeout=options.timeout,
+                                        tls_context=context)
+        if self.client.read_only:
+            raise ConfigError(f"{self.description} is read-only")
+        self._cookies: list[tuple[int, int]] = []     # (cookie, seq) not yet waited for
+        self._acks: Acks | None = None
+
+    def set_acks(self, acks: Acks) -> None:
+        self._acks = acks
+
+    def open(self, source: SourceInfo, discard: bool) -> str:
+        if self.client.size < source.size:
+            raise TargetError(f"{self.description} has {self.client.size} bytes, the source "
+                              f"{source.size}")
+        return "none"
+
+    def begin_pass(self) -> None:
+        pass
+
+    def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
+                  digest: int) -> None:
+        self._cookies.append((self.client.submit_write(payload, offset), seq))
+
+    def send_zero(self, seq: int, offset: int, length: int) -> None:
+        if self.client.can_zero:
+            self._cookies.append((self.client.submit_zero(offset, length), seq))
+            return
+        zeros = bytes(min(length, 1 << 20))
+        for start in range(offset, offset + length, len(zeros)):
+            n = min(len(zeros), offset + length - start)
+            self._cookies.append((self.client.submit_write(zeros[:n], start), seq))
+
+    def request_durable(self, seq: int) -> None:
+        from bmig.nbd.client import NbdError
+
+        assert self._acks is not None
+        cookies, self._cookies = self._cookies, []
+        for cookie, frame_seq in cookies:
+            try:
+                self.client.wait(cookie)
+            except NbdError as exc:
+                self._acks.failed(frame_seq, TargetError(f"{self.description}: {exc.message}"))
+        try:
+            if self.client.can_flush:
+                self.client.flush()
+        except BmigError as exc:
+            self._acks.fatal(exc)
+            raise
+        self._acks.durable(seq)
+
+    def end_pass(self, complete: bool) -> dict:
+        return {}
+
+    def hashes(self, offset: int, length: int, chunk: int) -> list[int]:
+        out = []
+        for start in range(offset, offset + length, chunk):
+            out.append(xxh3(self.client.pread(min(chunk, offset + length - start), start)))
+        return out
+
+    def status(self) -> dict:
+        return {"targets": [{"export": self.client.export, "size": self.client.size}]}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- opening -------------------------------------------------------------------------------
+
+def open_target(url: TargetUrl, options: ConnectOptions) -> "WireTarget | NbdTarget":
+    """Connect and authenticate; the one way a command reaches a target."""
+    if url.kind == "nbd":
+        return NbdTarget(url, options)
+    if url.kind == "ssh":
+        return _open_ssh(url, options)
+    sock = connect_tcp(url.host, url.port, options.timeout)
+    authenticated = False
+    try:
+        if url.kind == "tls":
+            context = client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
+            try:
+                sock = context.wrap_socket(sock, server_hostname=url.host)
+            except ssl.SSLCertVerificationError as exc:
+                raise AuthError(f"the certificate of {url.host}:{url.port} is not trusted: "
+                                f"{exc.verify_message}; give its CA with --tls-ca") from None
+            except (ssl.SSLError, OSError) as exc:
+                raise UnreachableError(f"TLS with {url.host}:{url.port} failed: {exc}") from None
+            authenticated = options.tls_cert is not None and options.secret is None
+        sock.settimeout(options.timeout)
+        stream = SocketStream(sock, str(url))
+        target = WireTarget(stream, url, options, authenticated)
+        sock.settimeout(None)
+        _keepalive(sock)
+        return target
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """A dead peer is noticed within about two minutes, without a read timeout."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_ssh(url: TargetUrl, options: ConnectOptions) -> WireTarget:
+    from bmig.wire import ssh
+
+    target = ssh.SshTarget(host=url.host, port=url.port, user=url.user,
+                           command=options.ssh_command, known_hosts=options.known_hosts,
+                           accept_new_host_key=options.accept_new_host_key,
+                           identity=options.identity, cipher=options.ssh_cipher,
+                           connect_timeout=options.timeout)
+    command = options.ssh_command
+    opener: Callable[..., Stream] = (ssh.open_openssh if options.ssh_program == "openssh"
+                                     else ssh.open_paramiko)
+    stream = opener(target, command)
+    try:
+        return WireTarget(stream, url, options, transport_authenticated=True)
+    except (UnreachableError, ProtocolError) as exc:
+        hint = ssh.failure_hint(stream)
+        stream.close()
+        if hint:
+            raise UnreachableError(hint) from None
+        raise exc
+    except BaseException:
+        stream.close()
+        raise

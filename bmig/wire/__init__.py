@@ -1,0 +1,1 @@
+"""The replication protocol between bmigrate (sender) and breceive (receiver)."""

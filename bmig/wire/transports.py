@@ -1,0 +1,163 @@
+"""One stream API over every transport: TCP, TLS, SSH (bmig.wire.ssh) and stdio pipes.
+
+A Stream moves bytes and knows nothing of frames. ``recv_into`` returns 0 at the end of
+the stream; ``send`` takes several buffers and sends them as one (sendmsg or writev),
+so a frame header and its payload are never concatenated. Errors are OSError; the
+framing layer above turns them into the toolkit's errors.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+from typing import Protocol, Sequence
+
+from bmig.errors import ConfigError, UnreachableError
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Stream(Protocol):
+    description: str
+
+    def recv_into(self, buf: memoryview) -> int: ...
+    def send(self, parts: Sequence[Buffer]) -> None: ...
+    def close(self) -> None: ...
+
+
+class SocketStream:
+    """A connected socket, plain or TLS (``ssl.SSLSocket``)."""
+
+    def __init__(self, sock: socket.socket, description: str):
+        self.sock = sock
+        self.description = description
+        self._tls = isinstance(sock, ssl.SSLSocket)
+
+    def recv_into(self, buf: memoryview) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except ssl.SSLZeroReturnError:
+            return 0
+
+    def send(self, parts: Sequence[Buffer]) -> None:
+        if self._tls or len(parts) == 1:     # SSLSocket has no sendmsg
+            for part in parts:
+                self.sock.sendall(part)
+            return
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class FdStream:
+    """A pair of file descriptors: stdin/stdout of ``breceive --stdio``, or the pipes of a
+    child process such as ``ssh HOST breceive --stdio``."""
+
+    def __init__(self, read_fd: int, write_fd: int, description: str,
+                 close_fds: bool = True):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.description = description
+        self._close = close_fds
+
+    def recv_into(self, buf: memoryview) -> int:
+        return os.readv(self.read_fd, [buf])
+
+    def send(self, parts: Sequence[Buffer]) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            written = os.writev(self.write_fd, views)
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
+
+    def readable(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.read_fd], [], [], timeout)
+        return bool(ready)
+
+    def close(self) -> None:
+        if not self._close:
+            return
+        for fd in {self.read_fd, self.write_fd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection with the options bulk transfer wants; UnreachableError if not."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise UnreachableError(f"cannot resolve {host}: {exc.strerror}") from None
+    except OSError as exc:
+        raise UnreachableError(f"cannot connect to {host}:{port}: "
+                               f"{exc.strerror or exc}") from None
+    tune(sock)
+    return sock
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay for acknowledgements; large buffers for data."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        except OSError:
+            pass
+
+
+def client_tls_context(ca: str | None, cert: str | None, key: str | None,
+                       verify: bool = True) -> ssl.SSLContext:
+    """The sender's TLS context: the receiver's certificate checked against ``ca`` (or
+    the system's CAs), and an optional client certificate."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the client certificate {cert}: {exc}") from None
+    return context
+
+
+def server_tls_context(cert: str, key: str | None, client_ca: str | None) -> ssl.SSLContext:
+    """The receiver's TLS context; with ``client_ca``, clients must show a certificate
+    signed by it (which authenticates them)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {cert}: {exc}") from None
+    if client_ca:
+        try:
+            context.load_verify_locations(client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the client CA {client_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -1,0 +1,102 @@
+"""Sync while an application writes through bmig-nbd, then a last pass once it stops.
+
+The writer is our NBD client on the export; every write is marked in breqd by bmig-nbd.
+With writes slower than shipping, sync converges; after the writer stops, a last sync
+with --threshold 0 leaves a byte-identical target. With writes faster than a limited
+sync can ship, sync says it is not converging and exits 10.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+from bmig.nbd.client import NbdClient
+from tests.integration.nbd_helpers import start_nbd
+from tests.integration.sync_helpers import (MiB, receivers, same_bytes,  # noqa: F401
+                                            start_receiver, sync)
+
+SIZE = 64 * MiB
+
+
+class Writer(threading.Thread):
+    """Random writes through the NBD export, ``per_second`` of ``block`` bytes."""
+
+    def __init__(self, uri: str, per_second: int, block: int = 4096, seed: int = 3,
+                 size: int = SIZE):
+        super().__init__(daemon=True)
+        self.size = size
+        self.uri, self.per_second, self.block = uri, per_second, block
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.writes = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with NbdClient.connect(self.uri, timeout=60) as client:
+                started = time.monotonic()
+                while not self.stop.is_set():
+                    offset = self.rng.randrange(self.size // self.block) * self.block
+                    client.pwrite(self.rng.randbytes(self.block), offset)
+                    self.writes += 1
+                    ahead = self.writes / self.per_second - (time.monotonic() - started)
+                    if ahead > 0:                 # pacing the workload, not synchronising
+                        self.stop.wait(ahead)
+                client.flush()
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=60)
+        assert self.error is None, self.error
+        assert self.writes > 0
+
+
+def test_sync_under_live_writes_then_a_last_pass_is_identical(breqd, tmp_path, receivers):
+    server = start_nbd(breqd, tmp_path, SIZE)
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    with open(server.backing, "r+b") as f:          # some data to begin with
+        f.write(random.Random(1).randbytes(16 * MiB))
+    writer = Writer(server.uri, per_second=400)
+    writer.start()
+    args = ["d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+            r.secret_file, "--json"]
+    try:
+        live = sync(breqd, *args)
+        summary = json.loads(live.stdout.splitlines()[-1])
+        assert summary["converged"]
+        assert writer.writes > 0 and writer.is_alive()
+    finally:
+        writer.finish()
+    last = json.loads(sync(breqd, *args, "--threshold", "0").stdout.splitlines()[-1])
+    assert last["converged"] and last["dirty_bytes"] == 0
+    assert server.daemon.stop() == 0                  # flushed, and nothing more comes
+    assert same_bytes(server.backing, target)
+    assert r.record("d1")["state"] == "consistent"
+
+
+def test_writes_faster_than_shipping_are_reported_as_not_converging(breqd, tmp_path,
+                                                                    receivers):
+    small = 8 * MiB                                   # a pass takes about 4 s at 2 MB/s
+    server = start_nbd(breqd, tmp_path, small)
+    r = start_receiver(tmp_path, {"d1": str(tmp_path / "tgt.img")})
+    receivers.append(r)
+    writer = Writer(server.uri, per_second=2000, size=small)   # ~8 MB/s of 4 KiB writes
+    writer.start()
+    try:
+        done = sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"),
+                    "--secret-file", r.secret_file, "--bwlimit", "2M", "--threshold", "0",
+                    "--window", "4M", check=False)
+    finally:
+        writer.finish()
+        server.daemon.stop()
+    assert done.returncode == 10, done.stderr
+    message = [line for line in done.stderr.splitlines() if line.startswith("bmigrate:")]
+    assert len(message) == 1 and "not converging: writes at" in message[0]
+    assert "protocol C" in message[0]
