@@ -39,10 +39,11 @@ def load_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: permission denied") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: not a regular file")
         if st.st_size > MAX_CONFIG_FILE:
             raise ConfigError(f"{path}: {st.st_size} bytes is too large for a configuration file")
         try:

@@ -301,17 +301,19 @@ class Pass:
             runs = self._tracker.checkout(device, min(room, CHECKOUT_STEP, budget - planned))
             if not runs:
                 return
+            # Each piece of a checked-out run is committed on its own, as soon as its
+            # frames are durable: a piece is a frame's worth of whole chunks.
+            piece = max(self._s.frame_size, self._info.chunk_size)
             for offset, length in runs:
-                run = Run(offset, length)
-                with self._lock:
-                    self._inflight += length
-                    self._runs.append(run)
                 self.result.bytes_checked_out += length
                 planned += length
                 end = offset + length
-                for start in range(offset, end, self._s.frame_size):
-                    n = min(self._s.frame_size, end - start)
-                    self._jobs.put((run, start, n, start + n == end))
+                for start in range(offset, end, piece):
+                    run = Run(start, min(piece, end - start))
+                    with self._lock:
+                        self._inflight += run.length
+                        self._runs.append(run)
+                    self._jobs.put((run, run.offset, run.length, True))
 
     def _stopped(self) -> bool:
         return self._stop.is_set() or self._fatal is not None
@@ -359,7 +361,9 @@ class Pass:
             if hole:
                 yield Frame(run, pos, n, "zero")
             else:
-                yield from self._data_frames(run, pos, n)
+                for start in range(pos, pos + n, self._s.frame_size):
+                    yield from self._data_frames(
+                        run, start, min(self._s.frame_size, pos + n - start))
             pos += n
 
     def _data_frames(self, run: Run, offset: int, length: int):

@@ -55,10 +55,11 @@ def load_secret(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot open the secret file {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"secret file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"secret file {path} is not a regular file")
         if st.st_mode & 0o077:
             raise ConfigError(f"secret file {path} can be read by others (mode "
                               f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")

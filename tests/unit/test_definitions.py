@@ -44,6 +44,11 @@ def test_a_fifo_is_not_read_as_a_config_file(tmp_path):
         load_toml(str(fifo))   # would block forever if it were opened for reading
 
 
+def test_a_directory_is_not_read_as_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_toml(str(tmp_path))
+
+
 def test_an_oversized_config_file_is_refused(tmp_path):
     big = tmp_path / "big.toml"
     big.write_bytes(b"#" * (2 << 20))

@@ -1,0 +1,231 @@
+"""The wire protocol's pieces one by one: codecs, the bounded decoder, authentication,
+target URLs, and frames over a stream."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+import zstandard
+
+from bmig.errors import ConfigError, FrameTooLarge, ProtocolError
+from bmig.framing import ConnectionClosed
+from bmig.sender.urls import parse_target_url
+from bmig.wire import auth, codec
+from bmig.wire.channel import Channel
+from bmig.wire.protocol import (MAX_DATA, MAX_JSON, Message, T, decode_json, pack_data,
+                                pack_hashes, pack_seq, pack_zero, unpack_data, unpack_hashes,
+                                unpack_seq, unpack_zero)
+from bmig.wire.transports import SocketStream
+
+# -- codecs ------------------------------------------------------------------------------
+
+
+def test_compressible_data_goes_zstd_and_comes_back():
+    data = b"the same line again and again\n" * 10000
+    kind, payload = codec.encode(data, 1)
+    assert kind == codec.ZSTD and len(payload) < len(data) // 10
+    assert bytes(codec.decode(kind, memoryview(payload), len(data))) == data
+
+
+def test_incompressible_data_goes_raw_after_a_sample():
+    data = os.urandom(1 << 20)
+    kind, payload = codec.encode(memoryview(data), 1)
+    assert kind == codec.RAW and payload is not None and len(payload) == len(data)
+    assert codec.encode(data, None)[0] == codec.RAW
+
+
+def test_a_zstd_payload_that_states_another_size_is_refused_before_decoding():
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    with pytest.raises(ProtocolError, match="states"):
+        codec.decode(codec.ZSTD, memoryview(bomb), 4096)
+
+
+@pytest.mark.parametrize("kind,payload,length,match", [
+    (codec.ZSTD, b"not zstd at all", 100, "decompress"),
+    (codec.RAW, b"abc", 4, "raw payload"),
+    (7, b"abcd", 4, "unknown codec"),
+])
+def test_bad_payloads_are_protocol_errors(kind, payload, length, match):
+    with pytest.raises(ProtocolError, match=match):
+        codec.decode(kind, memoryview(payload), length)
+
+
+def test_a_zstd_frame_without_a_size_is_capped_at_the_raw_length():
+    c = zstandard.ZstdCompressor(write_content_size=False)
+    payload = c.compress(bytes(1 << 20))
+    with pytest.raises(ProtocolError):
+        codec.decode(codec.ZSTD, memoryview(payload), 4096)
+    assert len(codec.decode(codec.ZSTD, memoryview(payload), 1 << 20)) == 1 << 20
+
+
+def test_zero_detection():
+    assert codec.is_zero(bytes(5 << 20))
+    data = bytearray(5 << 20)
+    data[-1] = 1
+    assert not codec.is_zero(data)
+    assert not codec.is_zero(b"\x00\x01")
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+def test_json_messages_round_trip_and_unknown_fields_are_kept_for_the_reader():
+    body = Message(T.OPEN, {"export": "vm1", "size": 5, "future": [1, 2]}).encode()
+    msg = decode_json(memoryview(body))
+    assert msg.type == T.OPEN and msg.str("export") == "vm1" and msg.int("size") == 5
+
+
+@pytest.mark.parametrize("body,match", [
+    (b"", "empty"),
+    (bytes([99]), "unknown message type"),
+    (bytes([T.DATA, 0, 0, 0]), "not a JSON message"),
+    (bytes([T.OPEN, 0, 0, 0]) + b"{bad", "not valid JSON"),
+    (bytes([T.OPEN, 0, 0, 0]) + b"[1]", "JSON object"),
+    (bytes([T.OPEN, 0, 0, 0]) + b"[" * 50000, "nested|JSON"),
+    (bytes([T.OPEN, 0, 0, 0]) + b" " * (MAX_JSON + 1), "too large"),
+])
+def test_the_decoder_refuses_malformed_messages(body, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode_json(memoryview(body))
+
+
+@pytest.mark.parametrize("fields,getter", [
+    ({"size": "5"}, lambda m: m.int("size")),
+    ({"size": True}, lambda m: m.int("size")),
+    ({"size": -1}, lambda m: m.int("size")),
+    ({"export": 3}, lambda m: m.str("export")),
+    ({"discard": "yes"}, lambda m: m.bool("discard")),
+])
+def test_fields_of_the_wrong_type_are_protocol_errors(fields, getter):
+    with pytest.raises(ProtocolError):
+        getter(decode_json(memoryview(Message(T.OPEN, fields).encode())))
+
+
+def test_binary_layouts_round_trip():
+    head, payload = unpack_data(memoryview(pack_data(1, 0, 4, 9, 4096, 77) + b"abcd"))
+    assert (head.codec, head.raw_length, head.seq, head.offset, head.checksum) == \
+        (1, 4, 9, 4096, 77) and bytes(payload) == b"abcd"
+    assert unpack_zero(memoryview(pack_zero(3, 8192, 100))) == (3, 8192, 100, 0)
+    assert unpack_seq(memoryview(pack_seq(T.DURABLE, 12))) == 12
+    assert unpack_hashes(memoryview(pack_hashes(65536, [1, 2, 3]))) == (65536, [1, 2, 3])
+
+
+@pytest.mark.parametrize("body,unpack", [
+    (pack_data(0, 0, 0, 1, 0, 0), unpack_data),                 # raw length 0
+    (pack_data(0, 0, MAX_DATA + 1, 1, 0, 0), unpack_data),      # above the cap
+    (pack_data(0, 0, 1, 1, 0, 0)[:20], unpack_data),             # short header
+    (pack_zero(1, 0, 0), unpack_zero),                           # empty range
+    (pack_zero(1, 0, 5) + b"x", unpack_zero),                    # trailing bytes
+    (pack_seq(T.FLUSH, 1)[:10], unpack_seq),
+    (pack_hashes(0, [1, 2])[:-8], unpack_hashes),                # count says 2, holds 1
+])
+def test_binary_messages_are_checked_before_use(body, unpack):
+    with pytest.raises(ProtocolError):
+        unpack(memoryview(body))
+
+
+# -- authentication ------------------------------------------------------------------------
+
+
+def test_proofs_bind_both_nonces_and_the_direction():
+    secret, a, b = b"s" * 32, auth.new_nonce(), auth.new_nonce()
+    proof = auth.client_proof(secret, a, b)
+    assert auth.matches(proof, auth.client_proof(secret, a, b))
+    assert not auth.matches(proof, auth.client_proof(secret, b, a))
+    assert not auth.matches(proof, auth.server_proof(secret, a, b))
+    assert not auth.matches(proof, auth.client_proof(b"t" * 32, a, b))
+    assert not auth.matches(proof, 123)
+    assert auth.valid_nonce(a) and not auth.valid_nonce("xyz") and not auth.valid_nonce(None)
+
+
+def test_the_secret_file_must_be_private_regular_and_long_enough(tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("sixteen-bytes-or-more-here\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        auth.load_secret(str(path))
+    os.chmod(path, 0o600)
+    assert auth.load_secret(str(path)) == b"sixteen-bytes-or-more-here"
+    path.write_text("short")
+    with pytest.raises(ConfigError, match="fewer than 16"):
+        auth.load_secret(str(path))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        auth.load_secret(str(tmp_path))
+    with pytest.raises(ConfigError, match="cannot open"):
+        auth.load_secret(str(tmp_path / "missing"))
+
+
+# -- target URLs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,kind,host,port,user,export", [
+    ("tcp://backup:10810/vm1", "tcp", "backup", 10810, None, "vm1"),
+    ("tls://10.0.0.2/vm1", "tls", "10.0.0.2", 10810, None, "vm1"),
+    ("ssh://root@backup/vm1", "ssh", "backup", 22, "root", "vm1"),
+    ("ssh://backup:2222/vm%201", "ssh", "backup", 2222, None, "vm 1"),
+    ("tcp://[::1]:7/x", "tcp", "::1", 7, None, "x"),
+])
+def test_target_urls(text, kind, host, port, user, export):
+    url = parse_target_url(text)
+    assert (url.kind, url.host, url.port, url.user, url.export) == (kind, host, port, user,
+                                                                   export)
+
+
+def test_nbd_urls_are_kept_whole():
+    url = parse_target_url("nbd+unix:///vm1?socket=/run/x.sock")
+    assert url.kind == "nbd" and url.nbd_uri == "nbd+unix:///vm1?socket=/run/x.sock"
+
+
+@pytest.mark.parametrize("text", ["backup:/vm1", "ftp://x/y", "tcp://backup:10810",
+                                  "tcp://backup:10810/a/b", "tcp://:10810/x",
+                                  "tcp://backup:99999/x", "tcp://u@backup/x",
+                                  "tcp://backup/x?y=1"])
+def test_bad_target_urls_are_one_line_config_errors(text):
+    with pytest.raises(ConfigError) as exc:
+        parse_target_url(text)
+    assert "\n" not in exc.value.message
+
+
+# -- frames over a stream ------------------------------------------------------------------
+
+
+def channel_pair() -> tuple[Channel, Channel]:
+    a, b = socket.socketpair()
+    return Channel(SocketStream(a, "a")), Channel(SocketStream(b, "b"))
+
+
+def test_frames_cross_a_stream_in_order_with_payloads_unjoined():
+    left, right = channel_pair()
+    payload = os.urandom(3 << 20)
+    sender = threading.Thread(target=lambda: [left.send(b"head%d" % i, payload)
+                                              for i in range(3)])
+    sender.start()
+    for i in range(3):
+        body = right.read()
+        assert bytes(body[:5]) == b"head%d" % i and bytes(body[5:]) == payload
+    sender.join()
+    left.close()
+    with pytest.raises(ConnectionClosed):
+        right.read()
+    right.close()
+
+
+def test_a_length_above_the_cap_is_refused_before_the_body_is_read():
+    left, right = channel_pair()
+    left.stream.sock.sendall((5000).to_bytes(4, "little"))
+    with pytest.raises(FrameTooLarge):
+        right.read(cap=4096)
+    left.close()
+    right.close()
+
+
+def test_a_stream_that_ends_inside_a_frame_is_a_protocol_error():
+    left, right = channel_pair()
+    left.stream.sock.sendall((100).to_bytes(4, "little") + b"x" * 10)
+    left.close()
+    with pytest.raises(ProtocolError, match="inside a frame"):
+        right.read()
+    right.close()
