@@ -6,6 +6,7 @@ import click
 
 from bmig import __version__
 from bmig.cli.common import run
+from bmig.cli.replicate import replicate
 from bmig.cli.sync import run_service, sync
 from bmig.cli.track import track
 
@@ -19,6 +20,7 @@ def cli() -> None:
 cli.add_command(track)
 cli.add_command(sync)
 cli.add_command(run_service)
+cli.add_command(replicate)
 
 
 def main() -> None:

@@ -15,13 +15,17 @@ from bmig.cli.common import host_port, run
 from bmig.config import load_toml
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import BmigError, ConfigError, UnknownDevice
+from bmig.lineage import parse_id
 from bmig.nbd.layers.file import FileLayer
-from bmig.nbd.layers.track import TrackLayer
+from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
+from bmig.nbd.layers.track import DEFAULT_HOLD_LIMIT, TrackLayer
+from bmig.nbd.manage import DEFAULT_MANAGE_DIR, Managed, ManageServer
 from bmig.nbd.server import Export, Listen, Server, Tls
+from bmig.sender.targets import SourceInfo
 from bmig.tracker.aclient import AsyncTrackerClient
 
 TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level", "track",
-            "export", "tls", "tls_cert", "tls_key"}
+            "export", "tls", "tls_cert", "tls_key", "manage_dir", "hold_chunks"}
 TLS_MODES = ("require", "on", "off")
 EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
 
@@ -57,9 +61,10 @@ def _open_files(specs: list[dict[str, Any]], read_only: bool) -> list[tuple[dict
     return opened
 
 
-async def _track(opened: list[tuple[dict, FileLayer]],
-                 tracker: AsyncTrackerClient | None) -> list[Export]:
-    """Put a tracking layer over every writable export; check each against breqd."""
+async def _track(opened: list[tuple[dict, FileLayer]], tracker: AsyncTrackerClient | None,
+                 managed: list[Managed], hold_limit: int) -> list[Export]:
+    """Build each writable export's chain (control, tracking, replication, file), after
+    checking it against breqd; ``managed`` gets what the control socket serves."""
     exports: list[Export] = []
     for spec, layer in opened:
         name = str(spec.get("name") or spec["device"])
@@ -78,7 +83,14 @@ async def _track(opened: list[tuple[dict, FileLayer]],
             if tracker.version < 2:
                 raise ConfigError(f"breqd at {tracker.path} is too old (control protocol "
                                   f"{tracker.version}); bmig-nbd needs version 2")
-            top = TrackLayer(layer, tracker, device, int(stats["chunk_size"]))
+            replicate = ReplicateLayer(layer, device)
+            track = TrackLayer(replicate, tracker, device, int(stats["chunk_size"]),
+                               hold_limit=hold_limit, mirror=replicate)
+            top = ControlLayer(track, device)
+            info = SourceInfo(device, parse_id(stats["device_id"], "device_id"),
+                              parse_id(stats["generation"], "generation"), layer.size,
+                              int(stats["chunk_size"]))
+            managed.append(Managed(device, name, top, replicate, info))
         exports.append(Export(name, top, str(spec.get("description", ""))))
     return exports
 
@@ -104,15 +116,26 @@ def _tls(values: dict[str, Any], mode: str | None, cert: str | None,
 
 
 async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClient | None,
-                 tls: Tls | None) -> None:
+                 tls: Tls | None, manage_dir: str, hold_limit: int) -> None:
+    managed: list[Managed] = []
+    manage = None
     try:
-        exports = await _track(opened, tracker)
+        exports = await _track(opened, tracker, managed, hold_limit)
+        if managed:
+            manage = ManageServer(manage_dir, managed)
+            await manage.start()
     except BmigError:
         if tracker is not None:
             await tracker.close()
         raise
-    server = Server(exports, listen, max_connections,
-                    on_close=tracker.close if tracker else None, tls=tls)
+
+    async def on_close() -> None:
+        if manage is not None:
+            await manage.stop()
+        if tracker is not None:
+            await tracker.close()
+
+    server = Server(exports, listen, max_connections, on_close=on_close, tls=tls)
     await server.run()
 
 
@@ -141,6 +164,11 @@ async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClie
 @click.option("--tls-cert", metavar="FILE", help="Server certificate (PEM) for TLS.")
 @click.option("--tls-key", metavar="FILE",
               help="Private key (PEM) of --tls-cert, if not in the same file.")
+@click.option("--manage-dir", metavar="DIR",
+              help=f"Where DEVICE.sock, bmig-nbd's own control socket, goes (bmigrate "
+                   f"replicate and cutover use it) [default: {DEFAULT_MANAGE_DIR}].")
+@click.option("--hold-chunks", type=click.IntRange(1, 1 << 20), metavar="N",
+              help=f"Chunks held in breqd at once [default: {DEFAULT_HOLD_LIMIT}].")
 @click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
               help="Least severe message logged [default: info].")
 @click.version_option(__version__, prog_name="bmig-nbd")
@@ -148,7 +176,8 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
         export_names: tuple[str, ...], unix: str | None, tcp: str | None,
         control: str | None, read_only: bool | None, no_track: bool | None,
         max_connections: int | None, tls_mode: str | None, tls_cert: str | None,
-        tls_key: str | None, log_level: str | None) -> None:
+        tls_key: str | None, manage_dir: str | None, hold_chunks: int | None,
+        log_level: str | None) -> None:
     """Serve devices over NBD and mark every write in breqd before it happens."""
     values: dict[str, Any] = _from_file(config_file) if config_file else {}
     if len(devices) != len(backings):
@@ -175,7 +204,10 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
     tls = _tls(values, tls_mode, tls_cert, tls_key)
     opened = _open_files(specs, ro)
     asyncio.run(_serve(opened, listen, int(max_connections or values.get("max_connections", 64)),
-                       tracker, tls))
+                       tracker, tls,
+                       os.path.abspath(str(manage_dir or values.get("manage_dir",
+                                                                    DEFAULT_MANAGE_DIR))),
+                       int(hold_chunks or values.get("hold_chunks", DEFAULT_HOLD_LIMIT))))
 
 
 def main() -> None:

@@ -62,19 +62,14 @@ def parse_rate(value: str | int | None) -> int | None:
     return parse_size(text) or None
 
 
-def migration_options(f: Callable) -> Callable:
-    """The options sync and run share."""
+CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "ssh_command",
+                   "ssh_program", "known_hosts", "accept_new_host_key", "identity",
+                   "ssh_cipher")
+
+
+def connection_options(f: Callable) -> Callable:
+    """How to reach and authenticate a target: every command that connects to one."""
     options = [
-        click.argument("name", required=False),
-        click.option("--config", "config_file", metavar="FILE",
-                     help="TOML file with this migration's settings; flags override it; "
-                          "SIGHUP reloads it."),
-        click.option("--source", metavar="PATH",
-                     help="The device or file to read (the one bmig-nbd serves)."),
-        click.option("--to", "to", metavar="URL",
-                     help="tcp://HOST:PORT/EXPORT, tls://..., ssh://[USER@]HOST[:PORT]/EXPORT, "
-                          "nbd://... or nbd+unix:///EXPORT?socket=PATH."),
-        control_option,
         click.option("--secret-file", metavar="FILE",
                      help="Shared secret for tcp:// and tls:// (mode 0600)."),
         click.option("--tls-ca", metavar="FILE",
@@ -92,6 +87,38 @@ def migration_options(f: Callable) -> Callable:
         click.option("--identity", metavar="FILE", help="SSH private key."),
         click.option("--ssh-cipher", metavar="NAME",
                      help="SSH cipher, e.g. aes128-gcm@openssh.com."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def connect_options(values: dict[str, Any]) -> ConnectOptions:
+    secret = load_secret(str(values["secret_file"])) if values.get("secret_file") else None
+    return ConnectOptions(
+        secret=secret, tls_ca=values.get("tls_ca"), tls_cert=values.get("tls_cert"),
+        tls_key=values.get("tls_key"),
+        ssh_command=str(values.get("ssh_command") or "breceive --stdio"),
+        ssh_program=str(values.get("ssh_program") or "paramiko"),
+        known_hosts=values.get("known_hosts"),
+        accept_new_host_key=bool(values.get("accept_new_host_key")),
+        identity=values.get("identity"), ssh_cipher=values.get("ssh_cipher"))
+
+
+def migration_options(f: Callable) -> Callable:
+    """The options sync and run share."""
+    options = [
+        click.argument("name", required=False),
+        click.option("--config", "config_file", metavar="FILE",
+                     help="TOML file with this migration's settings; flags override it; "
+                          "SIGHUP reloads it."),
+        click.option("--source", metavar="PATH",
+                     help="The device or file to read (the one bmig-nbd serves)."),
+        click.option("--to", "to", metavar="URL",
+                     help="tcp://HOST:PORT/EXPORT, tls://..., ssh://[USER@]HOST[:PORT]/EXPORT, "
+                          "nbd://... or nbd+unix:///EXPORT?socket=PATH."),
+        control_option,
+        connection_options,
         click.option("--bwlimit", metavar="RATE",
                      help="Most bytes per second on the wire, e.g. 100M [default: none]."),
         click.option("--level", type=click.IntRange(0, 22), metavar="N",
@@ -138,15 +165,7 @@ def build(values: dict[str, Any], as_json: bool) -> tuple[Migration, Any]:
     if not values.get("to"):
         raise ConfigError("give --to URL, e.g. tcp://backup:10810/vm1")
     url = parse_target_url(str(values["to"]))
-    secret = load_secret(str(values["secret_file"])) if values.get("secret_file") else None
-    options = ConnectOptions(
-        secret=secret, tls_ca=values.get("tls_ca"), tls_cert=values.get("tls_cert"),
-        tls_key=values.get("tls_key"),
-        ssh_command=str(values.get("ssh_command") or "breceive --stdio"),
-        ssh_program=str(values.get("ssh_program") or "paramiko"),
-        known_hosts=values.get("known_hosts"),
-        accept_new_host_key=bool(values.get("accept_new_host_key")),
-        identity=values.get("identity"), ssh_cipher=values.get("ssh_cipher"))
+    options = connect_options(values)
     settings = SyncSettings(passes=PassSettings(), discard_export=values.get("discard_target_data"))
     apply_reloadable(settings, values)
     settings.passes.window = parse_size(values.get("window", 256 * MiB))

@@ -6,8 +6,13 @@ no longer be trusted, the session ends):
     hello    HELLO                              (frames capped at MAX_PREAUTH_FRAME)
     auth     AUTH                               (when the transport did not authenticate)
     ready    OPEN, STATUS_REQ, BYE
-    open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, BYE
+    open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, PROMOTE, BYE
     pass     DATA, ZERO, FLUSH, HASHES_REQ, PASS_END, STATUS_REQ, BYE
+    replicate DATA, ZERO, FLUSH, STATUS_REQ, BYE   (OPEN with mode "replicate")
+
+A replication session (bmig-nbd forwarding the application's writes, protocol A/B/C)
+has a lock of its own, so it runs beside the pass session that resyncs the same target;
+each DATA says which acknowledgement its writer waits for (RECEIVED, WRITTEN, DURABLE).
 
 A DATA or ZERO is checked (offset and length inside the target, codec, size, checksum)
 before anything is written; a bad one is answered ERROR with its seq and nothing of it is
@@ -34,7 +39,8 @@ from bmig.lineage import (STATE_CONSISTENT, STATE_INCONSISTENT, STATE_NEW, Targe
 from bmig.receiver.target import TargetDevice, TargetLock
 from bmig.wire import auth, codec
 from bmig.wire.channel import Channel
-from bmig.wire.protocol import (MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
+from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
+                                MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
                                 decode_json, error_message, pack_hashes, pack_seq,
                                 type_of, unpack_data, unpack_seq, unpack_zero)
 
@@ -235,11 +241,18 @@ class Session:
         generation = parse_id(msg.fields.get("generation"), "generation")
         size = msg.int("size", low=1, high=1 << 60)
         discard = msg.bool("discard_target_data")
-        lock = TargetLock(self.policy.state_dir, export)
+        mode = msg.str("mode", "pass")
+        if mode not in ("pass", "replicate"):
+            raise ProtocolError(f"OPEN: unknown mode {mode!r}")
+        replicate = mode == "replicate"
+        lock = TargetLock(self.policy.state_dir, export, "replica" if replicate else "")
         lock.acquire()
         try:
             record = load_target(self.policy.state_dir, export)
             relation = self._relation(record, source_id, generation)
+            if relation == "foreign" and replicate:
+                raise LineageError(f"target {export!r} holds another lineage: sync it "
+                                   "first, then replicate")
             if relation == "foreign":
                 if not discard:
                     raise LineageError(
@@ -263,7 +276,7 @@ class Session:
         self.source_id, self.source_generation, self.size = source_id, generation, size
         self._syncer = _Syncer(self)
         self._syncer.start()
-        self.state = "open"
+        self.state = "replicate" if replicate else "open"
         log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
                  relation)
         self.send(Message(T.OPENED, {"relation": relation, "target": record.to_json()}))
@@ -319,6 +332,7 @@ class Session:
         return True
 
     def _status(self, msg: Message) -> bool:
+        """Every configured target's record (any state)."""
         targets = []
         for export in sorted(self.policy.targets):
             try:
@@ -340,33 +354,54 @@ class Session:
                                 f"({self.size} bytes)")
 
     def _data(self, body: memoryview) -> None:
-        self._require("pass")
+        self._require("pass", "replicate")
         assert self.target is not None
         head, payload = unpack_data(body)
         try:
+            self._check_flags(head.seq, head.flags)
             self._check_range(head.seq, head.offset, head.raw_length)
             raw = codec.decode(head.codec, payload, head.raw_length)
             if codec.checksum(raw) != head.checksum:
                 raise ChecksumMismatch(f"seq {head.seq}: checksum mismatch for "
                                        f"{head.offset}+{head.raw_length}; nothing written")
+            if head.flags & FLAG_ACK_RECEIVED:
+                self.send_seq(T.RECEIVED, head.seq)
             self.target.write(head.offset, raw)
         except (ProtocolError, TargetError) as exc:
             self.fail(exc, head.seq, fatal=False)
             return
         self.bytes_written += head.raw_length
+        self._acknowledge(head.seq, head.flags)
 
     def _zero(self, body: memoryview) -> None:
-        self._require("pass")
+        self._require("pass", "replicate")
         assert self.target is not None
-        seq, offset, length, _ = unpack_zero(body)
+        seq, offset, length, flags = unpack_zero(body)
         try:
+            self._check_flags(seq, flags)
             self._check_range(seq, offset, length)
+            if flags & FLAG_ACK_RECEIVED:
+                self.send_seq(T.RECEIVED, seq)
             self.target.zero(offset, length)
         except (ProtocolError, TargetError) as exc:
             self.fail(exc, seq, fatal=False)
+            return
+        self._acknowledge(seq, flags)
+
+    @staticmethod
+    def _check_flags(seq: int, flags: int) -> None:
+        if flags & ~KNOWN_FLAGS:
+            raise ProtocolError(f"seq {seq}: unknown flags {flags:#x}; nothing written")
+
+    def _acknowledge(self, seq: int, flags: int) -> None:
+        """What the writer of a replicated frame waits for, once it is written."""
+        if flags & FLAG_FUA:
+            self._flush(seq)
+        elif flags & FLAG_ACK_WRITTEN:
+            self.send_seq(T.WRITTEN, seq)
 
     def _flush(self, seq: int) -> None:
-        self._require("open", "pass")
+        self._require("open", "pass", "replicate")
         assert self._syncer is not None
         if self._syncer.failed is not None:
             raise self._syncer.failed

@@ -30,8 +30,12 @@ def io_error(exc: OSError, what: str) -> TargetError:
 
 
 class TargetLock:
-    def __init__(self, state_dir: str, export: str):
-        self.path = os.path.join(state_dir, export + ".lock")
+    """``kind`` "" is the pass lock, "replica" the replication session's own."""
+
+    def __init__(self, state_dir: str, export: str, kind: str = ""):
+        self.export = export
+        self.kind = kind
+        self.path = os.path.join(state_dir, export + (f".{kind}" if kind else "") + ".lock")
         self._fd: int | None = None
 
     def acquire(self, wait: float = LOCK_WAIT) -> None:
@@ -46,9 +50,9 @@ class TargetLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise TargetBusy(f"target {os.path.basename(self.path)[:-5]!r} is being "
-                                     "written by another session; try again when it is "
-                                     "done") from None
+                    what = "replicated" if self.kind else "written"
+                    raise TargetBusy(f"target {self.export!r} is being {what} by another "
+                                     "session; try again when it is done") from None
                 time.sleep(0.05)
         self._fd = fd
 

@@ -67,6 +67,9 @@ class Acks(Protocol):
     def failed(self, seq: int, error: BmigError) -> None: ...
     def fatal(self, error: BmigError) -> None: ...
 
+    # Replication (bmig.nbd.replica) also hears of frames received and written; a pass
+    # does not ask for these, so its Acks need not have them.
+
 
 class Target(Protocol):
     description: str
@@ -175,13 +178,15 @@ class WireTarget:
     def set_acks(self, acks: Acks) -> None:
         self._acks = acks
 
-    def open(self, source: SourceInfo, discard: bool) -> str:
+    def open(self, source: SourceInfo, discard: bool, mode: str = "pass") -> str:
+        """Choose the target; ``mode`` "replicate" opens a replication session."""
         self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
         self._reader.start()
         reply = self._request(Message(T.OPEN, {
             "export": self.export, "device": source.name, "device_id": hex_id(source.device_id),
             "generation": hex_id(source.generation), "size": source.size,
-            "chunk_size": source.chunk_size, "discard_target_data": discard}), T.OPENED)
+            "chunk_size": source.chunk_size, "discard_target_data": discard,
+            "mode": mode}), T.OPENED)
         assert isinstance(reply, Message)
         self.opened = reply.fields.get("target", {})
         return reply.str("relation")
@@ -190,11 +195,11 @@ class WireTarget:
         self._send(Message(T.PASS_BEGIN, {}))
 
     def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
-                  digest: int) -> None:
-        self.channel.send(pack_data(codec, 0, raw_length, seq, offset, digest), payload)
+                  digest: int, flags: int = 0) -> None:
+        self.channel.send(pack_data(codec, flags, raw_length, seq, offset, digest), payload)
 
-    def send_zero(self, seq: int, offset: int, length: int) -> None:
-        self.channel.send(pack_zero(seq, offset, length))
+    def send_zero(self, seq: int, offset: int, length: int, flags: int = 0) -> None:
+        self.channel.send(pack_zero(seq, offset, length, flags))
 
     def request_durable(self, seq: int) -> None:
         self.channel.send(pack_seq(T.FLUSH, seq))
@@ -246,8 +251,11 @@ class WireTarget:
                 if kind == T.DURABLE:
                     if self._acks is not None:
                         self._acks.durable(unpack_seq(body))
-                elif kind == T.RECEIVED:
-                    pass
+                elif kind in (T.RECEIVED, T.WRITTEN):
+                    hook = getattr(self._acks, "received" if kind == T.RECEIVED else "written",
+                                   None)
+                    if hook is not None:
+                        hook(unpack_seq(body))
                 elif kind == T.HASHES:
                     self._replies.put(memoryview(bytes(body)))   # outlives the buffer
                 elif kind == T.ERROR:

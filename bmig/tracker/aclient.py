@@ -19,6 +19,7 @@ from bmig import __version__
 from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
 from bmig.errors import BmigError, ProtocolError, UnreachableError, from_wire
 from bmig.framing import pack_frame, read_frame
+from bmig.tracker.client import mark_fields, release_fields
 from bmig.tracker.protocol import Message, Op, decode
 
 Ranges = Sequence[tuple[int, int]]
@@ -34,7 +35,7 @@ class AsyncTrackerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting: asyncio.Lock | None = None
-        self._batches: dict[tuple[Op, str, bool], list[tuple[Ranges, asyncio.Future]]] = {}
+        self._batches: dict[tuple, list[tuple[Ranges, asyncio.Future]]] = {}
         self._flush_scheduled = False
         self.session = 0          # changes on every connect and every loss
         self.version = 0          # the control protocol version of this connection
@@ -124,15 +125,17 @@ class AsyncTrackerClient:
         reply.session = session
         return reply
 
-    async def mark(self, device: str, ranges: Ranges, hold: bool = False) -> int:
+    async def mark(self, device: str, ranges: Ranges, hold: bool = False,
+                   sync: bool = False) -> int:
         """Returns when the chunks of ``ranges`` are durable in breqd; with ``hold`` they
-        stay dirty until released by ``mark_completed`` or the end of the connection.
-        Returns the ``session`` of the connection that recorded them."""
-        return await self._batched(Op.MARK, device, ranges, hold)
+        stay dirty until released by ``mark_completed`` or the end of the connection
+        (``sync``: the writes go to the target too). Returns the ``session`` of the
+        connection that recorded them."""
+        return await self._batched(Op.MARK, mark_fields(device, hold, sync), ranges)
 
-    async def mark_completed(self, device: str, ranges: Ranges) -> None:
+    async def mark_completed(self, device: str, ranges: Ranges, synced: bool = False) -> None:
         """Mark again after the write; releases this connection's holds on the ranges."""
-        await self._batched(Op.MARK_COMPLETED, device, ranges)
+        await self._batched(Op.MARK_COMPLETED, release_fields(device, synced), ranges)
 
     async def query(self, device: str, offset: int,
                     length: int) -> tuple[list[tuple[int, int]], int]:
@@ -141,9 +144,12 @@ class AsyncTrackerClient:
         reply = await self.call(Op.QUERY, {"device": device}, [(offset, length)])
         return list(reply.ranges), int(reply.fields.get("end", offset + length))
 
-    async def _batched(self, op: Op, device: str, ranges: Ranges, hold: bool = False) -> int:
+    async def _batched(self, op: Op, fields: dict[str, Any], ranges: Ranges) -> int:
+        """Requests of one loop turn with the same op and fields travel as one message,
+        in the order their first request came."""
         future = asyncio.get_running_loop().create_future()
-        self._batches.setdefault((op, device, hold), []).append((ranges, future))
+        key = (op, tuple(sorted(fields.items())))
+        self._batches.setdefault(key, []).append((ranges, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_batches)
@@ -153,14 +159,13 @@ class AsyncTrackerClient:
         self._flush_scheduled = False
         batches, self._batches = self._batches, {}
         loop = asyncio.get_running_loop()
-        for (op, device, hold), items in batches.items():
+        for (op, key_fields), items in batches.items():
             for group in _groups(items, MAX_RANGES_PER_FRAME):
-                loop.create_task(self._send_group(op, device, hold, group))
+                loop.create_task(self._send_group(op, dict(key_fields), group))
 
-    async def _send_group(self, op: Op, device: str, hold: bool,
+    async def _send_group(self, op: Op, fields: dict[str, Any],
                           group: list[tuple[Ranges, asyncio.Future]]) -> None:
         ranges = [r for rs, _ in group for r in rs]
-        fields: dict[str, Any] = {"device": device, "hold": True} if hold else {"device": device}
         try:
             reply = await self.call(op, fields, ranges)
         except BmigError as exc:

@@ -17,6 +17,14 @@ has not released them yet, so a write to them may be under way. A checkout of a 
 leaves it re-marked (dirty and in flight), so whatever the sender read, the chunk ships
 again after the writer lets go. Held chunks are always dirty: ``dirty >= held``. Who holds
 what is kept by breqd's sessions; this map only keeps the union.
+
+A fourth, ``mirrored``, has the chunks that are dirty only because synchronous writes to
+them are under way: the writer sends each write to the target as well (protocol A/B/C).
+They were clean when the hold began, so the target has everything else in them. Senders
+leave them alone (checkout skips them), and a release that says every write reached the
+target makes them clean again. Anything else that dirties a mirrored chunk (a plain mark,
+a hold without ``sync``, a release without ``synced``) makes it plain dirty. On disk a
+mirrored chunk is dirty, like any held chunk, until the release is written lazily.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class ChunkMap:
         self.dirty = dirty
         self.inflight = zeros(self.nchunks)
         self.held = zeros(self.nchunks)
+        self.mirrored = zeros(self.nchunks)
         self._cursor = 0  # where the next checkout starts scanning: passes sweep the device
 
     # -- byte ranges and chunk spans -------------------------------------------------
@@ -81,9 +90,12 @@ class ChunkMap:
             return bool(self.dirty[first] or self.inflight[first])
         return (self.dirty[first:end] | self.inflight[first:end]).all()
 
-    def mark(self, first: int, end: int) -> None:
-        """Make [first, end) dirty; chunks in flight become re-marked."""
+    def mark(self, first: int, end: int, keep_mirrored: bool = False) -> None:
+        """Make [first, end) dirty; chunks in flight become re-marked, mirrored chunks
+        plain dirty (unless ``keep_mirrored``: the mark of a synchronous write)."""
         self.dirty[first:end] = 1
+        if not keep_mirrored:
+            self.mirrored[first:end] = 0
 
     def checkout(self, max_chunks: int, max_runs: int = 1 << 62) -> list[tuple[int, int]]:
         """Move up to ``max_chunks`` dirty chunks, not in flight, to in flight.
@@ -93,6 +105,7 @@ class ChunkMap:
         """
         runs: list[tuple[int, int]] = []
         budget = max_chunks
+        mirrored = self.mirrored if self.mirrored.any() else None
         start = self._cursor if self._cursor < self.nchunks else 0
         for lo, hi in ((start, self.nchunks), (0, start)):
             pos = lo
@@ -110,6 +123,14 @@ class ChunkMap:
                     continue
                 if busy >= 0:
                     end = busy
+                if mirrored is not None:       # written synchronously: not ours to ship
+                    m = mirrored.find(1, first, end)
+                    if m == first:
+                        free = mirrored.find(0, first, end)
+                        pos = end if free < 0 else free
+                        continue
+                    if m >= 0:
+                        end = m
                 end = min(end, first + budget)
                 self.dirty[first:end] = self.held[first:end]   # held chunks stay re-marked
                 self.inflight[first:end] = 1
@@ -130,10 +151,33 @@ class ChunkMap:
         self.inflight[first:end] = 0
         self.dirty[first:end] = 1
 
-    def hold(self, first: int, end: int) -> None:
-        """A writer holds [first, end): dirty until released, whatever a sender commits."""
+    def clean(self, first: int, end: int) -> bitarray:
+        """Which chunks of [first, end) are clean now (neither dirty nor in flight)."""
+        return ~(self.dirty[first:end] | self.inflight[first:end])
+
+    def hold(self, first: int, end: int, mirror: bitarray | None = None) -> None:
+        """A writer holds [first, end): dirty until released, whatever a sender commits.
+        ``mirror``: the writes also go to the target, and these chunks (those that were
+        clean before the mark, from ``clean``) become mirrored; None: none does, and the
+        range is plain dirty."""
+        if mirror is not None:
+            self.mirrored[first:end] |= mirror
+        else:
+            self.mirrored[first:end] = 0
         self.dirty[first:end] = 1
         self.held[first:end] = 1
+
+    def release_mirrored(self, first: int, end: int, synced: bool) -> bool:
+        """After the holds over [first, end) were recomputed: mirrored chunks no longer
+        held become clean when every write reached the target (``synced``), plain dirty
+        otherwise. True when some chunk became clean."""
+        done = self.mirrored[first:end] & ~self.held[first:end]
+        if not done.any():
+            return False
+        self.mirrored[first:end] &= self.held[first:end]
+        if synced:
+            self.dirty[first:end] &= ~done
+        return synced
 
     def set_held(self, first: int, end: int, held: bool) -> None:
         """Set the union of holds over [first, end) (breqd recomputes it on release)."""
@@ -143,6 +187,7 @@ class ChunkMap:
 
     def set_all_dirty(self) -> None:
         self.dirty.setall(1)
+        self.mirrored.setall(0)
 
     def clear_all(self) -> None:
         """Forget every dirty chunk not held by a writer (chunks in flight stay in flight)."""
@@ -163,6 +208,9 @@ class ChunkMap:
 
     def held_bytes(self) -> int:
         return self.bytes_of(self.held)
+
+    def mirrored_bytes(self) -> int:
+        return self.bytes_of(self.mirrored)
 
     def differing_runs(self, first: int, end: int, max_runs: int) -> tuple[list[tuple[int, int]], int]:
         """Runs of chunks in [first, end) that may differ from the target (dirty or in

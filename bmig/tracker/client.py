@@ -80,15 +80,16 @@ class TrackerClient:
 
     # -- requests --------------------------------------------------------------------
 
-    def mark(self, device: str, ranges: Ranges, hold: bool = False) -> None:
+    def mark(self, device: str, ranges: Ranges, hold: bool = False, sync: bool = False) -> None:
         """Returns once the chunks are durable in breqd (mark before write). With
-        ``hold`` they stay dirty, whatever a sender commits, until released."""
-        self.call(Op.MARK, {"device": device, "hold": True} if hold else {"device": device},
-                  ranges)
+        ``hold`` they stay dirty, whatever a sender commits, until released; with
+        ``sync`` too, the writes also go to the target (see ChunkMap.mirrored)."""
+        self.call(Op.MARK, mark_fields(device, hold, sync), ranges)
 
-    def mark_completed(self, device: str, ranges: Ranges) -> None:
-        """Mark again after the write; releases this connection's holds on the ranges."""
-        self.call(Op.MARK_COMPLETED, {"device": device}, ranges)
+    def mark_completed(self, device: str, ranges: Ranges, synced: bool = False) -> None:
+        """Mark again after the write; releases this connection's holds on the ranges.
+        ``synced``: every write under the holds reached the target too."""
+        self.call(Op.MARK_COMPLETED, release_fields(device, synced), ranges)
 
     def query(self, device: str, offset: int, length: int) -> tuple[list[tuple[int, int]], int]:
         """Byte runs in [offset, offset + length) that may differ from the target, and the
@@ -125,6 +126,19 @@ class TrackerClient:
 
     def clear_all(self, device: str, force: bool = False) -> None:
         self.call(Op.CLEAR_ALL, {"device": device, "force": force})
+
+
+def mark_fields(device: str, hold: bool = False, sync: bool = False) -> dict[str, Any]:
+    fields: dict[str, Any] = {"device": device}
+    if hold:
+        fields["hold"] = True
+    if sync:
+        fields["sync"] = True
+    return fields
+
+
+def release_fields(device: str, synced: bool = False) -> dict[str, Any]:
+    return {"device": device, "synced": True} if synced else {"device": device}
 
 
 def _checked(msg: Message) -> Message:

@@ -59,14 +59,15 @@ class TrackedDevice:
     def all_pages(self) -> range:
         return range(-(-self.chunks.nchunks // BITS_PER_PAGE) or 1)
 
-    def mark_spans(self, spans: list[tuple[int, int]]):
-        """Set the spans dirty; return a future to await durability, or None if durable."""
+    def mark_spans(self, spans: list[tuple[int, int]], keep_mirrored: bool = False):
+        """Set the spans dirty; return a future to await durability, or None if durable.
+        ``keep_mirrored``: a synchronous write's mark, which leaves mirrored chunks so."""
         need: set[int] = set()
         committer = self.committer
         for first, end in merge_spans(spans):
             if not (self.chunks.covered(first, end) and committer.is_synced(first, end)):
                 need.update(pages_of(first, end))
-            self.chunks.mark(first, end)
+            self.chunks.mark(first, end, keep_mirrored)
         self.marks += len(spans)
         return committer.require(need) if need else None
 
@@ -79,6 +80,7 @@ class TrackedDevice:
             "dirty_bytes": self.chunks.dirty_bytes(),
             "inflight_bytes": self.chunks.inflight_bytes(),
             "held_bytes": self.chunks.held_bytes(),
+            "mirrored_bytes": self.chunks.mirrored_bytes(),
             "device_id": f"{d.device_id:016x}",
             "generation": hex_id(self.lineage.generation),
             "role": self.lineage.role,

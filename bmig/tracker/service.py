@@ -354,14 +354,18 @@ class Breqd:
                 for first, end in runs:
                     self._release(device, session, first, end)
 
-    def _release(self, device: TrackedDevice, session: Session, first: int, end: int) -> None:
-        """Drop ``session``'s hold on [first, end); other sessions' holds stay."""
+    def _release(self, device: TrackedDevice, session: Session, first: int, end: int,
+                 synced: bool = False) -> None:
+        """Drop ``session``'s hold on [first, end); other sessions' holds stay. Mirrored
+        chunks nobody holds any more become clean if ``synced``, plain dirty if not."""
         device.chunks.set_held(first, end, False)
         for other in self.sessions:
             runs = other.holds.get(device.name) if other is not session else None
             if runs:
                 for a, b in runs.overlapping(first, end):
                     device.chunks.set_held(a, b, True)
+        if device.chunks.release_mirrored(first, end, synced):
+            device.committer.lazy(pages_of(first, end))
 
     # -- requests --------------------------------------------------------------------
 
@@ -382,32 +386,39 @@ class Breqd:
         device = self._device(msg)
         spans = self._spans(device, msg)
         hold = field_bool(msg, "hold")
+        sync = field_bool(msg, "sync")
+        if sync and not hold:
+            raise RequestError("sync needs hold: a synchronous write holds its chunks")
         if hold:
             runs = session.holds.setdefault(device.name, IntervalSet())
             if len(runs) + len(spans) > MAX_HELD_RUNS:
                 raise RequestError(f"{device.name}: more than {MAX_HELD_RUNS} held runs on "
                                    "one connection; release some first")
-        pending = device.mark_spans(spans)
+        clean = [device.chunks.clean(first, end) for first, end in spans] if sync else None
+        pending = device.mark_spans(spans, keep_mirrored=sync)
         if hold:
-            for first, end in spans:
+            for i, (first, end) in enumerate(spans):
                 runs.add(first, end)
-                device.chunks.hold(first, end)
+                device.chunks.hold(first, end, clean[i] if clean is not None else None)
         ok = Message(Op.REPLY_OK, msg.request_id)
         if pending is None:
             return ok
         return _then(pending, ok)
 
     def _mark_completed(self, session: Session, msg: Message) -> Reply:
-        """Mark again after the write, and let go of this connection's holds there."""
+        """Mark again after the write, and let go of this connection's holds there. With
+        ``synced`` every write under the holds reached the target as well: no mark again,
+        and mirrored chunks become clean."""
         device = self._device(msg)
         spans = self._spans(device, msg)
-        pending = device.mark_spans(spans)
+        synced = field_bool(msg, "synced")
+        pending = None if synced else device.mark_spans(spans)
         runs = session.holds.get(device.name)
         if runs:
             for first, end in spans:
                 if runs.overlapping(first, end):
                     runs.remove(first, end)
-                    self._release(device, session, first, end)
+                    self._release(device, session, first, end, synced)
         ok = Message(Op.REPLY_OK, msg.request_id)
         if pending is None:
             return ok

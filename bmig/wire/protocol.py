@@ -55,22 +55,28 @@ class T(enum.IntEnum):
     STATUS_REQ = 17
     STATUS = 18
     BYE = 19
+    WRITTEN = 20
+    PROMOTE = 21
+    PROMOTED = 22
 
 
 JSON_TYPES = frozenset({T.HELLO, T.AUTH, T.AUTH_OK, T.OPEN, T.OPENED, T.PASS_BEGIN,
                         T.PASS_END, T.PASS_DONE, T.HASHES_REQ, T.ERROR, T.STATUS_REQ,
-                        T.STATUS, T.BYE})
+                        T.STATUS, T.BYE, T.PROMOTE, T.PROMOTED})
 
 JSON_HEAD = struct.Struct("<BBH")
 DATA_HEAD = struct.Struct("<BBHIQQQ")      # 32 bytes
 ZERO_HEAD = struct.Struct("<BBHIQQQ")      # 32 bytes
-SEQ_HEAD = struct.Struct("<BBHIQ")         # 16 bytes: FLUSH, RECEIVED, DURABLE
+SEQ_HEAD = struct.Struct("<BBHIQ")         # 16 bytes: FLUSH, RECEIVED, WRITTEN, DURABLE
 HASHES_HEAD = struct.Struct("<BBHIQ")      # 16 bytes, then count * u64
 HASH = struct.Struct("<Q")
 
-# DATA and ZERO flags.
-FLAG_FUA = 1 << 0          # make this one durable before acknowledging it (replication)
-FLAG_TRIM = 1 << 0         # ZERO: the source trimmed it (a hole is fine either way)
+# DATA and ZERO flags, for synchronous replication (protocols A, B, C): which
+# acknowledgement the writer waits for, besides FLUSH's DURABLE.
+FLAG_FUA = 1 << 0          # durable before acknowledged: DURABLE(seq) after fdatasync
+FLAG_ACK_RECEIVED = 1 << 1  # RECEIVED(seq) as soon as it is read and checked (protocol B)
+FLAG_ACK_WRITTEN = 1 << 2   # WRITTEN(seq) once written to the target (protocol C)
+KNOWN_FLAGS = FLAG_FUA | FLAG_ACK_RECEIVED | FLAG_ACK_WRITTEN
 
 
 def type_of(body: memoryview | bytes) -> T:

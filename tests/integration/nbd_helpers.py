@@ -35,6 +35,7 @@ class NbdServer:
     socket: str
     backing: str
     device: str
+    manage_dir: str = ""        # where its control socket DEVICE.sock is
 
     @property
     def uri(self) -> str:
@@ -54,10 +55,12 @@ def start_nbd(breqd, tmp_path, size: int = 64 << 20, *extra: str) -> NbdServer:
     client.add_device("d1", size)
     client.clear_all("d1", force=True)
     sock = str(tmp_path / "nbd.sock")
+    manage = str(tmp_path / "manage")
     daemon = Daemon(nbd_argv("--device", "d1", "--backing", backing, "--unix", sock,
-                             "--control", breqd.control, "--log-level", "debug", *extra),
+                             "--control", breqd.control, "--manage-dir", manage,
+                             "--log-level", "debug", *extra),
                     str(tmp_path / "nbd.log")).start()
-    return NbdServer(daemon, sock, backing, "d1")
+    return NbdServer(daemon, sock, backing, "d1", manage)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ import pytest
 
 from bmig.constants import MAX_HELD_RUNS
 from bmig.errors import RequestError
+from bmig.tracker.protocol import Op
+from tests.daemon import wait_until
 
 CHUNK = 64 << 10
 SIZE = 64 * CHUNK
@@ -142,3 +144,66 @@ def test_query_answers_the_differing_runs(breqd, device):
     assert runs == [(CHUNK, 2 * CHUNK), (10 * CHUNK, CHUNK)] and end == SIZE
     runs, end = c.query(device, CHUNK + 100, 4096)
     assert runs == [(CHUNK, CHUNK)] and end == CHUNK + 100 + 4096
+
+
+# -- synchronous writes (protocol A/B/C): mirrored chunks -------------------------------------
+
+def test_a_synchronous_write_to_a_clean_chunk_leaves_it_clean_when_it_reached_the_target(
+        breqd, device):
+    writer, sender = breqd.client(), breqd.client()
+    writer.mark(device, [(2 * CHUNK, 100)], hold=True, sync=True)
+    stats = sender.stats(device)
+    assert stats["dirty_bytes"] == CHUNK and stats["mirrored_bytes"] == CHUNK
+    assert sender.checkout(device, SIZE) == []        # the writer sends it itself
+    writer.mark_completed(device, [(2 * CHUNK, 100)], synced=True)
+    stats = sender.stats(device)
+    assert stats["dirty_bytes"] == 0 and stats["mirrored_bytes"] == 0
+
+
+def test_a_synchronous_write_that_did_not_reach_the_target_leaves_the_chunk_dirty(
+        breqd, device):
+    writer, sender = breqd.client(), breqd.client()
+    writer.mark(device, [(0, 1)], hold=True, sync=True)
+    writer.mark_completed(device, [(0, 1)])           # not synced: degraded, or failed
+    assert sender.stats(device)["mirrored_bytes"] == 0
+    assert ship_everything(sender, device) == [(0, CHUNK)]
+
+
+def test_a_synchronous_writer_that_dies_leaves_its_chunks_dirty(breqd, device):
+    writer = breqd.client()
+    writer.mark(device, [(CHUNK, 1)], hold=True, sync=True)
+    writer.close()
+    sender = breqd.client()
+    wait_until(lambda: sender.stats(device)["held_bytes"] == 0, timeout=10,
+               what="breqd to see the writer go")
+    assert sender.stats(device)["mirrored_bytes"] == 0
+    assert ship_everything(sender, device) == [(CHUNK, CHUNK)]
+
+
+def test_a_synchronous_write_to_a_chunk_in_flight_for_resync_ships_it_again(breqd, device):
+    """Invariant 6: the resync may have read the chunk before the write; its older copy
+    may land on the target after the newer one, so the chunk must be shipped again."""
+    sender, writer = breqd.client(), breqd.client()
+    sender.mark(device, [(3 * CHUNK, 1)])                         # waiting for resync
+    assert sender.checkout(device, SIZE) == [(3 * CHUNK, CHUNK)]  # in flight
+    writer.mark(device, [(3 * CHUNK, 10)], hold=True, sync=True)  # the application writes
+    writer.mark_completed(device, [(3 * CHUNK, 10)], synced=True)
+    sender.commit(device, [(3 * CHUNK, CHUNK)])                   # the old copy is durable
+    assert sender.stats(device)["dirty_bytes"] == CHUNK           # ... and not trusted
+    assert ship_everything(sender, device) == [(3 * CHUNK, CHUNK)]
+    assert sender.stats(device)["dirty_bytes"] == 0
+
+
+def test_a_chunk_waiting_for_resync_is_not_made_clean_by_a_synchronous_write(breqd, device):
+    """The write brings only its own bytes to the target, not the rest of the chunk."""
+    sender, writer = breqd.client(), breqd.client()
+    sender.mark(device, [(4 * CHUNK, 1)])
+    writer.mark(device, [(4 * CHUNK, 10)], hold=True, sync=True)
+    assert sender.stats(device)["mirrored_bytes"] == 0
+    writer.mark_completed(device, [(4 * CHUNK, 10)], synced=True)
+    assert ship_everything(sender, device) == [(4 * CHUNK, CHUNK)]
+
+
+def test_sync_without_hold_is_refused(breqd, device):
+    with pytest.raises(RequestError, match="sync needs hold"):
+        breqd.client().call(Op.MARK, {"device": device, "sync": True}, [(0, 1)])

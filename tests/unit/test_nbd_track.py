@@ -58,15 +58,16 @@ class FakeTracker:
         self.session = 1
         self.connected = True
 
-    async def mark(self, device, ranges, hold=False):
+    async def mark(self, device, ranges, hold=False, sync=False):
         await asyncio.sleep(0)      # durable only after a round trip
         if self.fail:
             raise UnreachableError("breqd is gone")
-        self.events.append(f"{'hold' if hold else 'mark'} {ranges}")
+        kind = ("sync-hold" if sync else "hold") if hold else "mark"
+        self.events.append(f"{kind} {ranges}")
         return self.session
 
-    async def mark_completed(self, device, ranges):
-        self.events.append(f"release {ranges}")
+    async def mark_completed(self, device, ranges, synced=False):
+        self.events.append(f"{'release-synced' if synced else 'release'} {ranges}")
 
     def lose_connection(self):
         self.session += 1

@@ -12,10 +12,19 @@ held needs no message to breqd at all, which is what makes the fast path fast. C
 written for ``idle`` seconds, or the oldest ones beyond ``hold_limit``, are released with
 MARK_COMPLETED (a mark again, then the hold goes), never while a write to them runs.
 
-Holds belong to the breqd connection. When it is lost they are gone: the set is emptied,
-the next write marks again, and a write that was running while the connection changed is
-marked again after it completed, before its reply. If breqd cannot be reached or a mark
-fails, the request fails with EIO and the source is not touched.
+While the device is replicated synchronously (bmig.nbd.layers.replicate is active), a
+write takes its holds with ``sync``: chunks that were clean become *mirrored* in breqd,
+which senders leave alone. Once every write under a hold has been made durable on the
+target (the replica's durable watermark passed it), the hold is released as ``synced``
+and the mirrored chunks are clean again; a write that was not replicated (the replica
+failed, or the write began before replication did) taints its chunks, which are then
+released as plain dirty. In this mode holds are released as soon as they settle, so the
+resync that runs beside it finds the chunks free.
+
+Holds belong to the breqd connection. When it is lost they are gone: the table is
+emptied, the next write marks again, and a write that was running while the connection
+changed is marked again after it completed, before its reply. If breqd cannot be reached
+or a mark fails, the request fails with EIO and the source is not touched.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from bmig.errors import BmigError
 from bmig.nbd import protocol as p
@@ -42,17 +51,39 @@ class Tracker(Protocol):
     session: int
     connected: bool
 
-    async def mark(self, device: str, ranges: Ranges, hold: bool = False) -> None: ...
-    async def mark_completed(self, device: str, ranges: Ranges) -> None: ...
+    async def mark(self, device: str, ranges: Ranges, hold: bool = False,
+                   sync: bool = False) -> int: ...
+    async def mark_completed(self, device: str, ranges: Ranges,
+                             synced: bool = False) -> None: ...
     async def query(self, device: str, offset: int,
                     length: int) -> tuple[Ranges, int]: ...
+
+
+class Mirror(Protocol):
+    """What the tracking layer needs of the replication layer below it."""
+
+    active: bool
+    generation: int           # changes whenever replication starts, stops or degrades
+    durable_seq: int
+
+    def add_listener(self, callback: Callable[[], None]) -> None: ...
 
 
 class TrackingFailed(Exception):
     """breqd could not record the range: the request must fail with NBD_EIO."""
 
 
-def runs_of(chunks: list[int]) -> list[tuple[int, int]]:
+class Hold:
+    """One held chunk: was every write under it replicated, and up to which seq."""
+
+    __slots__ = ("tainted", "pending")
+
+    def __init__(self, tainted: bool):
+        self.tainted = tainted       # a write under the hold did not reach the target
+        self.pending = 0             # the last replica seq written under the hold
+
+
+def runs_of(chunks) -> list[tuple[int, int]]:
     """Sorted chunk numbers as (first, end) runs."""
     runs: list[tuple[int, int]] = []
     for c in sorted(chunks):
@@ -65,19 +96,23 @@ def runs_of(chunks: list[int]) -> list[tuple[int, int]]:
 
 class TrackLayer(Layer):
     def __init__(self, inner: Layer, tracker: Tracker, device: str, chunk_size: int,
-                 hold_limit: int = DEFAULT_HOLD_LIMIT, idle: float = DEFAULT_HOLD_IDLE):
+                 hold_limit: int = DEFAULT_HOLD_LIMIT, idle: float = DEFAULT_HOLD_IDLE,
+                 mirror: Mirror | None = None):
         super().__init__(inner)
         self.tracker = tracker
         self.device = device
         self.chunk_size = chunk_size
         self.hold_limit = max(1, hold_limit)
         self.idle = idle
-        self.held: set[int] = set()          # chunks held under ``self._session``
+        self.mirror = mirror
+        self.held: dict[int, Hold] = {}      # chunks held under ``self._session``
         self._touched: set[int] = set()      # held chunks written since the last sweep
-        self._busy: Counter[int] = Counter()  # chunks with an async request running
+        self._busy: Counter[int] = Counter()  # chunks with a slow-path request running
         self._session = -1
         self._unrecorded: Ranges = []         # written, but the mark again failed
         self._sweeper: asyncio.Task | None = None
+        if mirror is not None:
+            mirror.add_listener(self._settle_mirrored)
 
     # -- holds -----------------------------------------------------------------------
 
@@ -103,7 +138,7 @@ class TrackLayer(Layer):
             return chunks[0] in held
         return all(c in held for c in chunks)
 
-    async def _acquire(self, offset: int, length: int) -> int:
+    async def _acquire(self, offset: int, length: int, sync: bool) -> int:
         """Hold every chunk of the range (durably marked); returns the hold's session."""
         chunks = self._span(offset, length)
         if self._holds_valid() and self._holds_all(chunks):
@@ -112,7 +147,7 @@ class TrackLayer(Layer):
         earlier = len(self._unrecorded)
         ranges = self._unrecorded[:earlier] + [(offset, length)]
         try:
-            session = await self.tracker.mark(self.device, ranges, hold=True)
+            session = await self.tracker.mark(self.device, ranges, hold=True, sync=sync)
         except BmigError as exc:
             raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} dirty: "
                                  f"{exc.message}") from None
@@ -120,31 +155,54 @@ class TrackLayer(Layer):
         self._holds_valid()              # a new connection answered: start afresh
         if session != self._session:     # ... and has been lost since: hold nothing
             return session
+        held = self.held
         for range_offset, range_length in ranges:
-            self.held.update(self._span(range_offset, range_length))
+            for c in self._span(range_offset, range_length):
+                if c not in held:
+                    held[c] = Hold(tainted=not sync)
         self._touched.update(chunks)
-        if len(self.held) > self.hold_limit:
+        if len(held) > self.hold_limit:
             self._release(over_limit=True)
         self._ensure_sweeper()
         return session
 
     async def _tracked(self, offset: int, length: int,
-                       action: Callable[[], Awaitable[None]]) -> None:
-        session = await self._acquire(offset, length)
+                       action: Callable[[], Awaitable[Any]]) -> None:
+        mirror = self.mirror if self.mirror is not None and self.mirror.active else None
+        generation = mirror.generation if mirror is not None else None
+        session = await self._acquire(offset, length, sync=mirror is not None)
         chunks = self._span(offset, length)
         busy = self._busy
         for c in chunks:
             busy[c] += 1
+        result = None
         try:
-            await action()
+            result = await action()
         finally:
             for c in chunks:
                 busy[c] -= 1
                 if not busy[c]:
                     del busy[c]
             self._touched.update(chunks)
+            self._note_replication(chunks, mirror, generation, result)
         if session != self.tracker.session:
             await self._mark_again(offset, length)
+        elif self.mirror is not None and self.mirror.active:
+            self._settle_mirrored()
+
+    def _note_replication(self, chunks: range, mirror: Mirror | None, generation: int | None,
+                          result: Any) -> None:
+        """Record whether the write reached the target: a replica seq, or a taint."""
+        replicated = (mirror is not None and isinstance(result, int) and result > 0
+                      and mirror.generation == generation)
+        for c in chunks:
+            hold = self.held.get(c)
+            if hold is None:
+                continue
+            if replicated:
+                hold.pending = max(hold.pending, result)
+            else:
+                hold.tainted = True
 
     async def _mark_again(self, offset: int, length: int) -> None:
         """The hold was lost while the write ran: a sender may have committed the chunk
@@ -161,6 +219,23 @@ class TrackLayer(Layer):
                   "with the next write that reaches breqd", self.device, offset, length)
         raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} again after "
                              "the write")
+
+    # -- releasing -------------------------------------------------------------------
+
+    def _byte_ranges(self, chunks) -> Ranges:
+        ranges = [(first * self.chunk_size, (end - first) * self.chunk_size)
+                  for first, end in runs_of(chunks)]
+        if ranges:
+            last_offset, last_length = ranges[-1]
+            ranges[-1] = (last_offset, min(last_length, self.size - last_offset))
+        return ranges
+
+    def _let_go(self, chunks: list[int], synced: bool) -> None:
+        for c in chunks:
+            del self.held[c]
+        if chunks:
+            asyncio.get_running_loop().create_task(
+                self._send_release(self._byte_ranges(chunks), synced))
 
     def _release(self, over_limit: bool = False) -> None:
         """Let go of held chunks not written lately (and the oldest if over the limit)."""
@@ -179,18 +254,35 @@ class TrackLayer(Layer):
         else:
             victims = [c for c in self.held if c not in touched and c not in busy]
             touched.clear()
-        if not victims:
-            return
-        self.held.difference_update(victims)
-        ranges = [(first * self.chunk_size, (end - first) * self.chunk_size)
-                  for first, end in runs_of(victims)]
-        ranges[-1] = (ranges[-1][0], min(ranges[-1][1], self.size - ranges[-1][0]))
-        asyncio.get_running_loop().create_task(self._send_release(ranges))
+        synced = [c for c in victims if self._settled(c)]
+        plain = [c for c in victims if not self._settled(c)]
+        self._let_go(synced, True)
+        self._let_go(plain, False)
 
-    async def _send_release(self, ranges: Ranges) -> None:
+    def _settled(self, chunk: int) -> bool:
+        """Every write under the hold was replicated and is durable on the target."""
+        hold = self.held[chunk]
+        mirror = self.mirror
+        return (not hold.tainted and hold.pending > 0 and mirror is not None
+                and hold.pending <= mirror.durable_seq)
+
+    def _settle_mirrored(self) -> None:
+        """While replicating: let go at once of every hold whose writes all settled, and
+        of tainted ones (plain), so the resync beside us finds them free."""
+        if not self.held or not self._holds_valid():
+            return
+        busy = self._busy
+        idle = [c for c in self.held if c not in busy]
+        synced = [c for c in idle if self._settled(c)]
+        tainted = [c for c in idle if self.held[c].tainted]
+        self._let_go(synced, True)
+        self._let_go(tainted, False)
+
+    async def _send_release(self, ranges: Ranges, synced: bool) -> None:
         for start in range(0, len(ranges), 65536):
             try:
-                await self.tracker.mark_completed(self.device, ranges[start:start + 65536])
+                await self.tracker.mark_completed(self.device, ranges[start:start + 65536],
+                                                  synced=synced)
             except BmigError as exc:   # the holds end with the connection anyway
                 log.debug("%s: release failed: %s", self.device, exc.message)
                 return
@@ -211,16 +303,22 @@ class TrackLayer(Layer):
         # held on the current breqd connection goes straight on, with no message.
         if self.tracker.session != self._session:     # a lost connection changes it too
             return False
+        if self.mirror is not None and self.mirror.active:
+            return False
         cs = self.chunk_size
         first = offset // cs
         if (offset + len(data) - 1) // cs == first:
-            if first not in self.held or not self.inner.write_now(data, offset, fua):
+            hold = self.held.get(first)
+            if hold is None or not self.inner.write_now(data, offset, fua):
                 return False
+            hold.tainted = True
             self._touched.add(first)
             return True
         chunks = self._span(offset, len(data))
         if not self._holds_all(chunks) or not self.inner.write_now(data, offset, fua):
             return False
+        for c in chunks:
+            self.held[c].tainted = True
         self._touched.update(chunks)
         return True
 

@@ -1,0 +1,82 @@
+"""bmigrate replicate: switch a running bmig-nbd to synchronous replication and back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import click
+
+from bmig.cli.common import json_option, print_json
+from bmig.cli.sync import CONNECTION_KEYS, connection_options
+from bmig.errors import ConfigError
+from bmig.nbd.manage import DEFAULT_MANAGE_DIR, ManageClient
+from bmig.nbd.replica import PROTOCOLS
+from bmig.nbd.layers.replicate import POLICIES
+
+PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "known_hosts", "identity")
+
+
+def manage_dir_option(f: Callable) -> Callable:
+    return click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",
+                        default=DEFAULT_MANAGE_DIR, show_default=True,
+                        help="Where bmig-nbd's control sockets are (or BMIG_NBD_DIR).")(f)
+
+
+def replica_options(values: dict[str, Any]) -> dict[str, Any]:
+    """Connection settings as bmig-nbd takes them: paths made absolute, since bmig-nbd
+    runs elsewhere."""
+    options = {k: values[k] for k in CONNECTION_KEYS if values.get(k) is not None}
+    for key in PATH_KEYS:
+        if key in options:
+            options[key] = os.path.abspath(str(options[key]))
+    return options
+
+
+def describe(status: dict) -> str:
+    if status["replicating"]:
+        return (f"{status['device']}: replicating to {status['target']} with protocol "
+                f"{status['protocol']} (on failure: {status['policy']})")
+    why = f" (replication failed: {status['failed']})" if status.get("failed") else ""
+    state = "writes blocked" if status.get("blocked") else "tracking only"
+    return f"{status['device']}: {state}{why}"
+
+
+@click.command()
+@click.argument("name")
+@click.option("--to", "to", metavar="URL",
+              help="breceive to replicate to: tcp://, tls:// or ssh:// (as for sync).")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="C", show_default=True,
+              help="C: a write returns once written on both sides; B: once the target has "
+                   "received it; A: once queued for sending.")
+@click.option("--policy", type=click.Choice(POLICIES), default="degrade", show_default=True,
+              help="When the target fails: back to tracking only, or fail writes with EIO.")
+@click.option("--stop", is_flag=True, help="Stop replicating: tracking only again.")
+@click.option("--status", "show", is_flag=True, help="Only say what bmig-nbd does now.")
+@manage_dir_option
+@connection_options
+@json_option
+def replicate(name: str, to: str | None, protocol: str, policy: str, stop: bool, show: bool,
+              manage_dir: str, as_json: bool, **connection: Any) -> None:
+    """Switch the bmig-nbd of NAME to synchronous replication to --to, or back (--stop).
+
+    The application's NBD connections are not interrupted. Writes then go to both the
+    source and the target; the chunks they write stay clean in breqd once they are
+    durable on the target. Run `bmigrate sync` (or `bmigrate cutover`) beside it to
+    ship what was dirty before.
+    """
+    if sum((stop, show, bool(to))) != 1:
+        raise ConfigError("give --to URL to start replicating, --stop to stop, or --status")
+    with ManageClient(manage_dir, name) as client:
+        if show:
+            status = client.call("status")
+        elif stop:
+            status = client.call("stop")
+        else:
+            status = client.call("replicate", url=to, protocol=protocol, policy=policy,
+                                 options=replica_options(connection))
+    status = {k: v for k, v in status.items() if k != "ok"}
+    if as_json:
+        print_json(status)
+    else:
+        click.echo(describe(status))

@@ -1,0 +1,222 @@
+"""The replication layer: while active, every write, trim and zero also goes to breceive.
+
+Started and stopped at run time (``bmigrate replicate``), without touching the
+application's NBD connections. Local and remote writes run side by side; the reply waits
+for what the protocol says (bmig.nbd.replica: A, B or C) and for the local write. FLUSH
+is durable on both sides. Reads stay local.
+
+When the target fails, the policy decides: ``degrade`` (the default) goes back to
+tracking only, loudly; the writes that did not reach the target have their chunks dirty,
+so a later sync ships them. ``block`` fails writes with EIO until replication is stopped
+or started again. Either way the generation moves on, which tells the tracking layer
+that writes since then were not replicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from typing import Callable
+
+from bmig.errors import BmigError
+from bmig.nbd.layers.base import Layer
+from bmig.nbd.replica import Replica
+
+log = logging.getLogger("bmig-nbd")
+
+POLICIES = ("degrade", "block")
+
+
+class ReplicateLayer(Layer):
+    def __init__(self, inner: Layer, name: str):
+        super().__init__(inner)
+        self.name = name
+        self.replica: Replica | None = None
+        self.policy = "degrade"
+        self.generation = 0
+        self.failed: str | None = None       # why replication stopped on its own
+        self.blocked = False                 # policy block after a failure
+        self._listeners: list[Callable[[], None]] = []
+        self._running = 0                    # replicated requests not yet finished
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- what the tracking layer reads ---------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.replica is not None
+
+    @property
+    def durable_seq(self) -> int:
+        return self.replica.durable_seq if self.replica is not None else 0
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def _durable(self, seq: int) -> None:
+        for callback in self._listeners:
+            callback()
+
+    # -- switching -------------------------------------------------------------------
+
+    def start(self, replica: Replica, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(policy)
+        if self.replica is not None:
+            self.replica.close()
+        self.replica, self.policy = replica, policy
+        self.failed, self.blocked = None, False
+        self.generation += 1
+        replica.on_durable = self._durable
+        log.info("%s: replicating synchronously to %s (protocol %s, on failure %s)",
+                 self.name, replica.description, replica.protocol, policy)
+
+    async def stop(self) -> None:
+        """Back to tracking only, once the replicated requests in flight are answered."""
+        replica = self.replica
+        self.generation += 1
+        self.blocked = False
+        if replica is None:
+            return
+        await self._idle.wait()
+        self.replica = None
+        await asyncio.to_thread(replica.close)
+        log.info("%s: replication to %s stopped; tracking only", self.name,
+                 replica.description)
+
+    def _give_up(self, replica: Replica, exc: BmigError) -> None:
+        if self.replica is not replica:
+            return
+        self.generation += 1
+        self.replica = None
+        self.failed = exc.message
+        if self.policy == "block":
+            self.blocked = True
+            log.error("%s: replication to %s failed (%s); writes fail with EIO until it is "
+                      "started again or stopped", self.name, replica.description, exc.message)
+        else:
+            log.error("%s: replication to %s failed (%s); back to tracking only: the "
+                      "writes since are dirty and the next sync ships them", self.name,
+                      replica.description, exc.message)
+        asyncio.get_running_loop().run_in_executor(None, replica.close)
+
+    # -- requests --------------------------------------------------------------------
+
+    def _refuse_if_blocked(self) -> None:
+        if self.blocked:
+            raise OSError(errno.EIO, f"replication of {self.name} failed ({self.failed}) "
+                                     "and the policy is block")
+
+    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
+        if self.replica is not None or self.blocked:
+            return False
+        return self._next().write_now(data, offset, fua)
+
+    async def _both(self, local, remote) -> int | None:
+        """Run the local request and its replica side by side; the replica's seq, or
+        None when the write did not reach the target."""
+        self._refuse_if_blocked()
+        replica = self.replica
+        if replica is None:
+            await local()
+            return None
+        self._running += 1
+        self._idle.clear()
+        try:
+            local_task = asyncio.ensure_future(local())
+            try:
+                seq = await remote(replica)
+            except BmigError as exc:
+                self._give_up(replica, exc)
+                seq = None
+            await local_task
+            self._refuse_if_blocked()
+            return seq
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def write(self, data: memoryview, offset: int, fua: bool) -> int | None:
+        return await self._both(lambda: self._next().write(data, offset, fua),
+                                lambda r: r.write(offset, data, fua))
+
+    async def trim(self, offset: int, length: int, fua: bool) -> int | None:
+        return await self._both(lambda: self._next().trim(offset, length, fua),
+                                lambda r: r.zero(offset, length, fua))
+
+    async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
+                   fast: bool) -> int | None:
+        return await self._both(lambda: self._next().zero(offset, length, fua, may_trim, fast),
+                                lambda r: r.zero(offset, length, fua))
+
+    async def flush(self) -> None:
+        async def remote(r: Replica) -> int:
+            await r.flush()
+            return r.durable_seq
+
+        await self._both(lambda: self._next().flush(), remote)
+
+    async def close(self) -> None:
+        await self.stop()
+        await super().close()
+
+
+class ControlLayer(Layer):
+    """The top of the chain: writes can be frozen (held back, for a cutover) or refused
+    (read-only, after a handover), at run time."""
+
+    def __init__(self, inner: Layer, name: str):
+        super().__init__(inner)
+        self.name = name
+        self.read_only = False
+        self._open = asyncio.Event()
+        self._open.set()
+        self._writing = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    @property
+    def frozen(self) -> bool:
+        return not self._open.is_set()
+
+    async def freeze(self) -> None:
+        """Hold new writes back; return once the writes already running are done."""
+        self._open.clear()
+        await self._quiet.wait()
+        log.info("%s: writes frozen", self.name)
+
+    def thaw(self) -> None:
+        if self.frozen:
+            log.info("%s: writes thawed", self.name)
+        self._open.set()
+
+    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
+        if self.read_only or not self._open.is_set():
+            return False
+        return self._next().write_now(data, offset, fua)
+
+    async def _guarded(self, action):
+        await self._open.wait()
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.name} was handed over and is read-only")
+        self._writing += 1
+        self._quiet.clear()
+        try:
+            return await action()
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._quiet.set()
+
+    async def write(self, data: memoryview, offset: int, fua: bool) -> None:
+        await self._guarded(lambda: self._next().write(data, offset, fua))
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self._guarded(lambda: self._next().trim(offset, length, fua))
+
+    async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
+                   fast: bool) -> None:
+        await self._guarded(lambda: self._next().zero(offset, length, fua, may_trim, fast))

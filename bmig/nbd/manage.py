@@ -1,0 +1,249 @@
+"""bmig-nbd's own control socket: replication, freeze and read-only, at run time.
+
+One Unix socket per device, ``DIR/DEVICE.sock`` (mode 0600), so that ``bmigrate
+replicate NAME`` and ``bmigrate cutover NAME`` find the bmig-nbd that serves NAME. Frames
+as everywhere (bmig.framing, capped); each body is a JSON object: a request
+``{"op": ..., ...}`` and its reply ``{"ok": true, ...}`` or ``{"ok": false, "code": ...,
+"message": ...}``. The first request is ``hello`` with the client's ``version``. Requests:
+
+    hello       {version}                      → {version, server}
+    status      {}                             → {device, export, replicating, ...}
+    replicate   {url, protocol, policy, options...} → connect and switch to synchronous
+    stop        {}                             → back to tracking only
+    freeze      {}                             → new writes wait; returns once none runs
+    thaw        {}
+    flush       {}                             → durable on both sides
+    read-only   {value}                        → refuse writes (after a handover)
+
+docs/architecture.md shows where this sits; bmigrate(1) documents the commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from bmig import __version__
+from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
+from bmig.framing import ConnectionClosed, pack_frame, read_frame
+from bmig.nbd.layers.replicate import POLICIES, ControlLayer, ReplicateLayer
+from bmig.nbd.replica import PROTOCOLS, open_replica
+
+log = logging.getLogger("bmig-nbd")
+
+MANAGE_VERSION = 1
+MAX_MANAGE_FRAME = 64 * 1024
+DEFAULT_MANAGE_DIR = "/run/bmig/nbd"
+
+
+@dataclass
+class Managed:
+    """One device served by this bmig-nbd, as its control socket sees it."""
+
+    device: str
+    export: str
+    control: ControlLayer
+    replicate: ReplicateLayer
+    source: Any             # bmig.sender.targets.SourceInfo, from breqd
+
+
+def socket_path(directory: str, device: str) -> str:
+    return os.path.join(directory, device + ".sock")
+
+
+class ManageServer:
+    def __init__(self, directory: str, devices: list[Managed]):
+        self.directory = directory
+        self.devices = {d.device: d for d in devices}
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        try:
+            os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {self.directory}: {exc.strerror}") from None
+        old = os.umask(0o177)
+        try:
+            for name, managed in self.devices.items():
+                path = socket_path(self.directory, name)
+                if os.path.exists(path):
+                    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                        raise ConfigError(f"{path} exists and is not a socket")
+                    os.unlink(path)
+                self._servers.append(await asyncio.start_unix_server(
+                    lambda r, w, m=managed: self._serve(m, r, w), path=path))
+        finally:
+            os.umask(old)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for name in self.devices:
+            try:
+                os.unlink(socket_path(self.directory, name))
+            except OSError:
+                pass
+
+    async def _serve(self, managed: Managed, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        greeted = False
+        try:
+            while True:
+                try:
+                    request = json.loads(await read_frame(reader, MAX_MANAGE_FRAME))
+                except ConnectionClosed:
+                    return
+                except ValueError as exc:
+                    raise ProtocolError(f"not JSON: {exc}") from None
+                if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                    raise ProtocolError("a request is an object with an op")
+                op = request["op"]
+                if not greeted and op != "hello":
+                    raise ProtocolError("the first request must be hello")
+                try:
+                    reply = await self._handle(managed, op, request)
+                    reply = {"ok": True, **reply}
+                except BmigError as exc:
+                    reply = {"ok": False, "code": exc.wire_code, "message": exc.message}
+                greeted = True
+                writer.write(pack_frame(json.dumps(reply).encode()))
+                await writer.drain()
+        except ProtocolError as exc:
+            writer.write(pack_frame(json.dumps({"ok": False, "code": exc.wire_code,
+                                                "message": exc.message}).encode()))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, m: Managed, op: str, request: dict) -> dict:
+        if op == "hello":
+            version = request.get("version")
+            if not isinstance(version, int) or version < 1:
+                raise ProtocolError("hello needs an integer version")
+            return {"version": min(version, MANAGE_VERSION), "server": f"bmig-nbd {__version__}"}
+        if op == "status":
+            return self.status(m)
+        if op == "replicate":
+            await self._replicate(m, request)
+            return self.status(m)
+        if op == "stop":
+            await m.replicate.stop()
+            return self.status(m)
+        if op == "freeze":
+            await m.control.freeze()
+            return self.status(m)
+        if op == "thaw":
+            m.control.thaw()
+            return self.status(m)
+        if op == "flush":
+            try:
+                await m.control.flush()
+            except OSError as exc:
+                raise RequestError(f"{m.device}: flush failed: {exc.strerror}") from None
+            return {**self.status(m), "durable_seq": m.replicate.durable_seq}
+        if op == "read-only":
+            value = request.get("value")
+            if not isinstance(value, bool):
+                raise ProtocolError("read-only needs value true or false")
+            m.control.read_only = value
+            log.warning("%s: %s", m.device, "read-only now: writes are refused" if value
+                        else "writable again")
+            return self.status(m)
+        raise RequestError(f"unknown request {op!r}")
+
+    @staticmethod
+    def status(m: Managed) -> dict:
+        replica = m.replicate.replica
+        return {"device": m.device, "export": m.export, "replicating": replica is not None,
+                "protocol": replica.protocol if replica else None,
+                "policy": m.replicate.policy, "target": replica.description if replica else None,
+                "failed": m.replicate.failed, "blocked": m.replicate.blocked,
+                "frozen": m.control.frozen, "read_only": m.control.read_only}
+
+    async def _replicate(self, m: Managed, request: dict) -> None:
+        from bmig.sender.targets import ConnectOptions
+        from bmig.wire.auth import load_secret
+
+        url = request.get("url")
+        protocol = request.get("protocol", "C")
+        policy = request.get("policy", "degrade")
+        if not isinstance(url, str):
+            raise ProtocolError("replicate needs a url")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+        if policy not in POLICIES:
+            raise ConfigError(f"policy {policy!r}: one of {', '.join(POLICIES)}")
+        o = request.get("options", {})
+        if not isinstance(o, dict):
+            raise ProtocolError("options must be an object")
+        secret = load_secret(str(o["secret_file"])) if o.get("secret_file") else None
+        options = ConnectOptions(
+            secret=secret, tls_ca=o.get("tls_ca"), tls_cert=o.get("tls_cert"),
+            tls_key=o.get("tls_key"), ssh_command=str(o.get("ssh_command") or
+                                                      "breceive --stdio"),
+            ssh_program=str(o.get("ssh_program") or "paramiko"),
+            known_hosts=o.get("known_hosts"),
+            accept_new_host_key=bool(o.get("accept_new_host_key")),
+            identity=o.get("identity"), ssh_cipher=o.get("ssh_cipher"))
+        if m.replicate.active:             # one replication session per target
+            await m.replicate.stop()
+        loop = asyncio.get_running_loop()
+        replica = await asyncio.to_thread(open_replica, url, options, m.source, protocol, loop)
+        m.replicate.start(replica, policy)
+
+
+class ManageClient:
+    """The blocking client bmigrate uses; one request at a time."""
+
+    def __init__(self, directory: str, device: str, timeout: float = 120.0):
+        import socket
+
+        from bmig.errors import UnreachableError
+
+        self.path = socket_path(directory, device)
+        self.device = device
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise UnreachableError(f"no bmig-nbd serves {device} ({self.path}: "
+                                   f"{exc.strerror or exc}); start it, or give "
+                                   "--manage-dir") from None
+        self._sock = sock
+        self.hello = self.call("hello", version=MANAGE_VERSION)
+
+    def call(self, op: str, **fields: Any) -> dict:
+        from bmig.errors import UnreachableError, from_wire
+        from bmig.framing import recv_frame
+
+        try:
+            self._sock.sendall(pack_frame(json.dumps({"op": op, **fields}).encode()))
+            reply = json.loads(recv_frame(self._sock, MAX_MANAGE_FRAME))
+        except (OSError, ConnectionClosed) as exc:
+            raise UnreachableError(f"lost bmig-nbd at {self.path}: {exc}") from None
+        except ValueError as exc:
+            raise ProtocolError(f"bmig-nbd at {self.path} answered something else: {exc}") \
+                from None
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"bmig-nbd at {self.path} answered something else")
+        if not reply.get("ok"):
+            raise from_wire(str(reply.get("code", "error")),
+                            f"bmig-nbd: {reply.get('message', 'failed')}")
+        return reply
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "ManageClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,254 @@
+"""Synchronous replication from bmig-nbd: each write also goes to breceive.
+
+The connection is a WireTarget (bmig.sender.targets: the same transports, handshake and
+lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
+wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the
+event loop with call_soon_threadsafe. What a write waits for depends on the protocol:
+
+    C   written on the target (WRITTEN), and with FUA durable there (DURABLE)
+    B   received by the target (RECEIVED), with FUA durable
+    A   queued for sending; the queue is bounded (the writer waits when it is full) and
+        nothing is ever dropped; FUA still waits for DURABLE
+    FLUSH, in every protocol: durable on the target (FLUSH → DURABLE)
+
+A write is settled on the target only once a DURABLE covers it: ``durable_seq`` is that
+watermark, and ``on_durable`` hears when it moves. Until then the chunks it wrote stay
+dirty in breqd (the tracking layer releases them as synced only after that), so a target
+that crashes and loses what it had not flushed never leaves a chunk marked clean that it
+does not have. A FLUSH follows the last frame by FLUSH_DELAY at most, so writes settle
+even when the application never flushes.
+
+A failure of the connection fails every write waiting for it; the layer above decides
+what that means (bmig.nbd.layers.replicate: degrade or block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from typing import Any
+
+from bmig.errors import BmigError, UnreachableError
+from bmig.wire import codec
+from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, MAX_DATA
+
+log = logging.getLogger("bmig-nbd")
+
+PROTOCOLS = ("A", "B", "C")
+QUEUE_BYTES = 64 * 1024 * 1024        # protocol A: bytes queued before writers wait
+FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
+_DURABLE, _WRITTEN, _RECEIVED, _SENT = "durable", "written", "received", "sent"
+
+
+class Replica:
+    def __init__(self, target: Any, protocol: str, loop: asyncio.AbstractEventLoop):
+        if protocol not in PROTOCOLS:
+            raise ValueError(protocol)
+        self.target = target
+        self.protocol = protocol
+        self.description = target.description
+        self._loop = loop
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, tuple[str, asyncio.Future]] = {}
+        self._outbox: queue.Queue = queue.Queue()
+        self._queued = 0
+        self._room = asyncio.Condition()
+        self.error: BmigError | None = None
+        self._closed = False
+        self.durable_seq = 0                  # every frame up to it is durable there
+        self.sent_seq = 0                     # the last frame handed to the sender
+        self.on_durable: Any = None           # called with the new watermark
+        self._flush_timer: asyncio.TimerHandle | None = None
+        target.set_acks(self)
+        self._sender = threading.Thread(target=self._send_loop, name="replica-sender",
+                                        daemon=True)
+        self._sender.start()
+
+    # -- the writer's side (event loop) -------------------------------------------------
+
+    def _flags(self, fua: bool) -> tuple[int, str]:
+        if fua:
+            return FLAG_FUA, _DURABLE
+        if self.protocol == "C":
+            return FLAG_ACK_WRITTEN, _WRITTEN
+        if self.protocol == "B":
+            return FLAG_ACK_RECEIVED, _RECEIVED
+        return 0, _SENT
+
+    async def _submit(self, item: tuple, nbytes: int, wait_for: str, seq: int) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.protocol == "A":
+            async with self._room:
+                await self._room.wait_for(lambda: self._queued < QUEUE_BYTES
+                                          or self.error is not None)
+        if self.error is not None:
+            raise self.error
+        future = None
+        if wait_for != _SENT:
+            future = self._loop.create_future()
+            self._waiting[seq] = (wait_for, future)
+        self._queued += nbytes
+        self.sent_seq = seq
+        self._outbox.put((item, nbytes, seq))
+        if item[0] != "flush":
+            self._flush_later()
+        if future is not None:
+            await future
+
+    async def write(self, offset: int, data: memoryview | bytes, fua: bool) -> int:
+        """Send; return (per the protocol) with the seq of the last frame, which is
+        settled once ``durable_seq`` reaches it."""
+        view = memoryview(data)
+        seq = 0
+        for start in range(0, len(view), MAX_DATA):
+            piece = view[start:start + MAX_DATA]
+            flags, wait_for = self._flags(fua and start + MAX_DATA >= len(view))
+            seq = next(self._seq)
+            item = ("data", seq, offset + start, bytes(piece), flags)
+            await self._submit(item, len(piece), wait_for, seq)
+        return seq
+
+    async def zero(self, offset: int, length: int, fua: bool) -> int:
+        flags, wait_for = self._flags(fua)
+        seq = next(self._seq)
+        await self._submit(("zero", seq, offset, length, flags), 64, wait_for, seq)
+        return seq
+
+    async def flush(self) -> None:
+        seq = next(self._seq)
+        await self._submit(("flush", seq), 16, _DURABLE, seq)
+
+    def _flush_later(self) -> None:
+        if self._flush_timer is None:
+            self._flush_timer = self._loop.call_later(FLUSH_DELAY, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_timer = None
+        if self.error is None and not self._closed and self.sent_seq > self.durable_seq:
+            seq = next(self._seq)
+            self._queued += 16
+            self._outbox.put((("flush", seq), 16, seq))
+
+    # -- the sender thread --------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            entry = self._outbox.get()
+            if entry is None:
+                return
+            item, nbytes, seq = entry
+            try:
+                kind = item[0]
+                if kind == "data":
+                    _, seq, offset, payload, flags = item
+                    self.target.send_data(seq, offset, codec.RAW, payload, len(payload),
+                                          codec.checksum(payload), flags)
+                elif kind == "zero":
+                    _, seq, offset, length, flags = item
+                    self.target.send_zero(seq, offset, length, flags)
+                else:
+                    self.target.request_durable(item[1])
+            except BmigError as exc:
+                self.fatal(exc)
+            self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
+
+    def _sent(self, seq: int, nbytes: int) -> None:
+        self._queued -= nbytes
+        if self.protocol == "A":
+            self._loop.create_task(self._notify_room())
+
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
+    # -- acknowledgements (the WireTarget's reader thread) ---------------------------------
+
+    def durable(self, seq: int) -> None:
+        self._loop.call_soon_threadsafe(self._durable, seq)
+
+    def written(self, seq: int) -> None:
+        self._loop.call_soon_threadsafe(self._acked, seq, _WRITTEN)
+
+    def received(self, seq: int) -> None:
+        self._loop.call_soon_threadsafe(self._acked, seq, _RECEIVED)
+
+    def failed(self, seq: int, error: BmigError) -> None:
+        self._loop.call_soon_threadsafe(self._fail_one, seq, error)
+
+    def fatal(self, error: BmigError) -> None:
+        self._loop.call_soon_threadsafe(self._fail_all, error)
+
+    def _resolve(self, seq: int) -> None:
+        entry = self._waiting.pop(seq, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(None)
+
+    def _acked(self, seq: int, kind: str) -> None:
+        entry = self._waiting.get(seq)
+        if entry is not None and entry[0] == kind:
+            self._resolve(seq)
+
+    def _durable(self, seq: int) -> None:
+        """DURABLE(seq) covers everything up to seq, whatever it waited for."""
+        for s in [s for s in self._waiting if s <= seq]:
+            self._resolve(s)
+        if seq > self.durable_seq:
+            self.durable_seq = seq
+            if self.on_durable is not None:
+                self.on_durable(seq)
+
+    def _fail_one(self, seq: int, error: BmigError) -> None:
+        entry = self._waiting.pop(seq, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(error)
+
+    def _fail_all(self, error: BmigError) -> None:
+        if self.error is None and not self._closed:
+            log.error("replication to %s failed: %s", self.description, error.message)
+            self.error = error
+        waiting, self._waiting = self._waiting, {}
+        for _, future in waiting.values():
+            if not future.done():
+                future.set_exception(self.error or error)
+        self._loop.create_task(self._notify_room())
+
+    # -- the end ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop; writes still waiting fail (the caller has drained what it meant to)."""
+        self._closed = True
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self._outbox.put(None)
+        self._sender.join(timeout=30)
+        try:
+            self.target.close()
+        except BmigError:
+            pass
+        self._fail_all(UnreachableError("replication stopped"))
+
+
+def open_replica(url: str, options: Any, source: Any, protocol: str,
+                 loop: asyncio.AbstractEventLoop) -> Replica:
+    """Blocking: connect, authenticate, OPEN in replicate mode (run it in a thread)."""
+    from bmig.sender.targets import open_target
+    from bmig.sender.urls import parse_target_url
+    from bmig.errors import ConfigError
+
+    parsed = parse_target_url(url)
+    if parsed.kind == "nbd":
+        raise ConfigError("synchronous replication goes to breceive (tcp://, tls://, "
+                          "ssh://), not to an NBD server")
+    target = open_target(parsed, options)
+    try:
+        relation = target.open(source, False, mode="replicate")
+    except BaseException:
+        target.close()
+        raise
+    log.info("replicating to %s (protocol %s, target %s)", target.description, protocol,
+             relation)
+    return Replica(target, protocol, loop)

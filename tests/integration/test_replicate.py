@@ -1,0 +1,200 @@
+"""Synchronous replication from bmig-nbd (bmigrate replicate), against a real breceive.
+
+- Protocols A, B and C: writes through the NBD export land on the target; chunks written
+  while replicating are clean in breqd once durable there; the target equals the source.
+- Invariant 6, with the bad interleaving forced: a resync reads a chunk, the application
+  then writes it (forwarded to the target), and the resync's older copy lands after the
+  newer one. The chunk is dirty again, and the next pass makes the target right.
+- breceive killed (kill -9) in protocol C: with policy degrade the writes go on and every
+  acknowledged write is on the source and dirty (so the next sync ships it); with policy
+  block they fail with EIO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from bmig.nbd.client import NbdClient, NbdError
+from bmig.sender.passes import LockedTracker, Source
+from bmig.tracker.client import TrackerClient
+from bmig.wire import auth, codec
+from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
+from tests.daemon import wait_until
+from tests.integration.nbd_helpers import start_nbd
+from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate_argv, receivers,  # noqa: F401
+                                            same_bytes, start_receiver, sync)
+
+SIZE = 16 * MiB
+
+
+def bmigrate(breqd, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BMIG_CONTROL=breqd.control)
+    done = subprocess.run(bmigrate_argv(*args), env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    if check and done.returncode != 0:
+        raise AssertionError(f"bmigrate {args[0]} failed ({done.returncode}): {done.stderr}")
+    return done
+
+
+@pytest.fixture
+def setup(breqd, tmp_path, receivers):
+    server = start_nbd(breqd, tmp_path, SIZE)
+    with open(server.backing, "r+b") as f:
+        f.write(os.urandom(SIZE))
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+         r.secret_file, "--threshold", "0")
+    yield server, r, target
+    server.daemon.stop()
+
+
+def replicate(breqd, server, r, *extra: str) -> dict:
+    done = bmigrate(breqd, "replicate", "d1", "--to", r.url("d1"), "--secret-file",
+                    r.secret_file, "--manage-dir", server.manage_dir, "--json", *extra)
+    return json.loads(done.stdout)
+
+
+def stats(breqd) -> dict:
+    return breqd.client().stats("d1")
+
+
+def settled(breqd) -> bool:
+    s = stats(breqd)
+    return s["held_bytes"] == 0 and s["mirrored_bytes"] == 0
+
+
+@pytest.mark.parametrize("protocol", ["A", "B", "C"])
+def test_writes_while_replicating_land_on_the_target_and_stay_clean(breqd, setup, protocol):
+    server, r, target = setup
+    status = replicate(breqd, server, r, "--protocol", protocol)
+    assert status["replicating"] and status["protocol"] == protocol
+    with NbdClient.connect(server.uri) as client:
+        for i in range(40):
+            client.pwrite(os.urandom(4096 + 512 * i), (i * 97 % 200) * CHUNK + 100)
+        client.zero(5 * MiB, 3 * CHUNK)
+        client.trim(9 * MiB, CHUNK)
+        client.pwrite(b"fua" * 1000, 3 * CHUNK, fua=True)
+        client.flush()
+    wait_until(lambda: settled(breqd), timeout=30, what="the holds to settle")
+    assert stats(breqd)["dirty_bytes"] == 0          # nothing left for a sync to ship
+    assert same_bytes(server.backing, target)
+    assert not replicate_stop(breqd, server)["replicating"]
+
+
+def replicate_stop(breqd, server) -> dict:
+    return json.loads(bmigrate(breqd, "replicate", "d1", "--stop", "--manage-dir",
+                               server.manage_dir, "--json").stdout)
+
+
+def test_an_older_resync_copy_landing_after_a_newer_write_is_shipped_again(breqd, setup):
+    """Invariant 6, forced: resync reads X, the application writes X (replicated),
+    then the resync's older copy of X lands on the target."""
+    server, r, target = setup
+    replicate(breqd, server, r)
+    x = 7 * CHUNK
+    tracker = LockedTracker(TrackerClient(breqd.control))
+    tracker.client.mark("d1", [(x, 1)])                          # X waits for resync
+    assert tracker.checkout("d1", CHUNK) == [(x, CHUNK)]          # ... and is in flight
+    old = bytearray(CHUNK)
+    Source(server.backing, SIZE).read_into(memoryview(old), x)   # the resync read it
+    new = os.urandom(CHUNK)
+    with NbdClient.connect(server.uri) as client:                 # the application writes
+        client.pwrite(new, x)
+        client.flush()
+    with open(target, "rb") as f:
+        f.seek(x)
+        assert f.read(CHUNK) == new                               # replicated at once
+    stale_pass(r, x, bytes(old))                                  # the old copy lands
+    with open(target, "rb") as f:
+        f.seek(x)
+        assert f.read(CHUNK) == bytes(old)                        # the bad state exists
+    tracker.commit("d1", [(x, CHUNK)])                            # the resync commits it
+    wait_until(lambda: stats(breqd)["held_bytes"] == 0, timeout=30, what="holds to go")
+    assert stats(breqd)["dirty_bytes"] == CHUNK                   # ... but X stays dirty
+    tracker.client.close()
+    sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+         r.secret_file, "--threshold", "0")
+    assert same_bytes(server.backing, target)
+
+
+def stale_pass(r, offset: int, data: bytes) -> None:
+    """A pass session that writes ``data`` at ``offset``: the resync's delayed frame."""
+    import socket
+
+    from bmig.wire.channel import Channel
+    from bmig.wire.transports import SocketStream
+
+    with open(r.secret_file, "rb") as f:
+        secret = f.read().strip()
+    channel = Channel(SocketStream(socket.create_connection(("127.0.0.1", r.port),
+                                                            timeout=30), "receiver"))
+    try:
+        channel.send(Message(T.HELLO, {"version": 1}).encode())
+        hello = decode_json(channel.read())
+        nonce = auth.new_nonce()
+        channel.send(Message(T.AUTH, {"nonce": nonce, "proof": auth.client_proof(
+            secret, hello.fields["challenge"], nonce)}).encode())
+        assert decode_json(channel.read()).type == T.AUTH_OK
+        record = r.record("d1")
+        channel.send(Message(T.OPEN, {"export": "d1",
+                                      "device_id": record["source_device_id"],
+                                      "generation": record["generation"],
+                                      "size": SIZE}).encode())
+        assert decode_json(channel.read()).type == T.OPENED
+        channel.send(Message(T.PASS_BEGIN, {}).encode())
+        channel.send(pack_data(codec.RAW, 0, len(data), 1, offset, codec.checksum(data)), data)
+        channel.send(pack_seq(T.FLUSH, 1))
+        assert type_of(channel.read()) == T.DURABLE
+        channel.send(Message(T.PASS_END, {}).encode())
+        assert decode_json(channel.read()).type == T.PASS_DONE
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("policy", ["degrade", "block"])
+def test_breceive_killed_in_protocol_c(breqd, setup, receivers, tmp_path, policy):
+    server, r, target = setup
+    replicate(breqd, server, r, "--policy", policy)
+    acknowledged: dict[int, bytes] = {}
+    with NbdClient.connect(server.uri) as client:
+        for i in range(10):
+            data = os.urandom(4096)
+            client.pwrite(data, i * CHUNK)
+            acknowledged[i * CHUNK] = data
+        r.daemon.kill9()
+        failures = 0
+        for i in range(10, 30):
+            data = os.urandom(4096)
+            try:
+                client.pwrite(data, i * CHUNK)
+            except NbdError as exc:
+                assert exc.errno_name == "EIO"
+                failures += 1
+            else:
+                acknowledged[i * CHUNK] = data
+        if policy == "degrade":
+            assert failures <= 1            # the write that met the failure, at most
+        else:
+            assert failures >= 19
+    status = json.loads(bmigrate(breqd, "replicate", "d1", "--status", "--manage-dir",
+                                 server.manage_dir, "--json").stdout)
+    assert not status["replicating"] and status["failed"]
+    assert status["blocked"] == (policy == "block")
+    with open(server.backing, "rb") as f:           # nothing acknowledged is missing
+        for offset, data in acknowledged.items():
+            f.seek(offset)
+            assert f.read(len(data)) == data
+    wait_until(lambda: stats(breqd)["held_bytes"] == 0, timeout=30, what="holds to go")
+    # Everything written since the failure is dirty: after recovery a sync fixes it.
+    again = start_receiver(tmp_path, {"d1": target})       # the same state directory
+    receivers.append(again)
+    replicate_stop(breqd, server)
+    sync(breqd, "d1", "--source", server.backing, "--to", again.url("d1"), "--secret-file",
+         again.secret_file, "--threshold", "0")
+    assert same_bytes(server.backing, target)
