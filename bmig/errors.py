@@ -20,6 +20,9 @@ EXIT_AUTH = 8           # authentication failed (secret, certificate, host key)
 EXIT_LINEAGE = 9        # the target holds another lineage's data (split brain refused)
 EXIT_NOT_CONVERGING = 10  # writes outpace shipping: cut over with protocol C
 EXIT_TARGET = 11        # the target could not store the data (I/O error, no space)
+EXIT_HOOK = 12          # a cutover hook failed
+EXIT_NOT_CONVERGED = 13  # cutover: not converged within --timeout
+EXIT_VERIFY = 14        # verify found chunks that differ
 
 
 class BmigError(Exception):
@@ -95,6 +98,12 @@ class NotCheckedOut(RequestError):
     wire_code = "not-checked-out"
 
 
+class DeviceBusy(RequestError):
+    """Another sender is shipping the device."""
+
+    wire_code = "device-busy"
+
+
 class UnknownExport(RequestError):
     """The receiver has no target of that name."""
 
@@ -147,6 +156,27 @@ class NotConverging(BmigError):
     wire_code = "not-converging"
 
 
+class HookFailed(BmigError):
+    """A cutover hook failed."""
+
+    exit_code = EXIT_HOOK
+    wire_code = "hook-failed"
+
+
+class NotConverged(BmigError):
+    """The copy did not converge in time."""
+
+    exit_code = EXIT_NOT_CONVERGED
+    wire_code = "not-converged"
+
+
+class VerifyFailed(BmigError):
+    """Source and target differ."""
+
+    exit_code = EXIT_VERIFY
+    wire_code = "verify-failed"
+
+
 class StateError(BmigError):
     """The state directory cannot be used."""
 
@@ -169,9 +199,10 @@ class StateLocked(StateError):
 # Wire code -> class, so a client rebuilds the server's error as the same type.
 _ALL: tuple[type[BmigError], ...] = (
     BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, RequestError,
-    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, UnknownExport, TargetBusy,
+    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, DeviceBusy, UnknownExport,
+    TargetBusy,
     LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,
-    StateError, StateWriteError, StateLocked,
+    HookFailed, NotConverged, VerifyFailed, StateError, StateWriteError, StateLocked,
 )
 BY_WIRE_CODE: dict[str, type[BmigError]] = {cls.wire_code: cls for cls in _ALL}
 

@@ -25,6 +25,7 @@ from bmig.errors import ConfigError, StateError
 ROLE_PRIMARY = "primary"            # the source: writes happen here
 ROLE_SECONDARY = "secondary"        # a target: receives what the primary ships
 ROLE_HANDED_OVER = "handed-over"    # a former source after cutover: read-only by default
+ROLES = (ROLE_PRIMARY, ROLE_SECONDARY, ROLE_HANDED_OVER)
 
 STATE_NEW = "new"                   # nothing written by bmig yet
 STATE_INCONSISTENT = "inconsistent"  # a pass is being applied
@@ -61,10 +62,12 @@ class SourceLineage:
     generation: int
     role: str = ROLE_PRIMARY
     previous: list[str] = field(default_factory=list)   # older generations, newest first
+    successor: int = 0        # handed-over: the generation the target took at cutover
 
     def to_json(self) -> dict[str, Any]:
         return {"device_id": hex_id(self.device_id), "generation": hex_id(self.generation),
-                "role": self.role, "previous": self.previous[:16]}
+                "role": self.role, "previous": self.previous[:16],
+                "successor": hex_id(self.successor)}
 
 
 def source_path(state_dir: str, name: str) -> str:
@@ -84,10 +87,12 @@ def load_source(state_dir: str, name: str,
         if raw is None:
             why = "no lineage record"
         else:
+            successor = raw.get("successor")
             record = SourceLineage(parse_id(raw.get("device_id"), "device_id"),
                                    parse_id(raw.get("generation"), "generation"),
                                    str(raw.get("role", ROLE_PRIMARY)),
-                                   [str(g) for g in raw.get("previous", [])][:16])
+                                   [str(g) for g in raw.get("previous", [])][:16],
+                                   parse_id(successor, "successor") if successor else 0)
             if record.device_id == device_id:
                 return record, None
             why = f"the lineage record is of device id {hex_id(record.device_id)}"
@@ -119,16 +124,39 @@ class TargetRecord:
     size: int = 0
     last_pass: float | None = None     # time a pass last completed
     passes: int = 0
+    previous: list[str] = field(default_factory=list)   # older generations, newest first
+    successor: int = 0                 # handed-over: the generation that took over
+    promoted: float | None = None      # time the target became primary
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["source_device_id"] = hex_id(self.source_device_id)
         d["generation"] = hex_id(self.generation)
+        d["successor"] = hex_id(self.successor)
+        d["previous"] = self.previous[:16]
         return d
 
     def shares_lineage(self, device_id: int, generation: int) -> bool:
         return (self.state != STATE_NEW and self.source_device_id == device_id
                 and self.generation == generation)
+
+    def descends_to(self, generation: int, previous: list[int]) -> bool:
+        """This copy was handed over to ``generation`` and not written since, and that
+        generation descends from ours: a fail-back may ship only what changed."""
+        return (self.role == ROLE_HANDED_OVER and self.successor == generation
+                and self.generation in previous and self.state == STATE_CONSISTENT)
+
+
+def relation(record: TargetRecord, device_id: int, generation: int,
+             previous: list[int]) -> str:
+    """How a source relates to what a target holds (see docs/wire-protocol.md, Open)."""
+    if record.state == STATE_NEW:
+        return "new"
+    if record.shares_lineage(device_id, generation) and record.role != ROLE_PRIMARY:
+        return "same"
+    if record.descends_to(generation, previous):
+        return "descendant"
+    return "foreign"
 
 
 def target_path(state_dir: str, export: str) -> str:
@@ -149,11 +177,16 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
         if state not in TARGET_STATES:
             raise ConfigError(f"{path}: unknown state {state!r}")
         last = raw.get("last_pass")
+        promoted = raw.get("promoted")
+        successor = raw.get("successor")
         return TargetRecord(export, parse_id(raw.get("source_device_id"), "source_device_id"),
                             parse_id(raw.get("generation"), "generation"), state,
                             str(raw.get("role", ROLE_SECONDARY)), int(raw.get("size", 0)),
                             float(last) if last is not None else None,
-                            int(raw.get("passes", 0)))
+                            int(raw.get("passes", 0)),
+                            [str(g) for g in raw.get("previous", [])][:16],
+                            parse_id(successor, "successor") if successor else 0,
+                            float(promoted) if promoted is not None else None)
     except (ConfigError, TypeError, ValueError) as exc:
         message = exc.message if isinstance(exc, ConfigError) else str(exc)
         raise StateError(f"target record {path} damaged: {message}") from None

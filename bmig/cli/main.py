@@ -6,7 +6,9 @@ import click
 
 from bmig import __version__
 from bmig.cli.common import run
+from bmig.cli.cutover import cutover
 from bmig.cli.replicate import replicate
+from bmig.cli.status import status, verify
 from bmig.cli.sync import run_service, sync
 from bmig.cli.track import track
 
@@ -21,6 +23,9 @@ cli.add_command(track)
 cli.add_command(sync)
 cli.add_command(run_service)
 cli.add_command(replicate)
+cli.add_command(cutover)
+cli.add_command(status)
+cli.add_command(verify)
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ class TextReporter(Reporter):
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-        ratio = (f", compression {(result.bytes_read - result.bytes_same) / result.bytes_sent:.1f}x"
+        ratio = (f", compression {result.bytes_raw_sent / result.bytes_sent:.1f}x"
                  if result.bytes_sent else "")
         same = f", {human_bytes(result.bytes_same)} already equal" if result.bytes_same else ""
         busy = f" ({human_bytes(held)} being written)" if held else ""

@@ -208,8 +208,7 @@ class Signals:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._interrupt)
-        if self.reload is not None:
-            signal.signal(signal.SIGHUP, self._hup)
+        signal.signal(signal.SIGHUP, self._hup)
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.migration.stop.set()
@@ -226,8 +225,10 @@ class Signals:
         threading.Thread(target=self._reload, daemon=True).start()
 
     def _reload(self) -> None:
+        if self.reload is None:
+            log.warning("SIGHUP: nothing to reload without --config")
+            return
         try:
-            assert self.reload is not None
             self.reload()
         except ConfigError as exc:
             log.error("reload refused: %s", exc.message)

@@ -20,22 +20,47 @@ def track() -> None:
               help="Take the size from this file or block device.")
 @click.option("--chunk-size", type=SIZE, default=None,
               help="Bytes per bitmap bit: a power of two, 4K to 16M [default: 64K].")
+@click.option("--adopt", "adopt", metavar="RECORD",
+              help="Carry on the lineage of a promoted target (its EXPORT.target record), "
+                   "starting with nothing dirty: the new primary after a cutover.")
 @control_option
 @json_option
 def add(name: str, size: int | None, size_path: str | None, chunk_size: int | None,
-        control: str, as_json: bool) -> None:
-    """Start tracking writes to NAME. Every chunk starts dirty."""
+        adopt: str | None, control: str, as_json: bool) -> None:
+    """Start tracking writes to NAME. Every chunk starts dirty (with --adopt: clean)."""
     if (size is None) == (size_path is None):
         raise ConfigError("give the device size with --size BYTES or --size-of PATH")
     if size_path is not None:
         size = size_of(size_path)
+    lineage = adopted_lineage(adopt) if adopt else None
     with connect(control) as client:
-        stats = client.add_device(name, size, chunk_size)
+        stats = client.add_device(name, size, chunk_size, lineage=lineage,
+                                  clean=lineage is not None)
     if as_json:
         print_json(stats)
     else:
         click.echo(f"tracking {name}: {human_bytes(stats['size'])} in "
                    f"{human_bytes(stats['chunk_size'])} chunks, device id {stats['device_id']}")
+
+
+def adopted_lineage(path: str) -> dict:
+    """The lineage a promoted target's record hands on: only a primary, consistent copy
+    may be adopted, since its data is then what its former source had at the handover."""
+    import os
+
+    from bmig.lineage import ROLE_PRIMARY, STATE_CONSISTENT, hex_id, load_target
+
+    directory, name = os.path.split(os.path.abspath(path))
+    if not name.endswith(".target"):
+        raise ConfigError(f"{path}: not a target record (EXPORT.target in breceive's state "
+                          "directory)")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such file")
+    record = load_target(directory, name[:-len(".target")])
+    if record.role != ROLE_PRIMARY or record.state != STATE_CONSISTENT:
+        raise ConfigError(f"{path}: {record.export} is {record.role} and {record.state}; only "
+                          "a target promoted by a cutover can be adopted")
+    return {"generation": hex_id(record.generation), "previous": list(record.previous)}
 
 
 @track.command()

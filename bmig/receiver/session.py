@@ -9,6 +9,7 @@ no longer be trusted, the session ends):
     open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, PROMOTE, BYE
     pass     DATA, ZERO, FLUSH, HASHES_REQ, PASS_END, STATUS_REQ, BYE
     replicate DATA, ZERO, FLUSH, STATUS_REQ, BYE   (OPEN with mode "replicate")
+    inspect  HASHES_REQ, STATUS_REQ, BYE          (OPEN with mode "inspect": verify reads)
 
 A replication session (bmig-nbd forwarding the application's writes, protocol A/B/C)
 has a lock of its own, so it runs beside the pass session that resyncs the same target;
@@ -34,8 +35,9 @@ from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from bmig.errors import (AuthError, BmigError, ChecksumMismatch, LineageError, ProtocolError,
                          TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
-from bmig.lineage import (STATE_CONSISTENT, STATE_INCONSISTENT, STATE_NEW, TargetRecord,
-                          hex_id, load_target, now, parse_id, save_target)
+from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
+                          TargetRecord, hex_id, load_target, now, parse_id, save_target)
+from bmig.lineage import relation as lineage_relation
 from bmig.receiver.target import TargetDevice, TargetLock
 from bmig.wire import auth, codec
 from bmig.wire.channel import Channel
@@ -239,17 +241,19 @@ class Session:
             return True
         source_id = parse_id(msg.fields.get("device_id"), "device_id")
         generation = parse_id(msg.fields.get("generation"), "generation")
+        previous = [parse_id(g, "previous") for g in msg.list("previous")[:16]]
         size = msg.int("size", low=1, high=1 << 60)
         discard = msg.bool("discard_target_data")
         mode = msg.str("mode", "pass")
-        if mode not in ("pass", "replicate"):
+        if mode not in ("pass", "replicate", "inspect"):
             raise ProtocolError(f"OPEN: unknown mode {mode!r}")
         replicate = mode == "replicate"
         lock = TargetLock(self.policy.state_dir, export, "replica" if replicate else "")
-        lock.acquire()
+        if mode != "inspect":            # reading hashes needs no lock
+            lock.acquire()
         try:
             record = load_target(self.policy.state_dir, export)
-            relation = self._relation(record, source_id, generation)
+            relation = lineage_relation(record, source_id, generation, previous)
             if relation == "foreign" and replicate:
                 raise LineageError(f"target {export!r} holds another lineage: sync it "
                                    "first, then replicate")
@@ -268,37 +272,58 @@ class Session:
                             export, hex_id(record.generation), hex_id(record.source_device_id))
                 record = TargetRecord(export)
                 relation = "new"
-            target = TargetDevice(config.path, size)
+            target = TargetDevice(config.path, size, writable=mode != "inspect")
         except BaseException:
             lock.release()
             raise
         self.config, self.record, self.target, self.lock = config, record, target, lock
         self.source_id, self.source_generation, self.size = source_id, generation, size
+        self.source_previous = [hex_id(g) for g in previous]
         self._syncer = _Syncer(self)
         self._syncer.start()
-        self.state = "replicate" if replicate else "open"
+        self.state = {"replicate": "replicate", "inspect": "inspect"}.get(mode, "open")
         log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
                  relation)
         self.send(Message(T.OPENED, {"relation": relation, "target": record.to_json()}))
         return True
 
-    @staticmethod
-    def _relation(record: TargetRecord, source_id: int, generation: int) -> str:
-        if record.state == STATE_NEW:
-            return "new"
-        if record.shares_lineage(source_id, generation):
-            return "same"
-        return "foreign"
 
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
         assert self.record is not None
         record = self.record
         record.source_device_id, record.generation = self.source_id, self.source_generation
+        record.previous = list(self.source_previous)
+        record.role, record.successor = ROLE_SECONDARY, 0
         record.state = STATE_INCONSISTENT
         record.size = self.size
         save_target(self.policy.state_dir, record)       # durable before the first write
         self.state = "pass"
+        return True
+
+    def _promote(self, msg: Message) -> bool:
+        """Cutover, step 6: the target gets a new generation and becomes the primary;
+        the source it came from can never write to it again (invariant 7)."""
+        self._require("open")
+        assert self.record is not None and self.target is not None
+        record = self.record
+        if not record.shares_lineage(self.source_id, self.source_generation) \
+                or record.state != STATE_CONSISTENT:
+            raise LineageError(f"target {record.export!r} is {record.state} with generation "
+                               f"{hex_id(record.generation)}: only a consistent copy of this "
+                               "source can be promoted")
+        new = parse_id(msg.fields.get("generation"), "generation")
+        if new in (0, record.generation):
+            raise ProtocolError("PROMOTE needs a new generation")
+        self.sync_now()
+        record.previous = [hex_id(record.generation)] + record.previous[:15]
+        record.generation = new
+        record.role = ROLE_PRIMARY
+        record.promoted = now()
+        save_target(self.policy.state_dir, record)
+        log.warning("%s: %s promoted: generation %s, primary now; its former source is "
+                    "refused from here on", self.peer, record.export, hex_id(new))
+        self.send(Message(T.PROMOTED, {"target": record.to_json()}))
         return True
 
     def _pass_end(self, msg: Message) -> bool:
@@ -317,7 +342,7 @@ class Session:
         return True
 
     def _hashes(self, msg: Message) -> bool:
-        self._require("open", "pass")
+        self._require("open", "pass", "inspect")
         assert self.target is not None
         offset = msg.int("offset")
         length = msg.int("length", low=1)
@@ -424,4 +449,5 @@ class Session:
 _JSON_HANDLERS = {
     T.OPEN: Session._open, T.PASS_BEGIN: Session._pass_begin, T.PASS_END: Session._pass_end,
     T.HASHES_REQ: Session._hashes, T.STATUS_REQ: Session._status, T.BYE: Session._bye,
+    T.PROMOTE: Session._promote,
 }

@@ -65,13 +65,15 @@ class TargetLock:
 class TargetDevice:
     """The target's bytes: written, zeroed, synced and hashed at byte offsets."""
 
-    def __init__(self, path: str, size: int):
+    def __init__(self, path: str, size: int, writable: bool = True):
         """Open ``path`` for a source of ``size`` bytes: a missing file is created, a
-        short file extended; a block device must be large enough."""
+        short file extended; a block device must be large enough. Not ``writable``
+        (verify): opened read-only, and neither created nor extended."""
         self.path = path
         self.size = size
+        flags = (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ConfigError(f"cannot open target {path}: {exc.strerror}") from None
         try:
@@ -80,7 +82,7 @@ class TargetDevice:
                 raise ConfigError(f"target {path} is neither a file nor a block device")
             have = size_of_fd(self.fd)
             if have < size:
-                if is_block_device(self.fd):
+                if is_block_device(self.fd) or not writable:
                     raise TargetError(f"target {path} has {have} bytes, the source {size}")
                 try:
                     os.ftruncate(self.fd, size)

@@ -8,6 +8,9 @@ after a failure, and reports its lag.
 
 Lineage, on opening the target (invariant 7):
     same     the target holds this device's generation: ship what is dirty
+    descendant  the target is the source this lineage took over from at a cutover, not
+             written since: a fail-back, which ships what is dirty (what changed here
+             since the handover)
     new      the target holds nothing of ours: every chunk is set dirty first (holes
              skipped), or compared by hash with --checksum
     foreign  refused by the receiver, unless --discard-target-data names the target
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
-                         StateError)
+                         StateError, UnknownExport)
 from bmig.lineage import parse_id
 from bmig.sender.passes import LockedTracker, Pass, PassResult, PassSettings, RateLimit, Source
 from bmig.sender.targets import ConnectOptions, SourceInfo, open_target
@@ -57,6 +60,7 @@ class Summary:
     passes: int = 0
     bytes_read: int = 0
     bytes_sent: int = 0
+    bytes_raw_sent: int = 0
     bytes_zero: int = 0
     bytes_same: int = 0
     bytes_committed: int = 0
@@ -68,13 +72,14 @@ class Summary:
         self.passes += 1
         self.bytes_read += result.bytes_read
         self.bytes_sent += result.bytes_sent
+        self.bytes_raw_sent += result.bytes_raw_sent
         self.bytes_zero += result.bytes_zero
         self.bytes_same += result.bytes_same
         self.bytes_committed += result.bytes_committed
 
     def compression_ratio(self) -> float | None:
-        data = self.bytes_read - self.bytes_same
-        return round(data / self.bytes_sent, 2) if self.bytes_sent else None
+        """What the data sent decodes to, over what it took on the wire."""
+        return round(self.bytes_raw_sent / self.bytes_sent, 2) if self.bytes_sent else None
 
     def to_json(self) -> dict:
         return {"event": "summary", "device": self.device, "target": self.target,
@@ -121,15 +126,17 @@ class Migration:
 
     # -- connecting ----------------------------------------------------------------------
 
-    def connect(self) -> None:
-        """breqd, the source, the target, and the lineage handshake."""
+    def connect(self, mode: str = "pass") -> None:
+        """breqd, the source, the target, and the lineage handshake. ``mode`` "inspect"
+        only reads (verify): no lock on the target, nothing set dirty."""
         self.close()
         self._client = TrackerClient(self.control, client="bmigrate")
         self._tracker = LockedTracker(self._client)
         stats = self._client.stats(self.name)
         self._info = SourceInfo(self.name, parse_id(stats["device_id"], "device_id"),
                                 parse_id(stats["generation"], "generation"),
-                                int(stats["size"]), int(stats["chunk_size"]))
+                                int(stats["size"]), int(stats["chunk_size"]),
+                                tuple(str(g) for g in stats.get("previous", [])))
         self._source = Source(self.source_path, self._info.size, self.settings.passes.direct)
         self._check_source_size()
         self._target = open_target(self.url, self.options)
@@ -138,8 +145,11 @@ class Migration:
                 and self.url.kind != "nbd":
             raise ConfigError(f"--discard-target-data names {self.settings.discard_export!r}, "
                               f"but the target is {self.url.export!r}")
-        relation = self._target.open(self._info, discard)
+        relation = self._target.open(self._info, discard, mode) if mode != "pass" \
+            else self._target.open(self._info, discard)
         self.summary.relation = relation
+        if mode != "pass":
+            return
         if relation in ("new", "none"):
             if not self.settings.passes.checksum:
                 self.reporter.note(f"{self.name}: the target holds no copy of this lineage; "
@@ -185,8 +195,8 @@ class Migration:
         result = Pass(self._number, self._tracker, self._source, self._target, self._info,
                       settings, self.limit, self.reporter.progress, self.stop).run(budget)
         self.summary.add(result)
-        if result.seconds > 0 and result.bytes_committed:
-            measured = result.rate()
+        measured = result.data_rate()
+        if measured:
             self.rate = measured if not self.rate else 0.5 * self.rate + 0.5 * measured
         if result.error is not None:
             raise result.error
@@ -260,12 +270,16 @@ class Migration:
                 if self._target is None:
                     self.connect()
                     failures = 0
+                if getattr(self._target, "error", None) is not None:
+                    raise self._target.error        # gone while idle: connect again
                 stats = self.stats()
                 dirty = int(stats["dirty_bytes"])
                 self.reporter.lag(dirty, dirty / self.rate if self.rate else None)
+                self.summary.dirty_bytes = dirty
                 if dirty:
                     result = self.one_pass(dirty)
                     after = self.stats()
+                    self.summary.dirty_bytes = int(after["dirty_bytes"])
                     self.reporter.pass_done(result, int(after["dirty_bytes"]),
                                             int(after["held_bytes"]))
                     if int(after["dirty_bytes"]) > int(after["held_bytes"]):
@@ -275,7 +289,7 @@ class Migration:
                 if on_idle is not None:
                     on_idle()
                 self.stop.wait(self.settings.interval)
-            except (ConfigError, AuthError, LineageError, StateError):
+            except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
                 raise                     # these do not mend themselves: say so and stop
             except BmigError as exc:
                 self.close()

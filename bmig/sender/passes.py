@@ -38,6 +38,7 @@ log = logging.getLogger("bmigrate")
 QUEUE_DEPTH = 4          # frames between encoder and sender
 CHECKOUT_STEP = 64 * MiB
 ACK_TIMEOUT = 300.0      # seconds without a DURABLE before the target is given up on
+STOP_GRACE = 10.0        # ... once stopping: what is in flight gets this long
 
 
 @dataclass
@@ -59,12 +60,15 @@ class RateLimit:
         self._last = time.monotonic()
 
     def consume(self, nbytes: int, stop: threading.Event) -> None:
+        """Take ``nbytes``, waiting until the bucket has them. The bucket holds a
+        second's worth, or one frame if that is more, so a frame larger than a second's
+        worth waits as long as it takes to send it at the rate."""
         while self.rate and not stop.is_set():
             now = time.monotonic()
-            self._allowance = min(self._allowance + (now - self._last) * self.rate,
-                                  float(self.rate))
+            cap = float(max(self.rate, nbytes))
+            self._allowance = min(self._allowance + (now - self._last) * self.rate, cap)
             self._last = now
-            if self._allowance >= nbytes or nbytes > self.rate:
+            if self._allowance >= nbytes:
                 self._allowance -= nbytes
                 return
             stop.wait((nbytes - self._allowance) / self.rate)
@@ -94,6 +98,14 @@ class LockedTracker:
     def stats(self, device: str) -> dict:
         with self._lock:
             return self.client.stats(device)
+
+    def query(self, device: str, offset: int, length: int):
+        with self._lock:
+            return self.client.query(device, offset, length)
+
+    def mark(self, device: str, ranges: list[tuple[int, int]]) -> None:
+        with self._lock:
+            self.client.mark(device, ranges)
 
 
 @dataclass
@@ -127,6 +139,7 @@ class PassResult:
     bytes_checked_out: int = 0
     bytes_read: int = 0
     bytes_sent: int = 0              # payload bytes on the wire
+    bytes_raw_sent: int = 0          # what those payloads decode to
     bytes_zero: int = 0              # shipped as zero ranges
     bytes_same: int = 0              # found equal by --checksum
     bytes_committed: int = 0
@@ -140,6 +153,12 @@ class PassResult:
     def rate(self) -> float:
         """Bytes of the device brought up to date per second."""
         return self.bytes_committed / self.seconds if self.seconds > 0 else 0.0
+
+    def data_rate(self) -> float:
+        """Data bytes (not holes or zeros, which cost nearly nothing) per second: what
+        the time to ship what is left is estimated with."""
+        data = self.bytes_committed - self.bytes_zero - self.bytes_same
+        return data / self.seconds if self.seconds > 0 and data > 0 else 0.0
 
 
 class BufferPool:
@@ -236,6 +255,7 @@ class Pass:
         self._runs: list[Run] = []
         self._fatal: BmigError | None = None
         self._failure: BmigError | None = None       # the first frame the target refused
+        self._incomplete = False                     # frames dropped: not all was sent
         self._pool = BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3)
         self._flushed = 0                           # seq of the last FLUSH sent
         self._planner_waiting = False               # for room in the window
@@ -263,7 +283,8 @@ class Pass:
         sender.join()
         self._wait_settled()
         self.result.seconds = time.monotonic() - started
-        complete = self._fatal is None and not self.result.failed_frames
+        complete = (self._fatal is None and not self.result.failed_frames
+                    and not self._incomplete and not self._stop.is_set())
         if self._fatal is None:
             try:
                 self.result.target = self._target.end_pass(complete)
@@ -328,9 +349,15 @@ class Pass:
                 job = self._jobs.get()
                 if job is None:
                     return
-                if self._stopped():
-                    continue
                 run, offset, length, last = job
+                if self._stopped():          # never sent: back to dirty, at once
+                    self._incomplete = True
+                    with self._lock:
+                        run.failed = run.planned = True
+                        ready = self._ready(run)
+                    if ready:
+                        self._settle(run)
+                    continue
                 try:
                     for frame in self._frames_of(run, offset, length):
                         with self._lock:
@@ -484,6 +511,7 @@ class Pass:
             self._target.send_data(frame.seq, frame.offset, frame.codec, frame.payload,
                                    frame.length, frame.digest)
             self.result.bytes_sent += wire
+            self.result.bytes_raw_sent += frame.length
         elif frame.kind == "zero":
             self._target.send_zero(frame.seq, frame.offset, frame.length)
             self.result.bytes_zero += frame.length
@@ -492,6 +520,7 @@ class Pass:
     def _drop(self, frame: Frame) -> None:
         """A frame not sent (stopping): its run goes back to dirty."""
         self._free(frame)
+        self._incomplete = True
         with self._lock:
             frame.run.failed = True
             frame.run.frames -= 1
@@ -568,7 +597,8 @@ class Pass:
 
     def _wait_settled(self) -> None:
         """Until every run is committed or aborted; a target that stops answering for
-        ACK_TIMEOUT seconds is given up on (its chunks stay dirty)."""
+        ACK_TIMEOUT seconds (STOP_GRACE once stopping) is given up on (its chunks stay
+        dirty)."""
         with self._lock:
             waiting = time.monotonic()
             while self._fatal is None and any(not r.done for r in self._runs):
@@ -577,10 +607,11 @@ class Pass:
 
     def _give_up_if_silent(self, waiting_since: float) -> None:
         """Called with the lock held while waiting for acknowledgements."""
-        if time.monotonic() - max(waiting_since, self._last_ack) > ACK_TIMEOUT \
+        limit = STOP_GRACE if self._stop.is_set() else ACK_TIMEOUT
+        if time.monotonic() - max(waiting_since, self._last_ack) > limit \
                 and self._fatal is None:
             self._fatal = UnreachableError(f"{self._target.description} stopped "
-                                           f"acknowledging for {ACK_TIMEOUT:.0f} s")
+                                           f"acknowledging for {limit:.0f} s")
 
     def _abort_unsettled(self) -> None:
         """After a failure: what is still checked out goes back to dirty now (breqd would

@@ -43,6 +43,7 @@ class SourceInfo:
     generation: int
     size: int
     chunk_size: int
+    previous: tuple[str, ...] = ()     # older generations of this lineage, newest first
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,11 @@ class WireTarget:
         self._acks: Acks | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
+        self.error: BmigError | None = None     # why the connection ended, once it has
         self.server = "breceive"
         self._handshake(options, transport_authenticated)
+        self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
+        self._reader.start()
 
     # -- handshake -------------------------------------------------------------------
 
@@ -176,17 +180,20 @@ class WireTarget:
         return reply
 
     def set_acks(self, acks: Acks) -> None:
+        """Who hears the acknowledgements from now on; told at once if the connection
+        has already ended (between passes, say, behind a proxy that kept our side open)."""
         self._acks = acks
+        if self.error is not None:
+            acks.fatal(self.error)
 
     def open(self, source: SourceInfo, discard: bool, mode: str = "pass") -> str:
-        """Choose the target; ``mode`` "replicate" opens a replication session."""
-        self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
-        self._reader.start()
+        """Choose the target; ``mode`` "replicate" opens a replication session,
+        "inspect" a read-only one (verify)."""
         reply = self._request(Message(T.OPEN, {
             "export": self.export, "device": source.name, "device_id": hex_id(source.device_id),
             "generation": hex_id(source.generation), "size": source.size,
             "chunk_size": source.chunk_size, "discard_target_data": discard,
-            "mode": mode}), T.OPENED)
+            "mode": mode, "previous": list(source.previous)}), T.OPENED)
         assert isinstance(reply, Message)
         self.opened = reply.fields.get("target", {})
         return reply.str("relation")
@@ -222,6 +229,13 @@ class WireTarget:
                 raise ProtocolError(f"{self.description} answered hashes for another range")
             out.extend(values)
         return out
+
+    def promote(self, generation: int) -> dict:
+        """Cutover: the target takes ``generation`` and becomes the primary."""
+        reply = self._request(Message(T.PROMOTE, {"generation": hex_id(generation)}),
+                              T.PROMOTED)
+        assert isinstance(reply, Message)
+        return dict(reply.fields.get("target", {}))
 
     def status(self) -> dict:
         reply = self._request(Message(T.STATUS_REQ, {}), T.STATUS)
@@ -269,6 +283,7 @@ class WireTarget:
         finally:
             if not self._closed:
                 log.debug("%s: reader stops: %s", self.description, why.message)
+                self.error = why
                 if self._acks is not None:
                     self._acks.fatal(why)
                 self._replies.put(why)
@@ -310,6 +325,11 @@ class NbdTarget:
             context = client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
         self.client = NbdClient.connect(url.nbd_uri, timeout=options.timeout,
                                         tls_context=context)
+        # The encoder reads hashes (--checksum) while the sender writes: one client, one
+        # call at a time (a second connection would wait forever on qemu-nbd, which
+        # serves one client unless started with -e).
+        self._lock = threading.Lock()
+        self.error = None
         if self.client.read_only:
             raise ConfigError(f"{self.description} is read-only")
         self._cookies: list[tuple[int, int]] = []     # (cookie, seq) not yet waited for
@@ -318,7 +338,7 @@ class NbdTarget:
     def set_acks(self, acks: Acks) -> None:
         self._acks = acks
 
-    def open(self, source: SourceInfo, discard: bool) -> str:
+    def open(self, source: SourceInfo, discard: bool, mode: str = "pass") -> str:
         if self.client.size < source.size:
             raise TargetError(f"{self.description} has {self.client.size} bytes, the source "
                               f"{source.size}")
@@ -328,34 +348,41 @@ class NbdTarget:
         pass
 
     def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
-                  digest: int) -> None:
-        self._cookies.append((self.client.submit_write(payload, offset), seq))
+                  digest: int, flags: int = 0) -> None:
+        with self._lock:
+            self._cookies.append((self.client.submit_write(payload, offset), seq))
 
-    def send_zero(self, seq: int, offset: int, length: int) -> None:
-        if self.client.can_zero:
-            self._cookies.append((self.client.submit_zero(offset, length), seq))
-            return
-        zeros = bytes(min(length, 1 << 20))
-        for start in range(offset, offset + length, len(zeros)):
-            n = min(len(zeros), offset + length - start)
-            self._cookies.append((self.client.submit_write(zeros[:n], start), seq))
+    def send_zero(self, seq: int, offset: int, length: int, flags: int = 0) -> None:
+        with self._lock:
+            if self.client.can_zero:
+                self._cookies.append((self.client.submit_zero(offset, length), seq))
+                return
+            zeros = bytes(min(length, 1 << 20))
+            for start in range(offset, offset + length, len(zeros)):
+                n = min(len(zeros), offset + length - start)
+                self._cookies.append((self.client.submit_write(zeros[:n], start), seq))
 
     def request_durable(self, seq: int) -> None:
         from bmig.nbd.client import NbdError
 
         assert self._acks is not None
-        cookies, self._cookies = self._cookies, []
-        for cookie, frame_seq in cookies:
+        with self._lock:
+            cookies, self._cookies = self._cookies, []
+            failed = []
+            for cookie, frame_seq in cookies:
+                try:
+                    self.client.wait(cookie)
+                except NbdError as exc:
+                    failed.append((frame_seq, TargetError(f"{self.description}: "
+                                                          f"{exc.message}")))
             try:
-                self.client.wait(cookie)
-            except NbdError as exc:
-                self._acks.failed(frame_seq, TargetError(f"{self.description}: {exc.message}"))
-        try:
-            if self.client.can_flush:
-                self.client.flush()
-        except BmigError as exc:
-            self._acks.fatal(exc)
-            raise
+                if self.client.can_flush:
+                    self.client.flush()
+            except BmigError as exc:
+                self._acks.fatal(exc)
+                raise
+        for frame_seq, error in failed:
+            self._acks.failed(frame_seq, error)
         self._acks.durable(seq)
 
     def end_pass(self, complete: bool) -> dict:
@@ -364,7 +391,9 @@ class NbdTarget:
     def hashes(self, offset: int, length: int, chunk: int) -> list[int]:
         out = []
         for start in range(offset, offset + length, chunk):
-            out.append(xxh3(self.client.pread(min(chunk, offset + length - start), start)))
+            with self._lock:
+                data = self.client.pread(min(chunk, offset + length - start), start)
+            out.append(xxh3(data))
         return out
 
     def status(self) -> dict:

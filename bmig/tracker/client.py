@@ -112,11 +112,23 @@ class TrackerClient:
     def list_devices(self) -> list[dict]:
         return list(self.call(Op.LIST).fields.get("devices", []))
 
-    def add_device(self, name: str, size: int, chunk_size: int | None = None) -> dict:
+    def add_device(self, name: str, size: int, chunk_size: int | None = None,
+                   lineage: dict | None = None, clean: bool = False) -> dict:
+        """``lineage``: {generation, previous} to carry on (a promoted target adopted);
+        ``clean``: start with nothing dirty (only with a lineage)."""
         fields: dict[str, Any] = {"name": name, "size": size}
         if chunk_size is not None:
             fields["chunk_size"] = chunk_size
+        if lineage is not None:
+            fields.update(generation=lineage["generation"],
+                          previous=list(lineage.get("previous", [])), clean=clean)
         return self.call(Op.ADD_DEVICE, fields).fields
+
+    def set_lineage(self, device: str, role: str, successor: str | None = None) -> dict:
+        fields: dict[str, Any] = {"device": device, "role": role}
+        if successor is not None:
+            fields["successor"] = successor
+        return self.call(Op.SET_LINEAGE, fields).fields
 
     def remove_device(self, name: str) -> dict:
         return self.call(Op.REMOVE_DEVICE, {"name": name, "device": name}).fields

@@ -44,6 +44,7 @@ class Op(enum.IntEnum):
     ADD_DEVICE = 11
     REMOVE_DEVICE = 12
     QUERY = 13
+    SET_LINEAGE = 14
     REPLY_OK = 0x80
     REPLY_ERROR = 0x81
 

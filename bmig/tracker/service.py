@@ -21,14 +21,15 @@ from typing import Awaitable, Callable
 from bmig import __version__, systemd
 from bmig.constants import (CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE, MAX_CONTROL_FRAME,
                             MAX_HELD_RUNS, MAX_RANGES_PER_FRAME)
-from bmig.errors import (BmigError, ConfigError, DeviceExists, NotCheckedOut, ProtocolError,
-                         RequestError, StateError, UnknownDevice)
+from bmig.errors import (BmigError, ConfigError, DeviceBusy, DeviceExists, NotCheckedOut,
+                         ProtocolError, RequestError, StateError, UnknownDevice)
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.statelock import StateLock
 from bmig.tracker.committer import pages_of
 from bmig.tracker.device import TrackedDevice
 from bmig.tracker.devices import (SUFFIX, ConfigWatcher, DeviceDefinition, check_geometry,
                                   check_name, new_device_id, scan)
+from bmig.lineage import ROLE_PRIMARY, ROLES, SourceLineage, hex_id, parse_id, save_source
 from bmig.tracker.intervals import IntervalSet
 from bmig.tracker.protocol import Message, Op, decode, field_bool, field_int, field_str
 
@@ -75,6 +76,7 @@ class Breqd:
         self._bad_files: dict[str, str] = {}
         self._refused: dict[str, DeviceDefinition] = {}
         self._closing: dict[str, asyncio.Task] = {}
+        self._senders: dict[str, Session] = {}     # device -> the session that checks out
         self._handlers: dict[Op, Callable[[Session, Message], Reply]] = {
             Op.MARK: self._mark, Op.MARK_COMPLETED: self._mark_completed,
             Op.QUERY: self._query,
@@ -82,6 +84,7 @@ class Breqd:
             Op.STATS: self._stats, Op.LIST: self._list,
             Op.SET_ALL_DIRTY: self._set_all_dirty, Op.CLEAR_ALL: self._clear_all,
             Op.ADD_DEVICE: self._add_device, Op.REMOVE_DEVICE: self._remove_device,
+            Op.SET_LINEAGE: self._set_lineage,
         }
 
     # -- life cycle ------------------------------------------------------------------
@@ -262,6 +265,7 @@ class Breqd:
 
     def _untrack(self, name: str) -> None:
         device = self.devices.pop(name)
+        self._senders.pop(name, None)
         for session in self.sessions:
             session.checkouts.pop(name, None)
             session.holds.pop(name, None)
@@ -347,6 +351,8 @@ class Breqd:
             for first, end in held:
                 device.chunks.abort(first, end)
         session.checkouts.clear()
+        for name in [n for n, owner in self._senders.items() if owner is session]:
+            del self._senders[name]
         holds, session.holds = session.holds, {}
         for name, runs in holds.items():
             device = self.devices.get(name)
@@ -439,6 +445,11 @@ class Breqd:
 
     def _checkout(self, session: Session, msg: Message) -> Reply:
         device = self._device(msg)
+        owner = self._senders.get(device.name)
+        if owner is not None and owner is not session and owner in self.sessions:
+            raise DeviceBusy(f"{device.name} is being shipped by another sender "
+                             f"({owner.peer}); one sender at a time")
+        self._senders[device.name] = session
         max_bytes = field_int(msg, "max_bytes")
         if max_bytes <= 0:
             raise RequestError(f"max_bytes must be positive, not {max_bytes}")
@@ -515,8 +526,11 @@ class Breqd:
         if name in self.devices or os.path.exists(path):
             raise DeviceExists(f"device {name!r} is already defined ({path})")
         definition = DeviceDefinition(name, size, chunk_size, new_device_id())
+        adopted = self._adopted_lineage(msg, definition.device_id)
         try:
             definition.save(self.settings.config_dir)
+            if adopted is not None:
+                save_source(self.settings.state_dir, name, adopted)
         except OSError as exc:
             raise StateError(f"cannot write {path}: {exc.strerror}") from None
         try:
@@ -527,6 +541,53 @@ class Breqd:
         if device is None:
             os.unlink(path)
             raise StateError(f"{name}: cannot create its bitmap in {self.settings.state_dir}")
+        if adopted is None or not field_bool(msg, "clean"):
+            return Message(Op.REPLY_OK, msg.request_id, device.stats())
+        # An adopted copy that equals its source at the handover starts clean: from now
+        # on what is written here is what a fail-back ships.
+        log.warning("%s: adopted generation %s with a clean bitmap", name,
+                    hex_id(adopted.generation))
+        device.chunks.clear_all()
+        device.committer.lazy(device.all_pages())
+        flushed = device.committer.flush_lazy()
+        ok = Message(Op.REPLY_OK, msg.request_id, device.stats())
+        return ok if flushed is None else _then(flushed, ok)
+
+    @staticmethod
+    def _adopted_lineage(msg: Message, device_id: int) -> SourceLineage | None:
+        """ADD_DEVICE with ``generation`` (and ``previous``): the device carries on a
+        lineage that began elsewhere (a promoted target)."""
+        if "generation" not in msg.fields:
+            return None
+        try:
+            generation = parse_id(msg.fields["generation"], "generation")
+            previous = msg.fields.get("previous", [])
+            if not isinstance(previous, list):
+                raise ConfigError("previous must be a list of generations")
+            for g in previous:
+                parse_id(g, "previous")
+        except ConfigError as exc:
+            raise ProtocolError(exc.message) from None
+        return SourceLineage(device_id, generation, ROLE_PRIMARY,
+                             [str(g) for g in previous][:16])
+
+    def _set_lineage(self, session: Session, msg: Message) -> Reply:
+        """Record a cutover on the source: its role, and the generation that took over."""
+        device = self._device(msg)
+        role = field_str(msg, "role")
+        if role not in ROLES:
+            raise RequestError(f"role {role!r}: one of {', '.join(ROLES)}")
+        lineage = device.lineage
+        lineage.role = role
+        if "successor" in msg.fields:
+            try:
+                lineage.successor = parse_id(msg.fields["successor"], "successor")
+            except ConfigError as exc:
+                raise ProtocolError(exc.message) from None
+        save_source(self.settings.state_dir, device.name, lineage)
+        log.warning("%s: role %s%s", device.name, role,
+                    f", succeeded by generation {hex_id(lineage.successor)}"
+                    if lineage.successor else "")
         return Message(Op.REPLY_OK, msg.request_id, device.stats())
 
     def _remove_device(self, session: Session, msg: Message) -> Reply:

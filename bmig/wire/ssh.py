@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 
 import paramiko
 
-from bmig.errors import ConfigError, UnreachableError
+from bmig.errors import AuthError, ConfigError, UnreachableError
 from bmig.wire.transports import Buffer, FdStream, tune
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
                 client.get_host_keys().check(self.target.host, key):
             return
         if not self.target.accept_new_host_key:
-            raise UnreachableError(unknown_host_key_message(self.target))
+            raise AuthError(unknown_host_key_message(self.target))
         append_known_host(self.target.known_hosts_file, hostname, key)
         warn_accepted_key(self.target, f"{key.get_name()} {key.fingerprint}")
 
@@ -315,11 +315,11 @@ def connect_paramiko(client: paramiko.SSHClient, target: SshTarget,
                        disabled_algorithms=disabled_ciphers(target.cipher),
                        transport_factory=tuned_transport)
     except paramiko.BadHostKeyException as exc:
-        raise UnreachableError(changed_host_key_message(target, exc.key.fingerprint)) from None
+        raise AuthError(changed_host_key_message(target, exc.key.fingerprint)) from None
     except paramiko.PasswordRequiredException as exc:
         raise identity_error(target, exc) from None
     except paramiko.AuthenticationException as exc:
-        raise UnreachableError(login_refused_message(target, str(exc) or "no key accepted")
+        raise AuthError(login_refused_message(target, str(exc) or "no key accepted")
                                ) from None
     except socket.gaierror as exc:
         raise UnreachableError(f"cannot resolve {target.host}: {exc.strerror}") from None
@@ -541,12 +541,12 @@ def ssh_failure(target: SshTarget, stderr: OpensshStderr, status: int | None) ->
     """The error for an ssh that exited before logging in, from what it printed."""
     if stderr.said("REMOTE HOST IDENTIFICATION HAS CHANGED", "has changed and you have"):
         sent = stderr.said("SHA256:")
-        return UnreachableError(changed_host_key_message(target, sent.rstrip(".") if sent
+        return AuthError(changed_host_key_message(target, sent.rstrip(".") if sent
                                                          else None))
     if stderr.said("host key is known for", "Host key verification failed"):
-        return UnreachableError(unknown_host_key_message(target))
+        return AuthError(unknown_host_key_message(target))
     if line := stderr.said("Permission denied"):
-        return UnreachableError(login_refused_message(target, line.split(": ", 1)[-1]))
+        return AuthError(login_refused_message(target, line.split(": ", 1)[-1]))
     if line := stderr.said("Unknown cipher", "Bad SSH2 cipher"):
         return ConfigError(f"ssh: {line}; ssh -Q cipher lists the ciphers it has")
     if line := stderr.said("Unable to negotiate"):
@@ -594,6 +594,9 @@ def open_openssh(target: SshTarget, command: str, ssh: str = "ssh") -> "OpensshS
     """Run ``ssh HOST command``; a Stream over its pipes once ssh has logged in."""
     check_identity(target)
     known_before = known_host_fingerprint(target)
+    if target.accept_new_host_key:        # ssh saves the key, but makes no directory
+        os.makedirs(os.path.dirname(target.known_hosts_file) or ".", mode=0o700,
+                    exist_ok=True)
     proc, read_fd, write_fd, err_fd = spawn_ssh(openssh_argv(target, command, ssh))
     stream = OpensshStream(proc, read_fd, write_fd, OpensshStderr(err_fd), target, command)
     try:

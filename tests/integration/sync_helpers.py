@@ -148,3 +148,171 @@ def track(breqd, name: str, path: str, chunk_size: int = CHUNK) -> None:
     client = breqd.client()
     client.add_device(name, os.path.getsize(path), chunk_size=chunk_size)
     client.close()
+
+
+# -- bmigrate sync/run as background processes (appended for the SSH, NBD-target, run
+# -- and concurrency tests) ------------------------------------------------------------
+
+class Background:
+    """``bmigrate sync|run ... --json`` as a child process; its JSON event lines and its
+    stderr are collected by reader threads as they come, so a test waits for events
+    (``wait_event``) instead of sleeping."""
+
+    def __init__(self, breqd, command: str, *args: str, env: dict | None = None):
+        import threading
+        full_env = dict(os.environ, BMIG_CONTROL=breqd.control, PYTHONUNBUFFERED="1",
+                        **(env or {}))
+        self.argv = bmigrate_argv(command, *args)
+        self.proc = subprocess.Popen(self.argv, env=full_env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.events: list[dict] = []
+        self.stdout_other: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._children: list[int] = []
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stdout(self) -> None:
+        import json
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.stdout_other.append(line.rstrip("\n"))
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_lines)
+
+    def errors(self) -> list[str]:
+        """The one-line error messages (``bmigrate: ...``)."""
+        return [line for line in self.stderr_lines if line.startswith("bmigrate: ")]
+
+    def of(self, event: str) -> list[dict]:
+        return [e for e in list(self.events) if e.get("event") == event]
+
+    def _drained(self) -> None:
+        for reader in self._readers:
+            reader.join(timeout=30)
+
+    def wait_event(self, predicate, timeout: float = 30.0, what: str = "an event") -> dict:
+        """The first event that satisfies ``predicate``; fails at once if the process
+        ended without printing one."""
+        from tests.daemon import wait_until
+
+        def found():
+            for event in list(self.events):
+                if predicate(event):
+                    return event
+            if self.proc.poll() is not None:
+                self._drained()
+                for event in list(self.events):
+                    if predicate(event):
+                        return event
+                raise AssertionError(f"bmigrate exited with {self.proc.returncode} before "
+                                     f"{what}:\n{self.stderr}\nevents: {self.events[-5:]}")
+            return None
+
+        return wait_until(found, timeout=timeout, what=what)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Its exit status, once it ended by itself and its output is read."""
+        self.proc.wait(timeout=timeout)
+        self._drained()
+        return self.proc.returncode
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM; SIGKILL if it does not end within ``timeout``."""
+        import signal as _signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._drained()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """SIGKILL, then its children (ssh(1) runs in a process group of its own and
+        would outlive it) once they had the chance to end by themselves."""
+        from tests.sshd import descendants
+        from tests.daemon import wait_until
+        self._children = descendants(self.proc.pid)
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._drained()
+        try:
+            wait_until(lambda: not _alive(self._children), timeout=15,
+                       what="the children of a killed bmigrate to end")
+        finally:
+            _kill_all(self._children)
+
+    def close(self) -> None:
+        from tests.sshd import descendants
+        if self.proc.poll() is None:
+            self._children += descendants(self.proc.pid)
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        _kill_all(self._children)
+        self._drained()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """The pids still running (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def _kill_all(pids: list[int]) -> None:
+    import signal as _signal
+    for pid in _alive(pids):
+        try:
+            os.kill(pid, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def migrations() -> Iterator[list[Background]]:
+    """bmigrate processes a test starts in the background; killed at teardown if still
+    running."""
+    started: list[Background] = []
+    yield started
+    for m in reversed(started):
+        m.close()
+
+
+def start_background(migrations: list[Background], breqd, command: str,
+                     *args: str) -> Background:
+    m = Background(breqd, command, *args)
+    migrations.append(m)
+    return m
+
+
+def summary_of(done: subprocess.CompletedProcess) -> dict:
+    """The last JSON line of a finished ``bmigrate ... --json``."""
+    import json
+    return json.loads(done.stdout.splitlines()[-1])

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import paramiko
 import pytest
 
-from bmig.errors import ConfigError, UnreachableError
+from bmig.errors import AuthError, ConfigError, UnreachableError
 from bmig.wire.ssh import (SshTarget, failure_hint, open_openssh, open_paramiko,
                            openssh_argv, paramiko_ciphers)
 from bmig.wire.transports import FdStream, Stream
@@ -168,7 +168,7 @@ def test_changed_host_key_is_refused(sshd: Sshd, opener: Opener, tmp_path, accep
     known_hosts = write_known_hosts(str(tmp_path / "known_hosts"), sshd.host, sshd.port,
                                     other_host_key(tmp_path))
     before = open(known_hosts).read()
-    with pytest.raises(UnreachableError, match="HAS CHANGED") as caught:
+    with pytest.raises(AuthError, match="HAS CHANGED") as caught:
         opener(sshd.target(known_hosts=known_hosts, accept_new_host_key=accept_new), "true")
     assert "\n" not in caught.value.message
     assert f"[{sshd.host}]:{sshd.port}" in caught.value.message
@@ -177,7 +177,7 @@ def test_changed_host_key_is_refused(sshd: Sshd, opener: Opener, tmp_path, accep
 
 def test_unknown_host_key_is_refused(sshd: Sshd, opener: Opener, tmp_path):
     known_hosts = str(tmp_path / "known_hosts")
-    with pytest.raises(UnreachableError, match="is not known") as caught:
+    with pytest.raises(AuthError, match="is not known") as caught:
         opener(sshd.target(known_hosts=known_hosts), "true")
     assert "--accept-new-host-key" in caught.value.message
     assert not os.path.exists(known_hosts)
@@ -197,7 +197,7 @@ def test_another_key_listed_for_the_bare_host_is_not_trusted(
         sshd: Sshd, opener: Opener, tmp_path):
     known_hosts = write_known_hosts(str(tmp_path / "known_hosts"), sshd.host, 22,
                                     other_host_key(tmp_path))
-    with pytest.raises(UnreachableError, match="is not known"):
+    with pytest.raises(AuthError, match="is not known"):
         opener(sshd.target(known_hosts=known_hosts), "true")
 
 
@@ -222,7 +222,7 @@ def test_new_host_key_is_accepted_saved_and_trusted_after(
 
 def test_key_the_server_does_not_know_is_refused(sshd: Sshd, opener: Opener, tmp_path):
     stranger = make_key(str(tmp_path / "stranger")).private
-    with pytest.raises(UnreachableError, match="refused to log in") as caught:
+    with pytest.raises(AuthError, match="refused to log in") as caught:
         opener(sshd.target(identity=stranger), "true")
     assert stranger in caught.value.message
 

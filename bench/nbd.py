@@ -1,0 +1,751 @@
+#!/usr/bin/env python3
+"""Compare NBD servers in one run: qemu-nbd, nbdkit's file plugin, bmig-nbd with and without
+tracking, all driven by fio's nbd engine over a Unix socket, one connection each.
+
+    .venv/bin/python bench/nbd.py                   # 3 workloads x 4 servers x 3 x 15 s (~9.5 min)
+    .venv/bin/python bench/nbd.py --quick           # 5 s runs, 1 repeat, 512 MiB (~75 s)
+    .venv/bin/python bench/nbd.py --only a,c --servers qemu-nbd,bmig-nbd --repeat 5
+    .venv/bin/python bench/nbd.py --json /tmp/nbd.json
+
+Every server serves the same backing file on /dev/shm (2 GiB by default, filled with random
+data once at the start, so reads hit data and not holes). Workloads (fio --numjobs=1
+--time_based --norandommap --randrepeat=0):
+
+  a  4 KiB random write, iodepth 32
+  b  1 MiB sequential write, iodepth 8
+  c  4 KiB random read, iodepth 32
+
+Each (server, workload) pair runs --repeat times, servers interleaved round-robin (the
+starting server rotates each round) so that machine noise hits all of them alike. The
+report gives the median and min-max of IOPS and MB/s, latency, and the CPU time each
+server (and breqd, for the tracked bmig-nbd) used during the run, from /proc/PID/stat;
+then the ratios against the targets, PASS or BELOW.
+
+Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM or
+an error; the temporary directory and the backing file are removed. A server or breqd that
+was killed from outside between or during runs is restarted and the run done again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from bmig import __version__ as BMIG_VERSION  # noqa: E402
+from bmig.config import parse_size  # noqa: E402
+from bmig.constants import GiB, KiB, MiB  # noqa: E402
+from bmig.tracker.client import TrackerClient  # noqa: E402
+
+DEVICE = "bench"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+MAX_RESTARTS = 2           # per run: a server killed from outside is restarted this often
+FIO_GRACE = 120.0          # fio gets runtime + this before it is called hung
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    name: str
+    title: str
+    rw: str
+    bs: str
+    iodepth: int
+    metric: str            # "iops" or "mbps": what the targets compare
+
+
+WORKLOADS = {w.key: w for w in (
+    Workload("a", "randwrite", "4 KiB random write, iodepth 32", "randwrite", "4k", 32, "iops"),
+    Workload("b", "seqwrite", "1 MiB sequential write, iodepth 8", "write", "1m", 8, "mbps"),
+    Workload("c", "randread", "4 KiB random read, iodepth 32", "randread", "4k", 32, "iops"),
+)}
+SERVERS = ("qemu-nbd", "nbdkit", "bmig-nbd", "bmig-nbd-notrack")
+ALIASES = {"qemu": "qemu-nbd", "bmig": "bmig-nbd", "notrack": "bmig-nbd-notrack",
+           "bmig-notrack": "bmig-nbd-notrack"}
+
+# (title, workload, numerator server, denominator server, metric, minimum ratio)
+TARGETS = (
+    ("4 KiB rand write, tracking on: bmig-nbd / qemu-nbd IOPS", "a", "bmig-nbd", "qemu-nbd",
+     "iops", 1.0),
+    ("1 MiB seq write, tracking on: bmig-nbd / nbdkit MB/s", "b", "bmig-nbd", "nbdkit",
+     "mbps", 0.8),
+    ("4 KiB rand read: bmig-nbd / qemu-nbd IOPS", "c", "bmig-nbd", "qemu-nbd", "iops", 1.0),
+    ("4 KiB rand write: bmig-nbd tracking on / off IOPS", "a", "bmig-nbd", "bmig-nbd-notrack",
+     "iops", 0.9),
+)
+
+
+# -- process bookkeeping ---------------------------------------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+class ServerDied(Exception):
+    pass
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+@dataclass
+class Proc:
+    """A process started by this script, in its own session (pgid == pid)."""
+
+    label: str
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> "Proc":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, env=env,
+                                         start_new_session=True)
+        _procs.append(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process (all its threads) so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> int | None:
+        """SIGTERM to its process group, SIGKILL if it will not go."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pid, signal.SIGKILL)
+                self.proc.wait(STOP_TIMEOUT)
+            # whatever the leader left behind in its group goes too
+            _signal_group(self.pid, signal.SIGKILL)
+        if self in _procs:
+            _procs.remove(self)
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_procs: list[Proc] = []
+_paths: list[str] = []       # files and directories to remove at the end
+
+
+def cleanup() -> None:
+    # newest first: fio, then the servers, breqd (started first) last
+    for p in reversed(list(_procs)):
+        try:
+            p.stop()
+        except Exception as exc:           # keep going: the rest must still be stopped
+            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
+    for path in reversed(_paths):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.unlink(path)
+    _paths.clear()
+
+
+# -- readiness ---------------------------------------------------------------------------
+
+def start_notified(p: Proc, tmp: str) -> Proc:
+    """Start a bmig daemon and wait for its READY=1 on a private NOTIFY_SOCKET."""
+    notify_path = os.path.join(tmp, f"notify-{p.label}")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [
+                       os.environ.get("PYTHONPATH")])]))
+        p.start(env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            _check_alive(p)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{p.label}: no READY=1 in {START_TIMEOUT:.0f} s:\n"
+                                   f"{p.log_tail()}")
+            notify.settimeout(min(left, 0.2))
+            try:
+                if b"READY=1" in notify.recv(4096).split(b"\n"):
+                    return p
+            except socket.timeout:
+                pass
+    finally:
+        notify.close()
+        os.unlink(notify_path)
+
+
+def start_probed(p: Proc, sock_path: str) -> Proc:
+    """Start a server that does not notify; ready once its socket sends the NBD greeting."""
+    p.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    delay = 0.005
+    while True:
+        _check_alive(p)
+        if _nbd_greets(sock_path):
+            return p
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{p.label}: no NBD greeting on {sock_path} in "
+                               f"{START_TIMEOUT:.0f} s:\n{p.log_tail()}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _nbd_greets(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+            return s.recv(8, socket.MSG_WAITALL) == b"NBDMAGIC"
+        except OSError:
+            return False
+
+
+def _check_alive(p: Proc) -> None:
+    if not p.alive():
+        code = p.proc.returncode if p.proc else None
+        raise RuntimeError(f"{p.label} exited with {code}:\n{p.log_tail()}")
+
+
+# -- servers -----------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    name: str
+    sock: str
+    export: str            # "" is the default export
+    proc: Proc
+
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.sock}"
+
+
+@dataclass
+class Setup:
+    tmp: str
+    backing: str
+    size: int
+    servers: dict[str, Server] = field(default_factory=dict)
+    breqd: Proc | None = None
+
+    @property
+    def control(self) -> str:
+        return os.path.join(self.tmp, "breqd.sock")
+
+    def tracker(self) -> TrackerClient:
+        return TrackerClient(self.control, timeout=60.0, client="bench-nbd")
+
+
+def start_breqd(setup: Setup) -> Proc:
+    state, config = os.path.join(setup.tmp, "state"), os.path.join(setup.tmp, "devices.d")
+    p = Proc("breqd", [sys.executable, "-c", "from bmig.cli.breqd import main; main()",
+                       "--state-dir", state, "--config-dir", config,
+                       "--control", setup.control],
+             os.path.join(setup.tmp, "breqd.log"))
+    start_notified(p, setup.tmp)
+    with setup.tracker() as c:
+        if DEVICE not in {d.get("name") for d in c.list_devices()}:
+            c.add_device(DEVICE, setup.size)
+    return p
+
+
+def start_server(setup: Setup, name: str) -> Server:
+    sock = os.path.join(setup.tmp, f"{name}.sock")
+    log = os.path.join(setup.tmp, f"{name}.log")
+    if name == "qemu-nbd":
+        p = Proc(name, ["qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads",
+                        "-k", sock, "-t", setup.backing], log)
+        return Server(name, sock, "", start_probed(p, sock))
+    if name == "nbdkit":
+        p = Proc(name, ["nbdkit", "-f", "-U", sock, "file", setup.backing], log)
+        return Server(name, sock, "", start_probed(p, sock))
+    argv = [sys.executable, "-c", "from bmig.cli.nbd import main; main()",
+            "--device", DEVICE, "--backing", setup.backing, "--unix", sock,
+            "--control", setup.control, "--manage-dir", os.path.join(setup.tmp, name)]
+    if name == "bmig-nbd-notrack":
+        argv.append("--no-track")
+    return Server(name, sock, DEVICE, start_notified(Proc(name, argv, log), setup.tmp))
+
+
+# -- one fio run -------------------------------------------------------------------------
+
+def fio_argv(server: Server, w: Workload, runtime: int, out: str) -> list[str]:
+    return ["fio", f"--name={w.name}", "--ioengine=nbd", f"--uri={server.uri()}",
+            f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", "--numjobs=1",
+            "--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0",
+            "--output-format=json", f"--output={out}"]
+
+
+def breqd_counters(setup: Setup) -> dict[str, int]:
+    if setup.breqd is None:
+        return {}
+    with setup.tracker() as c:
+        s = c.stats(DEVICE)
+    return {k: int(s.get(k, 0)) for k in ("marks", "flushes")}
+
+
+def run_once(setup: Setup, server: Server, w: Workload, runtime: int, tag: str,
+             clear_bitmap: bool) -> dict:
+    out = os.path.join(setup.tmp, f"fio-{tag}.json")
+    fio = Proc(f"fio {tag}", fio_argv(server, w, runtime, out),
+               os.path.join(setup.tmp, f"fio-{tag}.log"))
+    if clear_bitmap and setup.breqd is not None and server.name == "bmig-nbd":
+        with setup.tracker() as c:
+            c.clear_all(DEVICE, force=True)
+    counters0 = breqd_counters(setup)
+    cpu0 = server.proc.cpu_seconds()
+    bcpu0 = setup.breqd.cpu_seconds() if setup.breqd else 0.0
+    t0 = time.monotonic()
+    fio.start()
+    try:
+        fio.proc.wait(runtime + FIO_GRACE)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"fio on {server.name} ({w.name}) did not finish in "
+                           f"{runtime + FIO_GRACE:.0f} s; {server.name} log:\n"
+                           f"{server.proc.log_tail()}") from None
+    wall = time.monotonic() - t0
+    try:                         # an exited but unreaped process still has its stat
+        cpu = server.proc.cpu_seconds() - cpu0
+        bcpu = (setup.breqd.cpu_seconds() - bcpu0) if setup.breqd else 0.0
+    except OSError:
+        cpu = bcpu = 0.0
+    fio.stop()
+    for p in (server.proc, setup.breqd):
+        if p is not None and not p.alive():
+            raise ServerDied(f"{p.label} exited with {p.proc.returncode} during the "
+                             f"{w.name} run on {server.name}:\n{p.log_tail(8)}")
+    counters1 = breqd_counters(setup)
+    r = parse_fio(out, fio, w)
+    ios = r["ios"] or 1
+    r.update(server=server.name, workload=w.key, wall_s=round(wall, 3),
+             server_cpu_s=round(cpu, 3), server_cpu=round(cpu / wall, 3),
+             server_us_per_io=round(cpu * 1e6 / ios, 2),
+             breqd_cpu_s=round(bcpu, 3), breqd_cpu=round(bcpu / wall, 3),
+             breqd_us_per_io=round(bcpu * 1e6 / ios, 2))
+    if counters0:
+        r["breqd_marks"] = counters1["marks"] - counters0["marks"]
+        r["breqd_flushes"] = counters1["flushes"] - counters0["flushes"]
+    return r
+
+
+def parse_fio(path: str, fio: Proc, w: Workload) -> dict:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+        data = json.loads(text[text.index("{"):])   # fio may print warnings before the JSON
+        job = data["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        raise RuntimeError(f"fio ({w.name}) exited with {fio.proc.returncode} and no "
+                           f"result:\n{fio.log_tail()}") from None
+    if fio.proc.returncode != 0 or job.get("error"):
+        raise RuntimeError(f"fio ({w.name}) failed (exit {fio.proc.returncode}, error "
+                           f"{job.get('error')}):\n{fio.log_tail()}")
+    side = job["read"] if w.rw.endswith("read") else job["write"]
+    pct = side.get("clat_ns", {}).get("percentile", {})
+    return {"iops": round(side["iops"], 1), "mbps": round(side["bw_bytes"] / 1e6, 1),
+            "ios": int(side["total_ios"]), "bytes": int(side["io_bytes"]),
+            "runtime_ms": int(side["runtime"]),
+            "lat_ms_mean": round(side["lat_ns"]["mean"] / 1e6, 3),
+            "clat_ms_p50": round(pct.get("50.000000", 0) / 1e6, 3),
+            "clat_ms_p99": round(pct.get("99.000000", 0) / 1e6, 3),
+            "fio_cpu": round((job["usr_cpu"] + job["sys_cpu"]) / 100, 3)}
+
+
+# -- the whole run -----------------------------------------------------------------------
+
+def fill_random(path: str, size: int) -> float:
+    """Write ``size`` bytes of random data; returns the seconds it took."""
+    t = time.monotonic()
+    block = 8 * MiB
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(block, left)
+            f.write(os.urandom(n))
+            left -= n
+    return time.monotonic() - t
+
+
+def run_all(args, setup: Setup, out: dict) -> None:
+    secs = fill_random(setup.backing, setup.size)
+    out["fill_seconds"] = round(secs, 2)
+    print(f"backing file {setup.backing}: {setup.size / GiB:g} GiB of random data in "
+          f"{secs:.1f} s", flush=True)
+    if "bmig-nbd" in args.server_list:
+        setup.breqd = start_breqd(setup)
+    for name in args.server_list:
+        setup.servers[name] = start_server(setup, name)
+    out["pids"] = {n: s.proc.pid for n, s in setup.servers.items()}
+    print("servers ready: " + ", ".join(f"{n} (pid {s.proc.pid})"
+                                        for n, s in setup.servers.items()), flush=True)
+    runs: list[dict] = out["runs"]
+    total = args.repeat * len(args.workloads) * len(args.server_list)
+    for rep in range(args.repeat):
+        for key in args.workloads:
+            w = WORKLOADS[key]
+            order = args.server_list[rep % len(args.server_list):] + \
+                args.server_list[:rep % len(args.server_list)]
+            for name in order:
+                r = run_pair(args, setup, name, w, rep, out)
+                r["round"] = rep
+                runs.append(r)
+                print(f"  [{len(runs):>3}/{total}] round {rep + 1} {w.key} {w.name:<9} "
+                      f"{name:<16} {r['iops']:>10,.0f} IOPS {r['mbps']:>8,.1f} MB/s  "
+                      f"server CPU {r['server_cpu']:.2f}"
+                      + (f", breqd {r['breqd_cpu']:.2f}, {r['breqd_marks'] / (r['ios'] or 1):.2f} "
+                         "marks/IO" if name == "bmig-nbd" else ""),
+                      flush=True)
+    for name, s in list(setup.servers.items()):
+        out.setdefault("exit_codes", {})[name] = s.proc.stop()
+    if setup.breqd is not None:
+        out.setdefault("exit_codes", {})["breqd"] = setup.breqd.stop()
+
+
+def run_pair(args, setup: Setup, name: str, w: Workload, rep: int, out: dict) -> dict:
+    """One run; a server (or breqd) found dead is restarted and the run retried, a few
+    times per run: other people's tests on a shared machine kill processes by name."""
+    for attempt in range(MAX_RESTARTS + 1):
+        revive(setup, name, out)
+        try:
+            return run_once(setup, setup.servers[name], w, args.runtime,
+                            f"{rep}-{w.name}-{name}-{attempt}", args.clear_bitmap)
+        except ServerDied as exc:
+            if attempt == MAX_RESTARTS:
+                raise RuntimeError(str(exc)) from None
+            print(f"  warning: {exc}; restarting it and running again", flush=True)
+    raise AssertionError("unreachable")
+
+
+def revive(setup: Setup, name: str, out: dict) -> None:
+    """Restart breqd or the server if it exited since the last run (it is logged in the
+    results' "restarts")."""
+    dead = []
+    if setup.breqd is not None and not setup.breqd.alive():
+        dead.append(("breqd", setup.breqd.proc.returncode))
+        setup.breqd.stop()
+        setup.breqd = start_breqd(setup)
+    server = setup.servers[name]
+    if not server.proc.alive():
+        dead.append((name, server.proc.proc.returncode))
+        server.proc.stop()
+        setup.servers[name] = start_server(setup, name)
+    for label, code in dead:
+        # a restarted bmig daemon imports the working tree as it is now: note which
+        out.setdefault("restarts", []).append({"process": label, "exit_code": code,
+                                               "before": name,
+                                               "bmig_source_sha256": _source_digest()})
+        print(f"  warning: {label} had exited with {code} (killed from outside?); "
+              "restarted", flush=True)
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    pairs: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        pairs.setdefault((r["workload"], r["server"]), []).append(r)
+    rows = []
+    for (wk, name), rs in pairs.items():
+        row = {"workload": wk, "server": name, "runs": len(rs)}
+        for k in ("iops", "mbps", "clat_ms_p50", "clat_ms_p99", "server_cpu",
+                  "server_us_per_io", "breqd_cpu", "breqd_us_per_io", "fio_cpu"):
+            vals = [r[k] for r in rs]
+            row[k] = statistics.median(vals)
+            row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
+        if "breqd_marks" in rs[0]:
+            row["breqd_marks"] = sum(r.get("breqd_marks", 0) for r in rs)
+            row["breqd_flushes"] = sum(r.get("breqd_flushes", 0) for r in rs)
+        rows.append(row)
+    return rows
+
+
+def ratios(summary: list[dict], runs: list[dict]) -> list[dict]:
+    med = {(s["workload"], s["server"]): s for s in summary}
+    out = []
+    for title, wk, num, den, metric, need in TARGETS:
+        row: dict = {"target": title, "workload": wk, "numerator": num, "denominator": den,
+                     "metric": metric, "need": need, "ratio": None, "verdict": "n/a"}
+        if (wk, num) in med and (wk, den) in med and med[(wk, den)][metric]:
+            row["ratio"] = round(med[(wk, num)][metric] / med[(wk, den)][metric], 3)
+            row["verdict"] = "PASS" if row["ratio"] >= need else "BELOW"
+            by_round: dict[int, dict[str, float]] = {}
+            for r in runs:
+                if r["workload"] == wk and r["server"] in (num, den):
+                    by_round.setdefault(r["round"], {})[r["server"]] = r[metric]
+            per = [v[num] / v[den] for v in by_round.values() if num in v and v.get(den)]
+            row["per_round"] = [round(x, 3) for x in per]
+        out.append(row)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    return "-" if v is None else str(v)
+
+
+def _span(lo: float, hi: float, digits: int = 0) -> str:
+    return f"{lo:,.{digits}f}-{hi:,.{digits}f}"
+
+
+def report(out: dict) -> str:
+    parts = []
+    for key in out["workloads"]:
+        w = WORKLOADS[key]
+        rows = [s for s in out["summary"] if s["workload"] == key]
+        if not rows:
+            continue
+        parts.append(f"\n{w.key}. {w.title} ({rows[0]['runs']} run(s) of {out['runtime']} s "
+                     f"each; medians, min-max over runs)")
+        parts.append(table(
+            ["server", "IOPS", "IOPS min-max", "MB/s", "MB/s min-max", "p50 ms", "p99 ms",
+             "server CPU", "server us/IO", "breqd CPU", "breqd us/IO", "fio CPU"],
+            [[s["server"], round(s["iops"]), _span(s["iops_min"], s["iops_max"]),
+              round(s["mbps"]), _span(s["mbps_min"], s["mbps_max"]), s["clat_ms_p50"],
+              s["clat_ms_p99"], s["server_cpu"], s["server_us_per_io"],
+              s["breqd_cpu"] if s["server"] == "bmig-nbd" else None,
+              s["breqd_us_per_io"] if s["server"] == "bmig-nbd" else None, s["fio_cpu"]]
+             for s in rows]))
+    parts.append("\ntargets (ratio of medians; per round: the ratio within each round)")
+    parts.append(table(
+        ["target", "ratio", "per round", "need", "verdict"],
+        [[r["target"], r["ratio"],
+          _span(min(r["per_round"]), max(r["per_round"]), 2) if r.get("per_round") else None,
+          f">= {r['need']}", r["verdict"]] for r in out["ratios"]]))
+    return "\n".join(parts)
+
+
+# -- checks and options ----------------------------------------------------------------
+
+def preflight(args) -> str | None:
+    """A one-line reason the run cannot start, or None."""
+    if shutil.which("fio") is None:
+        return "fio is not installed (Debian: apt-get install fio)"
+    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True)
+    if r.returncode != 0 or "uri" not in r.stdout:
+        return "this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built with libnbd"
+    if "qemu-nbd" in args.server_list and shutil.which("qemu-nbd") is None:
+        return "qemu-nbd is not installed (Debian: qemu-utils); or leave it out with --servers"
+    if "nbdkit" in args.server_list:
+        if shutil.which("nbdkit") is None or subprocess.run(
+                ["nbdkit", "--dump-plugin", "file"], capture_output=True).returncode != 0:
+            return "nbdkit with its file plugin is not installed; or leave it out with --servers"
+    if not os.path.isdir(args.backing_dir) or not os.access(args.backing_dir, os.W_OK):
+        return f"{args.backing_dir} is not a writable directory"
+    st = os.statvfs(args.backing_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < args.size + 64 * MiB:
+        return (f"{args.backing_dir} has {free / MiB:,.0f} MiB free, the backing file needs "
+                f"{args.size / MiB:,.0f} MiB (+64 MiB); free some or pass a smaller --size")
+    return None
+
+
+def _list(text: str, allowed, aliases: dict[str, str], what: str, p) -> list[str]:
+    items = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        item = aliases.get(item, item)
+        if item not in allowed:
+            p.error(f"unknown {what} {item!r} (choose from {', '.join(allowed)})")
+        if item not in items:
+            items.append(item)
+    if not items:
+        p.error(f"no {what} chosen")
+    return items
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="runtime 5 s, repeat 1, size 512 MiB (explicit options still win)")
+    p.add_argument("--runtime", type=int, help="seconds per fio run [15]")
+    p.add_argument("--repeat", type=int, help="runs per (server, workload) pair [3]")
+    p.add_argument("--size", help="backing file size [2G]")
+    p.add_argument("--only", default="a,b,c",
+                   help="workloads: a/randwrite, b/seqwrite, c/randread [a,b,c]")
+    p.add_argument("--servers", default=",".join(SERVERS),
+                   help=f"servers to compare [{','.join(SERVERS)}]")
+    p.add_argument("--clear-bitmap", action="store_true",
+                   help="clear breqd's bitmap before each tracked run, so writes are "
+                        "first-time marks that wait for an fdatasync (default: the new "
+                        "device is all dirty and marks are answered from memory)")
+    p.add_argument("--tmpdir", default="/tmp",
+                   help="where the sockets, logs and breqd's state go [/tmp]")
+    p.add_argument("--backing-dir", default="/dev/shm", help="where the backing file goes "
+                   "[/dev/shm]")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the results here [bench/results/nbd-YYYYmmdd-HHMMSS.json]")
+    args = p.parse_args()
+    args.runtime = args.runtime or (5 if args.quick else 15)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    try:
+        args.size = parse_size(args.size or ("512M" if args.quick else "2G"))
+    except Exception as exc:
+        p.error(str(exc))
+    if args.runtime < 1 or args.repeat < 1 or args.size < MiB or args.size % (4 * KiB):
+        p.error("--runtime and --repeat must be positive, --size at least 1M and a "
+                "multiple of 4K")
+    args.workloads = [next(k for k, w in WORKLOADS.items() if item in (k, w.name))
+                      for item in _list(args.only, [*WORKLOADS, *(w.name for w in
+                                                                   WORKLOADS.values())],
+                                        {}, "workload", p)]
+    args.workloads = sorted(set(args.workloads))
+    args.server_list = _list(args.servers, SERVERS, ALIASES, "server", p)
+    return args
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def _git() -> str:
+    head = _version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "bmig"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + (" (bmig/ modified)" if dirty else "")
+
+
+def _source_digest() -> str:
+    """Digest of bmig/**/*.py as run: ties results to a working tree that has no commit."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(os.path.join(ROOT, "bmig"))):
+        dirnames.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def main() -> int:
+    args = parse_args()
+    problem = preflight(args)
+    if problem:
+        print(f"bench/nbd.py: {problem}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with it ignored
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
+                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": _git(),
+                 "bmig_source_sha256": _source_digest(),
+                 "fio": _version(["fio", "--version"]),
+                 "qemu_nbd": _version(["qemu-nbd", "--version"]),
+                 "nbdkit": _version(["nbdkit", "--version"]),
+                 "quick": args.quick, "runtime": args.runtime, "repeat": args.repeat,
+                 "size": args.size, "workloads": args.workloads,
+                 "servers": args.server_list, "clear_bitmap": args.clear_bitmap,
+                 "loadavg_before": _loadavg(), "runs": []}
+    print(f"NBD servers benchmark: {', '.join(args.server_list)}; workloads "
+          f"{','.join(args.workloads)}; {args.repeat} x {args.runtime} s each; "
+          f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}; {out['cpus']} CPUs, "
+          f"load {out['loadavg_before']}; bmig {out['git']}, source "
+          f"{out['bmig_source_sha256']}", flush=True)
+    t0 = time.monotonic()
+    try:
+        tmp = tempfile.mkdtemp(prefix="bmig-bench-nbd-", dir=args.tmpdir)
+        _paths.append(tmp)
+        if len(os.path.join(tmp, "bmig-nbd-notrack.sock")) > 100:
+            raise RuntimeError(f"--tmpdir {args.tmpdir} is too long for Unix socket paths")
+        backing = os.path.join(args.backing_dir, f"bmig-bench-nbd-{os.getpid()}.img")
+        _paths.append(backing)
+        run_all(args, Setup(tmp, backing, args.size), out)
+    except (KeyboardInterrupt, Interrupted):
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench/nbd.py: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    out["total_seconds"] = round(time.monotonic() - t0, 1)
+    out["loadavg_after"] = _loadavg()
+    out["summary"] = summarize(out["runs"])
+    out["ratios"] = ratios(out["summary"], out["runs"])
+    print(report(out))
+    print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
+          f"after {out['loadavg_after']} (fio, the server and breqd share {out['cpus']} "
+          f"CPUs; other processes skew the figures)")
+    path = args.json or os.path.join(HERE, "results", f"nbd-{stamp}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""bmigrate cutover: hand the workload over to the target, with a downtime report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from bmig import log as bmig_log
+from bmig.cli.common import control_option, json_option
+from bmig.cli.replicate import manage_dir_option, replica_options
+from bmig.cli.sync import build, connection_options
+from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
+from bmig.nbd.layers.replicate import POLICIES
+from bmig.nbd.replica import PROTOCOLS
+from bmig.sender.cutover import Cutover, CutoverSettings
+
+
+def text_report(event: dict) -> None:
+    kind = event.get("event")
+    if kind == "step":
+        if event.get("status") == "started":
+            sys.stderr.write(f"{event['device']}: step {event['step']}: {event['name']}...\n")
+        else:
+            extra = ", ".join(f"{k} {v}" for k, v in event.items()
+                              if k not in ("event", "device", "step", "name", "status",
+                                           "seconds"))
+            sys.stderr.write(f"{event['device']}: step {event['step']}: {event['name']} "
+                             f"done in {event['seconds']:.2f} s{'; ' + extra if extra else ''}"
+                             "\n")
+    elif kind == "downtime":
+        sys.stderr.write(f"{event['device']}: downtime {event['seconds']:.3f} s\n")
+    elif kind == "note":
+        sys.stderr.write(event["message"] + "\n")
+    sys.stderr.flush()
+
+
+def json_report(event: dict) -> None:
+    sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+@click.command()
+@click.argument("name")
+@click.option("--source", metavar="PATH", required=True,
+              help="The device or file bmig-nbd serves.")
+@click.option("--to", "to", metavar="URL", required=True,
+              help="breceive holding the copy: tcp://, tls:// or ssh://.")
+@click.option("--pre-handover", metavar="CMD",
+              help="Run before the handover: stop the application (downtime starts).")
+@click.option("--post-handover", metavar="CMD",
+              help="Run after it: start the application on the other side.")
+@click.option("--freeze", is_flag=True,
+              help="Hold new writes in bmig-nbd for the handover (the default without "
+                   "--pre-handover).")
+@click.option("--verify", is_flag=True, help="Compare every chunk's hash before handing over.")
+@click.option("--verify-sample", type=click.FloatRange(0, 1, min_open=True), metavar="F",
+              help="With --verify: compare this fraction of the chunks, chosen at random.")
+@click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
+              metavar="SECONDS", help="How long the drain may take (step 2).")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="C", show_default=True,
+              help="Replication protocol while draining.")
+@click.option("--policy", type=click.Choice(POLICIES), default="degrade", show_default=True,
+              help="If the target fails while draining: back to tracking only, or fail "
+                   "writes with EIO (the cutover stops either way).")
+@click.option("--keep-writable", is_flag=True,
+              help="Do not turn bmig-nbd read-only after the handover.")
+@click.option("--hook-timeout", type=click.FloatRange(1), default=300, show_default=True,
+              metavar="SECONDS", help="How long a hook may run.")
+@click.option("--record-dir", metavar="DIR", default=DEFAULT_RECEIVER_STATE_DIR,
+              show_default=True,
+              help="Record the handed-over source here, as breceive would, for a fail-back.")
+@manage_dir_option
+@control_option
+@connection_options
+@click.option("--log-level", type=click.Choice(bmig_log.LEVELS), default="warning",
+              help="Least severe message logged [default: warning].")
+@json_option
+def cutover(name: str, source: str, to: str, pre_handover: str | None,
+            post_handover: str | None, freeze: bool, verify: bool, verify_sample: float | None,
+            timeout: float, protocol: str, policy: str, keep_writable: bool,
+            hook_timeout: float, record_dir: str, manage_dir: str, control: str,
+            log_level: str, as_json: bool, **connection: Any) -> None:
+    """Hand the workload of NAME over to the target at --to.
+
+    Switches to protocol C, drains, stops the application (--pre-handover) or freezes
+    writes, flushes both sides, optionally verifies, gives the target a new generation
+    (it becomes the primary; this source can no longer write to it) and turns bmig-nbd
+    read-only, then starts the application on the other side (--post-handover). The
+    downtime is reported. A failure before the handover leaves this source primary and
+    writable.
+    """
+    bmig_log.setup(log_level)
+    values = {"name": name, "source": source, "to": to, "control": control,
+              "threshold": "0", **{k: v for k, v in connection.items() if v is not None}}
+    migration, _ = build(values, as_json)
+    report = json_report if as_json else text_report
+    settings = CutoverSettings(
+        manage_dir=manage_dir, protocol=protocol, policy=policy, pre_handover=pre_handover,
+        post_handover=post_handover, freeze=freeze, verify=verify,
+        verify_sample=verify_sample, timeout=timeout, keep_writable=keep_writable,
+        hook_timeout=hook_timeout, record_dir=record_dir,
+        replicate_options=replica_options(connection))
+    job = Cutover(migration, to, settings, report)
+    try:
+        result = job.run()
+    finally:
+        job.close()
+    if as_json:
+        json_report(result.to_json())
+    else:
+        click.echo(f"{name}: handed over to {to} (generation {result.generation}); "
+                   f"downtime {result.downtime:.3f} s")

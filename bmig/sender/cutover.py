@@ -1,0 +1,281 @@
+"""The cutover: hand the workload over to the target with seconds of downtime.
+
+    1  switch bmig-nbd to synchronous replication (protocol C by default)
+    2  drain: passes until nothing is dirty but what is being written synchronously,
+       and nothing is in flight (the copy is identical and stays identical)
+    3  stop the application (--pre-handover CMD) or freeze bmig-nbd's writes (--freeze)
+                                                                   downtime starts here
+    4  flush both sides; wait until nothing at all is dirty, held or in flight
+    5  optionally verify every chunk's hash (or a sample) against the target
+    6  bmig-nbd turns read-only; the target gets a new generation and becomes the
+       primary; the source is recorded as handed over to it
+                                                                   downtime ends here
+    7  start the application on the other side (--post-handover CMD)
+
+A failure before step 6 stops replication, thaws, and leaves the source primary and
+writable, and says so. Every step is logged and reported (a JSON event with --json).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from bmig.errors import BmigError, HookFailed, NotConverged, VerifyFailed
+from bmig.lineage import (ROLE_HANDED_OVER, STATE_CONSISTENT, TargetRecord, hex_id,
+                          new_generation, save_target)
+from bmig.nbd.manage import ManageClient
+from bmig.sender.converge import Migration
+from bmig.sender.verify import verify
+
+log = logging.getLogger("bmigrate")
+
+SETTLE_POLL = 0.05           # seconds between looks at breqd while the last bits settle
+SETTLE_TIMEOUT = 60.0
+
+
+@dataclass
+class CutoverSettings:
+    manage_dir: str
+    protocol: str = "C"
+    policy: str = "degrade"
+    pre_handover: str | None = None
+    post_handover: str | None = None
+    freeze: bool = False
+    verify: bool = False
+    verify_sample: float | None = None
+    timeout: float = 600.0
+    keep_writable: bool = False
+    hook_timeout: float = 300.0
+    record_dir: str | None = None     # write the handed-over source's target record here
+    replicate_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class CutoverResult:
+    device: str
+    target: str
+    steps: list[dict] = field(default_factory=list)
+    downtime: float | None = None
+    generation: str | None = None
+    handed_over: bool = False
+
+    def to_json(self) -> dict:
+        return {"event": "cutover", "device": self.device, "target": self.target,
+                "handed_over": self.handed_over, "downtime_seconds": self.downtime,
+                "generation": self.generation, "steps": self.steps}
+
+
+class Cutover:
+    def __init__(self, migration: Migration, url: str, settings: CutoverSettings,
+                 report: Callable[[dict], None]):
+        self.m = migration
+        self.url = url
+        self.s = settings
+        self.report = report
+        self.result = CutoverResult(migration.name, url)
+        self._nbd: ManageClient | None = None
+        self._frozen = False
+        self._replicating = False
+        self._read_only = False
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def run(self) -> CutoverResult:
+        self._nbd = ManageClient(self.s.manage_dir, self.m.name, timeout=self.s.timeout + 60)
+        self.m.connect()
+        downtime_start = None
+        try:
+            self._step(1, "replicate synchronously", self._replicate)
+            self._step(2, "drain", self._drain)
+            downtime_start = time.monotonic()
+            if self.s.pre_handover:
+                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover))
+            if self.s.freeze or not self.s.pre_handover:
+                self._step(3, "freeze writes", self._freeze)
+            self._step(4, "flush both sides", self._flush)
+            if self.s.verify:
+                self._step(5, "verify", self._verify)
+        except BaseException as exc:
+            self._undo(exc)
+            raise
+        self._step(6, "hand over", self._hand_over)
+        self.result.downtime = round(time.monotonic() - downtime_start, 3)
+        self.result.handed_over = True
+        self.report({"event": "downtime", "device": self.m.name,
+                     "seconds": self.result.downtime})
+        if self.s.post_handover:
+            self._step(7, "post-handover hook", lambda: self._hook(self.s.post_handover))
+        return self.result
+
+    def _step(self, number: int, name: str, action: Callable[[], Any]) -> None:
+        started = time.monotonic()
+        self.report({"event": "step", "device": self.m.name, "step": number, "name": name,
+                     "status": "started"})
+        detail = action()
+        entry = {"step": number, "name": name, "seconds": round(time.monotonic() - started, 3)}
+        if isinstance(detail, dict):
+            entry.update(detail)
+        self.result.steps.append(entry)
+        self.report({"event": "step", "device": self.m.name, "status": "done", **entry})
+
+    def _replicate(self) -> dict:
+        assert self._nbd is not None
+        status = self._nbd.call("replicate", url=self.url, protocol=self.s.protocol,
+                                policy=self.s.policy, options=self.s.replicate_options)
+        self._replicating = True
+        return {"protocol": status["protocol"]}
+
+    def _remaining(self) -> tuple[int, dict]:
+        stats = self.m.stats()
+        return int(stats["dirty_bytes"]) - int(stats["mirrored_bytes"]), stats
+
+    def _drain(self) -> dict:
+        deadline = time.monotonic() + self.s.timeout
+        passes = 0
+        while True:
+            left, stats = self._remaining()
+            if left <= 0 and not stats["inflight_bytes"]:
+                return {"passes": passes}
+            if time.monotonic() > deadline:
+                raise NotConverged(f"not converged within {self.s.timeout:g} s: "
+                                   f"{left} bytes still dirty after {passes} passes")
+            self._check_replication()
+            if left > 0:
+                self.m.one_pass(left)
+                passes += 1
+            else:
+                self.m.stop.wait(SETTLE_POLL)
+
+    def _check_replication(self) -> None:
+        assert self._nbd is not None
+        status = self._nbd.call("status")
+        if not status["replicating"]:
+            raise BmigError(f"replication to {self.url} stopped: {status.get('failed')}")
+
+    def _hook(self, command: str) -> dict:
+        env = dict(os.environ, BMIG_DEVICE=self.m.name, BMIG_TARGET=self.url)
+        try:
+            done = subprocess.run(command, shell=True, env=env, timeout=self.s.hook_timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise HookFailed(f"hook {command!r} did not finish within "
+                             f"{self.s.hook_timeout:g} s") from None
+        if done.returncode != 0:
+            raise HookFailed(f"hook {command!r} failed with exit status {done.returncode}")
+        return {"command": command}
+
+    def _freeze(self) -> None:
+        assert self._nbd is not None
+        self._nbd.call("freeze")
+        self._frozen = True
+
+    def _flush(self) -> dict:
+        """Durable on both sides, then wait for the last holds to settle: with writes
+        stopped, nothing may stay dirty, held or in flight."""
+        assert self._nbd is not None
+        self._nbd.call("flush")
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        passes = 0
+        while True:
+            stats = self.m.stats()
+            if not (stats["dirty_bytes"] or stats["held_bytes"] or stats["inflight_bytes"]):
+                return {"passes": passes}
+            if time.monotonic() > deadline:
+                raise NotConverged(f"{stats['dirty_bytes']} bytes still dirty "
+                                   f"{SETTLE_TIMEOUT:g} s after writes stopped")
+            left = int(stats["dirty_bytes"]) - int(stats["mirrored_bytes"])
+            if left > 0 and not stats["held_bytes"]:
+                self.m.one_pass(left)
+                passes += 1
+                self._nbd.call("flush")
+            else:
+                self.m.stop.wait(SETTLE_POLL)
+
+    def _verify(self) -> dict:
+        m = self.m
+        assert m._tracker and m._source and m._target and m._info
+        sample = self.s.verify_sample
+        result = verify(m._tracker, m._source, m._target, m.name, m._info.size,
+                        m._info.chunk_size, sample)
+        if result.differing:
+            raise VerifyFailed(f"verify: {len(result.differing)} of {result.chunks} chunks "
+                               f"differ (first at byte "
+                               f"{result.differing[0] * m._info.chunk_size})")
+        return {"chunks_compared": result.chunks}
+
+    def _hand_over(self) -> dict:
+        """Read-only here first, then the target primary, then our record of it."""
+        assert self._nbd is not None and self.m._target is not None
+        m = self.m
+        if not self.s.keep_writable:
+            self._nbd.call("read-only", value=True)
+            self._read_only = True
+        generation = new_generation()
+        try:
+            target = m._target.promote(generation)
+        except BaseException as exc:
+            self._undo(exc)
+            raise
+        # From here the target is the primary: the source must never write to it again.
+        # What follows is done as far as it goes; a failure is reported, not undone.
+        self.result.generation = hex_id(generation)
+        assert m._tracker is not None and m._info is not None
+        problems: list[str] = []
+        for what, action in (
+                ("record the handover in breqd",
+                 lambda: m._tracker.client.set_lineage(m.name, ROLE_HANDED_OVER,
+                                                       hex_id(generation))),
+                ("write the handed-over record",
+                 lambda: self._record_handed_over(generation) if self.s.record_dir else None),
+                ("stop replicating", lambda: self._nbd.call("stop")),
+                ("thaw", lambda: self._nbd.call("thaw") if self._frozen else None)):
+            try:
+                action()
+            except (BmigError, OSError) as exc:
+                problems.append(f"{what}: {getattr(exc, 'message', None) or exc}")
+        if problems:
+            raise BmigError(f"{m.name}: handed over (the target is primary with generation "
+                            f"{hex_id(generation)}; this source is "
+                            f"{'writable' if self.s.keep_writable else 'read-only'}), but "
+                            + "; ".join(problems))
+        return {"generation": hex_id(generation), "target_role": target.get("role")}
+
+    def _record_handed_over(self, generation: int) -> None:
+        """A target record for this device, as breceive would keep it, so that a
+        fail-back from the new primary ships only what changed there."""
+        m = self.m
+        assert m._info is not None and self.s.record_dir is not None
+        os.makedirs(self.s.record_dir, mode=0o700, exist_ok=True)
+        record = TargetRecord(m.name, m._info.device_id, m._info.generation, STATE_CONSISTENT,
+                              ROLE_HANDED_OVER, m._info.size, time.time(), 0,
+                              list(m._info.previous), generation)
+        save_target(self.s.record_dir, record)
+
+    def _undo(self, why: BaseException) -> None:
+        """Before the handover: the source stays primary and writable."""
+        if self._nbd is None:
+            return
+        for op, done in (("read-only", self._read_only), ("stop", self._replicating),
+                         ("thaw", self._frozen)):
+            if not done:
+                continue
+            try:
+                self._nbd.call(op, value=False) if op == "read-only" else self._nbd.call(op)
+            except BmigError as exc:
+                log.error("while undoing: %s failed: %s", op, exc.message)
+        self._read_only = self._replicating = self._frozen = False
+        message = why.message if isinstance(why, BmigError) else str(why) or type(why).__name__
+        self.report({"event": "note", "device": self.m.name,
+                     "message": f"{self.m.name}: cutover stopped ({message}); the source "
+                                "stays primary and writable"})
+
+    def close(self) -> None:
+        if self._nbd is not None:
+            self._nbd.close()
+        self.m.close()
+
