@@ -29,31 +29,53 @@ def parse_size(text: str | int) -> int:
 MAX_CONFIG_FILE = 1 << 20
 
 
-def load_toml(path: str) -> dict[str, Any]:
-    """Parse a TOML file; a FIFO, device or huge file is refused without blocking on it."""
+def read_small_file(path: str, max_bytes: int, what: str = "") -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes and stat, refusing a FIFO, a device, a directory or
+    anything larger than ``max_bytes`` without blocking on it or reading it all."""
+    label = f"{what} {path}" if what else path
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        raise ConfigError(f"{label}: no such file") from None
     except PermissionError:
-        raise ConfigError(f"{path}: permission denied") from None
+        raise ConfigError(f"{label}: permission denied") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ConfigError(f"{path}: not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if st.st_size > MAX_CONFIG_FILE:
-            raise ConfigError(f"{path}: {st.st_size} bytes is too large for a configuration file")
+        raise ConfigError(f"{label}: cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{label}: not a regular file")
+        if st.st_size > max_bytes:
+            raise ConfigError(f"{label}: {st.st_size} bytes is too large (at most {max_bytes})")
         try:
-            return tomllib.loads(f.read(MAX_CONFIG_FILE + 1).decode())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
+            data = os.read(fd, max_bytes + 1)
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+            raise ConfigError(f"{label}: cannot read: {exc.strerror}") from None
+        if len(data) > max_bytes:
+            raise ConfigError(f"{label}: larger than {max_bytes} bytes")
+        return data, st
+    finally:
+        os.close(fd)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Parse a TOML file; a FIFO, device or huge file is refused without blocking on it."""
+    data, _ = read_small_file(path, MAX_CONFIG_FILE)
+    try:
+        return tomllib.loads(data.decode())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
+
+
+def load_settings(path: str, keys: set[str] | frozenset[str]) -> dict[str, Any]:
+    """A TOML settings file whose keys must all be known."""
+    values = load_toml(path)
+    unknown = set(values) - set(keys)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    return values
 
 
 def toml_value(value: Any) -> str:

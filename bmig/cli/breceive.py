@@ -11,7 +11,7 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
-from bmig.config import load_toml
+from bmig.config import load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.receiver.service import Receiver, ReceiverSettings
@@ -86,10 +86,7 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
     """Write what bmigrate ships to the configured target devices."""
     values: dict[str, Any] = {}
     if config_file:
-        values = load_toml(config_file)
-        unknown = set(values) - KEYS
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown setting(s): {', '.join(sorted(unknown))}")
+        values = load_settings(config_file, KEYS)
     bmig_log.setup(str(log_level or values.get("log_level", "info")))
     targets = _targets(values, target_flags, bool(allow_discard))
     state = os.path.abspath(str(state_dir or values.get("state_dir",

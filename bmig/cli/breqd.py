@@ -10,7 +10,7 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import run
-from bmig.config import load_toml, merge
+from bmig.config import load_settings, merge
 from bmig.constants import DEFAULT_CONFIG_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.tracker.service import Breqd, Settings
@@ -52,11 +52,7 @@ def breqd(config_file: str | None, **flags: str | None) -> None:
     """Keep a durable dirty bitmap for every tracked device."""
     values = dict(DEFAULTS)
     if config_file:
-        from_file = load_toml(config_file)
-        unknown = set(from_file) - KEYS
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown setting(s): {', '.join(sorted(unknown))}")
-        values.update(from_file)
+        values.update(load_settings(config_file, KEYS))
     values = merge(values, flags)
     bmig_log.setup(str(values["log_level"]))
     settings = Settings(state_dir=os.path.abspath(str(values["state_dir"])),

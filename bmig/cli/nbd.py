@@ -12,7 +12,7 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
-from bmig.config import load_toml
+from bmig.config import load_settings
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import BmigError, ConfigError, UnknownDevice
 from bmig.lineage import parse_id
@@ -31,10 +31,7 @@ EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
 
 
 def _from_file(path: str) -> dict[str, Any]:
-    values = load_toml(path)
-    unknown = set(values) - TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    values = load_settings(path, TOP_KEYS)
     exports = values.get("export", [])
     if not isinstance(exports, list):
         raise ConfigError(f"{path}: [[export]] must be an array of tables")

@@ -21,7 +21,7 @@ import click
 from bmig import log as bmig_log
 from bmig.cli.common import SIZE, control_option, json_option
 from bmig.cli.report import JsonReporter, TextReporter
-from bmig.config import load_toml, parse_size
+from bmig.config import load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
 from bmig.errors import EXIT_OK, ConfigError
 from bmig.sender.converge import Migration, SyncSettings
@@ -146,10 +146,7 @@ def migration_options(f: Callable) -> Callable:
 def settings_from(config_file: str | None, flags: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if config_file:
-        values = load_toml(config_file)
-        unknown = set(values) - KEYS
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown setting(s): {', '.join(sorted(unknown))}")
+        values = load_settings(config_file, KEYS)
     for key, value in flags.items():
         if value is not None and key in KEYS:
             values[key] = value

@@ -21,7 +21,7 @@ from bmig import __version__, systemd
 from bmig.errors import BmigError, ConfigError
 from bmig.receiver.session import Policy, Session
 from bmig.wire.channel import Channel
-from bmig.wire.transports import FdStream, SocketStream, tune
+from bmig.wire.transports import FdStream, SocketStream, keepalive, tune
 
 log = logging.getLogger("breceive")
 
@@ -36,16 +36,6 @@ class ReceiverSettings:
     tls: ssl.SSLContext | None = None
     client_certificates: bool = False      # TLS clients must show a certificate
     max_sessions: int = 16
-
-
-def _keepalive(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except (OSError, AttributeError):
-        pass
 
 
 class Receiver:
@@ -154,7 +144,7 @@ class Receiver:
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 tune(sock)
-                _keepalive(sock)
+                keepalive(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             authenticated = False
             if self.settings.tls is not None:

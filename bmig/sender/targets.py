@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from bmig.wire.codec import checksum as xxh3
 from bmig.wire.protocol import (MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
                                 decode_json, pack_data, pack_seq, pack_zero, type_of,
                                 unpack_hashes, unpack_seq)
-from bmig.wire.transports import (SocketStream, Stream, client_tls_context, connect_tcp)
+from bmig.wire.transports import (SocketStream, Stream, client_tls_context, connect_tcp,
+                                  keepalive)
 
 log = logging.getLogger("bmigrate")
 
@@ -428,22 +428,11 @@ def open_target(url: TargetUrl, options: ConnectOptions) -> "WireTarget | NbdTar
         stream = SocketStream(sock, str(url))
         target = WireTarget(stream, url, options, authenticated)
         sock.settimeout(None)
-        _keepalive(sock)
+        keepalive(sock)
         return target
     except BaseException:
         sock.close()
         raise
-
-
-def _keepalive(sock: socket.socket) -> None:
-    """A dead peer is noticed within about two minutes, without a read timeout."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except (OSError, AttributeError):
-        pass
 
 
 def _open_ssh(url: TargetUrl, options: ConnectOptions) -> WireTarget:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import stat
 
+from bmig.config import read_small_file
 from bmig.errors import ConfigError
 
 METHOD = "hmac-sha256"
@@ -51,21 +51,10 @@ def valid_nonce(value: object) -> bool:
 
 def load_secret(path: str) -> bytes:
     """The shared secret: a file only its owner can read, of at least 16 bytes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"cannot open the secret file {path}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise ConfigError(f"secret file {path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if st.st_mode & 0o077:
-            raise ConfigError(f"secret file {path} can be read by others (mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")
-        data = f.read(MAX_SECRET_FILE + 1)
-    if len(data) > MAX_SECRET_FILE:
-        raise ConfigError(f"secret file {path} is larger than {MAX_SECRET_FILE} bytes")
+    data, st = read_small_file(path, MAX_SECRET_FILE, "secret file")
+    if st.st_mode & 0o077:
+        raise ConfigError(f"secret file {path} can be read by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 {path}")
     secret = data.strip()
     if len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(f"secret file {path} holds fewer than {MIN_SECRET_BYTES} bytes; "
