@@ -42,6 +42,7 @@ class Daemon:
     argv: list[str]
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
+    pass_fds: tuple[int, ...] = ()      # fds the child inherits (sockets from "systemd")
     proc: subprocess.Popen | None = None
     notifications: list[str] = field(default_factory=list)
     _notify: socket.socket | None = None
@@ -55,7 +56,7 @@ class Daemon:
         env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONUNBUFFERED="1", **self.env)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, pass_fds=self.pass_fds)
         log.close()
         self.wait_for("READY=1", timeout)
         return self

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from bmig import __version__
+from bmig import __version__, systemd
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
 from bmig.config import load_settings
@@ -189,10 +189,12 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
         raise ConfigError("nothing to serve: give --device NAME --backing PATH or --config")
     unix = unix or values.get("unix")
     tcp = tcp or values.get("tcp")
-    if not unix and not tcp:
-        raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT")
-    listen = ([Listen(unix=os.path.abspath(unix))] if unix else []) + \
-             ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
+    activated = [Listen(sock=sock) for sock in systemd.listen_sockets()]
+    if not unix and not tcp and not activated:
+        raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT, or start "
+                          "bmig-nbd from a systemd socket unit")
+    listen = activated + ([Listen(unix=os.path.abspath(unix))] if unix else []) + \
+        ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
     bmig_log.setup(str(log_level or values.get("log_level", "info")))
     track = not (no_track if no_track is not None else not values.get("track", True))
     tracker = (AsyncTrackerClient(control or values.get("control", DEFAULT_CONTROL_SOCKET),
