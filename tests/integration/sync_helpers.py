@@ -316,3 +316,29 @@ def summary_of(done: subprocess.CompletedProcess) -> dict:
     """The last JSON line of a finished ``bmigrate ... --json``."""
     import json
     return json.loads(done.stdout.splitlines()[-1])
+
+
+# -- any bmigrate command, and JSON event lines (appended for the cutover tests) ----------
+
+def bmigrate(breqd_or_control, *args: str, timeout: float = SYNC_TIMEOUT,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """``bmigrate ARGS...`` against a breqd (a BreqdInstance or its control socket)."""
+    control = getattr(breqd_or_control, "control", breqd_or_control)
+    env = dict(os.environ, BMIG_CONTROL=str(control))
+    done = subprocess.run(bmigrate_argv(*args), env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and done.returncode != 0:
+        raise AssertionError(f"bmigrate {' '.join(args[:2])} failed ({done.returncode}):\n"
+                             f"{done.stderr}")
+    return done
+
+
+def json_lines(stdout: str) -> list:
+    """Every line of a ``--json`` output, parsed (one event, object or array per line)."""
+    import json
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def error_lines(stderr: str, prog: str = "bmigrate") -> list[str]:
+    """The one-line error messages (``bmigrate: ...``) of a finished command."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{prog}: ")]
