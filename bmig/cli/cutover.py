@@ -15,6 +15,7 @@ from bmig.cli.sync import build, connection_options
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.nbd.layers.replicate import POLICIES
 from bmig.nbd.replica import PROTOCOLS
+from bmig.errors import HookFailed
 from bmig.sender.cutover import Cutover, CutoverSettings
 
 
@@ -94,7 +95,8 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
     """
     bmig_log.setup(log_level)
     values = {"name": name, "source": source, "to": to, "control": control,
-              "threshold": "0", **{k: v for k, v in connection.items() if v is not None}}
+              "threshold": "0", "manage_dir": manage_dir,
+              **{k: v for k, v in connection.items() if v is not None}}
     migration, _ = build(values, as_json)
     report = json_report if as_json else text_report
     settings = CutoverSettings(
@@ -106,6 +108,10 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
     job = Cutover(migration, to, settings, report)
     try:
         result = job.run()
+    except HookFailed:
+        if job.result.handed_over and as_json:     # the scripts must hear it happened
+            json_report(job.result.to_json())
+        raise
     finally:
         job.close()
     if as_json:

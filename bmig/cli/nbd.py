@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from typing import Any
@@ -15,7 +16,7 @@ from bmig.cli.common import host_port, run
 from bmig.config import load_settings
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import BmigError, ConfigError, UnknownDevice
-from bmig.lineage import parse_id
+from bmig.lineage import ROLE_HANDED_OVER, parse_id
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
 from bmig.nbd.layers.track import DEFAULT_HOLD_LIMIT, TrackLayer
@@ -23,6 +24,8 @@ from bmig.nbd.manage import DEFAULT_MANAGE_DIR, Managed, ManageServer
 from bmig.nbd.server import Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.aclient import AsyncTrackerClient
+
+log = logging.getLogger("bmig-nbd")
 
 TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level", "track",
             "export", "tls", "tls_cert", "tls_key", "manage_dir", "hold_chunks"}
@@ -84,6 +87,12 @@ async def _track(opened: list[tuple[dict, FileLayer]], tracker: AsyncTrackerClie
             track = TrackLayer(replicate, tracker, device, int(stats["chunk_size"]),
                                hold_limit=hold_limit, mirror=replicate)
             top = ControlLayer(track, device)
+            if stats.get("role") == ROLE_HANDED_OVER:
+                # Handed over in a cutover: writing here would fork the lineage.
+                top.read_only = True
+                log.warning("%s: handed over to generation %s; serving it read-only (bmigrate "
+                            "track set-role %s primary makes it writable again)", device,
+                            stats.get("successor"), device)
             info = SourceInfo(device, parse_id(stats["device_id"], "device_id"),
                               parse_id(stats["generation"], "generation"), layer.size,
                               int(stats["chunk_size"]))

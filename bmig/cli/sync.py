@@ -24,6 +24,7 @@ from bmig.cli.report import JsonReporter, TextReporter
 from bmig.config import load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
 from bmig.errors import EXIT_OK, ConfigError
+from bmig.nbd.manage import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.targets import ConnectOptions
@@ -38,7 +39,7 @@ log = logging.getLogger("bmigrate")
 KEYS = {"name", "source", "to", "control", "secret_file", "tls_ca", "tls_cert", "tls_key",
         "ssh_command", "ssh_program", "known_hosts", "accept_new_host_key", "identity",
         "ssh_cipher", "bwlimit", "level", "window", "direct", "checksum", "threshold",
-        "discard_target_data", "interval", "log_level"}
+        "discard_target_data", "interval", "log_level", "manage_dir"}
 RELOADABLE = ("bwlimit", "level", "threshold", "interval")
 EXIT_INTERRUPTED = 130
 
@@ -134,6 +135,9 @@ def migration_options(f: Callable) -> Callable:
                           "shipping [default: 1s]."),
         click.option("--discard-target-data", metavar="EXPORT",
                      help="Overwrite EXPORT even if it holds another lineage's data."),
+        click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",
+                     help="Where bmig-nbd's control sockets are, to learn the write rate "
+                          "[default: /run/bmig/nbd, or BMIG_NBD_DIR]."),
         click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
                      help="Least severe message logged [default: warning]."),
         json_option,
@@ -163,7 +167,8 @@ def build(values: dict[str, Any], as_json: bool) -> tuple[Migration, Any]:
         raise ConfigError("give --to URL, e.g. tcp://backup:10810/vm1")
     url = parse_target_url(str(values["to"]))
     options = connect_options(values)
-    settings = SyncSettings(passes=PassSettings(), discard_export=values.get("discard_target_data"))
+    settings = SyncSettings(passes=PassSettings(), discard_export=values.get("discard_target_data"),
+                            manage_dir=str(values.get("manage_dir") or DEFAULT_MANAGE_DIR))
     apply_reloadable(settings, values)
     settings.passes.window = parse_size(values.get("window", 256 * MiB))
     if settings.passes.window < MAX_DATA:

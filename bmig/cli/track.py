@@ -158,3 +158,24 @@ def clear(name: str, force: bool, control: str, as_json: bool) -> None:
         print_json(stats)
         return
     click.echo(f"{name}: every dirty chunk cleared")
+
+
+@track.command("set-role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(["primary", "handed-over"]))
+@control_option
+@json_option
+def set_role(name: str, role: str, control: str, as_json: bool) -> None:
+    """Say whether NAME is the primary copy of its data.
+
+    A cutover records the source as handed-over, and bmig-nbd then serves it read-only.
+    Making it primary again is a deliberate split of the lineage: the former target
+    refuses it anyway (another generation), unless told to discard its data.
+    """
+    with connect(control) as client:
+        stats = client.set_lineage(name, role)
+    if as_json:
+        print_json(stats)
+    else:
+        click.echo(f"{name}: {stats['role']}, generation {stats['generation']}"
+                   + (" (restart bmig-nbd to write to it again)" if role == "primary" else ""))

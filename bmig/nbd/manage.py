@@ -164,7 +164,8 @@ class ManageServer:
                 "protocol": replica.protocol if replica else None,
                 "policy": m.replicate.policy, "target": replica.description if replica else None,
                 "failed": m.replicate.failed, "blocked": m.replicate.blocked,
-                "frozen": m.control.frozen, "read_only": m.control.read_only}
+                "frozen": m.control.frozen, "read_only": m.control.read_only,
+                "bytes_written": m.control.bytes_written}
 
     async def _replicate(self, m: Managed, request: dict) -> None:
         from bmig.sender.targets import ConnectOptions

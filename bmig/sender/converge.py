@@ -38,7 +38,7 @@ log = logging.getLogger("bmigrate")
 STALL_PASSES = 3            # passes without shrinking before "not converging"
 SHRINK = 0.9                # shrinking means: below this fraction of the best so far
 HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is active)
-MAX_HOLD_WAIT = 5.0         # ... for at most this long before it counts as a pass
+MAX_HOLD_WAIT = 1.5         # ... for at most this long (holds idle for 1 s are let go)
 BACKOFF = (1, 2, 5, 10, 30, 60)
 
 
@@ -50,6 +50,7 @@ class SyncSettings:
     bwlimit: int | None = None
     discard_export: str | None = None
     interval: float = 1.0            # run: how often to look for new writes when idle
+    manage_dir: str | None = None    # bmig-nbd's control sockets: the write rate
 
 
 @dataclass
@@ -90,6 +91,23 @@ class Summary:
                 "compression_ratio": self.compression_ratio(),
                 "seconds": round(self.seconds, 3), "dirty_bytes": self.dirty_bytes,
                 "converged": self.converged}
+
+
+class StopOrDeadline:
+    """An event that is set when ``stop`` is, or once ``deadline`` has passed."""
+
+    def __init__(self, stop: threading.Event, deadline: float):
+        self._stop = stop
+        self._deadline = deadline
+
+    def is_set(self) -> bool:
+        return self._stop.is_set() or time.monotonic() >= self._deadline
+
+    def wait(self, timeout: float | None = None) -> bool:
+        left = self._deadline - time.monotonic()
+        if left > 0:
+            self._stop.wait(left if timeout is None else min(timeout, left))
+        return self.is_set()
 
 
 class Reporter:
@@ -185,15 +203,19 @@ class Migration:
         assert self._tracker is not None
         return self._tracker.stats(self.name)
 
-    def one_pass(self, budget: int, checksum: bool | None = None) -> PassResult:
+    def one_pass(self, budget: int, checksum: bool | None = None,
+                 deadline: float | None = None) -> PassResult:
+        """One pass of up to ``budget`` bytes; with ``deadline`` (monotonic time) it
+        stops there, as on SIGTERM: what is in flight is answered, the rest stays dirty."""
         assert self._tracker and self._source and self._target and self._info
         self._number += 1
         settings = self.settings.passes
         if checksum is not None and checksum != settings.checksum:
             settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
         self.reporter.pass_started(self._number, budget)
+        stop = self.stop if deadline is None else StopOrDeadline(self.stop, deadline)
         result = Pass(self._number, self._tracker, self._source, self._target, self._info,
-                      settings, self.limit, self.reporter.progress, self.stop).run(budget)
+                      settings, self.limit, self.reporter.progress, stop).run(budget)
         self.summary.add(result)
         measured = result.data_rate()
         if measured:
@@ -232,6 +254,7 @@ class Migration:
                     self.summary.converged = True
                     self.summary.dirty_bytes = dirty
                     break
+                written = self.written()
                 result = self.one_pass(dirty, checksum=checksum_first)
                 checksum_first = False
                 after = self.stats()
@@ -243,16 +266,35 @@ class Migration:
                 else:
                     stalled += 1
                 if stalled >= STALL_PASSES and self.summary.dirty_bytes > self._threshold():
-                    raise self._not_converging(result)
+                    raise self._not_converging(result, dirty, written)
         finally:
             self.summary.seconds = time.monotonic() - started
         return self.summary
 
-    def _not_converging(self, result: PassResult) -> NotConverging:
+    def written(self) -> int | None:
+        """Bytes the application wrote through bmig-nbd so far, if its control socket
+        is where ``manage_dir`` says (None otherwise)."""
+        if self.settings.manage_dir is None:
+            return None
+        from bmig.nbd.manage import ManageClient
+
+        try:
+            with ManageClient(self.settings.manage_dir, self.name, timeout=5) as nbd:
+                return int(nbd.call("status")["bytes_written"])
+        except (BmigError, KeyError, ValueError):
+            return None
+
+    def _not_converging(self, result: PassResult, dirty_before: int,
+                        written: int | None) -> NotConverging:
         shipping = result.rate()
-        # What got dirty again while the pass ran is roughly what it shipped plus the
-        # growth of the dirty amount; per second of the pass.
-        writes = (result.bytes_committed / result.seconds) if result.seconds else 0.0
+        after = self.written() if written is not None else None
+        if after is not None and result.seconds:
+            writes = (after - written) / result.seconds
+        else:
+            # What became dirty while the pass ran: what is dirty now, less what was
+            # dirty at its start and not shipped by it (at most the device, per pass).
+            fresh = self.summary.dirty_bytes - (dirty_before - result.bytes_committed)
+            writes = max(0, fresh) / result.seconds if result.seconds else 0.0
         return NotConverging(
             f"not converging: writes at {writes / 1e6:.1f} MB/s, shipping at "
             f"{shipping / 1e6:.1f} MB/s, {self.summary.dirty_bytes} bytes dirty after "

@@ -63,11 +63,13 @@ class CutoverResult:
     downtime: float | None = None
     generation: str | None = None
     handed_over: bool = False
+    post_hook_failed: str | None = None
 
     def to_json(self) -> dict:
         return {"event": "cutover", "device": self.device, "target": self.target,
                 "handed_over": self.handed_over, "downtime_seconds": self.downtime,
-                "generation": self.generation, "steps": self.steps}
+                "generation": self.generation, "steps": self.steps,
+                "post_hook_failed": self.post_hook_failed}
 
 
 class Cutover:
@@ -109,7 +111,14 @@ class Cutover:
         self.report({"event": "downtime", "device": self.m.name,
                      "seconds": self.result.downtime})
         if self.s.post_handover:
-            self._step(7, "post-handover hook", lambda: self._hook(self.s.post_handover))
+            try:
+                self._step(7, "post-handover hook", lambda: self._hook(self.s.post_handover))
+            except HookFailed as exc:
+                self.result.post_hook_failed = exc.message
+                raise HookFailed(f"{self.m.name}: handed over (the target is primary with "
+                                 f"generation {self.result.generation}), but the "
+                                 f"post-handover {exc.message[0].lower()}{exc.message[1:]}; "
+                                 "start the application on the target by hand") from None
         return self.result
 
     def _step(self, number: int, name: str, action: Callable[[], Any]) -> None:
@@ -146,7 +155,7 @@ class Cutover:
                                    f"{left} bytes still dirty after {passes} passes")
             self._check_replication()
             if left > 0:
-                self.m.one_pass(left)
+                self.m.one_pass(left, deadline=deadline)
                 passes += 1
             else:
                 self.m.stop.wait(SETTLE_POLL)

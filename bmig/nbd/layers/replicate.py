@@ -177,6 +177,7 @@ class ControlLayer(Layer):
         self._writing = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
+        self.bytes_written = 0           # by the application, since bmig-nbd started
 
     @property
     def frozen(self) -> bool:
@@ -196,7 +197,10 @@ class ControlLayer(Layer):
     def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
         if self.read_only or not self._open.is_set():
             return False
-        return self._next().write_now(data, offset, fua)
+        if self._next().write_now(data, offset, fua):
+            self.bytes_written += len(data)
+            return True
+        return False
 
     async def _guarded(self, action):
         await self._open.wait()
@@ -213,6 +217,7 @@ class ControlLayer(Layer):
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> None:
         await self._guarded(lambda: self._next().write(data, offset, fua))
+        self.bytes_written += len(data)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         await self._guarded(lambda: self._next().trim(offset, length, fua))
