@@ -435,6 +435,7 @@ class Session:
     def _finish(self) -> None:
         if self._syncer is not None:
             self._syncer.stop()
+            self._syncer = None          # it refers back to us: free the buffers now
         if self.target is not None:
             try:
                 self.target.sync()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bmig.blockdev import data_runs
-from bmig.constants import MiB
+from bmig.constants import MAX_RANGES_PER_FRAME, MiB
 from bmig.errors import BmigError, UnreachableError
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.client import TrackerClient
@@ -36,7 +36,8 @@ from bmig.wire.protocol import MAX_DATA
 log = logging.getLogger("bmigrate")
 
 QUEUE_DEPTH = 4          # frames between encoder and sender
-CHECKOUT_STEP = 64 * MiB
+CHECKOUT_STEP = 256 * MiB
+HOLE_WEIGHT = 1 * MiB    # a hole's weight in the window and between FLUSHes
 ACK_TIMEOUT = 300.0      # seconds without a DURABLE before the target is given up on
 STOP_GRACE = 10.0        # ... once stopping: what is in flight gets this long
 
@@ -75,6 +76,34 @@ class RateLimit:
         self._last = time.monotonic()
 
 
+class CompressionPacer:
+    """Compress only as much as pays in time: when the sender waits for the encoder
+    (its queue runs empty), compression is the bottleneck and fewer frames are
+    compressed; when the encoder waits for the sender (the queue is full), the link is,
+    and more are. On a fast link most data goes raw; on a slow one, all is compressed."""
+
+    STEP = 0.1
+    FLOOR = 0.05           # keep trying a little: the data or the link may change
+
+    def __init__(self) -> None:
+        self.share = 1.0
+        self._credit = 0.0
+
+    def observe(self, queued: int) -> None:
+        if queued == 0:
+            self.share = max(self.FLOOR, self.share - self.STEP)
+        elif queued >= QUEUE_DEPTH:
+            self.share = min(1.0, self.share + self.STEP)
+
+    def compress(self) -> bool:
+        """Whether the next frame is compressed: ``share`` of them, evenly spread."""
+        self._credit += self.share
+        if self._credit >= 1.0:
+            self._credit -= 1.0
+            return True
+        return False
+
+
 class LockedTracker:
     """breqd's client shared by the planner and the acknowledgement thread: checkouts
     and commits must travel on one connection, one call at a time."""
@@ -108,16 +137,24 @@ class LockedTracker:
             self.client.mark(device, ranges)
 
 
-@dataclass
+@dataclass(eq=False)         # identity: pieces live in a set
 class Run:
-    """A checked-out byte range and the frames it was cut into."""
+    """A piece of a checked-out range, committed on its own once its frames are
+    durable: whole chunks, a frame's worth of data or one hole of any size."""
 
     offset: int
     length: int
+    hole: bool = False       # wholly a hole in the source: one ZERO frame
     frames: int = 0          # frames not yet durable
     planned: bool = False    # every frame of it is known
     failed: bool = False
     done: bool = False
+
+    @property
+    def weight(self) -> int:
+        """What it counts for in the window: its bytes, or HOLE_WEIGHT for a hole
+        (resending a hole costs a message, not its size)."""
+        return min(self.length, HOLE_WEIGHT) if self.hole else self.length
 
 
 @dataclass
@@ -252,11 +289,12 @@ class Pass:
         self._lock = threading.Condition()
         self._pending: dict[int, Frame] = {}        # sent, not yet durable
         self._inflight = 0                          # bytes checked out, not committed
-        self._runs: list[Run] = []
+        self._open: set[Run] = set()                # pieces not yet committed or aborted
         self._fatal: BmigError | None = None
         self._failure: BmigError | None = None       # the first frame the target refused
         self._incomplete = False                     # frames dropped: not all was sent
         self._pool = BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3)
+        self._pacer = CompressionPacer()
         self._flushed = 0                           # seq of the last FLUSH sent
         self._planner_waiting = False               # for room in the window
         self._last_ack = time.monotonic()
@@ -322,19 +360,41 @@ class Pass:
             runs = self._tracker.checkout(device, min(room, CHECKOUT_STEP, budget - planned))
             if not runs:
                 return
-            # Each piece of a checked-out run is committed on its own, as soon as its
-            # frames are durable: a piece is a frame's worth of whole chunks.
-            piece = max(self._s.frame_size, self._info.chunk_size)
             for offset, length in runs:
                 self.result.bytes_checked_out += length
                 planned += length
-                end = offset + length
-                for start in range(offset, end, piece):
-                    run = Run(start, min(piece, end - start))
+                for run in self._pieces(offset, length):
                     with self._lock:
-                        self._inflight += run.length
-                        self._runs.append(run)
+                        self._inflight += run.weight
+                        self._open.add(run)
                     self._jobs.put((run, run.offset, run.length, True))
+
+    def _pieces(self, offset: int, length: int) -> list[Run]:
+        """Cut a checked-out range into pieces of whole chunks: the chunks that are
+        wholly holes in the source become one hole piece each stretch, the rest pieces
+        of a frame's worth. A chunk is only ever committed whole, by one piece."""
+        cs = self._info.chunk_size
+        step = max(self._s.frame_size, cs)
+        end = offset + length
+        holes: list[tuple[int, int]] = []
+        if self._s.skip_holes and not self._s.checksum:
+            pos = offset
+            for n, is_hole in self._source.holes(offset, length):
+                if is_hole:
+                    a = -(-pos // cs) * cs
+                    b = (pos + n) // cs * cs if pos + n < end else pos + n
+                    if b > a:
+                        holes.append((a, b))
+                pos += n
+        pieces: list[Run] = []
+        pos = offset
+        for a, b in holes + [(end, end)]:
+            for start in range(pos, a, step):
+                pieces.append(Run(start, min(step, a - start)))
+            if b > a:
+                pieces.append(Run(a, b - a, hole=True))
+            pos = b
+        return pieces
 
     def _stopped(self) -> bool:
         return self._stop.is_set() or self._fatal is not None
@@ -362,6 +422,7 @@ class Pass:
                     for frame in self._frames_of(run, offset, length):
                         with self._lock:
                             run.frames += 1
+                        self._pacer.observe(self._frames.qsize())
                         self._frames.put(frame)
                 except BmigError as exc:
                     self._set_fatal(exc)
@@ -380,6 +441,9 @@ class Pass:
             self._frames.put(None)
 
     def _frames_of(self, run: Run, offset: int, length: int):
+        if run.hole:
+            yield Frame(run, offset, length, "zero")
+            return
         pieces = [(length, False)]
         if self._s.skip_holes and not self._s.checksum:
             pieces = self._source.holes(offset, length)
@@ -409,7 +473,8 @@ class Pass:
         yield self._data(run, offset, view, buf)
 
     def _data(self, run: Run, offset: int, view: memoryview, buf) -> Frame:
-        level = self._s.level if self._target.compresses else None
+        level = self._s.level if self._target.compresses and self._pacer.compress() \
+            else None
         kind, payload = codec.encode(view, level)
         frame = Frame(run, offset, len(view), "data", kind, payload, codec.checksum(view), buf)
         if kind != codec.RAW:                 # the buffer is free again
@@ -471,7 +536,8 @@ class Pass:
                 self._pending[seq] = frame
             try:
                 self._send_frame(frame)
-                since_flush += frame.length
+                since_flush += frame.length if frame.kind == "data" else \
+                    min(frame.length, HOLE_WEIGHT)
                 if since_flush >= flush_every:
                     self._flush(seq)
                     since_flush = 0
@@ -547,8 +613,7 @@ class Pass:
                 frame.run.frames -= 1
                 if self._ready(frame.run):
                     settled.append(frame.run)
-        for run in settled:
-            self._settle(run)
+        self._settle(*settled)
 
     def failed(self, seq: int, error: BmigError) -> None:
         log.warning("%s", error.message)
@@ -576,23 +641,30 @@ class Pass:
     def _ready(self, run: Run) -> bool:
         return run.planned and run.frames == 0 and not run.done
 
-    def _settle(self, run: Run) -> None:
-        """Commit a run whose frames are all durable; abort it if one failed."""
+    def _settle(self, *runs: Run) -> None:
+        """Commit pieces whose frames are all durable, abort those where one failed:
+        in as few messages to breqd as it takes."""
         with self._lock:
-            if run.done:
-                return
-            run.done = True
+            runs = tuple(r for r in runs if not r.done)
+            for run in runs:
+                run.done = True
+        if not runs:
+            return
         device = self._info.name
+        good = [(r.offset, r.length) for r in runs if not r.failed]
+        bad = [(r.offset, r.length) for r in runs if r.failed]
         try:
-            if run.failed:
-                self._tracker.abort(device, [(run.offset, run.length)])
-            else:
-                self._tracker.commit(device, [(run.offset, run.length)])
-                self.result.bytes_committed += run.length
+            for i in range(0, len(good), MAX_RANGES_PER_FRAME):
+                self._tracker.commit(device, good[i:i + MAX_RANGES_PER_FRAME])
+            for i in range(0, len(bad), MAX_RANGES_PER_FRAME):
+                self._tracker.abort(device, bad[i:i + MAX_RANGES_PER_FRAME])
+            self.result.bytes_committed += sum(n for _, n in good)
         except BmigError as exc:
             self._set_fatal(exc)
         with self._lock:
-            self._inflight -= run.length
+            for run in runs:
+                self._inflight -= run.weight
+                self._open.discard(run)
             self._lock.notify_all()
 
     def _wait_settled(self) -> None:
@@ -601,7 +673,7 @@ class Pass:
         dirty)."""
         with self._lock:
             waiting = time.monotonic()
-            while self._fatal is None and any(not r.done for r in self._runs):
+            while self._fatal is None and self._open:
                 self._give_up_if_silent(waiting)
                 self._lock.wait(0.5)
 
@@ -617,11 +689,13 @@ class Pass:
         """After a failure: what is still checked out goes back to dirty now (breqd would
         also do it when the connection closes)."""
         with self._lock:
-            left = [r for r in self._runs if not r.done]
+            left = list(self._open)
+            self._open.clear()
             for r in left:
                 r.done = True
-        for run in left:
+        ranges = [(r.offset, r.length) for r in left]
+        for i in range(0, len(ranges), MAX_RANGES_PER_FRAME):
             try:
-                self._tracker.abort(self._info.name, [(run.offset, run.length)])
+                self._tracker.abort(self._info.name, ranges[i:i + MAX_RANGES_PER_FRAME])
             except BmigError:
                 return

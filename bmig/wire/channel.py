@@ -25,8 +25,10 @@ class Channel:
     def __init__(self, stream: Stream, cap: int = MAX_FRAME):
         self.stream = stream
         self.cap = cap
-        self._buf = bytearray(cap + LENGTH.size + READ_AHEAD)
+        self._buf = bytearray(READ_AHEAD + LENGTH.size)
         self._view = memoryview(self._buf)
+        self._body = bytearray(cap)          # large bodies are received straight here
+        self._body_view = memoryview(self._body)
         self._start = 0
         self._end = 0
         self._send_lock = threading.Lock()
@@ -68,9 +70,31 @@ class Channel:
             raise FrameTooLarge(f"frame of {length} bytes from {self.description} exceeds "
                                 f"the limit of {limit}")
         self._start += LENGTH.size
+        if length > len(self._buf) // 2:
+            return self._read_large(length)
         self._fill(length, inside=True)
         body = self._view[self._start:self._start + length]
         self._start += length
+        return body
+
+    def _read_large(self, length: int) -> memoryview:
+        """A body larger than the read-ahead buffer: what is buffered is copied, the rest
+        received straight into the body buffer, so no buffer is ever shuffled."""
+        have = min(self._end - self._start, length)
+        body = self._body_view[:length]
+        body[:have] = self._view[self._start:self._start + have]
+        self._start += have
+        while have < length:
+            try:
+                got = self.stream.recv_into(body[have:])
+            except OSError as exc:
+                raise UnreachableError(f"lost {self.description}: "
+                                       f"{exc.strerror or exc}") from None
+            if got == 0:
+                raise ProtocolError(f"{self.description} closed the connection inside a "
+                                    "frame")
+            have += got
+            self.bytes_in += got
         return body
 
     # -- writing ---------------------------------------------------------------------
