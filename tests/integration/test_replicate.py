@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -25,19 +24,10 @@ from bmig.wire import auth, codec
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from tests.daemon import wait_until
 from tests.integration.nbd_helpers import start_nbd
-from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate_argv, receivers,  # noqa: F401
+from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate, receivers,  # noqa: F401
                                             same_bytes, start_receiver, sync)
 
 SIZE = 16 * MiB
-
-
-def bmigrate(breqd, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, BMIG_CONTROL=breqd.control)
-    done = subprocess.run(bmigrate_argv(*args), env=env, capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-    if check and done.returncode != 0:
-        raise AssertionError(f"bmigrate {args[0]} failed ({done.returncode}): {done.stderr}")
-    return done
 
 
 @pytest.fixture
