@@ -293,6 +293,7 @@ class Pass:
         self._fatal: BmigError | None = None
         self._failure: BmigError | None = None       # the first frame the target refused
         self._incomplete = False                     # frames dropped: not all was sent
+        self._cut_short = False                      # planning stopped before the end
         self._pool = BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3)
         self._pacer = CompressionPacer()
         self._flushed = 0                           # seq of the last FLUSH sent
@@ -321,8 +322,10 @@ class Pass:
         sender.join()
         self._wait_settled()
         self.result.seconds = time.monotonic() - started
+        # A stop that comes once everything planned is durable does not make the pass
+        # incomplete: only one that cut the planning short or dropped frames does.
         complete = (self._fatal is None and not self.result.failed_frames
-                    and not self._incomplete and not self._stop.is_set())
+                    and not self._incomplete and not self._cut_short)
         if self._fatal is None:
             try:
                 self.result.target = self._target.end_pass(complete)
@@ -346,7 +349,10 @@ class Pass:
     def _plan(self, budget: int) -> None:
         device = self._info.name
         planned = 0
-        while planned < budget and not self._stopped():
+        while planned < budget:
+            if self._stopped():
+                self._cut_short = True
+                return
             with self._lock:
                 waiting = time.monotonic()
                 while self._inflight >= self._s.window and not self._stopped():
@@ -356,6 +362,7 @@ class Pass:
                 self._planner_waiting = False
                 room = self._s.window - self._inflight
             if self._stopped():
+                self._cut_short = True
                 return
             runs = self._tracker.checkout(device, min(room, CHECKOUT_STEP, budget - planned))
             if not runs:

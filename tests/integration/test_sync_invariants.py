@@ -46,6 +46,7 @@ class HeldTarget:
     def __init__(self):
         self.frames: list[tuple[int, int, int]] = []       # (seq, offset, length)
         self.flushes: list[int] = []
+        self.ended: list[bool] = []                        # end_pass(complete) calls
         self.acks = None
         self.lock = threading.Lock()
 
@@ -68,6 +69,7 @@ class HeldTarget:
             self.flushes.append(seq)
 
     def end_pass(self, complete: bool) -> dict:
+        self.ended.append(complete)
         return {}
 
 
@@ -84,11 +86,12 @@ def device(breqd, tmp_path):
     return str(path), info
 
 
-def start_pass(breqd, device, target, frame_size=MiB):
+def start_pass(breqd, device, target, frame_size=MiB, window=4 * MiB, stop=None):
     path, info = device
     tracker = LockedTracker(TrackerClient(breqd.control))
-    settings = PassSettings(window=4 * MiB, frame_size=frame_size, level=None)
-    the_pass = Pass(1, tracker, Source(path, info.size), target, info, settings, RateLimit())
+    settings = PassSettings(window=window, frame_size=frame_size, level=None)
+    the_pass = Pass(1, tracker, Source(path, info.size), target, info, settings, RateLimit(),
+                    stop=stop)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(r=the_pass.run(info.size)))
     thread.start()
@@ -129,6 +132,39 @@ def test_a_target_lost_before_durable_gives_everything_back(breqd, device):
     assert isinstance(result["r"].error, UnreachableError)
     stats = breqd.client().stats("d")
     assert stats["inflight_bytes"] == 0 and stats["dirty_bytes"] == 4 * MiB
+    tracker.client.close()
+
+
+def test_a_stop_once_all_is_sent_still_completes_the_pass(breqd, device):
+    """The stop arrives after the last chunk was checked out and sent: the pass waits
+    for "durable" and ends complete, so the target is marked consistent."""
+    target, stop = HeldTarget(), threading.Event()
+    thread, result, tracker = start_pass(breqd, device, target, stop=stop)
+    wait_until(lambda: target.flushes and len(target.frames) == 4, timeout=30,
+               what="every frame sent and a FLUSH asked for")
+    stop.set()
+    target.acks.durable(4)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert target.ended == [True] and result["r"].bytes_committed == 4 * MiB
+    assert breqd.client().stats("d")["dirty_bytes"] == 0
+    tracker.client.close()
+
+
+def test_a_stop_that_cuts_a_pass_short_leaves_it_incomplete(breqd, device):
+    """Stopped while dirty chunks were still to be checked out: what was sent and made
+    durable is committed, the rest stays dirty, and the pass does not end complete."""
+    target, stop = HeldTarget(), threading.Event()
+    thread, result, tracker = start_pass(breqd, device, target, window=MiB, stop=stop)
+    wait_until(lambda: target.flushes and len(target.frames) == 1, timeout=30,
+               what="the first window sent")
+    stop.set()
+    target.acks.durable(1)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert target.ended == [False] and result["r"].bytes_committed == MiB
+    stats = breqd.client().stats("d")
+    assert stats["inflight_bytes"] == 0 and stats["dirty_bytes"] == 3 * MiB
     tracker.client.close()
 
 
