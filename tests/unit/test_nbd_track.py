@@ -13,7 +13,7 @@ import pytest
 
 from bmig.errors import UnreachableError
 from bmig.nbd.layers.base import Capabilities, Layer
-from bmig.nbd.layers.track import TrackingFailed, TrackLayer, runs_of
+from bmig.nbd.layers.track import IDLE_SWEEPS, TrackingFailed, TrackLayer, runs_of
 
 CHUNK = 4096
 
@@ -79,10 +79,9 @@ def make(events, **kw):
 
 
 def sweep(layer: TrackLayer) -> None:
-    """Two turns of the idle timer: the first forgets what was written, the second
-    lets go of what was not written since."""
-    layer._release()
-    layer._release()
+    """One idle period of the timer, and one more turn: what was not written in it goes."""
+    for _ in range(IDLE_SWEEPS + 1):
+        layer._release()
 
 
 @pytest.mark.parametrize("call, done", [
@@ -171,6 +170,44 @@ def test_a_chunk_is_never_released_while_a_write_to_it_runs():
     assert events == ["hold [(0, 10)]", "write 0+10", f"release [(0, {CHUNK})]"]
 
 
+def test_a_chunk_written_within_each_idle_period_stays_held():
+    """Random writes over a large device come back to each chunk only now and then:
+    a chunk is let go only after a whole idle period without writes, not at the first
+    sweep that finds it untouched."""
+    events: list[str] = []
+    layer, _ = make(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)
+        await layer.write(memoryview(b"b"), CHUNK, False)
+        for _ in range(3 * IDLE_SWEEPS):
+            assert layer.write_now(memoryview(b"c"), 0, False)    # chunk 0 kept busy
+            layer._release()
+        await asyncio.sleep(0)
+        assert 0 in layer.held and 1 not in layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith(("hold", "release"))] == [
+        "hold [(0, 1)]", f"hold [({CHUNK}, 1)]", f"release [({CHUNK}, {CHUNK})]"]
+
+
+def test_a_chunk_goes_only_after_idle_sweeps_without_a_write():
+    events: list[str] = []
+    layer, _ = make(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)
+        for _ in range(IDLE_SWEEPS):
+            layer._release()
+        assert 0 in layer.held                 # idle for less than the whole period
+        layer._release()
+        assert 0 not in layer.held
+        await layer.close()
+
+    asyncio.run(main())
+
+
 def test_past_the_hold_limit_the_oldest_chunks_are_released():
     events: list[str] = []
     tracker = FakeTracker(events)
@@ -208,3 +245,107 @@ def test_write_now_is_refused_by_default_so_a_layer_sees_every_write():
         async def zero(self, offset, length, fua, may_trim, fast): ...
 
     assert Passing(Recorder([])).write_now(memoryview(b"x"), 0, False) is False
+
+
+# -- while replicating (invariant 6): holds go synced once durable on the target -----------
+
+class FakeMirror:
+    """The replication layer as the tracking layer sees it."""
+
+    def __init__(self):
+        self.active = True
+        self.generation = 1
+        self.durable_seq = 0
+        self.listeners = []
+
+    def add_listener(self, callback):
+        self.listeners.append(callback)
+
+    def durable(self, seq: int) -> None:
+        self.durable_seq = seq
+        for callback in self.listeners:
+            callback()
+
+
+class Replicated(Recorder):
+    """Writes answered with the replica seq they were sent under (None: not replicated)."""
+
+    def __init__(self, events):
+        super().__init__(events)
+        self.seq = 0
+        self.reaches_target = True
+
+    async def write(self, data, offset, fua):
+        await super().write(data, offset, fua)
+        if not self.reaches_target:
+            return None
+        self.seq += 1
+        return self.seq
+
+
+def make_replicated(events):
+    tracker, mirror = FakeTracker(events), FakeMirror()
+    inner = Replicated(events)
+    return TrackLayer(inner, tracker, "d", CHUNK, idle=3600, mirror=mirror), inner, mirror
+
+
+def test_a_replicated_write_is_released_synced_only_once_durable_on_the_target():
+    """Protocol A answers before the target has the write: however long that takes,
+    the hold must not lapse into plain dirty, or the next sync ships it again."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        await layer.write(memoryview(b"b"), CHUNK, False)        # seq 2
+        sweep(layer)
+        sweep(layer)                                             # idle, but not durable
+        await asyncio.sleep(0)
+        assert set(layer.held) == {0, 1}
+        mirror.durable(1)                                        # covers chunk 0 only
+        await asyncio.sleep(0)
+        assert set(layer.held) == {1}
+        mirror.durable(2)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith(("sync-hold", "release"))] == [
+        "sync-hold [(0, 1)]", f"sync-hold [({CHUNK}, 1)]",
+        f"release-synced [(0, {CHUNK})]", f"release-synced [({CHUNK}, {CHUNK})]"]
+
+
+def test_a_write_that_missed_the_target_is_released_plain_at_once():
+    events: list[str] = []
+    layer, inner, _ = make_replicated(events)
+
+    async def main():
+        inner.reaches_target = False
+        await layer.write(memoryview(b"a"), 0, False)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith(("sync-hold", "release"))] == [
+        "sync-hold [(0, 1)]", f"release [(0, {CHUNK})]"]
+
+
+def test_a_chunk_written_again_waits_for_its_latest_write():
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        mirror.durable_seq = 0
+        await layer.write(memoryview(b"b"), 0, False)            # seq 2, same chunk
+        mirror.durable(1)
+        await asyncio.sleep(0)
+        assert 0 in layer.held                                   # seq 2 not yet durable
+        mirror.durable(2)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())

@@ -30,6 +30,7 @@ or a mark fails, the request fails with EIO and the source is not touched.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import Counter
 from typing import Any, Awaitable, Callable, Protocol
@@ -43,7 +44,8 @@ log = logging.getLogger("bmig-nbd")
 Ranges = list[tuple[int, int]]
 
 DEFAULT_HOLD_LIMIT = 65536        # chunks held at once (4 GiB at 64 KiB chunks)
-DEFAULT_HOLD_IDLE = 1.0           # seconds without a write before a chunk is let go
+DEFAULT_HOLD_IDLE = 2.0           # seconds without a write before a chunk is let go
+IDLE_SWEEPS = 4                   # sweeps per idle period: a chunk goes idle..1.25 idle late
 DIRTY = 1                         # qemu:dirty-bitmap extent flag
 
 
@@ -76,11 +78,12 @@ class TrackingFailed(Exception):
 class Hold:
     """One held chunk: was every write under it replicated, and up to which seq."""
 
-    __slots__ = ("tainted", "pending")
+    __slots__ = ("tainted", "pending", "seen")
 
-    def __init__(self, tainted: bool):
+    def __init__(self, tainted: bool, seen: int):
         self.tainted = tainted       # a write under the hold did not reach the target
         self.pending = 0             # the last replica seq written under the hold
+        self.seen = seen             # the last sweep that found the chunk written
 
 
 def runs_of(chunks) -> list[tuple[int, int]]:
@@ -109,6 +112,9 @@ class TrackLayer(Layer):
         self._touched: set[int] = set()      # held chunks written since the last sweep
         self._busy: Counter[int] = Counter()  # chunks with a slow-path request running
         self._session = -1
+        self._sweeps = 0                      # sweeps done; ``Hold.seen`` counts in them
+        self._awaiting: list[tuple[int, int]] = []  # heap of (replica seq, chunk) to settle
+        self._mirror_generation = -1          # the replication the heap belongs to
         self._unrecorded: Ranges = []         # written, but the mark again failed
         self._sweeper: asyncio.Task | None = None
         if mirror is not None:
@@ -129,6 +135,7 @@ class TrackLayer(Layer):
                      len(self.held))
         self.held.clear()
         self._touched.clear()
+        self._awaiting.clear()
         self._session = tracker.session
         return False
 
@@ -159,7 +166,7 @@ class TrackLayer(Layer):
         for range_offset, range_length in ranges:
             for c in self._span(range_offset, range_length):
                 if c not in held:
-                    held[c] = Hold(tainted=not sync)
+                    held[c] = Hold(tainted=not sync, seen=self._sweeps)
         self._touched.update(chunks)
         if len(held) > self.hold_limit:
             self._release(over_limit=True)
@@ -188,6 +195,8 @@ class TrackLayer(Layer):
         if session != self.tracker.session:
             await self._mark_again(offset, length)
         elif self.mirror is not None and self.mirror.active:
+            if self._holds_valid():
+                self._let_go_tainted(chunks)
             self._settle_mirrored()
 
     def _note_replication(self, chunks: range, mirror: Mirror | None, generation: int | None,
@@ -201,6 +210,7 @@ class TrackLayer(Layer):
                 continue
             if replicated:
                 hold.pending = max(hold.pending, result)
+                heapq.heappush(self._awaiting, (result, c))
             else:
                 hold.tainted = True
 
@@ -238,22 +248,37 @@ class TrackLayer(Layer):
                 self._send_release(self._byte_ranges(chunks), synced))
 
     def _release(self, over_limit: bool = False) -> None:
-        """Let go of held chunks not written lately (and the oldest if over the limit)."""
+        """Let go of held chunks not written for ``idle`` seconds (``IDLE_SWEEPS`` sweeps),
+        and past the limit of the least recently written ones too.
+
+        Writes spread over the whole device come back to a chunk only every second or
+        so: letting it go sooner would mean a round trip to breqd on most of them."""
         if not self._holds_valid():
             return
-        busy, touched = self._busy, self._touched
+        held, busy, touched = self.held, self._busy, self._touched
+        if not over_limit:
+            self._sweeps += 1
+        now = self._sweeps
+        for c in touched:
+            hold = held.get(c)
+            if hold is not None:
+                hold.seen = now
+        touched.clear()
         if over_limit:
-            # Down to 7/8 of the limit, chunks not written lately first: releasing more
+            # Down to 7/8 of the limit, least recently written first: releasing more
             # would only mean marking them again at the next write.
-            want = len(self.held) - self.hold_limit + self.hold_limit // 8
-            victims = [c for c in self.held if c not in touched and c not in busy][:want]
-            if len(victims) < want:
-                chosen = set(victims)
-                victims += [c for c in self.held
-                            if c not in busy and c not in chosen][:want - len(victims)]
+            want = len(held) - self.hold_limit + self.hold_limit // 8
+            victims = heapq.nsmallest(want, (c for c in held if c not in busy),
+                                      key=lambda c: held[c].seen)
         else:
-            victims = [c for c in self.held if c not in touched and c not in busy]
-            touched.clear()
+            # While replicating, a hold whose writes are still on their way to the target
+            # is let go (synced) once they are durable there, not plain before.
+            mirror = self.mirror
+            durable = mirror.durable_seq if mirror is not None and mirror.active else None
+            oldest = now - IDLE_SWEEPS
+            victims = [c for c, hold in held.items()
+                       if hold.seen <= oldest and c not in busy
+                       and (durable is None or hold.tainted or hold.pending <= durable)]
         synced = [c for c in victims if self._settled(c)]
         plain = [c for c in victims if not self._settled(c)]
         self._let_go(synced, True)
@@ -268,15 +293,38 @@ class TrackLayer(Layer):
 
     def _settle_mirrored(self) -> None:
         """While replicating: let go at once of every hold whose writes all settled, and
-        of tainted ones (plain), so the resync beside us finds them free."""
+        of tainted ones (plain), so the resync beside us finds them free.
+
+        Called after every replicated write and every DURABLE, so it looks only at the
+        chunks whose writes the new durable seq covers; a new replication (generation)
+        looks at every hold once."""
         if not self.held or not self._holds_valid():
             return
-        busy = self._busy
-        idle = [c for c in self.held if c not in busy]
-        synced = [c for c in idle if self._settled(c)]
-        tainted = [c for c in idle if self.held[c].tainted]
-        self._let_go(synced, True)
-        self._let_go(tainted, False)
+        mirror = self.mirror
+        assert mirror is not None
+        held, busy = self.held, self._busy
+        if mirror.generation != self._mirror_generation:
+            self._mirror_generation = mirror.generation
+            self._awaiting = [(hold.pending, c) for c, hold in held.items()
+                              if hold.pending and not hold.tainted]
+            heapq.heapify(self._awaiting)
+            self._let_go([c for c, hold in held.items()
+                          if hold.tainted and c not in busy], False)
+        durable, awaiting = mirror.durable_seq, self._awaiting
+        synced: set[int] = set()
+        while awaiting and awaiting[0][0] <= durable:
+            _, c = heapq.heappop(awaiting)
+            # A chunk still being written is seen again when that write is answered.
+            if c not in busy and c in held and self._settled(c):
+                synced.add(c)
+        self._let_go(sorted(synced), True)
+
+    def _let_go_tainted(self, chunks: range) -> None:
+        """While replicating: a write that did not reach the target leaves its chunks
+        dirty; let them go at once (plain) so the resync beside us can ship them."""
+        held, busy = self.held, self._busy
+        self._let_go([c for c in chunks if c in held and held[c].tainted and c not in busy],
+                     False)
 
     async def _send_release(self, ranges: Ranges, synced: bool) -> None:
         for start in range(0, len(ranges), 65536):
@@ -293,7 +341,7 @@ class TrackLayer(Layer):
 
     async def _sweep(self) -> None:
         while self.held:
-            await asyncio.sleep(self.idle / 2)
+            await asyncio.sleep(self.idle / IDLE_SWEEPS)
             self._release()
 
     # -- requests --------------------------------------------------------------------
