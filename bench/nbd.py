@@ -2,14 +2,14 @@
 """Compare NBD servers in one run: qemu-nbd, nbdkit's file plugin, bmig-nbd with and without
 tracking, all driven by fio's nbd engine over a Unix socket, one connection each.
 
-    .venv/bin/python bench/nbd.py                   # 3 workloads x 4 servers x 3 x 15 s (~9.5 min)
-    .venv/bin/python bench/nbd.py --quick           # 5 s runs, 1 repeat, 512 MiB (~75 s)
+    .venv/bin/python bench/nbd.py                   # 3 workloads x 4 servers x 3 x 18 s (~11 min)
+    .venv/bin/python bench/nbd.py --quick           # 5 s runs, 1 repeat, 512 MiB (~110 s)
     .venv/bin/python bench/nbd.py --only a,c --servers qemu-nbd,bmig-nbd --repeat 5
     .venv/bin/python bench/nbd.py --json /tmp/nbd.json
 
 Every server serves the same backing file on /dev/shm (2 GiB by default, filled with random
 data once at the start, so reads hit data and not holes). Workloads (fio --numjobs=1
---time_based --norandommap --randrepeat=0):
+--time_based --norandommap --randrepeat=0, measured after a --ramp of 3 s):
 
   a  4 KiB random write, iodepth 32
   b  1 MiB sequential write, iodepth 8
@@ -20,6 +20,10 @@ starting server rotates each round) so that machine noise hits all of them alike
 report gives the median and min-max of IOPS and MB/s, latency, and the CPU time each
 server (and breqd, for the tracked bmig-nbd) used during the run, from /proc/PID/stat;
 then the ratios against the targets, PASS or BELOW.
+
+The ramp keeps out the one-off cost of tracking: after an idle spell bmig-nbd holds no
+chunk, and the first write to each one waits for a round trip to breqd (about 2 s at
+the start of a run over 2 GiB). --ramp 0 shows it.
 
 Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM or
 an error; the temporary directory and the backing file are removed. A server or breqd that
@@ -311,10 +315,11 @@ def start_server(setup: Setup, name: str) -> Server:
 
 # -- one fio run -------------------------------------------------------------------------
 
-def fio_argv(server: Server, w: Workload, runtime: int, out: str) -> list[str]:
+def fio_argv(server: Server, w: Workload, runtime: int, ramp: int, out: str) -> list[str]:
     return ["fio", f"--name={w.name}", "--ioengine=nbd", f"--uri={server.uri()}",
             f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", "--numjobs=1",
-            "--time_based", f"--runtime={runtime}", "--norandommap", "--randrepeat=0",
+            "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}",
+            "--norandommap", "--randrepeat=0",
             "--output-format=json", f"--output={out}"]
 
 
@@ -326,10 +331,10 @@ def breqd_counters(setup: Setup) -> dict[str, int]:
     return {k: int(s.get(k, 0)) for k in ("marks", "flushes")}
 
 
-def run_once(setup: Setup, server: Server, w: Workload, runtime: int, tag: str,
+def run_once(setup: Setup, server: Server, w: Workload, runtime: int, ramp: int, tag: str,
              clear_bitmap: bool) -> dict:
     out = os.path.join(setup.tmp, f"fio-{tag}.json")
-    fio = Proc(f"fio {tag}", fio_argv(server, w, runtime, out),
+    fio = Proc(f"fio {tag}", fio_argv(server, w, runtime, ramp, out),
                os.path.join(setup.tmp, f"fio-{tag}.log"))
     if clear_bitmap and setup.breqd is not None and server.name == "bmig-nbd":
         with setup.tracker() as c:
@@ -340,10 +345,10 @@ def run_once(setup: Setup, server: Server, w: Workload, runtime: int, tag: str,
     t0 = time.monotonic()
     fio.start()
     try:
-        fio.proc.wait(runtime + FIO_GRACE)
+        fio.proc.wait(ramp + runtime + FIO_GRACE)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"fio on {server.name} ({w.name}) did not finish in "
-                           f"{runtime + FIO_GRACE:.0f} s; {server.name} log:\n"
+                           f"{ramp + runtime + FIO_GRACE:.0f} s; {server.name} log:\n"
                            f"{server.proc.log_tail()}") from None
     wall = time.monotonic() - t0
     try:                         # an exited but unreaped process still has its stat
@@ -358,8 +363,10 @@ def run_once(setup: Setup, server: Server, w: Workload, runtime: int, tag: str,
                              f"{w.name} run on {server.name}:\n{p.log_tail(8)}")
     counters1 = breqd_counters(setup)
     r = parse_fio(out, fio, w)
-    ios = r["ios"] or 1
-    r.update(server=server.name, workload=w.key, wall_s=round(wall, 3),
+    # fio counts no I/O during the ramp, the CPU clocks do: per I/O figures assume the
+    # ramp ran at the measured rate.
+    ios = max(1.0, r["iops"] * wall)
+    r.update(server=server.name, workload=w.key, wall_s=round(wall, 3), ios_all=round(ios),
              server_cpu_s=round(cpu, 3), server_cpu=round(cpu / wall, 3),
              server_us_per_io=round(cpu * 1e6 / ios, 2),
              breqd_cpu_s=round(bcpu, 3), breqd_cpu=round(bcpu / wall, 3),
@@ -434,7 +441,7 @@ def run_all(args, setup: Setup, out: dict) -> None:
                 print(f"  [{len(runs):>3}/{total}] round {rep + 1} {w.key} {w.name:<9} "
                       f"{name:<16} {r['iops']:>10,.0f} IOPS {r['mbps']:>8,.1f} MB/s  "
                       f"server CPU {r['server_cpu']:.2f}"
-                      + (f", breqd {r['breqd_cpu']:.2f}, {r['breqd_marks'] / (r['ios'] or 1):.2f} "
+                      + (f", breqd {r['breqd_cpu']:.2f}, {r['breqd_marks'] / r['ios_all']:.2f} "
                          "marks/IO" if name == "bmig-nbd" else ""),
                       flush=True)
     for name, s in list(setup.servers.items()):
@@ -449,7 +456,7 @@ def run_pair(args, setup: Setup, name: str, w: Workload, rep: int, out: dict) ->
     for attempt in range(MAX_RESTARTS + 1):
         revive(setup, name, out)
         try:
-            return run_once(setup, setup.servers[name], w, args.runtime,
+            return run_once(setup, setup.servers[name], w, args.runtime, args.ramp,
                             f"{rep}-{w.name}-{name}-{attempt}", args.clear_bitmap)
         except ServerDied as exc:
             if attempt == MAX_RESTARTS:
@@ -552,7 +559,7 @@ def report(out: dict) -> str:
         if not rows:
             continue
         parts.append(f"\n{w.key}. {w.title} ({rows[0]['runs']} run(s) of {out['runtime']} s "
-                     f"each; medians, min-max over runs)")
+                     f"each after {out.get('ramp', 0)} s of ramp; medians, min-max over runs)")
         parts.append(table(
             ["server", "IOPS", "IOPS min-max", "MB/s", "MB/s min-max", "p50 ms", "p99 ms",
              "server CPU", "server us/IO", "breqd CPU", "breqd us/IO", "fio CPU"],
@@ -618,6 +625,10 @@ def parse_args() -> argparse.Namespace:
                    help="runtime 5 s, repeat 1, size 512 MiB (explicit options still win)")
     p.add_argument("--runtime", type=int, help="seconds per fio run [15]")
     p.add_argument("--repeat", type=int, help="runs per (server, workload) pair [3]")
+    p.add_argument("--ramp", type=int, default=3,
+                   help="seconds fio runs before it measures, so the figures are of the "
+                        "steady state; 0 counts bmig-nbd's first mark of every chunk too "
+                        "[3]")
     p.add_argument("--size", help="backing file size [2G]")
     p.add_argument("--only", default="a,b,c",
                    help="workloads: a/randwrite, b/seqwrite, c/randread [a,b,c]")
@@ -640,7 +651,7 @@ def parse_args() -> argparse.Namespace:
         args.size = parse_size(args.size or ("512M" if args.quick else "2G"))
     except Exception as exc:
         p.error(str(exc))
-    if args.runtime < 1 or args.repeat < 1 or args.size < MiB or args.size % (4 * KiB):
+    if args.runtime < 1 or args.repeat < 1 or args.ramp < 0 or args.size < MiB or args.size % (4 * KiB):
         p.error("--runtime and --repeat must be positive, --size at least 1M and a "
                 "multiple of 4K")
     args.workloads = [next(k for k, w in WORKLOADS.items() if item in (k, w.name))
@@ -704,7 +715,8 @@ def main() -> int:
                  "fio": _version(["fio", "--version"]),
                  "qemu_nbd": _version(["qemu-nbd", "--version"]),
                  "nbdkit": _version(["nbdkit", "--version"]),
-                 "quick": args.quick, "runtime": args.runtime, "repeat": args.repeat,
+                 "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
+                 "repeat": args.repeat,
                  "size": args.size, "workloads": args.workloads,
                  "servers": args.server_list, "clear_bitmap": args.clear_bitmap,
                  "loadavg_before": _loadavg(), "runs": []}
