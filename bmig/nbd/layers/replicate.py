@@ -112,7 +112,7 @@ class ReplicateLayer(Layer):
     def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
         if self.replica is not None or self.blocked:
             return False
-        return self._next().write_now(data, offset, fua)
+        return self.inner.write_now(data, offset, fua)
 
     async def _both(self, local, remote) -> int | None:
         """Run the local request and its replica side by side; the replica's seq, or
@@ -171,9 +171,10 @@ class ControlLayer(Layer):
     def __init__(self, inner: Layer, name: str):
         super().__init__(inner)
         self.name = name
-        self.read_only = False
+        self._read_only = False
         self._open = asyncio.Event()
         self._open.set()
+        self._writable = True            # neither read-only nor frozen: the fast path's test
         self._writing = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
@@ -183,9 +184,19 @@ class ControlLayer(Layer):
     def frozen(self) -> bool:
         return not self._open.is_set()
 
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @read_only.setter
+    def read_only(self, value: bool) -> None:
+        self._read_only = value
+        self._writable = not value and self._open.is_set()
+
     async def freeze(self) -> None:
         """Hold new writes back; return once the writes already running are done."""
         self._open.clear()
+        self._writable = False
         await self._quiet.wait()
         log.info("%s: writes frozen", self.name)
 
@@ -193,11 +204,12 @@ class ControlLayer(Layer):
         if self.frozen:
             log.info("%s: writes thawed", self.name)
         self._open.set()
+        self._writable = not self._read_only
 
     def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
-        if self.read_only or not self._open.is_set():
+        if not self._writable:
             return False
-        if self._next().write_now(data, offset, fua):
+        if self.inner.write_now(data, offset, fua):
             self.bytes_written += len(data)
             return True
         return False

@@ -83,7 +83,7 @@ class Hold:
     def __init__(self, tainted: bool, seen: int):
         self.tainted = tainted       # a write under the hold did not reach the target
         self.pending = 0             # the last replica seq written under the hold
-        self.seen = seen             # the last sweep that found the chunk written
+        self.seen = seen             # sweeps done when the chunk was last written
 
 
 def runs_of(chunks) -> list[tuple[int, int]]:
@@ -109,7 +109,6 @@ class TrackLayer(Layer):
         self.idle = idle
         self.mirror = mirror
         self.held: dict[int, Hold] = {}      # chunks held under ``self._session``
-        self._touched: set[int] = set()      # held chunks written since the last sweep
         self._busy: Counter[int] = Counter()  # chunks with a slow-path request running
         self._session = -1
         self._sweeps = 0                      # sweeps done; ``Hold.seen`` counts in them
@@ -134,10 +133,17 @@ class TrackLayer(Layer):
             log.info("%s: breqd connection changed; %d held chunks forgotten", self.device,
                      len(self.held))
         self.held.clear()
-        self._touched.clear()
         self._awaiting.clear()
         self._session = tracker.session
         return False
+
+    def _saw(self, chunks: range) -> None:
+        """The held ones among ``chunks`` were written: not idle since this sweep."""
+        held, now = self.held, self._sweeps
+        for c in chunks:
+            hold = held.get(c)
+            if hold is not None:
+                hold.seen = now
 
     def _holds_all(self, chunks: range) -> bool:
         held = self.held
@@ -149,7 +155,7 @@ class TrackLayer(Layer):
         """Hold every chunk of the range (durably marked); returns the hold's session."""
         chunks = self._span(offset, length)
         if self._holds_valid() and self._holds_all(chunks):
-            self._touched.update(chunks)
+            self._saw(chunks)
             return self._session
         earlier = len(self._unrecorded)
         ranges = self._unrecorded[:earlier] + [(offset, length)]
@@ -167,7 +173,7 @@ class TrackLayer(Layer):
             for c in self._span(range_offset, range_length):
                 if c not in held:
                     held[c] = Hold(tainted=not sync, seen=self._sweeps)
-        self._touched.update(chunks)
+        self._saw(chunks)
         if len(held) > self.hold_limit:
             self._release(over_limit=True)
         self._ensure_sweeper()
@@ -190,7 +196,7 @@ class TrackLayer(Layer):
                 busy[c] -= 1
                 if not busy[c]:
                     del busy[c]
-            self._touched.update(chunks)
+            self._saw(chunks)
             self._note_replication(chunks, mirror, generation, result)
         if session != self.tracker.session:
             await self._mark_again(offset, length)
@@ -255,15 +261,9 @@ class TrackLayer(Layer):
         so: letting it go sooner would mean a round trip to breqd on most of them."""
         if not self._holds_valid():
             return
-        held, busy, touched = self.held, self._busy, self._touched
+        held, busy = self.held, self._busy
         if not over_limit:
             self._sweeps += 1
-        now = self._sweeps
-        for c in touched:
-            hold = held.get(c)
-            if hold is not None:
-                hold.seen = now
-        touched.clear()
         if over_limit:
             # Down to 7/8 of the limit, least recently written first: releasing more
             # would only mean marking them again at the next write.
@@ -275,9 +275,10 @@ class TrackLayer(Layer):
             # is let go (synced) once they are durable there, not plain before.
             mirror = self.mirror
             durable = mirror.durable_seq if mirror is not None and mirror.active else None
-            oldest = now - IDLE_SWEEPS
+            # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
+            oldest = self._sweeps - IDLE_SWEEPS
             victims = [c for c, hold in held.items()
-                       if hold.seen <= oldest and c not in busy
+                       if hold.seen < oldest and c not in busy
                        and (durable is None or hold.tainted or hold.pending <= durable)]
         synced = [c for c in victims if self._settled(c)]
         plain = [c for c in victims if not self._settled(c)]
@@ -351,7 +352,8 @@ class TrackLayer(Layer):
         # held on the current breqd connection goes straight on, with no message.
         if self.tracker.session != self._session:     # a lost connection changes it too
             return False
-        if self.mirror is not None and self.mirror.active:
+        mirror = self.mirror
+        if mirror is not None and mirror.active:
             return False
         cs = self.chunk_size
         first = offset // cs
@@ -360,14 +362,16 @@ class TrackLayer(Layer):
             if hold is None or not self.inner.write_now(data, offset, fua):
                 return False
             hold.tainted = True
-            self._touched.add(first)
+            hold.seen = self._sweeps
             return True
         chunks = self._span(offset, len(data))
         if not self._holds_all(chunks) or not self.inner.write_now(data, offset, fua):
             return False
+        held, now = self.held, self._sweeps
         for c in chunks:
-            self.held[c].tainted = True
-        self._touched.update(chunks)
+            hold = held[c]
+            hold.tainted = True
+            hold.seen = now
         return True
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> None:
