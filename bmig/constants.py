@@ -25,6 +25,11 @@ MAX_CONTROL_JSON = 1 * MiB
 MAX_RANGES_PER_FRAME = 65536
 # Disjoint runs one connection may hold (marked with "hold", not yet released).
 MAX_HELD_RUNS = 1 << 18
+# bmig-nbd lets go of a held chunk HOLD_IDLE seconds after its last write, found by a sweep
+# every HOLD_IDLE / HOLD_IDLE_SWEEPS: so up to HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) late.
+# A sender that finds only held chunks dirty waits that long before it ships them again.
+HOLD_IDLE = 2.0
+HOLD_IDLE_SWEEPS = 4
 
 DEFAULT_STATE_DIR = "/var/lib/bmig"
 DEFAULT_CONFIG_DIR = "/etc/bmig/devices.d"

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
                          StateError, UnknownExport)
 from bmig.lineage import parse_id
@@ -38,7 +39,8 @@ log = logging.getLogger("bmigrate")
 STALL_PASSES = 3            # passes without shrinking before "not converging"
 SHRINK = 0.9                # shrinking means: below this fraction of the best so far
 HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is active)
-MAX_HOLD_WAIT = 1.5         # ... for at most this long (holds idle for 1 s are let go)
+# ... for at most this long: bmig-nbd lets go of a hold this long after the last write.
+MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 0.5
 BACKOFF = (1, 2, 5, 10, 30, 60)
 
 
