@@ -10,7 +10,6 @@ one stops at once.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -19,7 +18,7 @@ from typing import Any, Callable
 import click
 
 from bmig import log as bmig_log
-from bmig.cli.common import SIZE, control_option, json_option
+from bmig.cli.common import SIZE, json_option
 from bmig.cli.report import JsonReporter, TextReporter
 from bmig.config import load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
@@ -118,7 +117,10 @@ def migration_options(f: Callable) -> Callable:
         click.option("--to", "to", metavar="URL",
                      help="tcp://HOST:PORT/EXPORT, tls://..., ssh://[USER@]HOST[:PORT]/EXPORT, "
                           "nbd://... or nbd+unix:///EXPORT?socket=PATH."),
-        control_option,
+        # No default here: a flag's default would win over control = in --config.
+        click.option("--control", metavar="SOCK", envvar="BMIG_CONTROL",
+                     help="breqd's control socket (or BMIG_CONTROL, or control = in --config) "
+                          f"[default: {DEFAULT_CONTROL_SOCKET}]."),
         connection_options,
         click.option("--bwlimit", metavar="RATE",
                      help="Most bytes per second on the wire, e.g. 100M [default: none]."),
@@ -176,8 +178,7 @@ def build(values: dict[str, Any], as_json: bool) -> tuple[Migration, Any]:
     settings.passes.direct = bool(values.get("direct"))
     settings.passes.checksum = bool(values.get("checksum"))
     reporter = JsonReporter(str(name)) if as_json else TextReporter(str(name))
-    control = str(values.get("control") or os.environ.get("BMIG_CONTROL")
-                  or DEFAULT_CONTROL_SOCKET)
+    control = str(values.get("control") or DEFAULT_CONTROL_SOCKET)   # BMIG_CONTROL: a flag
     migration = Migration(str(name), str(values["source"]), url, options, settings, control,
                           reporter)
     return migration, reporter

@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 
 import pytest
 
 from bmig.nbd.client import NbdClient
 from tests.daemon import wait_until
 from tests.integration.nbd_helpers import start_nbd
-from tests.integration.sync_helpers import (CHUNK, MiB, make_image, migrations,  # noqa: F401
+from tests.integration.sync_helpers import (CHUNK, SYNC_TIMEOUT, MiB,  # noqa: F401
+                                            bmigrate_argv, make_image, migrations,
                                             receivers, same_bytes, start_background,
                                             start_receiver, summary_of, sync, track,
                                             write_secret)
@@ -325,3 +327,22 @@ def test_an_unknown_setting_in_the_migration_file_ends_run(breqd, tmp_path, migr
     m = start_background(migrations, breqd, "run", "--config", config, "--json")
     assert m.wait(timeout=30) == 3, m.stderr
     assert len(m.errors()) == 1 and "unknown setting(s): bandwidth" in m.errors()[0]
+
+
+def test_the_migration_file_names_the_breqd_socket(breqd, tmp_path, receivers):
+    """control = in --config is breqd's socket when neither --control nor BMIG_CONTROL
+    says otherwise (a flag's default must not win over the file)."""
+    source = make_image(str(tmp_path / "src.img"), 4 * MiB, "random")
+    track(breqd, "d", source)
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    config = write_migration_file(str(tmp_path / "d.toml"), name="d", source=source,
+                                  to=r.url("d"), secret_file=r.secret_file,
+                                  control=breqd.control, threshold=0)
+    env = {k: v for k, v in os.environ.items() if k != "BMIG_CONTROL"}
+    done = subprocess.run(bmigrate_argv("sync", "--config", config, "--json"), env=env,
+                          capture_output=True, text=True, timeout=SYNC_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert summary_of(done)["converged"] and same_bytes(source, target)
