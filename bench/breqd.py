@@ -36,12 +36,13 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bmig.constants import MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
+from benchlib import Interrupted, loadavg  # noqa: E402
+from bmig.constants import MAX_RANGES_PER_FRAME, KiB, MiB, TiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
@@ -55,10 +56,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _daemons: list["Breqd"] = []
 _workers: list[mp.Process] = []
-
-
-class Interrupted(Exception):
-    pass
 
 
 def _on_sigterm(signum, frame):
@@ -706,14 +703,6 @@ def report(out: dict) -> str:
     return "\n".join(parts)
 
 
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -739,7 +728,7 @@ def main() -> int:
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "quick": args.quick,
                  "tmpdir_fs": fs_type(args.tmpdir), "disk_dir_fs": fs_type(args.disk_dir),
-                 "loadavg_before": _loadavg()}
+                 "loadavg_before": loadavg()}
     print(f"breqd benchmark, {out['cpus']} CPUs, Python {out['python']}, "
           f"state in {args.tmpdir} ({out['tmpdir_fs']}), b in {args.disk_dir} "
           f"({out['disk_dir_fs']})", flush=True)
@@ -754,7 +743,7 @@ def main() -> int:
     finally:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = _loadavg()
+    out["loadavg_after"] = loadavg()
     print()
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "

@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+from benchlib import Interrupted  # noqa: E402
 from bmig.constants import DEFAULT_CHUNK_SIZE, MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
 from bmig.tracker.store import BitmapFile, Identity, file_size  # noqa: E402
@@ -49,10 +50,6 @@ BLOCK = 4 * KiB
 SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
 CHECKOUT_BYTES = 64 * MiB
 IMAGE_SIZE = 512 * MiB
-
-
-class Interrupted(Exception):
-    pass
 
 
 def _on_sigterm(signum, frame):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -55,6 +54,8 @@ sys.path.insert(0, ROOT)
 
 import xxhash  # noqa: E402
 
+from benchlib import (Interrupted, fs_type, git_head, loadavg, remove,  # noqa: E402
+                      signal_group, source_digest, tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -85,10 +86,6 @@ STEP_KEYS = {"replicate synchronously": "replicate", "drain": "drain",
 
 
 # -- process bookkeeping ---------------------------------------------------------------
-
-class Interrupted(Exception):
-    pass
-
 
 _starting = False              # a Popen is under way: a signal waits until it is listed
 _pending: int | None = None
@@ -155,13 +152,13 @@ class Proc:
         if self not in _procs:               # stopped already
             return self.proc.returncode
         if self.proc.poll() is None:
-            _signal_group(self.pid, signal.SIGTERM)
+            signal_group(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                _signal_group(self.pid, signal.SIGKILL)
+                signal_group(self.pid, signal.SIGKILL)
                 self.proc.wait(STOP_TIMEOUT)
-        _signal_group(self.pid, signal.SIGKILL)        # whatever it left in its group
+        signal_group(self.pid, signal.SIGKILL)        # whatever it left in its group
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         if self in _procs:
@@ -174,13 +171,6 @@ class Proc:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 _procs: list[Proc] = []
@@ -198,14 +188,6 @@ def cleanup() -> None:
     for path in reversed(_paths):
         remove(path)
     _paths.clear()
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -251,21 +233,6 @@ def start_notified(p: Proc, tmp: str, want: str | None = None,
 
 
 # -- files -------------------------------------------------------------------------------
-
-def fs_type(path: str) -> str:
-    """File system type of the mount holding ``path`` (from /proc/self/mountinfo)."""
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            mount_point = parts[4].replace("\\040", " ")
-            fstype = parts[parts.index("-") + 1]
-            if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) \
-                    and len(mount_point) >= len(best):
-                best, kind = mount_point, fstype
-    return kind
-
 
 def write_file(path: str, size: int, random_data: bool) -> float:
     """``size`` bytes of random data (or zeros: every page written once), fsynced, so
@@ -1061,42 +1028,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _version(argv: list[str]) -> str:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        return (r.stdout or r.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def _git() -> str:
-    head = _version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "bmig"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (bmig/ modified)" if dirty else "")
-
-
-def _source_digest() -> str:
-    """Digest of bmig/**/*.py as run: ties results to a working tree that has no commit."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, files in sorted(os.walk(os.path.join(ROOT, "bmig"))):
-        dirnames.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, ROOT).encode() + b"\0")
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:12]
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> int:
     args = parse_args()
     problem = preflight(args)
@@ -1107,11 +1038,11 @@ def main() -> int:
         signal.signal(sig, _on_signal)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": _git(),
-                 "bmig_source_sha256": _source_digest(), "fio": _version(["fio", "--version"]),
+                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
+                 "bmig_source_sha256": source_digest(), "fio": tool_version(["fio", "--version"]),
                  "quick": args.quick, "sections": args.sections, "repeat": args.repeat,
                  "rounds": args.rounds, "runtime": args.runtime,
-                 "loadavg_before": _loadavg()}
+                 "loadavg_before": loadavg()}
     print(f"cutover benchmark: {', '.join(args.sections)}; {out['cpus']} CPUs, load "
           f"{out['loadavg_before']}; bmig {out['git']}, source {out['bmig_source_sha256']}; "
           f"{out['fio']}", flush=True)
@@ -1139,8 +1070,8 @@ def main() -> int:
     if code == 130 or not have:
         return code
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = _loadavg()
-    out["bmig_source_sha256_after"] = _source_digest()
+    out["loadavg_after"] = loadavg()
+    out["bmig_source_sha256_after"] = source_digest()
     if out["bmig_source_sha256_after"] != out["bmig_source_sha256"]:
         print("warning: bmig/ changed during the run; each process ran the tree of the "
               "moment it started", file=sys.stderr)

@@ -33,7 +33,6 @@ was killed from outside between or during runs is restarted and the run done aga
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchlib import (Interrupted, git_head, loadavg, signal_group,  # noqa: E402
+                      source_digest, tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -97,10 +98,6 @@ TARGETS = (
 
 # -- process bookkeeping ---------------------------------------------------------------
 
-class Interrupted(Exception):
-    pass
-
-
 class ServerDied(Exception):
     pass
 
@@ -145,14 +142,14 @@ class Proc:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            _signal_group(self.pid, signal.SIGTERM)
+            signal_group(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                _signal_group(self.pid, signal.SIGKILL)
+                signal_group(self.pid, signal.SIGKILL)
                 self.proc.wait(STOP_TIMEOUT)
             # whatever the leader left behind in its group goes too
-            _signal_group(self.pid, signal.SIGKILL)
+            signal_group(self.pid, signal.SIGKILL)
         if self in _procs:
             _procs.remove(self)
         return self.proc.returncode
@@ -163,13 +160,6 @@ class Proc:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 _procs: list[Proc] = []
@@ -482,7 +472,7 @@ def revive(setup: Setup, name: str, out: dict) -> None:
         # a restarted bmig daemon imports the working tree as it is now: note which
         out.setdefault("restarts", []).append({"process": label, "exit_code": code,
                                                "before": name,
-                                               "bmig_source_sha256": _source_digest()})
+                                               "bmig_source_sha256": source_digest()})
         print(f"  warning: {label} had exited with {code} (killed from outside?); "
               "restarted", flush=True)
 
@@ -663,42 +653,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _version(argv: list[str]) -> str:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        return (r.stdout or r.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def _git() -> str:
-    head = _version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "bmig"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (bmig/ modified)" if dirty else "")
-
-
-def _source_digest() -> str:
-    """Digest of bmig/**/*.py as run: ties results to a working tree that has no commit."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, files in sorted(os.walk(os.path.join(ROOT, "bmig"))):
-        dirnames.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, ROOT).encode() + b"\0")
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:12]
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> int:
     args = parse_args()
     problem = preflight(args)
@@ -710,16 +664,16 @@ def main() -> int:
         signal.signal(sig, _on_signal)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": _git(),
-                 "bmig_source_sha256": _source_digest(),
-                 "fio": _version(["fio", "--version"]),
-                 "qemu_nbd": _version(["qemu-nbd", "--version"]),
-                 "nbdkit": _version(["nbdkit", "--version"]),
+                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
+                 "bmig_source_sha256": source_digest(),
+                 "fio": tool_version(["fio", "--version"]),
+                 "qemu_nbd": tool_version(["qemu-nbd", "--version"]),
+                 "nbdkit": tool_version(["nbdkit", "--version"]),
                  "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
                  "repeat": args.repeat,
                  "size": args.size, "workloads": args.workloads,
                  "servers": args.server_list, "clear_bitmap": args.clear_bitmap,
-                 "loadavg_before": _loadavg(), "runs": []}
+                 "loadavg_before": loadavg(), "runs": []}
     print(f"NBD servers benchmark: {', '.join(args.server_list)}; workloads "
           f"{','.join(args.workloads)}; {args.repeat} x {args.runtime} s each; "
           f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}; {out['cpus']} CPUs, "
@@ -743,7 +697,7 @@ def main() -> int:
     finally:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = _loadavg()
+    out["loadavg_after"] = loadavg()
     out["summary"] = summarize(out["runs"])
     out["ratios"] = ratios(out["summary"], out["runs"])
     print(report(out))

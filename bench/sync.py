@@ -67,6 +67,8 @@ sys.path.insert(0, ROOT)
 
 import xxhash  # noqa: E402
 
+from benchlib import (Interrupted, fs_type, git_head, loadavg, remove,  # noqa: E402
+                      signal_group, source_digest)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -115,10 +117,6 @@ CASES = {
 
 
 # -- process bookkeeping ---------------------------------------------------------------
-
-class Interrupted(Exception):
-    pass
-
 
 def _on_signal(signum, frame):
     raise Interrupted(f"signal {signum}")
@@ -186,7 +184,7 @@ class Proc:
 
         def kill() -> None:
             killed.set()
-            _signal_group(self.pid, signal.SIGKILL)
+            signal_group(self.pid, signal.SIGKILL)
 
         timer = threading.Timer(timeout, kill)
         timer.daemon = True
@@ -209,13 +207,13 @@ class Proc:
         if self.proc.poll() is None:
             if self.subreaper:
                 stop_descendants(self.pid)
-            _signal_group(self.pid, signal.SIGTERM)
+            signal_group(self.pid, signal.SIGTERM)
             try:
                 self.proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
-                _signal_group(self.pid, signal.SIGKILL)
+                signal_group(self.pid, signal.SIGKILL)
                 self.proc.wait(STOP_TIMEOUT)
-            _signal_group(self.pid, signal.SIGKILL)    # whatever it left in its group
+            signal_group(self.pid, signal.SIGKILL)    # whatever it left in its group
         if self in _procs:
             _procs.remove(self)
         return self.proc.returncode
@@ -226,13 +224,6 @@ class Proc:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def descendants(pid: int) -> list[int]:
@@ -283,30 +274,7 @@ def cleanup() -> None:
     _paths.clear()
 
 
-def remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 # -- files -------------------------------------------------------------------------------
-
-def fs_type(path: str) -> str:
-    """File system type of the mount holding ``path`` (from /proc/self/mountinfo)."""
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            mount_point = parts[4].replace("\\040", " ")
-            fstype = parts[parts.index("-") + 1]
-            if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) \
-                    and len(mount_point) >= len(best):
-                best, kind = mount_point, fstype
-    return kind
-
 
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -1605,42 +1573,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _version(argv: list[str]) -> str:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        return (r.stdout or r.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def _git() -> str:
-    head = _version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "bmig"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (bmig/ modified)" if dirty else "")
-
-
-def _source_digest() -> str:
-    """Digest of bmig/**/*.py as run: ties results to a working tree that has no commit."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, files in sorted(os.walk(os.path.join(ROOT, "bmig"))):
-        dirnames.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(dirpath, name)
-            h.update(os.path.relpath(path, ROOT).encode() + b"\0")
-            with open(path, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:12]
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> int:
     args = parse_args()
     problem = preflight(args)
@@ -1652,11 +1584,11 @@ def main() -> int:
         signal.signal(sig, _on_signal)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": _git(),
-                 "bmig_source_sha256": _source_digest(),
+                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
+                 "bmig_source_sha256": source_digest(),
                  "quick": args.quick, "repeat": args.repeat, "size": args.size,
                  "ssh_size": args.ssh_size, "cases": args.cases,
-                 "loadavg_before": _loadavg(), "runs": []}
+                 "loadavg_before": loadavg(), "runs": []}
     out["socat"] = next((line for line in subprocess.run(
         ["socat", "-V"], capture_output=True, text=True).stdout.splitlines()
         if "version" in line), "?") if shutil.which("socat") else "?"
@@ -1697,8 +1629,8 @@ def main() -> int:
     if code == 130 or not out["runs"]:
         return code
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = _loadavg()
-    out["bmig_source_sha256_after"] = _source_digest()
+    out["loadavg_after"] = loadavg()
+    out["bmig_source_sha256_after"] = source_digest()
     out["summary"] = summarize(out["runs"])
     out["ratios"] = ratios(out["summary"], out["runs"], out)
     out["cases"] = sorted({r["case"] for r in out["runs"]})
