@@ -40,7 +40,7 @@ STALL_PASSES = 3            # passes without shrinking before "not converging"
 SHRINK = 0.9                # shrinking means: below this fraction of the best so far
 HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is active)
 # ... for at most this long: bmig-nbd lets go of a hold this long after the last write.
-MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 0.5
+MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 1.0
 BACKOFF = (1, 2, 5, 10, 30, 60)
 
 
