@@ -7,6 +7,7 @@ word, not a guess: no sleeps.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +59,11 @@ class Daemon:
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=self.pass_fds)
         log.close()
-        self.wait_for("READY=1", timeout)
+        try:
+            self.wait_for("READY=1", timeout)
+        except BaseException:
+            self.kill9()
+            raise
         return self
 
     def wait_for(self, line: str, timeout: float = START_TIMEOUT) -> None:
@@ -95,6 +100,7 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=STOP_TIMEOUT)
+        self._close_notify()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM, wait, SIGKILL if it will not go; returns the exit code."""
@@ -105,15 +111,17 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=timeout)
+        self._close_notify()
+        return None if self.proc is None else self.proc.returncode
+
+    def _close_notify(self) -> None:
+        """The notify socket and its directory go once the daemon is gone."""
         if self._notify is not None:
             self._notify.close()
             self._notify = None
         if self._notify_dir is not None:
-            for name in os.listdir(self._notify_dir):
-                os.unlink(os.path.join(self._notify_dir, name))
-            os.rmdir(self._notify_dir)
+            shutil.rmtree(self._notify_dir, ignore_errors=True)
             self._notify_dir = None
-        return None if self.proc is None else self.proc.returncode
 
 
 def python_module(module: str) -> list[str]:
