@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives (real clients and tools, not mocks).
-DEB_PACKAGES := procps util-linux qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs openssh-server openssh-client
+DEB_PACKAGES := procps util-linux qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs openssh-server openssh-client \
+                user-mode-linux kmod nbd-client
 
 PYTEST_ARGS ?=
 
