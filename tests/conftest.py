@@ -7,7 +7,7 @@ from typing import Iterator
 import pytest
 
 from bmig.tracker.client import TrackerClient
-from tests.daemon import Daemon, breqd_argv
+from tests.daemon import RUNNING, Daemon, breqd_argv
 
 
 @dataclass
@@ -26,6 +26,15 @@ class BreqdInstance:
 
     def stop(self) -> int | None:
         return self.daemon.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_left_running() -> Iterator[None]:
+    """Whatever daemon a test started and did not stop (it failed half-way, say) is
+    stopped when the test ends, newest first."""
+    yield
+    for daemon in reversed(list(RUNNING)):
+        daemon.stop()
 
 
 @pytest.fixture

@@ -36,6 +36,11 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0,
         delay = min(delay * 2, 0.1)
 
 
+# Daemons started and not stopped (or killed) yet: tests/conftest.py stops what a test
+# left running, also when it failed half-way.
+RUNNING: list["Daemon"] = []
+
+
 @dataclass
 class Daemon:
     """A running daemon process with its log file."""
@@ -59,6 +64,7 @@ class Daemon:
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=self.pass_fds)
         log.close()
+        RUNNING.append(self)
         try:
             self.wait_for("READY=1", timeout)
         except BaseException:
@@ -116,6 +122,8 @@ class Daemon:
 
     def _close_notify(self) -> None:
         """The notify socket and its directory go once the daemon is gone."""
+        if self in RUNNING:
+            RUNNING.remove(self)
         if self._notify is not None:
             self._notify.close()
             self._notify = None

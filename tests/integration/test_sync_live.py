@@ -108,21 +108,23 @@ def test_a_last_pass_ships_what_a_writer_just_wrote_once(breqd, tmp_path, receiv
     the pass waits for the holds to go instead of shipping the same chunks again and
     again while they are held."""
     server = start_nbd(breqd, tmp_path, SIZE)
-    target = str(tmp_path / "tgt.img")
-    r = start_receiver(tmp_path, {"d1": target})
-    receivers.append(r)
-    args = ["d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
-            r.secret_file, "--threshold", "0", "--json"]
-    sync(breqd, *args)                                # the first copy
-    chunk = 64 << 10
-    written = [3, 100, 517, SIZE // chunk - 1]
-    with NbdClient.connect(server.uri, timeout=60) as client:
-        for c in written:
-            client.pwrite(b"written just before the last pass", c * chunk + 10)
-        client.flush()
-    last = json.loads(sync(breqd, *args).stdout.splitlines()[-1])
-    assert last["converged"] and last["dirty_bytes"] == 0
-    # One pass, each chunk once (holes in the sparse backing file are not read).
-    assert last["passes"] == 1 and 0 < last["bytes_read"] <= len(written) * chunk
-    assert server.daemon.stop() == 0
+    try:
+        target = str(tmp_path / "tgt.img")
+        r = start_receiver(tmp_path, {"d1": target})
+        receivers.append(r)
+        args = ["d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+                r.secret_file, "--threshold", "0", "--json"]
+        sync(breqd, *args)                                # the first copy
+        chunk = 64 << 10
+        written = [3, 100, 517, SIZE // chunk - 1]
+        with NbdClient.connect(server.uri, timeout=60) as client:
+            for c in written:
+                client.pwrite(b"written just before the last pass", c * chunk + 10)
+            client.flush()
+        last = json.loads(sync(breqd, *args).stdout.splitlines()[-1])
+        assert last["converged"] and last["dirty_bytes"] == 0
+        # One pass, each chunk once (holes in the sparse backing file are not read).
+        assert last["passes"] == 1 and 0 < last["bytes_read"] <= len(written) * chunk
+    finally:
+        assert server.daemon.stop() == 0
     assert same_bytes(server.backing, target)
