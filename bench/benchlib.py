@@ -1,5 +1,6 @@
 """What the benchmark scripts share: provenance of a run (tool versions, the commit and a
-digest of the bmig sources as run, the load), process groups, files and file systems.
+digest of the bmig sources as run, the load), the processes they start and the files they
+make (all stopped and removed at the end, also on a signal), file systems.
 
 Imported by the scripts in this directory, which run as ``python bench/NAME.py``, so this
 directory is first on ``sys.path``."""
@@ -9,14 +10,179 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT = 60.0         # seconds a daemon gets to say READY=1
+STOP_TIMEOUT = 15.0          # seconds a process gets after SIGTERM, then SIGKILL
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+RUNNING: list["Proc"] = []   # started and not stopped yet, oldest first
+PATHS: list[str] = []        # files and directories to remove at the end
+
+_starting = False            # a Popen is under way: a signal waits until it is listed
+_pending: int | None = None
 
 
 class Interrupted(Exception):
-    """Raised by a script's signal handler: Ctrl-C, SIGTERM or SIGHUP, to clean up."""
+    """SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt): stop, clean up."""
+
+
+def on_signal(signum, frame) -> None:
+    global _pending
+    if _starting:
+        _pending = signum
+        return
+    _raise_for(signum)
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
+@dataclass
+class Proc:
+    """A process started by a script, in its own session (pgid == pid)."""
+
+    label: str
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> "Proc":
+        """stdout and stderr to the log."""
+        with open(self.log_path, "ab") as log:
+            return self._popen(stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+
+    def _popen(self, **kwargs) -> "Proc":
+        """Start it and put it on RUNNING; a signal that comes meanwhile is acted on once
+        it is there, so that cleanup() stops it too."""
+        global _starting, _pending
+        _starting = True
+        try:
+            self.proc = subprocess.Popen(self.argv, start_new_session=True, **kwargs)
+            RUNNING.append(self)
+        finally:
+            _starting = False
+        pending, _pending = _pending, None
+        if pending is not None:
+            _raise_for(pending)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process (all its threads) so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def before_stop(self) -> None:
+        """What must go before the process itself (a subclass's)."""
+
+    def stop(self) -> int | None:
+        """SIGTERM to its process group, SIGKILL if it will not go; then SIGKILL to
+        whatever it left in its group."""
+        if self.proc is None:
+            return None
+        if self not in RUNNING:                # stopped already
+            return self.proc.returncode
+        if self.proc.poll() is None:
+            self.before_stop()
+            signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                signal_group(self.pid, signal.SIGKILL)
+                self.proc.wait(STOP_TIMEOUT)
+        signal_group(self.pid, signal.SIGKILL)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        RUNNING.remove(self)
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Our environment without our own service manager's variables, bmig importable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                        "WATCHDOG_USEC", "WATCHDOG_PID", "BMIG_CONTROL", "BMIG_NBD_DIR")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def start_notified(p: Proc, tmp: str, env: dict[str, str],
+                   want: str | None = None) -> list[str]:
+    """Start a bmig daemon with ``env`` and wait for READY=1 (and a notification matching
+    ``want``) on a private NOTIFY_SOCKET in ``tmp``; returns the notifications."""
+    notify_path = os.path.join(tmp, "notify-" + re.sub(r"[^\w.-]", "_", p.label))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(notify_path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notes: list[str] = []
+    try:
+        p.start(dict(env, NOTIFY_SOCKET=notify_path))
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            text = "\n".join(notes)
+            if "READY=1" in text.split("\n") and (want is None or re.search(want, text)):
+                return notes
+            if not p.alive():
+                code = p.proc.returncode if p.proc is not None else None
+                raise RuntimeError(f"{p.label} exited with {code}:\n{p.log_tail()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
+                                   f"{p.log_tail()}")
+            notify.settimeout(min(left, 0.2))
+            with contextlib.suppress(socket.timeout):
+                notes.append(notify.recv(4096).decode(errors="replace"))
+    finally:
+        notify.close()
+        os.unlink(notify_path)
+
+
+def cleanup() -> None:
+    """Stop every process still running, newest first, and remove PATHS, newest first."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # a second Ctrl-C must not
+        signal.signal(sig, signal.SIG_IGN)                      # leave things behind
+    for p in reversed(list(RUNNING)):
+        try:
+            p.stop()
+        except Exception as exc:              # keep going: the rest must still be stopped
+            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
+    for path in reversed(PATHS):
+        remove(path)
+    PATHS.clear()
 
 
 def tool_version(argv: list[str]) -> str:

@@ -38,8 +38,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,8 +52,10 @@ sys.path.insert(0, ROOT)
 
 import xxhash  # noqa: E402
 
-from benchlib import (Interrupted, fs_type, git_head, loadavg, remove,  # noqa: E402
-                      signal_group, source_digest, tool_version)
+import benchlib  # noqa: E402
+from benchlib import (PATHS, Interrupted, child_env, cleanup, fs_type, git_head,  # noqa: E402
+                      install_signal_handlers, loadavg, remove, source_digest,
+                      start_notified, tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -67,8 +67,6 @@ BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 BMIG_NBD = [sys.executable, "-c", "from bmig.cli.nbd import main; main()"]
 
 CHUNK = 64 * KiB
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
 FIO_GRACE = 120.0            # a fio run gets runtime + this before it is called hung
 FIO_EXIT_WAIT = 30.0         # after the handover, fio should stop by itself (EPERM)
 LOAD_BS = "4k-64k"           # the downtime load: random write sizes, 4 KiB multiples
@@ -80,156 +78,19 @@ BASELINES = ("tracking", "tracking-dirty")
 PROTOCOL_MODES = ("C", "B", "A")
 DEPTHS = (1, 32)
 DOWNTIME_TARGET = 1.0        # seconds, median
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 STEP_KEYS = {"replicate synchronously": "replicate", "drain": "drain",
              "freeze writes": "freeze", "flush both sides": "flush", "hand over": "handover"}
 
 
 # -- process bookkeeping ---------------------------------------------------------------
 
-_starting = False              # a Popen is under way: a signal waits until it is listed
-_pending: int | None = None
-
-
-def _on_signal(signum, frame):
-    global _pending
-    if _starting:
-        _pending = signum
-        return
-    _raise_for(signum)
-
-
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Interrupted(f"signal {signum}")
-
-
-@dataclass
-class Proc:
-    """A process started by this script, in its own session (pgid == pid)."""
-
-    label: str
-    argv: list[str]
-    log_path: str
-    proc: subprocess.Popen | None = None
-
+class Proc(benchlib.Proc):
     def start(self, env: dict[str, str] | None = None, pipe: bool = False) -> "Proc":
         """stdout and stderr to the log; with ``pipe`` stdout is a pipe to read."""
-        global _starting, _pending
         with open(self.log_path, "ab") as log:
-            _starting = True
-            try:
-                self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE if pipe else log,
-                                             stderr=log, stdin=subprocess.DEVNULL,
-                                             env=env or child_env(), start_new_session=True)
-                _procs.append(self)
-            finally:
-                _starting = False
-        pending, _pending = _pending, None
-        if pending is not None:
-            _raise_for(pending)
+            self._popen(stdout=subprocess.PIPE if pipe else log, stderr=log,
+                        stdin=subprocess.DEVNULL, env=env or child_env())
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the whole process (all its threads) so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> int | None:
-        """SIGTERM to its process group, SIGKILL if it will not go."""
-        if self.proc is None:
-            return None
-        if self not in _procs:               # stopped already
-            return self.proc.returncode
-        if self.proc.poll() is None:
-            signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                signal_group(self.pid, signal.SIGKILL)
-                self.proc.wait(STOP_TIMEOUT)
-        signal_group(self.pid, signal.SIGKILL)        # whatever it left in its group
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self in _procs:
-            _procs.remove(self)
-        return self.proc.returncode
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-
-_procs: list[Proc] = []
-_paths: list[str] = []       # files and directories to remove at the end
-
-
-def cleanup() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # a second Ctrl-C must not
-        signal.signal(sig, signal.SIG_IGN)                      # leave things behind
-    for p in reversed(list(_procs)):          # newest first: fio, bmigrate, servers, breqd
-        try:
-            p.stop()
-        except Exception as exc:              # keep going: the rest must still be stopped
-            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
-    for path in reversed(_paths):
-        remove(path)
-    _paths.clear()
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """Our environment without our own service manager's variables, bmig importable."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                        "WATCHDOG_USEC", "WATCHDOG_PID", "BMIG_CONTROL", "BMIG_NBD_DIR")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
-
-
-def start_notified(p: Proc, tmp: str, want: str | None = None,
-                   env: dict[str, str] | None = None) -> list[str]:
-    """Start a bmig daemon and wait for READY=1 (and a notification matching ``want``)
-    on a private NOTIFY_SOCKET; returns the notifications."""
-    notify_path = os.path.join(tmp, f"notify-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(notify_path)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notes: list[str] = []
-    try:
-        p.start(dict(env or child_env(), NOTIFY_SOCKET=notify_path))
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            text = "\n".join(notes)
-            if "READY=1" in text.split("\n") and (want is None or re.search(want, text)):
-                return notes
-            if not p.alive():
-                raise RuntimeError(f"{p.label} exited with {p.proc.returncode}:\n"
-                                   f"{p.log_tail()}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
-                                   f"{p.log_tail()}")
-            notify.settimeout(min(left, 0.2))
-            with contextlib.suppress(socket.timeout):
-                notes.append(notify.recv(4096).decode(errors="replace"))
-    finally:
-        notify.close()
-        os.unlink(notify_path)
 
 
 # -- files -------------------------------------------------------------------------------
@@ -336,7 +197,7 @@ class Bench:
         p = Proc("breqd", [*BREQD, "--state-dir", self.path("breqd-state"), "--config-dir",
                            self.path("devices.d"), "--control", self.control],
                  self.path("breqd.log"))
-        start_notified(p, self.tmp)
+        start_notified(p, self.tmp, child_env())
         self.breqd = p
 
     def bmigrate(self, *args: str, timeout: float = 120.0) -> str:
@@ -356,7 +217,7 @@ class Bench:
                  [*BMIG_NBD, "--device", name, "--backing", backing, "--unix", sock,
                   "--control", self.control, "--manage-dir", self.manage],
                  self.path(f"bmig-nbd-{name}.log"))
-        start_notified(p, self.tmp)
+        start_notified(p, self.tmp, child_env())
         return p, sock
 
     def start_receiver(self, label: str, export: str, target: str) -> Receiver:
@@ -365,7 +226,7 @@ class Bench:
                 "--secret-file", self.secret, "--state-dir", state, "--log-level", "info"]
         pattern = r"STATUS=listening on 127\.0\.0\.1:(\d+)"
         p = Proc(label, argv, self.path(f"{label}.log"))
-        notes = start_notified(p, self.tmp, pattern)
+        notes = start_notified(p, self.tmp, child_env(), pattern)
         return Receiver(p, int(re.search(pattern, "\n".join(notes)).group(1)), state)
 
     def sync(self, name: str, source: str, url: str, size: int) -> dict:
@@ -463,7 +324,7 @@ def downtime(b: Bench, out: dict) -> None:
     args = b.args
     size = args.size
     d = tempfile.mkdtemp(prefix="bmig-bench-cutover-", dir=args.dir_root)
-    _paths.append(d)
+    PATHS.append(d)
     src, dst = os.path.join(d, "source.img"), os.path.join(d, "target.img")
     sec = out["downtime"] = {"dir": d, "fs": fs_type(d), "size": size,
                              "load_seconds": args.load_seconds, "load_bs": LOAD_BS,
@@ -668,7 +529,7 @@ def latency(b: Bench, out: dict) -> None:
     args = b.args
     size = args.latency_size
     d = tempfile.mkdtemp(prefix="bmig-bench-cutover-", dir=args.shm)
-    _paths.append(d)
+    PATHS.append(d)
     src, dst = os.path.join(d, "source.img"), os.path.join(d, "target.img")
     sec = out["latency"] = {"dir": d, "fs": fs_type(d), "size": size,
                             "runtime": args.runtime, "rounds": args.rounds, "runs": [],
@@ -1034,8 +895,7 @@ def main() -> int:
     if problem:
         print(f"bench/cutover.py: {problem}", file=sys.stderr)
         return 2
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
@@ -1050,7 +910,7 @@ def main() -> int:
     code = 0
     try:
         tmp = tempfile.mkdtemp(prefix="bmig-bench-cutover-", dir=args.tmp_root)
-        _paths.insert(0, tmp)
+        PATHS.insert(0, tmp)
         b = Bench(args, tmp)
         b.secret = write_secret(b.path("secret"))
         b.start_breqd()

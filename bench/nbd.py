@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,19 +48,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from benchlib import (Interrupted, git_head, loadavg, signal_group,  # noqa: E402
-                      source_digest, tool_version)
+from benchlib import (PATHS, START_TIMEOUT, Interrupted, Proc, child_env,  # noqa: E402
+                      cleanup, git_head, install_signal_handlers, loadavg, source_digest,
+                      start_notified, tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 
 DEVICE = "bench"
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
 MAX_RESTARTS = 2           # per run: a server killed from outside is restarted this often
 FIO_GRACE = 120.0          # fio gets runtime + this before it is called hung
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -96,120 +93,11 @@ TARGETS = (
 )
 
 
-# -- process bookkeeping ---------------------------------------------------------------
-
 class ServerDied(Exception):
     pass
 
 
-def _on_signal(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
-@dataclass
-class Proc:
-    """A process started by this script, in its own session (pgid == pid)."""
-
-    label: str
-    argv: list[str]
-    log_path: str
-    proc: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str] | None = None) -> "Proc":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)
-        _procs.append(self)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the whole process (all its threads) so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> int | None:
-        """SIGTERM to its process group, SIGKILL if it will not go."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                signal_group(self.pid, signal.SIGKILL)
-                self.proc.wait(STOP_TIMEOUT)
-            # whatever the leader left behind in its group goes too
-            signal_group(self.pid, signal.SIGKILL)
-        if self in _procs:
-            _procs.remove(self)
-        return self.proc.returncode
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
-
-
-_procs: list[Proc] = []
-_paths: list[str] = []       # files and directories to remove at the end
-
-
-def cleanup() -> None:
-    # newest first: fio, then the servers, breqd (started first) last
-    for p in reversed(list(_procs)):
-        try:
-            p.stop()
-        except Exception as exc:           # keep going: the rest must still be stopped
-            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
-    for path in reversed(_paths):
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.unlink(path)
-    _paths.clear()
-
-
 # -- readiness ---------------------------------------------------------------------------
-
-def start_notified(p: Proc, tmp: str) -> Proc:
-    """Start a bmig daemon and wait for its READY=1 on a private NOTIFY_SOCKET."""
-    notify_path = os.path.join(tmp, f"notify-{p.label}")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    try:
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [
-                       os.environ.get("PYTHONPATH")])]))
-        p.start(env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            _check_alive(p)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{p.label}: no READY=1 in {START_TIMEOUT:.0f} s:\n"
-                                   f"{p.log_tail()}")
-            notify.settimeout(min(left, 0.2))
-            try:
-                if b"READY=1" in notify.recv(4096).split(b"\n"):
-                    return p
-            except socket.timeout:
-                pass
-    finally:
-        notify.close()
-        os.unlink(notify_path)
-
 
 def start_probed(p: Proc, sock_path: str) -> Proc:
     """Start a server that does not notify; ready once its socket sends the NBD greeting."""
@@ -217,7 +105,8 @@ def start_probed(p: Proc, sock_path: str) -> Proc:
     deadline = time.monotonic() + START_TIMEOUT
     delay = 0.005
     while True:
-        _check_alive(p)
+        if not p.alive():
+            raise RuntimeError(f"{p.label} exited with {p.proc.returncode}:\n{p.log_tail()}")
         if _nbd_greets(sock_path):
             return p
         if time.monotonic() > deadline:
@@ -235,12 +124,6 @@ def _nbd_greets(path: str) -> bool:
             return s.recv(8, socket.MSG_WAITALL) == b"NBDMAGIC"
         except OSError:
             return False
-
-
-def _check_alive(p: Proc) -> None:
-    if not p.alive():
-        code = p.proc.returncode if p.proc else None
-        raise RuntimeError(f"{p.label} exited with {code}:\n{p.log_tail()}")
 
 
 # -- servers -----------------------------------------------------------------------------
@@ -278,7 +161,7 @@ def start_breqd(setup: Setup) -> Proc:
                        "--state-dir", state, "--config-dir", config,
                        "--control", setup.control],
              os.path.join(setup.tmp, "breqd.log"))
-    start_notified(p, setup.tmp)
+    start_notified(p, setup.tmp, child_env())
     with setup.tracker() as c:
         if DEVICE not in {d.get("name") for d in c.list_devices()}:
             c.add_device(DEVICE, setup.size)
@@ -300,7 +183,9 @@ def start_server(setup: Setup, name: str) -> Server:
             "--control", setup.control, "--manage-dir", os.path.join(setup.tmp, name)]
     if name == "bmig-nbd-notrack":
         argv.append("--no-track")
-    return Server(name, sock, DEVICE, start_notified(Proc(name, argv, log), setup.tmp))
+    p = Proc(name, argv, log)
+    start_notified(p, setup.tmp, child_env())
+    return Server(name, sock, DEVICE, p)
 
 
 # -- one fio run -------------------------------------------------------------------------
@@ -641,7 +526,8 @@ def parse_args() -> argparse.Namespace:
         args.size = parse_size(args.size or ("512M" if args.quick else "2G"))
     except Exception as exc:
         p.error(str(exc))
-    if args.runtime < 1 or args.repeat < 1 or args.ramp < 0 or args.size < MiB or args.size % (4 * KiB):
+    if (args.runtime < 1 or args.repeat < 1 or args.ramp < 0 or args.size < MiB
+            or args.size % (4 * KiB)):
         p.error("--runtime and --repeat must be positive, --size at least 1M and a "
                 "multiple of 4K")
     args.workloads = [next(k for k, w in WORKLOADS.items() if item in (k, w.name))
@@ -659,9 +545,7 @@ def main() -> int:
     if problem:
         print(f"bench/nbd.py: {problem}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with it ignored
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
@@ -682,11 +566,11 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         tmp = tempfile.mkdtemp(prefix="bmig-bench-nbd-", dir=args.tmpdir)
-        _paths.append(tmp)
+        PATHS.append(tmp)
         if len(os.path.join(tmp, "bmig-nbd-notrack.sock")) > 100:
             raise RuntimeError(f"--tmpdir {args.tmpdir} is too long for Unix socket paths")
         backing = os.path.join(args.backing_dir, f"bmig-bench-nbd-{os.getpid()}.img")
-        _paths.append(backing)
+        PATHS.append(backing)
         run_all(args, Setup(tmp, backing, args.size), out)
     except (KeyboardInterrupt, Interrupted):
         print("\ninterrupted; cleaning up", file=sys.stderr)

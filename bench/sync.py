@@ -67,8 +67,10 @@ sys.path.insert(0, ROOT)
 
 import xxhash  # noqa: E402
 
-from benchlib import (Interrupted, fs_type, git_head, loadavg, remove,  # noqa: E402
-                      signal_group, source_digest)
+import benchlib  # noqa: E402
+from benchlib import (PATHS, START_TIMEOUT, STOP_TIMEOUT, Interrupted,  # noqa: E402
+                      child_env, cleanup, fs_type, git_head, install_signal_handlers,
+                      loadavg, remove, signal_group, source_digest, start_notified)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -76,9 +78,6 @@ from bmig.tracker.client import TrackerClient  # noqa: E402
 
 CHUNK = 64 * KiB
 SOCAT_BUFFER = MiB
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SSH_CIPHER = "aes128-gcm@openssh.com"
 SSHD = "/usr/sbin/sshd"
 MARK_BATCH = 256               # ranges per MARK in case 3
@@ -118,18 +117,8 @@ CASES = {
 
 # -- process bookkeeping ---------------------------------------------------------------
 
-def _on_signal(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
 @dataclass
-class Proc:
-    """A process started by this script, in its own session (pgid == pid)."""
-
-    label: str
-    argv: list[str]
-    log_path: str
-    proc: subprocess.Popen | None = None
+class Proc(benchlib.Proc):
     subreaper: bool = False       # stop its descendants first (sshd)
 
     def start(self, env: dict[str, str] | None = None, stdin: str | None = None,
@@ -138,24 +127,8 @@ class Proc:
             log = stack.enter_context(open(self.log_path, "ab"))
             fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
             fout = stack.enter_context(open(stdout, "wb")) if stdout else log
-            self.proc = subprocess.Popen(self.argv, stdout=fout, stderr=log, stdin=fin,
-                                         env=env, start_new_session=True)
-        _procs.append(self)
+            self._popen(stdout=fout, stderr=log, stdin=fin, env=env)
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the whole process (all its threads) so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
     def memory(self) -> dict[str, int]:
         """VmRSS and VmHWM in bytes."""
@@ -199,31 +172,9 @@ class Proc:
                                f"{self.log_tail()}")
         return usage
 
-    def stop(self) -> int | None:
-        """SIGTERM to its process group (descendants first for sshd), SIGKILL if it will
-        not go."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            if self.subreaper:
-                stop_descendants(self.pid)
-            signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                signal_group(self.pid, signal.SIGKILL)
-                self.proc.wait(STOP_TIMEOUT)
-            signal_group(self.pid, signal.SIGKILL)    # whatever it left in its group
-        if self in _procs:
-            _procs.remove(self)
-        return self.proc.returncode
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
+    def before_stop(self) -> None:
+        if self.subreaper:
+            stop_descendants(self.pid)
 
 
 def descendants(pid: int) -> list[int]:
@@ -255,23 +206,6 @@ def stop_descendants(pid: int) -> None:
             time.sleep(0.02)
         if not descendants(pid):
             return
-
-
-_procs: list[Proc] = []
-_paths: list[str] = []       # files and directories to remove at the end
-
-
-def cleanup() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # a second Ctrl-C must not
-        signal.signal(sig, signal.SIG_IGN)                      # leave things behind
-    for p in reversed(list(_procs)):          # newest first; breqd (started first) last
-        try:
-            p.stop()
-        except Exception as exc:              # keep going: the rest must still be stopped
-            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
-    for path in reversed(_paths):
-        remove(path)
-    _paths.clear()
 
 
 # -- files -------------------------------------------------------------------------------
@@ -497,42 +431,6 @@ def copy_tree(sources: Iterable[str], dest: str, budget: int) -> dict:
 
 # -- readiness ---------------------------------------------------------------------------
 
-def start_notified(p: Proc, tmp: str, want: str | None = None) -> tuple[Proc, list[str]]:
-    """Start a bmig daemon and wait for READY=1 (and a notification matching ``want``)
-    on a private NOTIFY_SOCKET; returns the notifications."""
-    notify_path = os.path.join(tmp, f"notify-{p.label}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(notify_path)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notes: list[str] = []
-    try:
-        p.start(child_env(NOTIFY_SOCKET=notify_path))
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            text = "\n".join(notes)
-            if "READY=1" in text.split("\n") and (want is None or re.search(want, text)):
-                return p, notes
-            if not p.alive():
-                raise RuntimeError(f"{p.label} exited with {p.proc.returncode}:\n"
-                                   f"{p.log_tail()}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
-                                   f"{p.log_tail()}")
-            notify.settimeout(min(left, 0.2))
-            with contextlib.suppress(socket.timeout):
-                notes.append(notify.recv(4096).decode(errors="replace"))
-    finally:
-        notify.close()
-        os.unlink(notify_path)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
-    return dict(os.environ, PYTHONUNBUFFERED="1", **extra, PYTHONPATH=path)
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -617,7 +515,8 @@ class Bench:
         p = Proc("breqd", [*BREQD, "--state-dir", self.path("breqd-state"), "--config-dir",
                            self.path("devices.d"), "--control", self.control],
                  self.path("breqd.log"))
-        self.breqd, _ = start_notified(p, self.work)
+        start_notified(p, self.work, child_env())
+        self.breqd = p
 
     def bmigrate(self, *args: str, timeout: float = 120.0) -> str:
         """A short bmigrate command (track add, set-dirty); its stdout."""
@@ -643,8 +542,8 @@ class Bench:
         for export, path in exports.items():
             argv += ["--target", f"{export}={path}"]
         pattern = r"STATUS=listening on 127\.0\.0\.1:(\d+)"
-        p, notes = start_notified(Proc(label, argv, self.path(f"{label}.log")), self.work,
-                                  pattern)
+        p = Proc(label, argv, self.path(f"{label}.log"))
+        notes = start_notified(p, self.work, child_env(), pattern)
         port = int(re.search(pattern, "\n".join(notes)).group(1))
         return Receiver(p, port, dict(exports))
 
@@ -874,7 +773,7 @@ def record(out: dict, case: str, variant: str, peer: str, rnd: int, r: dict,
 def random_source(b: Bench, key: str, size: int) -> str:
     if key not in b.sources:
         path = b.path(f"{key}.img")
-        _paths.append(path)
+        PATHS.append(path)
         t0 = time.monotonic()
         write_random(path, size)
         print(f"  made {os.path.basename(path)}: {size / MiB:,.0f} MiB from os.urandom in "
@@ -919,7 +818,7 @@ def case1(b: Bench, out: dict) -> None:
     try:
         for name, d, mode in variants:
             target = exports[f"c1-{name}"]
-            _paths.append(target)
+            PATHS.append(target)
             info["variants"][name] = {"dir": d, "fs": fs_type(d), "target_file": mode}
             print(f"case 1/{name}: {size / MiB:,.0f} MiB of random data into {d} "
                   f"({fs_type(d)}), target file {mode}", flush=True)
@@ -945,7 +844,7 @@ def case1(b: Bench, out: dict) -> None:
 def build_image(b: Bench, size: int) -> tuple[str, dict]:
     files = b.path("image-files")
     image = b.path("ext4.img")
-    _paths.extend([files, image])
+    PATHS.extend([files, image])
     budget = int(size * IMAGE_DATA_FRACTION)
     t0 = time.monotonic()
     copied = copy_tree(IMAGE_SOURCES, files, budget)
@@ -979,7 +878,7 @@ def case2(b: Bench, out: dict) -> None:
     image, info = build_image(b, size)
     b.track("c2", image)
     target = os.path.join(b.tdir, "c2.img")
-    _paths.append(target)
+    PATHS.append(target)
     mode = target_mode(args, b.tdir)
     out["case2"] = {"size": size, "image": info, "dir": b.tdir, "fs": fs_type(b.tdir),
                     "target_file": mode}
@@ -1085,7 +984,7 @@ def case3(b: Bench, out: dict) -> None:
     src = random_source(b, "random", size)
     b.track("c3", src)
     target = os.path.join(b.tdir, "c3.img")
-    _paths.append(target)
+    PATHS.append(target)
     mode = target_mode(args, b.tdir)
     chunks = size // CHUNK
     info = out["case3"] = {"size": size, "chunks": chunks, "dir": b.tdir,
@@ -1123,7 +1022,7 @@ def case4(b: Bench, out: dict) -> None:
     src = random_source(b, "ssh-random", size)
     b.track("c4", src)
     target = os.path.join(b.tdir, "c4.img")
-    _paths.append(target)
+    PATHS.append(target)
     sshd = start_sshd(b)
     breceive = os.path.join(os.path.dirname(sys.executable), "breceive")
     remote = (shlex.quote(breceive) if os.access(breceive, os.X_OK)
@@ -1163,7 +1062,7 @@ def case5(b: Bench, out: dict) -> None:
     args = b.args
     small = random_source(b, "mem-1g", MEM_DATA_SIZE)
     sparse = b.path("mem-64g.img")
-    _paths.append(sparse)
+    PATHS.append(sparse)
     pieces = MEM_DATA_SIZE // MEM_PIECE
     sparse_size = args.sparse_size
     stride = sparse_size // pieces
@@ -1180,7 +1079,7 @@ def case5(b: Bench, out: dict) -> None:
     b.track("m1", small)
     b.track("m64", sparse)
     targets = {"m1": os.path.join(b.tdir, "m1.img"), "m64": os.path.join(b.tdir, "m64.img")}
-    _paths.extend(targets.values())
+    PATHS.extend(targets.values())
     info = out["case5"] = {"data": MEM_DATA_SIZE, "sparse_size": sparse_size,
                            "piece": MEM_PIECE, "stride": stride, "dir": b.tdir,
                            "fs": fs_type(b.tdir), "target_file": "fresh"}
@@ -1579,9 +1478,7 @@ def main() -> int:
     if problem:
         print(f"bench/sync.py: {problem}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, signal.default_int_handler)   # even if started with it ignored
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
@@ -1600,14 +1497,14 @@ def main() -> int:
     code = 0
     try:
         work = tempfile.mkdtemp(prefix="bmig-bench-sync-", dir=args.work_root)
-        _paths.insert(0, work)
+        PATHS.insert(0, work)
         tdir = work if args.target_root == args.work_root else tempfile.mkdtemp(
             prefix="bmig-bench-sync-", dir=args.target_root)
-        _paths.insert(1, tdir)
+        PATHS.insert(1, tdir)
         shm = tempfile.mkdtemp(prefix="bmig-bench-sync-", dir=args.shm) \
             if args.shm and "1" in args.cases else None
         if shm:
-            _paths.insert(2, shm)
+            PATHS.insert(2, shm)
         out.update(work_dir=work, target_dir=tdir, target_fs=fs_type(tdir), shm_dir=shm)
         b = Bench(args, work, tdir, shm)
         b.secret = b.path("secret")
