@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
 
+from bmig.nbd.client import NbdClient, NbdError
 from tests.daemon import Daemon, wait_until
 
 TOOL_TIMEOUT = 60
@@ -121,3 +125,49 @@ class NbdFuse:
                 self.proc.wait(timeout=TOOL_TIMEOUT)
         if self.proc.stderr:
             self.proc.stderr.close()
+
+
+class Writer(threading.Thread):
+    """Random writes through an NBD export, paced at ``per_second`` writes of ``block``
+    bytes, into [low, high). A refused write (after the handover) ends it and is kept in
+    ``refused``; any other failure in ``error``."""
+
+    def __init__(self, uri: str, per_second: int, size: int, block: int = 4096,
+                 seed: int = 3, low: int = 0, high: int | None = None):
+        super().__init__(daemon=True)
+        self.uri, self.per_second, self.block = uri, per_second, block
+        self.low, self.high = low, size if high is None else high
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.writes = 0
+        self.refused: NbdError | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with NbdClient.connect(self.uri, timeout=60) as client:
+                started = time.monotonic()
+                blocks = (self.high - self.low) // self.block
+                while not self.stop.is_set():
+                    offset = self.low + self.rng.randrange(blocks) * self.block
+                    try:
+                        client.pwrite(self.rng.randbytes(self.block), offset)
+                    except NbdError as exc:
+                        if not exc.from_server:
+                            raise
+                        self.refused = exc
+                        return
+                    self.writes += 1
+                    ahead = self.writes / self.per_second - (time.monotonic() - started)
+                    if ahead > 0:                 # pacing the workload, not synchronising
+                        self.stop.wait(ahead)
+                client.flush()
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=60)
+        assert not self.is_alive(), "the writer did not stop"
+        assert self.error is None, repr(self.error)
+        assert self.writes > 0, "the writer wrote nothing"

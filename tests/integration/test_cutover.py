@@ -34,7 +34,7 @@ import pytest
 from bmig.nbd.client import NbdClient, NbdError
 from tests.conftest import BreqdInstance
 from tests.daemon import Daemon, breqd_argv, wait_until
-from tests.integration.nbd_helpers import NbdFuse, nbd_argv, require, start_nbd, tool
+from tests.integration.nbd_helpers import NbdFuse, Writer, nbd_argv, require, start_nbd, tool
 from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate, digest,  # noqa: F401
                                             error_lines, json_lines, receivers, same_bytes,
                                             start_receiver, summary_of, sync)
@@ -44,51 +44,6 @@ CUTOVER_TIMEOUT = 120
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-class Writer(threading.Thread):
-    """Random writes through an NBD export, paced at ``per_second`` writes of ``block``
-    bytes, into [low, high). A refused write (after the handover) ends it and is kept in
-    ``refused``; any other failure in ``error``."""
-
-    def __init__(self, uri: str, per_second: int, size: int, block: int = 4096,
-                 seed: int = 3, low: int = 0, high: int | None = None):
-        super().__init__(daemon=True)
-        self.uri, self.per_second, self.block = uri, per_second, block
-        self.low, self.high = low, size if high is None else high
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.writes = 0
-        self.refused: NbdError | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with NbdClient.connect(self.uri, timeout=60) as client:
-                started = time.monotonic()
-                blocks = (self.high - self.low) // self.block
-                while not self.stop.is_set():
-                    offset = self.low + self.rng.randrange(blocks) * self.block
-                    try:
-                        client.pwrite(self.rng.randbytes(self.block), offset)
-                    except NbdError as exc:
-                        if not exc.from_server:
-                            raise
-                        self.refused = exc
-                        return
-                    self.writes += 1
-                    ahead = self.writes / self.per_second - (time.monotonic() - started)
-                    if ahead > 0:                 # pacing the workload, not synchronising
-                        self.stop.wait(ahead)
-                client.flush()
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.join(timeout=60)
-        assert not self.is_alive(), "the writer did not stop"
-        assert self.error is None, repr(self.error)
-
 
 class SlowRelay(Relay):
     """The relay of tests.relay, with what goes upstream paced to ``rate`` bytes per

@@ -10,50 +10,13 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import time
 
 from bmig.nbd.client import NbdClient
-from tests.integration.nbd_helpers import start_nbd
+from tests.integration.nbd_helpers import Writer, start_nbd
 from tests.integration.sync_helpers import (MiB, receivers, same_bytes,  # noqa: F401
                                             start_receiver, sync)
 
 SIZE = 64 * MiB
-
-
-class Writer(threading.Thread):
-    """Random writes through the NBD export, ``per_second`` of ``block`` bytes."""
-
-    def __init__(self, uri: str, per_second: int, block: int = 4096, seed: int = 3,
-                 size: int = SIZE):
-        super().__init__(daemon=True)
-        self.size = size
-        self.uri, self.per_second, self.block = uri, per_second, block
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.writes = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with NbdClient.connect(self.uri, timeout=60) as client:
-                started = time.monotonic()
-                while not self.stop.is_set():
-                    offset = self.rng.randrange(self.size // self.block) * self.block
-                    client.pwrite(self.rng.randbytes(self.block), offset)
-                    self.writes += 1
-                    ahead = self.writes / self.per_second - (time.monotonic() - started)
-                    if ahead > 0:                 # pacing the workload, not synchronising
-                        self.stop.wait(ahead)
-                client.flush()
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.join(timeout=60)
-        assert self.error is None, self.error
-        assert self.writes > 0
 
 
 def test_sync_under_live_writes_then_a_last_pass_is_identical(breqd, tmp_path, receivers):
@@ -63,7 +26,7 @@ def test_sync_under_live_writes_then_a_last_pass_is_identical(breqd, tmp_path, r
     receivers.append(r)
     with open(server.backing, "r+b") as f:          # some data to begin with
         f.write(random.Random(1).randbytes(16 * MiB))
-    writer = Writer(server.uri, per_second=400)
+    writer = Writer(server.uri, per_second=400, size=SIZE)
     writer.start()
     args = ["d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
             r.secret_file, "--json"]
