@@ -39,8 +39,9 @@ def test_the_kernel_tests_pass_in_a_throw_away_kernel():
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (make deb-deps, as root)")
     done = subprocess.run(
-        [SCRIPT, "-b", chosen, "-t", str(GUEST_TIMEOUT), "--", sys.executable, "-m", "pytest",
-         "-q", "-rs", "--color=no", "-p", "no:cacheprovider", "tests/kernel"],
+        # -w: the checkout itself, which the guest would not see under its fresh /tmp.
+        [SCRIPT, "-b", chosen, "-t", str(GUEST_TIMEOUT), "-w", ROOT, "--", sys.executable,
+         "-m", "pytest", "-q", "-rs", "--color=no", "-p", "no:cacheprovider", "tests/kernel"],
         cwd=ROOT, capture_output=True, text=True, timeout=GUEST_TIMEOUT + 60,
         stdin=subprocess.DEVNULL)
     output = done.stdout + done.stderr
