@@ -31,6 +31,11 @@ MAX_HELD_RUNS = 1 << 18
 HOLD_IDLE = 2.0
 HOLD_IDLE_SWEEPS = 4
 
+# Synchronous replication (bmigrate replicate, bmig-nbd): what a write's reply waits for,
+# and what happens when the target fails (bmigrate(1) has both in full).
+REPLICATION_PROTOCOLS = ("A", "B", "C")
+REPLICATION_POLICIES = ("degrade", "block")
+
 DEFAULT_STATE_DIR = "/var/lib/bmig"
 DEFAULT_CONFIG_DIR = "/etc/bmig/devices.d"
 DEFAULT_CONTROL_SOCKET = "/run/bmig/breqd.sock"

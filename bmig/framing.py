@@ -6,11 +6,14 @@ checked against the cap before anything is allocated.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
+from typing import TYPE_CHECKING
 
 from bmig.errors import FrameTooLarge, ProtocolError
+
+if TYPE_CHECKING:
+    import asyncio
 
 LENGTH = struct.Struct("<I")
 
@@ -28,6 +31,8 @@ def _check(length: int, cap: int) -> None:
 
 async def read_frame(reader: asyncio.StreamReader, cap: int) -> bytes:
     """Read one frame body; ConnectionClosed at a clean end of stream."""
+    import asyncio      # here: the command-line tools use only the blocking half (~14 ms)
+
     try:
         head = await reader.readexactly(LENGTH.size)
     except asyncio.IncompleteReadError as exc:

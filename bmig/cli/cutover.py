@@ -12,9 +12,8 @@ from bmig import log as bmig_log
 from bmig.cli.common import control_option, json_option
 from bmig.cli.replicate import manage_dir_option, replica_options
 from bmig.cli.sync import build, connection_options
-from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.nbd.layers.replicate import POLICIES
-from bmig.nbd.replica import PROTOCOLS
+from bmig.constants import (DEFAULT_RECEIVER_STATE_DIR, REPLICATION_POLICIES,
+                            REPLICATION_PROTOCOLS)
 from bmig.errors import HookFailed
 from bmig.sender.cutover import Cutover, CutoverSettings
 
@@ -61,9 +60,11 @@ def json_report(event: dict) -> None:
               help="With --verify: compare this fraction of the chunks, chosen at random.")
 @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True,
               metavar="SECONDS", help="How long the drain may take (step 2).")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="C", show_default=True,
+@click.option("--protocol", type=click.Choice(REPLICATION_PROTOCOLS), default="C",
+              show_default=True,
               help="Replication protocol while draining.")
-@click.option("--policy", type=click.Choice(POLICIES), default="degrade", show_default=True,
+@click.option("--policy", type=click.Choice(REPLICATION_POLICIES), default="degrade",
+              show_default=True,
               help="If the target fails while draining: back to tracking only, or fail "
                    "writes with EIO (the cutover stops either way).")
 @click.option("--keep-writable", is_flag=True,

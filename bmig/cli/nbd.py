@@ -20,7 +20,8 @@ from bmig.lineage import ROLE_HANDED_OVER, parse_id
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
 from bmig.nbd.layers.track import DEFAULT_HOLD_LIMIT, TrackLayer
-from bmig.nbd.manage import DEFAULT_MANAGE_DIR, Managed, ManageServer
+from bmig.nbd.manage import Managed, ManageServer
+from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.nbd.server import Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.aclient import AsyncTrackerClient

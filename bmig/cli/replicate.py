@@ -9,10 +9,9 @@ import click
 
 from bmig.cli.common import json_option, print_json
 from bmig.cli.sync import CONNECTION_KEYS, connection_options
+from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import ConfigError
-from bmig.nbd.manage import DEFAULT_MANAGE_DIR, ManageClient
-from bmig.nbd.replica import PROTOCOLS
-from bmig.nbd.layers.replicate import POLICIES
+from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR, ManageClient
 
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "known_hosts", "identity")
 
@@ -46,10 +45,12 @@ def describe(status: dict) -> str:
 @click.argument("name")
 @click.option("--to", "to", metavar="URL",
               help="breceive to replicate to: tcp://, tls:// or ssh:// (as for sync).")
-@click.option("--protocol", type=click.Choice(PROTOCOLS), default="C", show_default=True,
+@click.option("--protocol", type=click.Choice(REPLICATION_PROTOCOLS), default="C",
+              show_default=True,
               help="C: a write returns once written on both sides; B: once the target has "
                    "received it; A: once queued for sending.")
-@click.option("--policy", type=click.Choice(POLICIES), default="degrade", show_default=True,
+@click.option("--policy", type=click.Choice(REPLICATION_POLICIES), default="degrade",
+              show_default=True,
               help="When the target fails: back to tracking only, or fail writes with EIO.")
 @click.option("--stop", is_flag=True, help="Stop replicating: tracking only again.")
 @click.option("--status", "show", is_flag=True, help="Only say what bmig-nbd does now.")

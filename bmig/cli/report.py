@@ -11,13 +11,14 @@ import json
 import sys
 import threading
 import time
-from typing import Any, TextIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, TextIO
 
 from bmig.cli.common import human_bytes
 from bmig.sender.converge import Reporter, Summary
 from bmig.sender.passes import PassResult
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 PROGRESS_EVERY = 1.0       # seconds between JSON progress events
 
@@ -39,6 +40,8 @@ class TextReporter(Reporter):
 
     def pass_started(self, number: int, dirty: int) -> None:
         if self.bar_enabled:
+            from tqdm import tqdm        # on a terminal only: its import costs ~12 ms
+
             with self._lock:
                 self._bar = tqdm(total=dirty, unit="B", unit_scale=True, unit_divisor=1024,
                                  desc=f"{self.name} pass {number}", file=self.stream,

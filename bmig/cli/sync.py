@@ -23,7 +23,7 @@ from bmig.cli.report import JsonReporter, TextReporter
 from bmig.config import load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
 from bmig.errors import EXIT_OK, ConfigError
-from bmig.nbd.manage import DEFAULT_MANAGE_DIR
+from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.targets import ConnectOptions

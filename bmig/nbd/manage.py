@@ -29,16 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from bmig import __version__
+from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
-from bmig.nbd.layers.replicate import POLICIES, ControlLayer, ReplicateLayer
-from bmig.nbd.replica import PROTOCOLS, open_replica
+from bmig.nbd.manage_client import MANAGE_VERSION, MAX_MANAGE_FRAME, socket_path
+from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
+from bmig.nbd.replica import open_replica
 
 log = logging.getLogger("bmig-nbd")
-
-MANAGE_VERSION = 1
-MAX_MANAGE_FRAME = 64 * 1024
-DEFAULT_MANAGE_DIR = "/run/bmig/nbd"
 
 
 @dataclass
@@ -50,10 +48,6 @@ class Managed:
     control: ControlLayer
     replicate: ReplicateLayer
     source: Any             # bmig.sender.targets.SourceInfo, from breqd
-
-
-def socket_path(directory: str, device: str) -> str:
-    return os.path.join(directory, device + ".sock")
 
 
 class ManageServer:
@@ -176,10 +170,10 @@ class ManageServer:
         policy = request.get("policy", "degrade")
         if not isinstance(url, str):
             raise ProtocolError("replicate needs a url")
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
-        if policy not in POLICIES:
-            raise ConfigError(f"policy {policy!r}: one of {', '.join(POLICIES)}")
+        if protocol not in REPLICATION_PROTOCOLS:
+            raise ConfigError(f"protocol {protocol!r}: one of {', '.join(REPLICATION_PROTOCOLS)}")
+        if policy not in REPLICATION_POLICIES:
+            raise ConfigError(f"policy {policy!r}: one of {', '.join(REPLICATION_POLICIES)}")
         o = request.get("options", {})
         if not isinstance(o, dict):
             raise ProtocolError("options must be an object")
@@ -197,54 +191,3 @@ class ManageServer:
         loop = asyncio.get_running_loop()
         replica = await asyncio.to_thread(open_replica, url, options, m.source, protocol, loop)
         m.replicate.start(replica, policy)
-
-
-class ManageClient:
-    """The blocking client bmigrate uses; one request at a time."""
-
-    def __init__(self, directory: str, device: str, timeout: float = 120.0):
-        import socket
-
-        from bmig.errors import UnreachableError
-
-        self.path = socket_path(directory, device)
-        self.device = device
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise UnreachableError(f"no bmig-nbd serves {device} ({self.path}: "
-                                   f"{exc.strerror or exc}); start it, or give "
-                                   "--manage-dir") from None
-        self._sock = sock
-        self.hello = self.call("hello", version=MANAGE_VERSION)
-
-    def call(self, op: str, **fields: Any) -> dict:
-        from bmig.errors import UnreachableError, from_wire
-        from bmig.framing import recv_frame
-
-        try:
-            self._sock.sendall(pack_frame(json.dumps({"op": op, **fields}).encode()))
-            reply = json.loads(recv_frame(self._sock, MAX_MANAGE_FRAME))
-        except (OSError, ConnectionClosed) as exc:
-            raise UnreachableError(f"lost bmig-nbd at {self.path}: {exc}") from None
-        except ValueError as exc:
-            raise ProtocolError(f"bmig-nbd at {self.path} answered something else: {exc}") \
-                from None
-        if not isinstance(reply, dict):
-            raise ProtocolError(f"bmig-nbd at {self.path} answered something else")
-        if not reply.get("ok"):
-            raise from_wire(str(reply.get("code", "error")),
-                            f"bmig-nbd: {reply.get('message', 'failed')}")
-        return reply
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> "ManageClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

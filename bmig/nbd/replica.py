@@ -31,13 +31,13 @@ import queue
 import threading
 from typing import Any
 
+from bmig.constants import REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, UnreachableError
 from bmig.wire import codec
 from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, MAX_DATA
 
 log = logging.getLogger("bmig-nbd")
 
-PROTOCOLS = ("A", "B", "C")
 QUEUE_BYTES = 64 * 1024 * 1024        # protocol A: bytes queued before writers wait
 FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
 _DURABLE, _WRITTEN, _RECEIVED, _SENT = "durable", "written", "received", "sent"
@@ -45,7 +45,7 @@ _DURABLE, _WRITTEN, _RECEIVED, _SENT = "durable", "written", "received", "sent"
 
 class Replica:
     def __init__(self, target: Any, protocol: str, loop: asyncio.AbstractEventLoop):
-        if protocol not in PROTOCOLS:
+        if protocol not in REPLICATION_PROTOCOLS:
             raise ValueError(protocol)
         self.target = target
         self.protocol = protocol

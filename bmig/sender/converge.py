@@ -278,7 +278,7 @@ class Migration:
         is where ``manage_dir`` says (None otherwise)."""
         if self.settings.manage_dir is None:
             return None
-        from bmig.nbd.manage import ManageClient
+        from bmig.nbd.manage_client import ManageClient
 
         try:
             with ManageClient(self.settings.manage_dir, self.name, timeout=5) as nbd:

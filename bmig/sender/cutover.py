@@ -28,7 +28,7 @@ from typing import Any, Callable
 from bmig.errors import BmigError, HookFailed, NotConverged, VerifyFailed
 from bmig.lineage import (ROLE_HANDED_OVER, STATE_CONSISTENT, TargetRecord, hex_id,
                           new_generation, save_target)
-from bmig.nbd.manage import ManageClient
+from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
 from bmig.sender.verify import verify
 

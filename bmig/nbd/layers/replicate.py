@@ -19,14 +19,12 @@ import errno
 import logging
 from typing import Callable
 
+from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
 from bmig.nbd.layers.base import Layer
 from bmig.nbd.replica import Replica
 
 log = logging.getLogger("bmig-nbd")
-
-POLICIES = ("degrade", "block")
-
 
 class ReplicateLayer(Layer):
     def __init__(self, inner: Layer, name: str):
@@ -62,7 +60,7 @@ class ReplicateLayer(Layer):
     # -- switching -------------------------------------------------------------------
 
     def start(self, replica: Replica, policy: str) -> None:
-        if policy not in POLICIES:
+        if policy not in REPLICATION_POLICIES:
             raise ValueError(policy)
         if self.replica is not None:
             self.replica.close()
