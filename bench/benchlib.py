@@ -18,11 +18,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 60.0         # seconds a daemon gets to say READY=1
 STOP_TIMEOUT = 15.0          # seconds a process gets after SIGTERM, then SIGKILL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
+BMIGRATE = [sys.executable, "-c", "from bmig.cli.main import main; main()"]
 
 RUNNING: list["Proc"] = []   # started and not stopped yet, oldest first
 PATHS: list[str] = []        # files and directories to remove at the end
@@ -169,6 +173,40 @@ def start_notified(p: Proc, tmp: str, env: dict[str, str],
     finally:
         notify.close()
         os.unlink(notify_path)
+
+
+def start_breqd(directory: str, control: str) -> Proc:
+    """A breqd with its state, config directory and log in ``directory``, ready."""
+    p = Proc("breqd", [*BREQD, "--state-dir", os.path.join(directory, "breqd-state"),
+                       "--config-dir", os.path.join(directory, "devices.d"),
+                       "--control", control], os.path.join(directory, "breqd.log"))
+    start_notified(p, directory, child_env())
+    return p
+
+
+def run_bmigrate(env: dict[str, str], *args: str, timeout: float = 120.0) -> str:
+    """A short bmigrate command (track, replicate, set-dirty); its stdout."""
+    done = subprocess.run([*BMIGRATE, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bmigrate {' '.join(args)} failed ({done.returncode}): "
+                           f"{done.stderr.strip()}")
+    return done.stdout
+
+
+def table(headers: list[str], rows: list[list], fmt: Callable[[Any], str] = str,
+          left: int = 1) -> str:
+    """Columns padded to their widest cell, the first ``left`` of them left-justified,
+    a rule under the headers; ``fmt`` renders each cell."""
+    cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append("  ".join(v.ljust(w) if i < left else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def cleanup() -> None:

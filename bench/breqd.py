@@ -24,6 +24,7 @@ directory that is removed at the end, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchlib import Interrupted, loadavg  # noqa: E402
+import benchlib  # noqa: E402
+from benchlib import Interrupted, fs_type, loadavg  # noqa: E402
 from bmig.constants import MAX_RANGES_PER_FRAME, KiB, MiB, TiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
@@ -70,24 +72,6 @@ def cleanup() -> None:
     _workers.clear()
     for daemon in list(_daemons):
         daemon.stop()
-
-
-def fs_type(path: str) -> str:
-    """File system type of the mount holding ``path`` (from /proc/self/mountinfo)."""
-    path = os.path.realpath(path)
-    best, kind = "", "?"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                mount_point = parts[4].replace("\\040", " ")
-                fstype = parts[parts.index("-") + 1]
-                if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) \
-                        and len(mount_point) >= len(best):
-                    best, kind = mount_point, fstype
-    except OSError:
-        pass
-    return kind
 
 
 # -- breqd as a subprocess ---------------------------------------------------------------
@@ -610,17 +594,6 @@ def section_d(args, out: dict) -> None:
 
 # -- report ----------------------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(v.rjust(w) for v, w in zip(r, widths)))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "NO"
@@ -629,6 +602,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
     return "-" if v is None else str(v)
+
+
+table = functools.partial(benchlib.table, fmt=_fmt, left=0)
 
 
 def report(out: dict) -> str:

@@ -26,6 +26,7 @@ Nothing here touches breqd: the classes are used directly, in a temporary direct
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+import benchlib  # noqa: E402
 from benchlib import Interrupted  # noqa: E402
 from bmig.constants import DEFAULT_CHUNK_SIZE, MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
@@ -333,12 +335,7 @@ def _xs(amp: dict) -> str:
 
 # -- report ----------------------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(h).rjust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+table = functools.partial(benchlib.table, left=0)
 
 
 def report(out: dict) -> str:

@@ -33,6 +33,7 @@ group) and every file and directory this script made is removed.
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import json
 import os
@@ -53,16 +54,15 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
-from benchlib import (PATHS, Interrupted, child_env, cleanup, fs_type, git_head,  # noqa: E402
-                      install_signal_handlers, loadavg, remove, source_digest,
-                      start_notified, tool_version)
+from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type, git_head,  # noqa: E402
+                      install_signal_handlers, Interrupted, loadavg, remove,
+                      run_bmigrate, source_digest, start_breqd, start_notified,
+                      tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 
-BMIGRATE = [sys.executable, "-c", "from bmig.cli.main import main; main()"]
-BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
 BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 BMIG_NBD = [sys.executable, "-c", "from bmig.cli.nbd import main; main()"]
 
@@ -194,21 +194,11 @@ class Bench:
             return c.stats(name)
 
     def start_breqd(self) -> None:
-        p = Proc("breqd", [*BREQD, "--state-dir", self.path("breqd-state"), "--config-dir",
-                           self.path("devices.d"), "--control", self.control],
-                 self.path("breqd.log"))
-        start_notified(p, self.tmp, child_env())
-        self.breqd = p
+        self.breqd = start_breqd(self.tmp, self.control)
 
     def bmigrate(self, *args: str, timeout: float = 120.0) -> str:
         """A short bmigrate command (track, replicate); its stdout."""
-        done = subprocess.run([*BMIGRATE, *args], env=self.env(), capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              start_new_session=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"bmigrate {' '.join(args)} failed ({done.returncode}): "
-                               f"{done.stderr.strip()}")
-        return done.stdout
+        return run_bmigrate(self.env(), *args, timeout=timeout)
 
     def start_nbd(self, name: str, backing: str) -> tuple[Proc, str]:
         """bmig-nbd serving ``backing`` as device and export ``name``; (proc, socket)."""
@@ -696,18 +686,6 @@ def latency_ratios(summary: list[dict], runs: list[dict]) -> list[dict]:
 
 # -- report ------------------------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "yes" if v else "NO"
@@ -716,6 +694,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
     return "-" if v is None else str(v)
+
+
+table = functools.partial(benchlib.table, fmt=_fmt, left=1)
 
 
 def _mmm(s: dict | None, digits: int = 3) -> list:

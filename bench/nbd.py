@@ -33,6 +33,7 @@ was killed from outside between or during runs is restarted and the run done aga
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -48,9 +49,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from benchlib import (PATHS, START_TIMEOUT, Interrupted, Proc, child_env,  # noqa: E402
-                      cleanup, git_head, install_signal_handlers, loadavg, source_digest,
-                      start_notified, tool_version)
+import benchlib  # noqa: E402
+from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup, git_head,  # noqa: E402
+                      install_signal_handlers, Interrupted, loadavg, Proc,
+                      source_digest, start_notified, tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -156,12 +158,7 @@ class Setup:
 
 
 def start_breqd(setup: Setup) -> Proc:
-    state, config = os.path.join(setup.tmp, "state"), os.path.join(setup.tmp, "devices.d")
-    p = Proc("breqd", [sys.executable, "-c", "from bmig.cli.breqd import main; main()",
-                       "--state-dir", state, "--config-dir", config,
-                       "--control", setup.control],
-             os.path.join(setup.tmp, "breqd.log"))
-    start_notified(p, setup.tmp, child_env())
+    p = benchlib.start_breqd(setup.tmp, setup.control)
     with setup.tracker() as c:
         if DEVICE not in {d.get("name") for d in c.list_devices()}:
             c.add_device(DEVICE, setup.size)
@@ -402,24 +399,15 @@ def ratios(summary: list[dict], runs: list[dict]) -> list[dict]:
 
 # -- report ----------------------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _fmt(v) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     if isinstance(v, float):
         return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
     return "-" if v is None else str(v)
+
+
+table = functools.partial(benchlib.table, fmt=_fmt, left=1)
 
 
 def _span(lo: float, hi: float, digits: int = 0) -> str:

@@ -40,6 +40,7 @@ and is stopped at the end, also on Ctrl-C, SIGTERM or an error; every file goes 
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import glob
 import hashlib
@@ -68,9 +69,10 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
-from benchlib import (PATHS, START_TIMEOUT, STOP_TIMEOUT, Interrupted,  # noqa: E402
-                      child_env, cleanup, fs_type, git_head, install_signal_handlers,
-                      loadavg, remove, signal_group, source_digest, start_notified)
+from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  # noqa: E402
+                      cleanup, fs_type, git_head, install_signal_handlers, Interrupted, loadavg,
+                      remove, run_bmigrate, signal_group, source_digest, start_breqd,
+                      start_notified)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -102,8 +104,6 @@ def _tool(name: str) -> str | None:
     return shutil.which(name) or (here if os.access(here, os.X_OK) else None)
 
 
-BMIGRATE = [sys.executable, "-c", "from bmig.cli.main import main; main()"]
-BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
 BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 
 CASES = {
@@ -512,21 +512,11 @@ class Bench:
 
     # breqd and devices
     def start_breqd(self) -> None:
-        p = Proc("breqd", [*BREQD, "--state-dir", self.path("breqd-state"), "--config-dir",
-                           self.path("devices.d"), "--control", self.control],
-                 self.path("breqd.log"))
-        start_notified(p, self.work, child_env())
-        self.breqd = p
+        self.breqd = start_breqd(self.work, self.control)
 
     def bmigrate(self, *args: str, timeout: float = 120.0) -> str:
         """A short bmigrate command (track add, set-dirty); its stdout."""
-        done = subprocess.run([*BMIGRATE, *args], env=self.env(), capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              start_new_session=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"bmigrate {' '.join(args)} failed ({done.returncode}): "
-                               f"{done.stderr.strip()}")
-        return done.stdout
+        return run_bmigrate(self.env(), *args, timeout=timeout)
 
     def track(self, name: str, path: str) -> None:
         if name not in self.devices:
@@ -1227,18 +1217,6 @@ def ratios(summary: list[dict], runs: list[dict], out: dict) -> list[dict]:
 
 # -- report ----------------------------------------------------------------------------
 
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, r in enumerate(cells):
-        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return str(v)
@@ -1247,6 +1225,9 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
     return "-" if v is None else str(v)
+
+
+table = functools.partial(benchlib.table, fmt=_fmt, left=2)
 
 
 def _mib(v) -> float | None:
