@@ -281,8 +281,10 @@ class TrackLayer(Layer):
             victims = [c for c, hold in held.items()
                        if hold.seen < oldest and c not in busy
                        and (durable is None or hold.tainted or hold.pending <= durable)]
-        synced = [c for c in victims if self._settled(c)]
-        plain = [c for c in victims if not self._settled(c)]
+        synced: list[int] = []
+        plain: list[int] = []
+        for c in victims:
+            (synced if self._settled(c) else plain).append(c)
         self._let_go(synced, True)
         self._let_go(plain, False)
 
