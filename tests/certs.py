@@ -1,8 +1,11 @@
-"""Throw-away X.509 certificates for TLS tests: a CA, a server and a client certificate.
+"""Throw-away credentials for TLS tests: X.509 certificates and TLS-PSK key files.
 
-Made with the ``cryptography`` package (paramiko needs it, so it is always installed).
-The files follow the layout GnuTLS tools (libnbd's ``tls-certificates=DIR``) expect:
-ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem.
+Certificates are made with the ``cryptography`` package (paramiko needs it, so it is
+always installed). The files follow the layout GnuTLS tools (nbdkit's and libnbd's
+``tls-certificates=DIR``, qemu's ``tls-creds-x509,dir=DIR``) expect: ca-cert.pem,
+server-cert.pem, server-key.pem, client-cert.pem, client-key.pem.
+PSK files have psktool's format (``identity:hexkey``), named keys.psk as qemu's
+``tls-creds-psk,dir=DIR`` expects.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
+import shutil
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -97,3 +102,28 @@ def make_certificates(directory: str, ca_name: str = "bmig test CA") -> Certific
         _write_cert(certs.path(f"{role}-cert.pem"), cert)
         _write_key(certs.path(f"{role}-key.pem"), key)
     return certs
+
+
+def client_directory(directory: str, ca: Certificates,
+                     client: Certificates | None = None) -> str:
+    """A client's certificates directory: ``ca``'s CA certificate (to check the server)
+    and, if ``client`` is given, the client certificate and key that ``client``'s CA
+    signed (``ca`` itself, or another CA the server does not trust)."""
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(ca.ca, os.path.join(directory, "ca-cert.pem"))
+    if client is not None:
+        shutil.copy(client.client_cert, os.path.join(directory, "client-cert.pem"))
+        shutil.copy(client.client_key, os.path.join(directory, "client-key.pem"))
+        os.chmod(os.path.join(directory, "client-key.pem"), 0o600)
+    return directory
+
+
+def write_psk_file(directory: str, identity: str, key: bytes | None = None) -> str:
+    """``directory``/keys.psk (mode 0600) with one identity; a random 32-byte key unless
+    ``key`` is given. Returns the file's path."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, "keys.psk")
+    with open(path, "w") as f:
+        f.write(f"{identity}:{(key or secrets.token_bytes(32)).hex()}\n")
+    os.chmod(path, 0o600)
+    return path

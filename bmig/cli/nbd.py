@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from typing import Any
 
@@ -22,14 +23,16 @@ from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
 from bmig.nbd.layers.track import DEFAULT_HOLD_LIMIT, TrackLayer
 from bmig.nbd.manage import Managed, ManageServer
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
-from bmig.nbd.server import Export, Listen, Server, Tls
+from bmig.nbd.server import DEFAULT_UNIX_MODE, Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.aclient import AsyncTrackerClient
+from bmig.wire.transports import server_tls_context
 
 log = logging.getLogger("bmig-nbd")
 
 TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level", "track",
-            "export", "tls", "tls_cert", "tls_key", "manage_dir", "hold_chunks"}
+            "export", "tls", "tls_cert", "tls_key", "manage_dir", "hold_chunks",
+            "tls_certificates", "tls_verify_peer", "tls_client_ca", "tls_psk", "unix_mode"}
 TLS_MODES = ("require", "on", "off")
 EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
 
@@ -102,24 +105,78 @@ async def _track(opened: list[tuple[dict, FileLayer]], tracker: AsyncTrackerClie
     return exports
 
 
-def _tls(values: dict[str, Any], mode: str | None, cert: str | None,
-         key: str | None) -> Tls | None:
+def _tls(values: dict[str, Any], mode: str | None, cert: str | None, key: str | None,
+         certificates: str | None, verify_peer: bool | None, client_ca: str | None,
+         psk: str | None) -> Tls | None:
+    """TLS settings from flags over file values. Client authentication (a PSK, or
+    certificates signed by a CA) is accepted only with TLS required: offered TLS would
+    let a client skip it."""
     cert = cert or values.get("tls_cert")
     key = key or values.get("tls_key")
-    mode = mode or values.get("tls") or ("require" if cert else "off")
+    certificates = certificates or values.get("tls_certificates")
+    client_ca = client_ca or values.get("tls_client_ca")
+    psk = psk or values.get("tls_psk")
+    if verify_peer is None:
+        verify_peer = values.get("tls_verify_peer", False)
+        if not isinstance(verify_peer, bool):
+            raise ConfigError(f"tls_verify_peer = {verify_peer!r}: expected true or false")
+    crl = None
+    if certificates:
+        # nbdkit's and libnbd's layout of a certificates directory.
+        if not cert:
+            cert = os.path.join(str(certificates), "server-cert.pem")
+            key = key or os.path.join(str(certificates), "server-key.pem")
+        if verify_peer and not client_ca:
+            client_ca = os.path.join(str(certificates), "ca-cert.pem")
+            crl = os.path.join(str(certificates), "ca-crl.pem")
+            crl = crl if os.path.exists(crl) else None
+    verify_peer = verify_peer or bool(client_ca)
+    mode = mode or values.get("tls") or ("require" if cert or psk else "off")
     if mode not in TLS_MODES:
         raise ConfigError(f"tls = {mode!r}: expected one of {', '.join(TLS_MODES)}")
+    if (psk or verify_peer) and mode != "require":
+        raise ConfigError(f"--tls-psk and --tls-verify-peer authenticate clients only with "
+                          f"--tls require (the default for them), not --tls {mode}")
     if mode == "off":
         return None
+    if psk:
+        if cert or verify_peer:
+            raise ConfigError("--tls-psk replaces certificates: give either --tls-psk or "
+                              "--tls-cert/--tls-certificates, not both")
+        from bmig.nbd.psk import PskContext     # pyOpenSSL only when it is used
+        context = PskContext(str(psk))
+        return Tls(context, required=True,
+                   clients=f"clients authenticated by the {context.identities()} PSK "
+                           f"identities of {psk}")
     if not cert:
-        raise ConfigError(f"--tls {mode} needs --tls-cert FILE (and --tls-key FILE)")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(cert), str(key) if key else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS certificate {cert}: {exc}") from None
-    return Tls(context, required=mode == "require")
+        raise ConfigError(f"--tls {mode} needs --tls-cert FILE, --tls-certificates DIR or "
+                          f"--tls-psk FILE")
+    if verify_peer and not client_ca:
+        raise ConfigError("--tls-verify-peer needs the CA of the client certificates: "
+                          "--tls-client-ca FILE, or ca-cert.pem in --tls-certificates DIR")
+    context = server_tls_context(str(cert), str(key) if key else None,
+                                 str(client_ca) if client_ca else None)
+    if crl:
+        try:
+            context.load_verify_locations(crl)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the revocation list {crl}: {exc}") from None
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return Tls(context, required=mode == "require",
+               clients=(f"client certificates signed by {client_ca}" if verify_peer
+                        else "clients not authenticated"))
+
+
+def _unix_mode(value: Any, source: str) -> int:
+    """A socket mode in octal: "0660" or "660" (flag or file), 0o660 (TOML integer)."""
+    if isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,3}", value):
+        mode = int(value.removeprefix("0o"), 8)
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        mode = value
+    else:
+        raise ConfigError(f"{source} = {value!r}: expected an octal mode such as \"0660\" "
+                          f"(in TOML also 0o660)")
+    return mode
 
 
 async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClient | None,
@@ -157,6 +214,9 @@ async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClie
               help="Export name for the --device in the same position [default: the "
                    "device name].")
 @click.option("--unix", metavar="SOCK", help="Listen on this Unix socket.")
+@click.option("--unix-mode", metavar="MODE",
+              help=f"Permissions of the --unix socket, in octal [default: "
+                   f"{DEFAULT_UNIX_MODE:04o}].")
 @click.option("--tcp", metavar="HOST:PORT", help="Listen on this TCP address.")
 @click.option("--control", metavar="SOCK",
               help=f"breqd's control socket [default: {DEFAULT_CONTROL_SOCKET}].")
@@ -166,11 +226,22 @@ async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClie
 @click.option("--max-connections", type=click.IntRange(1, 10000), metavar="N",
               help="Connections served at once [default: 64].")
 @click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES),
-              help="TLS: require it, offer it, or not [default: require with --tls-cert, "
-                   "else off].")
+              help="TLS: require it, offer it, or not [default: require with a certificate "
+                   "or a PSK file, else off].")
 @click.option("--tls-cert", metavar="FILE", help="Server certificate (PEM) for TLS.")
 @click.option("--tls-key", metavar="FILE",
               help="Private key (PEM) of --tls-cert, if not in the same file.")
+@click.option("--tls-certificates", metavar="DIR",
+              help="Directory laid out as for nbdkit: server-cert.pem, server-key.pem, "
+                   "ca-cert.pem (and ca-crl.pem) for --tls-verify-peer.")
+@click.option("--tls-verify-peer", is_flag=True, default=None,
+              help="Clients must present a certificate signed by the CA (--tls-client-ca "
+                   "or ca-cert.pem of --tls-certificates).")
+@click.option("--tls-client-ca", metavar="FILE",
+              help="CA (PEM) that signs the client certificates; implies --tls-verify-peer.")
+@click.option("--tls-psk", metavar="FILE",
+              help="TLS with pre-shared keys instead of certificates: IDENTITY:HEXKEY lines "
+                   "(psktool's format); clients must know one of them.")
 @click.option("--manage-dir", metavar="DIR",
               help=f"Where DEVICE.sock, bmig-nbd's own control socket, goes (bmigrate "
                    f"replicate and cutover use it) [default: {DEFAULT_MANAGE_DIR}].")
@@ -180,11 +251,12 @@ async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClie
               help="Least severe message logged [default: info].")
 @click.version_option(__version__, prog_name="bmig-nbd")
 def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, ...],
-        export_names: tuple[str, ...], unix: str | None, tcp: str | None,
-        control: str | None, read_only: bool | None, no_track: bool | None,
+        export_names: tuple[str, ...], unix: str | None, unix_mode: str | None,
+        tcp: str | None, control: str | None, read_only: bool | None, no_track: bool | None,
         max_connections: int | None, tls_mode: str | None, tls_cert: str | None,
-        tls_key: str | None, manage_dir: str | None, hold_chunks: int | None,
-        log_level: str | None) -> None:
+        tls_key: str | None, tls_certificates: str | None, tls_verify_peer: bool | None,
+        tls_client_ca: str | None, tls_psk: str | None, manage_dir: str | None,
+        hold_chunks: int | None, log_level: str | None) -> None:
     """Serve devices over NBD and mark every write in breqd before it happens."""
     values: dict[str, Any] = _from_file(config_file) if config_file else {}
     if len(devices) != len(backings):
@@ -203,14 +275,17 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
     if not unix and not tcp and not activated:
         raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT, or start "
                           "bmig-nbd from a systemd socket unit")
-    listen = activated + ([Listen(unix=os.path.abspath(unix))] if unix else []) + \
+    mode = (_unix_mode(unix_mode, "--unix-mode") if unix_mode is not None
+            else _unix_mode(values.get("unix_mode", DEFAULT_UNIX_MODE), "unix_mode"))
+    listen = activated + ([Listen(unix=os.path.abspath(unix), unix_mode=mode)] if unix else []) + \
         ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
     bmig_log.setup(str(log_level or values.get("log_level", "info")))
     track = not (no_track if no_track is not None else not values.get("track", True))
     tracker = (AsyncTrackerClient(control or values.get("control", DEFAULT_CONTROL_SOCKET),
                                   client="bmig-nbd") if track else None)
     ro = bool(read_only if read_only is not None else values.get("read_only", False))
-    tls = _tls(values, tls_mode, tls_cert, tls_key)
+    tls = _tls(values, tls_mode, tls_cert, tls_key, tls_certificates, tls_verify_peer,
+               tls_client_ca, tls_psk)
     opened = _open_files(specs, ro)
     asyncio.run(_serve(opened, listen, int(max_connections or values.get("max_connections", 64)),
                        tracker, tls,

@@ -21,12 +21,19 @@ from typing import TYPE_CHECKING, Callable
 from bmig.errors import ProtocolError
 
 if TYPE_CHECKING:
+    from bmig.nbd.psk import PskContext
     from bmig.nbd.transmission import Transmission
 
 log = logging.getLogger("bmig-nbd")
 
 RECV_BUFFER = 512 * 1024       # parsed in place; small write payloads stay in it
 COMPACT_BELOW = 160 * 1024     # compact when less room than this is left at the end
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+class TlsHandshakeError(ConnectionError):
+    """The client's TLS handshake failed: no or a wrong certificate, an unknown PSK
+    identity or a wrong key, or no TLS at all."""
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -197,16 +204,41 @@ class Connection(asyncio.BufferedProtocol):
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        """Upgrade to TLS in place (NBD_OPT_STARTTLS, after its ACK was sent)."""
+    async def start_tls(self, context: ssl.SSLContext | PskContext) -> str:
+        """Upgrade to TLS in place (NBD_OPT_STARTTLS, after its ACK was sent): asyncio's
+        TLS for certificates, bmig.nbd.psk's for a PSK. Returns who the client proved
+        to be ("" when TLS did not authenticate it)."""
         if self.pending():
             raise ProtocolError(f"{self.peer}: data sent after NBD_OPT_STARTTLS before "
                                 "the TLS handshake")
         await self.drain()
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(self.transport, self, context, server_side=True,
-                                         ssl_handshake_timeout=30.0)
-        if transport is None:
-            raise ConnectionResetError("TLS handshake did not complete")
+        if isinstance(context, ssl.SSLContext):
+            loop = asyncio.get_running_loop()
+            try:
+                transport = await loop.start_tls(self.transport, self, context,
+                                                 server_side=True,
+                                                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            except ssl.SSLError as exc:
+                raise TlsHandshakeError(f"TLS handshake failed: {exc.reason or exc}") from None
+            if transport is None:
+                raise ConnectionResetError("TLS handshake did not complete")
+            self.transport = transport
+            return _certificate_subject(transport.get_extra_info("peercert"))
+        transport = await context.start_tls(self.transport, self)
         self.transport = transport
+        identity = transport.get_extra_info("psk_identity") or b""
+        return f"PSK identity {identity.decode(errors='replace')!r}"
+
+
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+
+
+def _certificate_subject(cert: dict | None) -> str:
+    """The client certificate's subject as one string ("" without one)."""
+    if not cert:
+        return ""
+    parts = [f"{_SHORT_NAMES.get(key, key)}={value}"
+             for rdn in cert.get("subject", ()) for key, value in rdn]
+    return "client certificate " + ",".join(parts)

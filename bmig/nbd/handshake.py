@@ -13,10 +13,9 @@ What was negotiated before the upgrade is forgotten, as the protocol asks.
 from __future__ import annotations
 
 import logging
-import ssl
 import struct
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from bmig.errors import ProtocolError
 from bmig.nbd import protocol as p
@@ -53,10 +52,12 @@ class _Invalid(Exception):
 
 class Handshake:
     def __init__(self, reader, writer, exports: Mapping[str, ExportInfo], peer: str = "?",
-                 tls: ssl.SSLContext | None = None, tls_required: bool = False,
-                 start_tls: Callable[[ssl.SSLContext], Awaitable[None]] | None = None):
+                 tls: object | None = None, tls_required: bool = False,
+                 start_tls: Callable[[Any], Awaitable[str]] | None = None):
         """``reader`` has ``readexactly``; ``writer`` has ``write`` and ``drain``
-        (asyncio streams, or a bmig.nbd.connection.Connection)."""
+        (asyncio streams, or a bmig.nbd.connection.Connection). ``tls`` is what
+        ``start_tls`` upgrades with (an ssl.SSLContext or a bmig.nbd.psk.PskContext);
+        ``start_tls`` returns who the client proved to be."""
         self._r = reader
         self._w = writer
         self._exports = exports
@@ -148,11 +149,11 @@ class Handshake:
             raise _Invalid("TLS is already active")
         assert self._tls is not None and self._start_tls is not None
         await self._reply(p.Opt.STARTTLS, p.Rep.ACK)
-        await self._start_tls(self._tls)
+        who = await self._start_tls(self._tls)
         self.tls_active = True
         self._structured = False          # forget what was negotiated in the clear
         self._meta_export, self._meta = None, {}
-        log.debug("%s: TLS active", self._peer)
+        log.debug("%s: TLS active%s", self._peer, f" ({who})" if who else "")
         return None
 
     def _resolve(self, name: str) -> str:

@@ -14,16 +14,20 @@ import os
 import signal
 import socket
 import ssl
+import stat
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from bmig import systemd
-from bmig.errors import ProtocolError
+from bmig.errors import ConfigError, ProtocolError
 from bmig.nbd import protocol as p
-from bmig.nbd.connection import Connection
+from bmig.nbd.connection import Connection, TlsHandshakeError
 from bmig.nbd.handshake import ExportInfo, Handshake
 from bmig.nbd.layers.base import Layer
 from bmig.nbd.transmission import Transmission
+
+if TYPE_CHECKING:
+    from bmig.nbd.psk import PskContext
 
 log = logging.getLogger("bmig-nbd")
 
@@ -54,17 +58,26 @@ class Export:
         return ExportInfo(self.name, self.layer.size, flags, self.description, contexts)
 
 
+DEFAULT_UNIX_MODE = 0o600
+
+
 @dataclass(frozen=True)
 class Listen:
     unix: str | None = None
     tcp: tuple[str, int] | None = None
     sock: object | None = None      # a listening socket handed over by systemd
+    unix_mode: int = DEFAULT_UNIX_MODE
 
 
 @dataclass(frozen=True)
 class Tls:
-    context: ssl.SSLContext
+    context: ssl.SSLContext | PskContext
     required: bool = True
+    clients: str = ""               # how clients are authenticated, for the log
+
+    def describe(self) -> str:
+        how = "required" if self.required else "offered"
+        return f"TLS {how}" + (f", {self.clients}" if self.clients else "")
 
 
 class Server:
@@ -90,7 +103,7 @@ class Server:
         await self.start()
         names = ", ".join(self._exports)
         log.info("serving %s on %s%s", names, ", ".join(_describe(w) for w in self._listen),
-                 " (TLS)" if self._tls else "")
+                 f" ({self._tls.describe()})" if self._tls else "")
         systemd.notify("READY=1", f"STATUS=serving {names}")
         await self._stopping.wait()
         await self.stop()
@@ -106,10 +119,9 @@ class Server:
                     server = await loop.create_server(self._new_connection, sock=where.sock,
                                                       backlog=BACKLOG)
             elif where.unix:
-                if os.path.exists(where.unix):
-                    os.unlink(where.unix)
-                server = await loop.create_unix_server(self._new_connection, where.unix,
-                                                       backlog=BACKLOG)
+                server = await loop.create_unix_server(
+                    self._new_connection, sock=unix_listener(where.unix, where.unix_mode),
+                    backlog=BACKLOG)
             else:
                 assert where.tcp is not None
                 server = await loop.create_server(self._new_connection, *where.tcp,
@@ -182,6 +194,8 @@ class Server:
                 self._transmissions.discard(transmission)
         except ProtocolError as exc:
             log.warning("%s", exc.message)
+        except TlsHandshakeError as exc:
+            log.warning("%s: %s", peer, exc)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError,
                 ssl.SSLError) as exc:
             log.debug("%s: connection ended: %s", peer, exc or type(exc).__name__)
@@ -190,6 +204,35 @@ class Server:
         finally:
             self._connections.discard(conn)
             conn.close()
+
+
+def unix_listener(path: str, mode: int) -> socket.socket:
+    """A Unix socket bound at ``path`` with exactly ``mode``, whatever the umask: the
+    umask is narrowed around bind() so that the socket never exists with wider
+    permissions, not even for a moment. A stale socket at ``path`` is replaced; any
+    other kind of file is left alone and refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; remove it or choose "
+                              "another --unix path")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)     # where a default ACL of the directory overrode the umask
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
 
 
 def _describe(where: Listen) -> str:
