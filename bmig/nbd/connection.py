@@ -224,11 +224,14 @@ class Connection(asyncio.BufferedProtocol):
             if transport is None:
                 raise ConnectionResetError("TLS handshake did not complete")
             self.transport = transport
-            return _certificate_subject(transport.get_extra_info("peercert"))
-        transport = await context.start_tls(self.transport, self)
-        self.transport = transport
-        identity = transport.get_extra_info("psk_identity") or b""
-        return f"PSK identity {identity.decode(errors='replace')!r}"
+            who = _certificate_subject(transport.get_extra_info("peercert"))
+        else:
+            transport = await context.start_tls(self.transport, self)
+            self.transport = transport
+            identity = transport.get_extra_info("psk_identity") or b""
+            who = f"PSK identity {identity.decode(errors='replace')!r}"
+        cipher = transport.get_extra_info("cipher")
+        return ", ".join(filter(None, (f"{cipher[1]} {cipher[0]}" if cipher else "", who)))
 
 
 _SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",

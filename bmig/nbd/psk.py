@@ -30,7 +30,7 @@ MAX_PSK_FILE = 1 << 20
 MAX_IDENTITY = 128              # bytes; OpenSSL's own cap is 128 too (PSK_MAX_IDENTITY_LEN)
 MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 256             # OpenSSL hands the callback a buffer of PSK_MAX_PSK_LEN
-READ_CHUNK = 64 * 1024          # plaintext taken from OpenSSL per call (records are 16 KiB)
+READ_CHUNK = 16 * 1024          # plaintext taken from OpenSSL per call (one record)
 WRITE_CHUNK = 256 * 1024        # ciphertext moved to the socket per call
 # TLS 1.2 suites when the client offers no TLS 1.3; forward-secret ones first.
 TLS12_PSK_CIPHERS = (b"ECDHE-PSK-CHACHA20-POLY1305:DHE-PSK-AES256-GCM-SHA384:"
@@ -364,6 +364,9 @@ class PskTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "psk_identity":
             return self.identity
+        if name == "cipher":            # as ssl.SSLObject.cipher() has it
+            return (self._conn.get_cipher_name(), self._conn.get_protocol_version_name(),
+                    self._conn.get_cipher_bits())
         return self._raw.get_extra_info(name, default)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
