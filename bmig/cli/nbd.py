@@ -145,9 +145,10 @@ def _tls(values: dict[str, Any], mode: str | None, cert: str | None, key: str | 
                               "--tls-cert/--tls-certificates, not both")
         from bmig.nbd.psk import PskContext     # pyOpenSSL only when it is used
         context = PskContext(str(psk))
+        count = context.identities()
         return Tls(context, required=True,
-                   clients=f"clients authenticated by the {context.identities()} PSK "
-                           f"identities of {psk}")
+                   clients=f"clients authenticated by a PSK of {psk} ({count} "
+                           f"identit{'y' if count == 1 else 'ies'})")
     if not cert:
         raise ConfigError(f"--tls {mode} needs --tls-cert FILE, --tls-certificates DIR or "
                           f"--tls-psk FILE")
@@ -277,7 +278,8 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
                           "bmig-nbd from a systemd socket unit")
     mode = (_unix_mode(unix_mode, "--unix-mode") if unix_mode is not None
             else _unix_mode(values.get("unix_mode", DEFAULT_UNIX_MODE), "unix_mode"))
-    listen = activated + ([Listen(unix=os.path.abspath(unix), unix_mode=mode)] if unix else []) + \
+    listen = activated + \
+        ([Listen(unix=os.path.abspath(unix), unix_mode=mode)] if unix else []) + \
         ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
     bmig_log.setup(str(log_level or values.get("log_level", "info")))
     track = not (no_track if no_track is not None else not values.get("track", True))

@@ -27,9 +27,9 @@ from bmig.nbd.connection import TlsHandshakeError
 log = logging.getLogger("bmig-nbd")
 
 MAX_PSK_FILE = 1 << 20
-MAX_IDENTITY = 128              # bytes; OpenSSL's own cap is 128 too (PSK_MAX_IDENTITY_LEN)
+MAX_IDENTITY = 128              # bytes; below OpenSSL's PSK_MAX_IDENTITY_LEN
 MIN_KEY_BYTES = 16
-MAX_KEY_BYTES = 256             # OpenSSL hands the callback a buffer of PSK_MAX_PSK_LEN
+MAX_KEY_BYTES = 256             # below OpenSSL's PSK_MAX_PSK_LEN (checked again per call)
 READ_CHUNK = 16 * 1024          # plaintext taken from OpenSSL per call (one record)
 WRITE_CHUNK = 256 * 1024        # ciphertext moved to the socket per call
 # TLS 1.2 suites when the client offers no TLS 1.3; forward-secret ones first.
