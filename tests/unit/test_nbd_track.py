@@ -159,9 +159,13 @@ def test_a_chunk_is_never_released_while_a_write_to_it_runs():
         recorder = layer.inner
         recorder.gate = asyncio.Event()
         write = asyncio.ensure_future(layer.write(memoryview(b"x" * 10), 0, False))
+        while not layer._busy:             # the write holds its chunk and waits at the gate
+            await asyncio.sleep(0)
+        assert 0 in layer.held
         for _ in range(3):
             sweep(layer)
         await asyncio.sleep(0)
+        assert 0 in layer.held
         assert not any(e.startswith("release") for e in events)
         recorder.gate.set()
         await write
