@@ -23,6 +23,7 @@ EXIT_TARGET = 11        # the target could not store the data (I/O error, no spa
 EXIT_HOOK = 12          # a cutover hook failed
 EXIT_NOT_CONVERGED = 13  # cutover: not converged within --timeout
 EXIT_VERIFY = 14        # verify found chunks that differ
+EXIT_LIVE = 15          # sync converged while the device is being written: not identical
 
 
 class BmigError(Exception):

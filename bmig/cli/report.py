@@ -87,8 +87,9 @@ class TextReporter(Reporter):
 
     def summary(self, summary: Summary) -> None:
         ratio = summary.compression_ratio()
-        state = ("converged, the copy is identical" if summary.converged and not summary.dirty_bytes
-                 else f"converged, {human_bytes(summary.dirty_bytes)} still dirty"
+        state = ("converged, the copy is identical" if summary.identical
+                 else f"converged while the device is written, "
+                      f"{human_bytes(summary.dirty_bytes)} still dirty"
                  if summary.converged else f"stopped, {human_bytes(summary.dirty_bytes)} dirty")
         self.stream.write(
             f"{self.name}: {state}: {summary.passes} pass(es) in {summary.seconds:.1f} s; "

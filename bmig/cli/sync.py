@@ -22,7 +22,7 @@ from bmig.cli.common import SIZE, json_option
 from bmig.cli.report import JsonReporter, TextReporter
 from bmig.config import load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
-from bmig.errors import EXIT_OK, ConfigError
+from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
@@ -257,9 +257,11 @@ def prepare(config_file: str | None, flags: dict[str, Any], as_json: bool):
 @click.command()
 @migration_options
 def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any) -> int:
-    """Make passes until the copy has converged, then exit 0.
+    """Make passes until the copy has converged.
 
-    Exit status 10 when the copy does not converge (writes outpace shipping).
+    Exit status 0 when the copy is identical (nothing dirty), 15 when it converged while
+    the device is being written (what is still dirty ships in less than --threshold),
+    10 when it does not converge (writes outpace shipping).
     """
     migration, reporter, signals = prepare(config_file, {"name": name, **flags}, as_json)
     try:
@@ -270,7 +272,7 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
     reporter.summary(summary)
     if signals.interrupted or (migration.stop.is_set() and not summary.converged):
         return EXIT_INTERRUPTED
-    return EXIT_OK
+    return EXIT_OK if summary.identical else EXIT_LIVE
 
 
 @click.command("run")

@@ -1,8 +1,11 @@
 """A migration of one device to one target: connect, agree on lineage, make passes.
 
-``sync`` makes passes until what is dirty is below the threshold (bytes, or seconds of
-shipping at the rate measured), or raises NotConverging when the dirty amount stops
-shrinking: the application writes faster than the changes ship. ``run`` (the catch-up
+``sync`` makes passes until nothing is dirty (the copy is identical), or, while an
+application writes through the intercept, until what is dirty is below the threshold
+(bytes, or seconds of shipping at the rate measured): converged, the copy trailing by
+that much. It raises NotConverging when the dirty amount stops shrinking: the
+application writes faster than the changes ship. A writer is at work when chunks stay
+held longer than bmig-nbd ever keeps an idle one. ``run`` (the catch-up
 service) never stops on its own: it ships changes as they come, reconnects with backoff
 after a failure, and reports its lag.
 
@@ -70,6 +73,8 @@ class Summary:
     seconds: float = 0.0
     dirty_bytes: int = 0
     converged: bool = False
+    identical: bool = False          # converged with nothing dirty or in flight
+    writer_active: bool = False      # converged while the device is being written
 
     def add(self, result: PassResult) -> None:
         self.passes += 1
@@ -92,7 +97,8 @@ class Summary:
                 "bytes_committed": self.bytes_committed,
                 "compression_ratio": self.compression_ratio(),
                 "seconds": round(self.seconds, 3), "dirty_bytes": self.dirty_bytes,
-                "converged": self.converged}
+                "converged": self.converged, "identical": self.identical,
+                "writer_active": self.writer_active}
 
 
 class StopOrDeadline:
@@ -232,14 +238,36 @@ class Migration:
             else 0
         return max(s.threshold_bytes, by_time)
 
-    def _wait_for_holds(self, stats: dict) -> dict:
-        """Only chunks a writer holds are left: give it the moment it needs to let go."""
+    def _wait_for_holds(self, stats: dict, any_held: bool = False) -> dict:
+        """Only chunks a writer holds are left (``any_held``: some chunk is held at all):
+        give the writer the moment it needs to let go. bmig-nbd lets a chunk go
+        MAX_HOLD_WAIT at most after its last write, so holds that outlast the wait mean
+        the device is being written now."""
         deadline = time.monotonic() + MAX_HOLD_WAIT
-        while (stats["held_bytes"] and stats["dirty_bytes"] <= stats["held_bytes"]
+        while (stats["held_bytes"]
+               and (any_held or stats["dirty_bytes"] <= stats["held_bytes"])
                and time.monotonic() < deadline and not self.stop.is_set()):
             self.stop.wait(HOLD_WAIT)
             stats = self.stats()
         return stats
+
+    def _finish(self, stats: dict) -> bool:
+        """Converged? Identical when nothing is dirty or in flight; with less than the
+        threshold dirty, converged too if a writer is at work (its chunks stay held);
+        with no writer the rest is shipped first (False)."""
+        dirty = int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
+        if dirty and not (self.summary.passes and dirty <= self._threshold()):
+            return False
+        if dirty:
+            stats = self._wait_for_holds(stats, any_held=True)
+            dirty = int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
+            if dirty and not stats["held_bytes"]:
+                return False              # nobody writes: ship the rest, then identical
+        self.summary.converged = True
+        self.summary.identical = dirty == 0
+        self.summary.writer_active = bool(stats["held_bytes"])
+        self.summary.dirty_bytes = dirty
+        return True
 
     def sync(self) -> Summary:
         """Passes until converged; NotConverging when the dirty amount stops shrinking."""
@@ -251,11 +279,9 @@ class Migration:
         try:
             while not self.stop.is_set():
                 stats = self._wait_for_holds(self.stats())
-                dirty = int(stats["dirty_bytes"])
-                if dirty == 0 or (self.summary.passes and dirty <= self._threshold()):
-                    self.summary.converged = True
-                    self.summary.dirty_bytes = dirty
+                if self._finish(stats):
                     break
+                dirty = int(stats["dirty_bytes"])
                 written = self.written()
                 result = self.one_pass(dirty, checksum=checksum_first)
                 checksum_first = False

@@ -1,7 +1,10 @@
 """An asyncio client of breqd for the write path: pipelined, batched, reconnecting.
 
 ``mark`` calls made in the same event-loop turn for the same device travel as one MARK
-message, and each caller is released when breqd says the whole batch is durable. A lost
+message, and each caller is released when breqd says the whole batch is durable. Requests
+reach breqd in the order they were made: a release of a chunk queued before a new hold of
+it must arrive first, or breqd would drop the new hold (so batching merges only requests
+of one kind that follow each other). A lost
 connection fails the requests in flight (so the writes they guard fail) and the next
 call connects again: a restarted breqd is picked up without a restart of the client.
 
@@ -35,41 +38,50 @@ class AsyncTrackerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._connecting: asyncio.Lock | None = None
-        self._batches: dict[tuple, list[tuple[Ranges, asyncio.Future]]] = {}
+        self._batches: list[tuple[tuple, list[tuple[Ranges, asyncio.Future]]]] = []
         self._flush_scheduled = False
         self.session = 0          # changes on every connect and every loss
         self.version = 0          # the control protocol version of this connection
 
     # -- connection ------------------------------------------------------------------
 
-    async def connect(self) -> None:
+    def _line(self) -> asyncio.Lock:
+        """Held while a request is written (and while connecting): requests reach breqd
+        in the order they were made, a reconnection included."""
         if self._connecting is None:
             self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._writer is not None:
-                return
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(self.path, limit=MAX_CONTROL_FRAME + 64),
-                    self._timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise UnreachableError(f"cannot reach breqd at {self.path}: "
-                                       f"{getattr(exc, 'strerror', None) or exc}") from None
-            hello = Message(Op.HELLO, next(self._ids),
-                            {"version": CONTROL_PROTOCOL_VERSION,
-                             "client": f"{self._client} {__version__}"})
-            writer.write(pack_frame(hello.encode()))
-            try:
-                reply = decode(await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME),
-                                                      self._timeout))
-            except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
-                writer.close()
-                raise UnreachableError(f"breqd at {self.path} did not answer: {exc}") from None
-            _raise_if_error(reply)
-            self.version = int(reply.fields.get("version", 1))
-            self.session += 1
-            self._writer = writer
-            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+        return self._connecting
+
+    async def connect(self) -> None:
+        async with self._line():
+            await self._connect()
+
+    async def _connect(self) -> None:
+        """Connect unless connected; the caller holds the line."""
+        if self._writer is not None:
+            return
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.path, limit=MAX_CONTROL_FRAME + 64),
+                self._timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise UnreachableError(f"cannot reach breqd at {self.path}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}") from None
+        hello = Message(Op.HELLO, next(self._ids),
+                        {"version": CONTROL_PROTOCOL_VERSION,
+                         "client": f"{self._client} {__version__}"})
+        writer.write(pack_frame(hello.encode()))
+        try:
+            reply = decode(await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME),
+                                                  self._timeout))
+        except (ProtocolError, OSError, asyncio.TimeoutError) as exc:
+            writer.close()
+            raise UnreachableError(f"breqd at {self.path} did not answer: {exc}") from None
+        _raise_if_error(reply)
+        self.version = int(reply.fields.get("version", 1))
+        self.session += 1
+        self._writer = writer
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         why: BmigError = UnreachableError(f"lost breqd at {self.path}")
@@ -112,14 +124,15 @@ class AsyncTrackerClient:
 
     async def call(self, op: Op, fields: dict[str, Any] | None = None,
                    ranges: Ranges = ()) -> Message:
-        if self._writer is None:
-            await self.connect()
-        assert self._writer is not None
-        request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        self._writer.write(pack_frame(Message(op, request_id, fields or {}, ranges).encode()))
-        session = self.session
+        async with self._line():
+            await self._connect()
+            assert self._writer is not None
+            request_id = next(self._ids)
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[request_id] = future
+            self._writer.write(pack_frame(Message(op, request_id, fields or {},
+                                                  ranges).encode()))
+            session = self.session
         reply = await future
         _raise_if_error(reply)
         reply.session = session
@@ -131,11 +144,16 @@ class AsyncTrackerClient:
         stay dirty until released by ``mark_completed`` or the end of the connection
         (``sync``: the writes go to the target too). Returns the ``session`` of the
         connection that recorded them."""
-        return await self._batched(Op.MARK, mark_fields(device, hold, sync), ranges)
+        return await self._enqueue(Op.MARK, mark_fields(device, hold, sync), ranges)
 
     async def mark_completed(self, device: str, ranges: Ranges, synced: bool = False) -> None:
         """Mark again after the write; releases this connection's holds on the ranges."""
-        await self._batched(Op.MARK_COMPLETED, release_fields(device, synced), ranges)
+        await self.release(device, ranges, synced)
+
+    def release(self, device: str, ranges: Ranges, synced: bool = False) -> asyncio.Future:
+        """``mark_completed`` queued now, in the caller's place in line: a hold taken after
+        this call reaches breqd after the release. The future has the outcome."""
+        return self._enqueue(Op.MARK_COMPLETED, release_fields(device, synced), ranges)
 
     async def query(self, device: str, offset: int,
                     length: int) -> tuple[list[tuple[int, int]], int]:
@@ -144,22 +162,28 @@ class AsyncTrackerClient:
         reply = await self.call(Op.QUERY, {"device": device}, [(offset, length)])
         return list(reply.ranges), int(reply.fields.get("end", offset + length))
 
-    async def _batched(self, op: Op, fields: dict[str, Any], ranges: Ranges) -> int:
-        """Requests of one loop turn with the same op and fields travel as one message,
-        in the order their first request came."""
-        future = asyncio.get_running_loop().create_future()
+    def _enqueue(self, op: Op, fields: dict[str, Any], ranges: Ranges) -> asyncio.Future:
+        """Queue a request for the end of this loop turn. Requests with the same op and
+        fields that follow each other travel as one message; order is kept."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         key = (op, tuple(sorted(fields.items())))
-        self._batches.setdefault(key, []).append((ranges, future))
+        if self._batches and self._batches[-1][0] == key:
+            self._batches[-1][1].append((ranges, future))
+        else:
+            self._batches.append((key, [(ranges, future)]))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_batches)
-        return await future
+            loop.call_soon(self._send_batches)
+        return future
 
     def _send_batches(self) -> None:
+        """One task per message, made in order: each writes its message at its first
+        step (or after the connection is made, which waiters take in turn)."""
         self._flush_scheduled = False
-        batches, self._batches = self._batches, {}
+        batches, self._batches = self._batches, []
         loop = asyncio.get_running_loop()
-        for (op, key_fields), items in batches.items():
+        for (op, key_fields), items in batches:
             for group in _groups(items, MAX_RANGES_PER_FRAME):
                 loop.create_task(self._send_group(op, dict(key_fields), group))
 

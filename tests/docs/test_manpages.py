@@ -226,7 +226,8 @@ def test_every_exit_code_is_in_bmigrate_exit_status():
             if cls.exit_code == value:
                 break
         else:
-            assert value in (bmig.errors.EXIT_OK, bmig.errors.EXIT_USAGE), \
+            assert value in (bmig.errors.EXIT_OK, bmig.errors.EXIT_USAGE,
+                             bmig.errors.EXIT_LIVE), \
                 f"{name} = {value} is used by no error class"
 
 

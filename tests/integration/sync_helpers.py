@@ -134,12 +134,13 @@ def same_bytes(a: str, b: str) -> bool:
 
 
 def sync(breqd, *args: str, timeout: float = SYNC_TIMEOUT, check: bool = True,
-         **kw) -> subprocess.CompletedProcess:
-    """bmigrate sync ... against the test's breqd."""
+         ok: tuple[int, ...] = (0,), **kw) -> subprocess.CompletedProcess:
+    """bmigrate sync ... against the test's breqd; ``ok``: the exit codes that pass (15:
+    converged while the device is written)."""
     env = dict(os.environ, BMIG_CONTROL=breqd.control)
     done = subprocess.run(bmigrate_argv("sync", *args), env=env, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
-    if check and done.returncode != 0:
+    if check and done.returncode not in ok:
         raise AssertionError(f"bmigrate sync failed ({done.returncode}):\n{done.stderr}")
     return done
 

@@ -31,14 +31,15 @@ def test_sync_under_live_writes_then_a_last_pass_is_identical(breqd, tmp_path, r
     args = ["d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
             r.secret_file, "--json"]
     try:
-        live = sync(breqd, *args)
+        live = sync(breqd, *args, ok=(15,))          # converged, not identical
         summary = json.loads(live.stdout.splitlines()[-1])
-        assert summary["converged"]
+        assert summary["converged"] and summary["writer_active"]
+        assert not summary["identical"]
         assert writer.writes > 0 and writer.is_alive()
     finally:
         writer.finish()
     last = json.loads(sync(breqd, *args, "--threshold", "0").stdout.splitlines()[-1])
-    assert last["converged"] and last["dirty_bytes"] == 0
+    assert last["converged"] and last["identical"] and last["dirty_bytes"] == 0
     assert server.daemon.stop() == 0                  # flushed, and nothing more comes
     assert same_bytes(server.backing, target)
     assert r.record("d1")["state"] == "consistent"
@@ -88,6 +89,39 @@ def test_a_last_pass_ships_what_a_writer_just_wrote_once(breqd, tmp_path, receiv
         assert last["converged"] and last["dirty_bytes"] == 0
         # One pass, each chunk once (holes in the sparse backing file are not read).
         assert last["passes"] == 1 and 0 < last["bytes_read"] <= len(written) * chunk
+    finally:
+        assert server.daemon.stop() == 0
+    assert same_bytes(server.backing, target)
+
+
+def test_with_nobody_writing_sync_ends_only_when_nothing_is_dirty(breqd, tmp_path, receivers):
+    """The writer stopped just before the sync: bmig-nbd still holds what it wrote (for
+    its idle time), and a held chunk stays dirty through a commit. Less than the
+    threshold (a second of shipping) is left after the first pass, but nobody writes: the sync waits for the
+    holds to go and ships the rest, so it ends identical (exit 0), not "converged with
+    N still dirty"."""
+    server = start_nbd(breqd, tmp_path, SIZE)
+    try:
+        target = str(tmp_path / "tgt.img")
+        r = start_receiver(tmp_path, {"d1": target})
+        receivers.append(r)
+        args = ["d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+                r.secret_file, "--json"]
+        sync(breqd, *args)                                # the first copy
+        rng = random.Random(5)
+        with NbdClient.connect(server.uri, timeout=60) as client:
+            for c in range(0, SIZE // (64 << 10), 3):     # a third of the chunks, whole
+                client.pwrite(rng.randbytes(64 << 10), c * (64 << 10))
+            client.flush()
+        # ... and chunks dirty for an earlier reason (nobody holds them), so the first
+        # pass starts at once instead of waiting for the holds to go.
+        breqd.client().mark("d1", [(1 << 20, 4 << 20)])
+        done = sync(breqd, *args)
+        last = json.loads(done.stdout.splitlines()[-1])
+        assert last["dirty_bytes"] == 0, last
+        assert last["identical"] and not last["writer_active"], last
+        stats = breqd.client().stats("d1")
+        assert stats["dirty_bytes"] == 0 and stats["held_bytes"] == 0
     finally:
         assert server.daemon.stop() == 0
     assert same_bytes(server.backing, target)

@@ -66,8 +66,11 @@ class FakeTracker:
         self.events.append(f"{kind} {ranges}")
         return self.session
 
-    async def mark_completed(self, device, ranges, synced=False):
+    def release(self, device, ranges, synced=False):
         self.events.append(f"{'release-synced' if synced else 'release'} {ranges}")
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     def lose_connection(self):
         self.session += 1
@@ -156,9 +159,13 @@ def test_a_chunk_is_never_released_while_a_write_to_it_runs():
         recorder = layer.inner
         recorder.gate = asyncio.Event()
         write = asyncio.ensure_future(layer.write(memoryview(b"x" * 10), 0, False))
+        while not layer._busy:             # the write holds its chunk and waits at the gate
+            await asyncio.sleep(0)
+        assert 0 in layer.held
         for _ in range(3):
             sweep(layer)
         await asyncio.sleep(0)
+        assert 0 in layer.held
         assert not any(e.startswith("release") for e in events)
         recorder.gate.set()
         await write

@@ -56,8 +56,8 @@ class Tracker(Protocol):
 
     async def mark(self, device: str, ranges: Ranges, hold: bool = False,
                    sync: bool = False) -> int: ...
-    async def mark_completed(self, device: str, ranges: Ranges,
-                             synced: bool = False) -> None: ...
+    def release(self, device: str, ranges: Ranges,
+                synced: bool = False) -> "asyncio.Future[None]": ...
     async def query(self, device: str, offset: int,
                     length: int) -> tuple[Ranges, int]: ...
 
@@ -248,11 +248,20 @@ class TrackLayer(Layer):
         return ranges
 
     def _let_go(self, chunks: list[int], synced: bool) -> None:
+        """Forget the holds and queue their release at once, in this very step: a write
+        that holds one of the chunks again is queued after it, so breqd never drops a
+        hold this layer still writes under (its fast path sends no message)."""
         for c in chunks:
             del self.held[c]
-        if chunks:
-            asyncio.get_running_loop().create_task(
-                self._send_release(self._byte_ranges(chunks), synced))
+        ranges = self._byte_ranges(chunks)
+        for start in range(0, len(ranges), 65536):
+            done = self.tracker.release(self.device, ranges[start:start + 65536], synced)
+            done.add_done_callback(self._released)
+
+    def _released(self, done: "asyncio.Future[None]") -> None:
+        exc = done.exception()
+        if isinstance(exc, BmigError):   # the holds end with the connection anyway
+            log.debug("%s: release failed: %s", self.device, exc.message)
 
     def _release(self, over_limit: bool = False) -> None:
         """Let go of held chunks not written for ``idle`` seconds (``IDLE_SWEEPS`` sweeps),
@@ -329,15 +338,6 @@ class TrackLayer(Layer):
         held, busy = self.held, self._busy
         self._let_go([c for c in chunks if c in held and held[c].tainted and c not in busy],
                      False)
-
-    async def _send_release(self, ranges: Ranges, synced: bool) -> None:
-        for start in range(0, len(ranges), 65536):
-            try:
-                await self.tracker.mark_completed(self.device, ranges[start:start + 65536],
-                                                  synced=synced)
-            except BmigError as exc:   # the holds end with the connection anyway
-                log.debug("%s: release failed: %s", self.device, exc.message)
-                return
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
