@@ -32,8 +32,8 @@ from typing import Callable
 
 from bmig import __version__
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from bmig.errors import (AuthError, BmigError, ChecksumMismatch, LineageError, ProtocolError,
-                         TargetError, UnknownExport)
+from bmig.errors import (AuthError, BmigError, ChecksumMismatch, ConfigError, LineageError,
+                         ProtocolError, TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
                           TargetRecord, hex_id, load_target, now, parse_id, save_target)
@@ -56,6 +56,8 @@ class TargetConfig:
     export: str
     path: str
     allow_discard: bool = False
+    max_size: int | None = None          # a file target grows to this at most (None: the
+                                         # size of its file system)
 
 
 @dataclass(frozen=True)
@@ -248,32 +250,34 @@ class Session:
         if mode not in ("pass", "replicate", "inspect"):
             raise ProtocolError(f"OPEN: unknown mode {mode!r}")
         replicate = mode == "replicate"
+        writable = mode != "inspect"
         lock = TargetLock(self.policy.state_dir, export, "replica" if replicate else "")
-        if mode != "inspect":            # reading hashes needs no lock
+        if writable:                     # reading hashes needs no lock
             lock.acquire()
+        target: TargetDevice | None = None
+        why = ""
         try:
             record = load_target(self.policy.state_dir, export)
             relation = lineage_relation(record, source_id, generation, previous)
-            if relation == "foreign" and replicate:
-                raise LineageError(f"target {export!r} holds another lineage: sync it "
-                                   "first, then replicate")
             if relation == "foreign":
-                if not discard:
-                    raise LineageError(
-                        f"target {export!r} holds generation {hex_id(record.generation)} of "
-                        f"device {hex_id(record.source_device_id)}, not generation "
-                        f"{hex_id(generation)} of {hex_id(source_id)}; to overwrite it, "
-                        f"sync with --discard-target-data {export}")
-                if not config.allow_discard:
-                    raise LineageError(f"target {export!r} holds another lineage and this "
-                                       "receiver does not allow discarding it "
-                                       "(allow_discard)")
-                log.warning("%s: %s: discarding generation %s of %s on request", self.peer,
-                            export, hex_id(record.generation), hex_id(record.source_device_id))
-                record = TargetRecord(export)
-                relation = "new"
-            target = TargetDevice(config.path, size, writable=mode != "inspect")
+                self._refuse_or_discard(config, record, source_id, generation, discard,
+                                        replicate)
+                record, relation = TargetRecord(export), "new"
+            target = TargetDevice.open(config.path, writable, lock.other_session)
+            if relation in ("same", "descendant"):
+                # Invariant 9: the record is about one file or device, as it was.
+                why = record.not_bound_to(target.identity if target else None) or ""
+                if why:
+                    log.warning("%s: %s: %s is not the copy its record describes (%s "
+                                "of %s): %s; it is taken as new, and everything is shipped "
+                                "again", self.peer, export, config.path,
+                                hex_id(record.generation), hex_id(record.source_device_id),
+                                why)
+                    record, relation = TargetRecord(export), "new"
+            target = self._sized(config, target, size, writable and relation == "new")
         except BaseException:
+            if target is not None:
+                target.close()
             lock.release()
             raise
         self.config, self.record, self.target, self.lock = config, record, target, lock
@@ -284,19 +288,62 @@ class Session:
         self.state = {"replicate": "replicate", "inspect": "inspect"}.get(mode, "open")
         log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
                  relation)
-        self.send(Message(T.OPENED, {"relation": relation, "target": record.to_json()}))
+        reply = {"relation": relation, "target": record.to_json()}
+        if why:
+            reply["why"] = f"{config.path} is not the copy its record describes: {why}"
+        self.send(Message(T.OPENED, reply))
         return True
 
+    def _refuse_or_discard(self, config: TargetConfig, record: TargetRecord, source_id: int,
+                           generation: int, discard: bool, replicate: bool) -> None:
+        """A source of another lineage: refused, unless both sides agree to discard the
+        target's data (invariant 7)."""
+        export = config.export
+        if replicate:
+            raise LineageError(f"target {export!r} holds another lineage: sync it first, "
+                               "then replicate")
+        if not discard:
+            raise LineageError(
+                f"target {export!r} holds generation {hex_id(record.generation)} of "
+                f"device {hex_id(record.source_device_id)}, not generation "
+                f"{hex_id(generation)} of {hex_id(source_id)}; to overwrite it, "
+                f"sync with --discard-target-data {export}")
+        if not config.allow_discard:
+            raise LineageError(f"target {export!r} holds another lineage and this "
+                               "receiver does not allow discarding it (allow_discard)")
+        log.warning("%s: %s: discarding generation %s of %s on request", self.peer,
+                    export, hex_id(record.generation), hex_id(record.source_device_id))
+
+    @staticmethod
+    def _sized(config: TargetConfig, target: TargetDevice | None, size: int,
+               may_grow: bool) -> TargetDevice:
+        """The target, at least ``size`` bytes long. Only for a "new" relation may a file
+        be created or extended (up to its cap): anything else would make a copy out of
+        what is not one."""
+        if target is None:
+            if not may_grow:
+                raise ConfigError(f"target {config.path} does not exist")
+            log.info("creating target %s (%d bytes)", config.path, size)
+            return TargetDevice.create(config.path, size, config.max_size)
+        if target.size < size:
+            if not may_grow or target.is_block:
+                raise TargetError(f"target {config.path} has {target.size} bytes, the "
+                                  f"source {size}")
+            log.info("extending target %s from %d to %d bytes", config.path, target.size,
+                     size)
+            target.grow(size, config.max_size)
+        return target
 
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
-        assert self.record is not None
+        assert self.record is not None and self.target is not None
         record = self.record
         record.source_device_id, record.generation = self.source_id, self.source_generation
         record.previous = list(self.source_previous)
         record.role, record.successor = ROLE_SECONDARY, 0
         record.state = STATE_INCONSISTENT
         record.size = self.size
+        record.identity = self.target.identity
         save_target(self.policy.state_dir, record)       # durable before the first write
         self.state = "pass"
         return True

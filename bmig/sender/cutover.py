@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bmig.errors import BmigError, HookFailed, NotConverged, VerifyFailed
+from bmig.identity import identify
 from bmig.lineage import (ROLE_HANDED_OVER, STATE_CONSISTENT, TargetRecord, hex_id,
                           new_generation, save_target)
 from bmig.nbd.manage_client import ManageClient
@@ -256,13 +257,16 @@ class Cutover:
 
     def _record_handed_over(self, generation: int) -> None:
         """A target record for this device, as breceive would keep it, so that a
-        fail-back from the new primary ships only what changed there."""
+        fail-back from the new primary ships only what changed there. It names the
+        source file or device by its identity (invariant 9), as breceive will see it."""
         m = self.m
-        assert m._info is not None and self.s.record_dir is not None
+        assert m._info is not None and m._source is not None
+        assert self.s.record_dir is not None
         os.makedirs(self.s.record_dir, mode=0o700, exist_ok=True)
         record = TargetRecord(m.name, m._info.device_id, m._info.generation, STATE_CONSISTENT,
                               ROLE_HANDED_OVER, m._info.size, time.time(), 0,
-                              list(m._info.previous), generation)
+                              list(m._info.previous), generation,
+                              identity=identify(m._source.fd))
         save_target(self.s.record_dir, record)
 
     def _undo(self, why: BaseException) -> None:
