@@ -21,7 +21,7 @@ from bmig.wire.transports import server_tls_context
 
 KEYS = {"listen", "state_dir", "secret_file", "tls_cert", "tls_key", "tls_client_ca",
         "max_sessions", "log_level", "targets"}
-TARGET_KEYS = {"path", "allow_discard", "max_size"}
+TARGET_KEYS = {"path", "allow_discard", "allow_discard_primary", "max_size"}
 _EXPORT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 DEFAULT_PORT = 10810
 
@@ -39,7 +39,8 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
         max_size = spec.get("max_size")
         targets[export] = TargetConfig(
             export, str(spec["path"]), bool(spec.get("allow_discard", False)),
-            parse_size(max_size) if max_size is not None else None)
+            parse_size(max_size) if max_size is not None else None,
+            bool(spec.get("allow_discard_primary", False)))
     for item in flags:
         export, sep, path = item.partition("=")
         if not sep or not path:

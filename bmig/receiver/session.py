@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +37,8 @@ from bmig.errors import (AuthError, BmigError, ChecksumMismatch, ConfigError, Li
                          ProtocolError, TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
-                          TargetRecord, hex_id, load_target, now, parse_id, save_target)
+                          TargetRecord, hex_id, load_target, now, parse_id, save_target,
+                          target_path)
 from bmig.lineage import relation as lineage_relation
 from bmig.receiver.target import TargetDevice, TargetLock
 from bmig.wire import auth, codec
@@ -57,7 +59,8 @@ class TargetConfig:
     path: str
     allow_discard: bool = False
     max_size: int | None = None          # a file target grows to this at most (None: the
-                                         # size of its file system)
+    allow_discard_primary: bool = False  # size of its file system); a primary's data may
+                                         # be discarded (a promoted target: never by default)
 
 
 @dataclass(frozen=True)
@@ -297,8 +300,27 @@ class Session:
     def _refuse_or_discard(self, config: TargetConfig, record: TargetRecord, source_id: int,
                            generation: int, discard: bool, replicate: bool) -> None:
         """A source of another lineage: refused, unless both sides agree to discard the
-        target's data (invariant 7)."""
+        target's data. A primary is never offered for discarding: a former source that
+        meets it is told about fail-back instead (invariant 7)."""
         export = config.export
+        if record.role == ROLE_PRIMARY:
+            since = time.strftime(" since %Y-%m-%d %H:%M:%S",
+                                  time.localtime(record.promoted)) if record.promoted else ""
+            primary = (f"target {export!r} is the primary{since}: a cutover promoted it to "
+                       f"generation {hex_id(record.generation)}, and the source it came "
+                       "from may no longer write to it")
+            if not discard or replicate:
+                record_file = target_path(self.policy.state_dir, export)
+                raise LineageError(f"{primary}; to fail back, track the primary's copy on "
+                                   f"its host (bmigrate track add NAME --adopt {record_file})"
+                                   " and sync from there to this source (README, \"fail "
+                                   "back\")")
+            if not config.allow_discard_primary:
+                raise LineageError(f"{primary}, and this receiver does not allow discarding "
+                                   "a primary's data (allow_discard_primary)")
+            log.warning("%s: %s: discarding the primary (generation %s) on request",
+                        self.peer, export, hex_id(record.generation))
+            return
         if replicate:
             raise LineageError(f"target {export!r} holds another lineage: sync it first, "
                                "then replicate")
