@@ -24,12 +24,14 @@ on while the disk flushes. The sender commits a chunk only on DURABLE (invariant
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from bmig import __version__
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -40,7 +42,7 @@ from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_
                           TargetRecord, hex_id, load_target, now, parse_id, save_target,
                           target_path)
 from bmig.lineage import relation as lineage_relation
-from bmig.receiver.target import TargetDevice, TargetLock
+from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
 from bmig.wire import auth, codec
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
@@ -51,6 +53,7 @@ from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, K
 log = logging.getLogger("breceive")
 
 FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
+WATCH_INTERVAL = 1.0     # seconds between looks at the record of an idle replication session
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class Session:
         self.record: TargetRecord | None = None
         self.target: TargetDevice | None = None
         self.lock: TargetLock | None = None
+        self.record_lock: RecordLock | None = None
+        self._watch: _LineageWatch | None = None
         self.source_id = 0
         self.source_generation = 0
         self.size = 0
@@ -258,6 +263,7 @@ class Session:
         if writable:                     # reading hashes needs no lock
             lock.acquire()
         target: TargetDevice | None = None
+        record_lock: RecordLock | None = None
         why = ""
         try:
             record = load_target(self.policy.state_dir, export)
@@ -278,14 +284,22 @@ class Session:
                                 why)
                     record, relation = TargetRecord(export), "new"
             target = self._sized(config, target, size, writable and relation == "new")
+            if writable:
+                record_lock = RecordLock(self.policy.state_dir, export)
         except BaseException:
             if target is not None:
                 target.close()
             lock.release()
             raise
         self.config, self.record, self.target, self.lock = config, record, target, lock
+        self.record_lock = record_lock
         self.source_id, self.source_generation, self.size = source_id, generation, size
         self.source_previous = [hex_id(g) for g in previous]
+        if replicate:
+            assert record_lock is not None
+            self._watch = _LineageWatch(self, record_lock, source_id, generation, previous)
+            target.guard = self._watch.guard
+            self._watch.start()
         self._syncer = _Syncer(self)
         self._syncer.start()
         self.state = {"replicate": "replicate", "inspect": "inspect"}.get(mode, "open")
@@ -359,6 +373,7 @@ class Session:
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
         assert self.record is not None and self.target is not None
+        assert self.record_lock is not None
         record = self.record
         record.source_device_id, record.generation = self.source_id, self.source_generation
         record.previous = list(self.source_previous)
@@ -366,15 +381,18 @@ class Session:
         record.state = STATE_INCONSISTENT
         record.size = self.size
         record.identity = self.target.identity
-        save_target(self.policy.state_dir, record)       # durable before the first write
+        with self.record_lock.held(exclusive=True):     # no replicated write meanwhile
+            save_target(self.policy.state_dir, record)   # durable before the first write
         self.state = "pass"
         return True
 
     def _promote(self, msg: Message) -> bool:
         """Cutover, step 6: the target gets a new generation and becomes the primary;
-        the source it came from can never write to it again (invariant 7)."""
+        the source it came from can never write to it again (invariant 7), and a
+        replication session of it ends at its next write."""
         self._require("open")
         assert self.record is not None and self.target is not None
+        assert self.record_lock is not None
         record = self.record
         if not record.shares_lineage(self.source_id, self.source_generation) \
                 or record.state != STATE_CONSISTENT:
@@ -384,12 +402,13 @@ class Session:
         new = parse_id(msg.fields.get("generation"), "generation")
         if new in (0, record.generation):
             raise ProtocolError("PROMOTE needs a new generation")
-        self.sync_now()
-        record.previous = [hex_id(record.generation)] + record.previous[:15]
-        record.generation = new
-        record.role = ROLE_PRIMARY
-        record.promoted = now()
-        save_target(self.policy.state_dir, record)
+        with self.record_lock.held(exclusive=True):
+            self.sync_now()              # every replicated write so far, then the record
+            record.previous = [hex_id(record.generation)] + record.previous[:15]
+            record.generation = new
+            record.role = ROLE_PRIMARY
+            record.promoted = now()
+            save_target(self.policy.state_dir, record)
         log.warning("%s: %s promoted: generation %s, primary now; its former source is "
                     "refused from here on", self.peer, record.export, hex_id(new))
         self.send(Message(T.PROMOTED, {"target": record.to_json()}))
@@ -433,6 +452,9 @@ class Session:
                 record = load_target(self.policy.state_dir, export).to_json()
             except BmigError as exc:
                 record = {"export": export, "error": exc.message}
+            # A pass session holds it now: its record may still change (a PROMOTE whose
+            # answer was lost is either done or not once this is false).
+            record["busy"] = is_locked(TargetLock(self.policy.state_dir, export).path)
             targets.append(record)
         self.send(Message(T.STATUS, {"targets": targets, "server": f"breceive {__version__}"}))
         return True
@@ -502,6 +524,9 @@ class Session:
         self._syncer.request(seq)
 
     def _finish(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         if self._syncer is not None:
             self._syncer.stop()
             self._syncer = None          # it refers back to us: free the buffers now
@@ -511,9 +536,76 @@ class Session:
             except BmigError as exc:
                 log.error("%s: final sync failed: %s", self.peer, exc.message)
             self.target.close()
+        if self.record_lock is not None:
+            self.record_lock.close()
         if self.lock is not None:
             self.lock.release()
         self.channel.close()
+
+
+class _LineageWatch(threading.Thread):
+    """Keeps a replication session to the lineage it opened with. Each write is checked
+    against the target's record under the record lock (shared; a session that changes
+    the lineage holds it exclusively), and this thread looks at the record every
+    WATCH_INTERVAL seconds, so that an idle session ends too: a promotion, or a discard
+    by another session, ends the replication of the old lineage (invariant 7)."""
+
+    def __init__(self, session: Session, record_lock: RecordLock, source_id: int,
+                 generation: int, previous: list[int]):
+        super().__init__(name="lineage watch", daemon=True)
+        assert session.config is not None
+        self._session = session
+        self._record_lock = record_lock
+        self._state_dir = session.policy.state_dir
+        self._export = session.config.export
+        self._path = target_path(self._state_dir, self._export)
+        self._source = (source_id, generation, previous)
+        self._seen: tuple[int, int, int] | None | str = "not yet"   # read at the first check
+        self._check_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size       # a new file at each save
+
+    def check(self) -> None:
+        """LineageError when the record no longer holds this session's lineage."""
+        with self._check_lock:
+            seen = self._stat()
+            if seen == self._seen:
+                return
+            record = load_target(self._state_dir, self._export)
+            if lineage_relation(record, *self._source) == "foreign":
+                what = ("is the primary now" if record.role == ROLE_PRIMARY
+                        else "holds another lineage now")
+                raise LineageError(f"target {self._export!r} {what} (generation "
+                                   f"{hex_id(record.generation)} of "
+                                   f"{hex_id(record.source_device_id)}): this replication "
+                                   "session of generation "
+                                   f"{hex_id(self._source[1])} ends")
+            self._seen = seen
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        with self._record_lock.held(exclusive=False):
+            self.check()
+            yield
+
+    def run(self) -> None:
+        while not self._stopping.wait(WATCH_INTERVAL):
+            try:
+                self.check()
+            except BmigError as exc:
+                self._session.fail(exc)
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self is not threading.current_thread():
+            self.join(timeout=10)
 
 
 _JSON_HANDLERS = {

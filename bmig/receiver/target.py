@@ -21,7 +21,7 @@ import errno
 import fcntl
 import os
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import xxhash
 
@@ -98,6 +98,31 @@ def _lock_path(state_dir: str, export: str, kind: str) -> str:
     return os.path.join(state_dir, export + (f".{kind}" if kind else "") + ".lock")
 
 
+class RecordLock:
+    """Orders changes of a target's lineage against the writes of replication sessions:
+    a session that changes the record (a pass beginning, a promotion) holds it
+    exclusively while it does, a replication session holds it shared while it checks
+    the record and writes one frame. So no replicated write lands after the record
+    it was checked against has changed (``EXPORT.record.lock``)."""
+
+    def __init__(self, state_dir: str, export: str):
+        self.path = _lock_path(state_dir, export, "record")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def held(self, exclusive: bool):
+        fcntl.flock(self._fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def file_system_size(path: str) -> int:
     """The size of the file system that holds ``path`` (a file or a directory)."""
     st = os.statvfs(path)
@@ -110,6 +135,8 @@ class TargetDevice:
     def __init__(self, path: str, fd: int):
         self.path = path
         self.fd = fd
+        # Set by a replication session: held around each write (bmig.receiver.session).
+        self.guard: Callable[[], ContextManager[None]] | None = None
         try:
             try:
                 self.identity: TargetIdentity = identify(fd)
@@ -186,19 +213,22 @@ class TargetDevice:
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        try:
-            done = os.pwrite(self.fd, view, offset)
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
-        except OSError as exc:
-            raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
-                                f"{self.path}") from None
+        with self.guard() if self.guard is not None else contextlib.nullcontext():
+            try:
+                done = os.pwrite(self.fd, view, offset)
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as exc:
+                raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
+                                    f"{self.path}") from None
 
     def zero(self, offset: int, length: int) -> None:
-        try:
-            zero_range(self.fd, offset, length)
-        except OSError as exc:
-            raise io_error(exc, f"zeroing {length} bytes at {offset} of {self.path}") from None
+        with self.guard() if self.guard is not None else contextlib.nullcontext():
+            try:
+                zero_range(self.fd, offset, length)
+            except OSError as exc:
+                raise io_error(exc, f"zeroing {length} bytes at {offset} of "
+                                    f"{self.path}") from None
 
     def sync(self) -> None:
         try:
