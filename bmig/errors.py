@@ -23,6 +23,7 @@ EXIT_TARGET = 11        # the target could not store the data (I/O error, no spa
 EXIT_HOOK = 12          # a cutover hook failed
 EXIT_NOT_CONVERGED = 13  # cutover: not converged within --timeout
 EXIT_VERIFY = 14        # verify found chunks that differ
+EXIT_HANDOVER_UNKNOWN = 15  # cutover: PROMOTE unanswered, the target's state unknown
 
 
 class BmigError(Exception):
@@ -177,6 +178,13 @@ class VerifyFailed(BmigError):
     wire_code = "verify-failed"
 
 
+class HandoverUnknown(BmigError):
+    """The cutover cannot tell whether the target was promoted."""
+
+    exit_code = EXIT_HANDOVER_UNKNOWN
+    wire_code = "handover-unknown"
+
+
 class StateError(BmigError):
     """The state directory cannot be used."""
 
@@ -203,6 +211,7 @@ _ALL: tuple[type[BmigError], ...] = (
     TargetBusy,
     LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,
     HookFailed, NotConverged, VerifyFailed, StateError, StateWriteError, StateLocked,
+    HandoverUnknown,
 )
 BY_WIRE_CODE: dict[str, type[BmigError]] = {cls.wire_code: cls for cls in _ALL}
 
