@@ -24,6 +24,7 @@ EXIT_HOOK = 12          # a cutover hook failed
 EXIT_NOT_CONVERGED = 13  # cutover: not converged within --timeout
 EXIT_VERIFY = 14        # verify found chunks that differ
 EXIT_LIVE = 15          # sync converged while the device is being written: not identical
+EXIT_HANDOVER_UNKNOWN = 16  # cutover: PROMOTE unanswered, the target's state unknown
 
 
 class BmigError(Exception):
@@ -178,6 +179,13 @@ class VerifyFailed(BmigError):
     wire_code = "verify-failed"
 
 
+class HandoverUnknown(BmigError):
+    """The cutover cannot tell whether the target was promoted."""
+
+    exit_code = EXIT_HANDOVER_UNKNOWN
+    wire_code = "handover-unknown"
+
+
 class StateError(BmigError):
     """The state directory cannot be used."""
 
@@ -204,6 +212,7 @@ _ALL: tuple[type[BmigError], ...] = (
     TargetBusy,
     LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,
     HookFailed, NotConverged, VerifyFailed, StateError, StateWriteError, StateLocked,
+    HandoverUnknown,
 )
 BY_WIRE_CODE: dict[str, type[BmigError]] = {cls.wire_code: cls for cls in _ALL}
 

@@ -4,7 +4,9 @@ A generation is a random 64-bit id naming one lineage of a device's data. The so
 side (breqd, per tracked device) records its device id, its generation and its role; the
 target side (breceive, per target) records the source device id and generation it holds,
 and the state of its copy. A receiver refuses a stream of another lineage unless told to
-discard its data, so an old source can never overwrite a newer copy.
+discard its data, so an old source can never overwrite a newer copy. The target's record
+also names the file or device it describes (its identity, bmig.identity): a record is
+only ever true of that target (invariant 9).
 
 Both records are small JSON files written atomically (bmig.config.write_atomic). A record
 that cannot be read is never guessed at: the caller refuses to go on and says why.
@@ -21,6 +23,7 @@ from typing import Any
 
 from bmig.config import read_json_state, write_atomic
 from bmig.errors import ConfigError, StateError
+from bmig.identity import TargetIdentity
 
 ROLE_PRIMARY = "primary"            # the source: writes happen here
 ROLE_SECONDARY = "secondary"        # a target: receives what the primary ships
@@ -127,6 +130,7 @@ class TargetRecord:
     previous: list[str] = field(default_factory=list)   # older generations, newest first
     successor: int = 0                 # handed-over: the generation that took over
     promoted: float | None = None      # time the target became primary
+    identity: TargetIdentity | None = None   # the file or device the record describes
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -134,7 +138,15 @@ class TargetRecord:
         d["generation"] = hex_id(self.generation)
         d["successor"] = hex_id(self.successor)
         d["previous"] = self.previous[:16]
+        d["identity"] = self.identity.to_json() if self.identity is not None else None
         return d
+
+    def not_bound_to(self, found: TargetIdentity | None) -> str | None:
+        """Why this record does not describe the target as it is now (``found``; None:
+        the target does not exist), or None when it does (invariant 9)."""
+        if self.identity is None:
+            return "its record does not say which file or device it describes"
+        return self.identity.mismatch(found)
 
     def shares_lineage(self, device_id: int, generation: int) -> bool:
         return (self.state != STATE_NEW and self.source_device_id == device_id
@@ -149,7 +161,10 @@ class TargetRecord:
 
 def relation(record: TargetRecord, device_id: int, generation: int,
              previous: list[int]) -> str:
-    """How a source relates to what a target holds (see docs/wire-protocol.md, Open)."""
+    """How a source relates to what a target's record says it holds (see
+    docs/wire-protocol.md, Open). The receiver then checks that the record still
+    describes the target (TargetRecord.not_bound_to): "same" and "descendant" hold only
+    for the very file or device the record was written for."""
     if record.state == STATE_NEW:
         return "new"
     if record.shares_lineage(device_id, generation) and record.role != ROLE_PRIMARY:
@@ -179,6 +194,7 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
         last = raw.get("last_pass")
         promoted = raw.get("promoted")
         successor = raw.get("successor")
+        identity = raw.get("identity")
         return TargetRecord(export, parse_id(raw.get("source_device_id"), "source_device_id"),
                             parse_id(raw.get("generation"), "generation"), state,
                             str(raw.get("role", ROLE_SECONDARY)), int(raw.get("size", 0)),
@@ -186,7 +202,9 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
                             int(raw.get("passes", 0)),
                             [str(g) for g in raw.get("previous", [])][:16],
                             parse_id(successor, "successor") if successor else 0,
-                            float(promoted) if promoted is not None else None)
+                            float(promoted) if promoted is not None else None,
+                            TargetIdentity.from_json(identity) if identity is not None
+                            else None)
     except (ConfigError, TypeError, ValueError) as exc:
         message = exc.message if isinstance(exc, ConfigError) else str(exc)
         raise StateError(f"target record {path} damaged: {message}") from None

@@ -11,7 +11,7 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
-from bmig.config import load_settings
+from bmig.config import load_settings, parse_size
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.receiver.service import Receiver, ReceiverSettings
@@ -21,7 +21,7 @@ from bmig.wire.transports import server_tls_context
 
 KEYS = {"listen", "state_dir", "secret_file", "tls_cert", "tls_key", "tls_client_ca",
         "max_sessions", "log_level", "targets"}
-TARGET_KEYS = {"path", "allow_discard"}
+TARGET_KEYS = {"path", "allow_discard", "allow_discard_primary", "max_size"}
 _EXPORT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 DEFAULT_PORT = 10810
 
@@ -36,8 +36,11 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
         if not isinstance(spec, dict) or "path" not in spec or set(spec) - TARGET_KEYS:
             raise ConfigError(f"[targets.{export}] needs path, and only "
                               f"{', '.join(sorted(TARGET_KEYS))}")
-        targets[export] = TargetConfig(export, str(spec["path"]),
-                                       bool(spec.get("allow_discard", False)))
+        max_size = spec.get("max_size")
+        targets[export] = TargetConfig(
+            export, str(spec["path"]), bool(spec.get("allow_discard", False)),
+            parse_size(max_size) if max_size is not None else None,
+            bool(spec.get("allow_discard_primary", False)))
     for item in flags:
         export, sep, path = item.partition("=")
         if not sep or not path:

@@ -24,21 +24,25 @@ on while the disk flushes. The sender commits a chunk only on DURABLE (invariant
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from bmig import __version__
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from bmig.errors import (AuthError, BmigError, ChecksumMismatch, LineageError, ProtocolError,
-                         TargetError, UnknownExport)
+from bmig.errors import (AuthError, BmigError, ChecksumMismatch, ConfigError, LineageError,
+                         ProtocolError, TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
-                          TargetRecord, hex_id, load_target, now, parse_id, save_target)
+                          TargetRecord, hex_id, load_target, now, parse_id, save_target,
+                          target_path)
 from bmig.lineage import relation as lineage_relation
-from bmig.receiver.target import TargetDevice, TargetLock
+from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
 from bmig.wire import auth, codec
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
@@ -49,6 +53,7 @@ from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, K
 log = logging.getLogger("breceive")
 
 FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
+WATCH_INTERVAL = 1.0     # seconds between looks at the record of an idle replication session
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class TargetConfig:
     export: str
     path: str
     allow_discard: bool = False
+    max_size: int | None = None          # a file target grows to this at most (None: the
+    allow_discard_primary: bool = False  # size of its file system); a primary's data may
+                                         # be discarded (a promoted target: never by default)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class Session:
         self.record: TargetRecord | None = None
         self.target: TargetDevice | None = None
         self.lock: TargetLock | None = None
+        self.record_lock: RecordLock | None = None
+        self._watch: _LineageWatch | None = None
         self.source_id = 0
         self.source_generation = 0
         self.size = 0
@@ -248,64 +258,141 @@ class Session:
         if mode not in ("pass", "replicate", "inspect"):
             raise ProtocolError(f"OPEN: unknown mode {mode!r}")
         replicate = mode == "replicate"
+        writable = mode != "inspect"
         lock = TargetLock(self.policy.state_dir, export, "replica" if replicate else "")
-        if mode != "inspect":            # reading hashes needs no lock
+        if writable:                     # reading hashes needs no lock
             lock.acquire()
+        target: TargetDevice | None = None
+        record_lock: RecordLock | None = None
+        why = ""
         try:
             record = load_target(self.policy.state_dir, export)
             relation = lineage_relation(record, source_id, generation, previous)
-            if relation == "foreign" and replicate:
-                raise LineageError(f"target {export!r} holds another lineage: sync it "
-                                   "first, then replicate")
             if relation == "foreign":
-                if not discard:
-                    raise LineageError(
-                        f"target {export!r} holds generation {hex_id(record.generation)} of "
-                        f"device {hex_id(record.source_device_id)}, not generation "
-                        f"{hex_id(generation)} of {hex_id(source_id)}; to overwrite it, "
-                        f"sync with --discard-target-data {export}")
-                if not config.allow_discard:
-                    raise LineageError(f"target {export!r} holds another lineage and this "
-                                       "receiver does not allow discarding it "
-                                       "(allow_discard)")
-                log.warning("%s: %s: discarding generation %s of %s on request", self.peer,
-                            export, hex_id(record.generation), hex_id(record.source_device_id))
-                record = TargetRecord(export)
-                relation = "new"
-            target = TargetDevice(config.path, size, writable=mode != "inspect")
+                self._refuse_or_discard(config, record, source_id, generation, discard,
+                                        replicate)
+                record, relation = TargetRecord(export), "new"
+            target = TargetDevice.open(config.path, writable, lock.other_session)
+            if relation in ("same", "descendant"):
+                # Invariant 9: the record is about one file or device, as it was.
+                why = record.not_bound_to(target.identity if target else None) or ""
+                if why:
+                    log.warning("%s: %s: %s is not the copy its record describes (%s "
+                                "of %s): %s; it is taken as new, and everything is shipped "
+                                "again", self.peer, export, config.path,
+                                hex_id(record.generation), hex_id(record.source_device_id),
+                                why)
+                    record, relation = TargetRecord(export), "new"
+            target = self._sized(config, target, size, writable and relation == "new")
+            if writable:
+                record_lock = RecordLock(self.policy.state_dir, export)
         except BaseException:
+            if target is not None:
+                target.close()
             lock.release()
             raise
         self.config, self.record, self.target, self.lock = config, record, target, lock
+        self.record_lock = record_lock
         self.source_id, self.source_generation, self.size = source_id, generation, size
         self.source_previous = [hex_id(g) for g in previous]
+        if replicate:
+            assert record_lock is not None
+            self._watch = _LineageWatch(self, record_lock, source_id, generation, previous)
+            target.guard = self._watch.guard
+            self._watch.start()
         self._syncer = _Syncer(self)
         self._syncer.start()
         self.state = {"replicate": "replicate", "inspect": "inspect"}.get(mode, "open")
         log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
                  relation)
-        self.send(Message(T.OPENED, {"relation": relation, "target": record.to_json()}))
+        reply = {"relation": relation, "target": record.to_json()}
+        if why:
+            reply["why"] = f"{config.path} is not the copy its record describes: {why}"
+        self.send(Message(T.OPENED, reply))
         return True
 
+    def _refuse_or_discard(self, config: TargetConfig, record: TargetRecord, source_id: int,
+                           generation: int, discard: bool, replicate: bool) -> None:
+        """A source of another lineage: refused, unless both sides agree to discard the
+        target's data. A primary is never offered for discarding: a former source that
+        meets it is told about fail-back instead (invariant 7)."""
+        export = config.export
+        if record.role == ROLE_PRIMARY:
+            since = time.strftime(" since %Y-%m-%d %H:%M:%S",
+                                  time.localtime(record.promoted)) if record.promoted else ""
+            primary = (f"target {export!r} is the primary{since}: a cutover promoted it to "
+                       f"generation {hex_id(record.generation)}, and the source it came "
+                       "from may no longer write to it")
+            if not discard or replicate:
+                record_file = target_path(self.policy.state_dir, export)
+                raise LineageError(f"{primary}; to fail back, track the primary's copy on "
+                                   f"its host (bmigrate track add NAME --adopt {record_file})"
+                                   " and sync from there to this source (README, \"fail "
+                                   "back\")")
+            if not config.allow_discard_primary:
+                raise LineageError(f"{primary}, and this receiver does not allow discarding "
+                                   "a primary's data (allow_discard_primary)")
+            log.warning("%s: %s: discarding the primary (generation %s) on request",
+                        self.peer, export, hex_id(record.generation))
+            return
+        if replicate:
+            raise LineageError(f"target {export!r} holds another lineage: sync it first, "
+                               "then replicate")
+        if not discard:
+            raise LineageError(
+                f"target {export!r} holds generation {hex_id(record.generation)} of "
+                f"device {hex_id(record.source_device_id)}, not generation "
+                f"{hex_id(generation)} of {hex_id(source_id)}; to overwrite it, "
+                f"sync with --discard-target-data {export}")
+        if not config.allow_discard:
+            raise LineageError(f"target {export!r} holds another lineage and this "
+                               "receiver does not allow discarding it (allow_discard)")
+        log.warning("%s: %s: discarding generation %s of %s on request", self.peer,
+                    export, hex_id(record.generation), hex_id(record.source_device_id))
+
+    @staticmethod
+    def _sized(config: TargetConfig, target: TargetDevice | None, size: int,
+               may_grow: bool) -> TargetDevice:
+        """The target, at least ``size`` bytes long. Only for a "new" relation may a file
+        be created or extended (up to its cap): anything else would make a copy out of
+        what is not one."""
+        if target is None:
+            if not may_grow:
+                raise ConfigError(f"target {config.path} does not exist")
+            log.info("creating target %s (%d bytes)", config.path, size)
+            return TargetDevice.create(config.path, size, config.max_size)
+        if target.size < size:
+            if not may_grow or target.is_block:
+                raise TargetError(f"target {config.path} has {target.size} bytes, the "
+                                  f"source {size}")
+            log.info("extending target %s from %d to %d bytes", config.path, target.size,
+                     size)
+            target.grow(size, config.max_size)
+        return target
 
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
-        assert self.record is not None
+        assert self.record is not None and self.target is not None
+        assert self.record_lock is not None
         record = self.record
         record.source_device_id, record.generation = self.source_id, self.source_generation
         record.previous = list(self.source_previous)
         record.role, record.successor = ROLE_SECONDARY, 0
         record.state = STATE_INCONSISTENT
         record.size = self.size
-        save_target(self.policy.state_dir, record)       # durable before the first write
+        record.identity = self.target.identity
+        with self.record_lock.held(exclusive=True):     # no replicated write meanwhile
+            save_target(self.policy.state_dir, record)   # durable before the first write
         self.state = "pass"
         return True
 
     def _promote(self, msg: Message) -> bool:
         """Cutover, step 6: the target gets a new generation and becomes the primary;
-        the source it came from can never write to it again (invariant 7)."""
+        the source it came from can never write to it again (invariant 7), and a
+        replication session of it ends at its next write."""
         self._require("open")
         assert self.record is not None and self.target is not None
+        assert self.record_lock is not None
         record = self.record
         if not record.shares_lineage(self.source_id, self.source_generation) \
                 or record.state != STATE_CONSISTENT:
@@ -315,12 +402,13 @@ class Session:
         new = parse_id(msg.fields.get("generation"), "generation")
         if new in (0, record.generation):
             raise ProtocolError("PROMOTE needs a new generation")
-        self.sync_now()
-        record.previous = [hex_id(record.generation)] + record.previous[:15]
-        record.generation = new
-        record.role = ROLE_PRIMARY
-        record.promoted = now()
-        save_target(self.policy.state_dir, record)
+        with self.record_lock.held(exclusive=True):
+            self.sync_now()              # every replicated write so far, then the record
+            record.previous = [hex_id(record.generation)] + record.previous[:15]
+            record.generation = new
+            record.role = ROLE_PRIMARY
+            record.promoted = now()
+            save_target(self.policy.state_dir, record)
         log.warning("%s: %s promoted: generation %s, primary now; its former source is "
                     "refused from here on", self.peer, record.export, hex_id(new))
         self.send(Message(T.PROMOTED, {"target": record.to_json()}))
@@ -364,6 +452,9 @@ class Session:
                 record = load_target(self.policy.state_dir, export).to_json()
             except BmigError as exc:
                 record = {"export": export, "error": exc.message}
+            # A pass session holds it now: its record may still change (a PROMOTE whose
+            # answer was lost is either done or not once this is false).
+            record["busy"] = is_locked(TargetLock(self.policy.state_dir, export).path)
             targets.append(record)
         self.send(Message(T.STATUS, {"targets": targets, "server": f"breceive {__version__}"}))
         return True
@@ -433,6 +524,9 @@ class Session:
         self._syncer.request(seq)
 
     def _finish(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         if self._syncer is not None:
             self._syncer.stop()
             self._syncer = None          # it refers back to us: free the buffers now
@@ -442,9 +536,76 @@ class Session:
             except BmigError as exc:
                 log.error("%s: final sync failed: %s", self.peer, exc.message)
             self.target.close()
+        if self.record_lock is not None:
+            self.record_lock.close()
         if self.lock is not None:
             self.lock.release()
         self.channel.close()
+
+
+class _LineageWatch(threading.Thread):
+    """Keeps a replication session to the lineage it opened with. Each write is checked
+    against the target's record under the record lock (shared; a session that changes
+    the lineage holds it exclusively), and this thread looks at the record every
+    WATCH_INTERVAL seconds, so that an idle session ends too: a promotion, or a discard
+    by another session, ends the replication of the old lineage (invariant 7)."""
+
+    def __init__(self, session: Session, record_lock: RecordLock, source_id: int,
+                 generation: int, previous: list[int]):
+        super().__init__(name="lineage watch", daemon=True)
+        assert session.config is not None
+        self._session = session
+        self._record_lock = record_lock
+        self._state_dir = session.policy.state_dir
+        self._export = session.config.export
+        self._path = target_path(self._state_dir, self._export)
+        self._source = (source_id, generation, previous)
+        self._seen: tuple[int, int, int] | None | str = "not yet"   # read at the first check
+        self._check_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size       # a new file at each save
+
+    def check(self) -> None:
+        """LineageError when the record no longer holds this session's lineage."""
+        with self._check_lock:
+            seen = self._stat()
+            if seen == self._seen:
+                return
+            record = load_target(self._state_dir, self._export)
+            if lineage_relation(record, *self._source) == "foreign":
+                what = ("is the primary now" if record.role == ROLE_PRIMARY
+                        else "holds another lineage now")
+                raise LineageError(f"target {self._export!r} {what} (generation "
+                                   f"{hex_id(record.generation)} of "
+                                   f"{hex_id(record.source_device_id)}): this replication "
+                                   "session of generation "
+                                   f"{hex_id(self._source[1])} ends")
+            self._seen = seen
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        with self._record_lock.held(exclusive=False):
+            self.check()
+            yield
+
+    def run(self) -> None:
+        while not self._stopping.wait(WATCH_INTERVAL):
+            try:
+                self.check()
+            except BmigError as exc:
+                self._session.fail(exc)
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self is not threading.current_thread():
+            self.join(timeout=10)
 
 
 _JSON_HANDLERS = {

@@ -2,21 +2,32 @@
 
 One session at a time writes to a target: the lock is an flock on ``EXPORT.lock`` in the
 receiver's state directory, so it also holds between ``breceive --stdio`` processes that
-SSH starts side by side.
+SSH starts side by side. A replication session has a lock of its own
+(``EXPORT.replica.lock``) and runs beside the pass session.
+
+A target is opened as it is: a file is created, or extended, only for a sender whose
+relation to it is "new" (the session decides), and never beyond its cap (``max_size``,
+by default the size of the file system that holds it). A block device is opened with
+O_EXCL, so one that is mounted or claimed by another program (device-mapper, md, a
+program that opened it exclusively) is refused; the claim is shared by the sessions of
+one export (the first one takes it). What the target is (``identity``) is what its record
+binds to (bmig.identity).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
-import stat
 import time
+from typing import Callable, ContextManager
 
 import xxhash
 
-from bmig.blockdev import is_block_device, size_of_fd, zero_range
+from bmig.blockdev import zero_range
 from bmig.errors import ConfigError, TargetBusy, TargetError, TargetFull
+from bmig.identity import TargetIdentity, identify
 
 HASH_READ = 4 * 1024 * 1024
 LOCK_WAIT = 5.0        # seconds a new session waits for the target's previous one
@@ -33,9 +44,10 @@ class TargetLock:
     """``kind`` "" is the pass lock, "replica" the replication session's own."""
 
     def __init__(self, state_dir: str, export: str, kind: str = ""):
+        self.state_dir = state_dir
         self.export = export
         self.kind = kind
-        self.path = os.path.join(state_dir, export + (f".{kind}" if kind else "") + ".lock")
+        self.path = _lock_path(state_dir, export, kind)
         self._fd: int | None = None
 
     def acquire(self, wait: float = LOCK_WAIT) -> None:
@@ -61,52 +73,162 @@ class TargetLock:
             os.close(self._fd)
             self._fd = None
 
+    def other_session(self) -> bool:
+        """Whether a session of the other kind (pass or replication) of this export runs
+        now, in this process or another."""
+        return is_locked(_lock_path(self.state_dir, self.export, "" if self.kind else "replica"))
+
+
+def is_locked(path: str) -> bool:
+    """Whether someone holds the flock of ``path`` (a probe that takes nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)           # closing drops the probe's own shared lock
+
+
+def _lock_path(state_dir: str, export: str, kind: str) -> str:
+    return os.path.join(state_dir, export + (f".{kind}" if kind else "") + ".lock")
+
+
+class RecordLock:
+    """Orders changes of a target's lineage against the writes of replication sessions:
+    a session that changes the record (a pass beginning, a promotion) holds it
+    exclusively while it does, a replication session holds it shared while it checks
+    the record and writes one frame. So no replicated write lands after the record
+    it was checked against has changed (``EXPORT.record.lock``)."""
+
+    def __init__(self, state_dir: str, export: str):
+        self.path = _lock_path(state_dir, export, "record")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def held(self, exclusive: bool):
+        fcntl.flock(self._fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def file_system_size(path: str) -> int:
+    """The size of the file system that holds ``path`` (a file or a directory)."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
 
 class TargetDevice:
     """The target's bytes: written, zeroed, synced and hashed at byte offsets."""
 
-    def __init__(self, path: str, size: int, writable: bool = True):
-        """Open ``path`` for a source of ``size`` bytes: a missing file is created, a
-        short file extended; a block device must be large enough. Not ``writable``
-        (verify): opened read-only, and neither created nor extended."""
+    def __init__(self, path: str, fd: int):
         self.path = path
-        self.size = size
-        flags = (os.O_RDWR | os.O_CREAT) if writable else os.O_RDONLY
+        self.fd = fd
+        # Set by a replication session: held around each write (bmig.receiver.session).
+        self.guard: Callable[[], ContextManager[None]] | None = None
         try:
-            self.fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"cannot open target {path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(self.fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                raise ConfigError(f"target {path} is neither a file nor a block device")
-            have = size_of_fd(self.fd)
-            if have < size:
-                if is_block_device(self.fd) or not writable:
-                    raise TargetError(f"target {path} has {have} bytes, the source {size}")
-                try:
-                    os.ftruncate(self.fd, size)
-                except OSError as exc:
-                    raise io_error(exc, f"cannot extend {path} to {size} bytes") from None
+            try:
+                self.identity: TargetIdentity = identify(fd)
+            except ValueError:
+                raise ConfigError(f"target {path} is neither a file nor a block device") \
+                    from None
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def is_block(self) -> bool:
+        return self.identity.kind == "block"
+
+    @classmethod
+    def open(cls, path: str, writable: bool = True,
+             claim_shared: Callable[[], bool] = lambda: False) -> "TargetDevice | None":
+        """The target as it is, or None when no file is there (nothing is created). A
+        writable block device is claimed (O_EXCL); if that fails with EBUSY, it is used
+        only when ``claim_shared`` says another session of the same export holds the
+        claim, and refused otherwise (mounted, or used by another program)."""
+        flags = (os.O_RDWR | os.O_EXCL) if writable else os.O_RDONLY
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)   # O_EXCL without O_CREAT: block
+        except FileNotFoundError:                      # devices only (Linux)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not writable:
+                raise ConfigError(f"cannot open target {path}: {exc.strerror}") from None
+            if not claim_shared():
+                raise TargetBusy(f"target {path} is in use (mounted, or opened exclusively "
+                                 "by another program): breceive writes only to a device "
+                                 "nobody else uses") from None
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise ConfigError(f"cannot open target {path}: {exc.strerror}") from None
+        return cls(path, fd)
+
+    @classmethod
+    def create(cls, path: str, size: int, max_size: int | None) -> "TargetDevice":
+        """A new file of ``size`` bytes (sparse), durable in its directory."""
+        directory = os.path.dirname(os.path.abspath(path))
+        _check_cap(path, size, max_size, directory)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot create target {path}: {exc.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            _fsync_dir(directory)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise io_error(exc, f"cannot create {path} with {size} bytes") from None
+        return cls(path, fd)
+
+    def grow(self, size: int, max_size: int | None) -> None:
+        """Extend a file target to ``size`` bytes (only ever for a "new" relation)."""
+        assert not self.is_block and size > self.size
+        _check_cap(self.path, size, max_size, self.path)
+        try:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise io_error(exc, f"cannot extend {self.path} to {size} bytes") from None
+        self.identity = identify(self.fd)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        try:
-            done = os.pwrite(self.fd, view, offset)
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
-        except OSError as exc:
-            raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
-                                f"{self.path}") from None
+        with self.guard() if self.guard is not None else contextlib.nullcontext():
+            try:
+                done = os.pwrite(self.fd, view, offset)
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+            except OSError as exc:
+                raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
+                                    f"{self.path}") from None
 
     def zero(self, offset: int, length: int) -> None:
-        try:
-            zero_range(self.fd, offset, length)
-        except OSError as exc:
-            raise io_error(exc, f"zeroing {length} bytes at {offset} of {self.path}") from None
+        with self.guard() if self.guard is not None else contextlib.nullcontext():
+            try:
+                zero_range(self.fd, offset, length)
+            except OSError as exc:
+                raise io_error(exc, f"zeroing {length} bytes at {offset} of "
+                                    f"{self.path}") from None
 
     def sync(self) -> None:
         try:
@@ -143,3 +265,29 @@ class TargetDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _check_cap(path: str, size: int, max_size: int | None, where: str) -> None:
+    """A file target never grows beyond its cap: ``max_size``, or by default the size of
+    the file system that holds it (a larger file could never be filled)."""
+    if max_size is None:
+        try:
+            max_size = file_system_size(where)
+        except OSError as exc:
+            raise ConfigError(f"cannot look at the file system of {path}: "
+                              f"{exc.strerror}") from None
+        what = "the size of its file system"
+    else:
+        what = "its max_size"
+    if size > max_size:
+        raise TargetError(f"target {path} would have to grow to {size} bytes, beyond "
+                          f"{what} ({max_size} bytes): raise max_size for it, or give a "
+                          "larger target")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

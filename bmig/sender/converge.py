@@ -15,7 +15,9 @@ Lineage, on opening the target (invariant 7):
              written since: a fail-back, which ships what is dirty (what changed here
              since the handover)
     new      the target holds nothing of ours: every chunk is set dirty first (holes
-             skipped), or compared by hash with --checksum
+             skipped), or compared by hash with --checksum. Also a target whose record
+             no longer describes it (deleted, replaced, truncated or grown behind the
+             receiver's back: invariant 9); the receiver says why, and so do we
     foreign  refused by the receiver, unless --discard-target-data names the target
     none     an NBD target, which keeps no record: everything, every time we connect
 """
@@ -177,12 +179,15 @@ class Migration:
         if mode != "pass":
             return
         if relation in ("new", "none"):
+            why = getattr(self._target, "why", "")
+            holds = (f"the target holds no copy any more: {why}" if why
+                     else "the target holds no copy of this lineage")
             if not self.settings.passes.checksum:
-                self.reporter.note(f"{self.name}: the target holds no copy of this lineage; "
-                                   "shipping everything (holes skipped)", relation=relation)
+                self.reporter.note(f"{self.name}: {holds}; shipping everything (holes "
+                                   "skipped)", relation=relation, why=why or None)
             else:
-                self.reporter.note(f"{self.name}: comparing every chunk with the target",
-                                   relation=relation)
+                self.reporter.note(f"{self.name}: {holds}; comparing every chunk with it",
+                                   relation=relation, why=why or None)
             self._client.set_all_dirty(self.name)
         elif self.settings.passes.checksum:
             self._client.set_all_dirty(self.name)

@@ -14,6 +14,14 @@
 
 A failure before step 6 stops replication, thaws, and leaves the source primary and
 writable, and says so. Every step is logged and reported (a JSON event with --json).
+
+If PROMOTE gets no answer (the connection is lost, the reply with it), the target may be
+the primary already: the source stays read-only, and a new connection asks the receiver
+for the target's record (STATUS) once no session holds the target any more. Promoted:
+the handover goes on as if the answer had come. Not promoted: the source is made
+writable again, as for any failure before step 6. No way to tell: HandoverUnknown (exit
+16); the source is recorded as handed over, so that it stays read-only even when
+bmig-nbd restarts, until the operator has looked (invariant 7: never two primaries).
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from bmig.errors import BmigError, HookFailed, NotConverged, VerifyFailed
-from bmig.lineage import (ROLE_HANDED_OVER, STATE_CONSISTENT, TargetRecord, hex_id,
-                          new_generation, save_target)
+from bmig.errors import BmigError, HandoverUnknown, HookFailed, NotConverged, VerifyFailed
+from bmig.identity import identify
+from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, STATE_CONSISTENT, TargetRecord,
+                          hex_id, new_generation, save_target)
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
 from bmig.sender.verify import verify
@@ -36,6 +45,10 @@ log = logging.getLogger("bmigrate")
 
 SETTLE_POLL = 0.05           # seconds between looks at breqd while the last bits settle
 SETTLE_TIMEOUT = 60.0
+OUTCOME_TIMEOUT = 10.0       # PROMOTE unanswered: how long to ask the receiver what it did
+OUTCOME_POLL = 0.2
+
+PROMOTED, NOT_PROMOTED, UNKNOWN = "promoted", "not promoted", "unknown"
 
 
 @dataclass
@@ -225,13 +238,27 @@ class Cutover:
             self._nbd.call("read-only", value=True)
             self._read_only = True
         generation = new_generation()
+        unknown: str | None = None
         try:
             target = m._target.promote(generation)
         except BaseException as exc:
-            self._undo(exc)
-            raise
-        # From here the target is the primary: the source must never write to it again.
-        # What follows is done as far as it goes; a failure is reported, not undone.
+            outcome, target, detail = self._promote_outcome(generation, exc)
+            if outcome == NOT_PROMOTED:
+                self.report({"event": "note", "device": m.name, "message":
+                             f"{m.name}: PROMOTE was not answered ({_message(exc)}); the "
+                             "target's record shows it was not promoted"})
+                self._undo(exc)
+                raise
+            if outcome == UNKNOWN:
+                unknown = detail
+            else:
+                self.report({"event": "note", "device": m.name, "message":
+                             f"{m.name}: PROMOTE was not answered ({_message(exc)}), but "
+                             f"the target is primary with generation {hex_id(generation)}: "
+                             "the handover goes on"})
+        # From here the target is (or may be) the primary: the source must never write to
+        # it again. What follows is done as far as it goes; a failure is reported, not
+        # undone.
         self.result.generation = hex_id(generation)
         assert m._tracker is not None and m._info is not None
         problems: list[str] = []
@@ -247,22 +274,78 @@ class Cutover:
                 action()
             except (BmigError, OSError) as exc:
                 problems.append(f"{what}: {getattr(exc, 'message', None) or exc}")
+        state = "writable" if self.s.keep_writable else "read-only"
+        if unknown is not None:
+            raise HandoverUnknown(
+                f"{m.name}: the handover's outcome is unknown: PROMOTE (generation "
+                f"{hex_id(generation)}) got no answer, and {unknown}; this source is "
+                f"{state} and recorded as handed over until you know"
+                + (f" ({'; '.join(problems)})" if problems else "") + ". Ask the target "
+                f"(bmigrate status {m.name} --to URL): if it is primary with that "
+                "generation, the handover happened; if not, make this source primary "
+                f"again (bmigrate track set-role {m.name} primary, then restart bmig-nbd)")
         if problems:
             raise BmigError(f"{m.name}: handed over (the target is primary with generation "
-                            f"{hex_id(generation)}; this source is "
-                            f"{'writable' if self.s.keep_writable else 'read-only'}), but "
+                            f"{hex_id(generation)}; this source is {state}), but "
                             + "; ".join(problems))
         return {"generation": hex_id(generation), "target_role": target.get("role")}
 
+    def _promote_outcome(self, generation: int,
+                         why: BaseException) -> tuple[str, dict, str]:
+        """PROMOTE failed without a clear answer: what did the receiver do? Our
+        connection is closed first, so that the session that got the PROMOTE ends; then
+        a new one asks for the target's record until no session holds the target (its
+        record can no longer change). (outcome, the record, what stood in the way)."""
+        m = self.m
+        assert m._info is not None
+        self.report({"event": "note", "device": m.name, "message":
+                     f"{m.name}: PROMOTE got no answer ({_message(why)}); this source is "
+                     "left as it is while the receiver is asked what it did"})
+        if m._target is not None:
+            try:
+                m._target.close()
+            except (BmigError, OSError):
+                pass
+        from bmig.sender.targets import open_target
+
+        deadline = time.monotonic() + OUTCOME_TIMEOUT
+        problem = "the receiver could not be asked"
+        while True:
+            try:
+                status = _ask_status(open_target, m.url, m.options)
+                records = [t for t in status.get("targets", [])
+                           if t.get("export") == m.url.export]
+                if not records:
+                    problem = f"the receiver has no record of {m.url.export!r}"
+                else:
+                    record = records[0]
+                    if record.get("role") == ROLE_PRIMARY \
+                            and record.get("generation") == hex_id(generation):
+                        return PROMOTED, record, ""
+                    if record.get("busy") is False and record.get("role") != ROLE_PRIMARY \
+                            and record.get("generation") == hex_id(m._info.generation):
+                        return NOT_PROMOTED, record, ""
+                    problem = ("a session still holds the target" if record.get("busy")
+                               else f"the target's record says {record.get('role')} with "
+                                    f"generation {record.get('generation')}")
+            except BmigError as exc:
+                problem = f"the receiver could not be asked ({exc.message})"
+            if time.monotonic() >= deadline or m.stop.is_set():
+                return UNKNOWN, {}, problem
+            m.stop.wait(OUTCOME_POLL)
+
     def _record_handed_over(self, generation: int) -> None:
         """A target record for this device, as breceive would keep it, so that a
-        fail-back from the new primary ships only what changed there."""
+        fail-back from the new primary ships only what changed there. It names the
+        source file or device by its identity (invariant 9), as breceive will see it."""
         m = self.m
-        assert m._info is not None and self.s.record_dir is not None
+        assert m._info is not None and m._source is not None
+        assert self.s.record_dir is not None
         os.makedirs(self.s.record_dir, mode=0o700, exist_ok=True)
         record = TargetRecord(m.name, m._info.device_id, m._info.generation, STATE_CONSISTENT,
                               ROLE_HANDED_OVER, m._info.size, time.time(), 0,
-                              list(m._info.previous), generation)
+                              list(m._info.previous), generation,
+                              identity=identify(m._source.fd))
         save_target(self.s.record_dir, record)
 
     def _undo(self, why: BaseException) -> None:
@@ -288,3 +371,15 @@ class Cutover:
             self._nbd.close()
         self.m.close()
 
+
+
+def _ask_status(open_target, url, options) -> dict:
+    target = open_target(url, options)
+    try:
+        return target.status()
+    finally:
+        target.close()
+
+
+def _message(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, BmigError) else str(exc) or type(exc).__name__

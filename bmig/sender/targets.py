@@ -196,6 +196,7 @@ class WireTarget:
             "mode": mode, "previous": list(source.previous)}), T.OPENED)
         assert isinstance(reply, Message)
         self.opened = reply.fields.get("target", {})
+        self.why = reply.str("why", "")      # why a target with a record is "new" now
         return reply.str("relation")
 
     def begin_pass(self) -> None:

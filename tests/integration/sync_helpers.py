@@ -53,8 +53,9 @@ def write_secret(path: str, text: str = "a shared secret of thirty-two bytes!") 
 
 
 def start_receiver(tmp_path, targets: dict[str, str], *extra: str,
-                   name: str = "breceive") -> ReceiverInstance:
-    """breceive on an ephemeral 127.0.0.1 port; the port comes from its READY status."""
+                   name: str = "breceive", program=breceive_argv) -> ReceiverInstance:
+    """breceive on an ephemeral 127.0.0.1 port; the port comes from its READY status.
+    ``program`` makes the command line from the arguments (a breceive with faults)."""
     state = str(tmp_path / f"{name}-state")
     secret = str(tmp_path / "secret")
     if not os.path.exists(secret):
@@ -63,7 +64,7 @@ def start_receiver(tmp_path, targets: dict[str, str], *extra: str,
             "--log-level", "debug"]
     for export, path in targets.items():
         argv += ["--target", f"{export}={path}"]
-    daemon = Daemon(breceive_argv(*argv, *extra), str(tmp_path / f"{name}.log")).start()
+    daemon = Daemon(program(*argv, *extra), str(tmp_path / f"{name}.log")).start()
     port = None
     for note in daemon.notifications:
         match = re.search(r"STATUS=listening on 127\.0\.0\.1:(\d+)", note)

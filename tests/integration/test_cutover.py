@@ -8,8 +8,8 @@
 - ext4 mounted through nbdfuse + loop while a workload writes and fsyncs files; the
   pre-handover hook stops the workload and unmounts: the target passes e2fsck and holds
   every file fsynced before the hook, with the same content.
-- Lineage after the cutover (invariant 7): the old source is refused (exit 9, naming
-  --discard-target-data); a fail-back from the new primary (``track add --adopt``) to the
+- Lineage after the cutover (invariant 7): the old source is refused (exit 9, told the
+  target is the primary and how to fail back, never to discard it); a fail-back from the new primary (``track add --adopt``) to the
   old source is a ``descendant`` and ships only what was written since the handover.
 - ``bmigrate verify`` finds a chunk corrupted on the target behind the tool's back (exit
   14, the offset); ``--repair`` marks it dirty and the next sync fixes it. A cutover with
@@ -391,7 +391,10 @@ def test_old_source_is_refused_and_a_fail_back_ships_only_what_changed(breqd, ri
                    "--secret-file", r.secret_file, "--threshold", "0", check=False)
     assert refused.returncode == 9, refused.stderr
     lines = error_lines(refused.stderr)
-    assert len(lines) == 1 and "--discard-target-data" in lines[0], refused.stderr
+    # It is told the target is the primary and how to fail back, never to discard it.
+    assert len(lines) == 1 and "is the primary" in lines[0], refused.stderr
+    assert "--adopt" in lines[0] and "fail back" in lines[0]
+    assert "discard" not in refused.stderr
     assert "Traceback" not in refused.stderr
     assert r.record("d1")["role"] == "primary"
     assert r.record("d1")["generation"] == generation

@@ -252,6 +252,8 @@ def test_a_full_target_is_a_clear_error_and_nothing_unwritten_is_committed(breqd
     small = mounts.tmpfs(str(tmp_path / "small"), "6m")
     source = make_image(str(tmp_path / "src.img"), 16 * MiB, "random")
     target = os.path.join(small, "tgt.img")
+    with open(target, "wb") as f:        # sparse, larger than its file system: breceive
+        f.truncate(16 * MiB)             # would not grow it so far itself (max_size)
     track(breqd, "d", source)
     r = start_receiver(tmp_path, {"d": target})
     receivers.append(r)

@@ -1,0 +1,71 @@
+"""breceive with faults the tests choose, for what a real network rarely does on cue.
+
+    python -c 'from tests.integration.breceive_faults import main; main()' FAULTS ARGS...
+
+FAULTS is a comma-separated list (or "none"); ARGS are breceive's own:
+
+    promoted-lost   PROMOTE is carried out, but its answer is lost: the connection ends
+                    instead of PROMOTED (the receiver may have died right after, or the
+                    network failed)
+    promote-lost    the connection ends when PROMOTE arrives, before it is carried out
+    status-lost     every STATUS_REQ ends its connection unanswered
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bmig.receiver import session as session_module
+from bmig.receiver.session import Session
+from bmig.wire.protocol import Message, T
+
+
+def _promoted_lost(original):
+    def promote(self: Session, msg: Message) -> bool:
+        sent = self.send
+
+        def send(message: Message) -> None:
+            if message.type != T.PROMOTED:
+                sent(message)
+            else:
+                self.channel.close()           # the answer is lost with the connection
+        self.send = send                       # type: ignore[method-assign]
+        try:
+            original(self, msg)
+        finally:
+            del self.send
+        return False                           # and the session ends
+    return promote
+
+
+def _lost(original):
+    def handler(self: Session, msg: Message) -> bool:
+        self.channel.close()
+        return False
+    return handler
+
+
+FAULTS = {"promoted-lost": (T.PROMOTE, _promoted_lost), "promote-lost": (T.PROMOTE, _lost),
+          "status-lost": (T.STATUS_REQ, _lost)}
+
+
+def install(names: list[str]) -> None:
+    for name in names:
+        kind, make = FAULTS[name]
+        handlers = session_module._JSON_HANDLERS
+        handlers[kind] = make(handlers[kind])
+
+
+def main() -> None:
+    faults = sys.argv.pop(1)
+    install([] if faults == "none" else faults.split(","))
+    from bmig.cli.breceive import main as breceive_main
+    breceive_main()
+
+
+def argv(faults: str):
+    """A ``program`` for tests.integration.sync_helpers.start_receiver."""
+    def make(*args: str) -> list[str]:
+        return [sys.executable, "-c",
+                "from tests.integration.breceive_faults import main; main()", faults, *args]
+    return make
