@@ -47,10 +47,7 @@ def parse_threshold(value: str | int) -> tuple[int, float | None]:
     seconds = _SECONDS.fullmatch(text)
     if seconds:
         return 0, float(seconds.group(1))
-    size = parse_size(text)
-    if size < 0:
-        raise ConfigError(f"threshold {value!r} is negative")
-    return size, None
+    return parse_size(text), None
 
 
 def parse_rate(value: str | int | None) -> int | None:
@@ -61,10 +58,7 @@ def parse_rate(value: str | int | None) -> int | None:
     for suffix in ("/s", "ps"):
         if text.endswith(suffix):
             text = text[:-len(suffix)]
-    rate = parse_size(text)
-    if rate < 0:
-        raise ConfigError(f"bwlimit {value!r} is negative")
-    return rate or None
+    return parse_size(text) or None
 
 
 def _parsed_by(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
