@@ -213,3 +213,30 @@ def test_the_dotted_key_check_is_linear(tmp_path, text):
     except ConfigError:
         pass
     assert time.monotonic() - start < 10
+
+
+# -- the examples the tree ships ------------------------------------------------------
+
+def test_the_example_files_load():
+    """daemons/examples/ is where an installation starts: each file loads as its kind."""
+    from pathlib import Path
+
+    from bmig.cli import breceive, breqd
+    from bmig.tracker.devices import DeviceDefinition
+
+    examples = Path(__file__).resolve().parents[2] / "daemons" / "examples"
+    assert load_settings(str(examples / "breqd.toml"), breqd.SCHEMA)["socket_mode"] == "0600"
+    got = load_settings(str(examples / "breceive.toml"), breceive.SCHEMA)
+    assert got["targets"]["vm1"] == {"path": "/dev/vg0/vm1", "allow_discard": False}
+    assert DeviceDefinition.load(str(examples / "vm1.toml")).size == 20 << 30
+
+
+def test_the_migration_file_of_the_manual_loads(tmp_path):
+    from bmig.cli import sync
+
+    path = tmp_path / "vm1.toml"
+    path.write_text('name = "vm1"\nsource = "/dev/vg0/vm1"\n'
+                    'to = "tls://backup.example.com:10810/vm1"\n'
+                    'tls_ca = "/etc/bmig/tls/ca-cert.pem"\nsecret_file = "/etc/bmig/secret"\n'
+                    'bwlimit = "200M"\nlevel = 1\n')
+    assert load_settings(str(path), sync.SCHEMA)["bwlimit"] == "200M"
