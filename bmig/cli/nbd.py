@@ -26,18 +26,11 @@ from bmig.nbd.protocol import MAX_NAME_LENGTH
 from bmig.nbd.server import Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.aclient import AsyncTrackerClient
-from bmig.tracker.devices import DEVICE_NAMES, check_name
+from bmig.tracker.devices import DEVICE_NAMES, device_name
 
 log = logging.getLogger("bmig-nbd")
 
 TLS_MODES = ("require", "on", "off")
-
-
-def _device_name(value: str) -> str:
-    try:
-        return check_name(value)
-    except ConfigError:
-        raise ValueError(value) from None
 
 
 def _nbd_string(value: str) -> str:
@@ -58,7 +51,7 @@ def _address(value: str) -> str:
 # What --config may hold: the flags' long names ("_" for "-") and an [[export]] table
 # per export.
 EXPORT_SCHEMA = Schema(
-    Key.string("device", f"a device name {DEVICE_NAMES}", _device_name, required=True),
+    Key.string("device", f"a device name {DEVICE_NAMES}", device_name, required=True),
     Key.path("backing", required=True),
     Key.string("name", f"a string of at most {MAX_NAME_LENGTH} bytes", _nbd_string),
     Key.boolean("read_only", default=False),

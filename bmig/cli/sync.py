@@ -29,7 +29,7 @@ from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.targets import ConnectOptions
 from bmig.sender.urls import parse_target_url
-from bmig.tracker.devices import DEVICE_NAMES, check_name
+from bmig.tracker.devices import DEVICE_NAMES, device_name
 from bmig.wire import codec
 from bmig.wire.auth import load_secret
 from bmig.wire.protocol import MAX_DATA
@@ -75,13 +75,6 @@ def _parsed_by(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return check
 
 
-def _device_name(value: str) -> str:
-    try:
-        return check_name(value)
-    except ConfigError:
-        raise ValueError(value) from None
-
-
 def _url(value: str) -> str:
     parse_target_url(value)      # its ConfigError says what is wrong with the URL
     return value
@@ -95,7 +88,7 @@ def _nonempty(value: str) -> str:
 
 # What a migration file may hold: the flags' long names ("_" for "-"), and their defaults.
 SCHEMA = Schema(
-    Key.string("name", f"a device name {DEVICE_NAMES}", _device_name),
+    Key.string("name", f"a device name {DEVICE_NAMES}", device_name),
     Key.path("source"),
     Key.string("to", "a target URL", _url),
     Key.path("control", default=DEFAULT_CONTROL_SOCKET),

@@ -68,7 +68,9 @@ def new_device_id() -> int:
     return secrets.randbits(64) or 1
 
 
-def _name(value: str) -> str:
+def device_name(value: str) -> str:
+    """``check_name`` for a schema: a bad name is a ValueError, and the key's error says
+    what a name may be (``DEVICE_NAMES``)."""
     try:
         return check_name(value)
     except ConfigError:
@@ -84,7 +86,7 @@ def _device_id(value: str) -> int:
 
 # What a definition file holds.
 SCHEMA = Schema(
-    Key.string("name", f"a device name {DEVICE_NAMES}", _name, required=True),
+    Key.string("name", f"a device name {DEVICE_NAMES}", device_name, required=True),
     Key.size("size", 1, MAX_DEVICE_SIZE, required=True),
     Key.size("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE, power_of_two=True,
              default=DEFAULT_CHUNK_SIZE),
