@@ -11,7 +11,7 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
-from bmig.config import load_settings, parse_size
+from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.receiver.service import Receiver, ReceiverSettings
@@ -19,28 +19,56 @@ from bmig.receiver.session import Policy, TargetConfig
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
 
-KEYS = {"listen", "state_dir", "secret_file", "tls_cert", "tls_key", "tls_client_ca",
-        "max_sessions", "log_level", "targets"}
-TARGET_KEYS = {"path", "allow_discard", "allow_discard_primary", "max_size"}
 _EXPORT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+EXPORT_NAMES = 'of up to 64 letters, digits, "_", ".", "-", not starting with "." or "-"'
 DEFAULT_PORT = 10810
+
+
+def _export_name(name: str) -> str:
+    if not _EXPORT.fullmatch(name):
+        raise ValueError(name)
+    return name
+
+
+def _address(value: str) -> str:
+    try:
+        host_port(value, "listen", any_port=True)
+    except ConfigError:
+        raise ValueError(value) from None
+    return value
+
+
+# What --config may hold: the flags' long names ("_" for "-") and a table per target.
+TARGET_SCHEMA = Schema(
+    Key.path("path", required=True),
+    Key.boolean("allow_discard", default=False),
+    Key.boolean("allow_discard_primary", default=False),
+    Key.size("max_size", low=1),
+)
+SCHEMA = Schema(
+    Key.array("listen", Key.string("listen", f'"HOST:PORT", such as "0.0.0.0:{DEFAULT_PORT}"',
+                                   _address),
+              f'an array of "HOST:PORT" strings, such as ["0.0.0.0:{DEFAULT_PORT}"]',
+              default=[]),
+    Key.path("state_dir", default=DEFAULT_RECEIVER_STATE_DIR),
+    Key.path("secret_file"),
+    Key.path("tls_cert"),
+    Key.path("tls_key"),
+    Key.path("tls_client_ca"),
+    Key.integer("max_sessions", 1, 1024, default=16),
+    Key.choice("log_level", bmig_log.LEVELS, default="info"),
+    Key.tables("targets", TARGET_SCHEMA, _export_name, EXPORT_NAMES, default={}),
+)
+KEYS = SCHEMA.names
+TARGET_KEYS = TARGET_SCHEMA.names
 
 
 def _targets(values: dict[str, Any], flags: tuple[str, ...],
              allow_discard: bool) -> dict[str, TargetConfig]:
     targets: dict[str, TargetConfig] = {}
-    table = values.get("targets", {})
-    if not isinstance(table, dict):
-        raise ConfigError("[targets] must be a table of EXPORT = { path = ... }")
-    for export, spec in table.items():
-        if not isinstance(spec, dict) or "path" not in spec or set(spec) - TARGET_KEYS:
-            raise ConfigError(f"[targets.{export}] needs path, and only "
-                              f"{', '.join(sorted(TARGET_KEYS))}")
-        max_size = spec.get("max_size")
-        targets[export] = TargetConfig(
-            export, str(spec["path"]), bool(spec.get("allow_discard", False)),
-            parse_size(max_size) if max_size is not None else None,
-            bool(spec.get("allow_discard_primary", False)))
+    for export, spec in values.get("targets", {}).items():
+        targets[export] = TargetConfig(export, spec["path"], spec["allow_discard"],
+                                       spec["max_size"], spec["allow_discard_primary"])
     for item in flags:
         export, sep, path = item.partition("=")
         if not sep or not path:
@@ -87,13 +115,12 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
              tls_key: str | None, tls_client_ca: str | None, max_sessions: int | None,
              log_level: str | None) -> None:
     """Write what bmigrate ships to the configured target devices."""
-    values: dict[str, Any] = {}
+    values = SCHEMA.defaults()
     if config_file:
-        values = load_settings(config_file, KEYS)
-    bmig_log.setup(str(log_level or values.get("log_level", "info")))
+        values.update(load_settings(config_file, SCHEMA))
+    bmig_log.setup(str(log_level or values["log_level"]))
     targets = _targets(values, target_flags, bool(allow_discard))
-    state = os.path.abspath(str(state_dir or values.get("state_dir",
-                                                        DEFAULT_RECEIVER_STATE_DIR)))
+    state = os.path.abspath(str(state_dir or values["state_dir"]))
     try:
         os.makedirs(state, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -118,7 +145,7 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
     addresses = list(listen) or [str(a) for a in values.get("listen", [])]
     settings = ReceiverSettings(policy, [host_port(a, "--listen", any_port=True) for a in addresses], tls,
                                 client_certificates=bool(client_ca),
-                                max_sessions=int(max_sessions or values.get("max_sessions", 16)))
+                                max_sessions=int(max_sessions or values["max_sessions"]))
     Receiver(settings).serve()
 
 

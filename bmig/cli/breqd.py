@@ -10,19 +10,10 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import run
-from bmig.config import load_settings, merge
+from bmig.config import Key, Schema, load_settings, merge
 from bmig.constants import DEFAULT_CONFIG_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.tracker.service import Breqd, Settings
-
-DEFAULTS = {
-    "state_dir": DEFAULT_STATE_DIR,
-    "config_dir": DEFAULT_CONFIG_DIR,
-    "control": DEFAULT_CONTROL_SOCKET,
-    "socket_mode": "0600",
-    "log_level": "info",
-}
-KEYS = set(DEFAULTS)
 
 
 def _octal(value: str | int) -> int:
@@ -33,6 +24,29 @@ def _octal(value: str | int) -> int:
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"socket mode {value!r} is out of range")
     return mode
+
+
+def _mode_text(value: str) -> str:
+    """A mode as the file must write it: a string of octal digits, "0600"."""
+    if not value.isascii() or not value.isdigit():
+        raise ValueError(value)
+    try:
+        _octal(value)
+    except ConfigError:
+        raise ValueError(value) from None
+    return value
+
+
+# What --config may hold (the flags' long names, "_" for "-").
+SCHEMA = Schema(
+    Key.path("state_dir", default=DEFAULT_STATE_DIR),
+    Key.path("config_dir", default=DEFAULT_CONFIG_DIR),
+    Key.path("control", default=DEFAULT_CONTROL_SOCKET),
+    Key.string("socket_mode", 'an octal mode from "0000" to "0777", as a string',
+               _mode_text, default="0600"),
+    Key.choice("log_level", bmig_log.LEVELS, default="info"),
+)
+KEYS = SCHEMA.names
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,9 +64,9 @@ def _octal(value: str | int) -> int:
 @click.version_option(__version__, prog_name="breqd")
 def breqd(config_file: str | None, **flags: str | None) -> None:
     """Keep a durable dirty bitmap for every tracked device."""
-    values = dict(DEFAULTS)
+    values = SCHEMA.defaults()
     if config_file:
-        values.update(load_settings(config_file, KEYS))
+        values.update(load_settings(config_file, SCHEMA))
     values = merge(values, flags)
     bmig_log.setup(str(values["log_level"]))
     settings = Settings(state_dir=os.path.abspath(str(values["state_dir"])),

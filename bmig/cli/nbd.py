@@ -14,7 +14,7 @@ import click
 from bmig import __version__, systemd
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
-from bmig.config import load_settings
+from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import BmigError, ConfigError, UnknownDevice
 from bmig.lineage import ROLE_HANDED_OVER, parse_id
@@ -23,30 +23,74 @@ from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
 from bmig.nbd.layers.track import DEFAULT_HOLD_LIMIT, TrackLayer
 from bmig.nbd.manage import Managed, ManageServer
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
+from bmig.nbd.protocol import MAX_NAME_LENGTH
 from bmig.nbd.server import DEFAULT_UNIX_MODE, Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.aclient import AsyncTrackerClient
+from bmig.tracker.devices import DEVICE_NAMES, device_name
 from bmig.wire.transports import server_tls_context
 
 log = logging.getLogger("bmig-nbd")
 
-TOP_KEYS = {"control", "unix", "tcp", "read_only", "max_connections", "log_level", "track",
-            "export", "tls", "tls_cert", "tls_key", "manage_dir", "hold_chunks",
-            "tls_certificates", "tls_verify_peer", "tls_client_ca", "tls_psk", "unix_mode"}
 TLS_MODES = ("require", "on", "off")
-EXPORT_KEYS = {"device", "backing", "name", "read_only", "description"}
 
 
-def _from_file(path: str) -> dict[str, Any]:
-    values = load_settings(path, TOP_KEYS)
-    exports = values.get("export", [])
-    if not isinstance(exports, list):
-        raise ConfigError(f"{path}: [[export]] must be an array of tables")
-    for e in exports:
-        if not isinstance(e, dict) or set(e) - EXPORT_KEYS or not {"device", "backing"} <= set(e):
-            raise ConfigError(f"{path}: each [[export]] needs device and backing, and only "
-                              f"{', '.join(sorted(EXPORT_KEYS))}")
-    return values
+def _nbd_string(value: str) -> str:
+    """An export name or description: NBD carries at most 4096 bytes of one."""
+    if len(value.encode()) > MAX_NAME_LENGTH:
+        raise ValueError(value)
+    return value
+
+
+def _address(value: str) -> str:
+    try:
+        host_port(value, "tcp")
+    except ConfigError:
+        raise ValueError(value) from None
+    return value
+
+
+def _checked_mode(value: Any) -> Any:
+    try:
+        _unix_mode(value, "unix_mode")
+    except ConfigError:
+        raise ValueError(value) from None
+    return value
+
+
+# What --config may hold: the flags' long names ("_" for "-") and an [[export]] table
+# per export.
+EXPORT_SCHEMA = Schema(
+    Key.string("device", f"a device name {DEVICE_NAMES}", device_name, required=True),
+    Key.path("backing", required=True),
+    Key.string("name", f"a string of at most {MAX_NAME_LENGTH} bytes", _nbd_string),
+    Key.boolean("read_only", default=False),
+    Key.string("description", f"a string of at most {MAX_NAME_LENGTH} bytes", _nbd_string,
+               default=""),
+)
+SCHEMA = Schema(
+    Key.path("control", default=DEFAULT_CONTROL_SOCKET),
+    Key.path("unix"),
+    Key.string("tcp", '"HOST:PORT", such as "127.0.0.1:10809"', _address),
+    Key.boolean("read_only", default=False),
+    Key.integer("max_connections", 1, 10000, default=64),
+    Key.choice("log_level", bmig_log.LEVELS, default="info"),
+    Key.boolean("track", default=True),
+    Key.table_array("export", EXPORT_SCHEMA, default=[]),
+    Key.choice("tls", TLS_MODES),
+    Key.path("tls_cert"),
+    Key.path("tls_key"),
+    Key.path("manage_dir", default=DEFAULT_MANAGE_DIR),
+    Key.integer("hold_chunks", 1, 1 << 20, default=DEFAULT_HOLD_LIMIT),
+    Key.path("tls_certificates"),
+    Key.boolean("tls_verify_peer", default=False),
+    Key.path("tls_client_ca"),
+    Key.path("tls_psk"),
+    Key("unix_mode", 'an octal mode such as "0660" (in TOML also 0o660)', _checked_mode,
+        default=DEFAULT_UNIX_MODE),
+)
+TOP_KEYS = SCHEMA.names
+EXPORT_KEYS = EXPORT_SCHEMA.names
 
 
 def _open_files(specs: list[dict[str, Any]], read_only: bool) -> list[tuple[dict, FileLayer]]:
@@ -117,9 +161,7 @@ def _tls(values: dict[str, Any], mode: str | None, cert: str | None, key: str | 
     client_ca = client_ca or values.get("tls_client_ca")
     psk = psk or values.get("tls_psk")
     if verify_peer is None:
-        verify_peer = values.get("tls_verify_peer", False)
-        if not isinstance(verify_peer, bool):
-            raise ConfigError(f"tls_verify_peer = {verify_peer!r}: expected true or false")
+        verify_peer = values["tls_verify_peer"]
     crl = None
     if certificates:
         # nbdkit's and libnbd's layout of a certificates directory.
@@ -259,12 +301,14 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
         tls_client_ca: str | None, tls_psk: str | None, manage_dir: str | None,
         hold_chunks: int | None, log_level: str | None) -> None:
     """Serve devices over NBD and mark every write in breqd before it happens."""
-    values: dict[str, Any] = _from_file(config_file) if config_file else {}
+    values = SCHEMA.defaults()
+    if config_file:
+        values.update(load_settings(config_file, SCHEMA))
     if len(devices) != len(backings):
         raise ConfigError("give one --backing per --device")
     if len(export_names) > len(devices):
         raise ConfigError("give at most one --export per --device")
-    specs = list(values.get("export", []))
+    specs = list(values["export"])
     specs += [{"device": d, "backing": b,
                "name": export_names[i] if i < len(export_names) else d}
               for i, (d, b) in enumerate(zip(devices, backings))]
@@ -277,23 +321,21 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
         raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT, or start "
                           "bmig-nbd from a systemd socket unit")
     mode = (_unix_mode(unix_mode, "--unix-mode") if unix_mode is not None
-            else _unix_mode(values.get("unix_mode", DEFAULT_UNIX_MODE), "unix_mode"))
+            else _unix_mode(values["unix_mode"], "unix_mode"))
     listen = activated + \
         ([Listen(unix=os.path.abspath(unix), unix_mode=mode)] if unix else []) + \
         ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
-    bmig_log.setup(str(log_level or values.get("log_level", "info")))
-    track = not (no_track if no_track is not None else not values.get("track", True))
-    tracker = (AsyncTrackerClient(control or values.get("control", DEFAULT_CONTROL_SOCKET),
-                                  client="bmig-nbd") if track else None)
-    ro = bool(read_only if read_only is not None else values.get("read_only", False))
+    bmig_log.setup(str(log_level or values["log_level"]))
+    track = not no_track if no_track is not None else values["track"]
+    tracker = (AsyncTrackerClient(control or values["control"], client="bmig-nbd")
+               if track else None)
+    ro = bool(read_only if read_only is not None else values["read_only"])
     tls = _tls(values, tls_mode, tls_cert, tls_key, tls_certificates, tls_verify_peer,
                tls_client_ca, tls_psk)
     opened = _open_files(specs, ro)
-    asyncio.run(_serve(opened, listen, int(max_connections or values.get("max_connections", 64)),
-                       tracker, tls,
-                       os.path.abspath(str(manage_dir or values.get("manage_dir",
-                                                                    DEFAULT_MANAGE_DIR))),
-                       int(hold_chunks or values.get("hold_chunks", DEFAULT_HOLD_LIMIT))))
+    asyncio.run(_serve(opened, listen, int(max_connections or values["max_connections"]),
+                       tracker, tls, os.path.abspath(str(manage_dir or values["manage_dir"])),
+                       int(hold_chunks or values["hold_chunks"])))
 
 
 def main() -> None:

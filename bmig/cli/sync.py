@@ -10,6 +10,7 @@ one stops at once.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ import click
 from bmig import log as bmig_log
 from bmig.cli.common import SIZE, json_option
 from bmig.cli.report import JsonReporter, TextReporter
-from bmig.config import load_settings, parse_size
+from bmig.config import Key, Schema, load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
 from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
@@ -28,26 +29,24 @@ from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.targets import ConnectOptions
 from bmig.sender.urls import parse_target_url
+from bmig.tracker.devices import DEVICE_NAMES, device_name
 from bmig.wire import codec
 from bmig.wire.auth import load_secret
 from bmig.wire.protocol import MAX_DATA
 
 log = logging.getLogger("bmigrate")
 
-# Settings a migration file may hold, with their flag names ("_" for "-").
-KEYS = {"name", "source", "to", "control", "secret_file", "tls_ca", "tls_cert", "tls_key",
-        "ssh_command", "ssh_program", "known_hosts", "accept_new_host_key", "identity",
-        "ssh_cipher", "bwlimit", "level", "window", "direct", "checksum", "threshold",
-        "discard_target_data", "interval", "log_level", "manage_dir"}
 RELOADABLE = ("bwlimit", "level", "threshold", "interval")
 EXIT_INTERRUPTED = 130
+_SECONDS = re.compile(r"(\d+\.?\d*|\.\d+)s", re.ASCII)
 
 
 def parse_threshold(value: str | int) -> tuple[int, float | None]:
     """``64M`` (bytes) or ``2s`` (seconds of shipping at the measured rate)."""
     text = str(value).strip()
-    if text.endswith("s") and text[:-1].replace(".", "", 1).isdigit():
-        return 0, float(text[:-1])
+    seconds = _SECONDS.fullmatch(text)
+    if seconds:
+        return 0, float(seconds.group(1))
     return parse_size(text), None
 
 
@@ -60,6 +59,64 @@ def parse_rate(value: str | int | None) -> int | None:
         if text.endswith(suffix):
             text = text[:-len(suffix)]
     return parse_size(text) or None
+
+
+def _parsed_by(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A check for a key whose value, an integer or a string, ``parse`` reads later
+    (as it reads the flag): the value as it is if ``parse`` takes it."""
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(value)
+        try:
+            parse(value)
+        except ConfigError:
+            raise ValueError(value) from None
+        return value
+    return check
+
+
+def _url(value: str) -> str:
+    parse_target_url(value)      # its ConfigError says what is wrong with the URL
+    return value
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError(value)
+    return value
+
+
+# What a migration file may hold: the flags' long names ("_" for "-"), and their defaults.
+SCHEMA = Schema(
+    Key.string("name", f"a device name {DEVICE_NAMES}", device_name),
+    Key.path("source"),
+    Key.string("to", "a target URL", _url),
+    Key.path("control", default=DEFAULT_CONTROL_SOCKET),
+    Key.path("secret_file"),
+    Key.path("tls_ca"),
+    Key.path("tls_cert"),
+    Key.path("tls_key"),
+    Key.string("ssh_command", "a command (a non-empty string)", _nonempty,
+               default="breceive --stdio"),
+    Key.choice("ssh_program", ("paramiko", "openssh"), default="paramiko"),
+    Key.path("known_hosts"),
+    Key.boolean("accept_new_host_key", default=False),
+    Key.path("identity"),
+    Key.string("ssh_cipher", 'a cipher name such as "aes128-gcm@openssh.com"', _nonempty),
+    Key("bwlimit", 'a rate in bytes per second (an integer, or a string such as "100M"; '
+                   '0 for no limit)', _parsed_by(parse_rate)),
+    Key.integer("level", 0, 22, default=codec.DEFAULT_LEVEL),
+    Key.size("window", MAX_DATA, default=256 * MiB),
+    Key.boolean("direct", default=False),
+    Key.boolean("checksum", default=False),
+    Key("threshold", 'bytes (an integer, or a string such as "64M") or seconds (a string '
+                     'such as "2s")', _parsed_by(parse_threshold), default="1s"),
+    Key.string("discard_target_data", "an export name (a non-empty string)", _nonempty),
+    Key.number("interval", 0.05, 3600, default=1.0),
+    Key.choice("log_level", bmig_log.LEVELS, default="warning"),
+    Key.path("manage_dir", default=DEFAULT_MANAGE_DIR),
+)
+KEYS = SCHEMA.names
 
 
 CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "ssh_command",
@@ -150,9 +207,9 @@ def migration_options(f: Callable) -> Callable:
 
 
 def settings_from(config_file: str | None, flags: dict[str, Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+    values = SCHEMA.defaults()
     if config_file:
-        values = load_settings(config_file, KEYS)
+        values.update(load_settings(config_file, SCHEMA))
     for key, value in flags.items():
         if value is not None and key in KEYS:
             values[key] = value

@@ -6,8 +6,10 @@
     chunk_size = 65536          # optional, power of two, 4 KiB to 16 MiB
     device_id = "9f3c2a71d04e5b68"  # written by `bmigrate track add`
 
-The file name without ``.toml`` must equal ``name``. ``scan`` reads a directory;
-``ConfigWatcher`` tells breqd when to scan again (inotify through watchdog).
+The file name without ``.toml`` must equal ``name``; any other key is refused. ``scan``
+reads a directory; ``ConfigWatcher`` tells breqd when to scan again (inotify through
+watchdog, imported only then: bmigrate checks names with this module and starts faster
+without it).
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
-from bmig.config import load_toml, parse_size, write_toml_atomic
+from bmig.config import Key, Schema, load_toml, write_toml_atomic
 from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_DEVICE_NAME,
                             MAX_DEVICE_SIZE, MIN_CHUNK_SIZE)
 from bmig.errors import ConfigError
@@ -30,6 +29,8 @@ from bmig.errors import ConfigError
 log = logging.getLogger("breqd")
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+DEVICE_NAMES = (f'of up to {MAX_DEVICE_NAME} letters, digits, "_", ".", "-", not starting '
+                'with "." or "-"')
 SUFFIX = ".toml"
 
 
@@ -67,6 +68,33 @@ def new_device_id() -> int:
     return secrets.randbits(64) or 1
 
 
+def device_name(value: str) -> str:
+    """``check_name`` for a schema: a bad name is a ValueError, and the key's error says
+    what a name may be (``DEVICE_NAMES``)."""
+    try:
+        return check_name(value)
+    except ConfigError:
+        raise ValueError(value) from None
+
+
+def _device_id(value: str) -> int:
+    device_id = parse_device_id(value)
+    if not 0 < device_id < 1 << 64:
+        raise ValueError(value)
+    return device_id
+
+
+# What a definition file holds.
+SCHEMA = Schema(
+    Key.string("name", f"a device name {DEVICE_NAMES}", device_name, required=True),
+    Key.size("size", 1, MAX_DEVICE_SIZE, required=True),
+    Key.size("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE, power_of_two=True,
+             default=DEFAULT_CHUNK_SIZE),
+    Key.string("device_id", "16 hex digits, not all zero, as a string", _device_id,
+               required=True),
+)
+
+
 @dataclass(frozen=True)
 class DeviceDefinition:
     name: str
@@ -75,25 +103,14 @@ class DeviceDefinition:
     device_id: int
 
     @classmethod
-    def from_values(cls, values: dict, source: str) -> "DeviceDefinition":
+    def from_values(cls, values: dict[str, Any], source: str) -> "DeviceDefinition":
         try:
-            name = check_name(values["name"])
-            size = parse_size(values["size"])
-            chunk_size = parse_size(values.get("chunk_size", DEFAULT_CHUNK_SIZE))
-            device_id = parse_device_id(values["device_id"])
-        except KeyError as exc:
-            raise ConfigError(f"{source}: missing key {exc.args[0]!r}") from None
+            checked = {**SCHEMA.defaults(), **SCHEMA.check(values)}
+            check_geometry(checked["size"], checked["chunk_size"])
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc.message}") from None
-        except ValueError:
-            raise ConfigError(f"{source}: device_id must be 16 hex digits") from None
-        if not 0 < device_id < 1 << 64:
-            raise ConfigError(f"{source}: device_id must be 16 hex digits")
-        try:
-            check_geometry(size, chunk_size)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc.message}") from None
-        return cls(name, size, chunk_size, device_id)
+        return cls(checked["name"], checked["size"], checked["chunk_size"],
+                   checked["device_id"])
 
     @classmethod
     def load(cls, path: str) -> "DeviceDefinition":
@@ -136,22 +153,20 @@ def scan(config_dir: str) -> tuple[dict[str, DeviceDefinition], dict[str, str]]:
     return found, errors
 
 
-class _Handler(FileSystemEventHandler):
-    def __init__(self, notify: Callable[[], None]):
-        self._notify = notify
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
-        self._notify()
-
-
 class ConfigWatcher:
     """Calls ``notify`` (from a watchdog thread) whenever the directory changes."""
 
     def __init__(self, config_dir: str, notify: Callable[[], None]):
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in ("opened", "closed_no_write"):
+                    notify()
+
         self._observer = Observer()
-        self._observer.schedule(_Handler(notify), config_dir, recursive=False)
+        self._observer.schedule(Handler(), config_dir, recursive=False)
 
     def start(self) -> None:
         self._observer.start()

@@ -168,11 +168,14 @@ BAD_FILES = [
     ("missing-id", 'name = "x"\nsize = 4096\n', "missing key 'device_id'"),
     ("bad-id", 'name = "x"\nsize = 4096\ndevice_id = "xyz"\n', "device_id"),
     ("zero-id", 'name = "x"\nsize = 4096\ndevice_id = "0000000000000000"\n', "device_id"),
-    ("bad-size", 'name = "x"\nsize = "ten"\ndevice_id = "00000000000000a1"\n', "not a size"),
-    ("zero-size", 'name = "x"\nsize = 0\ndevice_id = "00000000000000a1"\n', "out of range"),
+    ("bad-size", 'name = "x"\nsize = "ten"\ndevice_id = "00000000000000a1"\n',
+     "size: expected a size"),
+    ("zero-size", 'name = "x"\nsize = 0\ndevice_id = "00000000000000a1"\n',
+     "size: expected a size from 1 "),
     ("bad-chunk", 'name = "x"\nsize = 4096\nchunk_size = 3000\n'
                   'device_id = "00000000000000a1"\n', "power of two"),
-    ("bad-name", 'name = "x y"\nsize = 4096\ndevice_id = "00000000000000a1"\n', "invalid"),
+    ("bad-name", 'name = "x y"\nsize = 4096\ndevice_id = "00000000000000a1"\n',
+     "name: expected a device name"),
     ("binary", "\udcff\udcfe", "cannot be read"),
     ("empty", "", "missing key 'name'"),
 ]
