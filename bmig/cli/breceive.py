@@ -68,7 +68,7 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
     targets: dict[str, TargetConfig] = {}
     for export, spec in values.get("targets", {}).items():
         targets[export] = TargetConfig(export, spec["path"], spec["allow_discard"],
-                                       spec["max_size"], spec["allow_discard_primary"])
+                                       spec.get("max_size"), spec["allow_discard_primary"])
     for item in flags:
         export, sep, path = item.partition("=")
         if not sep or not path:

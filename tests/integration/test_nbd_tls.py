@@ -500,8 +500,8 @@ def test_contradictory_tls_settings_are_refused(args, expected, tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ('tls_verify_peer = "yes"\n', "tls_verify_peer = 'yes': expected true or false"),
-    ("unix_mode = 600\n", "unix_mode = 600: expected an octal mode"),
+    ('tls_verify_peer = "yes"\n', 'tls_verify_peer: expected true or false, got "yes"'),
+    ("unix_mode = 600\n", "unix_mode: expected an octal mode"),
 ])
 def test_bad_tls_keys_in_the_config_file_are_refused(text, expected, tmp_path):
     config = tmp_path / "nbd.toml"

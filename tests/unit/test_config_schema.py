@@ -227,7 +227,8 @@ def test_the_example_files_load():
     examples = Path(__file__).resolve().parents[2] / "daemons" / "examples"
     assert load_settings(str(examples / "breqd.toml"), breqd.SCHEMA)["socket_mode"] == "0600"
     got = load_settings(str(examples / "breceive.toml"), breceive.SCHEMA)
-    assert got["targets"]["vm1"] == {"path": "/dev/vg0/vm1", "allow_discard": False}
+    assert got["targets"]["vm1"] == {"path": "/dev/vg0/vm1", "allow_discard": False,
+                                     "allow_discard_primary": False}
     assert DeviceDefinition.load(str(examples / "vm1.toml")).size == 20 << 30
 
 
