@@ -159,6 +159,7 @@ class ManageServer:
                 "policy": m.replicate.policy, "target": replica.description if replica else None,
                 "failed": m.replicate.failed, "blocked": m.replicate.blocked,
                 "frozen": m.control.frozen, "read_only": m.control.read_only,
+                "source_failed": m.control.failure,
                 "bytes_written": m.control.bytes_written}
 
     async def _replicate(self, m: Managed, request: dict) -> None:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
-from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.base import ExportFailed, Layer
 from bmig.nbd.replica import Replica
 
 log = logging.getLogger("bmig-nbd")
@@ -229,6 +229,10 @@ class ControlLayer(Layer):
         await self._open.wait()
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.name} was handed over and is read-only")
+        failure = self.failure
+        if failure is not None:          # before any mark or replica: nothing to do
+            raise ExportFailed(f"{self.name}: {failure}; every write and flush fails "
+                               "until bmig-nbd is restarted")
         self._writing += 1
         self._quiet.clear()
         try:
