@@ -251,16 +251,32 @@ class Replica:
     # -- the end ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop; writes still waiting fail (the caller has drained what it meant to)."""
+        """Stop; writes still waiting fail (the caller has drained what it meant to).
+        Blocking (it waits for the sender thread): called from a worker thread, it
+        hands what touches the loop's state over to the loop."""
         self._closed = True
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
         self._outbox.put(None)
         self._sender.join(timeout=30)
         try:
             self.target.close()
         except BmigError:
             pass
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._stopped()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._stopped)
+            except RuntimeError:       # the loop is gone, and whoever waited with it
+                pass
+
+    def _stopped(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         self._fail_all(UnreachableError("replication stopped"))
 
 
