@@ -11,6 +11,9 @@ force the interleavings they are about with gates and direct calls, never with t
   B) is never covered by a later DURABLE: the replica fails, the chunks it wrote are
   released plain dirty in breqd (never ``synced``), the reason is in the layer's status,
   and the policy applies (degrade: tracking only; block: writes fail with EIO).
+- A lost connection is heard by the layer at once, without waiting for a write.
+- A seq belongs to the replication that gave it: when replication starts again, the new
+  replica's DURABLE does not cover a write of the old one.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import threading
 import pytest
 
 from bmig.errors import TargetError, TargetFull
+from bmig.nbd import replica as replica_module
 from bmig.nbd.layers.base import Capabilities, Layer
 from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.layers.track import IDLE_SWEEPS, TrackLayer
-from bmig.nbd import replica as replica_module
 from bmig.nbd.replica import Replica
+
 CHUNK = 4096
 WAIT = 10.0          # seconds before a condition that should hold soon fails the test
 
@@ -256,8 +260,8 @@ def test_policy_block_fails_writes_after_a_refused_one():
     async def main():
         track, replicate, target, events = chain("A", policy="block")
         target.refuse[0] = TargetError("Input/output error")
-        await track.write(memoryview(b"x" * 4096), 0, False)
-        try:
+        try:                         # answered before or after the refusal arrives
+            await track.write(memoryview(b"x" * 4096), 0, False)
             await track.flush()      # its DURABLE comes after the ERROR
         except OSError:
             pass                     # blocked already
