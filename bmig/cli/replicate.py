@@ -33,12 +33,21 @@ def replica_options(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(status: dict) -> str:
+    return f"{status['device']}: {mode(status)}"
+
+
+def mode(status: dict) -> str:
+    """What bmig-nbd does with the device's writes, from its status."""
     if status["replicating"]:
-        return (f"{status['device']}: replicating to {status['target']} with protocol "
-                f"{status['protocol']} (on failure: {status['policy']})")
-    why = f" (replication failed: {status['failed']})" if status.get("failed") else ""
-    state = "writes blocked" if status.get("blocked") else "tracking only"
-    return f"{status['device']}: {state}{why}"
+        line = (f"replicating to {status['target']} with protocol {status['protocol']} "
+                f"(on failure: {status['policy']})")
+    else:
+        why = f" (replication failed: {status['failed']})" if status.get("failed") else ""
+        line = ("writes blocked" if status.get("blocked") else "tracking only") + why
+    if status.get("source_failed"):
+        line += (f"; the source failed ({status['source_failed']}): every write and flush "
+                 "fails until bmig-nbd is restarted")
+    return line
 
 
 @click.command()

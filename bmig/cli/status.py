@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from bmig.cli.common import control_option, human_bytes, json_option, print_json
+from bmig.cli.replicate import manage_dir_option
+from bmig.cli.replicate import mode as describe_nbd
 from bmig.cli.sync import build, connect_options, connection_options
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import BmigError, ConfigError, VerifyFailed
@@ -15,8 +17,10 @@ from bmig.lineage import TARGET_SUFFIX, load_target
 from bmig.sender.verify import verify as verify_chunks
 
 
-def source_status(name: str, control: str, to: str | None, connection: dict) -> dict:
-    """This side's view of NAME (breqd), and the target's record when --to is given."""
+def source_status(name: str, control: str, to: str | None, connection: dict,
+                  manage_dir: str | None = None) -> dict:
+    """This side's view of NAME (breqd; bmig-nbd's, when one serves NAME in
+    ``manage_dir``), and the target's record when --to is given."""
     from bmig.sender.targets import open_target
     from bmig.sender.urls import parse_target_url
     from bmig.tracker.client import TrackerClient
@@ -30,6 +34,8 @@ def source_status(name: str, control: str, to: str | None, connection: dict) -> 
                            "held_bytes": stats["held_bytes"],
                            "mirrored_bytes": stats["mirrored_bytes"],
                            "successor": stats["successor"]}
+    if manage_dir is not None:
+        out["nbd"] = nbd_status(manage_dir, name)
     if to:
         url = parse_target_url(to)
         target = open_target(url, connect_options(connection))
@@ -40,6 +46,20 @@ def source_status(name: str, control: str, to: str | None, connection: dict) -> 
         records = [t for t in status.get("targets", []) if t.get("export") == url.export]
         out["target"] = records[0] if records else None
     return out
+
+
+def nbd_status(manage_dir: str, name: str) -> dict | None:
+    """What the bmig-nbd serving NAME says of itself (replication, freeze, a failed
+    source), or None when none serves it."""
+    from bmig.errors import UnreachableError
+    from bmig.nbd.manage_client import ManageClient
+
+    try:
+        with ManageClient(manage_dir, name, timeout=10) as client:
+            status = client.call("status")
+    except UnreachableError:
+        return None
+    return {k: v for k, v in status.items() if k != "ok"}
 
 
 def receiver_status(state_dir: str) -> list[dict]:
@@ -66,6 +86,9 @@ def describe_source(s: dict) -> str:
     if s["role"] == "handed-over":
         lines.append(f"  handed over to generation {s['successor']}: the target is the "
                      "primary now")
+    nbd = s.get("nbd")
+    if nbd is not None:
+        lines.append("  bmig-nbd: " + describe_nbd(nbd))
     target = s.get("target", "absent")
     if target is None:
         lines.append("  target: no record of this export")
@@ -87,11 +110,12 @@ def describe_record(t: dict) -> str:
 @click.option("--receiver-state-dir", metavar="DIR",
               help="On the receiving host: show the target records in DIR "
                    f"(breceive's --state-dir, e.g. {DEFAULT_RECEIVER_STATE_DIR}).")
+@manage_dir_option
 @control_option
 @connection_options
 @json_option
-def status(name: str | None, to: str | None, receiver_state_dir: str | None, control: str,
-           as_json: bool, **connection: Any) -> None:
+def status(name: str | None, to: str | None, receiver_state_dir: str | None,
+           manage_dir: str, control: str, as_json: bool, **connection: Any) -> None:
     """Which side is primary, the generations, the state and the lag.
 
     On the source: bmigrate status NAME [--to URL]. On the receiving host: bmigrate
@@ -108,7 +132,7 @@ def status(name: str | None, to: str | None, receiver_state_dir: str | None, con
                 click.echo(describe_record(record))
         return
     assert name is not None
-    result = source_status(name, control, to, connection)
+    result = source_status(name, control, to, connection, manage_dir)
     if as_json:
         print_json(result)
     else:

@@ -10,10 +10,16 @@ as everywhere (bmig.framing, capped); each body is a JSON object: a request
     status      {}                             → {device, export, replicating, ...}
     replicate   {url, protocol, policy, options...} → connect and switch to synchronous
     stop        {}                             → back to tracking only
-    freeze      {}                             → new writes wait; returns once none runs
-    thaw        {}
+    freeze      {lease}                        → new writes wait; returns once none runs
+    thaw        {}                             → writes go on (whoever froze them)
     flush       {}                             → durable on both sides
     read-only   {value}                        → refuse writes (after a handover)
+
+A freeze is a lease held by the connection that asked for it: it ends when that
+connection closes (the client died, say), or ``lease`` seconds after it was taken, if
+given; writes go on once no connection holds one. When a lease runs out, its connection
+gets an error frame and is closed, and nothing it sent after is done: a client that
+took a freeze never goes on as if its writes were still held back.
 
 docs/architecture.md shows where this sits; bmigrate(1) documents the commands.
 """
@@ -38,6 +44,8 @@ from bmig.nbd.replica import open_replica
 
 log = logging.getLogger("bmig-nbd")
 
+MAX_LEASE = 7 * 24 * 3600.0     # seconds a freeze may be asked to last
+
 
 @dataclass
 class Managed:
@@ -50,11 +58,22 @@ class Managed:
     source: Any             # bmig.sender.targets.SourceInfo, from breqd
 
 
+class _Client:
+    """One control connection, and the freeze it holds, if any."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.freezes: set[str] = set()            # devices this connection froze
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.ended = False                        # a lease ran out: nothing more is done
+
+
 class ManageServer:
     def __init__(self, directory: str, devices: list[Managed]):
         self.directory = directory
         self.devices = {d.device: d for d in devices}
         self._servers: list[asyncio.AbstractServer] = []
+        self._frozen_by: dict[str, set[_Client]] = {}   # device -> connections holding it
 
     async def start(self) -> None:
         try:
@@ -86,10 +105,14 @@ class ManageServer:
     async def _serve(self, managed: Managed, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         greeted = False
+        client = _Client(writer)
         try:
             while True:
                 try:
-                    request = json.loads(await read_frame(reader, MAX_MANAGE_FRAME))
+                    body = await read_frame(reader, MAX_MANAGE_FRAME)
+                    if client.ended:
+                        return
+                    request = json.loads(body)
                 except ConnectionClosed:
                     return
                 except ValueError as exc:
@@ -100,11 +123,13 @@ class ManageServer:
                 if not greeted and op != "hello":
                     raise ProtocolError("the first request must be hello")
                 try:
-                    reply = await self._handle(managed, op, request)
+                    reply = await self._handle(managed, op, request, client)
                     reply = {"ok": True, **reply}
                 except BmigError as exc:
                     reply = {"ok": False, "code": exc.wire_code, "message": exc.message}
                 greeted = True
+                if client.ended:
+                    return
                 writer.write(pack_frame(json.dumps(reply).encode()))
                 await writer.drain()
         except ProtocolError as exc:
@@ -114,8 +139,67 @@ class ManageServer:
             pass
         finally:
             writer.close()
+            for device in list(client.freezes):
+                self._end_freeze(self.devices[device], client, "the client that froze "
+                                 "its writes is gone")
 
-    async def _handle(self, m: Managed, op: str, request: dict) -> dict:
+    # -- freezes: leases held by connections ------------------------------------------------
+
+    async def _freeze(self, m: Managed, client: _Client, lease: Any) -> None:
+        if lease is not None and (isinstance(lease, bool)
+                                  or not isinstance(lease, (int, float))
+                                  or not 0 < lease <= MAX_LEASE):
+            raise ProtocolError(f"lease must be a number of seconds up to {MAX_LEASE:g}")
+        holders = self._frozen_by.setdefault(m.device, set())
+        holders.add(client)
+        client.freezes.add(m.device)
+        old = client.timers.pop(m.device, None)
+        if old is not None:
+            old.cancel()
+        if lease is not None:
+            client.timers[m.device] = asyncio.get_running_loop().call_later(
+                lease, self._lease_ran_out, m, client, lease)
+        await m.control.freeze()
+
+    def _end_freeze(self, m: Managed, client: _Client, why: str) -> None:
+        """``client`` no longer holds the freeze of ``m``; thaw once nobody does."""
+        client.freezes.discard(m.device)
+        timer = client.timers.pop(m.device, None)
+        if timer is not None:
+            timer.cancel()
+        holders = self._frozen_by.get(m.device, set())
+        holders.discard(client)
+        if holders:
+            log.info("%s: %s; %d other client(s) still hold the freeze", m.device, why,
+                     len(holders))
+        elif m.control.frozen:
+            log.warning("%s: %s: writes thawed", m.device, why)
+            m.control.thaw()
+
+    def _lease_ran_out(self, m: Managed, client: _Client, lease: float) -> None:
+        client.timers.pop(m.device, None)
+        why = f"the freeze lease of {lease:g} s ran out"
+        self._end_freeze(m, client, why)
+        client.ended = True
+        try:
+            client.writer.write(pack_frame(json.dumps({
+                "ok": False, "code": RequestError.wire_code,
+                "message": f"{m.device}: {why}; writes were thawed"}).encode()))
+        except (ConnectionError, RuntimeError):
+            pass
+        client.writer.close()
+
+    def _thaw_all(self, m: Managed) -> None:
+        """An explicit thaw ends every connection's freeze of the device."""
+        for client in list(self._frozen_by.get(m.device, ())):
+            client.freezes.discard(m.device)
+            timer = client.timers.pop(m.device, None)
+            if timer is not None:
+                timer.cancel()
+        self._frozen_by.pop(m.device, None)
+        m.control.thaw()
+
+    async def _handle(self, m: Managed, op: str, request: dict, client: _Client) -> dict:
         if op == "hello":
             version = request.get("version")
             if not isinstance(version, int) or version < 1:
@@ -130,10 +214,10 @@ class ManageServer:
             await m.replicate.stop()
             return self.status(m)
         if op == "freeze":
-            await m.control.freeze()
+            await self._freeze(m, client, request.get("lease"))
             return self.status(m)
         if op == "thaw":
-            m.control.thaw()
+            self._thaw_all(m)
             return self.status(m)
         if op == "flush":
             try:
@@ -159,6 +243,7 @@ class ManageServer:
                 "policy": m.replicate.policy, "target": replica.description if replica else None,
                 "failed": m.replicate.failed, "blocked": m.replicate.blocked,
                 "frozen": m.control.frozen, "read_only": m.control.read_only,
+                "source_failed": m.control.failure,
                 "bytes_written": m.control.bytes_written}
 
     async def _replicate(self, m: Managed, request: dict) -> None:

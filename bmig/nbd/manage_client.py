@@ -42,6 +42,22 @@ class ManageClient:
     def call(self, op: str, **fields: Any) -> dict:
         try:
             self._sock.sendall(pack_frame(json.dumps({"op": op, **fields}).encode()))
+        except OSError as exc:
+            # bmig-nbd may have said why it closed the connection (a freeze lease ran
+            # out): that frame is still here to read.
+            try:
+                reply = self._receive()
+            except UnreachableError:
+                raise UnreachableError(f"lost bmig-nbd at {self.path}: {exc}") from None
+        else:
+            reply = self._receive()
+        if not reply.get("ok"):
+            raise from_wire(str(reply.get("code", "error")),
+                            f"bmig-nbd: {reply.get('message', 'failed')}")
+        return reply
+
+    def _receive(self) -> dict:
+        try:
             reply = json.loads(recv_frame(self._sock, MAX_MANAGE_FRAME))
         except (OSError, ConnectionClosed) as exc:
             raise UnreachableError(f"lost bmig-nbd at {self.path}: {exc}") from None
@@ -50,9 +66,6 @@ class ManageClient:
                 from None
         if not isinstance(reply, dict):
             raise ProtocolError(f"bmig-nbd at {self.path} answered something else")
-        if not reply.get("ok"):
-            raise from_wire(str(reply.get("code", "error")),
-                            f"bmig-nbd: {reply.get('message', 'failed')}")
         return reply
 
     def close(self) -> None:

@@ -18,8 +18,15 @@ that crashes and loses what it had not flushed never leaves a chunk marked clean
 does not have. A FLUSH follows the last frame by FLUSH_DELAY at most, so writes settle
 even when the application never flushes.
 
-A failure of the connection fails every write waiting for it; the layer above decides
-what that means (bmig.nbd.layers.replicate: degrade or block).
+Seqs are taken when a frame is queued, and frames leave in queue order: the wire order is
+the seq order, so a DURABLE(seq) never covers a frame sent after the FLUSH it answers.
+
+A frame breceive refuses (ERROR with its seq: no space, an I/O error, a bad frame) is not
+on the target. The writer of a protocol A or B write has been answered already, so there
+is nobody left to fail; instead the replica fails as a whole: every write waiting fails,
+the durable watermark stops where it is (a later DURABLE never covers the refused seq,
+invariant 11), and ``on_failed`` tells the layer above, which decides what that means
+(bmig.nbd.layers.replicate: degrade or block). A lost connection does the same.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import itertools
 import logging
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from bmig.constants import REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, UnreachableError
@@ -60,7 +67,8 @@ class Replica:
         self._closed = False
         self.durable_seq = 0                  # every frame up to it is durable there
         self.sent_seq = 0                     # the last frame handed to the sender
-        self.on_durable: Any = None           # called with the new watermark
+        self.on_durable: Callable[[int], None] | None = None   # the new watermark
+        self.on_failed: Callable[[BmigError], None] | None = None  # the replica failed
         self._flush_timer: asyncio.TimerHandle | None = None
         target.set_acks(self)
         self._sender = threading.Thread(target=self._send_loop, name="replica-sender",
@@ -78,15 +86,30 @@ class Replica:
             return FLAG_ACK_RECEIVED, _RECEIVED
         return 0, _SENT
 
-    async def _submit(self, item: tuple, nbytes: int, wait_for: str, seq: int) -> None:
+    async def _submit(self, frame: Callable[[int], tuple], nbytes: int,
+                      wait_for: str) -> int:
+        """Queue the frame ``frame(seq)`` and wait for what ``wait_for`` says; its seq."""
         if self.error is not None:
             raise self.error
         if self.protocol == "A":
             async with self._room:
                 await self._room.wait_for(lambda: self._queued < QUEUE_BYTES
                                           or self.error is not None)
+                seq, future = self._enqueue(frame, nbytes, wait_for)
+        else:
+            seq, future = self._enqueue(frame, nbytes, wait_for)
+        if future is not None:
+            await future
+        return seq
+
+    def _enqueue(self, frame: Callable[[int], tuple], nbytes: int,
+                 wait_for: str) -> tuple[int, asyncio.Future | None]:
+        """Take the next seq and queue the frame, with no wait in between: the seq order
+        is the queue order, which is the wire order."""
         if self.error is not None:
             raise self.error
+        seq = next(self._seq)
+        item = frame(seq)
         future = None
         if wait_for != _SENT:
             future = self._loop.create_future()
@@ -96,8 +119,7 @@ class Replica:
         self._outbox.put((item, nbytes, seq))
         if item[0] != "flush":
             self._flush_later()
-        if future is not None:
-            await future
+        return seq, future
 
     async def write(self, offset: int, data: memoryview | bytes, fua: bool) -> int:
         """Send; return (per the protocol) with the seq of the last frame, which is
@@ -105,22 +127,20 @@ class Replica:
         view = memoryview(data)
         seq = 0
         for start in range(0, len(view), MAX_DATA):
-            piece = view[start:start + MAX_DATA]
+            piece = bytes(view[start:start + MAX_DATA])
             flags, wait_for = self._flags(fua and start + MAX_DATA >= len(view))
-            seq = next(self._seq)
-            item = ("data", seq, offset + start, bytes(piece), flags)
-            await self._submit(item, len(piece), wait_for, seq)
+            at = offset + start
+            seq = await self._submit(
+                lambda s, at=at, piece=piece, flags=flags: ("data", s, at, piece, flags),
+                len(piece), wait_for)
         return seq
 
     async def zero(self, offset: int, length: int, fua: bool) -> int:
         flags, wait_for = self._flags(fua)
-        seq = next(self._seq)
-        await self._submit(("zero", seq, offset, length, flags), 64, wait_for, seq)
-        return seq
+        return await self._submit(lambda s: ("zero", s, offset, length, flags), 64, wait_for)
 
     async def flush(self) -> None:
-        seq = next(self._seq)
-        await self._submit(("flush", seq), 16, _DURABLE, seq)
+        await self._submit(lambda s: ("flush", s), 16, _DURABLE)
 
     def _flush_later(self) -> None:
         if self._flush_timer is None:
@@ -129,18 +149,20 @@ class Replica:
     def _timed_flush(self) -> None:
         self._flush_timer = None
         if self.error is None and not self._closed and self.sent_seq > self.durable_seq:
-            seq = next(self._seq)
-            self._queued += 16
-            self._outbox.put((("flush", seq), 16, seq))
+            self._enqueue(lambda s: ("flush", s), 16, _SENT)
 
     # -- the sender thread --------------------------------------------------------------
 
     def _send_loop(self) -> None:
+        broken = False
         while True:
             entry = self._outbox.get()
             if entry is None:
                 return
             item, nbytes, seq = entry
+            if broken:       # nothing goes out after a frame that could not
+                self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
+                continue
             try:
                 kind = item[0]
                 if kind == "data":
@@ -153,6 +175,7 @@ class Replica:
                 else:
                     self.target.request_durable(item[1])
             except BmigError as exc:
+                broken = True
                 self.fatal(exc)
             self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
 
@@ -177,7 +200,7 @@ class Replica:
         self._loop.call_soon_threadsafe(self._acked, seq, _RECEIVED)
 
     def failed(self, seq: int, error: BmigError) -> None:
-        self._loop.call_soon_threadsafe(self._fail_one, seq, error)
+        self._loop.call_soon_threadsafe(self._refused, seq, error)
 
     def fatal(self, error: BmigError) -> None:
         self._loop.call_soon_threadsafe(self._fail_all, error)
@@ -193,7 +216,11 @@ class Replica:
             self._resolve(seq)
 
     def _durable(self, seq: int) -> None:
-        """DURABLE(seq) covers everything up to seq, whatever it waited for."""
+        """DURABLE(seq) covers everything up to seq, whatever it waited for; after a
+        refused or lost frame, nothing more (breceive answers frames in order, so a
+        refusal arrives before any DURABLE that would have covered it)."""
+        if self.error is not None or self._closed:
+            return
         for s in [s for s in self._waiting if s <= seq]:
             self._resolve(s)
         if seq > self.durable_seq:
@@ -201,13 +228,16 @@ class Replica:
             if self.on_durable is not None:
                 self.on_durable(seq)
 
-    def _fail_one(self, seq: int, error: BmigError) -> None:
-        entry = self._waiting.pop(seq, None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_exception(error)
+    def _refused(self, seq: int, error: BmigError) -> None:
+        """breceive refused frame ``seq``: what it carried is not on the target. Its
+        writer may have been answered already (protocols A and B), so the replica fails:
+        the write's chunks must not be taken for mirrored by a later DURABLE."""
+        self._fail_all(type(error)(f"{self.description} refused seq {seq}: "
+                                   f"{error.message}"))
 
     def _fail_all(self, error: BmigError) -> None:
-        if self.error is None and not self._closed:
+        first = self.error is None and not self._closed
+        if first:
             log.error("replication to %s failed: %s", self.description, error.message)
             self.error = error
         waiting, self._waiting = self._waiting, {}
@@ -215,20 +245,38 @@ class Replica:
             if not future.done():
                 future.set_exception(self.error or error)
         self._loop.create_task(self._notify_room())
+        if first and self.on_failed is not None:
+            self.on_failed(error)
 
     # -- the end ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop; writes still waiting fail (the caller has drained what it meant to)."""
+        """Stop; writes still waiting fail (the caller has drained what it meant to).
+        Blocking (it waits for the sender thread): called from a worker thread, it
+        hands what touches the loop's state over to the loop."""
         self._closed = True
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
         self._outbox.put(None)
         self._sender.join(timeout=30)
         try:
             self.target.close()
         except BmigError:
             pass
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._stopped()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._stopped)
+            except RuntimeError:       # the loop is gone, and whoever waited with it
+                pass
+
+    def _stopped(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         self._fail_all(UnreachableError("replication stopped"))
 
 

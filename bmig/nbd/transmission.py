@@ -24,7 +24,7 @@ from bmig.errors import ProtocolError
 from bmig.nbd import protocol as p
 from bmig.nbd.connection import Connection
 from bmig.nbd.handshake import Negotiated
-from bmig.nbd.layers.base import Capabilities, Layer
+from bmig.nbd.layers.base import Capabilities, ExportFailed, Layer
 from bmig.nbd.layers.track import TrackingFailed
 
 log = logging.getLogger("bmig-nbd")
@@ -66,6 +66,9 @@ def nbd_error(exc: BaseException, what: str) -> p.Err:
         return exc.error
     if isinstance(exc, TrackingFailed):
         log.error("%s: %s", what, exc)
+        return p.Err.EIO
+    if isinstance(exc, ExportFailed):    # said once at error level when it happened
+        log.debug("%s: %s", what, exc)
         return p.Err.EIO
     if isinstance(exc, OSError):
         error = _ERRNO_TO_NBD.get(exc.errno or 0, p.Err.EIO)

@@ -192,8 +192,9 @@ class Cutover:
         return {"command": command}
 
     def _freeze(self) -> None:
+        """A lease: bmig-nbd thaws by itself if this process dies, or after --timeout."""
         assert self._nbd is not None
-        self._nbd.call("freeze")
+        self._nbd.call("freeze", lease=self.s.timeout)
         self._frozen = True
 
     def _flush(self) -> dict:

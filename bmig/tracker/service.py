@@ -30,7 +30,7 @@ from bmig.tracker.device import TrackedDevice
 from bmig.tracker.devices import (SUFFIX, ConfigWatcher, DeviceDefinition, check_geometry,
                                   check_name, new_device_id, scan)
 from bmig.lineage import ROLE_PRIMARY, ROLES, SourceLineage, hex_id, parse_id, save_source
-from bmig.tracker.intervals import IntervalSet
+from bmig.tracker.intervals import IntervalSet, merge_spans
 from bmig.tracker.protocol import Message, Op, decode, field_bool, field_int, field_str
 
 log = logging.getLogger("breqd")
@@ -38,6 +38,7 @@ log = logging.getLogger("breqd")
 LAZY_FLUSH_SECONDS = 2.0
 STATUS_SECONDS = 10.0
 RESCAN_DELAY = 0.05
+MARK_PIECE = 1 << 20        # chunks per bit-array step of a MARK: 128 KiB temporaries
 
 
 @dataclass
@@ -389,8 +390,12 @@ class Breqd:
         return [device.chunks.span(offset, length) for offset, length in msg.ranges]
 
     def _mark(self, session: Session, msg: Message) -> Reply:
+        """Mark (and hold) the ranges. What one MARK allocates is bounded (invariant 8):
+        its ranges, up to 65536 of them and each perhaps the whole device, are merged
+        first, and each run is marked in pieces of at most MARK_PIECE chunks, so no bit
+        array built on the way grows with the ranges or with the device."""
         device = self._device(msg)
-        spans = self._spans(device, msg)
+        spans = merge_spans(self._spans(device, msg))
         hold = field_bool(msg, "hold")
         sync = field_bool(msg, "sync")
         if sync and not hold:
@@ -400,16 +405,27 @@ class Breqd:
             if len(runs) + len(spans) > MAX_HELD_RUNS:
                 raise RequestError(f"{device.name}: more than {MAX_HELD_RUNS} held runs on "
                                    "one connection; release some first")
-        clean = [device.chunks.clean(first, end) for first, end in spans] if sync else None
-        pending = device.mark_spans(spans, keep_mirrored=sync)
-        if hold:
-            for i, (first, end) in enumerate(spans):
+        pending: list[Awaitable] = []
+        pieces = 0
+        for first, end in spans:
+            for start in range(first, end, MARK_PIECE):
+                stop = min(end, start + MARK_PIECE)
+                # Which chunks were clean, before the mark makes them dirty: those a
+                # synchronous write makes mirrored.
+                mirror = device.chunks.clean(start, stop) if sync else None
+                flushed = device.mark_spans([(start, stop)], keep_mirrored=sync)
+                pieces += 1
+                if flushed is not None and flushed not in pending:
+                    pending.append(flushed)
+                if hold:
+                    device.chunks.hold(start, stop, mirror)
+            if hold:
                 runs.add(first, end)
-                device.chunks.hold(first, end, clean[i] if clean is not None else None)
+        device.marks += len(msg.ranges) - pieces      # it counts the ranges sent
         ok = Message(Op.REPLY_OK, msg.request_id)
-        if pending is None:
+        if not pending:
             return ok
-        return _then(pending, ok)
+        return _then(pending[0] if len(pending) == 1 else asyncio.gather(*pending), ok)
 
     def _mark_completed(self, session: Session, msg: Message) -> Reply:
         """Mark again after the write, and let go of this connection's holds there. With

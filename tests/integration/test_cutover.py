@@ -691,3 +691,133 @@ def test_cutover_gives_up_soon_after_its_timeout(breqd, rig, tmp_path):
     # 1 s of drain, then what was sent gets its acknowledgement: a few seconds, not the
     # whole pass.
     assert took < 5, f"cutover --timeout 1 took {took:.1f} s"
+
+
+# -- a freeze is a lease: it ends with the client that took it, or when its time is up ------
+
+FREEZER = """
+import json, sys
+from bmig.nbd.manage_client import ManageClient
+client = ManageClient(sys.argv[1], "d1")
+fields = {"lease": float(sys.argv[2])} if len(sys.argv) > 2 else {}
+print(json.dumps(client.call("freeze", **fields)), flush=True)
+sys.stdin.readline()              # hold the freeze until told (or killed)
+try:
+    client.call("read-only", value=True)
+    print("read-only", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, exc, flush=True)
+"""
+
+
+class Freezer:
+    """A client of bmig-nbd's control socket that freezes d1's writes and holds on."""
+
+    def __init__(self, server, *lease: str):
+        import subprocess
+        import sys
+        self.proc = subprocess.Popen([sys.executable, "-c", FREEZER, server.manage_dir,
+                                      *lease], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        status = json.loads(self.proc.stdout.readline())
+        assert status["frozen"], status
+
+    def go_on(self) -> str:
+        """Let it make its next request (read-only); what it says of the answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+class PendingWrite(threading.Thread):
+    """A write through the export that the freeze holds back; ``done`` once answered."""
+
+    def __init__(self, server, offset: int):
+        super().__init__(daemon=True)
+        self.server, self.offset = server, offset
+        self.data = os.urandom(4096)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with NbdClient.connect(self.server.uri, timeout=120) as client:
+                client.pwrite(self.data, self.offset)
+        except BaseException as exc:      # reported by the test
+            self.error = exc
+        self.done.set()
+
+    def wait_accepted(self) -> None:
+        """bmig-nbd has read the request (its debug log shows it) and holds it."""
+        from tests.integration.nbd_helpers import logged_requests
+        wait_until(lambda: ("NBD_CMD_WRITE", self.offset, 4096)
+                   in logged_requests(self.server.daemon.log()),
+                   timeout=30, what="bmig-nbd to receive the write")
+        assert not self.done.is_set(), "a write went through a freeze"
+
+
+def test_a_freeze_ends_when_the_client_that_took_it_dies(breqd, rig):
+    """bmigrate cutover --freeze killed: the application's writes must not hang."""
+    server, _, _ = rig(4 * MiB, fill=False)
+    freezer = Freezer(server)
+    try:
+        write = PendingWrite(server, 5 * CHUNK)
+        write.wait_accepted()
+        freezer.proc.kill()                                 # kill -9 of the client
+        assert write.done.wait(30), "the write still hangs after its freezer died"
+        assert write.error is None, write.error
+    finally:
+        freezer.close()
+    assert not replication_status(breqd, server)["frozen"]
+    with open(server.backing, "rb") as f:
+        f.seek(5 * CHUNK)
+        assert f.read(4096) == write.data
+    assert "the client that froze its writes is gone" in server.daemon.log()
+
+
+def test_a_freeze_ends_when_its_lease_runs_out_and_its_client_can_do_no_more(breqd, rig):
+    """A client that hangs while holding a freeze: after its lease the writes go on, and
+    its next request is refused rather than done as if the writes were still held."""
+    server, _, _ = rig(4 * MiB, fill=False)
+    freezer = Freezer(server, "1.5")
+    try:
+        write = PendingWrite(server, 6 * CHUNK)
+        write.wait_accepted()
+        assert write.done.wait(30), "the write still hangs after the lease ran out"
+        assert write.error is None, write.error
+        answer = freezer.go_on()
+    finally:
+        freezer.close()
+    assert "lease of 1.5 s ran out" in answer, answer
+    status = replication_status(breqd, server)
+    assert not status["frozen"] and not status["read_only"], status
+
+
+def test_a_freeze_held_by_two_clients_lasts_until_both_are_gone(breqd, rig):
+    server, _, _ = rig(4 * MiB, fill=False)
+    first, second = Freezer(server), Freezer(server)
+    try:
+        write = PendingWrite(server, 7 * CHUNK)
+        write.wait_accepted()
+        first.proc.kill()
+        first.proc.wait(timeout=30)
+        wait_until(lambda: "other client(s) still hold the freeze" in server.daemon.log(),
+                   timeout=30, what="bmig-nbd to see the first client go")
+        assert replication_status(breqd, server)["frozen"]
+        assert not write.done.is_set()
+        second.proc.kill()
+        assert write.done.wait(30) and write.error is None, write.error
+    finally:
+        first.close()
+        second.close()

@@ -188,3 +188,81 @@ def test_breceive_killed_in_protocol_c(breqd, setup, receivers, tmp_path, policy
     sync(breqd, "d1", "--source", server.backing, "--to", again.url("d1"), "--secret-file",
          again.secret_file, "--threshold", "0")
     assert same_bytes(server.backing, target)
+
+
+# -- a target that refuses writes (no space): nothing it refused is ever called clean --------
+
+def chunks_of_runs(runs) -> set[int]:
+    return {c for o, n in runs for c in range(o // CHUNK, (o + n - 1) // CHUNK + 1)}
+
+
+def fill(directory: str) -> str:
+    """Take every free byte of the file system of ``directory``."""
+    path = os.path.join(directory, "filler")
+    block = b"\xff" * (64 << 10)
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(block)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == 28, exc                   # ENOSPC
+    return path
+
+
+@pytest.fixture
+def full_target(mounts, breqd, tmp_path, receivers):
+    """bmig-nbd on a 16 MiB device whose chunks 0-7 hold data and the rest are holes, and
+    its copy on a small tmpfs, synced: the target's holes are holes too. The test fills
+    the tmpfs with ``fill``: from then on every write into a hole of the target fails
+    with ENOSPC, while writes over its data chunks still succeed."""
+    small = mounts.tmpfs(str(tmp_path / "small"), "8m")
+    server = start_nbd(breqd, tmp_path, SIZE)
+    with open(server.backing, "r+b") as f:
+        f.write(os.urandom(8 * CHUNK))
+    target = os.path.join(small, "tgt.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+         r.secret_file, "--threshold", "0")
+    yield server, r, target, small
+    server.daemon.stop()
+
+
+@pytest.mark.parametrize("protocol", ["A", "B", "C"])
+def test_a_write_the_target_refuses_for_lack_of_space_stays_dirty(breqd, full_target,
+                                                                  protocol):
+    """Invariant 11 under protocols A, B and C: the application writes a chunk that is a
+    hole on the full target (refused: ENOSPC) and chunks that are not; the refused one
+    must stay dirty in breqd (never marked clean by the DURABLE of a later FLUSH), every
+    chunk breqd calls clean must equal the source, and the failure is in the status."""
+    server, r, target, small = full_target
+    replicate(breqd, server, r, "--protocol", protocol)
+    filler = fill(small)
+    hole = 100 * CHUNK
+    with NbdClient.connect(server.uri) as client:
+        client.pwrite(os.urandom(4096), hole)        # the local write succeeds: degrade
+        for c in (1, 2, 3):
+            client.pwrite(os.urandom(4096), c * CHUNK)
+        client.flush()
+    wait_until(lambda: stats(breqd)["held_bytes"] == 0, timeout=30, what="holds to go")
+    runs, _ = breqd.client().query("d1", 0, SIZE)
+    dirty = chunks_of_runs(runs)
+    assert hole // CHUNK in dirty, f"the refused write's chunk is clean: {sorted(dirty)}"
+    with open(server.backing, "rb") as a, open(target, "rb") as b:
+        for c in range(SIZE // CHUNK):
+            if c not in dirty:
+                a.seek(c * CHUNK)
+                b.seek(c * CHUNK)
+                assert a.read(CHUNK) == b.read(CHUNK), f"chunk {c} is clean but differs"
+    status = json.loads(bmigrate(breqd, "replicate", "d1", "--status", "--manage-dir",
+                                 server.manage_dir, "--json").stdout)
+    assert not status["replicating"], status
+    assert "No space left on device" in status["failed"], status
+    shown = json.loads(bmigrate(breqd, "status", "d1", "--manage-dir", server.manage_dir,
+                                "--json").stdout)
+    assert shown["nbd"]["failed"] == status["failed"] and shown["dirty_bytes"] >= CHUNK
+    os.unlink(filler)                                  # room again: a sync makes it right
+    sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+         r.secret_file, "--threshold", "0")
+    assert same_bytes(server.backing, target)

@@ -51,3 +51,80 @@ def test_fast_zero_without_a_hole_is_not_supported(layer):
     with pytest.raises(OSError):
         asyncio.run(layer.zero(0, 4096, False, may_trim=False, fast=True))
     assert read(layer, 0, 4096) == b"\xaa" * 4096
+
+
+# -- after a failed fdatasync nothing is acknowledged any more (invariant 11) -----------------
+
+class FailingSync:
+    """fdatasync as the kernel does it after a writeback error: EIO once, then success
+    (the error is reported once per open file), though the pages are gone."""
+
+    def __init__(self):
+        import threading
+        self.calls = 0
+        self.running = 0
+        self.most_at_once = 0
+        self.gate = threading.Event()     # the failing call waits for it
+        self.gate.set()
+        self._lock = threading.Lock()
+
+    def __call__(self, fd: int) -> None:
+        import errno
+        with self._lock:
+            self.calls += 1
+            first = self.calls == 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            if first:
+                assert self.gate.wait(10)
+                raise OSError(errno.EIO, "Input/output error")
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("first", ["flush", "fua-write", "fua-zero"])
+def test_after_a_failed_fdatasync_every_write_and_flush_fails(layer, monkeypatch, first):
+    import errno
+    sync = FailingSync()
+    monkeypatch.setattr(os, "fdatasync", sync)
+    start = {"flush": lambda: layer.flush(),
+             "fua-write": lambda: layer.write(memoryview(b"x" * 10), 0, fua=True),
+             "fua-zero": lambda: layer.zero(0, 4096, True, may_trim=False, fast=False)}
+    with pytest.raises(OSError) as raised:
+        asyncio.run(start[first]())
+    assert raised.value.errno == errno.EIO
+    for action in (lambda: layer.flush(),                       # the kernel says OK now
+                   lambda: layer.write(memoryview(b"y" * 10), 4096, fua=False),
+                   lambda: layer.write(memoryview(b"y" * 10), 4096, fua=True),
+                   lambda: layer.trim(0, 4096, False),
+                   lambda: layer.zero(0, 4096, False, may_trim=False, fast=False)):
+        with pytest.raises(OSError) as raised:
+            asyncio.run(action())
+        assert raised.value.errno == errno.EIO
+    assert not layer.write_now(memoryview(b"z"), 8192, False)
+    assert read(layer, 4096, 10) == b"\xaa" * 10                # nothing more was written
+    assert sync.calls == 1
+    assert layer.failure and "fdatasync failed" in layer.failure      # for status
+
+
+def test_a_flush_overlapping_the_failing_one_fails_too(layer, monkeypatch):
+    """Two flushes at once: the kernel reports the error to one of them only. The other
+    must not succeed on that account: fdatasync calls run one at a time."""
+    sync = FailingSync()
+    sync.gate.clear()
+    monkeypatch.setattr(os, "fdatasync", sync)
+
+    async def main():
+        first = asyncio.ensure_future(layer.flush())
+        while not sync.calls:                  # the first is in fdatasync, held there
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(layer.flush())
+        await asyncio.sleep(0)                 # the second flush starts
+        sync.gate.set()
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, OSError) for r in results), results
+    assert sync.most_at_once == 1

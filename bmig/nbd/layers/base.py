@@ -14,7 +14,16 @@ task, no await, the reply written in the same event-loop turn as the request was
 from __future__ import annotations
 
 import abc
+import errno
 from dataclasses import dataclass
+
+
+class ExportFailed(OSError):
+    """The export stopped acknowledging writes and flushes (a failed fdatasync of the
+    backing): an EIO that is expected, and already logged once."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EIO, message)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,12 @@ class Layer(abc.ABC):
 
     def capabilities(self) -> Capabilities:
         return self._next().capabilities()
+
+    @property
+    def failure(self) -> str | None:
+        """Why this export fails every write and flush until it is restarted (a flush of
+        the backing failed), or None."""
+        return self.inner.failure if self.inner is not None else None
 
     async def read(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the bytes at ``offset``."""

@@ -5,11 +5,13 @@ application's NBD connections. Local and remote writes run side by side; the rep
 for what the protocol says (bmig.nbd.replica: A, B or C) and for the local write. FLUSH
 is durable on both sides. Reads stay local.
 
-When the target fails, the policy decides: ``degrade`` (the default) goes back to
-tracking only, loudly; the writes that did not reach the target have their chunks dirty,
-so a later sync ships them. ``block`` fails writes with EIO until replication is stopped
-or started again. Either way the generation moves on, which tells the tracking layer
-that writes since then were not replicated.
+When the target fails (the connection is lost, or breceive refused a frame: no space, an
+I/O error), the policy decides: ``degrade`` (the default) goes back to tracking only,
+loudly; the writes that did not reach the target have their chunks dirty, so a later
+sync ships them. ``block`` fails writes with EIO until replication is stopped or started
+again. Either way the generation moves on, and the listeners (the tracking layer) hear
+it at once: a write whose seq was not durable on the target by then stays dirty, since
+no DURABLE of this replica or of a later one will ever cover it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
-from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.base import ExportFailed, Layer
 from bmig.nbd.replica import Replica
 
 log = logging.getLogger("bmig-nbd")
@@ -54,6 +56,10 @@ class ReplicateLayer(Layer):
         self._listeners.append(callback)
 
     def _durable(self, seq: int) -> None:
+        self._changed()
+
+    def _changed(self) -> None:
+        """The durable watermark or the generation moved: tell the listeners."""
         for callback in self._listeners:
             callback()
 
@@ -68,8 +74,12 @@ class ReplicateLayer(Layer):
         self.failed, self.blocked = None, False
         self.generation += 1
         replica.on_durable = self._durable
+        replica.on_failed = lambda exc: self._give_up(replica, exc)
         log.info("%s: replicating synchronously to %s (protocol %s, on failure %s)",
                  self.name, replica.description, replica.protocol, policy)
+        self._changed()
+        if replica.error is not None:       # it failed before we listened
+            self._give_up(replica, replica.error)
 
     async def stop(self) -> None:
         """Back to tracking only, once the replicated requests in flight are answered."""
@@ -77,9 +87,11 @@ class ReplicateLayer(Layer):
         self.generation += 1
         self.blocked = False
         if replica is None:
+            self._changed()
             return
         await self._idle.wait()
         self.replica = None
+        self._changed()
         await asyncio.to_thread(replica.close)
         log.info("%s: replication to %s stopped; tracking only", self.name,
                  replica.description)
@@ -98,6 +110,7 @@ class ReplicateLayer(Layer):
             log.error("%s: replication to %s failed (%s); back to tracking only: the "
                       "writes since are dirty and the next sync ships them", self.name,
                       replica.description, exc.message)
+        self._changed()
         asyncio.get_running_loop().run_in_executor(None, replica.close)
 
     # -- requests --------------------------------------------------------------------
@@ -216,6 +229,10 @@ class ControlLayer(Layer):
         await self._open.wait()
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.name} was handed over and is read-only")
+        failure = self.failure
+        if failure is not None:          # before any mark or replica: nothing to do
+            raise ExportFailed(f"{self.name}: {failure}; every write and flush fails "
+                               "until bmig-nbd is restarted")
         self._writing += 1
         self._quiet.clear()
         try:

@@ -18,8 +18,12 @@ which senders leave alone. Once every write under a hold has been made durable o
 target (the replica's durable watermark passed it), the hold is released as ``synced``
 and the mirrored chunks are clean again; a write that was not replicated (the replica
 failed, or the write began before replication did) taints its chunks, which are then
-released as plain dirty. In this mode holds are released as soon as they settle, so the
-resync that runs beside it finds the chunks free.
+released as plain dirty. A seq means something only to the replication that gave it:
+when the generation moves on (replication stopped, failed, or started again), every hold
+still waiting for a seq of an older generation is tainted, so that the new replica's
+DURABLE (its seqs start again at 1) never covers a write it never carried (invariant 11).
+In this mode holds are released as soon as they settle, so the resync that runs beside
+it finds the chunks free.
 
 Holds belong to the breqd connection. When it is lost they are gone: the table is
 emptied, the next write marks again, and a write that was running while the connection
@@ -79,11 +83,12 @@ class TrackingFailed(Exception):
 class Hold:
     """One held chunk: was every write under it replicated, and up to which seq."""
 
-    __slots__ = ("tainted", "pending", "seen")
+    __slots__ = ("tainted", "pending", "generation", "seen")
 
     def __init__(self, tainted: bool, seen: int):
         self.tainted = tainted       # a write under the hold did not reach the target
         self.pending = 0             # the last replica seq written under the hold
+        self.generation = -1         # the replication ``pending`` belongs to
         self.seen = seen             # sweeps done when the chunk was last written
 
 
@@ -215,11 +220,12 @@ class TrackLayer(Layer):
             hold = self.held.get(c)
             if hold is None:
                 continue
-            if replicated:
-                hold.pending = max(hold.pending, result)
-                heapq.heappush(self._awaiting, (result, c))
+            if not replicated or (hold.pending and hold.generation != generation):
+                hold.tainted = True      # a seq of another replication covers nothing here
             else:
-                hold.tainted = True
+                hold.pending = max(hold.pending, result)
+                hold.generation = generation
+                heapq.heappush(self._awaiting, (result, c))
 
     async def _mark_again(self, offset: int, length: int) -> None:
         """The hold was lost while the write ran: a sender may have committed the chunk
@@ -284,12 +290,12 @@ class TrackLayer(Layer):
             # While replicating, a hold whose writes are still on their way to the target
             # is let go (synced) once they are durable there, not plain before.
             mirror = self.mirror
-            durable = mirror.durable_seq if mirror is not None and mirror.active else None
+            active = mirror is not None and mirror.active
             # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
             oldest = self._sweeps - IDLE_SWEEPS
             victims = [c for c, hold in held.items()
                        if hold.seen < oldest and c not in busy
-                       and (durable is None or hold.tainted or hold.pending <= durable)]
+                       and not (active and self._awaits_target(hold))]
         synced: list[int] = []
         plain: list[int] = []
         for c in victims:
@@ -297,20 +303,31 @@ class TrackLayer(Layer):
         self._let_go(synced, True)
         self._let_go(plain, False)
 
+    def _awaits_target(self, hold: Hold) -> bool:
+        """The hold waits for a DURABLE of the current replication."""
+        mirror = self.mirror
+        assert mirror is not None
+        return (not hold.tainted and hold.pending > 0
+                and hold.generation == mirror.generation
+                and hold.pending > mirror.durable_seq)
+
     def _settled(self, chunk: int) -> bool:
-        """Every write under the hold was replicated and is durable on the target."""
+        """Every write under the hold was replicated and is durable on the target: by a
+        DURABLE of the replication that carried them, which is still running."""
         hold = self.held[chunk]
         mirror = self.mirror
         return (not hold.tainted and hold.pending > 0 and mirror is not None
+                and mirror.active and hold.generation == mirror.generation
                 and hold.pending <= mirror.durable_seq)
 
     def _settle_mirrored(self) -> None:
         """While replicating: let go at once of every hold whose writes all settled, and
         of tainted ones (plain), so the resync beside us finds them free.
 
-        Called after every replicated write and every DURABLE, so it looks only at the
-        chunks whose writes the new durable seq covers; a new replication (generation)
-        looks at every hold once."""
+        Called after every replicated write, every DURABLE and every change of
+        generation, so it looks only at the chunks whose writes the new durable seq
+        covers; a new generation looks at every hold once, and taints those still
+        waiting for a seq of another one."""
         if not self.held or not self._holds_valid():
             return
         mirror = self.mirror
@@ -318,6 +335,9 @@ class TrackLayer(Layer):
         held, busy = self.held, self._busy
         if mirror.generation != self._mirror_generation:
             self._mirror_generation = mirror.generation
+            for hold in held.values():
+                if hold.pending and hold.generation != mirror.generation:
+                    hold.tainted = True
             self._awaiting = [(hold.pending, c) for c, hold in held.items()
                               if hold.pending and not hold.tainted]
             heapq.heapify(self._awaiting)
