@@ -221,6 +221,8 @@ def full_target(mounts, breqd, tmp_path, receivers):
     with open(server.backing, "r+b") as f:
         f.write(os.urandom(8 * CHUNK))
     target = os.path.join(small, "tgt.img")
+    with open(target, "wb") as f:     # sparse, larger than its file system: breceive
+        f.truncate(SIZE)              # would not grow a file that far itself
     r = start_receiver(tmp_path, {"d1": target})
     receivers.append(r)
     sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",

@@ -74,8 +74,11 @@ class FakeTracker:
         self.events.append(f"{'sync-hold' if sync else 'hold'} {ranges}")
         return self.session
 
-    async def mark_completed(self, device, ranges, synced=False):
+    def release(self, device, ranges, synced=False):
         self.events.append(f"{'release-synced' if synced else 'release'} {ranges}")
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
 
 async def until(condition, what: str) -> None:
