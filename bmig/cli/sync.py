@@ -38,7 +38,7 @@ log = logging.getLogger("bmigrate")
 KEYS = {"name", "source", "to", "control", "secret_file", "tls_ca", "tls_cert", "tls_key",
         "ssh_command", "ssh_program", "known_hosts", "accept_new_host_key", "identity",
         "ssh_cipher", "bwlimit", "level", "window", "direct", "checksum", "threshold",
-        "discard_target_data", "interval", "log_level", "manage_dir"}
+        "discard_target_data", "interval", "log_level", "manage_dir", "trust_tls_server"}
 RELOADABLE = ("bwlimit", "level", "threshold", "interval")
 EXIT_INTERRUPTED = 130
 
@@ -62,9 +62,9 @@ def parse_rate(value: str | int | None) -> int | None:
     return parse_size(text) or None
 
 
-CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "ssh_command",
-                   "ssh_program", "known_hosts", "accept_new_host_key", "identity",
-                   "ssh_cipher")
+CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "trust_tls_server",
+                   "ssh_command", "ssh_program", "known_hosts", "accept_new_host_key",
+                   "identity", "ssh_cipher")
 
 
 def connection_options(f: Callable) -> Callable:
@@ -76,6 +76,9 @@ def connection_options(f: Callable) -> Callable:
                      help="CA that signed the receiver's certificate [default: the system's]."),
         click.option("--tls-cert", metavar="FILE", help="Client certificate for tls://."),
         click.option("--tls-key", metavar="FILE", help="Its private key."),
+        click.option("--trust-tls-server", is_flag=True, default=None,
+                     help="Over tls://, the receiver's verified certificate authenticates "
+                          "it: no shared secret needed."),
         click.option("--ssh-command", metavar="CMD",
                      help="Command run on the SSH host [default: breceive --stdio]."),
         click.option("--ssh-program", type=click.Choice(["paramiko", "openssh"]),
@@ -97,7 +100,7 @@ def connect_options(values: dict[str, Any]) -> ConnectOptions:
     secret = load_secret(str(values["secret_file"])) if values.get("secret_file") else None
     return ConnectOptions(
         secret=secret, tls_ca=values.get("tls_ca"), tls_cert=values.get("tls_cert"),
-        tls_key=values.get("tls_key"),
+        tls_key=values.get("tls_key"), trust_tls_server=bool(values.get("trust_tls_server")),
         ssh_command=str(values.get("ssh_command") or "breceive --stdio"),
         ssh_program=str(values.get("ssh_program") or "paramiko"),
         known_hosts=values.get("known_hosts"),
