@@ -14,13 +14,14 @@ from bmig.cli.common import host_port, run
 from bmig.config import load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
-from bmig.receiver.service import Receiver, ReceiverSettings
+from bmig.receiver.service import (HANDSHAKE_TIMEOUT, MAX_UNAUTHENTICATED, Receiver,
+                                   ReceiverSettings)
 from bmig.receiver.session import Policy, TargetConfig
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
 
 KEYS = {"listen", "state_dir", "secret_file", "tls_cert", "tls_key", "tls_client_ca",
-        "max_sessions", "log_level", "targets"}
+        "max_sessions", "log_level", "targets", "max_unauthenticated", "handshake_timeout"}
 TARGET_KEYS = {"path", "allow_discard"}
 _EXPORT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 DEFAULT_PORT = 10810
@@ -52,6 +53,18 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
     return targets
 
 
+def _number(values: dict[str, Any], key: str, default: float, low: float, high: float,
+            kind: type) -> Any:
+    """A number from --config, checked: ``kind`` (int, or float which takes ints too)
+    from ``low`` to ``high``."""
+    value = values.get(key, default)
+    kinds = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{key} = {value!r}: expected {what} from {low:g} to {high:g}")
+    return kind(value)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_file", metavar="FILE",
               help="TOML file with the settings below and a [targets] table; flags "
@@ -72,9 +85,16 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
 @click.option("--tls-cert", metavar="FILE", help="Certificate (PEM): senders connect with TLS.")
 @click.option("--tls-key", metavar="FILE", help="Its private key, if not in --tls-cert.")
 @click.option("--tls-client-ca", metavar="FILE",
-              help="Senders must show a certificate signed by this CA (authenticates them).")
+              help="Senders must show a certificate signed by this CA (with --secret-file "
+                   "too, they need both).")
 @click.option("--max-sessions", type=click.IntRange(1, 1024), metavar="N",
-              help="Sessions at once [default: 16].")
+              help="Authenticated sessions at once [default: 16].")
+@click.option("--max-unauthenticated", type=click.IntRange(1, 1024), metavar="N",
+              help=f"Connections still in their handshake at once; the oldest makes room "
+                   f"[default: {MAX_UNAUTHENTICATED}].")
+@click.option("--handshake-timeout", type=click.FloatRange(0.1, 3600), metavar="SECONDS",
+              help=f"Time a connection has to authenticate, TLS included "
+                   f"[default: {HANDSHAKE_TIMEOUT:g}].")
 @click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
               help="Least severe message logged [default: info].")
 @click.version_option(__version__, prog_name="breceive")
@@ -82,6 +102,7 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
              target_flags: tuple[str, ...], allow_discard: bool | None,
              secret_file: str | None, state_dir: str | None, tls_cert: str | None,
              tls_key: str | None, tls_client_ca: str | None, max_sessions: int | None,
+             max_unauthenticated: int | None, handshake_timeout: float | None,
              log_level: str | None) -> None:
     """Write what bmigrate ships to the configured target devices."""
     values: dict[str, Any] = {}
@@ -115,7 +136,13 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
     addresses = list(listen) or [str(a) for a in values.get("listen", [])]
     settings = ReceiverSettings(policy, [host_port(a, "--listen", any_port=True) for a in addresses], tls,
                                 client_certificates=bool(client_ca),
-                                max_sessions=int(max_sessions or values.get("max_sessions", 16)))
+                                max_sessions=int(max_sessions or values.get("max_sessions", 16)),
+                                max_unauthenticated=max_unauthenticated or _number(
+                                    values, "max_unauthenticated", MAX_UNAUTHENTICATED,
+                                    1, 1024, int),
+                                handshake_timeout=handshake_timeout or _number(
+                                    values, "handshake_timeout", HANDSHAKE_TIMEOUT,
+                                    0.1, 3600, float))
     Receiver(settings).serve()
 
 
