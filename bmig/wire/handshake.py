@@ -83,8 +83,8 @@ def sender(channel: Channel, secret: bytes | None, receiver_verified: bool,
     server = hello.str("server", "breceive")
     if version < OLDEST_WIRE_VERSION:
         raise ProtocolError(f"{where} ({server}) speaks wire version {version}; this "
-                            f"bmigrate speaks version {WIRE_VERSION}: upgrade bmig on the "
-                            f"receiving host to {__version__} or later")
+                            f"bmigrate ({client}) speaks version {WIRE_VERSION}: upgrade "
+                            "bmig on the receiving host")
     if version > WIRE_VERSION:
         raise ProtocolError(f"{where} answered wire version {version}, above what this "
                             f"bmigrate speaks ({WIRE_VERSION})")
@@ -141,8 +141,8 @@ def receiver(channel: Channel, secret: bytes | None, sender_verified: bool,
     client = hello.str("client", "bmigrate")
     if version < OLDEST_WIRE_VERSION:
         raise ProtocolError(f"the sender ({client}) speaks wire version {version}; this "
-                            f"breceive speaks version {WIRE_VERSION}: upgrade bmig on the "
-                            f"sending host to {__version__} or later")
+                            f"receiver ({server}) speaks version {WIRE_VERSION}: upgrade "
+                            "bmig on the sending host")
     version = min(version, WIRE_VERSION)
     asked = hello.str("auth", auth.METHOD)
     if asked not in (auth.METHOD, auth.TRANSPORT):
