@@ -9,6 +9,9 @@ breceive on 127.0.0.1 and acts once, on one frame.
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from tests.integration.sync_helpers import (CHUNK, MiB, make_image, receivers,  # noqa: F401
@@ -75,3 +78,54 @@ def test_a_tampered_frame_ends_the_session_and_nothing_unwritten_is_committed(
     sync(breqd, "d", "--source", source, "--to", r.url("d"), "--secret-file", r.secret_file,
          "--threshold", "0")
     assert same_bytes(source, target)
+
+
+def test_the_receivers_reason_wins_over_the_broken_pipe_it_leaves(monkeypatch):
+    """A receiver that finds a bad frame sends its ERROR and closes without reading the
+    rest: the sender's next send breaks, and what the sender reports is the receiver's
+    reason (exit 7), not the broken pipe (exit 4), even when the reader thread is slow
+    to pass the ERROR on."""
+    from bmig.errors import IntegrityError
+    from bmig.sender import targets
+    from bmig.sender.targets import ConnectOptions, WireTarget
+    from bmig.sender.urls import parse_target_url
+    from bmig.wire import handshake
+    from bmig.wire.channel import Channel
+    from bmig.wire.protocol import Message, T
+    from bmig.wire.transports import SocketStream
+
+    monkeypatch.setattr(targets, "REASON_WAIT", 1.0)
+    ours, theirs = socket.socketpair()
+    listening = threading.Event()
+
+    def receiver() -> None:
+        channel = Channel(SocketStream(theirs, "sender"))
+        handshake.receiver(channel, None, True, "test", [])
+        listening.wait(30)                       # until the sender hears acknowledgements
+        channel.send(Message(T.ERROR, {"code": "integrity", "message": "frame 3 ...",
+                                       "fatal": True}).encode())
+        theirs.close()                           # with unread data
+
+    class SlowAcks:
+        released = threading.Event()
+
+        def durable(self, seq): pass
+        def failed(self, seq, error): pass
+
+        def fatal(self, error):
+            self.released.wait(30)               # the reader is slow to pass it on
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    url = parse_target_url("tcp://127.0.0.1:1/d")
+    target = WireTarget(SocketStream(ours, str(url)), url, ConnectOptions(), True)
+    acks = SlowAcks()
+    target.set_acks(acks)
+    listening.set()
+    thread.join(timeout=30)
+    payload = bytes(1 << 20)
+    with pytest.raises(IntegrityError, match="frame 3"):
+        for seq in range(1, 1000):
+            target.send_data(seq, seq << 20, 0, payload, len(payload), 0)
+    acks.released.set()
+    target.close()
