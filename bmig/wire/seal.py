@@ -57,7 +57,7 @@ def transcript(sender_hello: bytes, receiver_hello: bytes) -> bytes:
 
 def derive_keys(secret: bytes, challenge: bytes, nonce: bytes, hellos: bytes) -> SessionKeys:
     """One key per direction: HKDF-SHA256(secret, salt = challenge || nonce,
-    info = direction label || transcript)."""
+    info = direction label || 0 || transcript)."""
     def key(label: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=challenge + nonce,
                     info=label + b"\0" + hellos).derive(secret)
