@@ -69,6 +69,12 @@ class FrameTooLarge(ProtocolError):
     wire_code = "frame-too-large"
 
 
+class IntegrityError(ProtocolError):
+    """A sealed frame failed its check: altered, dropped, replayed or reordered on the way."""
+
+    wire_code = "integrity"
+
+
 class RequestError(BmigError):
     """The request is well formed but cannot be honoured."""
 
@@ -207,7 +213,8 @@ class StateLocked(StateError):
 
 # Wire code -> class, so a client rebuilds the server's error as the same type.
 _ALL: tuple[type[BmigError], ...] = (
-    BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, RequestError,
+    BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, IntegrityError,
+    RequestError,
     UnknownDevice, DeviceExists, RangeError, NotCheckedOut, DeviceBusy, UnknownExport,
     TargetBusy,
     LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,

@@ -1,10 +1,13 @@
-"""A TCP relay on 127.0.0.1 that tests can break: reset connections, stall them.
+"""A TCP relay on 127.0.0.1 that tests can break: reset connections, stall them, or
+(TamperingRelay) alter, drop, replay or reorder frames as a man in the middle would.
 
     relay = Relay(("127.0.0.1", receiver_port)).start()
     ... connect to relay.port ...
     relay.reset_after(bytes_upstream=50 << 20)   # RST both sides after that much
     relay.reset_now()
     relay.stop()
+
+    relay = TamperingRelay(("127.0.0.1", receiver_port), "replay", "down").start()
 
 Resets are real TCP resets (SO_LINGER 0), as a failing network or a rebooted middlebox
 gives them. Every thread the relay starts ends by stop().
@@ -130,3 +133,107 @@ def _reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()                         # with linger 0: a RST, not a FIN
+
+
+class TamperingRelay(Relay):
+    """The relay as a man in the middle that understands framing (a u32 little-endian
+    length, then the body: the same whether the body is sealed or not). Once, on the
+    first frame in ``direction`` ("up": sender to receiver, "down": back) for which
+    ``pick(index, length)`` is true, it does ``action``:
+
+    - flip: flip the bits of one byte of the body (at ``flip_at``, or the last byte)
+    - drop: leave the frame out
+    - replay: send the frame twice
+    - reorder: send the next frame first, then this one
+    - rewrite: send ``rewrite(body)`` instead, with its own length
+
+    ``acted`` is set once it has. When either side of a connection fails, both are shut
+    down, as a middlebox that lost one side would.
+    """
+
+    def __init__(self, upstream: tuple[str, int], action: str, direction: str = "up",
+                 pick: Callable[[int, int], bool] = lambda index, length: index >= 2,
+                 flip_at: int = 18, rewrite: Callable[[bytes], bytes] | None = None):
+        super().__init__(upstream)
+        assert action in ("flip", "drop", "replay", "reorder", "rewrite")
+        assert direction in ("up", "down")
+        self.action = action
+        self.direction = direction
+        self.pick = pick
+        self.flip_at = flip_at
+        self.rewrite = rewrite
+        self.acted = threading.Event()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        mine = (self.direction == "up") == upstream
+        held: bytes | None = None
+        index = 0
+        try:
+            while True:
+                frame = _read_frame(src)
+                if frame is None:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    return
+                if upstream:
+                    with self._lock:
+                        self.bytes_upstream += len(frame)
+                out = [frame]
+                if held is not None:
+                    out, held = [frame, held], None
+                elif mine and not self.acted.is_set() and self.pick(index, len(frame) - 4):
+                    out, held = self._act(frame)
+                    self.acted.set()
+                index += 1
+                for piece in out:
+                    dst.sendall(piece)
+        except OSError:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _act(self, frame: bytes) -> tuple[list[bytes], bytes | None]:
+        """(what to send now, what to hold for after the next frame)."""
+        if self.action == "flip":
+            body = bytearray(frame[4:])
+            at = min(self.flip_at, len(body) - 1)
+            body[at] ^= 0xFF
+            return [frame[:4] + bytes(body)], None
+        if self.action == "drop":
+            return [], None
+        if self.action == "replay":
+            return [frame, frame], None
+        if self.action == "reorder":
+            return [], frame
+        assert self.rewrite is not None
+        body = self.rewrite(frame[4:])
+        return [struct.pack("<I", len(body)) + body], None
+
+
+def _read_frame(sock: socket.socket) -> bytes | None:
+    """One whole frame, length prefix included; None at a clean end between frames."""
+    head = _read_exactly(sock, 4, allow_eof=True)
+    if head is None:
+        return None
+    (length,) = struct.unpack("<I", head)
+    body = _read_exactly(sock, length, allow_eof=False)
+    assert body is not None
+    return head + body
+
+
+def _read_exactly(sock: socket.socket, n: int, allow_eof: bool) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    have = 0
+    while have < n:
+        got = sock.recv_into(view[have:])
+        if got == 0:
+            if allow_eof and have == 0:
+                return None
+            raise ConnectionResetError("the connection ended inside a frame")
+        have += got
+    return bytes(buf)

@@ -14,7 +14,8 @@ from bmig.cli.common import host_port, run
 from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
-from bmig.receiver.service import Receiver, ReceiverSettings
+from bmig.receiver.service import (HANDSHAKE_TIMEOUT, MAX_UNAUTHENTICATED, Receiver,
+                                   ReceiverSettings)
 from bmig.receiver.session import Policy, TargetConfig
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
@@ -56,6 +57,8 @@ SCHEMA = Schema(
     Key.path("tls_key"),
     Key.path("tls_client_ca"),
     Key.integer("max_sessions", 1, 1024, default=16),
+    Key.integer("max_unauthenticated", 1, 1024, default=MAX_UNAUTHENTICATED),
+    Key.number("handshake_timeout", 0.1, 3600, default=HANDSHAKE_TIMEOUT),
     Key.choice("log_level", bmig_log.LEVELS, default="info"),
     Key.tables("targets", TARGET_SCHEMA, _export_name, EXPORT_NAMES, default={}),
 )
@@ -103,9 +106,16 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
 @click.option("--tls-cert", metavar="FILE", help="Certificate (PEM): senders connect with TLS.")
 @click.option("--tls-key", metavar="FILE", help="Its private key, if not in --tls-cert.")
 @click.option("--tls-client-ca", metavar="FILE",
-              help="Senders must show a certificate signed by this CA (authenticates them).")
+              help="Senders must show a certificate signed by this CA (with --secret-file "
+                   "too, they need both).")
 @click.option("--max-sessions", type=click.IntRange(1, 1024), metavar="N",
-              help="Sessions at once [default: 16].")
+              help="Authenticated sessions at once [default: 16].")
+@click.option("--max-unauthenticated", type=click.IntRange(1, 1024), metavar="N",
+              help=f"Connections still in their handshake at once; the oldest makes room "
+                   f"[default: {MAX_UNAUTHENTICATED}].")
+@click.option("--handshake-timeout", type=click.FloatRange(0.1, 3600), metavar="SECONDS",
+              help=f"Time a connection has to authenticate, TLS included "
+                   f"[default: {HANDSHAKE_TIMEOUT:g}].")
 @click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
               help="Least severe message logged [default: info].")
 @click.version_option(__version__, prog_name="breceive")
@@ -113,6 +123,7 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
              target_flags: tuple[str, ...], allow_discard: bool | None,
              secret_file: str | None, state_dir: str | None, tls_cert: str | None,
              tls_key: str | None, tls_client_ca: str | None, max_sessions: int | None,
+             max_unauthenticated: int | None, handshake_timeout: float | None,
              log_level: str | None) -> None:
     """Write what bmigrate ships to the configured target devices."""
     values = SCHEMA.defaults()
@@ -145,7 +156,11 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
     addresses = list(listen) or [str(a) for a in values.get("listen", [])]
     settings = ReceiverSettings(policy, [host_port(a, "--listen", any_port=True) for a in addresses], tls,
                                 client_certificates=bool(client_ca),
-                                max_sessions=int(max_sessions or values["max_sessions"]))
+                                max_sessions=int(max_sessions or values["max_sessions"]),
+                                max_unauthenticated=int(max_unauthenticated
+                                                        or values["max_unauthenticated"]),
+                                handshake_timeout=float(handshake_timeout
+                                                        or values["handshake_timeout"]))
     Receiver(settings).serve()
 
 

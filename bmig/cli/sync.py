@@ -96,6 +96,7 @@ SCHEMA = Schema(
     Key.path("tls_ca"),
     Key.path("tls_cert"),
     Key.path("tls_key"),
+    Key.boolean("trust_tls_server", default=False),
     Key.string("ssh_command", "a command (a non-empty string)", _nonempty,
                default="breceive --stdio"),
     Key.choice("ssh_program", ("paramiko", "openssh"), default="paramiko"),
@@ -119,9 +120,9 @@ SCHEMA = Schema(
 KEYS = SCHEMA.names
 
 
-CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "ssh_command",
-                   "ssh_program", "known_hosts", "accept_new_host_key", "identity",
-                   "ssh_cipher")
+CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "trust_tls_server",
+                   "ssh_command", "ssh_program", "known_hosts", "accept_new_host_key",
+                   "identity", "ssh_cipher")
 
 
 def connection_options(f: Callable) -> Callable:
@@ -133,6 +134,9 @@ def connection_options(f: Callable) -> Callable:
                      help="CA that signed the receiver's certificate [default: the system's]."),
         click.option("--tls-cert", metavar="FILE", help="Client certificate for tls://."),
         click.option("--tls-key", metavar="FILE", help="Its private key."),
+        click.option("--trust-tls-server", is_flag=True, default=None,
+                     help="Over tls://, the receiver's verified certificate authenticates "
+                          "it: no shared secret needed."),
         click.option("--ssh-command", metavar="CMD",
                      help="Command run on the SSH host [default: breceive --stdio]."),
         click.option("--ssh-program", type=click.Choice(["paramiko", "openssh"]),
@@ -154,7 +158,7 @@ def connect_options(values: dict[str, Any]) -> ConnectOptions:
     secret = load_secret(str(values["secret_file"])) if values.get("secret_file") else None
     return ConnectOptions(
         secret=secret, tls_ca=values.get("tls_ca"), tls_cert=values.get("tls_cert"),
-        tls_key=values.get("tls_key"),
+        tls_key=values.get("tls_key"), trust_tls_server=bool(values.get("trust_tls_server")),
         ssh_command=str(values.get("ssh_command") or "breceive --stdio"),
         ssh_program=str(values.get("ssh_program") or "paramiko"),
         known_hosts=values.get("known_hosts"),

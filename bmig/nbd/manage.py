@@ -265,8 +265,8 @@ class ManageServer:
         secret = load_secret(str(o["secret_file"])) if o.get("secret_file") else None
         options = ConnectOptions(
             secret=secret, tls_ca=o.get("tls_ca"), tls_cert=o.get("tls_cert"),
-            tls_key=o.get("tls_key"), ssh_command=str(o.get("ssh_command") or
-                                                      "breceive --stdio"),
+            tls_key=o.get("tls_key"), trust_tls_server=bool(o.get("trust_tls_server")),
+            ssh_command=str(o.get("ssh_command") or "breceive --stdio"),
             ssh_program=str(o.get("ssh_program") or "paramiko"),
             known_hosts=o.get("known_hosts"),
             accept_new_host_key=bool(o.get("accept_new_host_key")),

@@ -4,7 +4,7 @@ States and what each allows (anything else is answered ERROR and, where the stre
 no longer be trusted, the session ends):
 
     hello    HELLO                              (frames capped at MAX_PREAUTH_FRAME)
-    auth     AUTH                               (when the transport did not authenticate)
+    auth     AUTH                               (bmig.wire.handshake decides when)
     ready    OPEN, STATUS_REQ, BYE
     open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, PROMOTE, BYE
     pass     DATA, ZERO, FLUSH, HASHES_REQ, PASS_END, STATUS_REQ, BYE
@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 from bmig import __version__
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from bmig.errors import (AuthError, BmigError, ChecksumMismatch, ConfigError, LineageError,
+from bmig.errors import (BmigError, ChecksumMismatch, ConfigError, LineageError,
                          ProtocolError, TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
@@ -43,12 +43,12 @@ from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_
                           target_path)
 from bmig.lineage import relation as lineage_relation
 from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
-from bmig.wire import auth, codec
+from bmig.wire import auth, codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
-                                MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
-                                decode_json, error_message, pack_hashes, pack_seq,
-                                type_of, unpack_data, unpack_seq, unpack_zero)
+                                MAX_HASHES, WIRE_VERSION, Message, T, decode_json,
+                                error_message, pack_hashes, pack_seq, type_of, unpack_data,
+                                unpack_seq, unpack_zero)
 
 log = logging.getLogger("breceive")
 
@@ -118,7 +118,9 @@ class Session:
     def __init__(self, channel: Channel, policy: Policy, authenticated: bool, peer: str):
         self.channel = channel
         self.policy = policy
-        self.authenticated = authenticated     # by the transport (TLS client cert, SSH)
+        self.authenticated = authenticated     # the transport alone authenticated the
+        #                                        sender (SSH; a TLS client certificate
+        #                                        where no secret is configured)
         self.peer = peer
         self.state = "hello"
         self.version = WIRE_VERSION
@@ -136,6 +138,7 @@ class Session:
         self._closed = False
         self.bytes_written = 0
         self.on_ready: Callable[[], None] | None = None    # called once authenticated
+        self.on_refused: Callable[[BmigError], None] | None = None   # handshake failed
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -165,7 +168,11 @@ class Session:
 
     def run(self) -> None:
         try:
-            self._handshake()
+            try:
+                self._handshake()
+            except BmigError as exc:
+                self._refuse(exc)
+                return
             while not self._closed:
                 body = self.channel.read()
                 if not self._dispatch(body):
@@ -182,41 +189,32 @@ class Session:
             self._finish()
 
     def _handshake(self) -> None:
-        hello = decode_json(self.channel.read(MAX_PREAUTH_FRAME))
-        if hello.type != T.HELLO:
-            raise ProtocolError(f"expected HELLO, got {hello.type.name}")
-        theirs = hello.int("version", 1, 1, 1 << 16)
-        if theirs < 1:
-            raise ProtocolError(f"wire version {theirs} is not supported")
-        self.version = min(theirs, WIRE_VERSION)
-        need_auth = not self.authenticated
-        if need_auth and self.policy.secret is None:
-            raise AuthError("this receiver has no way to authenticate the sender (no secret "
-                            "file, no client certificates)")
-        challenge = auth.new_nonce() if need_auth else ""
-        self.send(Message(T.HELLO, {"version": self.version, "server": f"breceive {__version__}",
-                                    "features": FEATURES,
-                                    "auth": auth.METHOD if need_auth else "transport",
-                                    "challenge": challenge}))
-        if need_auth:
-            assert self.policy.secret is not None
-            answer = decode_json(self.channel.read(MAX_PREAUTH_FRAME))
-            if answer.type != T.AUTH:
-                raise AuthError(f"expected AUTH, got {answer.type.name}")
-            client_nonce = answer.fields.get("nonce")
-            expected = auth.client_proof(self.policy.secret, challenge, str(client_nonce))
-            if not auth.valid_nonce(client_nonce) or \
-                    not auth.matches(expected, answer.fields.get("proof")):
-                log.warning("%s: authentication failed", self.peer)
-                raise AuthError("authentication failed: the sender's secret does not match "
-                                "the receiver's")
-            self.send(Message(T.AUTH_OK, {"proof": auth.server_proof(
-                self.policy.secret, challenge, str(client_nonce))}))
+        """Hello and authentication (bmig.wire.handshake); then ``on_ready`` may still
+        refuse the session (too many), with an error the sender reads."""
+        agreed = handshake.receiver(self.channel, self.policy.secret, self.authenticated,
+                                    f"breceive {__version__}", FEATURES)
+        self.version = agreed.version
         self.state = "ready"
+        log.info("%s: authenticated (%s%s), %s", self.peer,
+                 auth.METHOD if agreed.method == auth.METHOD else "by the transport",
+                 ", frames sealed" if agreed.sealed else "", agreed.peer)
         if self.on_ready is not None:
             self.on_ready()
-        log.info("%s: authenticated (%s)", self.peer,
-                 auth.METHOD if need_auth else "by the transport")
+
+    def _refuse(self, exc: BmigError) -> None:
+        """A peer that did not get through the handshake: one line to the log (through
+        ``on_refused``, which may hold it back), an ERROR if it still listens, the end."""
+        self._closed = True
+        if isinstance(exc, ConnectionClosed) and self.state == "hello":
+            log.debug("%s: closed before the end of the handshake", self.peer)
+        elif self.on_refused is not None:
+            self.on_refused(exc)
+        else:
+            log.warning("%s: %s", self.peer, exc.message)
+        try:
+            self.send(error_message(exc, fatal=True))
+        except BmigError:
+            pass
 
     def _dispatch(self, body: memoryview) -> bool:
         kind = type_of(body)

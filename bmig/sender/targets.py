@@ -16,24 +16,24 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from bmig import __version__
 from bmig.errors import (AuthError, BmigError, ConfigError, ProtocolError, TargetError,
-                         UnreachableError, from_wire)
+                         UnreachableError)
 from bmig.framing import ConnectionClosed
 from bmig.lineage import hex_id
 from bmig.sender.urls import TargetUrl
-from bmig.wire import auth
+from bmig.wire import handshake
 from bmig.wire.channel import Channel
 from bmig.wire.codec import checksum as xxh3
-from bmig.wire.protocol import (MAX_HASHES, MAX_PREAUTH_FRAME, WIRE_VERSION, Message, T,
-                                decode_json, pack_data, pack_seq, pack_zero, type_of,
-                                unpack_hashes, unpack_seq)
+from bmig.wire.protocol import (MAX_HASHES, Message, T, decode_json, error_from, pack_data,
+                                pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
 from bmig.wire.transports import (SocketStream, Stream, client_tls_context, connect_tcp,
                                   keepalive)
 
 log = logging.getLogger("bmigrate")
 
 REPLY_TIMEOUT = 300.0      # a control reply (OPENED, PASS_DONE, HASHES) may wait for a sync
+REASON_WAIT = 10.0         # for the reader to read why the receiver closed the connection
+TLS_HINT = ", or --trust-tls-server to let its verified certificate authenticate it"
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class ConnectOptions:
     accept_new_host_key: bool = False
     identity: str | None = None
     ssh_cipher: str | None = None
+    trust_tls_server: bool = False         # a verified certificate authenticates tls://
     timeout: float = 30.0
 
 
@@ -99,7 +100,7 @@ class WireTarget:
     lineage = True
 
     def __init__(self, stream: Stream, url: TargetUrl, options: ConnectOptions,
-                 transport_authenticated: bool):
+                 receiver_verified: bool, hint: str = ""):
         self.description = str(url)
         self.export = url.export
         self.channel = Channel(stream)
@@ -108,62 +109,29 @@ class WireTarget:
         self._reader: threading.Thread | None = None
         self._closed = False
         self.error: BmigError | None = None     # why the connection ended, once it has
-        self.server = "breceive"
-        self._handshake(options, transport_authenticated)
+        agreed = handshake.sender(self.channel, options.secret, receiver_verified, hint)
+        self.server = agreed.peer
+        self.sealed = agreed.sealed
         self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
         self._reader.start()
-
-    # -- handshake -------------------------------------------------------------------
-
-    def _read_json(self, expect: T, cap: int | None = None) -> Message:
-        try:
-            body = self.channel.read(cap)
-        except ConnectionClosed:
-            raise UnreachableError(f"{self.description} closed the connection during the "
-                                   "handshake") from None
-        message = decode_json(body)
-        if message.type == T.ERROR:
-            raise _remote_error(message)
-        if message.type != expect:
-            raise ProtocolError(f"{self.description}: expected {expect.name}, got "
-                                f"{message.type.name}")
-        return message
-
-    def _handshake(self, options: ConnectOptions, transport_authenticated: bool) -> None:
-        self._send(Message(T.HELLO, {"version": WIRE_VERSION,
-                                     "client": f"bmigrate {__version__}"}))
-        hello = self._read_json(T.HELLO, MAX_PREAUTH_FRAME)
-        self.server = hello.str("server", "breceive")
-        version = hello.int("version", 1, 1, 1 << 16)
-        if version > WIRE_VERSION:
-            raise ProtocolError(f"{self.description} answered wire version {version}, above "
-                                f"what this bmigrate speaks ({WIRE_VERSION})")
-        method = hello.str("auth", "")
-        if method == "transport":
-            return
-        if method != auth.METHOD:
-            raise AuthError(f"{self.description} asks for authentication by {method!r}, "
-                            "which this bmigrate does not know")
-        if options.secret is None:
-            raise AuthError(f"{self.description} wants the shared secret: give "
-                            "--secret-file FILE")
-        challenge = hello.fields.get("challenge")
-        if not auth.valid_nonce(challenge):
-            raise ProtocolError(f"{self.description} sent a malformed challenge")
-        nonce = auth.new_nonce()
-        self._send(Message(T.AUTH, {"method": auth.METHOD, "nonce": nonce,
-                                    "proof": auth.client_proof(options.secret, challenge,
-                                                               nonce)}))
-        ok = self._read_json(T.AUTH_OK, MAX_PREAUTH_FRAME)
-        expected = auth.server_proof(options.secret, str(challenge), nonce)
-        if not auth.matches(expected, ok.fields.get("proof")):
-            raise AuthError(f"{self.description} does not know the shared secret: it is "
-                            "not the receiver you meant")
 
     # -- control -----------------------------------------------------------------------
 
     def _send(self, message: Message) -> None:
-        self.channel.send(message.encode())
+        self._frame(message.encode())
+
+    def _frame(self, head: bytes, payload: Any = None) -> None:
+        """Send one frame. When the connection broke, the receiver's own reason (an ERROR
+        it sent before closing, read by the reader thread) wins over the broken pipe."""
+        try:
+            self.channel.send(head, payload)
+        except UnreachableError:
+            reader = self._reader
+            if reader is not None and reader is not threading.current_thread():
+                reader.join(timeout=REASON_WAIT)
+            if self.error is not None and not isinstance(self.error, UnreachableError):
+                raise self.error from None
+            raise
 
     def _request(self, message: Message, expect: T) -> Message | memoryview:
         self._send(message)
@@ -204,13 +172,13 @@ class WireTarget:
 
     def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
                   digest: int, flags: int = 0) -> None:
-        self.channel.send(pack_data(codec, flags, raw_length, seq, offset, digest), payload)
+        self._frame(pack_data(codec, flags, raw_length, seq, offset, digest), payload)
 
     def send_zero(self, seq: int, offset: int, length: int, flags: int = 0) -> None:
-        self.channel.send(pack_zero(seq, offset, length, flags))
+        self._frame(pack_zero(seq, offset, length, flags))
 
     def request_durable(self, seq: int) -> None:
-        self.channel.send(pack_seq(T.FLUSH, seq))
+        self._frame(pack_seq(T.FLUSH, seq))
 
     def end_pass(self, complete: bool) -> dict:
         reply = self._request(Message(T.PASS_END, {"complete": complete}), T.PASS_DONE)
@@ -284,28 +252,24 @@ class WireTarget:
         finally:
             if not self._closed:
                 log.debug("%s: reader stops: %s", self.description, why.message)
-                self.error = why
+                why = self.error = self.error or why
                 if self._acks is not None:
                     self._acks.fatal(why)
                 self._replies.put(why)
 
     def _error(self, message: Message) -> None:
-        error = _remote_error(message)
+        error = error_from(message)
         seq = message.fields.get("seq")
         if isinstance(seq, int) and not message.fields.get("fatal") and self._acks is not None:
             self._acks.failed(seq, error)
         elif message.fields.get("fatal"):
+            if self.error is None:
+                self.error = error           # the reason, not the close that follows
             if self._acks is not None:
                 self._acks.fatal(error)
             self._replies.put(error)
         else:
             self._replies.put(error)
-
-
-def _remote_error(message: Message) -> BmigError:
-    code = str(message.fields.get("code", "error"))
-    text = str(message.fields.get("message", "unknown error"))
-    return from_wire(code, f"receiver: {text}")
 
 
 # -- any NBD server ------------------------------------------------------------------------
@@ -412,8 +376,14 @@ def open_target(url: TargetUrl, options: ConnectOptions) -> "WireTarget | NbdTar
         return NbdTarget(url, options)
     if url.kind == "ssh":
         return _open_ssh(url, options)
+    # The sender alone decides what it requires of the receiver: the shared secret,
+    # unless the transport authenticated the receiver (tls:// with --trust-tls-server).
+    verified = url.kind == "tls" and options.trust_tls_server
+    hint = TLS_HINT if url.kind == "tls" and not verified else ""
+    if not verified and options.secret is None:
+        raise AuthError(f"{url}: only the shared secret can authenticate the receiver here: "
+                        f"give --secret-file FILE{hint}")
     sock = connect_tcp(url.host, url.port, options.timeout)
-    authenticated = False
     try:
         if url.kind == "tls":
             context = client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
@@ -424,10 +394,9 @@ def open_target(url: TargetUrl, options: ConnectOptions) -> "WireTarget | NbdTar
                                 f"{exc.verify_message}; give its CA with --tls-ca") from None
             except (ssl.SSLError, OSError) as exc:
                 raise UnreachableError(f"TLS with {url.host}:{url.port} failed: {exc}") from None
-            authenticated = options.tls_cert is not None and options.secret is None
         sock.settimeout(options.timeout)
         stream = SocketStream(sock, str(url))
-        target = WireTarget(stream, url, options, authenticated)
+        target = WireTarget(stream, url, options, verified, hint)
         sock.settimeout(None)
         keepalive(sock)
         return target
@@ -449,7 +418,7 @@ def _open_ssh(url: TargetUrl, options: ConnectOptions) -> WireTarget:
                                      else ssh.open_paramiko)
     stream = opener(target, command)
     try:
-        return WireTarget(stream, url, options, transport_authenticated=True)
+        return WireTarget(stream, url, options, receiver_verified=True)
     except (UnreachableError, ProtocolError) as exc:
         hint = ssh.failure_hint(stream)
         stream.close()

@@ -1,10 +1,12 @@
 """Mutual authentication by HMAC challenge-response over a shared secret.
 
-The receiver sends a random challenge in its HELLO; the sender answers with an HMAC of
-both nonces and proves it knows the secret; the receiver answers with an HMAC of its own,
-so the sender also knows it reached a receiver holding the secret. Digests are compared
-in constant time. The secret never travels. Over TLS with client certificates, or over
-SSH, the transport has already authenticated the peer.
+The receiver sends a random challenge in its HELLO; the sender answers with a nonce of
+its own and an HMAC that proves it knows the secret; the receiver answers with an HMAC of
+its own, so the sender also knows it reached a receiver holding the secret. Both proofs
+are bound to the two hellos as they crossed the wire (bmig.wire.seal.transcript), so a
+hello changed on the way fails. Proofs are checked for shape (64 lowercase hex digits)
+before they are compared, in constant time. The secret never travels; the session keys
+of bmig.wire.seal are derived from it and both nonces.
 """
 
 from __future__ import annotations
@@ -18,35 +20,46 @@ from bmig.config import read_small_file
 from bmig.errors import ConfigError
 
 METHOD = "hmac-sha256"
+TRANSPORT = "transport"          # the transport authenticated the peer: no HMAC asked for
 NONCE_BYTES = 32
+PROOF_BYTES = 32
 MAX_SECRET_FILE = 4096
 MIN_SECRET_BYTES = 16
+_HEX = frozenset("0123456789abcdef")
 
 
 def new_nonce() -> str:
     return secrets.token_hex(NONCE_BYTES)
 
 
-def _digest(secret: bytes, label: bytes, first: str, second: str) -> str:
-    return hmac.new(secret, label + b"\0" + first.encode() + b"\0" + second.encode(),
-                    hashlib.sha256).hexdigest()
+def _digest(secret: bytes, label: bytes, first: str, second: str, hellos: bytes) -> str:
+    return hmac.new(secret, label + b"\0" + first.encode() + b"\0" + second.encode()
+                    + b"\0" + hellos, hashlib.sha256).hexdigest()
 
 
-def client_proof(secret: bytes, server_nonce: str, client_nonce: str) -> str:
-    return _digest(secret, b"bmig-client-v1", server_nonce, client_nonce)
+def client_proof(secret: bytes, challenge: str, nonce: str, hellos: bytes) -> str:
+    return _digest(secret, b"bmig-client-v2", challenge, nonce, hellos)
 
 
-def server_proof(secret: bytes, server_nonce: str, client_nonce: str) -> str:
-    return _digest(secret, b"bmig-server-v1", client_nonce, server_nonce)
+def server_proof(secret: bytes, challenge: str, nonce: str, hellos: bytes) -> str:
+    return _digest(secret, b"bmig-server-v2", nonce, challenge, hellos)
 
 
-def matches(expected: str, given: object) -> bool:
-    return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+def is_hex(value: object, nbytes: int) -> bool:
+    """``value`` is a string of exactly ``2 * nbytes`` lowercase hex digits."""
+    return (isinstance(value, str) and len(value) == 2 * nbytes
+            and all(c in _HEX for c in value))
 
 
 def valid_nonce(value: object) -> bool:
-    return (isinstance(value, str) and len(value) == 2 * NONCE_BYTES
-            and all(c in "0123456789abcdef" for c in value))
+    return is_hex(value, NONCE_BYTES)
+
+
+def matches(expected: str, given: object) -> bool:
+    """``given`` is a well-formed proof equal to ``expected`` (compared in constant time);
+    anything else (not a string, not hex, another length) is simply a mismatch."""
+    return is_hex(given, PROOF_BYTES) and hmac.compare_digest(expected.encode(),
+                                                              str(given).encode())
 
 
 def load_secret(path: str) -> bytes:

@@ -2,8 +2,14 @@
 
 A frame is a u32 little-endian length and that many bytes (as in bmig.framing, which does
 the same for sockets and asyncio). The length is checked against a cap before the body is
-read; the cap can be lowered per read (an unauthenticated peer gets a small one). The
-body a read returns is a view into the reader's buffer, valid until the next read.
+read. Until the peer has authenticated, the cap is MAX_PREAUTH_FRAME and the channel holds
+one small buffer; ``authenticated`` raises the cap and, when it is given keys, seals every
+frame from then on (bmig.wire.seal: the body becomes ciphertext and a 16-byte tag, the
+length counts both). The body a read returns is valid until the next read.
+
+Large frames (DATA) are never joined or copied whole: unsealed, the body is received
+straight into a body buffer; sealed, it is deciphered from the read buffer into the body
+buffer piece by piece, and sealed into a piece-sized buffer that is sent as it fills.
 """
 
 from __future__ import annotations
@@ -14,24 +20,31 @@ from typing import Sequence
 
 from bmig.errors import FrameTooLarge, ProtocolError, UnreachableError
 from bmig.framing import ConnectionClosed
-from bmig.wire.protocol import MAX_FRAME
+from bmig.wire.protocol import MAX_FRAME, MAX_PREAUTH_FRAME
+from bmig.wire.seal import TAG_BYTES, Opener, Sealer
 from bmig.wire.transports import Buffer, Stream
 
 LENGTH = struct.Struct("<I")
+PREAUTH_BUFFER = 2 * (MAX_PREAUTH_FRAME + LENGTH.size)   # all a stranger gets
 READ_AHEAD = 1024 * 1024
+SEAL_PIECE = 256 * 1024          # a large frame is sealed and sent in pieces of this size
+SEAL_IN_ONE = 128 * 1024         # frames up to this size are sealed in one call
+SLACK = 32                       # room a cipher may want past its output
 
 
 class Channel:
-    def __init__(self, stream: Stream, cap: int = MAX_FRAME):
+    def __init__(self, stream: Stream):
         self.stream = stream
-        self.cap = cap
-        self._buf = bytearray(READ_AHEAD + LENGTH.size)
+        self.cap = MAX_PREAUTH_FRAME
+        self._buf = bytearray(PREAUTH_BUFFER)
         self._view = memoryview(self._buf)
-        self._body = bytearray(cap)          # large bodies are received straight here
-        self._body_view = memoryview(self._body)
+        self._body_view: memoryview | None = None   # allocated at the first large frame
+        self._out_view: memoryview | None = None    # ditto, for sealing one
         self._start = 0
         self._end = 0
         self._send_lock = threading.Lock()
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -39,7 +52,40 @@ class Channel:
     def description(self) -> str:
         return self.stream.description
 
+    @property
+    def sealed(self) -> bool:
+        return self._sealer is not None
+
+    def authenticated(self, keys: tuple[bytes, bytes] | None = None,
+                      cap: int = MAX_FRAME) -> None:
+        """The peer has authenticated: frames up to ``cap`` from now on, sealed with
+        ``keys`` (this side's sending key, then its receiving key) when given. Called
+        between frames, while no other thread sends."""
+        if len(self._buf) < READ_AHEAD + LENGTH.size:
+            bigger = bytearray(READ_AHEAD + LENGTH.size)
+            left = self._end - self._start
+            bigger[:left] = self._view[self._start:self._end]
+            self._buf, self._view = bigger, memoryview(bigger)
+            self._start, self._end = 0, left
+        self.cap = cap
+        if keys is not None:
+            self._sealer = Sealer(keys[0])
+            self._opener = Opener(keys[1], self.description)
+
     # -- reading ---------------------------------------------------------------------
+
+    def _recv(self, into: memoryview, inside: bool) -> int:
+        try:
+            got = self.stream.recv_into(into)
+        except OSError as exc:
+            raise UnreachableError(f"lost {self.description}: "
+                                   f"{exc.strerror or exc}") from None
+        if got == 0:
+            if not inside:
+                raise ConnectionClosed(f"{self.description} closed the connection")
+            raise ProtocolError(f"{self.description} closed the connection inside a frame")
+        self.bytes_in += got
+        return got
 
     def _fill(self, n: int, inside: bool) -> None:
         """Make ``n`` bytes available from ``_start``."""
@@ -48,70 +94,123 @@ class Channel:
                 left = self._end - self._start
                 self._buf[:left] = self._view[self._start:self._end]
                 self._start, self._end = 0, left
-            try:
-                got = self.stream.recv_into(self._view[self._end:])
-            except OSError as exc:
-                raise UnreachableError(f"lost {self.description}: "
-                                       f"{exc.strerror or exc}") from None
-            if got == 0:
-                if not inside and self._start == self._end:
-                    raise ConnectionClosed(f"{self.description} closed the connection")
-                raise ProtocolError(f"{self.description} closed the connection inside a "
-                                    "frame")
-            self._end += got
-            self.bytes_in += got
+            self._end += self._recv(self._view[self._end:],
+                                    inside or self._start != self._end)
 
     def read(self, cap: int | None = None) -> memoryview:
         """The next frame's body; ConnectionClosed at a clean end of stream."""
         limit = self.cap if cap is None else min(cap, self.cap)
         self._fill(LENGTH.size, inside=False)
-        (length,) = LENGTH.unpack_from(self._buf, self._start)
-        if length > limit:
-            raise FrameTooLarge(f"frame of {length} bytes from {self.description} exceeds "
-                                f"the limit of {limit}")
+        prefix = bytes(self._view[self._start:self._start + LENGTH.size])
+        (length,) = LENGTH.unpack(prefix)
+        body_length = length - TAG_BYTES if self._opener is not None else length
+        if body_length > limit:
+            raise FrameTooLarge(f"frame of {body_length} bytes from {self.description} "
+                                f"exceeds the limit of {limit}")
         self._start += LENGTH.size
         if length > len(self._buf) // 2:
-            return self._read_large(length)
+            return self._read_large(length) if self._opener is None \
+                else self._open_large(prefix, length)
         self._fill(length, inside=True)
         body = self._view[self._start:self._start + length]
         self._start += length
+        if self._opener is not None:
+            return memoryview(self._opener.open(prefix, body))
         return body
 
+    def _body(self, length: int) -> memoryview:
+        if self._body_view is None:
+            self._body_view = memoryview(bytearray(self.cap + SLACK))
+        return self._body_view
+
     def _read_large(self, length: int) -> memoryview:
-        """A body larger than the read-ahead buffer: what is buffered is copied, the rest
+        """A body larger than half the read buffer: what is buffered is copied, the rest
         received straight into the body buffer, so no buffer is ever shuffled."""
         have = min(self._end - self._start, length)
-        body = self._body_view[:length]
+        body = self._body(length)[:length]
         body[:have] = self._view[self._start:self._start + have]
         self._start += have
         while have < length:
-            try:
-                got = self.stream.recv_into(body[have:])
-            except OSError as exc:
-                raise UnreachableError(f"lost {self.description}: "
-                                       f"{exc.strerror or exc}") from None
-            if got == 0:
-                raise ProtocolError(f"{self.description} closed the connection inside a "
-                                    "frame")
-            have += got
-            self.bytes_in += got
+            have += self._recv(body[have:], inside=True)
         return body
+
+    def _open_large(self, prefix: bytes, length: int) -> memoryview:
+        """A large sealed frame: deciphered from the read buffer into the body buffer as
+        it arrives; handed on only once its tag has checked."""
+        assert self._opener is not None
+        if length < TAG_BYTES:
+            raise self._opener.failed(self._opener.frames)
+        size = length - TAG_BYTES
+        body = self._body(size)
+        opening = self._opener.start(prefix)
+        have = 0
+        while have < size:
+            if self._start == self._end:
+                self._start = self._end = 0
+                self._end = self._recv(self._view, inside=True)
+            take = min(self._end - self._start, size - have)
+            opening.update_into(self._view[self._start:self._start + take],
+                                body[have:have + take + SLACK // 2])
+            self._start += take
+            have += take
+        self._fill(TAG_BYTES, inside=True)
+        opening.finish(self._view[self._start:self._start + TAG_BYTES])
+        self._start += TAG_BYTES
+        return body[:size]
 
     # -- writing ---------------------------------------------------------------------
 
     def send(self, head: Buffer, payload: Buffer | None = None) -> None:
         """One frame: ``head`` then ``payload``, never interleaved with another send."""
         size = len(head) + (len(payload) if payload is not None else 0)
-        parts: Sequence[Buffer] = ((LENGTH.pack(size) + bytes(head), payload)
-                                   if payload is not None and len(payload)
-                                   else (LENGTH.pack(size) + bytes(head),))
         with self._send_lock:
             try:
-                self.stream.send(parts)
+                if self._sealer is None:
+                    parts: Sequence[Buffer] = (
+                        (LENGTH.pack(size) + bytes(head), payload)
+                        if payload is not None and len(payload)
+                        else (LENGTH.pack(size) + bytes(head),))
+                    self.stream.send(parts)
+                    self.bytes_out += size + LENGTH.size
+                    return
+                prefix = LENGTH.pack(size + TAG_BYTES)
+                if size <= SEAL_IN_ONE:
+                    body = bytes(head) + bytes(payload) if payload is not None else head
+                    self.stream.send((prefix + self._sealer.seal(prefix, body),))
+                else:
+                    self._seal_large(prefix, head, payload)
+                self.bytes_out += size + TAG_BYTES + LENGTH.size
             except OSError as exc:
                 raise UnreachableError(f"lost {self.description}: "
                                        f"{exc.strerror or exc}") from None
-            self.bytes_out += size + LENGTH.size
+
+    def _seal_large(self, prefix: bytes, head: Buffer, payload: Buffer | None) -> None:
+        """Seal into a piece-sized buffer and send each piece as it fills, the tag with
+        the last one."""
+        assert self._sealer is not None
+        if self._out_view is None:
+            self._out_view = memoryview(bytearray(SEAL_PIECE + LENGTH.size + TAG_BYTES
+                                                  + SLACK))
+        out = self._out_view
+        context = self._sealer.start(prefix)
+        out[:LENGTH.size] = prefix
+        pos = LENGTH.size
+        for part in (head, payload):
+            if part is None:
+                continue
+            view = memoryview(part).cast("B")
+            done = 0
+            while done < len(view):
+                take = min(len(view) - done, SEAL_PIECE - pos)
+                pos += context.update_into(view[done:done + take],
+                                           out[pos:pos + take + SLACK // 2])
+                done += take
+                if pos >= SEAL_PIECE:
+                    self.stream.send((out[:pos],))
+                    pos = 0
+        context.finalize()
+        out[pos:pos + TAG_BYTES] = context.tag
+        self.stream.send((out[:pos + TAG_BYTES],))
 
     def close(self) -> None:
         self.stream.close()

@@ -1,7 +1,8 @@
 """The replication protocol's messages: types, layouts and the bounded decoder.
 
-Every message is one frame (bmig.wire.channel: u32 little-endian length, then the body).
-The body's first byte is the type. Control messages carry a JSON object of named fields
+Every message is one frame (bmig.wire.channel: u32 little-endian length, then the body;
+after authentication the body is sealed, bmig.wire.seal). The body's first byte is the
+type. Control messages carry a JSON object of named fields
 (unknown fields are ignored, so either side can grow); the data path is binary:
 
     JSON types   u8 type, u8 0, u16 0, then JSON (UTF-8, an object, at most MAX_JSON)
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bmig.constants import MiB
-from bmig.errors import ProtocolError
+from bmig.errors import BmigError, ProtocolError, from_wire
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2                   # 2: sender-chosen authentication, sealed frames
+OLDEST_WIRE_VERSION = 2            # what this side still speaks (the newer side decides)
 MAX_DATA = 4 * MiB                 # raw bytes in one DATA frame
 MAX_JSON = 64 * 1024
 MAX_HASHES = 65536                 # hashes in one HASHES reply
@@ -214,11 +216,16 @@ def unpack_hashes(body: memoryview) -> tuple[int, list[int]]:
 
 def error_message(exc: Exception, seq: int | None = None, fatal: bool = False) -> Message:
     """An ERROR naming the problem, from one of the toolkit's errors."""
-    from bmig.errors import BmigError
-
     code = exc.wire_code if isinstance(exc, BmigError) else "error"
     text = exc.message if isinstance(exc, BmigError) else str(exc)
     fields: dict[str, Any] = {"code": code, "message": text, "fatal": fatal}
     if seq is not None:
         fields["seq"] = seq
     return Message(T.ERROR, fields)
+
+
+def error_from(message: Message) -> BmigError:
+    """The error an ERROR from the receiver stands for, as the same class (its exit code)."""
+    code = str(message.fields.get("code", "error"))
+    text = str(message.fields.get("message", "unknown error"))
+    return from_wire(code, f"receiver: {text}")

@@ -53,15 +53,18 @@ def write_secret(path: str, text: str = "a shared secret of thirty-two bytes!") 
 
 
 def start_receiver(tmp_path, targets: dict[str, str], *extra: str,
-                   name: str = "breceive", program=breceive_argv) -> ReceiverInstance:
+                   name: str = "breceive", with_secret: bool = True,
+                   program=breceive_argv) -> ReceiverInstance:
     """breceive on an ephemeral 127.0.0.1 port; the port comes from its READY status.
+    ``with_secret``: give it the shared secret (tmp_path/secret, made if missing);
     ``program`` makes the command line from the arguments (a breceive with faults)."""
     state = str(tmp_path / f"{name}-state")
     secret = str(tmp_path / "secret")
     if not os.path.exists(secret):
         write_secret(secret)
-    argv = ["--listen", "127.0.0.1:0", "--state-dir", state, "--secret-file", secret,
-            "--log-level", "debug"]
+    argv = ["--listen", "127.0.0.1:0", "--state-dir", state, "--log-level", "debug"]
+    if with_secret:
+        argv += ["--secret-file", secret]
     for export, path in targets.items():
         argv += ["--target", f"{export}={path}"]
     daemon = Daemon(program(*argv, *extra), str(tmp_path / f"{name}.log")).start()

@@ -20,7 +20,7 @@ import pytest
 from bmig.nbd.client import NbdClient, NbdError
 from bmig.sender.passes import LockedTracker, Source
 from bmig.tracker.client import TrackerClient
-from bmig.wire import auth, codec
+from bmig.wire import codec, handshake
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from tests.daemon import wait_until
 from tests.integration.nbd_helpers import start_nbd
@@ -125,12 +125,7 @@ def stale_pass(r, offset: int, data: bytes) -> None:
     channel = Channel(SocketStream(socket.create_connection(("127.0.0.1", r.port),
                                                             timeout=30), "receiver"))
     try:
-        channel.send(Message(T.HELLO, {"version": 1}).encode())
-        hello = decode_json(channel.read())
-        nonce = auth.new_nonce()
-        channel.send(Message(T.AUTH, {"nonce": nonce, "proof": auth.client_proof(
-            secret, hello.fields["challenge"], nonce)}).encode())
-        assert decode_json(channel.read()).type == T.AUTH_OK
+        handshake.sender(channel, secret, receiver_verified=False)
         record = r.record("d1")
         channel.send(Message(T.OPEN, {"export": "d1",
                                       "device_id": record["source_device_id"],

@@ -1,79 +1,31 @@
 """breceive against bad input and bad conditions: clear errors, nothing acknowledged that
 was not written, and the daemon keeps serving.
 
-Raw frames are built with bmig.wire's own packers and sent over a plain socket, so each
-test can send what a well-behaved sender never would.
+Raw frames are built with bmig.wire's own packers and sent by a hand-driven sender
+(tests/integration/wire_helpers.py: sealed after authentication, like the real one), so
+each test can send what a well-behaved sender never would.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 
 import pytest
 import zstandard
 
-from bmig.lineage import hex_id
-from bmig.wire import auth, codec
+from bmig.wire import codec
 from bmig.wire.protocol import (DATA_HEAD, MAX_FRAME, Message, T, decode_json, pack_data,
                                 pack_seq, pack_zero, type_of, unpack_seq)
+from bmig.wire.seal import TAG_BYTES
 from tests.integration.sync_helpers import (CHUNK, MiB, make_image, receivers,  # noqa: F401
                                             same_bytes, start_receiver, sync, track,
                                             write_secret)
+from tests.integration.wire_helpers import SECRET, HandSender
 
-SECRET = b"a shared secret of thirty-two bytes!"
 
-
-class Raw:
-    """A hand-driven sender on a plain socket."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-
-    def send_body(self, body: bytes) -> None:
-        self.sock.sendall(struct.pack("<I", len(body)) + body)
-
-    def send(self, message: Message) -> None:
-        self.send_body(message.encode())
-
-    def read(self) -> bytes:
-        head = self._exact(4)
-        (n,) = struct.unpack("<I", head)
-        return self._exact(n)
-
-    def _exact(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise EOFError(f"closed after {len(out)} of {n} bytes")
-            out += chunk
-        return out
-
-    def closed(self) -> bool:
-        """True when the receiver closed the connection (after any frames it sent)."""
-        try:
-            while True:
-                self.read()
-        except (EOFError, ConnectionResetError):
-            return True
-
-    def handshake(self, secret: bytes = SECRET) -> None:
-        self.send(Message(T.HELLO, {"version": 1}))
-        hello = decode_json(self.read())
-        nonce = auth.new_nonce()
-        self.send(Message(T.AUTH, {"method": auth.METHOD, "nonce": nonce, "proof":
-                                   auth.client_proof(secret, hello.fields["challenge"], nonce)}))
-
-    def open(self, export: str, size: int, generation: int = 7, device_id: int = 9) -> Message:
-        self.send(Message(T.OPEN, {"export": export, "device_id": hex_id(device_id),
-                                   "generation": hex_id(generation), "size": size}))
-        return decode_json(self.read())
-
-    def close(self) -> None:
-        self.sock.close()
+Raw = HandSender
 
 
 @pytest.fixture
@@ -86,10 +38,7 @@ def receiver(tmp_path, receivers):
 
 
 def authenticated(receiver) -> Raw:
-    raw = Raw(receiver.port)
-    raw.handshake()
-    assert decode_json(raw.read()).type == T.AUTH_OK
-    return raw
+    return Raw(receiver.port).authenticate()
 
 
 def error_of(body: bytes | Message) -> dict:
@@ -120,7 +69,7 @@ def test_a_peer_that_does_not_say_hello_properly_is_dropped(receiver, tmp_path, 
 
 def test_a_frame_above_the_preauth_cap_is_refused_before_it_is_read(receiver, tmp_path):
     raw = Raw(receiver.port)
-    raw.sock.sendall(struct.pack("<I", 1 << 30))      # a 1 GiB frame: never allocated
+    raw.send_raw(struct.pack("<I", 1 << 30))          # a 1 GiB frame: never allocated
     assert raw.closed()
     still_serving(receiver, tmp_path)
 
@@ -132,8 +81,7 @@ def test_an_unauthenticated_peer_gets_nothing_past_auth(receiver, tmp_path):
     assert raw.closed()
     # And data without AUTH is never parsed: the peer is dropped.
     raw = Raw(receiver.port)
-    raw.send(Message(T.HELLO, {"version": 1}))
-    decode_json(raw.read())
+    raw.hello()
     raw.send(Message(T.OPEN, {"export": "d"}))
     assert error_of(raw.read())["code"] == "auth-failed"
     assert raw.closed()
@@ -189,7 +137,8 @@ def test_bad_chunks_are_refused_one_by_one_and_nothing_of_them_is_written(receiv
 def test_a_frame_above_the_cap_ends_the_session(receiver, tmp_path):
     raw = authenticated(receiver)
     assert raw.open("d", MiB).type == T.OPENED
-    raw.sock.sendall(struct.pack("<I", MAX_FRAME + 1) + DATA_HEAD.pack(T.DATA, 0, 0, 1, 1, 0, 0))
+    raw.send_raw(struct.pack("<I", MAX_FRAME + TAG_BYTES + 1)
+                 + DATA_HEAD.pack(T.DATA, 0, 0, 1, 1, 0, 0))
     assert raw.closed()
     still_serving(receiver, tmp_path)
 
@@ -240,11 +189,8 @@ def test_another_lineage_is_refused_unless_discarding_is_allowed(breqd, tmp_path
 
 
 def authenticated_with(r) -> Raw:
-    raw = Raw(r.port)
     with open(r.secret_file, "rb") as f:
-        raw.handshake(f.read().strip())
-    assert decode_json(raw.read()).type == T.AUTH_OK
-    return raw
+        return Raw(r.port).authenticate(f.read().strip())
 
 
 def test_a_full_target_is_a_clear_error_and_nothing_unwritten_is_committed(breqd, tmp_path,

@@ -80,7 +80,8 @@ def test_sync_over_tls_with_client_certificates(breqd, tmp_path, receivers):
                        "--tls-key", certs.server_key, "--tls-client-ca", certs.ca)
     receivers.append(r)
     sync(breqd, "d", "--source", source, "--to", r.url("d", "tls"), "--tls-ca", certs.ca,
-         "--tls-cert", certs.client_cert, "--tls-key", certs.client_key)
+         "--tls-cert", certs.client_cert, "--tls-key", certs.client_key,
+         "--secret-file", r.secret_file)
     assert same_bytes(source, target)
 
 

@@ -26,7 +26,7 @@ from bmig.receiver.session import Policy, Session, TargetConfig
 from bmig.sender.passes import LockedTracker, Pass, PassSettings, RateLimit, Source
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.client import TrackerClient
-from bmig.wire import auth, codec
+from bmig.wire import codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from bmig.wire.transports import SocketStream
@@ -206,12 +206,7 @@ def test_durable_is_sent_only_after_fdatasync_returned(tmp_path, monkeypatch):
     server.start()
     sender = Channel(SocketStream(b, "receiver"))
     try:
-        sender.send(Message(T.HELLO, {"version": 1}).encode())
-        hello = decode_json(sender.read())
-        nonce = auth.new_nonce()
-        sender.send(Message(T.AUTH, {"nonce": nonce, "proof": auth.client_proof(
-            SECRET, hello.fields["challenge"], nonce)}).encode())
-        assert decode_json(sender.read()).type == T.AUTH_OK
+        handshake.sender(sender, SECRET, receiver_verified=False)
         sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
                                      "generation": "00000000000000bb",
                                      "size": MiB}).encode())

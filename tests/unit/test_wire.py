@@ -18,6 +18,7 @@ from bmig.wire.channel import Channel
 from bmig.wire.protocol import (MAX_DATA, MAX_JSON, Message, T, decode_json, pack_data,
                                 pack_hashes, pack_seq, pack_zero, unpack_data, unpack_hashes,
                                 unpack_seq, unpack_zero)
+from bmig.wire.seal import transcript
 from bmig.wire.transports import SocketStream
 
 # -- codecs ------------------------------------------------------------------------------
@@ -130,15 +131,25 @@ def test_binary_messages_are_checked_before_use(body, unpack):
 # -- authentication ------------------------------------------------------------------------
 
 
-def test_proofs_bind_both_nonces_and_the_direction():
+def test_proofs_bind_both_nonces_the_direction_and_the_hellos():
     secret, a, b = b"s" * 32, auth.new_nonce(), auth.new_nonce()
-    proof = auth.client_proof(secret, a, b)
-    assert auth.matches(proof, auth.client_proof(secret, a, b))
-    assert not auth.matches(proof, auth.client_proof(secret, b, a))
-    assert not auth.matches(proof, auth.server_proof(secret, a, b))
-    assert not auth.matches(proof, auth.client_proof(b"t" * 32, a, b))
+    hellos = transcript(b"sender hello", b"receiver hello")
+    proof = auth.client_proof(secret, a, b, hellos)
+    assert auth.matches(proof, auth.client_proof(secret, a, b, hellos))
+    assert not auth.matches(proof, auth.client_proof(secret, b, a, hellos))
+    assert not auth.matches(proof, auth.server_proof(secret, a, b, hellos))
+    assert not auth.matches(proof, auth.client_proof(b"t" * 32, a, b, hellos))
+    assert not auth.matches(proof, auth.client_proof(
+        secret, a, b, transcript(b"sender hello", b"receiver hellO")))
     assert not auth.matches(proof, 123)
     assert auth.valid_nonce(a) and not auth.valid_nonce("xyz") and not auth.valid_nonce(None)
+
+
+@pytest.mark.parametrize("given", [None, 123, 1.5, [], {}, "", "zz" * 32, "AB" * 32,
+                                   "\ud800" * 64, "é" * 64, "ab" * 31, "ab" * 33])
+def test_a_malformed_proof_is_a_mismatch_not_an_exception(given):
+    expected = auth.client_proof(b"s" * 32, auth.new_nonce(), auth.new_nonce(), b"")
+    assert not auth.matches(expected, given)
 
 
 def test_the_secret_file_must_be_private_regular_and_long_enough(tmp_path):
@@ -192,9 +203,13 @@ def test_bad_target_urls_are_one_line_config_errors(text):
 # -- frames over a stream ------------------------------------------------------------------
 
 
-def channel_pair() -> tuple[Channel, Channel]:
+def channel_pair(authenticated: bool = True) -> tuple[Channel, Channel]:
     a, b = socket.socketpair()
-    return Channel(SocketStream(a, "a")), Channel(SocketStream(b, "b"))
+    left, right = Channel(SocketStream(a, "a")), Channel(SocketStream(b, "b"))
+    if authenticated:
+        left.authenticated()
+        right.authenticated()
+    return left, right
 
 
 def test_frames_cross_a_stream_in_order_with_payloads_unjoined():
