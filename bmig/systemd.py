@@ -19,13 +19,16 @@ def _address() -> str | None:
 
 
 def notify(*lines: str) -> bool:
-    """Send ``lines`` (e.g. "READY=1", "STATUS=...") to the service manager."""
+    """Send ``lines`` (e.g. "READY=1", "STATUS=...") to the service manager.
+
+    Never waits: a daemon's event loop calls this, and a manager that does not read its
+    socket (its queue full) must not stop the daemon; the message is dropped instead."""
     address = _address()
     if address is None:
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.sendto("\n".join(lines).encode(), address)
+            sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, address)
         except OSError:
             return False
     return True
