@@ -22,7 +22,7 @@ import pytest
 from bmig.lineage import hex_id
 from bmig.receiver import target as target_module
 from bmig.receiver.session import Policy, Session, TargetConfig
-from bmig.wire import auth
+from bmig.wire import handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json
 from bmig.wire.transports import SocketStream
@@ -226,12 +226,7 @@ def test_a_created_target_is_in_its_directory_durably(tmp_path, monkeypatch):
     server.start()
     sender = Channel(SocketStream(b, "receiver"))
     try:
-        sender.send(Message(T.HELLO, {"version": 1}).encode())
-        hello = decode_json(sender.read())
-        nonce = auth.new_nonce()
-        sender.send(Message(T.AUTH, {"nonce": nonce, "proof": auth.client_proof(
-            secret, hello.fields["challenge"], nonce)}).encode())
-        assert decode_json(sender.read()).type == T.AUTH_OK
+        handshake.sender(sender, secret, receiver_verified=False)   # sealed from here
         sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
                                      "generation": "00000000000000bb",
                                      "size": MiB}).encode())
