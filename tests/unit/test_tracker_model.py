@@ -298,10 +298,21 @@ def test_mark_of_a_chunk_whose_flush_is_pending_waits_for_it():
 
 
 def test_page_changed_during_its_flush_stays_unsynced():
-    """A bit set after a flush took its snapshot is not made durable by that flush."""
-    _replay([("mark_unacknowledged", {"r": (0, 1)}),
-             ("background_start", {}),            # snapshot of page 0 taken, write queued
-             ("mark_unacknowledged", {"r": (2, 1)}),
-             ("background_progress", {}),          # the first write lands
-             ("mark", {"r": (2, 1)}),
-             ("crash_and_restart", {"clean": False})])
+    """A bit set after a flush took its snapshot is not made durable by that flush: once
+    that flush has landed, a mark of the bit still waits for the next one."""
+    machine = TrackerModel()
+    try:
+        committer = machine.device.committer
+        machine.mark_unacknowledged(r=(0, 1))
+        assert machine.executor.jobs, "the flush has taken page 0's image, not written it"
+        machine.mark_unacknowledged(r=(2, 1))       # page 0 changes after that image
+        flushes = committer.flushes
+        while committer.flushes == flushes:
+            machine.background_progress()           # the first flush lands, without chunk 2
+        assert committer._next is None and committer._task is not None, \
+            "the next flush has started but not landed"
+        machine.mark(r=(2, 1))                      # so this mark waits for the next one
+        machine.written_chunks_are_dirty_or_in_flight()
+        machine.crash_and_restart(clean=False)
+    finally:
+        machine.teardown()
