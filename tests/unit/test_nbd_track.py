@@ -231,6 +231,32 @@ def test_past_the_hold_limit_the_oldest_chunks_are_released():
     assert any(e.startswith("release") for e in events)
 
 
+def test_past_the_hold_limit_no_chunk_is_released_before_or_while_it_is_written():
+    """Two writes at once with room for one hold: neither the first's chunk (its write
+    runs) nor the second's (taken for the write about to run) may be let go for the
+    limit; either would leave a write with no hold and no mark after it."""
+    events: list[str] = []
+    layer = TrackLayer(Recorder(events), FakeTracker(events), "d", CHUNK, hold_limit=1,
+                       idle=3600)
+
+    async def main():
+        recorder = layer.inner
+        recorder.gate = asyncio.Event()
+        first = asyncio.ensure_future(layer.write(memoryview(b"a"), 0, False))
+        second = asyncio.ensure_future(layer.write(memoryview(b"b"), CHUNK, False))
+        while len(layer._busy) < 2:        # both hold their chunk and wait at the gate
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)             # a release would have been sent
+        assert not any(e.startswith("release") for e in events), events
+        recorder.gate.set()
+        await first
+        await second
+        await layer.close()
+
+    asyncio.run(main())
+    assert events == ["hold [(0, 1)]", f"hold [({CHUNK}, 1)]", "write 0+1", f"write {CHUNK}+1"]
+
+
 def test_runs_of_chunks():
     assert runs_of([5, 1, 2, 3, 9]) == [(1, 4), (5, 6), (9, 10)]
     assert runs_of([]) == []
@@ -356,3 +382,4 @@ def test_a_chunk_written_again_waits_for_its_latest_write():
         await layer.close()
 
     asyncio.run(main())
+
