@@ -144,7 +144,8 @@ def test_a_hold_lost_during_the_write_is_marked_again_before_the_reply():
         tracker.lose_connection()
         recorder.gate.set()
         await write
-        assert not layer.write_now(memoryview(b"y"), 0, False)   # the hold is gone
+        recorder.gate = None          # the recorder takes fast writes again: only the
+        assert not layer.write_now(memoryview(b"y"), 0, False)   # lost hold refuses it
         await layer.close()
 
     asyncio.run(main())
@@ -383,3 +384,59 @@ def test_a_chunk_written_again_waits_for_its_latest_write():
 
     asyncio.run(main())
 
+
+def test_a_durable_never_releases_a_chunk_while_another_write_to_it_runs():
+    """The first write's DURABLE settles its seq; the second write to the chunk is still
+    running and may yet miss the target: the hold must wait for it."""
+    events: list[str] = []
+    layer, inner, mirror = make_replicated(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        inner.gate = asyncio.Event()
+        second = asyncio.ensure_future(layer.write(memoryview(b"b"), 0, False))
+        while not layer._busy:
+            await asyncio.sleep(0)
+        mirror.durable(1)
+        await asyncio.sleep(0)
+        assert 0 in layer.held and not releases(events), events
+        inner.gate.set()
+        await second                                             # seq 2
+        mirror.durable(2)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert releases(events) == [f"release-synced [(0, {CHUNK})]"]
+    assert events.index(releases(events)[0]) > events.index("write 0+1", 2)
+
+
+def test_a_write_that_missed_the_target_never_releases_a_chunk_another_write_runs_on():
+    events: list[str] = []
+    layer, inner, _ = make_replicated(events)
+
+    async def main():
+        inner.gate = asyncio.Event()
+        first = asyncio.ensure_future(layer.write(memoryview(b"a"), 0, False))
+        while not layer._busy:
+            await asyncio.sleep(0)
+        gate, inner.gate = inner.gate, None
+        inner.reaches_target = False
+        await layer.write(memoryview(b"b"), 0, False)            # taints chunk 0
+        await asyncio.sleep(0)
+        assert 0 in layer.held and not releases(events), events
+        inner.reaches_target = True
+        gate.set()
+        await first
+        await asyncio.sleep(0)
+        assert not layer.held                                    # tainted: let go plain
+        await layer.close()
+
+    asyncio.run(main())
+    assert releases(events) == [f"release [(0, {CHUNK})]"]
+    assert events[-1] == f"release [(0, {CHUNK})]"
+
+
+def releases(events: list[str]) -> list[str]:
+    return [e for e in events if e.startswith("release")]
