@@ -9,11 +9,16 @@ FAULTS is a comma-separated list (or "none"); ARGS are breceive's own:
                     network failed)
     promote-lost    the connection ends when PROMOTE arrives, before it is carried out
     status-lost     every STATUS_REQ ends its connection unanswered
+    promote-held    the connection ends when PROMOTE arrives, but the session goes on
+                    holding the target and carries PROMOTE out only after a STATUS_REQ
+                    (of another connection) was answered: the sender that asks finds the
+                    target not promoted yet, but still held by that session
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
 from bmig.receiver import session as session_module
 from bmig.receiver.session import Session
@@ -38,6 +43,31 @@ def _promoted_lost(original):
     return promote
 
 
+_status_answered = threading.Event()
+
+
+def _answered(original):
+    def status(self: Session, msg: Message) -> bool:
+        try:
+            return original(self, msg)
+        finally:
+            _status_answered.set()
+    return status
+
+
+def _promote_held(original):
+    def promote(self: Session, msg: Message) -> bool:
+        self.channel.close()                   # the sender hears nothing ...
+        _status_answered.wait(60)              # ... asks, and is answered; only then
+        self.send = lambda message: None       # type: ignore[method-assign]
+        try:
+            original(self, msg)                # ... is PROMOTE carried out
+        finally:
+            del self.send
+        return False
+    return promote
+
+
 def _lost(original):
     def handler(self: Session, msg: Message) -> bool:
         self.channel.close()
@@ -46,7 +76,8 @@ def _lost(original):
 
 
 FAULTS = {"promoted-lost": (T.PROMOTE, _promoted_lost), "promote-lost": (T.PROMOTE, _lost),
-          "status-lost": (T.STATUS_REQ, _lost)}
+          "status-lost": (T.STATUS_REQ, _lost), "promote-held": (T.PROMOTE, _promote_held),
+          "status-answered": (T.STATUS_REQ, _answered)}
 
 
 def install(names: list[str]) -> None:

@@ -204,6 +204,30 @@ def test_a_chunk_waiting_for_resync_is_not_made_clean_by_a_synchronous_write(bre
     assert ship_everything(sender, device) == [(4 * CHUNK, CHUNK)]
 
 
+def test_a_mirrored_chunk_held_by_two_writers_stays_dirty_until_both_let_go(breqd, device):
+    """One writer's synced release says nothing of the other's write, still on its way."""
+    a, b, sender = breqd.client(), breqd.client(), breqd.client()
+    a.mark(device, [(5 * CHUNK, 10)], hold=True, sync=True)
+    b.mark(device, [(5 * CHUNK, 10)], hold=True, sync=True)
+    a.mark_completed(device, [(5 * CHUNK, 10)], synced=True)
+    stats = sender.stats(device)
+    assert stats["dirty_bytes"] == CHUNK and stats["held_bytes"] == CHUNK
+    b.mark_completed(device, [(5 * CHUNK, 10)], synced=True)
+    assert sender.stats(device)["dirty_bytes"] == 0
+
+
+def test_a_plain_mark_of_a_mirrored_chunk_survives_the_synced_release(breqd, device):
+    """A write that was not replicated (another writer, a plain mark) dirties the chunk
+    for good: the synchronous writer's synced release must not make it clean."""
+    writer, other = breqd.client(), breqd.client()
+    writer.mark(device, [(6 * CHUNK, 10)], hold=True, sync=True)
+    assert other.stats(device)["mirrored_bytes"] == CHUNK
+    other.mark(device, [(6 * CHUNK + 100, 10)])
+    writer.mark_completed(device, [(6 * CHUNK, 10)], synced=True)
+    assert other.stats(device)["dirty_bytes"] == CHUNK
+    assert ship_everything(other, device) == [(6 * CHUNK, CHUNK)]
+
+
 def test_sync_without_hold_is_refused(breqd, device):
     with pytest.raises(RequestError, match="sync needs hold"):
         breqd.client().call(Op.MARK, {"device": device, "sync": True}, [(0, 1)])

@@ -9,6 +9,9 @@ breceive_faults.py) that loses the answer, or the request, or every STATUS:
   is read-only and handed over.
 - PROMOTE lost before the receiver acted on it: the receiver's record says so, and no
   session holds the target any more: the source is primary and writable again.
+- PROMOTE lost, and the session that got it still holds the target when the cutover
+  asks (and promotes it after): "not promoted" is not believed while a session may still
+  change the record; the cutover asks again and completes the handover.
 - PROMOTED lost and the receiver cannot be asked: exit 16, the outcome unknown; the source
   stays read-only and is recorded as handed over until the operator has looked.
 """
@@ -79,6 +82,21 @@ def test_a_promote_that_never_arrived_leaves_the_source_primary(breqd, faulty, t
     assert any("stays primary and writable" in n for n in notes), notes
     assert r.record("d1")["role"] == "secondary"
     assert_still_primary_and_writable(breqd, server, r)
+
+
+def test_a_record_still_held_by_the_session_that_got_promote_is_not_taken_for_an_answer(
+        breqd, faulty, tmp_path):
+    """The first STATUS finds the target secondary with the source's generation, but
+    busy: the session that received PROMOTE promotes it right after. Taking that first
+    answer for "not promoted" would make the source writable beside a new primary."""
+    server, r, target = faulty("promote-held,status-answered")
+    done, events = cutover(breqd, server, r, str(tmp_path / "records"))
+    summary = final(done, events)
+    generation = summary["generation"]
+    assert summary["handed_over"] is True
+    record = r.record("d1")
+    assert record["role"] == "primary" and record["generation"] == generation
+    assert_read_only_and_handed_over(breqd, server, generation)
 
 
 def test_an_unknown_outcome_keeps_the_source_read_only(breqd, faulty, tmp_path):

@@ -36,6 +36,21 @@ def test_fua_and_flush_call_fdatasync_before_returning(layer, monkeypatch):
 
 
 @pytest.mark.parametrize("action", [
+    lambda l, fua: l.trim(4096, 8192, fua),
+    lambda l, fua: l.zero(4096, 8192, fua, may_trim=True, fast=False),
+    lambda l, fua: l.zero(4096, 8192, fua, may_trim=False, fast=False),
+], ids=["trim", "zero-may-trim", "zero"])
+def test_a_trim_or_zero_with_fua_calls_fdatasync_before_returning(layer, monkeypatch, action):
+    """Whether the range became a hole or written zeros."""
+    synced = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd))
+    asyncio.run(action(layer, False))
+    assert synced == []
+    asyncio.run(action(layer, True))
+    assert len(synced) == 1
+
+
+@pytest.mark.parametrize("action", [
     lambda l: l.trim(4096, 8192, False),
     lambda l: l.zero(4096, 8192, False, may_trim=True, fast=False),
     lambda l: l.zero(4096, 8192, False, may_trim=False, fast=False),

@@ -348,3 +348,26 @@ def test_a_seq_of_an_earlier_replication_is_not_covered_by_the_next_ones_durable
 
     asyncio.run(main())
     assert releases(events) == [f"release [(0, {CHUNK})]"], events
+
+
+def test_replication_stopped_and_started_again_is_a_new_generation():
+    """The same through the real layers: a write replicated (protocol A) but not yet
+    durable when replication is stopped; started again to another replica, whose seqs
+    start at 1 too, its DURABLE must leave the old write's chunk dirty."""
+    async def main():
+        track, replicate, first, events = chain("A")
+        first.answer_flush = False                   # the old write is never durable
+        await track.write(memoryview(b"x" * 4096), 0, False)               # old seq 1
+        await replicate.stop()
+        second = FakeTarget("A")
+        replicate.start(Replica(second, "A", asyncio.get_running_loop()), "degrade")
+        await track.write(memoryview(b"y" * 4096), CHUNK, False)           # new seq 1
+        await track.flush()                                                 # DURABLE(2)
+        sweep(track)
+        await until(lambda: not track.held, "the holds to be let go")
+        await track.close()
+        return events
+
+    events = asyncio.run(main())
+    assert sorted(releases(events)) == [f"release [(0, {CHUNK})]",
+                                        f"release-synced [({CHUNK}, {CHUNK})]"], events

@@ -144,7 +144,8 @@ def test_a_hold_lost_during_the_write_is_marked_again_before_the_reply():
         tracker.lose_connection()
         recorder.gate.set()
         await write
-        assert not layer.write_now(memoryview(b"y"), 0, False)   # the hold is gone
+        recorder.gate = None          # the recorder takes fast writes again: only the
+        assert not layer.write_now(memoryview(b"y"), 0, False)   # lost hold refuses it
         await layer.close()
 
     asyncio.run(main())
@@ -229,6 +230,32 @@ def test_past_the_hold_limit_the_oldest_chunks_are_released():
 
     asyncio.run(main())
     assert any(e.startswith("release") for e in events)
+
+
+def test_past_the_hold_limit_no_chunk_is_released_before_or_while_it_is_written():
+    """Two writes at once with room for one hold: neither the first's chunk (its write
+    runs) nor the second's (taken for the write about to run) may be let go for the
+    limit; either would leave a write with no hold and no mark after it."""
+    events: list[str] = []
+    layer = TrackLayer(Recorder(events), FakeTracker(events), "d", CHUNK, hold_limit=1,
+                       idle=3600)
+
+    async def main():
+        recorder = layer.inner
+        recorder.gate = asyncio.Event()
+        first = asyncio.ensure_future(layer.write(memoryview(b"a"), 0, False))
+        second = asyncio.ensure_future(layer.write(memoryview(b"b"), CHUNK, False))
+        while len(layer._busy) < 2:        # both hold their chunk and wait at the gate
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)             # a release would have been sent
+        assert not any(e.startswith("release") for e in events), events
+        recorder.gate.set()
+        await first
+        await second
+        await layer.close()
+
+    asyncio.run(main())
+    assert events == ["hold [(0, 1)]", f"hold [({CHUNK}, 1)]", "write 0+1", f"write {CHUNK}+1"]
 
 
 def test_runs_of_chunks():
@@ -356,3 +383,60 @@ def test_a_chunk_written_again_waits_for_its_latest_write():
         await layer.close()
 
     asyncio.run(main())
+
+
+def test_a_durable_never_releases_a_chunk_while_another_write_to_it_runs():
+    """The first write's DURABLE settles its seq; the second write to the chunk is still
+    running and may yet miss the target: the hold must wait for it."""
+    events: list[str] = []
+    layer, inner, mirror = make_replicated(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        inner.gate = asyncio.Event()
+        second = asyncio.ensure_future(layer.write(memoryview(b"b"), 0, False))
+        while not layer._busy:
+            await asyncio.sleep(0)
+        mirror.durable(1)
+        await asyncio.sleep(0)
+        assert 0 in layer.held and not releases(events), events
+        inner.gate.set()
+        await second                                             # seq 2
+        mirror.durable(2)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert releases(events) == [f"release-synced [(0, {CHUNK})]"]
+    assert events.index(releases(events)[0]) > events.index("write 0+1", 2)
+
+
+def test_a_write_that_missed_the_target_never_releases_a_chunk_another_write_runs_on():
+    events: list[str] = []
+    layer, inner, _ = make_replicated(events)
+
+    async def main():
+        inner.gate = asyncio.Event()
+        first = asyncio.ensure_future(layer.write(memoryview(b"a"), 0, False))
+        while not layer._busy:
+            await asyncio.sleep(0)
+        gate, inner.gate = inner.gate, None
+        inner.reaches_target = False
+        await layer.write(memoryview(b"b"), 0, False)            # taints chunk 0
+        await asyncio.sleep(0)
+        assert 0 in layer.held and not releases(events), events
+        inner.reaches_target = True
+        gate.set()
+        await first
+        await asyncio.sleep(0)
+        assert not layer.held                                    # tainted: let go plain
+        await layer.close()
+
+    asyncio.run(main())
+    assert releases(events) == [f"release [(0, {CHUNK})]"]
+    assert events[-1] == f"release [(0, {CHUNK})]"
+
+
+def releases(events: list[str]) -> list[str]:
+    return [e for e in events if e.startswith("release")]

@@ -12,6 +12,7 @@ takes it out of that set, and a held chunk is dirty at all times.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from concurrent.futures import Executor, Future
@@ -298,10 +299,53 @@ def test_mark_of_a_chunk_whose_flush_is_pending_waits_for_it():
 
 
 def test_page_changed_during_its_flush_stays_unsynced():
-    """A bit set after a flush took its snapshot is not made durable by that flush."""
-    _replay([("mark_unacknowledged", {"r": (0, 1)}),
-             ("background_start", {}),            # snapshot of page 0 taken, write queued
-             ("mark_unacknowledged", {"r": (2, 1)}),
-             ("background_progress", {}),          # the first write lands
-             ("mark", {"r": (2, 1)}),
-             ("crash_and_restart", {"clean": False})])
+    """A bit set after a flush took its snapshot is not made durable by that flush: once
+    that flush has landed, a mark of the bit still waits for the next one."""
+    machine = TrackerModel()
+    try:
+        committer = machine.device.committer
+        machine.mark_unacknowledged(r=(0, 1))
+        assert machine.executor.jobs, "the flush has taken page 0's image, not written it"
+        machine.mark_unacknowledged(r=(2, 1))       # page 0 changes after that image
+        flushes = committer.flushes
+        while committer.flushes == flushes:
+            machine.background_progress()           # the first flush lands, without chunk 2
+        assert committer._next is None and committer._task is not None, \
+            "the next flush has started but not landed"
+        machine.mark(r=(2, 1))                      # so this mark waits for the next one
+        machine.written_chunks_are_dirty_or_in_flight()
+        machine.crash_and_restart(clean=False)
+    finally:
+        machine.teardown()
+
+
+def test_a_mark_is_acknowledged_only_after_its_page_is_written_and_synced(monkeypatch):
+    """Invariant 1: durable in breqd's state means the page write and then fdatasync of
+    the bitmap returned, before the mark's answer."""
+    machine = TrackerModel()
+    try:
+        bitmap_fd = machine.device.bitmap._fd
+        io: list[str] = []
+        real_pwrite, real_fdatasync = os.pwrite, os.fdatasync
+
+        def pwrite(fd, data, offset):
+            if fd == bitmap_fd:
+                io.append("pwrite")
+            return real_pwrite(fd, data, offset)
+
+        def fdatasync(fd):
+            if fd == bitmap_fd:
+                io.append("fdatasync")
+            return real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+        async def mark() -> None:
+            await machine._mark([(5, 6)])
+            io.append("acknowledged")
+
+        machine._run(mark())
+        assert io == ["pwrite", "fdatasync", "acknowledged"], io
+    finally:
+        machine.teardown()

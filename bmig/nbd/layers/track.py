@@ -181,7 +181,7 @@ class TrackLayer(Layer):
                     held[c] = Hold(tainted=not sync, seen=self._sweeps)
         self._saw(chunks)
         if len(held) > self.hold_limit:
-            self._release(over_limit=True)
+            self._release(over_limit=True, keep=chunks)
         self._ensure_sweeper()
         return session
 
@@ -269,9 +269,11 @@ class TrackLayer(Layer):
         if isinstance(exc, BmigError):   # the holds end with the connection anyway
             log.debug("%s: release failed: %s", self.device, exc.message)
 
-    def _release(self, over_limit: bool = False) -> None:
+    def _release(self, over_limit: bool = False, keep: range = range(0)) -> None:
         """Let go of held chunks not written for ``idle`` seconds (``IDLE_SWEEPS`` sweeps),
-        and past the limit of the least recently written ones too.
+        and past the limit of the least recently written ones too, but never of a chunk
+        a write runs on, nor of ``keep`` (just held for the write about to run: let go
+        now, it would be written with no hold and no mark after it).
 
         Writes spread over the whole device come back to a chunk only every second or
         so: letting it go sooner would mean a round trip to breqd on most of them."""
@@ -284,7 +286,8 @@ class TrackLayer(Layer):
             # Down to 7/8 of the limit, least recently written first: releasing more
             # would only mean marking them again at the next write.
             want = len(held) - self.hold_limit + self.hold_limit // 8
-            victims = heapq.nsmallest(want, (c for c in held if c not in busy),
+            victims = heapq.nsmallest(want, (c for c in held
+                                             if c not in busy and c not in keep),
                                       key=lambda c: held[c].seen)
         else:
             # While replicating, a hold whose writes are still on their way to the target
