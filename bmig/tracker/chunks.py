@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from bitarray import bitarray
 
+from bmig.chunkmath import chunk_count, chunk_span
 from bmig.errors import RangeError
 
 ENDIAN = "little"
@@ -48,7 +49,7 @@ class ChunkMap:
     def __init__(self, size: int, chunk_size: int, dirty: bitarray | None = None):
         self.size = size
         self.chunk_size = chunk_size
-        self.nchunks = -(-size // chunk_size)
+        self.nchunks = chunk_count(size, chunk_size)
         if dirty is None:
             dirty = zeros(self.nchunks)
         if len(dirty) != self.nchunks:
@@ -68,7 +69,7 @@ class ChunkMap:
         if offset < 0 or offset + length > self.size:
             raise RangeError(
                 f"range {offset}+{length} is outside the device (size {self.size})")
-        return offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
+        return chunk_span(offset, length, self.chunk_size)
 
     def chunk_bytes(self, first: int, end: int) -> tuple[int, int]:
         """The byte range (offset, length) of chunks [first, end), clipped to the device."""

@@ -11,8 +11,7 @@ from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.committer import GroupCommitter, pages_of
 from bmig.tracker.devices import DeviceDefinition
 from bmig.tracker.intervals import merge_spans
-from bmig.tracker.store import (BITS_PER_PAGE, NO_SAVED_BITMAP, BitmapFile, Identity,
-                                page_span)
+from bmig.tracker.store import NO_SAVED_BITMAP, BitmapFile, Identity, page_count, page_span
 
 log = logging.getLogger("breqd")
 
@@ -57,7 +56,7 @@ class TrackedDevice:
         return self.chunks.disk_image(first, end).tobytes()
 
     def all_pages(self) -> range:
-        return range(-(-self.chunks.nchunks // BITS_PER_PAGE) or 1)
+        return range(page_count(self.chunks.nchunks))
 
     def mark_spans(self, spans: list[tuple[int, int]], keep_mirrored: bool = False):
         """Set the spans dirty; return a future to await durability, or None if durable.

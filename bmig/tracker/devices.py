@@ -21,6 +21,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from bmig.chunkmath import chunk_count
 from bmig.config import Key, Schema, load_toml, write_toml_atomic
 from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_DEVICE_NAME,
                             MAX_DEVICE_SIZE, MIN_CHUNK_SIZE)
@@ -48,7 +49,7 @@ def check_geometry(size: int, chunk_size: int) -> None:
     if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"chunk size {chunk_size} must be a power of two "
                           f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
-    chunks = -(-size // chunk_size)
+    chunks = chunk_count(size, chunk_size)
     if chunks > MAX_CHUNKS:
         raise ConfigError(f"{chunks} chunks of {chunk_size} bytes is more than breqd tracks "
                           f"per device ({MAX_CHUNKS}); use a larger chunk size")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from bmig import __version__, systemd
+from bmig.chunkmath import chunk_count
 from bmig.constants import (CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE, MAX_CONTROL_FRAME,
                             MAX_HELD_RUNS, MAX_RANGES_PER_FRAME)
 from bmig.errors import (BmigError, ConfigError, DeviceBusy, DeviceExists, NotCheckedOut,
@@ -246,7 +247,7 @@ class Breqd:
             return None
         except MemoryError:
             log.error("%s: cannot track: not enough memory for a bitmap of %d chunks",
-                      definition.name, -(-definition.size // definition.chunk_size))
+                      definition.name, chunk_count(definition.size, definition.chunk_size))
             return None
         self.devices[definition.name] = device
         log.info("%s: tracking %d bytes in %d-byte chunks, %d bytes dirty", definition.name,

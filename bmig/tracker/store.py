@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
+from bmig.chunkmath import ceil_div, chunk_count
 from bmig.errors import StateError, StateWriteError
 from bmig.tracker.chunks import ENDIAN, zeros
 
@@ -64,11 +65,11 @@ class Identity:
 
     @property
     def nchunks(self) -> int:
-        return -(-self.size // self.chunk_size)
+        return chunk_count(self.size, self.chunk_size)
 
     @property
     def npages(self) -> int:
-        return max(1, -(-self.nchunks // BITS_PER_PAGE))
+        return page_count(self.nchunks)
 
 
 @dataclass
@@ -127,6 +128,11 @@ def unpack_page(block: bytes, index: int) -> tuple[int, bytes] | None:
 
 def file_size(ident: Identity) -> int:
     return PAGES_OFFSET + ident.npages * HEADER_SLOTS * BLOCK
+
+
+def page_count(nchunks: int) -> int:
+    """Pages of the bitmap file for ``nchunks`` chunks (at least one)."""
+    return max(1, ceil_div(nchunks, BITS_PER_PAGE))
 
 
 def page_span(index: int, nchunks: int) -> tuple[int, int]:
