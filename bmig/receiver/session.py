@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from bmig import __version__
+from bmig.chunkmath import chunk_count
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from bmig.errors import (BmigError, ChecksumMismatch, ConfigError, LineageError,
                          ProtocolError, TargetError, UnknownExport)
@@ -436,7 +437,7 @@ class Session:
         if chunk & (chunk - 1) or offset % chunk:
             raise ProtocolError("HASHES_REQ: chunk_size must be a power of two and offset "
                                 "a multiple of it")
-        if -(-length // chunk) > MAX_HASHES or offset + length > self.size:
+        if chunk_count(length, chunk) > MAX_HASHES or offset + length > self.size:
             raise ProtocolError(f"HASHES_REQ of {length} bytes at {offset} is too large or "
                                 "outside the target")
         self.channel.send(pack_hashes(offset, self.target.hashes(offset, length, chunk)))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bmig.blockdev import data_runs
+from bmig.chunkmath import round_up
 from bmig.constants import MAX_RANGES_PER_FRAME, MiB
 from bmig.errors import BmigError, UnreachableError
 from bmig.sender.targets import SourceInfo
@@ -388,7 +389,7 @@ class Pass:
             pos = offset
             for n, is_hole in self._source.holes(offset, length):
                 if is_hole:
-                    a = -(-pos // cs) * cs
+                    a = round_up(pos, cs)
                     b = (pos + n) // cs * cs if pos + n < end else pos + n
                     if b > a:
                         holes.append((a, b))

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from bmig.chunkmath import chunk_count
 from bmig.errors import (AuthError, BmigError, ConfigError, ProtocolError, TargetError,
                          UnreachableError)
 from bmig.framing import ConnectionClosed
@@ -194,7 +195,7 @@ class WireTarget:
                                                          "chunk_size": chunk}), T.HASHES)
             assert isinstance(reply, memoryview)
             got_offset, values = unpack_hashes(reply)
-            if got_offset != start or len(values) != -(-n // chunk):
+            if got_offset != start or len(values) != chunk_count(n, chunk):
                 raise ProtocolError(f"{self.description} answered hashes for another range")
             out.extend(values)
         return out

@@ -39,6 +39,7 @@ import logging
 from collections import Counter
 from typing import Any, Awaitable, Callable, Protocol
 
+from bmig.chunkmath import chunk_span
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
 from bmig.nbd import protocol as p
@@ -128,7 +129,7 @@ class TrackLayer(Layer):
     # -- holds -----------------------------------------------------------------------
 
     def _span(self, offset: int, length: int) -> range:
-        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+        return range(*chunk_span(offset, length, self.chunk_size))
 
     def _holds_valid(self) -> bool:
         """True while the holds in ``held`` are still breqd's; empties them otherwise."""
