@@ -39,6 +39,7 @@ from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from bmig.errors import (BmigError, ChecksumMismatch, ConfigError, LineageError,
                          ProtocolError, TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
+from bmig.limits import MAX_HASHES
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
                           TargetRecord, hex_id, load_target, now, parse_id, save_target,
                           target_path)
@@ -47,7 +48,7 @@ from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
 from bmig.wire import auth, codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
-                                MAX_HASHES, WIRE_VERSION, Message, T, decode_json,
+                                WIRE_VERSION, Message, T, decode_json,
                                 error_message, pack_hashes, pack_seq, type_of, unpack_data,
                                 unpack_seq, unpack_zero)
 

@@ -27,12 +27,12 @@ from typing import Callable
 
 from bmig.blockdev import data_runs
 from bmig.chunkmath import round_up
-from bmig.constants import MAX_RANGES_PER_FRAME, MiB
+from bmig.constants import MiB
 from bmig.errors import BmigError, UnreachableError
+from bmig.limits import MAX_DATA, MAX_RANGES_PER_FRAME
 from bmig.sender.targets import SourceInfo
 from bmig.tracker.client import TrackerClient
 from bmig.wire import codec
-from bmig.wire.protocol import MAX_DATA
 
 log = logging.getLogger("bmigrate")
 

@@ -20,12 +20,13 @@ from bmig.chunkmath import chunk_count
 from bmig.errors import (AuthError, BmigError, ConfigError, ProtocolError, TargetError,
                          UnreachableError)
 from bmig.framing import ConnectionClosed
+from bmig.limits import MAX_HASHES
 from bmig.lineage import hex_id
 from bmig.sender.urls import TargetUrl
 from bmig.wire import handshake
 from bmig.wire.channel import Channel
 from bmig.wire.codec import checksum as xxh3
-from bmig.wire.protocol import (MAX_HASHES, Message, T, decode_json, error_from, pack_data,
+from bmig.wire.protocol import (Message, T, decode_json, error_from, pack_data,
                                 pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
 from bmig.wire.transports import (SocketStream, Stream, client_tls_context, connect_tcp,
                                   keepalive)

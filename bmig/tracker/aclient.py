@@ -19,9 +19,10 @@ import itertools
 from typing import Any, Sequence
 
 from bmig import __version__
-from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
+from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import BmigError, ProtocolError, UnreachableError, from_wire
 from bmig.framing import pack_frame, read_frame
+from bmig.limits import MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
 from bmig.tracker.client import mark_fields, release_fields
 from bmig.tracker.protocol import Message, Op, decode
 

@@ -11,9 +11,10 @@ import socket
 from typing import Any, Sequence
 
 from bmig import __version__
-from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME
+from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import ProtocolError, UnreachableError, from_wire
 from bmig.framing import pack_frame, recv_frame
+from bmig.limits import MAX_CONTROL_FRAME
 from bmig.tracker.protocol import Message, Op, decode
 
 Ranges = Sequence[tuple[int, int]]

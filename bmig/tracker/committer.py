@@ -15,12 +15,10 @@ from concurrent.futures import Executor
 from typing import Callable
 
 from bmig.errors import StateWriteError
+from bmig.limits import PAGES_PER_WRITE
 from bmig.tracker.store import BITS_PER_PAGE, BitmapFile
 
 log = logging.getLogger("breqd")
-
-# Page images prepared per write call: 1 MiB of 4 KiB pages.
-PAGES_PER_WRITE = 256
 
 
 def pages_of(first: int, end: int) -> range:

@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 from bmig.chunkmath import chunk_count
 from bmig.config import Key, Schema, load_toml, write_toml_atomic
-from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_DEVICE_NAME,
-                            MAX_DEVICE_SIZE, MIN_CHUNK_SIZE)
+from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_DEVICE_NAME, MAX_DEVICE_SIZE,
+                            MIN_CHUNK_SIZE)
 from bmig.errors import ConfigError
+from bmig.limits import MAX_CHUNKS
 
 log = logging.getLogger("breqd")
 

@@ -24,8 +24,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from bmig.constants import MAX_CONTROL_FRAME, MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 from bmig.errors import ProtocolError
+from bmig.limits import MAX_CONTROL_FRAME, MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 
 _HEAD = struct.Struct("<BBHIQ")
 

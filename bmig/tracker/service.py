@@ -20,11 +20,12 @@ from typing import Awaitable, Callable
 
 from bmig import __version__, systemd
 from bmig.chunkmath import chunk_count
-from bmig.constants import (CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE, MAX_CONTROL_FRAME,
-                            MAX_HELD_RUNS, MAX_RANGES_PER_FRAME)
+from bmig.constants import CONTROL_PROTOCOL_VERSION, DEFAULT_CHUNK_SIZE
 from bmig.errors import (BmigError, ConfigError, DeviceBusy, DeviceExists, NotCheckedOut,
                          ProtocolError, RequestError, StateError, UnknownDevice)
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
+from bmig.limits import (MARK_PIECE, MAX_CHECKOUT_RUNS, MAX_CONTROL_FRAME, MAX_HELD_RUNS,
+                         MAX_QUERY_RUNS)
 from bmig.statelock import StateLock
 from bmig.tracker.committer import pages_of
 from bmig.tracker.device import TrackedDevice
@@ -39,7 +40,6 @@ log = logging.getLogger("breqd")
 LAZY_FLUSH_SECONDS = 2.0
 STATUS_SECONDS = 10.0
 RESCAN_DELAY = 0.05
-MARK_PIECE = 1 << 20        # chunks per bit-array step of a MARK: 128 KiB temporaries
 
 
 @dataclass
@@ -454,7 +454,7 @@ class Breqd:
         if len(spans) != 1:
             raise RequestError("QUERY takes exactly one range")
         first, end = spans[0]
-        runs, done = device.chunks.differing_runs(first, end, MAX_RANGES_PER_FRAME)
+        runs, done = device.chunks.differing_runs(first, end, MAX_QUERY_RUNS)
         offset, length = msg.ranges[0]
         covered = min(offset + length, device.chunks.chunk_bytes(0, done)[1])
         return Message(Op.REPLY_OK, msg.request_id, {"end": covered},
@@ -471,7 +471,7 @@ class Breqd:
         if max_bytes <= 0:
             raise RequestError(f"max_bytes must be positive, not {max_bytes}")
         runs = device.chunks.checkout(max(1, max_bytes // device.definition.chunk_size),
-                                      max_runs=MAX_RANGES_PER_FRAME)
+                                      max_runs=MAX_CHECKOUT_RUNS)
         held = session.checkouts.setdefault(device.name, IntervalSet())
         for first, end in runs:
             held.add(first, end)

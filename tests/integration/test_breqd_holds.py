@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bmig.constants import MAX_HELD_RUNS
+from bmig.limits import MAX_HELD_RUNS
 from bmig.errors import RequestError
 from bmig.tracker.protocol import Op
 from tests.daemon import wait_until

@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from bmig.chunkmath import chunk_span
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
+from bmig.limits import DEFAULT_HOLD_LIMIT
 from bmig.nbd import protocol as p
 from bmig.nbd.layers.base import Layer
 
@@ -49,7 +50,6 @@ log = logging.getLogger("bmig-nbd")
 
 Ranges = list[tuple[int, int]]
 
-DEFAULT_HOLD_LIMIT = 65536        # chunks held at once (4 GiB at 64 KiB chunks)
 DEFAULT_HOLD_IDLE = HOLD_IDLE     # seconds without a write before a chunk is let go
 IDLE_SWEEPS = HOLD_IDLE_SWEEPS    # sweeps per idle period: a chunk goes idle..1.25 idle late
 DIRTY = 1                         # qemu:dirty-bitmap extent flag
