@@ -46,7 +46,7 @@ import benchlib  # noqa: E402
 from benchlib import Interrupted, fs_type, loadavg  # noqa: E402
 from bmig.constants import KiB, MiB, TiB  # noqa: E402
 from bmig.limits import MAX_RANGES_PER_FRAME  # noqa: E402
-from bmig.tracker.client import TrackerClient  # noqa: E402
+from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
 BLOCK = 4 * KiB

@@ -26,8 +26,8 @@ from bmig.nbd.manage import Managed, ManageServer
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.nbd.server import DEFAULT_UNIX_MODE, Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
-from bmig.tracker.aclient import AsyncTrackerClient
-from bmig.tracker.devices import DEVICE_NAMES, device_name
+from bmig.tracker.write_path_client import AsyncTrackerClient
+from bmig.tracker.definitions import DEVICE_NAMES, device_name
 from bmig.wire.transports import server_tls_context
 
 log = logging.getLogger("bmig-nbd")

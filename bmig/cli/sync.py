@@ -30,7 +30,7 @@ from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.targets import ConnectOptions
 from bmig.sender.urls import parse_target_url
-from bmig.tracker.devices import DEVICE_NAMES, device_name
+from bmig.tracker.definitions import DEVICE_NAMES, device_name
 from bmig.wire import codec
 from bmig.wire.auth import load_secret
 

@@ -31,7 +31,7 @@ from bmig.constants import MiB
 from bmig.errors import BmigError, UnreachableError
 from bmig.limits import MAX_DATA, MAX_RANGES_PER_FRAME
 from bmig.sender.targets import SourceInfo
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire import codec
 
 log = logging.getLogger("bmigrate")

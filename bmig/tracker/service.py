@@ -28,8 +28,8 @@ from bmig.limits import (MARK_PIECE, MAX_CHECKOUT_RUNS, MAX_CONTROL_FRAME, MAX_H
                          MAX_QUERY_RUNS)
 from bmig.statelock import StateLock
 from bmig.tracker.committer import pages_of
-from bmig.tracker.device import TrackedDevice
-from bmig.tracker.devices import (SUFFIX, ConfigWatcher, DeviceDefinition, check_geometry,
+from bmig.tracker.tracked import TrackedDevice
+from bmig.tracker.definitions import (SUFFIX, ConfigWatcher, DeviceDefinition, check_geometry,
                                   check_name, new_device_id, scan)
 from bmig.lineage import ROLE_PRIMARY, ROLES, SourceLineage, hex_id, parse_id, save_source
 from bmig.tracker.intervals import IntervalSet, merge_spans

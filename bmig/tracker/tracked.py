@@ -9,7 +9,7 @@ from concurrent.futures import Executor
 from bmig.lineage import hex_id, load_source
 from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.committer import GroupCommitter, pages_of
-from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker.definitions import DeviceDefinition
 from bmig.tracker.intervals import merge_spans
 from bmig.tracker.store import NO_SAVED_BITMAP, BitmapFile, Identity, page_count, page_span
 

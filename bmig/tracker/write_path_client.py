@@ -23,7 +23,7 @@ from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import BmigError, ProtocolError, UnreachableError, from_wire
 from bmig.framing import pack_frame, read_frame
 from bmig.limits import MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
-from bmig.tracker.client import mark_fields, release_fields
+from bmig.tracker.blocking_client import mark_fields, release_fields
 from bmig.tracker.protocol import Message, Op, decode
 
 Ranges = Sequence[tuple[int, int]]
