@@ -7,11 +7,10 @@
     device_id = "9f3c2a71d04e5b68"  # written by `bmigrate track add`
 
 The file name without ``.toml`` must equal ``name``; any other key is refused. ``scan``
-reads a directory; ``ConfigWatcher`` tells breqd when to scan again (inotify through
-watchdog, imported only then: bmigrate checks names with this module and starts faster
-without it).
+reads a directory. bmigrate checks device names with this module too, so it stays cheap
+to import: it may read and write definition files and check names and geometry, and may
+not open bitmaps, keep state, or watch the directory (registry.py does, in breqd).
 """
-
 from __future__ import annotations
 
 import logging
@@ -19,7 +18,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from bmig.chunkmath import chunk_count
 from bmig.config import Key, Schema, load_toml, write_toml_atomic
@@ -153,26 +152,3 @@ def scan(config_dir: str) -> tuple[dict[str, DeviceDefinition], dict[str, str]]:
             continue
         found[definition.name] = definition
     return found, errors
-
-
-class ConfigWatcher:
-    """Calls ``notify`` (from a watchdog thread) whenever the directory changes."""
-
-    def __init__(self, config_dir: str, notify: Callable[[], None]):
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type not in ("opened", "closed_no_write"):
-                    notify()
-
-        self._observer = Observer()
-        self._observer.schedule(Handler(), config_dir, recursive=False)
-
-    def start(self) -> None:
-        self._observer.start()
-
-    def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
