@@ -1,6 +1,6 @@
 """The chunk state machine of one device, in memory, with no I/O.
 
-Each chunk is in one of four states, held in two bit arrays:
+Each chunk is in one of four states, kept in two bit arrays:
 
     dirty  inflight
       0       0      clean
@@ -25,6 +25,9 @@ leave them alone (checkout skips them), and a release that says every write reac
 target makes them clean again. Anything else that dirties a mirrored chunk (a plain mark,
 a hold without ``sync``, a release without ``synced``) makes it plain dirty. On disk a
 mirrored chunk is dirty, like any held chunk, until the release is written lazily.
+
+The room is pure state: it may not do I/O, know of sessions or connections, or decide
+when bits reach the disk (tracked.py and committer.py do).
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ A mark whose chunks are already dirty or in flight, on pages that are all synced
 no I/O. Otherwise the mark sets its bits, queues its pages and waits for the next flush;
 every mark that arrives while a flush runs joins the one after it. Pages whose only
 changes are clears (commits) are written lazily, with the next flush or by ``flush_lazy``.
+
+The room decides when pages are written and who waits for them; it may not change chunk
+state (it only reads page images through the callable it is given) or the file format
+(store.py writes the pages).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ log = logging.getLogger("breqd")
 
 
 def pages_of(first: int, end: int) -> range:
-    """Bitmap pages holding chunks [first, end)."""
+    """Bitmap pages that keep chunks [first, end)."""
     return range(first // BITS_PER_PAGE, (end - 1) // BITS_PER_PAGE + 1)
 
 

@@ -18,6 +18,9 @@ Anything else that does not validate (no file, a header with no valid copy, a fi
 short, a size or identity that is not the device's) replaces the whole bitmap by an
 all-dirty one, and the reason is returned for the caller to log: never an empty one
 (invariant 4).
+
+The room owns the file format and its reading and writing; it may not decide what the
+bits are (chunks.py) or when they are written (committer.py).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ def page_count(nchunks: int) -> int:
 
 
 def page_span(index: int, nchunks: int) -> tuple[int, int]:
-    """Chunks [first, end) held by page ``index``."""
+    """Chunks [first, end) kept in page ``index``."""
     first = index * BITS_PER_PAGE
     return first, min(first + BITS_PER_PAGE, nchunks)
 

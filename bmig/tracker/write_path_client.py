@@ -10,6 +10,9 @@ call connects again: a restarted breqd is picked up without a restart of the cli
 
 Holds belong to a connection: ``session`` changes whenever a connection is made or lost,
 so a caller that keeps holds knows they are gone when the number it saw has changed.
+
+The room may speak only the control protocol, on its caller's event loop; it may not
+decide what is held or for how long (the NBD tracking layer does).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class AsyncTrackerClient:
     # -- connection ------------------------------------------------------------------
 
     def _line(self) -> asyncio.Lock:
-        """Held while a request is written (and while connecting): requests reach breqd
+        """Locked while a request is written (and while connecting): requests reach breqd
         in the order they were made, a reconnection included."""
         if self._connecting is None:
             self._connecting = asyncio.Lock()
