@@ -44,8 +44,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import benchlib  # noqa: E402
 from benchlib import Interrupted, fs_type, loadavg  # noqa: E402
-from bmig.constants import MAX_RANGES_PER_FRAME, KiB, MiB, TiB  # noqa: E402
-from bmig.tracker.client import TrackerClient  # noqa: E402
+from bmig.constants import KiB, MiB, TiB  # noqa: E402
+from bmig.limits import MAX_RANGES_PER_FRAME  # noqa: E402
+from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
 BLOCK = 4 * KiB

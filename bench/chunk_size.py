@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import benchlib  # noqa: E402
 from benchlib import Interrupted  # noqa: E402
-from bmig.constants import DEFAULT_CHUNK_SIZE, MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
+from bmig.constants import DEFAULT_CHUNK_SIZE, GiB, KiB, MiB, TiB  # noqa: E402
+from bmig.limits import MAX_RANGES_PER_FRAME  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
 from bmig.tracker.store import BitmapFile, Identity, file_size  # noqa: E402
 

@@ -61,7 +61,7 @@ from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type, git_head,  #
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
-from bmig.tracker.client import TrackerClient  # noqa: E402
+from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
 BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 BMIG_NBD = [sys.executable, "-c", "from bmig.cli.nbd import main; main()"]

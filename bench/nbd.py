@@ -56,7 +56,7 @@ from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup, git_head,  # noq
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
-from bmig.tracker.client import TrackerClient  # noqa: E402
+from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
 DEVICE = "bench"
 MAX_RESTARTS = 2           # per run: a server killed from outside is restarted this often

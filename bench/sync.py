@@ -76,7 +76,7 @@ from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
-from bmig.tracker.client import TrackerClient  # noqa: E402
+from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
 CHUNK = 64 * KiB
 SOCAT_BUFFER = MiB

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from bmig.errors import ConfigError
+from bmig.limits import MAX_CONFIG_FILE, MAX_STATE_FILE
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -31,10 +32,6 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise ConfigError(f"{text!r} is not a size (examples: 4096, 64K, 10G, 1TiB)")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
-
-
-# A configuration file is small; anything bigger is not one of ours.
-MAX_CONFIG_FILE = 1 << 20
 
 
 def read_small_file(path: str, max_bytes: int, what: str = "") -> tuple[bytes, os.stat_result]:
@@ -415,7 +412,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def read_json_state(path: str, max_bytes: int = 1 << 20) -> dict[str, Any] | None:
+def read_json_state(path: str, max_bytes: int = MAX_STATE_FILE) -> dict[str, Any] | None:
     """A small JSON state file written by ``write_atomic``: None if it does not exist,
     ConfigError if it is damaged (the caller decides what damage means)."""
     try:

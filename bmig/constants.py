@@ -1,4 +1,9 @@
-"""Limits shared by the toolkit, checked against each other at import."""
+"""Units, device geometry, protocol versions, defaults and paths shared by the toolkit,
+checked against each other at import.
+
+Caps on what a peer or a file can make a component allocate are not here: they are in
+bmig/limits.py (invariant 8), which imports this module; this one imports nothing.
+"""
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -13,18 +18,11 @@ DEFAULT_CHUNK_SIZE = 64 * KiB
 # A device size the bitmap format can describe (2^63-1 bytes would overflow offset math
 # in clients; 2^60 is far beyond any block device).
 MAX_DEVICE_SIZE = 1 << 60
-# Chunks per device: two bitarrays of 2^32 bits are 1 GiB of memory (256 TiB at 64 KiB chunks).
-MAX_CHUNKS = 1 << 32
 MAX_DEVICE_NAME = 64
 
 # Control protocol (breqd).
 # 2: MARK with "hold", MARK_COMPLETED releases holds, QUERY, held_bytes in the status.
 CONTROL_PROTOCOL_VERSION = 2
-MAX_CONTROL_FRAME = 4 * MiB
-MAX_CONTROL_JSON = 1 * MiB
-MAX_RANGES_PER_FRAME = 65536
-# Disjoint runs one connection may hold (marked with "hold", not yet released).
-MAX_HELD_RUNS = 1 << 18
 # bmig-nbd lets go of a held chunk HOLD_IDLE seconds after its last write, found by a sweep
 # every HOLD_IDLE / HOLD_IDLE_SWEEPS: so up to HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) late.
 # A sender that finds only held chunks dirty waits that long before it ships them again.
@@ -43,4 +41,3 @@ DEFAULT_RECEIVER_STATE_DIR = "/var/lib/bmig/targets"
 DEFAULT_RECEIVER_CONFIG = "/etc/bmig/breceive.toml"
 
 assert MIN_CHUNK_SIZE <= DEFAULT_CHUNK_SIZE <= MAX_CHUNK_SIZE
-assert 16 + MAX_CONTROL_JSON + 16 * MAX_RANGES_PER_FRAME <= MAX_CONTROL_FRAME

@@ -26,12 +26,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from bmig.limits import MAX_SYSFS_ID as _MAX_ID
+
 FS_IOC_GETVERSION = 0x80087601      # _IOR('v', 1, long)
 LOOP_GET_STATUS64 = 0x4C05
 _LOOP_INFO64 = struct.Struct("=QQQQQIIII")   # lo_device, lo_inode, lo_rdevice, lo_offset,
 _LOOP_INFO64_SIZE = 232                      # lo_sizelimit, lo_number, ... (of 232 bytes)
 SYSFS_BLOCK = "/sys/dev/block"
-_MAX_ID = 256                        # characters of a sysfs id kept
 
 KIND_FILE = "file"
 KIND_BLOCK = "block"

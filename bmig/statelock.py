@@ -2,6 +2,7 @@
 
 The kernel drops the lock when the holder dies (kill -9 included), so there is no stale
 lock to break; the file's text only serves the error message of a second instance.
+The room may not read or write anything else in the state directory.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from tests.daemon import RUNNING, Daemon, breqd_argv
 
 # tests/kernel needs a kernel of its own: tests/integration/test_kernel_vm.py boots a

@@ -215,7 +215,7 @@ class Rig:
             f.write("a shared secret of thirty-two bytes!")
         os.chmod(self.secret, 0o600)
         self.start_breqd()
-        from bmig.tracker.client import TrackerClient
+        from bmig.tracker.blocking_client import TrackerClient
         client = TrackerClient(self.control, timeout=30)
         client.add_device("d1", self.size, chunk_size=CHUNK)
         client.close()
@@ -325,7 +325,7 @@ class Rig:
         if digest(self.backing) != digest(self.target):
             chunks = differing_chunks(self.backing, self.target)
             outcome.problems.append(f"target differs from the source in chunks {chunks[:20]}")
-        from bmig.tracker.client import TrackerClient
+        from bmig.tracker.blocking_client import TrackerClient
         client = TrackerClient(self.control, timeout=30)
         try:
             stats = client.stats("d1")

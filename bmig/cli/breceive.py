@@ -14,8 +14,8 @@ from bmig.cli.common import host_port, run
 from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
-from bmig.receiver.service import (HANDSHAKE_TIMEOUT, MAX_UNAUTHENTICATED, Receiver,
-                                   ReceiverSettings)
+from bmig.limits import MAX_UNAUTHENTICATED
+from bmig.receiver.service import HANDSHAKE_TIMEOUT, Receiver, ReceiverSettings
 from bmig.receiver.session import Policy, TargetConfig
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context

@@ -1,4 +1,8 @@
-"""breqd: the daemon that keeps a durable dirty bitmap per tracked device."""
+"""breqd: the daemon that keeps a durable dirty bitmap per tracked device.
+
+The command only turns ``--config`` and flags into Settings and runs ``Breqd``; breqd's
+rooms are put together in bmig/tracker/service.py, not here.
+"""
 
 from __future__ import annotations
 

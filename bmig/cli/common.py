@@ -12,7 +12,7 @@ import click
 from bmig.config import parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import EXIT_ERROR, BmigError, ConfigError
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 
 
 def run(command: click.BaseCommand, prog: str) -> None:

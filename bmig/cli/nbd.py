@@ -17,17 +17,17 @@ from bmig.cli.common import host_port, run
 from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import BmigError, ConfigError, UnknownDevice
+from bmig.limits import DEFAULT_HOLD_LIMIT, MAX_NAME_LENGTH
 from bmig.lineage import ROLE_HANDED_OVER, parse_id
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
-from bmig.nbd.layers.track import DEFAULT_HOLD_LIMIT, TrackLayer
+from bmig.nbd.layers.track import TrackLayer
 from bmig.nbd.manage import Managed, ManageServer
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
-from bmig.nbd.protocol import MAX_NAME_LENGTH
 from bmig.nbd.server import DEFAULT_UNIX_MODE, Export, Listen, Server, Tls
 from bmig.sender.targets import SourceInfo
-from bmig.tracker.aclient import AsyncTrackerClient
-from bmig.tracker.devices import DEVICE_NAMES, device_name
+from bmig.tracker.write_path_client import AsyncTrackerClient
+from bmig.tracker.definitions import DEVICE_NAMES, device_name
 from bmig.wire.transports import server_tls_context
 
 log = logging.getLogger("bmig-nbd")

@@ -23,7 +23,7 @@ def source_status(name: str, control: str, to: str | None, connection: dict,
     ``manage_dir``), and the target's record when --to is given."""
     from bmig.sender.targets import open_target
     from bmig.sender.urls import parse_target_url
-    from bmig.tracker.client import TrackerClient
+    from bmig.tracker.blocking_client import TrackerClient
 
     with TrackerClient(control, client="bmigrate") as client:
         stats = client.stats(name)

@@ -24,15 +24,15 @@ from bmig.cli.report import JsonReporter, TextReporter
 from bmig.config import Key, Schema, load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
 from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
+from bmig.limits import MAX_DATA
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.targets import ConnectOptions
 from bmig.sender.urls import parse_target_url
-from bmig.tracker.devices import DEVICE_NAMES, device_name
+from bmig.tracker.definitions import DEVICE_NAMES, device_name
 from bmig.wire import codec
 from bmig.wire.auth import load_secret
-from bmig.wire.protocol import MAX_DATA
 
 log = logging.getLogger("bmigrate")
 

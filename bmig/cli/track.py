@@ -1,4 +1,9 @@
-"""bmigrate track: which devices breqd tracks, and how much of each is dirty."""
+"""bmigrate track: which devices breqd tracks, and how much of each is dirty.
+
+The command parses and prints: every change goes through breqd's control socket. It reads
+a promoted target's record for ``add --adopt``, and never writes a definition file or a
+bitmap itself.
+"""
 
 from __future__ import annotations
 

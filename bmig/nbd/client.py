@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError, UnreachableError
+from bmig.limits import MAX_NBD_CONTEXTS as _MAX_CONTEXTS
+from bmig.limits import MAX_NBD_ERROR_CHUNK as _MAX_ERROR_CHUNK
+from bmig.limits import NBD_CHUNK_HEADROOM as _CHUNK_HEADROOM
 from bmig.nbd import protocol as p
 
 __all__ = [
@@ -45,9 +48,6 @@ MAX_IN_FLIGHT = 256                     # requests on the wire at once; submit w
 _MAX_U32 = 0xFFFFFFFF
 _MAX_U64 = 0xFFFFFFFFFFFFFFFF
 _MAX_NO_PAYLOAD = 1 << 31               # trim and block status pieces: 32 bits, any alignment
-_CHUNK_HEADROOM = 64                    # a chunk's fixed fields on top of its largest payload
-_MAX_ERROR_CHUNK = 6 + p.MAX_NAME_LENGTH + 64   # error, length, message (a string), offset
-_MAX_CONTEXTS = 256                     # meta contexts one SET_META_CONTEXT may select
 _READ_BUFFER = 64 * 1024                # small messages are read through this buffer...
 _DIRECT_READ = 16 * 1024                # ...payloads this large go straight to their target
 _ZEROES = memoryview(bytes(1 << 20))

@@ -19,6 +19,7 @@ import ssl
 from typing import TYPE_CHECKING, Callable
 
 from bmig.errors import ProtocolError
+from bmig.limits import RECV_BUFFER
 
 if TYPE_CHECKING:
     from bmig.nbd.psk import PskContext
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bmig-nbd")
 
-RECV_BUFFER = 512 * 1024       # parsed in place; small write payloads stay in it
 COMPACT_BELOW = 160 * 1024     # compact when less room than this is left at the end
 TLS_HANDSHAKE_TIMEOUT = 30.0
 

@@ -38,7 +38,8 @@ from bmig import __version__
 from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
-from bmig.nbd.manage_client import MANAGE_VERSION, MAX_MANAGE_FRAME, socket_path
+from bmig.limits import MAX_MANAGE_FRAME
+from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
 from bmig.nbd.replica import open_replica
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from bmig.errors import ProtocolError, UnreachableError, from_wire
 from bmig.framing import ConnectionClosed, pack_frame, recv_frame
+from bmig.limits import MAX_MANAGE_FRAME
 
 MANAGE_VERSION = 1
-MAX_MANAGE_FRAME = 64 * 1024
 DEFAULT_MANAGE_DIR = "/run/bmig/nbd"
 
 

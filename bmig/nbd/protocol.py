@@ -9,6 +9,9 @@ from __future__ import annotations
 import enum
 import struct
 
+from bmig.limits import (MAX_DISCARD, MAX_EXTENTS, MAX_INFLIGHT_BYTES,  # noqa: F401 (as p.MAX_*)
+                         MAX_NAME_LENGTH, MAX_OPTION_LENGTH, MAX_OPTIONS, MAX_PAYLOAD)
+
 # -- handshake ------------------------------------------------------------------------
 
 NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
@@ -171,15 +174,10 @@ BLOCK_SIZE_NONE = 0xFFFFFFFF         # a maximum block size meaning "no inherent
 
 # -- limits --------------------------------------------------------------------------------
 
-MAX_OPTIONS = 64                 # options one client may send before transmission
-MAX_OPTION_LENGTH = 64 * 1024    # option payload cap, checked before allocating
-MAX_NAME_LENGTH = 4096           # export and meta context names (proto.md: 4096 bytes)
+# The caps (MAX_OPTIONS, MAX_OPTION_LENGTH, MAX_NAME_LENGTH, MAX_PAYLOAD, MAX_DISCARD,
+# MAX_INFLIGHT_BYTES, MAX_EXTENTS) are bmig.limits', imported above.
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
-MAX_PAYLOAD = 32 * 1024 * 1024   # advertised maximum block size; larger requests are refused
-MAX_DISCARD = 64 * 1024 * 1024   # a refused write payload up to this is read and dropped
-MAX_INFLIGHT_BYTES = 64 * 1024 * 1024   # payload bytes held per connection at once
-MAX_EXTENTS = 1024               # block status descriptors per reply
 
 _TABLES: tuple[type[enum.IntEnum], ...] = (Opt, Rep, Info, Cmd, ReplyType, Err)
 

@@ -22,14 +22,14 @@ from typing import Any
 
 from bmig.config import read_small_file
 from bmig.errors import ConfigError
+from bmig.limits import MAX_PSK_FILE
+from bmig.limits import MAX_PSK_IDENTITY as MAX_IDENTITY
+from bmig.limits import MAX_PSK_KEY_BYTES as MAX_KEY_BYTES
 from bmig.nbd.connection import TlsHandshakeError
 
 log = logging.getLogger("bmig-nbd")
 
-MAX_PSK_FILE = 1 << 20
-MAX_IDENTITY = 128              # bytes; below OpenSSL's PSK_MAX_IDENTITY_LEN
 MIN_KEY_BYTES = 16
-MAX_KEY_BYTES = 256             # below OpenSSL's PSK_MAX_PSK_LEN (checked again per call)
 READ_CHUNK = 16 * 1024          # plaintext taken from OpenSSL per call (one record)
 WRITE_CHUNK = 256 * 1024        # ciphertext moved to the socket per call
 # TLS 1.2 suites when the client offers no TLS 1.3; forward-secret ones first.

@@ -40,12 +40,12 @@ from typing import Any, Callable
 
 from bmig.constants import REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, UnreachableError
+from bmig.limits import MAX_DATA, QUEUE_BYTES
 from bmig.wire import codec
-from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, MAX_DATA
+from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA
 
 log = logging.getLogger("bmig-nbd")
 
-QUEUE_BYTES = 64 * 1024 * 1024        # protocol A: bytes queued before writers wait
 FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
 _DURABLE, _WRITTEN, _RECEIVED, _SENT = "durable", "written", "received", "sent"
 

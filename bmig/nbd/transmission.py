@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 
 from bmig.errors import ProtocolError
+from bmig.limits import INLINE_PAYLOAD
 from bmig.nbd import protocol as p
 from bmig.nbd.connection import Connection
 from bmig.nbd.handshake import Negotiated
@@ -42,7 +43,6 @@ _ERRNO_TO_NBD = {
 }
 _WRITE_LIKE = (p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES)
 _OFFSET = struct.Struct(">Q")
-INLINE_PAYLOAD = 128 * 1024    # write payloads up to this are used in the receive buffer
 _HEADER = p.REQUEST.size
 _MAGIC = p.REQUEST_MAGIC
 _WRITE = int(p.Cmd.WRITE)

@@ -29,6 +29,7 @@ from typing import Callable
 
 from bmig import __version__, systemd
 from bmig.errors import BmigError, ConfigError, ProtocolError, TargetBusy
+from bmig.limits import MAX_UNAUTHENTICATED
 from bmig.receiver.session import Policy, Session
 from bmig.wire.channel import Channel
 from bmig.wire.transports import FdStream, SocketStream, keepalive, tune
@@ -36,7 +37,6 @@ from bmig.wire.transports import FdStream, SocketStream, keepalive, tune
 log = logging.getLogger("breceive")
 
 HANDSHAKE_TIMEOUT = 10.0       # the whole handshake, TLS included
-MAX_UNAUTHENTICATED = 32
 BACKLOG = 64
 REFUSALS_LOGGED = 5            # failed handshakes logged per window; the rest are counted
 REFUSAL_WINDOW = 60.0

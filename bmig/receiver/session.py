@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from bmig import __version__
+from bmig.chunkmath import chunk_count
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from bmig.errors import (BmigError, ChecksumMismatch, ConfigError, LineageError,
                          ProtocolError, TargetError, UnknownExport)
 from bmig.framing import ConnectionClosed
+from bmig.limits import MAX_HASHES
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
                           TargetRecord, hex_id, load_target, now, parse_id, save_target,
                           target_path)
@@ -46,7 +48,7 @@ from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
 from bmig.wire import auth, codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
-                                MAX_HASHES, WIRE_VERSION, Message, T, decode_json,
+                                WIRE_VERSION, Message, T, decode_json,
                                 error_message, pack_hashes, pack_seq, type_of, unpack_data,
                                 unpack_seq, unpack_zero)
 
@@ -436,7 +438,7 @@ class Session:
         if chunk & (chunk - 1) or offset % chunk:
             raise ProtocolError("HASHES_REQ: chunk_size must be a power of two and offset "
                                 "a multiple of it")
-        if -(-length // chunk) > MAX_HASHES or offset + length > self.size:
+        if chunk_count(length, chunk) > MAX_HASHES or offset + length > self.size:
             raise ProtocolError(f"HASHES_REQ of {length} bytes at {offset} is too large or "
                                 "outside the target")
         self.channel.send(pack_hashes(offset, self.target.hashes(offset, length, chunk)))

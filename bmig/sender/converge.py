@@ -37,7 +37,7 @@ from bmig.lineage import parse_id
 from bmig.sender.passes import LockedTracker, Pass, PassResult, PassSettings, RateLimit, Source
 from bmig.sender.targets import ConnectOptions, SourceInfo, open_target
 from bmig.sender.urls import TargetUrl
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 
 log = logging.getLogger("bmigrate")
 

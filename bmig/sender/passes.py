@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bmig.blockdev import data_runs
-from bmig.constants import MAX_RANGES_PER_FRAME, MiB
+from bmig.chunkmath import round_up
+from bmig.constants import MiB
 from bmig.errors import BmigError, UnreachableError
+from bmig.limits import MAX_DATA, MAX_RANGES_PER_FRAME
 from bmig.sender.targets import SourceInfo
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire import codec
-from bmig.wire.protocol import MAX_DATA
 
 log = logging.getLogger("bmigrate")
 
@@ -388,7 +389,7 @@ class Pass:
             pos = offset
             for n, is_hole in self._source.holes(offset, length):
                 if is_hole:
-                    a = -(-pos // cs) * cs
+                    a = round_up(pos, cs)
                     b = (pos + n) // cs * cs if pos + n < end else pos + n
                     if b > a:
                         holes.append((a, b))

@@ -16,15 +16,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from bmig.chunkmath import chunk_count
 from bmig.errors import (AuthError, BmigError, ConfigError, ProtocolError, TargetError,
                          UnreachableError)
 from bmig.framing import ConnectionClosed
+from bmig.limits import MAX_HASHES
 from bmig.lineage import hex_id
 from bmig.sender.urls import TargetUrl
 from bmig.wire import handshake
 from bmig.wire.channel import Channel
 from bmig.wire.codec import checksum as xxh3
-from bmig.wire.protocol import (MAX_HASHES, Message, T, decode_json, error_from, pack_data,
+from bmig.wire.protocol import (Message, T, decode_json, error_from, pack_data,
                                 pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
 from bmig.wire.transports import (SocketStream, Stream, client_tls_context, connect_tcp,
                                   keepalive)
@@ -194,7 +196,7 @@ class WireTarget:
                                                          "chunk_size": chunk}), T.HASHES)
             assert isinstance(reply, memoryview)
             got_offset, values = unpack_hashes(reply)
-            if got_offset != start or len(values) != -(-n // chunk):
+            if got_offset != start or len(values) != chunk_count(n, chunk):
                 raise ProtocolError(f"{self.description} answered hashes for another range")
             out.extend(values)
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from bmig.chunkmath import chunk_count, chunk_span
 from bmig.sender.passes import LockedTracker, Source
 from bmig.wire import codec
 
@@ -34,14 +35,14 @@ class VerifyResult:
 def _busy(tracker: LockedTracker, device: str, offset: int, length: int,
           chunk: int) -> set[int]:
     runs, _ = tracker.query(device, offset, length)
-    return {c for o, n in runs for c in range(o // chunk, (o + n - 1) // chunk + 1)}
+    return {c for o, n in runs for c in range(*chunk_span(o, n, chunk))}
 
 
 def verify(tracker: LockedTracker, source: Source, target, device: str, size: int,
            chunk: int, sample: float | None = None, repair: bool = False,
            seed: int | None = None) -> VerifyResult:
     result = VerifyResult()
-    nchunks = -(-size // chunk)
+    nchunks = chunk_count(size, chunk)
     chosen = list(range(nchunks))
     if sample is not None and sample < 1:
         rng = random.Random(seed)

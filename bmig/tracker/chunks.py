@@ -1,6 +1,6 @@
 """The chunk state machine of one device, in memory, with no I/O.
 
-Each chunk is in one of four states, held in two bit arrays:
+Each chunk is in one of four states, kept in two bit arrays:
 
     dirty  inflight
       0       0      clean
@@ -25,12 +25,16 @@ leave them alone (checkout skips them), and a release that says every write reac
 target makes them clean again. Anything else that dirties a mirrored chunk (a plain mark,
 a hold without ``sync``, a release without ``synced``) makes it plain dirty. On disk a
 mirrored chunk is dirty, like any held chunk, until the release is written lazily.
+
+The room is pure state: it may not do I/O, know of sessions or connections, or decide
+when bits reach the disk (tracked.py and committer.py do).
 """
 
 from __future__ import annotations
 
 from bitarray import bitarray
 
+from bmig.chunkmath import chunk_count, chunk_span
 from bmig.errors import RangeError
 
 ENDIAN = "little"
@@ -48,7 +52,7 @@ class ChunkMap:
     def __init__(self, size: int, chunk_size: int, dirty: bitarray | None = None):
         self.size = size
         self.chunk_size = chunk_size
-        self.nchunks = -(-size // chunk_size)
+        self.nchunks = chunk_count(size, chunk_size)
         if dirty is None:
             dirty = zeros(self.nchunks)
         if len(dirty) != self.nchunks:
@@ -68,7 +72,7 @@ class ChunkMap:
         if offset < 0 or offset + length > self.size:
             raise RangeError(
                 f"range {offset}+{length} is outside the device (size {self.size})")
-        return offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1
+        return chunk_span(offset, length, self.chunk_size)
 
     def chunk_bytes(self, first: int, end: int) -> tuple[int, int]:
         """The byte range (offset, length) of chunks [first, end), clipped to the device."""

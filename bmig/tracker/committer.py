@@ -5,6 +5,10 @@ A mark whose chunks are already dirty or in flight, on pages that are all synced
 no I/O. Otherwise the mark sets its bits, queues its pages and waits for the next flush;
 every mark that arrives while a flush runs joins the one after it. Pages whose only
 changes are clears (commits) are written lazily, with the next flush or by ``flush_lazy``.
+
+The room decides when pages are written and who waits for them; it may not change chunk
+state (it only reads page images through the callable it is given) or the file format
+(store.py writes the pages).
 """
 
 from __future__ import annotations
@@ -15,16 +19,14 @@ from concurrent.futures import Executor
 from typing import Callable
 
 from bmig.errors import StateWriteError
+from bmig.limits import PAGES_PER_WRITE
 from bmig.tracker.store import BITS_PER_PAGE, BitmapFile
 
 log = logging.getLogger("breqd")
 
-# Page images prepared per write call: 1 MiB of 4 KiB pages.
-PAGES_PER_WRITE = 256
-
 
 def pages_of(first: int, end: int) -> range:
-    """Bitmap pages holding chunks [first, end)."""
+    """Bitmap pages that keep chunks [first, end)."""
     return range(first // BITS_PER_PAGE, (end - 1) // BITS_PER_PAGE + 1)
 
 

@@ -1,4 +1,8 @@
-"""A set of disjoint half-open integer intervals: the chunk runs one client holds."""
+"""A set of disjoint half-open integer intervals: the chunk runs one connection has
+checked out, or holds (sessions.py keeps one set of each per device); and ``merge_spans``.
+
+Plain integers only: the room may not know what the runs mean or touch chunk state.
+"""
 
 from __future__ import annotations
 

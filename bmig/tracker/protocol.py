@@ -12,6 +12,12 @@ ignored); ranges travel in binary because the mark path carries thousands of the
 The first message on a connection is HELLO, which negotiates the version. Replies echo
 the request id and may come out of order: a mark is answered when it is durable.
 docs/control-protocol.md is the reference.
+
+Both ends share this module: the codec (``Message``, ``decode``), the checks a handler
+makes of a request's fields (``field_*``), and the shape of a handler's answer
+(``Reply``: a reply now, or one that waits, ``reply_after``). It may not know what a
+request does (breqd's rooms do) nor touch a socket (bmig.framing, control.py and the
+clients do).
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ import struct
 import sys
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence, Union
 
-from bmig.constants import MAX_CONTROL_FRAME, MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 from bmig.errors import ProtocolError
+from bmig.limits import MAX_CONTROL_FRAME, MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 
 _HEAD = struct.Struct("<BBHIQ")
 
@@ -160,3 +166,16 @@ def field_bool(msg: Message, name: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise ProtocolError(f"field {name!r} must be true or false")
     return value
+
+
+# -- replies ---------------------------------------------------------------------------
+
+# What a request handler returns: the reply, or an awaitable of it (a reply that waits
+# for a bitmap flush). Replies that wait may overtake each other: clients match by id.
+Reply = Union[Message, Awaitable[Message]]
+
+
+async def reply_after(pending: Awaitable, reply: Message) -> Message:
+    """``reply`` once ``pending`` is done; if it fails, its error is answered instead."""
+    await pending
+    return reply

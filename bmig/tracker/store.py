@@ -18,6 +18,9 @@ Anything else that does not validate (no file, a header with no valid copy, a fi
 short, a size or identity that is not the device's) replaces the whole bitmap by an
 all-dirty one, and the reason is returned for the caller to log: never an empty one
 (invariant 4).
+
+The room owns the file format and its reading and writing; it may not decide what the
+bits are (chunks.py) or when they are written (committer.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
+from bmig.chunkmath import ceil_div, chunk_count
 from bmig.errors import StateError, StateWriteError
 from bmig.tracker.chunks import ENDIAN, zeros
 
@@ -64,11 +68,11 @@ class Identity:
 
     @property
     def nchunks(self) -> int:
-        return -(-self.size // self.chunk_size)
+        return chunk_count(self.size, self.chunk_size)
 
     @property
     def npages(self) -> int:
-        return max(1, -(-self.nchunks // BITS_PER_PAGE))
+        return page_count(self.nchunks)
 
 
 @dataclass
@@ -129,8 +133,13 @@ def file_size(ident: Identity) -> int:
     return PAGES_OFFSET + ident.npages * HEADER_SLOTS * BLOCK
 
 
+def page_count(nchunks: int) -> int:
+    """Pages of the bitmap file for ``nchunks`` chunks (at least one)."""
+    return max(1, ceil_div(nchunks, BITS_PER_PAGE))
+
+
 def page_span(index: int, nchunks: int) -> tuple[int, int]:
-    """Chunks [first, end) held by page ``index``."""
+    """Chunks [first, end) kept in page ``index``."""
     first = index * BITS_PER_PAGE
     return first, min(first + BITS_PER_PAGE, nchunks)
 

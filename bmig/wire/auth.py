@@ -18,12 +18,12 @@ import stat
 
 from bmig.config import read_small_file
 from bmig.errors import ConfigError
+from bmig.limits import MAX_SECRET_FILE
 
 METHOD = "hmac-sha256"
 TRANSPORT = "transport"          # the transport authenticated the peer: no HMAC asked for
 NONCE_BYTES = 32
 PROOF_BYTES = 32
-MAX_SECRET_FILE = 4096
 MIN_SECRET_BYTES = 16
 _HEX = frozenset("0123456789abcdef")
 

@@ -20,12 +20,11 @@ from typing import Sequence
 
 from bmig.errors import FrameTooLarge, ProtocolError, UnreachableError
 from bmig.framing import ConnectionClosed
-from bmig.wire.protocol import MAX_FRAME, MAX_PREAUTH_FRAME
+from bmig.limits import MAX_FRAME, MAX_PREAUTH_FRAME, PREAUTH_BUFFER
 from bmig.wire.seal import TAG_BYTES, Opener, Sealer
 from bmig.wire.transports import Buffer, Stream
 
 LENGTH = struct.Struct("<I")
-PREAUTH_BUFFER = 2 * (MAX_PREAUTH_FRAME + LENGTH.size)   # all a stranger gets
 READ_AHEAD = 1024 * 1024
 SEAL_PIECE = 256 * 1024          # a large frame is sealed and sent in pieces of this size
 SEAL_IN_ONE = 128 * 1024         # frames up to this size are sealed in one call

@@ -25,16 +25,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from bmig.constants import MiB
 from bmig.errors import BmigError, ProtocolError, from_wire
+from bmig.limits import MAX_DATA, MAX_HASHES, MAX_JSON
 
 WIRE_VERSION = 2                   # 2: sender-chosen authentication, sealed frames
 OLDEST_WIRE_VERSION = 2            # what this side still speaks (the newer side decides)
-MAX_DATA = 4 * MiB                 # raw bytes in one DATA frame
-MAX_JSON = 64 * 1024
-MAX_HASHES = 65536                 # hashes in one HASHES reply
-MAX_FRAME = 32 + MAX_DATA + 64 * 1024   # a DATA frame whose payload grew a little
-MAX_PREAUTH_FRAME = 4096           # what an unauthenticated peer may send
 
 
 class T(enum.IntEnum):

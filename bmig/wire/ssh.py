@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Sequence
 import paramiko
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
+from bmig.limits import SSH_MAX_PACKET_SIZE as MAX_PACKET_SIZE
+from bmig.limits import SSH_WINDOW_SIZE as WINDOW_SIZE
 from bmig.wire.transports import Buffer, FdStream, tune
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,6 @@ class _DemoteErrors(logging.Filter):
 
 logging.getLogger(PARAMIKO_LOG).addFilter(_DemoteErrors())
 
-# paramiko: the window and packet size we advertise for data coming to us (paramiko's
-# defaults: 2 MiB, 32 KiB). Measured on loopback, 16 and 64 MiB receive as fast as 2 MiB
-# with 256 KiB packets, and slower with 32 KiB ones; 16 MiB still allows 300 MB/s at a
-# 50 ms round trip, and bounds what one stream buffers (twice the window, see recv_into).
-# What we send is bounded by the server's window instead: stock sshd grants 2 MiB in
-# 32 KiB packets per session, whatever the client asks, to paramiko and ssh alike.
-WINDOW_SIZE = 16 << 20
-MAX_PACKET_SIZE = 256 << 10   # OpenSSH's own cap on a packet (PACKET_MAX_SIZE)
 STDERR_TAIL_LINES = 20
 STDERR_READ_SIZE = 64 << 10
 PIPE_SIZE = 1 << 20           # pipes to and from ssh (Linux default 64 KiB; max for users 1 MiB)

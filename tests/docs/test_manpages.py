@@ -281,8 +281,8 @@ def test_every_wire_code_is_in_a_protocol_doc():
 # -- JSON output ----------------------------------------------------------------------
 
 def test_every_status_field_is_in_json_output(tmp_path):
-    from bmig.tracker.device import TrackedDevice
-    from bmig.tracker.devices import DeviceDefinition
+    from bmig.tracker.tracked import TrackedDevice
+    from bmig.tracker.definitions import DeviceDefinition
 
     with ThreadPoolExecutor(1) as executor:
         device = TrackedDevice(DeviceDefinition("d", 1 << 20, 4096, 1), str(tmp_path), executor)

@@ -15,9 +15,10 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME
+from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.framing import LENGTH, recv_frame
-from bmig.tracker.client import TrackerClient
+from bmig.limits import MAX_CONTROL_FRAME
+from bmig.tracker.blocking_client import TrackerClient
 from bmig.tracker.protocol import Message, Op, decode
 from tests.daemon import Daemon, breqd_argv
 

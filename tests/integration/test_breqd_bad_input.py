@@ -13,10 +13,10 @@ import struct
 
 import pytest
 
-from bmig.constants import (CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME, MAX_CONTROL_JSON,
-                            MAX_RANGES_PER_FRAME)
+from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import RequestError
 from bmig.framing import LENGTH
+from bmig.limits import MAX_CONTROL_FRAME, MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 from bmig.tracker.protocol import Op
 from tests.daemon import wait_until
 from tests.integration.breqd_helpers import (MiB, add_clean_device, assert_closed,

@@ -39,8 +39,8 @@ import time
 import pytest
 
 from bmig.errors import BmigError
-from bmig.tracker.aclient import AsyncTrackerClient
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.write_path_client import AsyncTrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from tests.daemon import wait_until
 from tests.integration.breqd_helpers import (MiB, breqd_daemon, chunks_of, client,
                                              dirty_chunks)

@@ -1,6 +1,6 @@
 """Devices come and go through breqd's config directory and `bmigrate track`.
 
-One TOML file per device (bmig/tracker/devices.py); breqd watches the directory. A new
+One TOML file per device (bmig/tracker/definitions.py); breqd watches the directory. A new
 file starts tracking, a removed file stops it (the bitmap stays), a changed size, chunk
 size or device id is refused while the old definition stays in force, and bad files are
 logged without hurting the daemon or the other devices.
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from bmig.errors import BmigError, UnknownDevice, UnreachableError
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from tests.daemon import Daemon, wait_until
 from tests.integration.breqd_helpers import (MiB, add_clean_device, bmigrate, client,
                                              device_toml, dirty_chunks, one_line_error,

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from bmig.errors import BY_WIRE_CODE, RequestError
 from bmig.framing import LENGTH
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from bmig.tracker.protocol import Op
 from tests.daemon import Daemon, wait_until
 from tests.integration.breqd_helpers import (HEAD, MiB, add_clean_device, breqd_daemon,

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bmig.constants import MAX_HELD_RUNS
+from bmig.limits import MAX_HELD_RUNS
 from bmig.errors import RequestError
 from bmig.tracker.protocol import Op
 from tests.daemon import wait_until
@@ -55,7 +55,7 @@ def test_a_writer_that_dies_leaves_its_held_chunks_dirty(breqd, device):
     """kill -9 of the writer between its write and its release: the chunk still ships."""
     script = (
         "import os, sys\n"
-        "from bmig.tracker.client import TrackerClient\n"
+        "from bmig.tracker.blocking_client import TrackerClient\n"
         f"c = TrackerClient({breqd.control!r})\n"
         f"c.mark({device!r}, [(0, 4096), ({5 * CHUNK}, {2 * CHUNK})], hold=True)\n"
         "print('held', flush=True)\n"

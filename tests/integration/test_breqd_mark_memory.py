@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 
 TiB = 1 << 40
 MiB = 1 << 20

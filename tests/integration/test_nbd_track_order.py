@@ -13,7 +13,7 @@ import asyncio
 
 from bmig.nbd.layers.base import Capabilities, Layer
 from bmig.nbd.layers.track import IDLE_SWEEPS, TrackLayer
-from bmig.tracker.aclient import AsyncTrackerClient
+from bmig.tracker.write_path_client import AsyncTrackerClient
 
 CHUNK = 4096
 SIZE = 64 * CHUNK

@@ -19,7 +19,7 @@ import pytest
 
 from bmig.nbd.client import NbdClient, NbdError
 from bmig.sender.passes import LockedTracker, Source
-from bmig.tracker.client import TrackerClient
+from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire import codec, handshake
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from tests.daemon import wait_until

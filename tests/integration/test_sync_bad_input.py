@@ -16,8 +16,9 @@ import pytest
 import zstandard
 
 from bmig.wire import codec
-from bmig.wire.protocol import (DATA_HEAD, MAX_FRAME, Message, T, decode_json, pack_data,
-                                pack_seq, pack_zero, type_of, unpack_seq)
+from bmig.limits import MAX_FRAME
+from bmig.wire.protocol import (DATA_HEAD, Message, T, decode_json, pack_data, pack_seq,
+                                pack_zero, type_of, unpack_seq)
 from bmig.wire.seal import TAG_BYTES
 from tests.integration.sync_helpers import (CHUNK, MiB, make_image, receivers,  # noqa: F401
                                             same_bytes, start_receiver, sync, track,

@@ -22,7 +22,7 @@ from bmig.errors import ConfigError
 from bmig.sender.converge import SyncSettings
 from bmig.sender.passes import PassSettings
 from bmig.sender.urls import parse_target_url
-from bmig.tracker import devices
+from bmig.tracker import definitions as devices
 
 # -- writing TOML ---------------------------------------------------------------------
 

@@ -222,7 +222,7 @@ def test_the_example_files_load():
     from pathlib import Path
 
     from bmig.cli import breceive, breqd
-    from bmig.tracker.devices import DeviceDefinition
+    from bmig.tracker.definitions import DeviceDefinition
 
     examples = Path(__file__).resolve().parents[2] / "daemons" / "examples"
     assert load_settings(str(examples / "breqd.toml"), breqd.SCHEMA)["socket_mode"] == "0600"

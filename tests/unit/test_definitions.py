@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 from bmig import log as bmig_log
 from bmig.config import load_toml
 from bmig.errors import ConfigError
-from bmig.tracker.devices import DeviceDefinition, check_geometry, check_name
+from bmig.tracker.definitions import DeviceDefinition, check_geometry, check_name
 from bmig.tracker.intervals import merge_spans
 
 

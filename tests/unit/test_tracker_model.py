@@ -20,8 +20,8 @@ from concurrent.futures import Executor, Future
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from bmig.tracker.device import TrackedDevice
-from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker.tracked import TrackedDevice
+from bmig.tracker.definitions import DeviceDefinition
 from bmig.tracker import committer as committer_module
 from bmig.tracker.store import BITS_PER_PAGE
 

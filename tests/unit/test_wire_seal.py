@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from bmig.errors import FrameTooLarge, IntegrityError
-from bmig.wire.channel import PREAUTH_BUFFER, SEAL_IN_ONE, SEAL_PIECE, Channel
-from bmig.wire.protocol import MAX_FRAME, MAX_PREAUTH_FRAME
+from bmig.limits import MAX_FRAME, MAX_PREAUTH_FRAME, PREAUTH_BUFFER
+from bmig.wire.channel import SEAL_IN_ONE, SEAL_PIECE, Channel
 from bmig.wire.seal import TAG_BYTES, derive_keys, transcript
 from bmig.wire.transports import SocketStream
 

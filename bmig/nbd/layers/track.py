@@ -39,8 +39,10 @@ import logging
 from collections import Counter
 from typing import Any, Awaitable, Callable, Protocol
 
+from bmig.chunkmath import chunk_span
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
+from bmig.limits import DEFAULT_HOLD_LIMIT
 from bmig.nbd import protocol as p
 from bmig.nbd.layers.base import Layer
 
@@ -48,7 +50,6 @@ log = logging.getLogger("bmig-nbd")
 
 Ranges = list[tuple[int, int]]
 
-DEFAULT_HOLD_LIMIT = 65536        # chunks held at once (4 GiB at 64 KiB chunks)
 DEFAULT_HOLD_IDLE = HOLD_IDLE     # seconds without a write before a chunk is let go
 IDLE_SWEEPS = HOLD_IDLE_SWEEPS    # sweeps per idle period: a chunk goes idle..1.25 idle late
 DIRTY = 1                         # qemu:dirty-bitmap extent flag
@@ -128,7 +129,7 @@ class TrackLayer(Layer):
     # -- holds -----------------------------------------------------------------------
 
     def _span(self, offset: int, length: int) -> range:
-        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+        return range(*chunk_span(offset, length, self.chunk_size))
 
     def _holds_valid(self) -> bool:
         """True while the holds in ``held`` are still breqd's; empties them otherwise."""

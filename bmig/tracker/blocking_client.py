@@ -1,7 +1,9 @@
-"""A blocking client of breqd's control socket.
+"""A blocking client of breqd's control socket, for bmigrate, the command line and tests.
 
 ``call`` sends one request and waits for its reply. ``send`` and ``receive`` pipeline:
-many requests in flight on one connection, replies matched by request id.
+many requests in flight on one connection, replies matched by request id. The room may
+not import asyncio or anything of breqd beyond the control protocol (commands start fast
+with it); the write path has its own client (write_path_client.py).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import socket
 from typing import Any, Sequence
 
 from bmig import __version__
-from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME
+from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import ProtocolError, UnreachableError, from_wire
 from bmig.framing import pack_frame, recv_frame
+from bmig.limits import MAX_CONTROL_FRAME
 from bmig.tracker.protocol import Message, Op, decode
 
 Ranges = Sequence[tuple[int, int]]

@@ -1,8 +1,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from bmig.constants import MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 from bmig.errors import ProtocolError
+from bmig.limits import MAX_CONTROL_JSON, MAX_RANGES_PER_FRAME
 from bmig.tracker.protocol import Message, Op, decode
 
 u64 = st.integers(0, 2**64 - 1)

@@ -7,11 +7,10 @@
     device_id = "9f3c2a71d04e5b68"  # written by `bmigrate track add`
 
 The file name without ``.toml`` must equal ``name``; any other key is refused. ``scan``
-reads a directory; ``ConfigWatcher`` tells breqd when to scan again (inotify through
-watchdog, imported only then: bmigrate checks names with this module and starts faster
-without it).
+reads a directory. bmigrate checks device names with this module too, so it stays cheap
+to import: it may read and write definition files and check names and geometry, and may
+not open bitmaps, keep state, or watch the directory (registry.py does, in breqd).
 """
-
 from __future__ import annotations
 
 import logging
@@ -19,12 +18,14 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from bmig.chunkmath import chunk_count
 from bmig.config import Key, Schema, load_toml, write_toml_atomic
-from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_DEVICE_NAME,
-                            MAX_DEVICE_SIZE, MIN_CHUNK_SIZE)
+from bmig.constants import (DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_DEVICE_NAME, MAX_DEVICE_SIZE,
+                            MIN_CHUNK_SIZE)
 from bmig.errors import ConfigError
+from bmig.limits import MAX_CHUNKS
 
 log = logging.getLogger("breqd")
 
@@ -48,7 +49,7 @@ def check_geometry(size: int, chunk_size: int) -> None:
     if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"chunk size {chunk_size} must be a power of two "
                           f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}")
-    chunks = -(-size // chunk_size)
+    chunks = chunk_count(size, chunk_size)
     if chunks > MAX_CHUNKS:
         raise ConfigError(f"{chunks} chunks of {chunk_size} bytes is more than breqd tracks "
                           f"per device ({MAX_CHUNKS}); use a larger chunk size")
@@ -151,26 +152,3 @@ def scan(config_dir: str) -> tuple[dict[str, DeviceDefinition], dict[str, str]]:
             continue
         found[definition.name] = definition
     return found, errors
-
-
-class ConfigWatcher:
-    """Calls ``notify`` (from a watchdog thread) whenever the directory changes."""
-
-    def __init__(self, config_dir: str, notify: Callable[[], None]):
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type not in ("opened", "closed_no_write"):
-                    notify()
-
-        self._observer = Observer()
-        self._observer.schedule(Handler(), config_dir, recursive=False)
-
-    def start(self) -> None:
-        self._observer.start()
-
-    def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)

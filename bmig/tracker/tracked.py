@@ -1,18 +1,25 @@
-"""One tracked device: its definition, chunk state, bitmap file and group committer."""
+"""One tracked device: its definition, chunk state, bitmap file, group committer and
+lineage record, opened together and closed together; ``mark_spans`` (the mark before
+write: bits set, then the pages that need it queued for the next flush) and ``stats``.
+
+The room may not know of connections, sessions or the config directory, and leaves the
+bitmap format to store.py and the timing of writes to committer.py.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from concurrent.futures import Executor
+from typing import Sequence
 
+from bmig.errors import RequestError
 from bmig.lineage import hex_id, load_source
 from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.committer import GroupCommitter, pages_of
-from bmig.tracker.devices import DeviceDefinition
+from bmig.tracker.definitions import DeviceDefinition
 from bmig.tracker.intervals import merge_spans
-from bmig.tracker.store import (BITS_PER_PAGE, NO_SAVED_BITMAP, BitmapFile, Identity,
-                                page_span)
+from bmig.tracker.store import NO_SAVED_BITMAP, BitmapFile, Identity, page_count, page_span
 
 log = logging.getLogger("breqd")
 
@@ -56,8 +63,14 @@ class TrackedDevice:
         first, end = page_span(index, self.chunks.nchunks)
         return self.chunks.disk_image(first, end).tobytes()
 
+    def spans(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The chunk spans of a request's byte ranges, each checked (ChunkMap.span)."""
+        if not ranges:
+            raise RequestError("no ranges given")
+        return [self.chunks.span(offset, length) for offset, length in ranges]
+
     def all_pages(self) -> range:
-        return range(-(-self.chunks.nchunks // BITS_PER_PAGE) or 1)
+        return range(page_count(self.chunks.nchunks))
 
     def mark_spans(self, spans: list[tuple[int, int]], keep_mirrored: bool = False):
         """Set the spans dirty; return a future to await durability, or None if durable.

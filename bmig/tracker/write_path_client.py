@@ -10,6 +10,9 @@ call connects again: a restarted breqd is picked up without a restart of the cli
 
 Holds belong to a connection: ``session`` changes whenever a connection is made or lost,
 so a caller that keeps holds knows they are gone when the number it saw has changed.
+
+The room may speak only the control protocol, on its caller's event loop; it may not
+decide what is held or for how long (the NBD tracking layer does).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import itertools
 from typing import Any, Sequence
 
 from bmig import __version__
-from bmig.constants import CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
+from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import BmigError, ProtocolError, UnreachableError, from_wire
 from bmig.framing import pack_frame, read_frame
-from bmig.tracker.client import mark_fields, release_fields
+from bmig.limits import MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
+from bmig.tracker.blocking_client import mark_fields, release_fields
 from bmig.tracker.protocol import Message, Op, decode
 
 Ranges = Sequence[tuple[int, int]]
@@ -46,7 +50,7 @@ class AsyncTrackerClient:
     # -- connection ------------------------------------------------------------------
 
     def _line(self) -> asyncio.Lock:
-        """Held while a request is written (and while connecting): requests reach breqd
+        """Locked while a request is written (and while connecting): requests reach breqd
         in the order they were made, a reconnection included."""
         if self._connecting is None:
             self._connecting = asyncio.Lock()
