@@ -13,17 +13,9 @@ written for ``idle`` seconds, or the oldest ones beyond ``hold_limit``, are rele
 MARK_COMPLETED (a mark again, then the hold goes), never while a write to them runs.
 
 While the device is replicated synchronously (bmig.nbd.layers.replicate is active), a
-write takes its holds with ``sync``: chunks that were clean become *mirrored* in breqd,
-which senders leave alone. Once every write under a hold has been made durable on the
-target (the replica's durable watermark passed it), the hold is released as ``synced``
-and the mirrored chunks are clean again; a write that was not replicated (the replica
-failed, or the write began before replication did) taints its chunks, which are then
-released as plain dirty. A seq means something only to the replication that gave it:
-when the generation moves on (replication stopped, failed, or started again), every hold
-still waiting for a seq of an older generation is tainted, so that the new replica's
-DURABLE (its seqs start again at 1) never covers a write it never carried (invariant 11).
-In this mode holds are released as soon as they settle, so the resync that runs beside
-it finds the chunks free.
+write takes its holds with ``sync`` and what it leaves in them decides how they are
+released: bmig.nbd.layers.mirror keeps that record and says when a hold may go as
+``synced`` (invariant 6); this layer asks it and sends the releases.
 
 Holds belong to the breqd connection. When it is lost they are gone: the table is
 emptied, the next write marks again, and a write that was running while the connection
@@ -43,6 +35,7 @@ from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
 from bmig.nbd import protocol as p
 from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.mirror import Hold, Mirror, MirroredHolds
 
 log = logging.getLogger("bmig-nbd")
 
@@ -66,30 +59,8 @@ class Tracker(Protocol):
                     length: int) -> tuple[Ranges, int]: ...
 
 
-class Mirror(Protocol):
-    """What the tracking layer needs of the replication layer below it."""
-
-    active: bool
-    generation: int           # changes whenever replication starts, stops or degrades
-    durable_seq: int
-
-    def add_listener(self, callback: Callable[[], None]) -> None: ...
-
-
 class TrackingFailed(Exception):
     """breqd could not record the range: the request must fail with NBD_EIO."""
-
-
-class Hold:
-    """One held chunk: was every write under it replicated, and up to which seq."""
-
-    __slots__ = ("tainted", "pending", "generation", "seen")
-
-    def __init__(self, tainted: bool, seen: int):
-        self.tainted = tainted       # a write under the hold did not reach the target
-        self.pending = 0             # the last replica seq written under the hold
-        self.generation = -1         # the replication ``pending`` belongs to
-        self.seen = seen             # sweeps done when the chunk was last written
 
 
 def runs_of(chunks) -> list[tuple[int, int]]:
@@ -118,10 +89,11 @@ class TrackLayer(Layer):
         self._busy: Counter[int] = Counter()  # chunks with a slow-path request running
         self._session = -1
         self._sweeps = 0                      # sweeps done; ``Hold.seen`` counts in them
-        self._awaiting: list[tuple[int, int]] = []  # heap of (replica seq, chunk) to settle
-        self._mirror_generation = -1          # the replication the heap belongs to
         self._unrecorded: Ranges = []         # written, but the mark again failed
         self._sweeper: asyncio.Task | None = None
+        # What replicated writes left in the holds (invariant 6), when there is a mirror.
+        self._mirrored = (MirroredHolds(mirror, self.held, self._busy)
+                          if mirror is not None else None)
         if mirror is not None:
             mirror.add_listener(self._settle_mirrored)
 
@@ -139,7 +111,8 @@ class TrackLayer(Layer):
             log.info("%s: breqd connection changed; %d held chunks forgotten", self.device,
                      len(self.held))
         self.held.clear()
-        self._awaiting.clear()
+        if self._mirrored is not None:
+            self._mirrored.forget()
         self._session = tracker.session
         return False
 
@@ -203,29 +176,16 @@ class TrackLayer(Layer):
                 if not busy[c]:
                     del busy[c]
             self._saw(chunks)
-            self._note_replication(chunks, mirror, generation, result)
+            if self._mirrored is not None:
+                self._mirrored.note(chunks, generation, result)
         if session != self.tracker.session:
             await self._mark_again(offset, length)
-        elif self.mirror is not None and self.mirror.active:
+        elif self._mirrored is not None and self._mirrored.mirror.active:
             if self._holds_valid():
-                self._let_go_tainted(chunks)
+                # A write that did not reach the target leaves its chunks dirty: let them
+                # go at once (plain), so the resync beside us can ship them.
+                self._let_go(self._mirrored.tainted(chunks), False)
             self._settle_mirrored()
-
-    def _note_replication(self, chunks: range, mirror: Mirror | None, generation: int | None,
-                          result: Any) -> None:
-        """Record whether the write reached the target: a replica seq, or a taint."""
-        replicated = (mirror is not None and isinstance(result, int) and result > 0
-                      and mirror.generation == generation)
-        for c in chunks:
-            hold = self.held.get(c)
-            if hold is None:
-                continue
-            if not replicated or (hold.pending and hold.generation != generation):
-                hold.tainted = True      # a seq of another replication covers nothing here
-            else:
-                hold.pending = max(hold.pending, result)
-                hold.generation = generation
-                heapq.heappush(self._awaiting, (result, c))
 
     async def _mark_again(self, offset: int, length: int) -> None:
         """The hold was lost while the write ran: a sender may have committed the chunk
@@ -289,75 +249,30 @@ class TrackLayer(Layer):
         else:
             # While replicating, a hold whose writes are still on their way to the target
             # is let go (synced) once they are durable there, not plain before.
-            mirror = self.mirror
-            active = mirror is not None and mirror.active
+            mirrored = self._mirrored
+            waits = mirrored.awaits_target if mirrored and mirrored.mirror.active else None
             # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
             oldest = self._sweeps - IDLE_SWEEPS
             victims = [c for c, hold in held.items()
                        if hold.seen < oldest and c not in busy
-                       and not (active and self._awaits_target(hold))]
+                       and not (waits is not None and waits(hold))]
         synced: list[int] = []
         plain: list[int] = []
+        mirrored = self._mirrored
         for c in victims:
-            (synced if self._settled(c) else plain).append(c)
+            (synced if mirrored is not None and mirrored.settled(held[c]) else plain).append(c)
         self._let_go(synced, True)
         self._let_go(plain, False)
 
-    def _awaits_target(self, hold: Hold) -> bool:
-        """The hold waits for a DURABLE of the current replication."""
-        mirror = self.mirror
-        assert mirror is not None
-        return (not hold.tainted and hold.pending > 0
-                and hold.generation == mirror.generation
-                and hold.pending > mirror.durable_seq)
-
-    def _settled(self, chunk: int) -> bool:
-        """Every write under the hold was replicated and is durable on the target: by a
-        DURABLE of the replication that carried them, which is still running."""
-        hold = self.held[chunk]
-        mirror = self.mirror
-        return (not hold.tainted and hold.pending > 0 and mirror is not None
-                and mirror.active and hold.generation == mirror.generation
-                and hold.pending <= mirror.durable_seq)
-
     def _settle_mirrored(self) -> None:
-        """While replicating: let go at once of every hold whose writes all settled, and
-        of tainted ones (plain), so the resync beside us finds them free.
-
-        Called after every replicated write, every DURABLE and every change of
-        generation, so it looks only at the chunks whose writes the new durable seq
-        covers; a new generation looks at every hold once, and taints those still
-        waiting for a seq of another one."""
+        """While replicating: let go at once of every hold whose writes all settled
+        (synced), and of tainted ones (plain), so the resync beside us finds them free."""
         if not self.held or not self._holds_valid():
             return
-        mirror = self.mirror
-        assert mirror is not None
-        held, busy = self.held, self._busy
-        if mirror.generation != self._mirror_generation:
-            self._mirror_generation = mirror.generation
-            for hold in held.values():
-                if hold.pending and hold.generation != mirror.generation:
-                    hold.tainted = True
-            self._awaiting = [(hold.pending, c) for c, hold in held.items()
-                              if hold.pending and not hold.tainted]
-            heapq.heapify(self._awaiting)
-            self._let_go([c for c, hold in held.items()
-                          if hold.tainted and c not in busy], False)
-        durable, awaiting = mirror.durable_seq, self._awaiting
-        synced: set[int] = set()
-        while awaiting and awaiting[0][0] <= durable:
-            _, c = heapq.heappop(awaiting)
-            # A chunk still being written is seen again when that write is answered.
-            if c not in busy and c in held and self._settled(c):
-                synced.add(c)
-        self._let_go(sorted(synced), True)
-
-    def _let_go_tainted(self, chunks: range) -> None:
-        """While replicating: a write that did not reach the target leaves its chunks
-        dirty; let them go at once (plain) so the resync beside us can ship them."""
-        held, busy = self.held, self._busy
-        self._let_go([c for c in chunks if c in held and held[c].tainted and c not in busy],
-                     False)
+        assert self._mirrored is not None
+        tainted, settled = self._mirrored.settle()
+        self._let_go(tainted, False)
+        self._let_go(settled, True)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
