@@ -35,7 +35,7 @@ class FileLayer(Layer):
         self._size = size_of_fd(self._fd)
         self._can_punch = True
         self._failure: str | None = None
-        self._syncing = asyncio.Lock()
+        self._fdatasync_lock = asyncio.Lock()       # one fdatasync at a time
 
     @property
     def size(self) -> int:
@@ -86,7 +86,7 @@ class FileLayer(Layer):
             await self.flush()
 
     async def flush(self) -> None:
-        async with self._syncing:
+        async with self._fdatasync_lock:
             self._refuse_if_failed()
             try:
                 await asyncio.to_thread(os.fdatasync, self._fd)

@@ -27,8 +27,8 @@ a later pass ships the chunk. What a write leaves in its hold (``Hold``):
     tainted      a write under the hold did not reach the target: the replica failed or
                  was stopped while it ran, replication was off when it began, or it went
                  by the fast path (which replication never takes)
-    pending      the replica seq of the last write under the hold
-    generation   the replication that gave ``pending``
+    last_seq        the replica seq of the last write under the hold (0: none yet)
+    seq_generation  the replication that gave ``last_seq``
 
 A seq means something only to the replica that gave it (each counts from 1), so the
 replication layer moves its generation (``ReplicationGeneration``) on whenever
@@ -101,12 +101,12 @@ class Hold:
     """One held chunk: was every write under it replicated, and up to which seq; and when
     it was last written (``seen``, for the tracking layer's idle sweep)."""
 
-    __slots__ = ("tainted", "pending", "generation", "seen")
+    __slots__ = ("tainted", "last_seq", "seq_generation", "seen")
 
     def __init__(self, tainted: bool, seen: int):
         self.tainted = tainted       # a write under the hold did not reach the target
-        self.pending = 0             # the last replica seq written under the hold
-        self.generation = -1         # the replication ``pending`` belongs to
+        self.last_seq = 0            # the replica seq of the last write under the hold
+        self.seq_generation = -1     # the replication that gave ``last_seq``
         self.seen = seen             # sweeps done when the chunk was last written
 
 
@@ -120,12 +120,13 @@ class MirroredHolds:
         self.mirror = mirror
         self._held = held
         self._busy = busy
-        self._awaiting: list[tuple[int, int]] = []  # heap of (replica seq, chunk) to settle
-        self._generation = -1                       # the replication the heap belongs to
+        # A heap of (replica seq, chunk): holds that settle once a DURABLE reaches seq.
+        self._awaiting_durable: list[tuple[int, int]] = []
+        self._generation_seen = -1          # the replication the heap belongs to
 
     def forget(self) -> None:
         """The holds are gone (breqd's connection changed)."""
-        self._awaiting.clear()
+        self._awaiting_durable.clear()
 
     def note(self, chunks: range, generation: int | None, result: Any) -> None:
         """A write to ``chunks`` that began under replication ``generation`` (None: not
@@ -138,27 +139,27 @@ class MirroredHolds:
             hold = held.get(c)
             if hold is None:
                 continue
-            if not replicated or (hold.pending and hold.generation != generation):
+            if not replicated or (hold.last_seq and hold.seq_generation != generation):
                 hold.tainted = True      # a seq of another replication covers nothing here
             else:
-                hold.pending = max(hold.pending, result)
-                hold.generation = generation
-                heapq.heappush(self._awaiting, (result, c))
+                hold.last_seq = max(hold.last_seq, result)
+                hold.seq_generation = generation
+                heapq.heappush(self._awaiting_durable, (result, c))
 
     def awaits_target(self, hold: Hold) -> bool:
         """The hold waits for a DURABLE of the current replication."""
         mirror = self.mirror
-        return (not hold.tainted and hold.pending > 0
-                and hold.generation == mirror.generation
-                and hold.pending > mirror.durable_seq)
+        return (not hold.tainted and hold.last_seq > 0
+                and hold.seq_generation == mirror.generation
+                and hold.last_seq > mirror.durable_seq)
 
     def settled(self, hold: Hold) -> bool:
         """Every write under the hold was replicated and is durable on the target: by a
         DURABLE of the replication that carried them, which is still running."""
         mirror = self.mirror
-        return (not hold.tainted and hold.pending > 0
-                and mirror.active and hold.generation == mirror.generation
-                and hold.pending <= mirror.durable_seq)
+        return (not hold.tainted and hold.last_seq > 0
+                and mirror.active and hold.seq_generation == mirror.generation
+                and hold.last_seq <= mirror.durable_seq)
 
     def tainted(self, chunks: range) -> list[int]:
         """The held chunks among ``chunks`` that a write left dirty, and none runs on."""
@@ -176,16 +177,16 @@ class MirroredHolds:
         mirror = self.mirror
         held, busy = self._held, self._busy
         tainted: list[int] = []
-        if mirror.generation != self._generation:
-            self._generation = mirror.generation
+        if mirror.generation != self._generation_seen:
+            self._generation_seen = mirror.generation
             for hold in held.values():
-                if hold.pending and hold.generation != mirror.generation:
+                if hold.last_seq and hold.seq_generation != mirror.generation:
                     hold.tainted = True
-            self._awaiting = [(hold.pending, c) for c, hold in held.items()
-                              if hold.pending and not hold.tainted]
-            heapq.heapify(self._awaiting)
+            self._awaiting_durable = [(hold.last_seq, c) for c, hold in held.items()
+                                      if hold.last_seq and not hold.tainted]
+            heapq.heapify(self._awaiting_durable)
             tainted = [c for c, hold in held.items() if hold.tainted and c not in busy]
-        durable, awaiting = mirror.durable_seq, self._awaiting
+        durable, awaiting = mirror.durable_seq, self._awaiting_durable
         settled: set[int] = set()
         while awaiting and awaiting[0][0] <= durable:
             _, c = heapq.heappop(awaiting)

@@ -48,6 +48,11 @@ DIRTY = 1                         # qemu:dirty-bitmap extent flag
 
 
 class Tracker(Protocol):
+    """breqd as this layer needs it (bmig.tracker.aclient.AsyncTrackerClient). The flags
+    keep the names of the control protocol's fields: ``sync`` on a MARK says the writes
+    under the hold also go to the target; ``synced`` on a release (MARK_COMPLETED) says
+    they are all durable there."""
+
     session: int
     connected: bool
 
@@ -130,8 +135,9 @@ class TrackLayer(Layer):
             return chunks[0] in held
         return all(c in held for c in chunks)
 
-    async def _acquire(self, offset: int, length: int, sync: bool) -> int:
-        """Hold every chunk of the range (durably marked); returns the hold's session."""
+    async def _acquire(self, offset: int, length: int, mirrored: bool) -> int:
+        """Hold every chunk of the range (durably marked); returns the hold's session.
+        ``mirrored``: the write also goes to the target (MARK's ``sync``)."""
         chunks = self._span(offset, length)
         if self._holds_valid() and self._holds_all(chunks):
             self._saw(chunks)
@@ -139,7 +145,7 @@ class TrackLayer(Layer):
         earlier = len(self._unrecorded)
         ranges = self._unrecorded[:earlier] + [(offset, length)]
         try:
-            session = await self.tracker.mark(self.device, ranges, hold=True, sync=sync)
+            session = await self.tracker.mark(self.device, ranges, hold=True, sync=mirrored)
         except BmigError as exc:
             raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} dirty: "
                                  f"{exc.message}") from None
@@ -151,10 +157,10 @@ class TrackLayer(Layer):
         for range_offset, range_length in ranges:
             for c in self._span(range_offset, range_length):
                 if c not in held:
-                    held[c] = Hold(tainted=not sync, seen=self._sweeps)
+                    held[c] = Hold(tainted=not mirrored, seen=self._sweeps)
         self._saw(chunks)
         if len(held) > self.hold_limit:
-            self._release(over_limit=True)
+            self._let_go_oldest()
         self._ensure_sweeper()
         return session
 
@@ -162,7 +168,7 @@ class TrackLayer(Layer):
                        action: Callable[[], Awaitable[Any]]) -> None:
         mirror = self.mirror if self.mirror is not None and self.mirror.active else None
         generation = mirror.generation if mirror is not None else None
-        session = await self._acquire(offset, length, sync=mirror is not None)
+        session = await self._acquire(offset, length, mirrored=mirror is not None)
         chunks = self._span(offset, length)
         busy = self._busy
         for c in chunks:
@@ -213,60 +219,74 @@ class TrackLayer(Layer):
             ranges[-1] = (last_offset, min(last_length, self.size - last_offset))
         return ranges
 
-    def _let_go(self, chunks: list[int], synced: bool) -> None:
-        """Forget the holds and queue their release at once, in this very step: a write
-        that holds one of the chunks again is queued after it, so breqd never drops a
-        hold this layer still writes under (its fast path sends no message)."""
+    def _let_go(self, chunks: list[int], settled: bool) -> None:
+        """Forget the holds and queue their release (MARK_COMPLETED) at once, in this very
+        step: a write that holds one of the chunks again is queued after it, so breqd
+        never drops a hold this layer still writes under (its fast path sends no
+        message). ``settled``: every write under them is durable on the target (the
+        release's ``synced`` field); if not, breqd marks the chunks again."""
         for c in chunks:
             del self.held[c]
         ranges = self._byte_ranges(chunks)
         for start in range(0, len(ranges), 65536):
-            done = self.tracker.release(self.device, ranges[start:start + 65536], synced)
-            done.add_done_callback(self._released)
+            done = self.tracker.release(self.device, ranges[start:start + 65536], settled)
+            done.add_done_callback(self._log_failed_release)
 
-    def _released(self, done: "asyncio.Future[None]") -> None:
+    def _log_failed_release(self, done: "asyncio.Future[None]") -> None:
         exc = done.exception()
         if isinstance(exc, BmigError):   # the holds end with the connection anyway
             log.debug("%s: release failed: %s", self.device, exc.message)
 
-    def _release(self, over_limit: bool = False) -> None:
-        """Let go of held chunks not written for ``idle`` seconds (``IDLE_SWEEPS`` sweeps),
-        and past the limit of the least recently written ones too.
+    def _let_go_settled_or_plain(self, chunks: list[int]) -> None:
+        """Let go of ``chunks``: those whose writes are all durable on the target as
+        settled, the others plain."""
+        mirrored, held = self._mirrored, self.held
+        settled: list[int] = []
+        plain: list[int] = []
+        for c in chunks:
+            (settled if mirrored is not None and mirrored.settled(held[c])
+             else plain).append(c)
+        self._let_go(settled, True)
+        self._let_go(plain, False)
+
+    def _sweep_idle(self) -> None:
+        """One sweep (``IDLE_SWEEPS`` per ``idle`` seconds): let go of the held chunks not
+        written for a whole idle time and with no write running.
 
         Writes spread over the whole device come back to a chunk only every second or
         so: letting it go sooner would mean a round trip to breqd on most of them."""
         if not self._holds_valid():
             return
+        self._sweeps += 1
         held, busy = self.held, self._busy
-        if not over_limit:
-            self._sweeps += 1
-        if over_limit:
-            # Down to 7/8 of the limit, least recently written first: releasing more
-            # would only mean marking them again at the next write.
-            want = len(held) - self.hold_limit + self.hold_limit // 8
-            victims = heapq.nsmallest(want, (c for c in held if c not in busy),
-                                      key=lambda c: held[c].seen)
-        else:
-            # While replicating, a hold whose writes are still on their way to the target
-            # is let go (synced) once they are durable there, not plain before.
-            mirrored = self._mirrored
-            waits = mirrored.awaits_target if mirrored and mirrored.mirror.active else None
-            # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
-            oldest = self._sweeps - IDLE_SWEEPS
-            victims = [c for c, hold in held.items()
-                       if hold.seen < oldest and c not in busy
-                       and not (waits is not None and waits(hold))]
-        synced: list[int] = []
-        plain: list[int] = []
+        # While replicating, a hold whose writes are still on their way to the target
+        # is let go (settled) once they are durable there, not plain before.
         mirrored = self._mirrored
-        for c in victims:
-            (synced if mirrored is not None and mirrored.settled(held[c]) else plain).append(c)
-        self._let_go(synced, True)
-        self._let_go(plain, False)
+        if mirrored is not None and not mirrored.mirror.active:
+            mirrored = None
+        # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
+        oldest = self._sweeps - IDLE_SWEEPS
+        self._let_go_settled_or_plain(
+            [c for c, hold in held.items()
+             if hold.seen < oldest and c not in busy
+             and not (mirrored is not None and mirrored.awaits_target(hold))])
+
+    # The name the tests drive the sweeper by, one sweep per call.
+    _release = _sweep_idle
+
+    def _let_go_oldest(self) -> None:
+        """Past the hold limit: down to 7/8 of it, least recently written first (letting
+        go of more would only mean marking them again at the next write)."""
+        if not self._holds_valid():
+            return
+        held, busy = self.held, self._busy
+        want = len(held) - self.hold_limit + self.hold_limit // 8
+        self._let_go_settled_or_plain(heapq.nsmallest(
+            want, (c for c in held if c not in busy), key=lambda c: held[c].seen))
 
     def _settle_mirrored(self) -> None:
-        """While replicating: let go at once of every hold whose writes all settled
-        (synced), and of tainted ones (plain), so the resync beside us finds them free."""
+        """While replicating: let go at once of every hold whose writes all settled, and
+        of tainted ones (plain), so the resync beside us finds them free."""
         if not self.held or not self._holds_valid():
             return
         assert self._mirrored is not None
@@ -276,12 +296,12 @@ class TrackLayer(Layer):
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = asyncio.get_running_loop().create_task(self._run_sweeper())
 
-    async def _sweep(self) -> None:
+    async def _run_sweeper(self) -> None:
         while self.held:
             await asyncio.sleep(self.idle / IDLE_SWEEPS)
-            self._release()
+            self._sweep_idle()
 
     # -- requests --------------------------------------------------------------------
 
