@@ -9,6 +9,9 @@ event-loop turn (see bmig.nbd.transmission).
 During the handshake the connection looks like a stream (``readexactly``, ``write``,
 ``drain``) to bmig.nbd.handshake; ``start_tls`` upgrades it in place for NBD_OPT_STARTTLS.
 Lock order, for the record: there are no locks; everything runs on the event loop.
+
+It moves bytes (and TLS); it may not parse requests (bmig.nbd.transmission does) or
+options (bmig.nbd.handshake), and it knows no export and no layer.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Synchronous replication from bmig-nbd: each write also goes to breceive.
 
+It carries writes and counts their seqs; it may not know chunks, holds or breqd: what a
+durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
+
 The connection is a WireTarget (bmig.sender.targets: the same transports, handshake and
 lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
 wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from bmig import systemd
 from bmig.errors import BmigError, ConfigError, UnknownDevice
 from bmig.lineage import ROLE_HANDED_OVER, parse_id
+from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.file import FileLayer
-from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
+from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.layers.track import TrackLayer
 from bmig.nbd.manage import Managed, ManageServer
 from bmig.nbd.server import Export, Listen, Server, Tls

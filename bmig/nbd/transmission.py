@@ -10,6 +10,9 @@ connection; past the cap the connection stops reading until some are done.
 
 Errors are errnos until the reply is built; ``nbd_error`` is the one place that turns
 them into the NBD error set, after logging the real cause.
+
+It sees an export only through the layer contract (bmig.nbd.layers.base): it may not know
+what a layer does with a request (breqd, replication), only the errors it raises.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ it failed to write are gone (PostgreSQL's fsync lesson). From then on every writ
 flush fails with EIO until bmig-nbd is restarted (invariant 11), and ``failure`` says
 why. fdatasync calls run one at a time, so a flush that overlaps the failing one cannot
 succeed because the error was reported to the other.
+
+It knows nothing of breqd, of replication or of the layers above.
 """
 
 from __future__ import annotations

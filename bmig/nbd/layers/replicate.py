@@ -13,6 +13,9 @@ again. Either way the replication generation moves on (bmig.nbd.layers.mirror, w
 invariant 6 lives), and the listeners (the tracking layer) hear it at once: a write whose
 seq was not durable on the target by then stays dirty, since no DURABLE of this replica
 or of a later one will ever cover it.
+
+It may not talk to breqd or know the holds: the tracking layer above hears the
+replication generation and the durable watermark through the Mirror contract.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
-from bmig.nbd.layers.base import ExportFailed, Layer
+from bmig.nbd.layers.base import Layer
 from bmig.nbd.layers.mirror import ReplicationGeneration
 from bmig.nbd.replica import Replica
 
@@ -178,81 +181,3 @@ class ReplicateLayer(Layer):
         await self.stop()
         await super().close()
 
-
-class ControlLayer(Layer):
-    """The top of the chain: writes can be frozen (held back, for a cutover) or refused
-    (read-only, after a handover), at run time."""
-
-    def __init__(self, inner: Layer, name: str):
-        super().__init__(inner)
-        self.name = name
-        self._read_only = False
-        self._open = asyncio.Event()
-        self._open.set()
-        self._writable = True            # neither read-only nor frozen: the fast path's test
-        self._writing = 0
-        self._quiet = asyncio.Event()
-        self._quiet.set()
-        self.bytes_written = 0           # by the application, since bmig-nbd started
-
-    @property
-    def frozen(self) -> bool:
-        return not self._open.is_set()
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @read_only.setter
-    def read_only(self, value: bool) -> None:
-        self._read_only = value
-        self._writable = not value and self._open.is_set()
-
-    async def freeze(self) -> None:
-        """Hold new writes back; return once the writes already running are done."""
-        self._open.clear()
-        self._writable = False
-        await self._quiet.wait()
-        log.info("%s: writes frozen", self.name)
-
-    def thaw(self) -> None:
-        if self.frozen:
-            log.info("%s: writes thawed", self.name)
-        self._open.set()
-        self._writable = not self._read_only
-
-    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
-        if not self._writable:
-            return False
-        if self.inner.write_now(data, offset, fua):
-            self.bytes_written += len(data)
-            return True
-        return False
-
-    async def _guarded(self, action):
-        await self._open.wait()
-        if self.read_only:
-            raise OSError(errno.EROFS, f"{self.name} was handed over and is read-only")
-        failure = self.failure
-        if failure is not None:          # before any mark or replica: nothing to do
-            raise ExportFailed(f"{self.name}: {failure}; every write and flush fails "
-                               "until bmig-nbd is restarted")
-        self._writing += 1
-        self._quiet.clear()
-        try:
-            return await action()
-        finally:
-            self._writing -= 1
-            if not self._writing:
-                self._quiet.set()
-
-    async def write(self, data: memoryview, offset: int, fua: bool) -> None:
-        await self._guarded(lambda: self._next().write(data, offset, fua))
-        self.bytes_written += len(data)
-
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
-        await self._guarded(lambda: self._next().trim(offset, length, fua))
-
-    async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
-                   fast: bool) -> None:
-        await self._guarded(lambda: self._next().zero(offset, length, fua, may_trim, fast))

@@ -21,6 +21,10 @@ Holds belong to the breqd connection. When it is lost they are gone: the table i
 emptied, the next write marks again, and a write that was running while the connection
 changed is marked again after it completed, before its reply. If breqd cannot be reached
 or a mark fails, the request fails with EIO and the source is not touched.
+
+It reaches breqd only through the Tracker protocol (the caller plugs the client in), may
+not talk to the target, and may not decide when a replicated hold may go: it asks
+bmig.nbd.layers.mirror.
 """
 
 from __future__ import annotations
