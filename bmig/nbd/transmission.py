@@ -116,7 +116,7 @@ class Transmission:
     def process(self) -> None:
         """Parse and start every complete request in the receive buffer."""
         conn = self._conn
-        if self._done or self._pending is not None or conn._reading_paused:
+        if self._done or self._pending is not None or conn.reading_paused:
             return
         try:
             self._parse(conn)
@@ -168,7 +168,7 @@ class Transmission:
                 requests_log.debug("%s: %s", self._peer, request.describe())
             if not self._refuse(request, 0):
                 self._dispatch(request)
-            if conn._reading_paused:
+            if conn.reading_paused:
                 return
 
     def _refuse(self, r: Request, payload: int) -> bool:
