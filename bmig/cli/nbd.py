@@ -1,38 +1,30 @@
-"""bmig-nbd: serve source devices over NBD, reporting every write to breqd."""
+"""The bmig-nbd command: its options, its configuration file, and nothing more.
+
+Flags over file values become bmig.nbd.service's Settings, which assembles and runs the
+server. This module may not build layers, contexts or servers, nor decide what is served
+and how (which exports are writable, TLS rules): that is the service's.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import re
-import ssl
 from typing import Any
 
 import click
 
-from bmig import __version__, systemd
+from bmig import __version__
 from bmig import log as bmig_log
 from bmig.cli.common import host_port, run
 from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_CONTROL_SOCKET
-from bmig.errors import BmigError, ConfigError, UnknownDevice
+from bmig.errors import ConfigError
 from bmig.limits import DEFAULT_HOLD_LIMIT, MAX_NAME_LENGTH
-from bmig.lineage import ROLE_HANDED_OVER, parse_id
-from bmig.nbd.layers.file import FileLayer
-from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
-from bmig.nbd.layers.track import TrackLayer
-from bmig.nbd.manage import Managed, ManageServer
+from bmig.nbd import service
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
-from bmig.nbd.server import DEFAULT_UNIX_MODE, Export, Listen, Server, Tls
-from bmig.sender.targets import SourceInfo
-from bmig.tracker.write_path_client import AsyncTrackerClient
+from bmig.nbd.server import DEFAULT_UNIX_MODE, Listen
+from bmig.nbd.service import TLS_MODES, ExportSettings, TlsSettings
 from bmig.tracker.definitions import DEVICE_NAMES, device_name
-from bmig.wire.transports import server_tls_context
-
-log = logging.getLogger("bmig-nbd")
-
-TLS_MODES = ("require", "on", "off")
 
 
 def _nbd_string(value: str) -> str:
@@ -93,121 +85,26 @@ TOP_KEYS = SCHEMA.names
 EXPORT_KEYS = EXPORT_SCHEMA.names
 
 
-def _open_files(specs: list[dict[str, Any]], read_only: bool) -> list[tuple[dict, FileLayer]]:
-    opened: list[tuple[dict, FileLayer]] = []
-    names: set[str] = set()
-    for spec in specs:
-        name = str(spec.get("name") or spec["device"])
-        if name in names:
-            raise ConfigError(f"export {name!r} is given twice; name them with --export")
-        names.add(name)
-        try:
-            layer = FileLayer(str(spec["backing"]), read_only or bool(spec.get("read_only")))
-        except OSError as exc:
-            raise ConfigError(f"cannot open {spec['backing']}: {exc.strerror}") from None
-        opened.append((spec, layer))
-    return opened
-
-
-async def _track(opened: list[tuple[dict, FileLayer]], tracker: AsyncTrackerClient | None,
-                 managed: list[Managed], hold_limit: int) -> list[Export]:
-    """Build each writable export's chain (control, tracking, replication, file), after
-    checking it against breqd; ``managed`` gets what the control socket serves."""
-    exports: list[Export] = []
-    for spec, layer in opened:
-        name = str(spec.get("name") or spec["device"])
-        top = layer
-        if tracker is not None and not layer.read_only:
-            device = str(spec["device"])
-            try:
-                stats = await tracker.stats(device)
-            except UnknownDevice:
-                raise ConfigError(f"breqd does not track a device named {device!r}; add it "
-                                  f"first: bmigrate track add {device} --size-of "
-                                  f"{spec['backing']}") from None
-            if int(stats["size"]) != layer.size:
-                raise ConfigError(f"{device}: breqd tracks {stats['size']} bytes but "
-                                  f"{spec['backing']} has {layer.size}")
-            if tracker.version < 2:
-                raise ConfigError(f"breqd at {tracker.path} is too old (control protocol "
-                                  f"{tracker.version}); bmig-nbd needs version 2")
-            replicate = ReplicateLayer(layer, device)
-            track = TrackLayer(replicate, tracker, device, int(stats["chunk_size"]),
-                               hold_limit=hold_limit, mirror=replicate)
-            top = ControlLayer(track, device)
-            if stats.get("role") == ROLE_HANDED_OVER:
-                # Handed over in a cutover: writing here would fork the lineage.
-                top.read_only = True
-                log.warning("%s: handed over to generation %s; serving it read-only (bmigrate "
-                            "track set-role %s primary makes it writable again)", device,
-                            stats.get("successor"), device)
-            info = SourceInfo(device, parse_id(stats["device_id"], "device_id"),
-                              parse_id(stats["generation"], "generation"), layer.size,
-                              int(stats["chunk_size"]))
-            managed.append(Managed(device, name, top, replicate, info))
-        exports.append(Export(name, top, str(spec.get("description", ""))))
-    return exports
-
-
-def _tls(values: dict[str, Any], mode: str | None, cert: str | None, key: str | None,
-         certificates: str | None, verify_peer: bool | None, client_ca: str | None,
-         psk: str | None) -> Tls | None:
-    """TLS settings from flags over file values. Client authentication (a PSK, or
-    certificates signed by a CA) is accepted only with TLS required: offered TLS would
-    let a client skip it."""
-    cert = cert or values.get("tls_cert")
-    key = key or values.get("tls_key")
-    certificates = certificates or values.get("tls_certificates")
-    client_ca = client_ca or values.get("tls_client_ca")
-    psk = psk or values.get("tls_psk")
+def _tls_settings(values: dict[str, Any], mode: str | None, cert: str | None,
+                  key: str | None, certificates: str | None, verify_peer: bool | None,
+                  client_ca: str | None, psk: str | None) -> TlsSettings:
+    """TLS flags over file values."""
     if verify_peer is None:
         verify_peer = values["tls_verify_peer"]
-    crl = None
-    if certificates:
-        # nbdkit's and libnbd's layout of a certificates directory.
-        if not cert:
-            cert = os.path.join(str(certificates), "server-cert.pem")
-            key = key or os.path.join(str(certificates), "server-key.pem")
-        if verify_peer and not client_ca:
-            client_ca = os.path.join(str(certificates), "ca-cert.pem")
-            crl = os.path.join(str(certificates), "ca-crl.pem")
-            crl = crl if os.path.exists(crl) else None
-    verify_peer = verify_peer or bool(client_ca)
-    mode = mode or values.get("tls") or ("require" if cert or psk else "off")
-    if mode not in TLS_MODES:
-        raise ConfigError(f"tls = {mode!r}: expected one of {', '.join(TLS_MODES)}")
-    if (psk or verify_peer) and mode != "require":
-        raise ConfigError(f"--tls-psk and --tls-verify-peer authenticate clients only with "
-                          f"--tls require (the default for them), not --tls {mode}")
-    if mode == "off":
-        return None
-    if psk:
-        if cert or verify_peer:
-            raise ConfigError("--tls-psk replaces certificates: give either --tls-psk or "
-                              "--tls-cert/--tls-certificates, not both")
-        from bmig.nbd.psk import PskContext     # pyOpenSSL only when it is used
-        context = PskContext(str(psk))
-        count = context.identities()
-        return Tls(context, required=True,
-                   clients=f"clients authenticated by a PSK of {psk} ({count} "
-                           f"identit{'y' if count == 1 else 'ies'})")
-    if not cert:
-        raise ConfigError(f"--tls {mode} needs --tls-cert FILE, --tls-certificates DIR or "
-                          f"--tls-psk FILE")
-    if verify_peer and not client_ca:
-        raise ConfigError("--tls-verify-peer needs the CA of the client certificates: "
-                          "--tls-client-ca FILE, or ca-cert.pem in --tls-certificates DIR")
-    context = server_tls_context(str(cert), str(key) if key else None,
-                                 str(client_ca) if client_ca else None)
-    if crl:
-        try:
-            context.load_verify_locations(crl)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the revocation list {crl}: {exc}") from None
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return Tls(context, required=mode == "require",
-               clients=(f"client certificates signed by {client_ca}" if verify_peer
-                        else "clients not authenticated"))
+    return TlsSettings(mode=mode or values.get("tls"), cert=cert or values.get("tls_cert"),
+                       key=key or values.get("tls_key"),
+                       certificates=certificates or values.get("tls_certificates"),
+                       verify_peer=bool(verify_peer),
+                       client_ca=client_ca or values.get("tls_client_ca"),
+                       psk=psk or values.get("tls_psk"))
+
+
+def _export(spec: dict[str, Any]) -> ExportSettings:
+    """An [[export]] table or a --device/--backing/--export triple."""
+    return ExportSettings(device=str(spec["device"]), backing=str(spec["backing"]),
+                          name=str(spec.get("name") or spec["device"]),
+                          read_only=bool(spec.get("read_only")),
+                          description=str(spec.get("description", "")))
 
 
 def _unix_mode(value: Any, source: str) -> int:
@@ -220,30 +117,6 @@ def _unix_mode(value: Any, source: str) -> int:
         raise ConfigError(f"{source} = {value!r}: expected an octal mode such as \"0660\" "
                           f"(in TOML also 0o660)")
     return mode
-
-
-async def _serve(opened, listen, max_connections: int, tracker: AsyncTrackerClient | None,
-                 tls: Tls | None, manage_dir: str, hold_limit: int) -> None:
-    managed: list[Managed] = []
-    manage = None
-    try:
-        exports = await _track(opened, tracker, managed, hold_limit)
-        if managed:
-            manage = ManageServer(manage_dir, managed)
-            await manage.start()
-    except BmigError:
-        if tracker is not None:
-            await tracker.close()
-        raise
-
-    async def on_close() -> None:
-        if manage is not None:
-            await manage.stop()
-        if tracker is not None:
-            await tracker.close()
-
-    server = Server(exports, listen, max_connections, on_close=on_close, tls=tls)
-    await server.run()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -316,7 +189,7 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
         raise ConfigError("nothing to serve: give --device NAME --backing PATH or --config")
     unix = unix or values.get("unix")
     tcp = tcp or values.get("tcp")
-    activated = [Listen(sock=sock) for sock in systemd.listen_sockets()]
+    activated = service.activated_listeners()
     if not unix and not tcp and not activated:
         raise ConfigError("nowhere to listen: give --unix SOCK or --tcp HOST:PORT, or start "
                           "bmig-nbd from a systemd socket unit")
@@ -327,15 +200,16 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
         ([Listen(tcp=host_port(str(tcp), "--tcp"))] if tcp else [])
     bmig_log.setup(str(log_level or values["log_level"]))
     track = not no_track if no_track is not None else values["track"]
-    tracker = (AsyncTrackerClient(control or values["control"], client="bmig-nbd")
-               if track else None)
-    ro = bool(read_only if read_only is not None else values["read_only"])
-    tls = _tls(values, tls_mode, tls_cert, tls_key, tls_certificates, tls_verify_peer,
-               tls_client_ca, tls_psk)
-    opened = _open_files(specs, ro)
-    asyncio.run(_serve(opened, listen, int(max_connections or values["max_connections"]),
-                       tracker, tls, os.path.abspath(str(manage_dir or values["manage_dir"])),
-                       int(hold_chunks or values["hold_chunks"])))
+    service.run(service.Settings(
+        exports=[_export(spec) for spec in specs],
+        listen=listen,
+        control=str(control or values["control"]) if track else None,
+        read_only=bool(read_only if read_only is not None else values["read_only"]),
+        max_connections=int(max_connections or values["max_connections"]),
+        tls=_tls_settings(values, tls_mode, tls_cert, tls_key, tls_certificates,
+                          tls_verify_peer, tls_client_ca, tls_psk),
+        manage_dir=os.path.abspath(str(manage_dir or values["manage_dir"])),
+        hold_chunks=int(hold_chunks or values["hold_chunks"])))
 
 
 def main() -> None:

@@ -9,6 +9,9 @@ event-loop turn (see bmig.nbd.transmission).
 During the handshake the connection looks like a stream (``readexactly``, ``write``,
 ``drain``) to bmig.nbd.handshake; ``start_tls`` upgrades it in place for NBD_OPT_STARTTLS.
 Lock order, for the record: there are no locks; everything runs on the event loop.
+
+It moves bytes (and TLS); it may not parse requests (bmig.nbd.transmission does) or
+options (bmig.nbd.handshake), and it knows no export and no layer.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class Connection(asyncio.BufferedProtocol):
         self._eof = False
         self._writable = asyncio.Event()
         self._writable.set()
-        self._reading_paused = False
+        self.reading_paused = False            # read by the transmission loop; set here only
         self._pause_reasons: set[str] = set()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -139,15 +142,15 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_reading(self, reason: str) -> None:
         self._pause_reasons.add(reason)
-        if not self._reading_paused and self.transport is not None \
+        if not self.reading_paused and self.transport is not None \
                 and not self.transport.is_closing():
-            self._reading_paused = True
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self, reason: str) -> None:
         self._pause_reasons.discard(reason)
-        if self._reading_paused and not self._pause_reasons:
-            self._reading_paused = False
+        if self.reading_paused and not self._pause_reasons:
+            self.reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
             if self.transmission is not None:    # bytes that arrived before the pause

@@ -8,6 +8,9 @@ With TLS configured, NBD_OPT_STARTTLS upgrades the connection in place; with TLS
 required, every option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD until then
 (NBD_OPT_EXPORT_NAME, which cannot be answered with an error, closes the connection).
 What was negotiated before the upgrade is forgotten, as the protocol asks.
+
+It may not open an export or touch the layers, and knows no socket: it reads and writes
+through the stream it is given, and answers from the exports' ``ExportInfo``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ given; writes go on once no connection holds one. When a lease runs out, its con
 gets an error frame and is closed, and nothing it sent after is done: a client that
 took a freeze never goes on as if its writes were still held back.
 
+It may only start and stop replication (the replication layer) and freeze, thaw or make
+read-only (the control layer); it may not touch holds, the tracking layer or breqd.
+
 docs/architecture.md shows where this sits; bmigrate(1) documents the commands.
 """
 
@@ -40,7 +43,8 @@ from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.limits import MAX_MANAGE_FRAME
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
-from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
+from bmig.nbd.layers.control import ControlLayer
+from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.replica import open_replica
 
 log = logging.getLogger("bmig-nbd")

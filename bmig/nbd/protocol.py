@@ -2,6 +2,8 @@
 
 Values follow NetworkBlockDevice/nbd doc/proto.md. Every log line names a command, option,
 reply or error through ``name()`` so that nobody has to decode numbers by hand.
+
+Constants, layouts and names only: no I/O, no state, and no import of the rest of bmig.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ OpenSSL does all of TLS; what lives here is the glue between a memory-BIO connec
 asyncio: a transport that the NBD connection protocol reads and writes as it would read
 and write asyncio's own TLS transport. Nothing of it runs before NBD_OPT_STARTTLS, and
 only PSK connections pass through it.
+
+It may not know NBD: it is a TLS transport, and the connection uses it as it uses
+asyncio's.
 """
 
 from __future__ import annotations

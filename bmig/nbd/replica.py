@@ -1,5 +1,8 @@
 """Synchronous replication from bmig-nbd: each write also goes to breceive.
 
+It carries writes and counts their seqs; it may not know chunks, holds or breqd: what a
+durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
+
 The connection is a WireTarget (bmig.sender.targets: the same transports, handshake and
 lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
 wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the
@@ -47,7 +50,8 @@ from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA
 log = logging.getLogger("bmig-nbd")
 
 FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
-_DURABLE, _WRITTEN, _RECEIVED, _SENT = "durable", "written", "received", "sent"
+# What a writer waits for; _QUEUED: nothing past the queue (protocol A).
+_DURABLE, _WRITTEN, _RECEIVED, _QUEUED = "durable", "written", "received", "queued"
 
 
 class Replica:
@@ -66,7 +70,7 @@ class Replica:
         self.error: BmigError | None = None
         self._closed = False
         self.durable_seq = 0                  # every frame up to it is durable there
-        self.sent_seq = 0                     # the last frame handed to the sender
+        self.queued_seq = 0                   # the last frame queued for the sender
         self.on_durable: Callable[[int], None] | None = None   # the new watermark
         self.on_failed: Callable[[BmigError], None] | None = None  # the replica failed
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -84,7 +88,7 @@ class Replica:
             return FLAG_ACK_WRITTEN, _WRITTEN
         if self.protocol == "B":
             return FLAG_ACK_RECEIVED, _RECEIVED
-        return 0, _SENT
+        return 0, _QUEUED
 
     async def _submit(self, frame: Callable[[int], tuple], nbytes: int,
                       wait_for: str) -> int:
@@ -111,11 +115,11 @@ class Replica:
         seq = next(self._seq)
         item = frame(seq)
         future = None
-        if wait_for != _SENT:
+        if wait_for != _QUEUED:
             future = self._loop.create_future()
             self._waiting[seq] = (wait_for, future)
         self._queued += nbytes
-        self.sent_seq = seq
+        self.queued_seq = seq
         self._outbox.put((item, nbytes, seq))
         if item[0] != "flush":
             self._flush_later()
@@ -148,8 +152,8 @@ class Replica:
 
     def _timed_flush(self) -> None:
         self._flush_timer = None
-        if self.error is None and not self._closed and self.sent_seq > self.durable_seq:
-            self._enqueue(lambda s: ("flush", s), 16, _SENT)
+        if self.error is None and not self._closed and self.queued_seq > self.durable_seq:
+            self._enqueue(lambda s: ("flush", s), 16, _QUEUED)
 
     # -- the sender thread --------------------------------------------------------------
 

@@ -4,6 +4,10 @@ Each export is a chain of layers opened once and shared by all its connections (
 so one fdatasync covers every connection: NBD_FLAG_CAN_MULTI_CONN holds). On SIGTERM the
 listeners close, requests in flight finish and are answered, every export is flushed and
 the breqd connection is closed.
+
+It runs what it is given: it may not build layers, choose exports, TLS or listeners, or
+decide what is writable (bmig.nbd.service does), nor read requests (bmig.nbd.transmission
+does).
 """
 
 from __future__ import annotations

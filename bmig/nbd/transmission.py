@@ -10,6 +10,9 @@ connection; past the cap the connection stops reading until some are done.
 
 Errors are errnos until the reply is built; ``nbd_error`` is the one place that turns
 them into the NBD error set, after logging the real cause.
+
+It sees an export only through the layer contract (bmig.nbd.layers.base): it may not know
+what a layer does with a request (breqd, replication), only the errors it raises.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ class Transmission:
     def process(self) -> None:
         """Parse and start every complete request in the receive buffer."""
         conn = self._conn
-        if self._done or self._pending is not None or conn._reading_paused:
+        if self._done or self._pending is not None or conn.reading_paused:
             return
         try:
             self._parse(conn)
@@ -165,7 +168,7 @@ class Transmission:
                 requests_log.debug("%s: %s", self._peer, request.describe())
             if not self._refuse(request, 0):
                 self._dispatch(request)
-            if conn._reading_paused:
+            if conn.reading_paused:
                 return
 
     def _refuse(self, r: Request, payload: int) -> bool:

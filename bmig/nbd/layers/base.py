@@ -9,6 +9,9 @@ at once, returning True, or refused with False, in which case the caller uses th
 method. ``write_now`` defaults to False, so a layer that does not know it still sees every
 write through its own ``write``. The fast path is what keeps small requests cheap: no
 task, no await, the reply written in the same event-loop turn as the request was read.
+
+The contract holds no state and does no I/O. A layer knows the one below it (``inner``)
+and may not reach past it into the chain.
 """
 
 from __future__ import annotations

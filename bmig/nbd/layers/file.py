@@ -11,6 +11,8 @@ it failed to write are gone (PostgreSQL's fsync lesson). From then on every writ
 flush fails with EIO until bmig-nbd is restarted (invariant 11), and ``failure`` says
 why. fdatasync calls run one at a time, so a flush that overlaps the failing one cannot
 succeed because the error was reported to the other.
+
+It knows nothing of breqd, of replication or of the layers above.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class FileLayer(Layer):
         self._size = size_of_fd(self._fd)
         self._can_punch = True
         self._failure: str | None = None
-        self._syncing = asyncio.Lock()
+        self._fdatasync_lock = asyncio.Lock()       # one fdatasync at a time
 
     @property
     def size(self) -> int:
@@ -86,7 +88,7 @@ class FileLayer(Layer):
             await self.flush()
 
     async def flush(self) -> None:
-        async with self._syncing:
+        async with self._fdatasync_lock:
             self._refuse_if_failed()
             try:
                 await asyncio.to_thread(os.fdatasync, self._fd)

@@ -9,9 +9,13 @@ When the target fails (the connection is lost, or breceive refused a frame: no s
 I/O error), the policy decides: ``degrade`` (the default) goes back to tracking only,
 loudly; the writes that did not reach the target have their chunks dirty, so a later
 sync ships them. ``block`` fails writes with EIO until replication is stopped or started
-again. Either way the generation moves on, and the listeners (the tracking layer) hear
-it at once: a write whose seq was not durable on the target by then stays dirty, since
-no DURABLE of this replica or of a later one will ever cover it.
+again. Either way the replication generation moves on (bmig.nbd.layers.mirror, where
+invariant 6 lives), and the listeners (the tracking layer) hear it at once: a write whose
+seq was not durable on the target by then stays dirty, since no DURABLE of this replica
+or of a later one will ever cover it.
+
+It may not talk to breqd or know the holds: the tracking layer above hears the
+replication generation and the durable watermark through the Mirror contract.
 """
 
 from __future__ import annotations
@@ -23,21 +27,25 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
-from bmig.nbd.layers.base import ExportFailed, Layer
+from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.mirror import ReplicationGeneration
 from bmig.nbd.replica import Replica
 
 log = logging.getLogger("bmig-nbd")
 
+
 class ReplicateLayer(Layer):
+    """While active, every write-like request goes to the replica too; the tracking
+    layer above reads it as its ``Mirror`` (bmig.nbd.layers.mirror)."""
+
     def __init__(self, inner: Layer, name: str):
         super().__init__(inner)
         self.name = name
         self.replica: Replica | None = None
         self.policy = "degrade"
-        self.generation = 0
+        self._generation = ReplicationGeneration()
         self.failed: str | None = None       # why replication stopped on its own
         self.blocked = False                 # policy block after a failure
-        self._listeners: list[Callable[[], None]] = []
         self._running = 0                    # replicated requests not yet finished
         self._idle = asyncio.Event()
         self._idle.set()
@@ -49,19 +57,18 @@ class ReplicateLayer(Layer):
         return self.replica is not None
 
     @property
+    def generation(self) -> int:
+        return self._generation.value
+
+    @property
     def durable_seq(self) -> int:
         return self.replica.durable_seq if self.replica is not None else 0
 
     def add_listener(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
+        self._generation.add_listener(callback)
 
     def _durable(self, seq: int) -> None:
-        self._changed()
-
-    def _changed(self) -> None:
-        """The durable watermark or the generation moved: tell the listeners."""
-        for callback in self._listeners:
-            callback()
+        self._generation.announce()
 
     # -- switching -------------------------------------------------------------------
 
@@ -72,26 +79,26 @@ class ReplicateLayer(Layer):
             self.replica.close()
         self.replica, self.policy = replica, policy
         self.failed, self.blocked = None, False
-        self.generation += 1
+        self._generation.advance()
         replica.on_durable = self._durable
         replica.on_failed = lambda exc: self._give_up(replica, exc)
         log.info("%s: replicating synchronously to %s (protocol %s, on failure %s)",
                  self.name, replica.description, replica.protocol, policy)
-        self._changed()
+        self._generation.announce()
         if replica.error is not None:       # it failed before we listened
             self._give_up(replica, replica.error)
 
     async def stop(self) -> None:
         """Back to tracking only, once the replicated requests in flight are answered."""
         replica = self.replica
-        self.generation += 1
+        self._generation.advance()
         self.blocked = False
         if replica is None:
-            self._changed()
+            self._generation.announce()
             return
         await self._idle.wait()
         self.replica = None
-        self._changed()
+        self._generation.announce()
         await asyncio.to_thread(replica.close)
         log.info("%s: replication to %s stopped; tracking only", self.name,
                  replica.description)
@@ -99,7 +106,7 @@ class ReplicateLayer(Layer):
     def _give_up(self, replica: Replica, exc: BmigError) -> None:
         if self.replica is not replica:
             return
-        self.generation += 1
+        self._generation.advance()
         self.replica = None
         self.failed = exc.message
         if self.policy == "block":
@@ -110,7 +117,7 @@ class ReplicateLayer(Layer):
             log.error("%s: replication to %s failed (%s); back to tracking only: the "
                       "writes since are dirty and the next sync ships them", self.name,
                       replica.description, exc.message)
-        self._changed()
+        self._generation.announce()
         asyncio.get_running_loop().run_in_executor(None, replica.close)
 
     # -- requests --------------------------------------------------------------------
@@ -174,81 +181,3 @@ class ReplicateLayer(Layer):
         await self.stop()
         await super().close()
 
-
-class ControlLayer(Layer):
-    """The top of the chain: writes can be frozen (held back, for a cutover) or refused
-    (read-only, after a handover), at run time."""
-
-    def __init__(self, inner: Layer, name: str):
-        super().__init__(inner)
-        self.name = name
-        self._read_only = False
-        self._open = asyncio.Event()
-        self._open.set()
-        self._writable = True            # neither read-only nor frozen: the fast path's test
-        self._writing = 0
-        self._quiet = asyncio.Event()
-        self._quiet.set()
-        self.bytes_written = 0           # by the application, since bmig-nbd started
-
-    @property
-    def frozen(self) -> bool:
-        return not self._open.is_set()
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @read_only.setter
-    def read_only(self, value: bool) -> None:
-        self._read_only = value
-        self._writable = not value and self._open.is_set()
-
-    async def freeze(self) -> None:
-        """Hold new writes back; return once the writes already running are done."""
-        self._open.clear()
-        self._writable = False
-        await self._quiet.wait()
-        log.info("%s: writes frozen", self.name)
-
-    def thaw(self) -> None:
-        if self.frozen:
-            log.info("%s: writes thawed", self.name)
-        self._open.set()
-        self._writable = not self._read_only
-
-    def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
-        if not self._writable:
-            return False
-        if self.inner.write_now(data, offset, fua):
-            self.bytes_written += len(data)
-            return True
-        return False
-
-    async def _guarded(self, action):
-        await self._open.wait()
-        if self.read_only:
-            raise OSError(errno.EROFS, f"{self.name} was handed over and is read-only")
-        failure = self.failure
-        if failure is not None:          # before any mark or replica: nothing to do
-            raise ExportFailed(f"{self.name}: {failure}; every write and flush fails "
-                               "until bmig-nbd is restarted")
-        self._writing += 1
-        self._quiet.clear()
-        try:
-            return await action()
-        finally:
-            self._writing -= 1
-            if not self._writing:
-                self._quiet.set()
-
-    async def write(self, data: memoryview, offset: int, fua: bool) -> None:
-        await self._guarded(lambda: self._next().write(data, offset, fua))
-        self.bytes_written += len(data)
-
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
-        await self._guarded(lambda: self._next().trim(offset, length, fua))
-
-    async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
-                   fast: bool) -> None:
-        await self._guarded(lambda: self._next().zero(offset, length, fua, may_trim, fast))

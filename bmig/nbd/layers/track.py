@@ -13,22 +13,18 @@ written for ``idle`` seconds, or the oldest ones beyond ``hold_limit``, are rele
 MARK_COMPLETED (a mark again, then the hold goes), never while a write to them runs.
 
 While the device is replicated synchronously (bmig.nbd.layers.replicate is active), a
-write takes its holds with ``sync``: chunks that were clean become *mirrored* in breqd,
-which senders leave alone. Once every write under a hold has been made durable on the
-target (the replica's durable watermark passed it), the hold is released as ``synced``
-and the mirrored chunks are clean again; a write that was not replicated (the replica
-failed, or the write began before replication did) taints its chunks, which are then
-released as plain dirty. A seq means something only to the replication that gave it:
-when the generation moves on (replication stopped, failed, or started again), every hold
-still waiting for a seq of an older generation is tainted, so that the new replica's
-DURABLE (its seqs start again at 1) never covers a write it never carried (invariant 11).
-In this mode holds are released as soon as they settle, so the resync that runs beside
-it finds the chunks free.
+write takes its holds with ``sync`` and what it leaves in them decides how they are
+released: bmig.nbd.layers.mirror keeps that record and says when a hold may go as
+``synced`` (invariant 6); this layer asks it and sends the releases.
 
 Holds belong to the breqd connection. When it is lost they are gone: the table is
 emptied, the next write marks again, and a write that was running while the connection
 changed is marked again after it completed, before its reply. If breqd cannot be reached
 or a mark fails, the request fails with EIO and the source is not touched.
+
+It reaches breqd only through the Tracker protocol (the caller plugs the client in), may
+not talk to the target, and may not decide when a replicated hold may go: it asks
+bmig.nbd.layers.mirror.
 """
 
 from __future__ import annotations
@@ -45,6 +41,7 @@ from bmig.errors import BmigError
 from bmig.limits import DEFAULT_HOLD_LIMIT
 from bmig.nbd import protocol as p
 from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.mirror import Hold, Mirror, MirroredHolds
 
 log = logging.getLogger("bmig-nbd")
 
@@ -56,6 +53,11 @@ DIRTY = 1                         # qemu:dirty-bitmap extent flag
 
 
 class Tracker(Protocol):
+    """breqd as this layer needs it (bmig.tracker.write_path_client.AsyncTrackerClient). The flags
+    keep the names of the control protocol's fields: ``sync`` on a MARK says the writes
+    under the hold also go to the target; ``synced`` on a release (MARK_COMPLETED) says
+    they are all durable there."""
+
     session: int
     connected: bool
 
@@ -67,30 +69,8 @@ class Tracker(Protocol):
                     length: int) -> tuple[Ranges, int]: ...
 
 
-class Mirror(Protocol):
-    """What the tracking layer needs of the replication layer below it."""
-
-    active: bool
-    generation: int           # changes whenever replication starts, stops or degrades
-    durable_seq: int
-
-    def add_listener(self, callback: Callable[[], None]) -> None: ...
-
-
 class TrackingFailed(Exception):
     """breqd could not record the range: the request must fail with NBD_EIO."""
-
-
-class Hold:
-    """One held chunk: was every write under it replicated, and up to which seq."""
-
-    __slots__ = ("tainted", "pending", "generation", "seen")
-
-    def __init__(self, tainted: bool, seen: int):
-        self.tainted = tainted       # a write under the hold did not reach the target
-        self.pending = 0             # the last replica seq written under the hold
-        self.generation = -1         # the replication ``pending`` belongs to
-        self.seen = seen             # sweeps done when the chunk was last written
 
 
 def runs_of(chunks) -> list[tuple[int, int]]:
@@ -119,10 +99,11 @@ class TrackLayer(Layer):
         self._busy: Counter[int] = Counter()  # chunks with a slow-path request running
         self._session = -1
         self._sweeps = 0                      # sweeps done; ``Hold.seen`` counts in them
-        self._awaiting: list[tuple[int, int]] = []  # heap of (replica seq, chunk) to settle
-        self._mirror_generation = -1          # the replication the heap belongs to
         self._unrecorded: Ranges = []         # written, but the mark again failed
         self._sweeper: asyncio.Task | None = None
+        # What replicated writes left in the holds (invariant 6), when there is a mirror.
+        self._mirrored = (MirroredHolds(mirror, self.held, self._busy)
+                          if mirror is not None else None)
         if mirror is not None:
             mirror.add_listener(self._settle_mirrored)
 
@@ -140,7 +121,8 @@ class TrackLayer(Layer):
             log.info("%s: breqd connection changed; %d held chunks forgotten", self.device,
                      len(self.held))
         self.held.clear()
-        self._awaiting.clear()
+        if self._mirrored is not None:
+            self._mirrored.forget()
         self._session = tracker.session
         return False
 
@@ -158,8 +140,9 @@ class TrackLayer(Layer):
             return chunks[0] in held
         return all(c in held for c in chunks)
 
-    async def _acquire(self, offset: int, length: int, sync: bool) -> int:
-        """Hold every chunk of the range (durably marked); returns the hold's session."""
+    async def _acquire(self, offset: int, length: int, mirrored: bool) -> int:
+        """Hold every chunk of the range (durably marked); returns the hold's session.
+        ``mirrored``: the write also goes to the target (MARK's ``sync``)."""
         chunks = self._span(offset, length)
         if self._holds_valid() and self._holds_all(chunks):
             self._saw(chunks)
@@ -167,7 +150,7 @@ class TrackLayer(Layer):
         earlier = len(self._unrecorded)
         ranges = self._unrecorded[:earlier] + [(offset, length)]
         try:
-            session = await self.tracker.mark(self.device, ranges, hold=True, sync=sync)
+            session = await self.tracker.mark(self.device, ranges, hold=True, sync=mirrored)
         except BmigError as exc:
             raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} dirty: "
                                  f"{exc.message}") from None
@@ -179,10 +162,10 @@ class TrackLayer(Layer):
         for range_offset, range_length in ranges:
             for c in self._span(range_offset, range_length):
                 if c not in held:
-                    held[c] = Hold(tainted=not sync, seen=self._sweeps)
+                    held[c] = Hold(tainted=not mirrored, seen=self._sweeps)
         self._saw(chunks)
         if len(held) > self.hold_limit:
-            self._release(over_limit=True, keep=chunks)
+            self._let_go_oldest(keep=chunks)
         self._ensure_sweeper()
         return session
 
@@ -190,7 +173,7 @@ class TrackLayer(Layer):
                        action: Callable[[], Awaitable[Any]]) -> None:
         mirror = self.mirror if self.mirror is not None and self.mirror.active else None
         generation = mirror.generation if mirror is not None else None
-        session = await self._acquire(offset, length, sync=mirror is not None)
+        session = await self._acquire(offset, length, mirrored=mirror is not None)
         chunks = self._span(offset, length)
         busy = self._busy
         for c in chunks:
@@ -204,29 +187,16 @@ class TrackLayer(Layer):
                 if not busy[c]:
                     del busy[c]
             self._saw(chunks)
-            self._note_replication(chunks, mirror, generation, result)
+            if self._mirrored is not None:
+                self._mirrored.note(chunks, generation, result)
         if session != self.tracker.session:
             await self._mark_again(offset, length)
-        elif self.mirror is not None and self.mirror.active:
+        elif self._mirrored is not None and self._mirrored.mirror.active:
             if self._holds_valid():
-                self._let_go_tainted(chunks)
+                # A write that did not reach the target leaves its chunks dirty: let them
+                # go at once (plain), so the resync beside us can ship them.
+                self._let_go(self._mirrored.tainted(chunks), False)
             self._settle_mirrored()
-
-    def _note_replication(self, chunks: range, mirror: Mirror | None, generation: int | None,
-                          result: Any) -> None:
-        """Record whether the write reached the target: a replica seq, or a taint."""
-        replicated = (mirror is not None and isinstance(result, int) and result > 0
-                      and mirror.generation == generation)
-        for c in chunks:
-            hold = self.held.get(c)
-            if hold is None:
-                continue
-            if not replicated or (hold.pending and hold.generation != generation):
-                hold.tainted = True      # a seq of another replication covers nothing here
-            else:
-                hold.pending = max(hold.pending, result)
-                hold.generation = generation
-                heapq.heappush(self._awaiting, (result, c))
 
     async def _mark_again(self, offset: int, length: int) -> None:
         """The hold was lost while the write ran: a sender may have committed the chunk
@@ -254,123 +224,92 @@ class TrackLayer(Layer):
             ranges[-1] = (last_offset, min(last_length, self.size - last_offset))
         return ranges
 
-    def _let_go(self, chunks: list[int], synced: bool) -> None:
-        """Forget the holds and queue their release at once, in this very step: a write
-        that holds one of the chunks again is queued after it, so breqd never drops a
-        hold this layer still writes under (its fast path sends no message)."""
+    def _let_go(self, chunks: list[int], settled: bool) -> None:
+        """Forget the holds and queue their release (MARK_COMPLETED) at once, in this very
+        step: a write that holds one of the chunks again is queued after it, so breqd
+        never drops a hold this layer still writes under (its fast path sends no
+        message). ``settled``: every write under them is durable on the target (the
+        release's ``synced`` field); if not, breqd marks the chunks again."""
         for c in chunks:
             del self.held[c]
         ranges = self._byte_ranges(chunks)
         for start in range(0, len(ranges), 65536):
-            done = self.tracker.release(self.device, ranges[start:start + 65536], synced)
-            done.add_done_callback(self._released)
+            done = self.tracker.release(self.device, ranges[start:start + 65536], settled)
+            done.add_done_callback(self._log_failed_release)
 
-    def _released(self, done: "asyncio.Future[None]") -> None:
+    def _log_failed_release(self, done: "asyncio.Future[None]") -> None:
         exc = done.exception()
         if isinstance(exc, BmigError):   # the holds end with the connection anyway
             log.debug("%s: release failed: %s", self.device, exc.message)
 
-    def _release(self, over_limit: bool = False, keep: range = range(0)) -> None:
-        """Let go of held chunks not written for ``idle`` seconds (``IDLE_SWEEPS`` sweeps),
-        and past the limit of the least recently written ones too, but never of a chunk
-        a write runs on, nor of ``keep`` (just held for the write about to run: let go
-        now, it would be written with no hold and no mark after it).
+    def _let_go_settled_or_plain(self, chunks: list[int]) -> None:
+        """Let go of ``chunks``: those whose writes are all durable on the target as
+        settled, the others plain."""
+        mirrored, held = self._mirrored, self.held
+        settled: list[int] = []
+        plain: list[int] = []
+        for c in chunks:
+            (settled if mirrored is not None and mirrored.settled(held[c])
+             else plain).append(c)
+        self._let_go(settled, True)
+        self._let_go(plain, False)
+
+    def _sweep_idle(self) -> None:
+        """One sweep (``IDLE_SWEEPS`` per ``idle`` seconds): let go of the held chunks not
+        written for a whole idle time and with no write running.
 
         Writes spread over the whole device come back to a chunk only every second or
         so: letting it go sooner would mean a round trip to breqd on most of them."""
         if not self._holds_valid():
             return
+        self._sweeps += 1
         held, busy = self.held, self._busy
-        if not over_limit:
-            self._sweeps += 1
-        if over_limit:
-            # Down to 7/8 of the limit, least recently written first: releasing more
-            # would only mean marking them again at the next write.
-            want = len(held) - self.hold_limit + self.hold_limit // 8
-            victims = heapq.nsmallest(want, (c for c in held
-                                             if c not in busy and c not in keep),
-                                      key=lambda c: held[c].seen)
-        else:
-            # While replicating, a hold whose writes are still on their way to the target
-            # is let go (synced) once they are durable there, not plain before.
-            mirror = self.mirror
-            active = mirror is not None and mirror.active
-            # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
-            oldest = self._sweeps - IDLE_SWEEPS
-            victims = [c for c, hold in held.items()
-                       if hold.seen < oldest and c not in busy
-                       and not (active and self._awaits_target(hold))]
-        synced: list[int] = []
-        plain: list[int] = []
-        for c in victims:
-            (synced if self._settled(c) else plain).append(c)
-        self._let_go(synced, True)
-        self._let_go(plain, False)
+        # While replicating, a hold whose writes are still on their way to the target
+        # is let go (settled) once they are durable there, not plain before.
+        mirrored = self._mirrored
+        if mirrored is not None and not mirrored.mirror.active:
+            mirrored = None
+        # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
+        oldest = self._sweeps - IDLE_SWEEPS
+        self._let_go_settled_or_plain(
+            [c for c, hold in held.items()
+             if hold.seen < oldest and c not in busy
+             and not (mirrored is not None and mirrored.awaits_target(hold))])
 
-    def _awaits_target(self, hold: Hold) -> bool:
-        """The hold waits for a DURABLE of the current replication."""
-        mirror = self.mirror
-        assert mirror is not None
-        return (not hold.tainted and hold.pending > 0
-                and hold.generation == mirror.generation
-                and hold.pending > mirror.durable_seq)
+    # The name the tests drive the sweeper by, one sweep per call.
+    _release = _sweep_idle
 
-    def _settled(self, chunk: int) -> bool:
-        """Every write under the hold was replicated and is durable on the target: by a
-        DURABLE of the replication that carried them, which is still running."""
-        hold = self.held[chunk]
-        mirror = self.mirror
-        return (not hold.tainted and hold.pending > 0 and mirror is not None
-                and mirror.active and hold.generation == mirror.generation
-                and hold.pending <= mirror.durable_seq)
+    def _let_go_oldest(self, keep: range = range(0)) -> None:
+        """Past the hold limit: down to 7/8 of it, least recently written first (letting
+        go of more would only mean marking them again at the next write), but never a
+        chunk a write runs on, nor ``keep`` (just held for the write about to run: let go
+        now, it would be written with no hold and no mark after it)."""
+        if not self._holds_valid():
+            return
+        held, busy = self.held, self._busy
+        want = len(held) - self.hold_limit + self.hold_limit // 8
+        self._let_go_settled_or_plain(heapq.nsmallest(
+            want, (c for c in held if c not in busy and c not in keep),
+            key=lambda c: held[c].seen))
 
     def _settle_mirrored(self) -> None:
         """While replicating: let go at once of every hold whose writes all settled, and
-        of tainted ones (plain), so the resync beside us finds them free.
-
-        Called after every replicated write, every DURABLE and every change of
-        generation, so it looks only at the chunks whose writes the new durable seq
-        covers; a new generation looks at every hold once, and taints those still
-        waiting for a seq of another one."""
+        of tainted ones (plain), so the resync beside us finds them free."""
         if not self.held or not self._holds_valid():
             return
-        mirror = self.mirror
-        assert mirror is not None
-        held, busy = self.held, self._busy
-        if mirror.generation != self._mirror_generation:
-            self._mirror_generation = mirror.generation
-            for hold in held.values():
-                if hold.pending and hold.generation != mirror.generation:
-                    hold.tainted = True
-            self._awaiting = [(hold.pending, c) for c, hold in held.items()
-                              if hold.pending and not hold.tainted]
-            heapq.heapify(self._awaiting)
-            self._let_go([c for c, hold in held.items()
-                          if hold.tainted and c not in busy], False)
-        durable, awaiting = mirror.durable_seq, self._awaiting
-        synced: set[int] = set()
-        while awaiting and awaiting[0][0] <= durable:
-            _, c = heapq.heappop(awaiting)
-            # A chunk still being written is seen again when that write is answered.
-            if c not in busy and c in held and self._settled(c):
-                synced.add(c)
-        self._let_go(sorted(synced), True)
-
-    def _let_go_tainted(self, chunks: range) -> None:
-        """While replicating: a write that did not reach the target leaves its chunks
-        dirty; let them go at once (plain) so the resync beside us can ship them."""
-        held, busy = self.held, self._busy
-        self._let_go([c for c in chunks if c in held and held[c].tainted and c not in busy],
-                     False)
+        assert self._mirrored is not None
+        tainted, settled = self._mirrored.settle()
+        self._let_go(tainted, False)
+        self._let_go(settled, True)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = asyncio.get_running_loop().create_task(self._run_sweeper())
 
-    async def _sweep(self) -> None:
+    async def _run_sweeper(self) -> None:
         while self.held:
             await asyncio.sleep(self.idle / IDLE_SWEEPS)
-            self._release()
+            self._sweep_idle()
 
     # -- requests --------------------------------------------------------------------
 
