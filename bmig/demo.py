@@ -27,8 +27,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import stat
 import struct
 import subprocess
@@ -37,7 +35,7 @@ import tempfile
 import termios
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, TextIO
 
 from bmig.cli.common import human_bytes
@@ -45,6 +43,8 @@ from bmig.config import parse_size
 from bmig.constants import KiB, MiB
 from bmig.errors import BmigError
 from bmig.nbd.client import NbdClient
+from bmig.processes import CHILDREN, Child, Group, NotReady, Stopped, child_env
+from bmig.processes import run as run_child
 
 DEVICE = "src"                      # the device's name in breqd and the export's in breceive
 STEPS = 8
@@ -77,14 +77,10 @@ _UNITS = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": 1 << 30, "TiB": 1 << 40, "PiB":
 class DemoError(Exception):
     """A step failed; ``daemon`` is the one whose log explains it, if any."""
 
-    def __init__(self, message: str, daemon: "Daemon | None" = None, log: str | None = None):
+    def __init__(self, message: str, daemon: Child | None = None, log: str | None = None):
         super().__init__(message)
         self.daemon = daemon
         self.log = log
-
-
-class Stopped(Exception):
-    """SIGTERM or SIGHUP reached the demo."""
 
 
 # -- settings ----------------------------------------------------------------------------
@@ -189,159 +185,12 @@ def tool(name: str) -> str | None:
     return None
 
 
-def child_env() -> dict[str, str]:
-    """Our environment without what belongs to our own service manager or breqd."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                        "WATCHDOG_USEC", "WATCHDOG_PID", "BMIG_CONTROL")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def tail(path: str, lines: int = 20) -> str:
     try:
         with open(path, errors="replace") as f:
             return "".join(f.readlines()[-lines:])
     except OSError:
         return ""
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
-    """SIGTERM to its process group, wait, SIGKILL after ``timeout``; the exit status."""
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-    return proc.returncode
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        if os.getpgid(proc.pid) == proc.pid:     # a group of its own: take all of it
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
-
-
-class Children:
-    """Every process the demo starts, so that none outlives it, and the signals that stop
-    the demo: SIGTERM, SIGHUP and Ctrl-C become exceptions in the main thread, except
-    while a child is being started; then they wait until it is on the list."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self._starting = False
-        self._pending: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
-
-    def ignore_signals(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-
-    def spawn(self, argv: list[str], **kw: Any) -> subprocess.Popen:
-        """Popen, on the list before a signal can stop the demo."""
-        self._starting = True
-        try:
-            proc = subprocess.Popen(argv, **kw)
-            self.procs.append(proc)
-        finally:
-            self._starting = False
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            _raise_for(pending)
-        return proc
-
-    def run(self, argv: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess:
-        """subprocess.run(capture_output=True, text=True), started with spawn()."""
-        proc = self.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **kw)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            stop_process(proc)
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process(proc, SYNC_STOP_TIMEOUT)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._starting:
-            self._pending = signum
-        else:
-            _raise_for(signum)
-
-
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Stopped(signal.Signals(signum).name)
-
-
-CHILDREN = Children()
-
-
-@dataclass
-class Daemon:
-    """A daemon in its own process group, ready when it says READY=1 on our socket."""
-
-    name: str
-    argv: list[str]
-    run_dir: str
-    log_path: str
-    proc: subprocess.Popen | None = None
-    status: list[str] = field(default_factory=list)
-
-    def start(self, out: Out) -> "Daemon":
-        out.command(self.argv)
-        path = os.path.join(self.run_dir, f"{self.name}.notify")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind(path)
-            with open(self.log_path, "ab") as log:
-                self.proc = CHILDREN.spawn(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    env={**child_env(), "NOTIFY_SOCKET": path}, process_group=0)
-            self._wait_ready(notify)
-        os.unlink(path)
-        out.detail(f"{self.name} ready (pid {self.proc.pid}, log {self.log_path})")
-        return self
-
-    def _wait_ready(self, notify: socket.socket) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise DemoError(f"{self.name} exited with status {self.proc.returncode} "
-                                "before it was ready", self)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DemoError(f"{self.name} did not say READY=1 in {START_TIMEOUT:.0f} s",
-                                self)
-            notify.settimeout(min(left, 0.2))
-            try:
-                lines = notify.recv(4096).decode(errors="replace").split("\n")
-            except socket.timeout:
-                continue
-            self.status += [line[7:] for line in lines if line.startswith("STATUS=")]
-            if "READY=1" in lines:
-                return
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        return None if self.proc is None else stop_process(self.proc)
 
 
 # -- the source image --------------------------------------------------------------------
@@ -478,7 +327,7 @@ def build_mixed(image: str, size: int, seed: int = 1) -> Image:
 
 
 def run_tool(argv: list[str], what: str) -> subprocess.CompletedProcess:
-    done = CHILDREN.run(argv, timeout=300)
+    done = run_child(argv, timeout=300, stop_timeout=STOP_TIMEOUT)
     if done.returncode != 0:
         raise DemoError(f"{what} failed with status {done.returncode}",
                         log=(done.stderr or done.stdout).strip())
@@ -575,16 +424,17 @@ def sync_text(argv: list[str], log_path: str, stream: TextIO) -> SyncRun:
     reader, writer = pty.openpty() if tty else os.pipe()
     if tty:
         _copy_window_size(stream.fileno(), writer)
+    sync = Child(argv, name="bmigrate sync", group=Group.SHARED)
     try:
-        proc = CHILDREN.spawn(argv, stdin=subprocess.DEVNULL, stdout=writer, stderr=writer,
-                              env=child_env())
+        sync.start(child_env(), stdout=writer, stderr=writer)
     finally:
         os.close(writer)
+    assert sync.proc is not None
     try:
         text = _relay(reader, stream, log_path)
-        status = proc.wait(timeout=SYNC_TIMEOUT)
+        status = sync.proc.wait(timeout=SYNC_TIMEOUT)
     finally:
-        stop_process(proc, SYNC_STOP_TIMEOUT)
+        sync.stop(SYNC_STOP_TIMEOUT)
         os.close(reader)
     return SyncRun(status, parse_text_summary(text), False)
 
@@ -647,9 +497,11 @@ def _bytes(text: str) -> int:
 def sync_json(argv: list[str], log_path: str, out: Out) -> SyncRun:
     """Run sync --json; one line per pass from its events; its summary."""
     summary = None
+    sync = Child(argv, name="bmigrate sync", group=Group.SHARED)
     with open(log_path, "ab") as log:
-        proc = CHILDREN.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=log, env=child_env(), text=True)
+        sync.start(child_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = sync.proc
+    assert proc is not None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -662,9 +514,7 @@ def sync_json(argv: list[str], log_path: str, out: Out) -> SyncRun:
                 summary = event
         status = proc.wait(timeout=SYNC_TIMEOUT)
     finally:
-        stop_process(proc, SYNC_STOP_TIMEOUT)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        sync.stop(SYNC_STOP_TIMEOUT)                 # closes its stdout too
     return SyncRun(status, summary, True)
 
 
@@ -695,7 +545,7 @@ def fsck(image: str) -> tuple[bool, str]:
     e2fsck = tool("e2fsck")
     if e2fsck is None:
         return False, "e2fsck is not installed"
-    done = CHILDREN.run([e2fsck, "-fn", image], timeout=300)
+    done = run_child([e2fsck, "-fn", image], timeout=300, stop_timeout=STOP_TIMEOUT)
     lines = (done.stdout.strip() or done.stderr.strip()).splitlines()
     return done.returncode == 0, lines[-1] if lines else ""
 
@@ -710,7 +560,7 @@ class Demo:
         self.args = args
         self.out = Out(sys.stderr if args.json else sys.stdout)
         self.workdir = ""
-        self.daemons: list[Daemon] = []
+        self.daemons: list[Child] = []
         self.writer: Writer | None = None
         self.result: dict[str, Any] = {}
         self.started = time.monotonic()
@@ -721,7 +571,7 @@ class Demo:
     # -- running -----------------------------------------------------------------------
 
     def run(self) -> int:
-        CHILDREN.install()
+        CHILDREN.install_signal_handlers()
         status, failure = 1, ""
         try:
             p = profile(self.args.size, self.args.quick)
@@ -817,16 +667,30 @@ class Demo:
         self.out.detail(f"breceive listens on 127.0.0.1:{port}")
         return f"tcp://127.0.0.1:{port}/{DEVICE}", secret
 
-    def start(self, name: str, argv: list[str]) -> Daemon:
-        daemon = Daemon(name, argv, self.path("run"), self.path("logs", f"{name}.log"))
+    def start(self, name: str, argv: list[str]) -> Child:
+        """A daemon in a process group of its own, ready when it says READY=1 on a notify
+        socket of ours (in run/)."""
+        daemon = Child(argv, name=name, log_path=self.path("logs", f"{name}.log"),
+                       group=Group.OWN)
         self.daemons.append(daemon)
-        return daemon.start(self.out)
+        self.out.command(argv)
+        daemon.start(child_env(), notify=True, notify_dir=self.path("run"))
+        try:
+            daemon.wait_ready(START_TIMEOUT)
+        except NotReady as exc:
+            if exc.returncode is None:
+                raise DemoError(f"{name} did not say READY=1 in {START_TIMEOUT:.0f} s",
+                                daemon) from None
+            raise DemoError(f"{name} exited with status {exc.returncode} before it was "
+                            "ready", daemon) from None
+        self.out.detail(f"{name} ready (pid {daemon.pid}, log {daemon.log_path})")
+        return daemon
 
     def track(self, image: Image, control: str) -> None:
         argv = [*program("bmigrate"), "track", "add", DEVICE, "--size-of", image.path,
                 "--control", control]
         self.out.command(argv)
-        done = CHILDREN.run(argv, timeout=60, env=child_env())
+        done = run_child(argv, timeout=60, env=child_env(), stop_timeout=STOP_TIMEOUT)
         if done.returncode != 0:
             raise DemoError(f"bmigrate track add failed with status {done.returncode}: "
                             f"{done.stderr.strip()}", self.daemons[0])
@@ -911,7 +775,7 @@ class Demo:
 
     def check_copy(self, image: Image) -> bool:
         self.out.step(6, "Stop bmig-nbd (it flushes), then compare the target with the source")
-        status = self.daemon("bmig-nbd").stop()
+        status = self.daemon("bmig-nbd").stop(STOP_TIMEOUT)
         if status != 0:
             raise DemoError(f"bmig-nbd stopped with status {status}", self.daemon("bmig-nbd"))
         self.out.detail("bmig-nbd stopped cleanly")
@@ -964,7 +828,7 @@ class Demo:
 
     # -- failures and cleanup --------------------------------------------------------------
 
-    def daemon(self, name: str) -> Daemon:
+    def daemon(self, name: str) -> Child:
         return next(d for d in self.daemons if d.name == name)
 
     def failure(self, exc: DemoError) -> str:
@@ -993,8 +857,9 @@ class Demo:
             self.writer.join(timeout=STOP_TIMEOUT)
         for daemon in reversed(self.daemons):
             if daemon.running():
-                self.out.detail(f"{daemon.name}: stopped, status {daemon.stop()}")
-        CHILDREN.stop_all()                             # anything else still running
+                self.out.detail(f"{daemon.name}: stopped, status "
+                                f"{daemon.stop(STOP_TIMEOUT)}")
+        CHILDREN.stop_all(SYNC_STOP_TIMEOUT)            # anything else still running
         if self.workdir and not self.args.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.out.detail(f"removed {self.workdir}")
@@ -1002,12 +867,13 @@ class Demo:
             self.out.detail(f"kept {self.workdir} (images, state and logs)")
 
 
-def _port(receiver: Daemon) -> int:
-    for status in receiver.status:
+def _port(receiver: Child) -> int:
+    for status in receiver.status_lines():
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", status)
         if match:
             return int(match[1])
-    raise DemoError(f"breceive did not say its port (STATUS: {receiver.status})", receiver)
+    raise DemoError(f"breceive did not say its port (STATUS: {receiver.status_lines()})",
+                    receiver)
 
 
 def _totals(runs: list[SyncRun]) -> dict[str, Any]:
