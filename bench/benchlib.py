@@ -1,9 +1,13 @@
-"""What the benchmark scripts share: provenance of a run (tool versions, the commit and a
-digest of the bmig sources as run, the load), the processes they start and the files they
-make (all stopped and removed at the end, also on a signal), file systems.
+"""What the benchmark scripts share: the provenance of a run (tool versions, the commit
+and a digest of the bmig sources as run, the load), the processes they start and the files
+they make (all stopped and removed at the end, also on a signal), file systems, tables.
 
-Imported by the scripts in this directory, which run as ``python bench/NAME.py``, so this
-directory is first on ``sys.path``."""
+The processes are bmig/processes.py's, as for the demo and the tests: each script's
+children run in sessions of their own, listed before a signal can stop the script, their
+notify sockets read until they stop. Imported by the scripts in this directory, which run
+as ``python bench/NAME.py``, so this directory is first on ``sys.path``. It measures
+nothing itself and touches nothing outside the paths a script gives it.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,12 @@ import hashlib
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from typing import Any, Callable
+
+from bmig import processes
+from bmig.processes import CHILDREN, Child, Group, NotReady
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 60.0         # seconds a daemon gets to say READY=1
@@ -28,72 +31,28 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
 BMIGRATE = [sys.executable, "-c", "from bmig.cli.main import main; main()"]
 
-RUNNING: list["Proc"] = []   # started and not stopped yet, oldest first
 PATHS: list[str] = []        # files and directories to remove at the end
-
-_starting = False            # a Popen is under way: a signal waits until it is listed
-_pending: int | None = None
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt): stop, clean up."""
-
-
-def on_signal(signum, frame) -> None:
-    global _pending
-    if _starting:
-        _pending = signum
-        return
-    _raise_for(signum)
-
-
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Interrupted(f"signal {signum}")
 
 
 def install_signal_handlers() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    """SIGINT, SIGTERM and SIGHUP stop the script (KeyboardInterrupt, Stopped), never
+    between a child's start and its listing, so cleanup() stops it too."""
+    CHILDREN.install_signal_handlers()
 
 
-@dataclass
-class Proc:
-    """A process started by a script, in its own session (pgid == pid)."""
+class Proc(Child):
+    """A process started by a script, in a session of its own (Ctrl-C reaches only the
+    script, and ssh finds no terminal to prompt on); stdout and stderr to its log."""
 
-    label: str
-    argv: list[str]
-    log_path: str
-    proc: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str] | None = None) -> "Proc":
-        """stdout and stderr to the log."""
-        with open(self.log_path, "ab") as log:
-            return self._popen(stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
-
-    def _popen(self, **kwargs) -> "Proc":
-        """Start it and put it on RUNNING; a signal that comes meanwhile is acted on once
-        it is there, so that cleanup() stops it too."""
-        global _starting, _pending
-        _starting = True
-        try:
-            self.proc = subprocess.Popen(self.argv, start_new_session=True, **kwargs)
-            RUNNING.append(self)
-        finally:
-            _starting = False
-        pending, _pending = _pending, None
-        if pending is not None:
-            _raise_for(pending)
-        return self
+    def __init__(self, label: str, argv: list[str], log_path: str):
+        super().__init__(argv, name=label, log_path=log_path, group=Group.SESSION)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def label(self) -> str:
+        return self.name
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.running()
 
     def cpu_seconds(self) -> float:
         """utime + stime of the whole process (all its threads) so far."""
@@ -104,75 +63,37 @@ class Proc:
     def before_stop(self) -> None:
         """What must go before the process itself (a subclass's)."""
 
-    def stop(self) -> int | None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM to its process group, SIGKILL if it will not go; then SIGKILL to
         whatever it left in its group."""
-        if self.proc is None:
-            return None
-        if self not in RUNNING:                # stopped already
-            return self.proc.returncode
-        if self.proc.poll() is None:
+        if self.running():
             self.before_stop()
-            signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                signal_group(self.pid, signal.SIGKILL)
-                self.proc.wait(STOP_TIMEOUT)
-        signal_group(self.pid, signal.SIGKILL)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        RUNNING.remove(self)
-        return self.proc.returncode
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
+        return super().stop(timeout)
 
 
 def child_env(**extra: str) -> dict[str, str]:
     """Our environment without our own service manager's variables, bmig importable."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                        "WATCHDOG_USEC", "WATCHDOG_PID", "BMIG_CONTROL", "BMIG_NBD_DIR")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
+    return processes.child_env(extra, import_path=ROOT)
 
 
 def start_notified(p: Proc, tmp: str, env: dict[str, str],
                    want: str | None = None) -> list[str]:
     """Start a bmig daemon with ``env`` and wait for READY=1 (and a notification matching
     ``want``) on a private NOTIFY_SOCKET in ``tmp``; returns the notifications."""
-    notify_path = os.path.join(tmp, "notify-" + re.sub(r"[^\w.-]", "_", p.label))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(notify_path)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notes: list[str] = []
+    def ready(notes: list[str]) -> bool:
+        text = "\n".join(notes)
+        return "READY=1" in text.split("\n") and (want is None or bool(re.search(want, text)))
+
+    p.start(env, notify=True, notify_dir=tmp)
     try:
-        p.start(dict(env, NOTIFY_SOCKET=notify_path))
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            text = "\n".join(notes)
-            if "READY=1" in text.split("\n") and (want is None or re.search(want, text)):
-                return notes
-            if not p.alive():
-                code = p.proc.returncode if p.proc is not None else None
-                raise RuntimeError(f"{p.label} exited with {code}:\n{p.log_tail()}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
-                                   f"{p.log_tail()}")
-            notify.settimeout(min(left, 0.2))
-            with contextlib.suppress(socket.timeout):
-                notes.append(notify.recv(4096).decode(errors="replace"))
-    finally:
-        notify.close()
-        os.unlink(notify_path)
+        p.wait_notified(ready, "READY=1", START_TIMEOUT)
+    except NotReady as exc:
+        if exc.returncode is None:
+            raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
+                               f"{p.log_tail()}") from None
+        raise RuntimeError(f"{p.label} exited with {exc.returncode}:\n{p.log_tail()}") \
+            from None
+    return list(p.notifications)
 
 
 def start_breqd(directory: str, control: str) -> Proc:
@@ -186,8 +107,8 @@ def start_breqd(directory: str, control: str) -> Proc:
 
 def run_bmigrate(env: dict[str, str], *args: str, timeout: float = 120.0) -> str:
     """A short bmigrate command (track, replicate, set-dirty); its stdout."""
-    done = subprocess.run([*BMIGRATE, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
+    done = processes.run([*BMIGRATE, *args], timeout=timeout, env=env, group=Group.SESSION,
+                         name=f"bmigrate {args[0] if args else ''}", stop_timeout=STOP_TIMEOUT)
     if done.returncode != 0:
         raise RuntimeError(f"bmigrate {' '.join(args)} failed ({done.returncode}): "
                            f"{done.stderr.strip()}")
@@ -211,13 +132,12 @@ def table(headers: list[str], rows: list[list], fmt: Callable[[Any], str] = str,
 
 def cleanup() -> None:
     """Stop every process still running, newest first, and remove PATHS, newest first."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # a second Ctrl-C must not
-        signal.signal(sig, signal.SIG_IGN)                      # leave things behind
-    for p in reversed(list(RUNNING)):
+    CHILDREN.ignore_signals()               # a second Ctrl-C must not leave things behind
+    for p in reversed(list(CHILDREN.running)):
         try:
-            p.stop()
-        except Exception as exc:              # keep going: the rest must still be stopped
-            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
+            p.stop(STOP_TIMEOUT)
+        except Exception as exc:            # keep going: the rest must still be stopped
+            print(f"cleanup: {p.name}: {exc}", file=sys.stderr)
     for path in reversed(PATHS):
         remove(path)
     PATHS.clear()
@@ -260,13 +180,7 @@ def loadavg() -> str:
         return "?"
 
 
-def signal_group(pgid: int, sig: int) -> None:
-    """Signal a process group that may be gone already."""
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
+# -- files -------------------------------------------------------------------------------
 
 def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):

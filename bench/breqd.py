@@ -18,7 +18,7 @@ Sections (see bench/README.md for what each one means and the figures measured):
   d  breqd's RSS with 10 devices of 1 TiB (64 KiB chunks), and with 1 TiB at 4 KiB.
 
 Every breqd runs in its own session (Ctrl-C reaches only this script), in a temporary
-directory that is removed at the end, also on Ctrl-C or an error.
+directory that is removed at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,14 +41,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import benchlib  # noqa: E402
-from benchlib import Interrupted, fs_type, loadavg  # noqa: E402
+from benchlib import (START_TIMEOUT, child_env, fs_type, install_signal_handlers,  # noqa: E402
+                      loadavg)
 from bmig.constants import MAX_RANGES_PER_FRAME, KiB, MiB, TiB  # noqa: E402
+from bmig.processes import CHILDREN, Child, Group, NotReady, Stopped  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
 BLOCK = 4 * KiB
 CHUNK = 64 * KiB
-START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0          # breqd flushes its bitmaps on SIGTERM: 1 TiB at 4 KiB takes a while
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -60,11 +60,8 @@ _daemons: list["Breqd"] = []
 _workers: list[mp.Process] = []
 
 
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
 def cleanup() -> None:
+    CHILDREN.ignore_signals()               # a second Ctrl-C must not leave things behind
     for proc in _workers:
         if proc.is_alive():
             proc.kill()
@@ -83,7 +80,7 @@ class Breqd:
     profile_dir: str | None = None
     log_level: str = "info"
     dir: str = ""
-    proc: subprocess.Popen | None = None
+    child: Child | None = None
     starts: int = 0
 
     def __post_init__(self) -> None:
@@ -108,50 +105,29 @@ class Breqd:
             code = "from bmig.cli.breqd import main; main()"
         return [sys.executable, "-c", code, *args]
 
+    @property
+    def proc(self):
+        return None if self.child is None else self.child.proc
+
     def start(self) -> "Breqd":
+        """A new breqd process on this directory (again after stop(remove=False)), ready
+        when it says READY=1."""
         self.starts += 1
-        notify_path = os.path.join(self.dir, "notify")
-        if os.path.exists(notify_path):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
+        self.child = Child(self.argv(), name="breqd", log_path=self.log_path,
+                           group=Group.SESSION)
+        self.child.start(child_env(), notify=True, notify_dir=self.dir)
         try:
-            env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=env,
-                                             stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"breqd exited with {self.proc.returncode}:\n"
-                                       f"{self.log_tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"breqd not ready in {START_TIMEOUT}s:\n"
-                                       f"{self.log_tail()}")
-                notify.settimeout(min(left, 0.2))
-                try:
-                    if b"READY=1" in notify.recv(4096).split(b"\n"):
-                        break
-                except socket.timeout:
-                    pass
-        finally:
-            notify.close()
-            os.unlink(notify_path)
+            self.child.wait_ready(START_TIMEOUT)
+        except NotReady as exc:
+            if exc.returncode is None:
+                raise RuntimeError(f"breqd not ready in {START_TIMEOUT}s:\n"
+                                   f"{self.log_tail()}") from None
+            raise RuntimeError(f"breqd exited with {exc.returncode}:\n{self.log_tail()}") \
+                from None
         return self
 
     def stop(self, remove: bool = True) -> int | None:
-        code = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-            code = self.proc.returncode
+        code = None if self.child is None else self.child.stop(STOP_TIMEOUT)
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
             if self in _daemons:
@@ -700,7 +676,7 @@ def main() -> int:
     unknown = set(sections) - set("abcd")
     if unknown:
         p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signal_handlers()
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "quick": args.quick,
                  "tmpdir_fs": fs_type(args.tmpdir), "disk_dir_fs": fs_type(args.disk_dir),
@@ -713,7 +689,7 @@ def main() -> int:
     try:
         for s in sections:
             runners[s](args, out)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:

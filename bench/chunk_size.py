@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 import benchlib  # noqa: E402
-from benchlib import Interrupted  # noqa: E402
+from benchlib import install_signal_handlers  # noqa: E402
 from bmig.constants import DEFAULT_CHUNK_SIZE, MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
 from bmig.tracker.store import BitmapFile, Identity, file_size  # noqa: E402
 
@@ -52,10 +52,6 @@ BLOCK = 4 * KiB
 SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
 CHECKOUT_BYTES = 64 * MiB
 IMAGE_SIZE = 512 * MiB
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signum}")
 
 
 def human(n: float) -> str:
@@ -389,7 +385,7 @@ def main() -> int:
     p.add_argument("--no-ext4", action="store_true", help="skip the ext4 workload")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signal_handlers()
     rng = random.Random(args.seed)
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
                  "python": sys.version.split()[0], "quick": args.quick,
@@ -428,7 +424,7 @@ def main() -> int:
                   "are measured", flush=True)
         out["amplification"] = wa
         out["conclusion"] = conclusion(rows, wa)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:

@@ -55,11 +55,12 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type, git_head,  # noqa: E402
-                      install_signal_handlers, Interrupted, loadavg, remove,
+                      install_signal_handlers, loadavg, remove,
                       run_bmigrate, source_digest, start_breqd, start_notified,
                       tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 
@@ -85,11 +86,10 @@ STEP_KEYS = {"replicate synchronously": "replicate", "drain": "drain",
 # -- process bookkeeping ---------------------------------------------------------------
 
 class Proc(benchlib.Proc):
-    def start(self, env: dict[str, str] | None = None, pipe: bool = False) -> "Proc":
+    def start(self, env: dict[str, str] | None = None, pipe: bool = False,
+              **kwargs) -> "Proc":
         """stdout and stderr to the log; with ``pipe`` stdout is a pipe to read."""
-        with open(self.log_path, "ab") as log:
-            self._popen(stdout=subprocess.PIPE if pipe else log, stderr=log,
-                        stdin=subprocess.DEVNULL, env=env or child_env())
+        super().start(env or child_env(), stdout=subprocess.PIPE if pipe else None, **kwargs)
         return self
 
 
@@ -899,7 +899,7 @@ def main() -> int:
             started = time.monotonic()
             {"downtime": downtime, "latency": latency}[name](b, out)
             out.setdefault("section_seconds", {})[name] = round(time.monotonic() - started, 1)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:

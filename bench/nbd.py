@@ -51,10 +51,11 @@ sys.path.insert(0, ROOT)
 
 import benchlib  # noqa: E402
 from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup, git_head,  # noqa: E402
-                      install_signal_handlers, Interrupted, loadavg, Proc,
+                      install_signal_handlers, loadavg, Proc,
                       source_digest, start_notified, tool_version)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 
@@ -560,7 +561,7 @@ def main() -> int:
         backing = os.path.join(args.backing_dir, f"bmig-bench-nbd-{os.getpid()}.img")
         PATHS.append(backing)
         run_all(args, Setup(tmp, backing, args.size), out)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     except RuntimeError as exc:

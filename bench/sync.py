@@ -70,11 +70,11 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  # noqa: E402
-                      cleanup, fs_type, git_head, install_signal_handlers, Interrupted, loadavg,
-                      remove, run_bmigrate, signal_group, source_digest, start_breqd,
-                      start_notified)
+                      cleanup, fs_type, git_head, install_signal_handlers, loadavg, remove,
+                      run_bmigrate, source_digest, start_breqd, start_notified)
 from bmig import __version__ as BMIG_VERSION  # noqa: E402
 from bmig.config import parse_size  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 
@@ -117,17 +117,18 @@ CASES = {
 
 # -- process bookkeeping ---------------------------------------------------------------
 
-@dataclass
 class Proc(benchlib.Proc):
-    subreaper: bool = False       # stop its descendants first (sshd)
+    def __init__(self, label: str, argv: list[str], log_path: str, subreaper: bool = False):
+        super().__init__(label, argv, log_path)
+        self.subreaper = subreaper    # stop its descendants first (sshd)
 
     def start(self, env: dict[str, str] | None = None, stdin: str | None = None,
-              stdout: str | None = None) -> "Proc":
+              stdout: str | None = None, **kwargs) -> "Proc":
+        """stdin from the file ``stdin``, stdout to the file ``stdout`` (else the log)."""
         with contextlib.ExitStack() as stack:
-            log = stack.enter_context(open(self.log_path, "ab"))
             fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-            fout = stack.enter_context(open(stdout, "wb")) if stdout else log
-            self._popen(stdout=fout, stderr=log, stdin=fin, env=env)
+            fout = stack.enter_context(open(stdout, "wb")) if stdout else None
+            super().start(env, stdin=fin, stdout=fout, **kwargs)
         return self
 
     def memory(self) -> dict[str, int]:
@@ -157,7 +158,7 @@ class Proc(benchlib.Proc):
 
         def kill() -> None:
             killed.set()
-            signal_group(self.pid, signal.SIGKILL)
+            self.signal(signal.SIGKILL)
 
         timer = threading.Timer(timeout, kill)
         timer.daemon = True
@@ -1496,7 +1497,7 @@ def main() -> int:
             started = time.monotonic()
             RUNNERS[case](b, out)
             out.setdefault("case_seconds", {})[case] = round(time.monotonic() - started, 1)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
