@@ -18,8 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from typing import Any, Callable
 
+from bmig import __version__ as BMIG_VERSION
 from bmig import processes
 from bmig.processes import CHILDREN, Child, Group, NotReady
 
@@ -143,20 +145,65 @@ def cleanup() -> None:
     PATHS.clear()
 
 
+# -- provenance: what a run's figures depend on besides the code ----------------------
+
+def provenance(**tools: list[str]) -> dict[str, Any]:
+    """The facts of a run, taken at its start, for the top of its JSON: the date, the CPUs,
+    Python, bmig's version, the commit and a digest of bmig/ as run, the version of each
+    tool (``name=argv`` that prints it: ``fio=["fio", "--version"]``), the load average."""
+    facts: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
+        "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
+        "bmig_source_sha256": source_digest()}
+    facts.update({name: tool_version(argv) for name, argv in tools.items()})
+    facts["loadavg_before"] = loadavg()
+    return facts
+
+
+def provenance_line(facts: dict[str, Any]) -> str:
+    """``provenance()`` as the second line of a report."""
+    tools = [str(v) for k, v in facts.items() if k not in _FACTS]
+    return "; ".join([f"{facts['date']}: bmig {facts['bmig']} at {facts['git']}, sources "
+                      f"{facts['bmig_source_sha256']}", f"Python {facts['python']}",
+                      f"{facts['cpus']} CPUs, load {facts['loadavg_before']}", *tools])
+
+
+_FACTS = ("date", "cpus", "python", "bmig", "git", "bmig_source_sha256", "loadavg_before")
+
+
+def provenance_end(out: dict[str, Any]) -> str | None:
+    """At the end of a run: the load average and the digest of bmig/ again, into ``out``;
+    the warning to print when bmig/ changed meanwhile, else None."""
+    out["loadavg_after"] = loadavg()
+    out["bmig_source_sha256_after"] = source_digest()
+    if out["bmig_source_sha256_after"] == out.get("bmig_source_sha256"):
+        return None
+    return (f"warning: bmig/ changed during the run (source {out.get('bmig_source_sha256')} "
+            f"at the start, {out['bmig_source_sha256_after']} at the end): each process ran "
+            "the tree as it was when it started")
+
+
 def tool_version(argv: list[str]) -> str:
-    """The first line ``argv`` prints (a tool's --version), or "?"."""
+    """The first line with a digit that ``argv`` prints (a tool's --version), or "?"."""
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        return (r.stdout or r.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
         return "?"
+    lines = (r.stdout + "\n" + r.stderr).strip().splitlines()
+    return next((line.strip() for line in lines if re.search(r"\d", line)), "?")
 
 
 def git_head() -> str:
-    head = tool_version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "bmig"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (bmig/ modified)" if dirty else "")
+    """The commit, short, and whether bmig/ differs from it; "?" outside a git tree."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                                  timeout=10, stdin=subprocess.DEVNULL).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    return head + (" (bmig/ modified)" if git("status", "--porcelain", "--", "bmig") else "")
 
 
 def source_digest() -> str:

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import benchlib  # noqa: E402
 from benchlib import (START_TIMEOUT, child_env, fs_type, install_signal_handlers,  # noqa: E402
-                      loadavg)
+                      provenance, provenance_end, provenance_line)
 from bmig.constants import MAX_RANGES_PER_FRAME, KiB, MiB, TiB  # noqa: E402
 from bmig.processes import CHILDREN, Child, Group, NotReady, Stopped  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
@@ -677,13 +677,12 @@ def main() -> int:
     if unknown:
         p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     install_signal_handlers()
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "quick": args.quick,
-                 "tmpdir_fs": fs_type(args.tmpdir), "disk_dir_fs": fs_type(args.disk_dir),
-                 "loadavg_before": loadavg()}
-    print(f"breqd benchmark, {out['cpus']} CPUs, Python {out['python']}, "
-          f"state in {args.tmpdir} ({out['tmpdir_fs']}), b in {args.disk_dir} "
-          f"({out['disk_dir_fs']})", flush=True)
+    facts = provenance()
+    out: dict = {**facts, "quick": args.quick,
+                 "tmpdir_fs": fs_type(args.tmpdir), "disk_dir_fs": fs_type(args.disk_dir)}
+    print(f"breqd benchmark: state in {args.tmpdir} ({out['tmpdir_fs']}), b in "
+          f"{args.disk_dir} ({out['disk_dir_fs']})", flush=True)
+    print(provenance_line(facts), flush=True)
     runners = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}
     t0 = time.monotonic()
     try:
@@ -695,11 +694,13 @@ def main() -> int:
     finally:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
+    changed = provenance_end(out)
     print()
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (other processes on the machine skew the figures)")
+    if changed:
+        print(changed, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -42,7 +42,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 import benchlib  # noqa: E402
-from benchlib import install_signal_handlers  # noqa: E402
+from benchlib import (install_signal_handlers, provenance, provenance_end,  # noqa: E402
+                      provenance_line)
 from bmig.constants import DEFAULT_CHUNK_SIZE, MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
@@ -387,10 +388,12 @@ def main() -> int:
     args = p.parse_args()
     install_signal_handlers()
     rng = random.Random(args.seed)
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "quick": args.quick,
-                 "device_size": TiB, "dirty_fraction": 0.01}
+    facts = provenance(mkfs_ext4=["mkfs.ext4", "-V"])
+    out: dict = {**facts, "quick": args.quick, "device_size": TiB, "dirty_fraction": 0.01}
     workdir = tempfile.mkdtemp(prefix="bmig-bench-chunk-", dir=args.tmpdir)
+    print(f"chunk size benchmark: a 1 TiB device at {human(SIZES[0])} .. {human(SIZES[-1])} "
+          f"chunks, files in {workdir}", flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     try:
         rows = []
@@ -434,9 +437,13 @@ def main() -> int:
             subprocess.run(["umount", "-l", mnt], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
     out["total_seconds"] = round(time.monotonic() - t0, 1)
+    changed = provenance_end(out)
     print()
     print(report(out))
-    print(f"\ntotal {out['total_seconds']} s")
+    print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
+          f"after {out['loadavg_after']}")
+    if changed:
+        print(changed, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -54,11 +54,9 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
-from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type, git_head,  # noqa: E402
-                      install_signal_handlers, loadavg, remove,
-                      run_bmigrate, source_digest, start_breqd, start_notified,
-                      tool_version)
-from bmig import __version__ as BMIG_VERSION  # noqa: E402
+from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type,  # noqa: E402
+                      install_signal_handlers, provenance, provenance_end, provenance_line,
+                      remove, run_bmigrate, start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -878,15 +876,11 @@ def main() -> int:
         return 2
     install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
-                 "bmig_source_sha256": source_digest(), "fio": tool_version(["fio", "--version"]),
-                 "quick": args.quick, "sections": args.sections, "repeat": args.repeat,
-                 "rounds": args.rounds, "runtime": args.runtime,
-                 "loadavg_before": loadavg()}
-    print(f"cutover benchmark: {', '.join(args.sections)}; {out['cpus']} CPUs, load "
-          f"{out['loadavg_before']}; bmig {out['git']}, source {out['bmig_source_sha256']}; "
-          f"{out['fio']}", flush=True)
+    facts = provenance(fio=["fio", "--version"])
+    out: dict = {**facts, "quick": args.quick, "sections": args.sections,
+                 "repeat": args.repeat, "rounds": args.rounds, "runtime": args.runtime}
+    print(f"cutover benchmark: {', '.join(args.sections)}", flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     code = 0
     try:
@@ -911,11 +905,9 @@ def main() -> int:
     if code == 130 or not have:
         return code
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
-    out["bmig_source_sha256_after"] = source_digest()
-    if out["bmig_source_sha256_after"] != out["bmig_source_sha256"]:
-        print("warning: bmig/ changed during the run; each process ran the tree of the "
-              "moment it started", file=sys.stderr)
+    changed = provenance_end(out)
+    if changed:
+        print(changed, file=sys.stderr)
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (fio, bmig-nbd, breqd, bmigrate and breceive share "

@@ -50,10 +50,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import benchlib  # noqa: E402
-from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup, git_head,  # noqa: E402
-                      install_signal_handlers, loadavg, Proc,
-                      source_digest, start_notified, tool_version)
-from bmig import __version__ as BMIG_VERSION  # noqa: E402
+from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup,  # noqa: E402
+                      install_signal_handlers, Proc, provenance, provenance_end,
+                      provenance_line, source_digest, start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -536,22 +535,16 @@ def main() -> int:
         return 2
     install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
-                 "bmig_source_sha256": source_digest(),
-                 "fio": tool_version(["fio", "--version"]),
-                 "qemu_nbd": tool_version(["qemu-nbd", "--version"]),
-                 "nbdkit": tool_version(["nbdkit", "--version"]),
-                 "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
+    facts = provenance(fio=["fio", "--version"], qemu_nbd=["qemu-nbd", "--version"],
+                       nbdkit=["nbdkit", "--version"])
+    out: dict = {**facts, "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
                  "repeat": args.repeat,
                  "size": args.size, "workloads": args.workloads,
-                 "servers": args.server_list, "clear_bitmap": args.clear_bitmap,
-                 "loadavg_before": loadavg(), "runs": []}
+                 "servers": args.server_list, "clear_bitmap": args.clear_bitmap, "runs": []}
     print(f"NBD servers benchmark: {', '.join(args.server_list)}; workloads "
           f"{','.join(args.workloads)}; {args.repeat} x {args.runtime} s each; "
-          f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}; {out['cpus']} CPUs, "
-          f"load {out['loadavg_before']}; bmig {out['git']}, source "
-          f"{out['bmig_source_sha256']}", flush=True)
+          f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}", flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     try:
         tmp = tempfile.mkdtemp(prefix="bmig-bench-nbd-", dir=args.tmpdir)
@@ -570,13 +563,15 @@ def main() -> int:
     finally:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
+    changed = provenance_end(out)
     out["summary"] = summarize(out["runs"])
     out["ratios"] = ratios(out["summary"], out["runs"])
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (fio, the server and breqd share {out['cpus']} "
           f"CPUs; other processes skew the figures)")
+    if changed:
+        print(changed, file=sys.stderr)
     path = args.json or os.path.join(HERE, "results", f"nbd-{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

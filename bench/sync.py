@@ -70,9 +70,8 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  # noqa: E402
-                      cleanup, fs_type, git_head, install_signal_handlers, loadavg, remove,
-                      run_bmigrate, source_digest, start_breqd, start_notified)
-from bmig import __version__ as BMIG_VERSION  # noqa: E402
+                      cleanup, fs_type, install_signal_handlers, provenance, provenance_end,
+                      provenance_line, remove, run_bmigrate, start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -1462,19 +1461,13 @@ def main() -> int:
         return 2
     install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
-                 "bmig_source_sha256": source_digest(),
-                 "quick": args.quick, "repeat": args.repeat, "size": args.size,
-                 "ssh_size": args.ssh_size, "cases": args.cases,
-                 "loadavg_before": loadavg(), "runs": []}
-    out["socat"] = next((line for line in subprocess.run(
-        ["socat", "-V"], capture_output=True, text=True).stdout.splitlines()
-        if "version" in line), "?") if shutil.which("socat") else "?"
+    facts = provenance(socat=["socat", "-V"])
+    out: dict = {**facts, "quick": args.quick, "repeat": args.repeat, "size": args.size,
+                 "ssh_size": args.ssh_size, "cases": args.cases, "runs": []}
     print(f"bmigrate sync benchmark: cases {','.join(args.cases)}; {args.repeat} round(s); "
-          f"{args.size / MiB:,.0f} MiB images, {args.ssh_size / MiB:,.0f} MiB over SSH; "
-          f"{out['cpus']} CPUs, load {out['loadavg_before']}; bmig {out['git']}, source "
-          f"{out['bmig_source_sha256']}", flush=True)
+          f"{args.size / MiB:,.0f} MiB images, {args.ssh_size / MiB:,.0f} MiB over SSH",
+          flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     code = 0
     try:
@@ -1508,8 +1501,7 @@ def main() -> int:
     if code == 130 or not out["runs"]:
         return code
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
-    out["bmig_source_sha256_after"] = source_digest()
+    changed = provenance_end(out)
     out["summary"] = summarize(out["runs"])
     out["ratios"] = ratios(out["summary"], out["runs"], out)
     out["cases"] = sorted({r["case"] for r in out["runs"]})
@@ -1522,10 +1514,8 @@ def main() -> int:
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
-    if out["bmig_source_sha256_after"] != out["bmig_source_sha256"]:
-        print(f"warning: bmig/ changed during the run (source {out['bmig_source_sha256']} "
-              f"at the start, {out['bmig_source_sha256_after']} at the end): each bmigrate "
-              "and breceive ran the tree as it was when it started")
+    if changed:
+        print(changed)
     print(f"results: {path}{' (partial: the run failed)' if code else ''}")
     return code
 
