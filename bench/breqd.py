@@ -18,7 +18,8 @@ Sections (see bench/README.md for what each one means and the figures measured):
   d  breqd's RSS with 10 devices of 1 TiB (64 KiB chunks), and with 1 TiB at 4 KiB.
 
 Every breqd runs in its own session (Ctrl-C reaches only this script), in a temporary
-directory that is removed at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error.
+directory that is removed at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error; the
+script touches nothing outside those directories.
 """
 
 from __future__ import annotations

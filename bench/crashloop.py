@@ -15,6 +15,8 @@ acknowledged and checked, and the iterations that found a difference (listed aft
     python bench/crashloop.py --json out.json
 
 The test suite runs two iterations of each (tests/integration/test_crashloop.py).
+Each component's rig lives in a temporary directory of its own, removed with everything
+it started at the end; the script touches nothing outside it.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ The ramp keeps out the one-off cost of tracking: after an idle spell bmig-nbd ho
 chunk, and the first write to each one waits for a round trip to breqd (about 2 s at
 the start of a run over 2 GiB). --ramp 0 shows it.
 
-Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM or
-an error; the temporary directory and the backing file are removed. A server or breqd that
+Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM,
+SIGHUP or an error; the temporary directory and the backing file are removed, and nothing
+else is touched. A server or breqd that
 was killed from outside between or during runs is restarted and the run done again.
 """
 
