@@ -49,8 +49,8 @@ class Daemon:
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
     pass_fds: tuple[int, ...] = ()      # fds the child inherits (sockets from "systemd")
-    _child: Child | None = field(default=None, repr=False)
-    _unread: int = field(default=0, repr=False)    # notifications[_unread:]: not waited for
+    _child: Child | None = field(default=None, init=False, repr=False)
+    _unread: int = field(default=0, init=False, repr=False)   # not passed by a wait_for yet
 
     def start(self, timeout: float = START_TIMEOUT) -> "Daemon":
         self._child = Child(self.argv, log_path=self.log_path, group=Group.SHARED)
