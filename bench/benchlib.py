@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,16 @@ class Proc(Child):
         with open(f"/proc/{self.pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM in bytes."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
 
     def before_stop(self) -> None:
         """What must go before the process itself (a subclass's)."""
@@ -228,6 +239,37 @@ def loadavg() -> str:
 
 
 # -- files -------------------------------------------------------------------------------
+
+def save_json(path: str, out: dict[str, Any]) -> None:
+    """A run's results, indented, where ``path`` says (its directory made if need be)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+
+
+def evict(*paths: str) -> None:
+    """Drop these files' pages from the page cache (made clean first: fdatasync)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fio_nbd_problem() -> str | None:
+    """Why fio cannot drive an NBD server here (not installed, no nbd engine), or None."""
+    if shutil.which("fio") is None:
+        return "fio is not installed (Debian: apt-get install fio)"
+    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0 or "uri" not in r.stdout:
+        return ("this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built "
+                "with libnbd")
+    return None
+
 
 def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing as mp
 import os
 import random
@@ -42,17 +41,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import benchlib  # noqa: E402
-from benchlib import (START_TIMEOUT, child_env, fs_type, install_signal_handlers,  # noqa: E402
-                      provenance, provenance_end, provenance_line)
+from benchlib import (Proc, child_env, fs_type, install_signal_handlers,  # noqa: E402
+                      provenance, provenance_end, provenance_line, save_json,
+                      start_notified)
 from bmig.constants import MAX_RANGES_PER_FRAME, KiB, MiB, TiB  # noqa: E402
-from bmig.processes import CHILDREN, Child, Group, NotReady, Stopped  # noqa: E402
+from bmig.processes import CHILDREN, Stopped  # noqa: E402
 from bmig.tracker.client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
 BLOCK = 4 * KiB
 CHUNK = 64 * KiB
 STOP_TIMEOUT = 60.0          # breqd flushes its bitmaps on SIGTERM: 1 TiB at 4 KiB takes a while
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- process bookkeeping ---------------------------------------------------------------
@@ -81,7 +80,7 @@ class Breqd:
     profile_dir: str | None = None
     log_level: str = "info"
     dir: str = ""
-    child: Child | None = None
+    child: Proc | None = None
     starts: int = 0
 
     def __post_init__(self) -> None:
@@ -114,17 +113,8 @@ class Breqd:
         """A new breqd process on this directory (again after stop(remove=False)), ready
         when it says READY=1."""
         self.starts += 1
-        self.child = Child(self.argv(), name="breqd", log_path=self.log_path,
-                           group=Group.SESSION)
-        self.child.start(child_env(), notify=True, notify_dir=self.dir)
-        try:
-            self.child.wait_ready(START_TIMEOUT)
-        except NotReady as exc:
-            if exc.returncode is None:
-                raise RuntimeError(f"breqd not ready in {START_TIMEOUT}s:\n"
-                                   f"{self.log_tail()}") from None
-            raise RuntimeError(f"breqd exited with {exc.returncode}:\n{self.log_tail()}") \
-                from None
+        self.child = Proc("breqd", self.argv(), self.log_path)
+        start_notified(self.child, self.dir, child_env())
         return self
 
     def stop(self, remove: bool = True) -> int | None:
@@ -148,19 +138,12 @@ class Breqd:
     # /proc figures
     def status(self) -> dict[str, int]:
         """VmRSS, VmHWM (bytes) of breqd."""
-        out = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * KiB
-        return out
+        assert self.child is not None
+        return self.child.memory()
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        # fields[0] is state (field 3): utime is field 14, stime field 15
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        assert self.child is not None
+        return self.child.cpu_seconds()
 
     def io(self) -> dict[str, int]:
         out = {}
@@ -703,9 +686,7 @@ def main() -> int:
     if changed:
         print(changed, file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        save_json(args.json, out)
     return 0
 
 

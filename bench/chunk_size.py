@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -42,8 +41,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 import benchlib  # noqa: E402
-from benchlib import (install_signal_handlers, provenance, provenance_end,  # noqa: E402
-                      provenance_line)
+from benchlib import (evict, install_signal_handlers, provenance,  # noqa: E402
+                      provenance_end, provenance_line, save_json)
 from bmig.constants import DEFAULT_CHUNK_SIZE, MAX_RANGES_PER_FRAME, GiB, KiB, MiB, TiB  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
@@ -65,15 +64,6 @@ def human(n: float) -> str:
 
 # -- bitmap size, file, scan -------------------------------------------------------------
 
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def bitmap_figures(workdir: str, chunk: int, rng: random.Random, dirty_fraction: float) -> dict:
     ident = Identity(0x5EED, TiB, chunk)
     n = ident.nchunks
@@ -87,7 +77,7 @@ def bitmap_figures(workdir: str, chunk: int, rng: random.Random, dirty_fraction:
     row["create_s"] = time.perf_counter() - t
     del bits
     assert os.path.getsize(path) == row["file_bytes"]
-    drop_cache(path)
+    evict(path)
     t = time.perf_counter()
     bitmap, loaded, reason = BitmapFile.open(path, ident)
     row["open_cold_s"] = time.perf_counter() - t
@@ -445,9 +435,7 @@ def main() -> int:
     if changed:
         print(changed, file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        save_json(args.json, out)
     return 0
 
 

@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -55,8 +54,9 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type,  # noqa: E402
-                      install_signal_handlers, provenance, provenance_end, provenance_line,
-                      remove, run_bmigrate, start_breqd, start_notified)
+                      fio_nbd_problem, install_signal_handlers, provenance,
+                      provenance_end, provenance_line, remove, run_bmigrate, save_json,
+                      start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -786,12 +786,9 @@ def report(out: dict) -> str:
 
 def preflight(args) -> str | None:
     """A one-line reason the run cannot start, or None."""
-    if shutil.which("fio") is None:
-        return "fio is not installed (Debian: apt-get install fio)"
-    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True)
-    if r.returncode != 0 or "uri" not in r.stdout:
-        return ("this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built "
-                "with libnbd")
+    problem = fio_nbd_problem()
+    if problem:
+        return problem
     wants = [(args.tmp_root, 64 * MiB, "--tmpdir", None)]
     if "downtime" in args.sections:
         wants.append((args.dir_root, 2 * args.size + 256 * MiB, "--dir", "--size"))
@@ -913,10 +910,7 @@ def main() -> int:
           f"after {out['loadavg_after']} (fio, bmig-nbd, breqd, bmigrate and breceive share "
           f"{out['cpus']} CPUs with whatever else runs)")
     path = args.json or os.path.join(HERE, "results", f"cutover-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    save_json(path, out)
     print(f"results: {path}")
     if code == 0 and out.get("downtime", {}).get("summary", {}).get("failed"):
         code = 1

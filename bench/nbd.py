@@ -52,8 +52,9 @@ sys.path.insert(0, ROOT)
 
 import benchlib  # noqa: E402
 from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup,  # noqa: E402
-                      install_signal_handlers, Proc, provenance, provenance_end,
-                      provenance_line, source_digest, start_notified)
+                      fio_nbd_problem, install_signal_handlers, Proc, provenance,
+                      provenance_end, provenance_line, save_json, source_digest,
+                      start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -446,11 +447,9 @@ def report(out: dict) -> str:
 
 def preflight(args) -> str | None:
     """A one-line reason the run cannot start, or None."""
-    if shutil.which("fio") is None:
-        return "fio is not installed (Debian: apt-get install fio)"
-    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True)
-    if r.returncode != 0 or "uri" not in r.stdout:
-        return "this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built with libnbd"
+    problem = fio_nbd_problem()
+    if problem:
+        return problem
     if "qemu-nbd" in args.server_list and shutil.which("qemu-nbd") is None:
         return "qemu-nbd is not installed (Debian: qemu-utils); or leave it out with --servers"
     if "nbdkit" in args.server_list:
@@ -574,10 +573,7 @@ def main() -> int:
     if changed:
         print(changed, file=sys.stderr)
     path = args.json or os.path.join(HERE, "results", f"nbd-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    save_json(path, out)
     print(f"results: {path}")
     return 0
 

@@ -70,8 +70,9 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  # noqa: E402
-                      cleanup, fs_type, install_signal_handlers, provenance, provenance_end,
-                      provenance_line, remove, run_bmigrate, start_breqd, start_notified)
+                      cleanup, evict, fs_type, install_signal_handlers, provenance,
+                      provenance_end, provenance_line, remove, run_bmigrate, save_json,
+                      start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
@@ -129,16 +130,6 @@ class Proc(benchlib.Proc):
             fout = stack.enter_context(open(stdout, "wb")) if stdout else None
             super().start(env, stdin=fin, stdout=fout, **kwargs)
         return self
-
-    def memory(self) -> dict[str, int]:
-        """VmRSS and VmHWM in bytes."""
-        out = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * KiB
-        return out
 
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS (clear_refs 5, Linux >= 4.0)."""
@@ -914,17 +905,6 @@ def rewrite_chunks(b: Bench, device: str, path: str, size: int, rng: random.Rand
     return len(picked)
 
 
-def evict(*paths: str) -> None:
-    """Drop these files' pages from the page cache (they are clean: fsynced before)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def incremental_round(b: Bench, src: str, target: str, recv: Receiver, rnd: int,
                       rng: random.Random, suffix: str, peers: list[str], out: dict) -> dict:
     """Rewrite 1 % of the chunks, then the peers in this round's order: the scans
@@ -1510,10 +1490,7 @@ def main() -> int:
           f"after {out['loadavg_after']} ({out['cpus']} CPUs shared by sender, receiver and "
           "whatever else runs: compare within a run)")
     path = args.json or os.path.join(HERE, "results", f"sync-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    save_json(path, out)
     if changed:
         print(changed)
     print(f"results: {path}{' (partial: the run failed)' if code else ''}")
