@@ -20,6 +20,9 @@ Sections (see bench/README.md for what each one means and the figures measured):
 Every breqd runs in its own session (Ctrl-C reaches only this script), in a temporary
 directory that is removed at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error; the
 script touches nothing outside those directories.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations

@@ -26,8 +26,12 @@ load is fio's nbd engine over bmig-nbd's Unix socket.
             tracking only. Before every run a `bmigrate sync --threshold 0` brings the
             target up to date and a hash of both files proves it identical.
 
-At the end, also on Ctrl-C, SIGTERM or an error, every process is stopped (its process
-group) and every file and directory this script made is removed.
+At the end, also on Ctrl-C, SIGTERM, SIGHUP or an error, every process is stopped (its
+process group) and every file and directory this script made is removed; nothing else is
+touched.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations

@@ -27,8 +27,11 @@ the start of a run over 2 GiB). --ramp 0 shows it.
 
 Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM,
 SIGHUP or an error; the temporary directory and the backing file are removed, and nothing
-else is touched. A server or breqd that
-was killed from outside between or during runs is restarted and the run done again.
+else is touched. A server or breqd that was killed from outside between or during runs is
+restarted and the run done again.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations

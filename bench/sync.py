@@ -34,7 +34,11 @@ directory, rounds interleaved (the first peer of a round rotates), medians repor
      Target: the 64 GiB peak within 1.10x of the 1 GiB peak (--sparse-size for others).
 
 Every process runs in its own session (sshd and what it spawns are found through /proc)
-and is stopped at the end, also on Ctrl-C, SIGTERM or an error; every file goes too.
+and is stopped at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error; every file goes
+too, and nothing else is touched.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations
