@@ -1,7 +1,8 @@
-"""``python -m bmig.demo`` (what ``make demo`` runs)."""
+"""``python -m bmig.demo`` (what ``make demo`` runs). Importing it runs nothing."""
 
 import sys
 
 from bmig.demo.story import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
