@@ -37,7 +37,7 @@ deb-deps:
 	    fi; \
 	fi
 
-# A live migration on this machine (bmig/demo.py); e2fsprogs makes its ext4 image.
+# A live migration on this machine (bmig/demo/); e2fsprogs makes its ext4 image.
 DEMO_PACKAGES := e2fsprogs
 
 demo: venv

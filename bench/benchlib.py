@@ -1,24 +1,30 @@
-"""What the benchmark scripts share: provenance of a run (tool versions, the commit and a
-digest of the bmig sources as run, the load), the processes they start and the files they
-make (all stopped and removed at the end, also on a signal), file systems.
+"""What the benchmark scripts share: the provenance of a run (tool versions, the commit
+and a digest of the bmig sources as run, the load), the processes they start and the files
+they make (all stopped and removed at the end, also on a signal), file systems, tables.
 
-Imported by the scripts in this directory, which run as ``python bench/NAME.py``, so this
-directory is first on ``sys.path``."""
+The processes are bmig/processes.py's, as for the demo and the tests: each script's
+children run in sessions of their own, listed before a signal can stop the script, their
+notify sockets read until they stop. Imported by the scripts in this directory, which run
+as ``python bench/NAME.py``, so this directory is first on ``sys.path``. It measures
+nothing itself and touches nothing outside the paths a script gives it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
+
+from bmig import __version__ as BMIG_VERSION
+from bmig import processes
+from bmig.processes import CHILDREN, Child, Group, NotReady
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 60.0         # seconds a daemon gets to say READY=1
@@ -28,72 +34,28 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
 BMIGRATE = [sys.executable, "-c", "from bmig.cli.main import main; main()"]
 
-RUNNING: list["Proc"] = []   # started and not stopped yet, oldest first
 PATHS: list[str] = []        # files and directories to remove at the end
-
-_starting = False            # a Popen is under way: a signal waits until it is listed
-_pending: int | None = None
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt): stop, clean up."""
-
-
-def on_signal(signum, frame) -> None:
-    global _pending
-    if _starting:
-        _pending = signum
-        return
-    _raise_for(signum)
-
-
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Interrupted(f"signal {signum}")
 
 
 def install_signal_handlers() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    """SIGINT, SIGTERM and SIGHUP stop the script (KeyboardInterrupt, Stopped), never
+    between a child's start and its listing, so cleanup() stops it too."""
+    CHILDREN.install_signal_handlers()
 
 
-@dataclass
-class Proc:
-    """A process started by a script, in its own session (pgid == pid)."""
+class Proc(Child):
+    """A process started by a script, in a session of its own (Ctrl-C reaches only the
+    script, and ssh finds no terminal to prompt on); stdout and stderr to its log."""
 
-    label: str
-    argv: list[str]
-    log_path: str
-    proc: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str] | None = None) -> "Proc":
-        """stdout and stderr to the log."""
-        with open(self.log_path, "ab") as log:
-            return self._popen(stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
-
-    def _popen(self, **kwargs) -> "Proc":
-        """Start it and put it on RUNNING; a signal that comes meanwhile is acted on once
-        it is there, so that cleanup() stops it too."""
-        global _starting, _pending
-        _starting = True
-        try:
-            self.proc = subprocess.Popen(self.argv, start_new_session=True, **kwargs)
-            RUNNING.append(self)
-        finally:
-            _starting = False
-        pending, _pending = _pending, None
-        if pending is not None:
-            _raise_for(pending)
-        return self
+    def __init__(self, label: str, argv: list[str], log_path: str):
+        super().__init__(argv, name=label, log_path=log_path, group=Group.SESSION)
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def label(self) -> str:
+        return self.name
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.running()
 
     def cpu_seconds(self) -> float:
         """utime + stime of the whole process (all its threads) so far."""
@@ -101,78 +63,50 @@ class Proc:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
+    def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM in bytes."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
+
     def before_stop(self) -> None:
         """What must go before the process itself (a subclass's)."""
 
-    def stop(self) -> int | None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM to its process group, SIGKILL if it will not go; then SIGKILL to
         whatever it left in its group."""
-        if self.proc is None:
-            return None
-        if self not in RUNNING:                # stopped already
-            return self.proc.returncode
-        if self.proc.poll() is None:
+        if self.running():
             self.before_stop()
-            signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                signal_group(self.pid, signal.SIGKILL)
-                self.proc.wait(STOP_TIMEOUT)
-        signal_group(self.pid, signal.SIGKILL)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        RUNNING.remove(self)
-        return self.proc.returncode
-
-    def log_tail(self, n: int = 20) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-n:])
-        except OSError:
-            return ""
+        return super().stop(timeout)
 
 
 def child_env(**extra: str) -> dict[str, str]:
     """Our environment without our own service manager's variables, bmig importable."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
-                        "WATCHDOG_USEC", "WATCHDOG_PID", "BMIG_CONTROL", "BMIG_NBD_DIR")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
+    return processes.child_env(extra, import_path=ROOT)
 
 
 def start_notified(p: Proc, tmp: str, env: dict[str, str],
                    want: str | None = None) -> list[str]:
     """Start a bmig daemon with ``env`` and wait for READY=1 (and a notification matching
     ``want``) on a private NOTIFY_SOCKET in ``tmp``; returns the notifications."""
-    notify_path = os.path.join(tmp, "notify-" + re.sub(r"[^\w.-]", "_", p.label))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(notify_path)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notes: list[str] = []
+    def ready(notes: list[str]) -> bool:
+        text = "\n".join(notes)
+        return "READY=1" in text.split("\n") and (want is None or bool(re.search(want, text)))
+
+    p.start(env, notify=True, notify_dir=tmp)
     try:
-        p.start(dict(env, NOTIFY_SOCKET=notify_path))
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            text = "\n".join(notes)
-            if "READY=1" in text.split("\n") and (want is None or re.search(want, text)):
-                return notes
-            if not p.alive():
-                code = p.proc.returncode if p.proc is not None else None
-                raise RuntimeError(f"{p.label} exited with {code}:\n{p.log_tail()}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
-                                   f"{p.log_tail()}")
-            notify.settimeout(min(left, 0.2))
-            with contextlib.suppress(socket.timeout):
-                notes.append(notify.recv(4096).decode(errors="replace"))
-    finally:
-        notify.close()
-        os.unlink(notify_path)
+        p.wait_notified(ready, "READY=1", START_TIMEOUT)
+    except NotReady as exc:
+        if exc.returncode is None:
+            raise RuntimeError(f"{p.label}: not ready in {START_TIMEOUT:.0f} s:\n"
+                               f"{p.log_tail()}") from None
+        raise RuntimeError(f"{p.label} exited with {exc.returncode}:\n{p.log_tail()}") \
+            from None
+    return list(p.notifications)
 
 
 def start_breqd(directory: str, control: str) -> Proc:
@@ -186,8 +120,8 @@ def start_breqd(directory: str, control: str) -> Proc:
 
 def run_bmigrate(env: dict[str, str], *args: str, timeout: float = 120.0) -> str:
     """A short bmigrate command (track, replicate, set-dirty); its stdout."""
-    done = subprocess.run([*BMIGRATE, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
+    done = processes.run([*BMIGRATE, *args], timeout=timeout, env=env, group=Group.SESSION,
+                         name=f"bmigrate {args[0] if args else ''}", stop_timeout=STOP_TIMEOUT)
     if done.returncode != 0:
         raise RuntimeError(f"bmigrate {' '.join(args)} failed ({done.returncode}): "
                            f"{done.stderr.strip()}")
@@ -211,32 +145,76 @@ def table(headers: list[str], rows: list[list], fmt: Callable[[Any], str] = str,
 
 def cleanup() -> None:
     """Stop every process still running, newest first, and remove PATHS, newest first."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # a second Ctrl-C must not
-        signal.signal(sig, signal.SIG_IGN)                      # leave things behind
-    for p in reversed(list(RUNNING)):
+    CHILDREN.ignore_signals()               # a second Ctrl-C must not leave things behind
+    for p in reversed(list(CHILDREN.running)):
         try:
-            p.stop()
-        except Exception as exc:              # keep going: the rest must still be stopped
-            print(f"cleanup: {p.label}: {exc}", file=sys.stderr)
+            p.stop(STOP_TIMEOUT)
+        except Exception as exc:            # keep going: the rest must still be stopped
+            print(f"cleanup: {p.name}: {exc}", file=sys.stderr)
     for path in reversed(PATHS):
         remove(path)
     PATHS.clear()
 
 
+# -- provenance: what a run's figures depend on besides the code ----------------------
+
+def provenance(**tools: list[str]) -> dict[str, Any]:
+    """The facts of a run, taken at its start, for the top of its JSON: the date, the CPUs,
+    Python, bmig's version, the commit and a digest of bmig/ as run, the version of each
+    tool (``name=argv`` that prints it: ``fio=["fio", "--version"]``), the load average."""
+    facts: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
+        "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
+        "bmig_source_sha256": source_digest()}
+    facts.update({name: tool_version(argv) for name, argv in tools.items()})
+    facts["loadavg_before"] = loadavg()
+    return facts
+
+
+def provenance_line(facts: dict[str, Any]) -> str:
+    """``provenance()`` as the second line of a report."""
+    tools = [str(v) for k, v in facts.items() if k not in _FACTS]
+    return "; ".join([f"{facts['date']}: bmig {facts['bmig']} at {facts['git']}, sources "
+                      f"{facts['bmig_source_sha256']}", f"Python {facts['python']}",
+                      f"{facts['cpus']} CPUs, load {facts['loadavg_before']}", *tools])
+
+
+_FACTS = ("date", "cpus", "python", "bmig", "git", "bmig_source_sha256", "loadavg_before")
+
+
+def provenance_end(out: dict[str, Any]) -> str | None:
+    """At the end of a run: the load average and the digest of bmig/ again, into ``out``;
+    the warning to print when bmig/ changed meanwhile, else None."""
+    out["loadavg_after"] = loadavg()
+    out["bmig_source_sha256_after"] = source_digest()
+    if out["bmig_source_sha256_after"] == out.get("bmig_source_sha256"):
+        return None
+    return (f"warning: bmig/ changed during the run (source {out.get('bmig_source_sha256')} "
+            f"at the start, {out['bmig_source_sha256_after']} at the end): each process ran "
+            "the tree as it was when it started")
+
+
 def tool_version(argv: list[str]) -> str:
-    """The first line ``argv`` prints (a tool's --version), or "?"."""
+    """The first line with a digit that ``argv`` prints (a tool's --version), or "?"."""
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        return (r.stdout or r.stderr).strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
         return "?"
+    lines = (r.stdout + "\n" + r.stderr).strip().splitlines()
+    return next((line.strip() for line in lines if re.search(r"\d", line)), "?")
 
 
 def git_head() -> str:
-    head = tool_version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "bmig"],
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (bmig/ modified)" if dirty else "")
+    """The commit, short, and whether bmig/ differs from it; "?" outside a git tree."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
+                                  timeout=10, stdin=subprocess.DEVNULL).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    return head + (" (bmig/ modified)" if git("status", "--porcelain", "--", "bmig") else "")
 
 
 def source_digest() -> str:
@@ -260,12 +238,37 @@ def loadavg() -> str:
         return "?"
 
 
-def signal_group(pgid: int, sig: int) -> None:
-    """Signal a process group that may be gone already."""
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+# -- files -------------------------------------------------------------------------------
+
+def save_json(path: str, out: dict[str, Any]) -> None:
+    """A run's results, indented, where ``path`` says (its directory made if need be)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+
+
+def evict(*paths: str) -> None:
+    """Drop these files' pages from the page cache (made clean first: fdatasync)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fio_nbd_problem() -> str | None:
+    """Why fio cannot drive an NBD server here (not installed, no nbd engine), or None."""
+    if shutil.which("fio") is None:
+        return "fio is not installed (Debian: apt-get install fio)"
+    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0 or "uri" not in r.stdout:
+        return ("this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built "
+                "with libnbd")
+    return None
 
 
 def remove(path: str) -> None:

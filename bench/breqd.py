@@ -18,21 +18,22 @@ Sections (see bench/README.md for what each one means and the figures measured):
   d  breqd's RSS with 10 devices of 1 TiB (64 KiB chunks), and with 1 TiB at 4 KiB.
 
 Every breqd runs in its own session (Ctrl-C reaches only this script), in a temporary
-directory that is removed at the end, also on Ctrl-C or an error.
+directory that is removed at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error; the
+script touches nothing outside those directories.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing as mp
 import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,16 +44,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import benchlib  # noqa: E402
-from benchlib import Interrupted, fs_type, loadavg  # noqa: E402
+from benchlib import (Proc, child_env, fs_type, install_signal_handlers,  # noqa: E402
+                      provenance, provenance_end, provenance_line, save_json,
+                      start_notified)
 from bmig.constants import KiB, MiB, TiB  # noqa: E402
 from bmig.limits import MAX_RANGES_PER_FRAME  # noqa: E402
+from bmig.processes import CHILDREN, Stopped  # noqa: E402
 from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 from bmig.tracker.protocol import Op  # noqa: E402
 
 BLOCK = 4 * KiB
 CHUNK = 64 * KiB
-START_TIMEOUT = 60.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+STOP_TIMEOUT = 60.0          # breqd flushes its bitmaps on SIGTERM: 1 TiB at 4 KiB takes a while
 
 
 # -- process bookkeeping ---------------------------------------------------------------
@@ -61,11 +64,8 @@ _daemons: list["Breqd"] = []
 _workers: list[mp.Process] = []
 
 
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
 def cleanup() -> None:
+    CHILDREN.ignore_signals()               # a second Ctrl-C must not leave things behind
     for proc in _workers:
         if proc.is_alive():
             proc.kill()
@@ -84,7 +84,7 @@ class Breqd:
     profile_dir: str | None = None
     log_level: str = "info"
     dir: str = ""
-    proc: subprocess.Popen | None = None
+    child: Proc | None = None
     starts: int = 0
 
     def __post_init__(self) -> None:
@@ -109,50 +109,20 @@ class Breqd:
             code = "from bmig.cli.breqd import main; main()"
         return [sys.executable, "-c", code, *args]
 
+    @property
+    def proc(self):
+        return None if self.child is None else self.child.proc
+
     def start(self) -> "Breqd":
+        """A new breqd process on this directory (again after stop(remove=False)), ready
+        when it says READY=1."""
         self.starts += 1
-        notify_path = os.path.join(self.dir, "notify")
-        if os.path.exists(notify_path):
-            os.unlink(notify_path)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        try:
-            env = dict(os.environ, NOTIFY_SOCKET=notify_path, PYTHONUNBUFFERED="1")
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=env,
-                                             stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"breqd exited with {self.proc.returncode}:\n"
-                                       f"{self.log_tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"breqd not ready in {START_TIMEOUT}s:\n"
-                                       f"{self.log_tail()}")
-                notify.settimeout(min(left, 0.2))
-                try:
-                    if b"READY=1" in notify.recv(4096).split(b"\n"):
-                        break
-                except socket.timeout:
-                    pass
-        finally:
-            notify.close()
-            os.unlink(notify_path)
+        self.child = Proc("breqd", self.argv(), self.log_path)
+        start_notified(self.child, self.dir, child_env())
         return self
 
     def stop(self, remove: bool = True) -> int | None:
-        code = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-            code = self.proc.returncode
+        code = None if self.child is None else self.child.stop(STOP_TIMEOUT)
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
             if self in _daemons:
@@ -172,19 +142,12 @@ class Breqd:
     # /proc figures
     def status(self) -> dict[str, int]:
         """VmRSS, VmHWM (bytes) of breqd."""
-        out = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * KiB
-        return out
+        assert self.child is not None
+        return self.child.memory()
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        # fields[0] is state (field 3): utime is field 14, stime field 15
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        assert self.child is not None
+        return self.child.cpu_seconds()
 
     def io(self) -> dict[str, int]:
         out = {}
@@ -701,34 +664,33 @@ def main() -> int:
     unknown = set(sections) - set("abcd")
     if unknown:
         p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "quick": args.quick,
-                 "tmpdir_fs": fs_type(args.tmpdir), "disk_dir_fs": fs_type(args.disk_dir),
-                 "loadavg_before": loadavg()}
-    print(f"breqd benchmark, {out['cpus']} CPUs, Python {out['python']}, "
-          f"state in {args.tmpdir} ({out['tmpdir_fs']}), b in {args.disk_dir} "
-          f"({out['disk_dir_fs']})", flush=True)
+    install_signal_handlers()
+    facts = provenance()
+    out: dict = {**facts, "quick": args.quick,
+                 "tmpdir_fs": fs_type(args.tmpdir), "disk_dir_fs": fs_type(args.disk_dir)}
+    print(f"breqd benchmark: state in {args.tmpdir} ({out['tmpdir_fs']}), b in "
+          f"{args.disk_dir} ({out['disk_dir_fs']})", flush=True)
+    print(provenance_line(facts), flush=True)
     runners = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}
     t0 = time.monotonic()
     try:
         for s in sections:
             runners[s](args, out)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
+    changed = provenance_end(out)
     print()
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (other processes on the machine skew the figures)")
+    if changed:
+        print(changed, file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        save_json(args.json, out)
     return 0
 
 

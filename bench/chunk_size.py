@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,9 +41,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 import benchlib  # noqa: E402
-from benchlib import Interrupted  # noqa: E402
+from benchlib import (evict, install_signal_handlers, provenance,  # noqa: E402
+                      provenance_end, provenance_line, save_json)
 from bmig.constants import DEFAULT_CHUNK_SIZE, GiB, KiB, MiB, TiB  # noqa: E402
 from bmig.limits import MAX_RANGES_PER_FRAME  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.tracker.chunks import ChunkMap, zeros  # noqa: E402
 from bmig.tracker.store import BitmapFile, Identity, file_size  # noqa: E402
 
@@ -53,10 +53,6 @@ BLOCK = 4 * KiB
 SIZES = [4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB]
 CHECKOUT_BYTES = 64 * MiB
 IMAGE_SIZE = 512 * MiB
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signum}")
 
 
 def human(n: float) -> str:
@@ -68,15 +64,6 @@ def human(n: float) -> str:
 
 
 # -- bitmap size, file, scan -------------------------------------------------------------
-
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
 
 def bitmap_figures(workdir: str, chunk: int, rng: random.Random, dirty_fraction: float) -> dict:
     ident = Identity(0x5EED, TiB, chunk)
@@ -91,7 +78,7 @@ def bitmap_figures(workdir: str, chunk: int, rng: random.Random, dirty_fraction:
     row["create_s"] = time.perf_counter() - t
     del bits
     assert os.path.getsize(path) == row["file_bytes"]
-    drop_cache(path)
+    evict(path)
     t = time.perf_counter()
     bitmap, loaded, reason = BitmapFile.open(path, ident)
     row["open_cold_s"] = time.perf_counter() - t
@@ -390,12 +377,14 @@ def main() -> int:
     p.add_argument("--no-ext4", action="store_true", help="skip the ext4 workload")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signal_handlers()
     rng = random.Random(args.seed)
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "quick": args.quick,
-                 "device_size": TiB, "dirty_fraction": 0.01}
+    facts = provenance(mkfs_ext4=["mkfs.ext4", "-V"])
+    out: dict = {**facts, "quick": args.quick, "device_size": TiB, "dirty_fraction": 0.01}
     workdir = tempfile.mkdtemp(prefix="bmig-bench-chunk-", dir=args.tmpdir)
+    print(f"chunk size benchmark: a 1 TiB device at {human(SIZES[0])} .. {human(SIZES[-1])} "
+          f"chunks, files in {workdir}", flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     try:
         rows = []
@@ -429,7 +418,7 @@ def main() -> int:
                   "are measured", flush=True)
         out["amplification"] = wa
         out["conclusion"] = conclusion(rows, wa)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
@@ -439,13 +428,15 @@ def main() -> int:
             subprocess.run(["umount", "-l", mnt], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
     out["total_seconds"] = round(time.monotonic() - t0, 1)
+    changed = provenance_end(out)
     print()
     print(report(out))
-    print(f"\ntotal {out['total_seconds']} s")
+    print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
+          f"after {out['loadavg_after']}")
+    if changed:
+        print(changed, file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        save_json(args.json, out)
     return 0
 
 

@@ -10,10 +10,13 @@ nothing dirty in breqd. The table gives, per component, the iterations, the writ
 acknowledged and checked, and the iterations that found a difference (listed after it).
 
     python bench/crashloop.py                      # 50 iterations of each component
+    python bench/crashloop.py --quick              # 2 of each, as the test suite runs
     python bench/crashloop.py --iterations 5 --components sync,breqd --seed 7
     python bench/crashloop.py --json out.json
 
 The test suite runs two iterations of each (tests/integration/test_crashloop.py).
+Each component's rig lives in a temporary directory of its own, removed with everything
+it started at the end; the script touches nothing outside it.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from benchlib import git_head, loadavg, source_digest, table  # noqa: E402
+from benchlib import provenance, provenance_end, provenance_line, table  # noqa: E402
 from tests.crashloop import COMPONENTS, Rig  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--iterations", type=int,
+                        help="iterations of each component [50; 2 with --quick]")
+    parser.add_argument("--quick", action="store_true",
+                        help="two iterations of each component (a smoke test)")
     parser.add_argument("--components", default=",".join(COMPONENTS),
                         help=f"comma-separated, of {', '.join(COMPONENTS)}")
     parser.add_argument("--seed", type=int, default=1)
@@ -46,10 +52,13 @@ def main() -> int:
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         parser.error(f"unknown components: {', '.join(sorted(unknown))}")
+    if args.iterations is None:
+        args.iterations = 2 if args.quick else 50
 
-    print(f"bmig crash loop: git {git_head()}, sources {source_digest()}, "
-          f"load {loadavg()}, seed {args.seed}, {args.iterations} iterations each",
+    facts = provenance()
+    print(f"bmig crash loop: seed {args.seed}, {args.iterations} iterations each",
           flush=True)
+    print(provenance_line(facts), flush=True)
     rows, failures, results = [], [], []
     for component in components:
         started = time.monotonic()
@@ -76,12 +85,15 @@ def main() -> int:
                         "seconds": round(seconds, 1)})
         print(f"{component}: {args.iterations} iterations, {writes} writes, {bad} bad",
               flush=True)
+    out = {**facts, "seed": args.seed, "iterations": args.iterations}
+    changed = provenance_end(out)
     print()
     print(table(["component", "iterations", "acked writes", "differences", "seconds"], rows))
+    if changed:
+        print(changed, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"git": git_head(), "sources": source_digest(), "seed": args.seed,
-                       "results": results,
+            json.dump({**out, "results": results,
                        "failures": [o.__dict__ for o in failures]}, f, indent=2)
     return 1 if failures else 0
 

@@ -26,8 +26,12 @@ load is fio's nbd engine over bmig-nbd's Unix socket.
             tracking only. Before every run a `bmigrate sync --threshold 0` brings the
             target up to date and a hash of both files proves it identical.
 
-At the end, also on Ctrl-C, SIGTERM or an error, every process is stopped (its process
-group) and every file and directory this script made is removed.
+At the end, also on Ctrl-C, SIGTERM, SIGHUP or an error, every process is stopped (its
+process group) and every file and directory this script made is removed; nothing else is
+touched.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -54,12 +57,12 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
-from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type, git_head,  # noqa: E402
-                      install_signal_handlers, Interrupted, loadavg, remove,
-                      run_bmigrate, source_digest, start_breqd, start_notified,
-                      tool_version)
-from bmig import __version__ as BMIG_VERSION  # noqa: E402
+from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type,  # noqa: E402
+                      fio_nbd_problem, install_signal_handlers, provenance,
+                      provenance_end, provenance_line, remove, run_bmigrate, save_json,
+                      start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
@@ -85,11 +88,10 @@ STEP_KEYS = {"replicate synchronously": "replicate", "drain": "drain",
 # -- process bookkeeping ---------------------------------------------------------------
 
 class Proc(benchlib.Proc):
-    def start(self, env: dict[str, str] | None = None, pipe: bool = False) -> "Proc":
+    def start(self, env: dict[str, str] | None = None, pipe: bool = False,
+              **kwargs) -> "Proc":
         """stdout and stderr to the log; with ``pipe`` stdout is a pipe to read."""
-        with open(self.log_path, "ab") as log:
-            self._popen(stdout=subprocess.PIPE if pipe else log, stderr=log,
-                        stdin=subprocess.DEVNULL, env=env or child_env())
+        super().start(env or child_env(), stdout=subprocess.PIPE if pipe else None, **kwargs)
         return self
 
 
@@ -788,12 +790,9 @@ def report(out: dict) -> str:
 
 def preflight(args) -> str | None:
     """A one-line reason the run cannot start, or None."""
-    if shutil.which("fio") is None:
-        return "fio is not installed (Debian: apt-get install fio)"
-    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True)
-    if r.returncode != 0 or "uri" not in r.stdout:
-        return ("this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built "
-                "with libnbd")
+    problem = fio_nbd_problem()
+    if problem:
+        return problem
     wants = [(args.tmp_root, 64 * MiB, "--tmpdir", None)]
     if "downtime" in args.sections:
         wants.append((args.dir_root, 2 * args.size + 256 * MiB, "--dir", "--size"))
@@ -878,15 +877,11 @@ def main() -> int:
         return 2
     install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
-                 "bmig_source_sha256": source_digest(), "fio": tool_version(["fio", "--version"]),
-                 "quick": args.quick, "sections": args.sections, "repeat": args.repeat,
-                 "rounds": args.rounds, "runtime": args.runtime,
-                 "loadavg_before": loadavg()}
-    print(f"cutover benchmark: {', '.join(args.sections)}; {out['cpus']} CPUs, load "
-          f"{out['loadavg_before']}; bmig {out['git']}, source {out['bmig_source_sha256']}; "
-          f"{out['fio']}", flush=True)
+    facts = provenance(fio=["fio", "--version"])
+    out: dict = {**facts, "quick": args.quick, "sections": args.sections,
+                 "repeat": args.repeat, "rounds": args.rounds, "runtime": args.runtime}
+    print(f"cutover benchmark: {', '.join(args.sections)}", flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     code = 0
     try:
@@ -899,7 +894,7 @@ def main() -> int:
             started = time.monotonic()
             {"downtime": downtime, "latency": latency}[name](b, out)
             out.setdefault("section_seconds", {})[name] = round(time.monotonic() - started, 1)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -911,20 +906,15 @@ def main() -> int:
     if code == 130 or not have:
         return code
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
-    out["bmig_source_sha256_after"] = source_digest()
-    if out["bmig_source_sha256_after"] != out["bmig_source_sha256"]:
-        print("warning: bmig/ changed during the run; each process ran the tree of the "
-              "moment it started", file=sys.stderr)
+    changed = provenance_end(out)
+    if changed:
+        print(changed, file=sys.stderr)
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (fio, bmig-nbd, breqd, bmigrate and breceive share "
           f"{out['cpus']} CPUs with whatever else runs)")
     path = args.json or os.path.join(HERE, "results", f"cutover-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    save_json(path, out)
     print(f"results: {path}")
     if code == 0 and out.get("downtime", {}).get("summary", {}).get("failed"):
         code = 1

@@ -25,9 +25,13 @@ The ramp keeps out the one-off cost of tracking: after an idle spell bmig-nbd ho
 chunk, and the first write to each one waits for a round trip to breqd (about 2 s at
 the start of a run over 2 GiB). --ramp 0 shows it.
 
-Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM or
-an error; the temporary directory and the backing file are removed. A server or breqd that
-was killed from outside between or during runs is restarted and the run done again.
+Every process runs in its own session and is killed at the end, also on Ctrl-C, SIGTERM,
+SIGHUP or an error; the temporary directory and the backing file are removed, and nothing
+else is touched. A server or breqd that was killed from outside between or during runs is
+restarted and the run done again.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import benchlib  # noqa: E402
-from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup, git_head,  # noqa: E402
-                      install_signal_handlers, Interrupted, loadavg, Proc,
-                      source_digest, start_notified, tool_version)
-from bmig import __version__ as BMIG_VERSION  # noqa: E402
+from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup,  # noqa: E402
+                      fio_nbd_problem, install_signal_handlers, Proc, provenance,
+                      provenance_end, provenance_line, save_json, source_digest,
+                      start_notified)
 from bmig.config import parse_size  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
@@ -445,11 +450,9 @@ def report(out: dict) -> str:
 
 def preflight(args) -> str | None:
     """A one-line reason the run cannot start, or None."""
-    if shutil.which("fio") is None:
-        return "fio is not installed (Debian: apt-get install fio)"
-    r = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True)
-    if r.returncode != 0 or "uri" not in r.stdout:
-        return "this fio has no nbd ioengine (fio --enghelp=nbd fails); use a fio built with libnbd"
+    problem = fio_nbd_problem()
+    if problem:
+        return problem
     if "qemu-nbd" in args.server_list and shutil.which("qemu-nbd") is None:
         return "qemu-nbd is not installed (Debian: qemu-utils); or leave it out with --servers"
     if "nbdkit" in args.server_list:
@@ -535,22 +538,16 @@ def main() -> int:
         return 2
     install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
-                 "bmig_source_sha256": source_digest(),
-                 "fio": tool_version(["fio", "--version"]),
-                 "qemu_nbd": tool_version(["qemu-nbd", "--version"]),
-                 "nbdkit": tool_version(["nbdkit", "--version"]),
-                 "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
+    facts = provenance(fio=["fio", "--version"], qemu_nbd=["qemu-nbd", "--version"],
+                       nbdkit=["nbdkit", "--version"])
+    out: dict = {**facts, "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
                  "repeat": args.repeat,
                  "size": args.size, "workloads": args.workloads,
-                 "servers": args.server_list, "clear_bitmap": args.clear_bitmap,
-                 "loadavg_before": loadavg(), "runs": []}
+                 "servers": args.server_list, "clear_bitmap": args.clear_bitmap, "runs": []}
     print(f"NBD servers benchmark: {', '.join(args.server_list)}; workloads "
           f"{','.join(args.workloads)}; {args.repeat} x {args.runtime} s each; "
-          f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}; {out['cpus']} CPUs, "
-          f"load {out['loadavg_before']}; bmig {out['git']}, source "
-          f"{out['bmig_source_sha256']}", flush=True)
+          f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}", flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     try:
         tmp = tempfile.mkdtemp(prefix="bmig-bench-nbd-", dir=args.tmpdir)
@@ -560,7 +557,7 @@ def main() -> int:
         backing = os.path.join(args.backing_dir, f"bmig-bench-nbd-{os.getpid()}.img")
         PATHS.append(backing)
         run_all(args, Setup(tmp, backing, args.size), out)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     except RuntimeError as exc:
@@ -569,18 +566,17 @@ def main() -> int:
     finally:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
+    changed = provenance_end(out)
     out["summary"] = summarize(out["runs"])
     out["ratios"] = ratios(out["summary"], out["runs"])
     print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (fio, the server and breqd share {out['cpus']} "
           f"CPUs; other processes skew the figures)")
+    if changed:
+        print(changed, file=sys.stderr)
     path = args.json or os.path.join(HERE, "results", f"nbd-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
+    save_json(path, out)
     print(f"results: {path}")
     return 0
 

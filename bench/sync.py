@@ -34,7 +34,11 @@ directory, rounds interleaved (the first peer of a round rotates), medians repor
      Target: the 64 GiB peak within 1.10x of the 1 GiB peak (--sparse-size for others).
 
 Every process runs in its own session (sshd and what it spawns are found through /proc)
-and is stopped at the end, also on Ctrl-C, SIGTERM or an error; every file goes too.
+and is stopped at the end, also on Ctrl-C, SIGTERM, SIGHUP or an error; every file goes
+too, and nothing else is touched.
+
+One file over 500 lines on purpose: a benchmark is a script, read top to bottom
+beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
 
 from __future__ import annotations
@@ -70,11 +74,11 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  # noqa: E402
-                      cleanup, fs_type, git_head, install_signal_handlers, Interrupted, loadavg,
-                      remove, run_bmigrate, signal_group, source_digest, start_breqd,
-                      start_notified)
-from bmig import __version__ as BMIG_VERSION  # noqa: E402
+                      cleanup, evict, fs_type, install_signal_handlers, provenance,
+                      provenance_end, provenance_line, remove, run_bmigrate, save_json,
+                      start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
+from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
@@ -117,28 +121,19 @@ CASES = {
 
 # -- process bookkeeping ---------------------------------------------------------------
 
-@dataclass
 class Proc(benchlib.Proc):
-    subreaper: bool = False       # stop its descendants first (sshd)
+    def __init__(self, label: str, argv: list[str], log_path: str, subreaper: bool = False):
+        super().__init__(label, argv, log_path)
+        self.subreaper = subreaper    # stop its descendants first (sshd)
 
     def start(self, env: dict[str, str] | None = None, stdin: str | None = None,
-              stdout: str | None = None) -> "Proc":
+              stdout: str | None = None, **kwargs) -> "Proc":
+        """stdin from the file ``stdin``, stdout to the file ``stdout`` (else the log)."""
         with contextlib.ExitStack() as stack:
-            log = stack.enter_context(open(self.log_path, "ab"))
             fin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-            fout = stack.enter_context(open(stdout, "wb")) if stdout else log
-            self._popen(stdout=fout, stderr=log, stdin=fin, env=env)
+            fout = stack.enter_context(open(stdout, "wb")) if stdout else None
+            super().start(env, stdin=fin, stdout=fout, **kwargs)
         return self
-
-    def memory(self) -> dict[str, int]:
-        """VmRSS and VmHWM in bytes."""
-        out = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * KiB
-        return out
 
     def reset_peak(self) -> bool:
         """Reset VmHWM to the current RSS (clear_refs 5, Linux >= 4.0)."""
@@ -157,7 +152,7 @@ class Proc(benchlib.Proc):
 
         def kill() -> None:
             killed.set()
-            signal_group(self.pid, signal.SIGKILL)
+            self.signal(signal.SIGKILL)
 
         timer = threading.Timer(timeout, kill)
         timer.daemon = True
@@ -914,17 +909,6 @@ def rewrite_chunks(b: Bench, device: str, path: str, size: int, rng: random.Rand
     return len(picked)
 
 
-def evict(*paths: str) -> None:
-    """Drop these files' pages from the page cache (they are clean: fsynced before)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def incremental_round(b: Bench, src: str, target: str, recv: Receiver, rnd: int,
                       rng: random.Random, suffix: str, peers: list[str], out: dict) -> dict:
     """Rewrite 1 % of the chunks, then the peers in this round's order: the scans
@@ -1461,19 +1445,13 @@ def main() -> int:
         return 2
     install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
-                 "bmig_source_sha256": source_digest(),
-                 "quick": args.quick, "repeat": args.repeat, "size": args.size,
-                 "ssh_size": args.ssh_size, "cases": args.cases,
-                 "loadavg_before": loadavg(), "runs": []}
-    out["socat"] = next((line for line in subprocess.run(
-        ["socat", "-V"], capture_output=True, text=True).stdout.splitlines()
-        if "version" in line), "?") if shutil.which("socat") else "?"
+    facts = provenance(socat=["socat", "-V"])
+    out: dict = {**facts, "quick": args.quick, "repeat": args.repeat, "size": args.size,
+                 "ssh_size": args.ssh_size, "cases": args.cases, "runs": []}
     print(f"bmigrate sync benchmark: cases {','.join(args.cases)}; {args.repeat} round(s); "
-          f"{args.size / MiB:,.0f} MiB images, {args.ssh_size / MiB:,.0f} MiB over SSH; "
-          f"{out['cpus']} CPUs, load {out['loadavg_before']}; bmig {out['git']}, source "
-          f"{out['bmig_source_sha256']}", flush=True)
+          f"{args.size / MiB:,.0f} MiB images, {args.ssh_size / MiB:,.0f} MiB over SSH",
+          flush=True)
+    print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     code = 0
     try:
@@ -1496,7 +1474,7 @@ def main() -> int:
             started = time.monotonic()
             RUNNERS[case](b, out)
             out.setdefault("case_seconds", {})[case] = round(time.monotonic() - started, 1)
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -1507,8 +1485,7 @@ def main() -> int:
     if code == 130 or not out["runs"]:
         return code
     out["total_seconds"] = round(time.monotonic() - t0, 1)
-    out["loadavg_after"] = loadavg()
-    out["bmig_source_sha256_after"] = source_digest()
+    changed = provenance_end(out)
     out["summary"] = summarize(out["runs"])
     out["ratios"] = ratios(out["summary"], out["runs"], out)
     out["cases"] = sorted({r["case"] for r in out["runs"]})
@@ -1517,14 +1494,9 @@ def main() -> int:
           f"after {out['loadavg_after']} ({out['cpus']} CPUs shared by sender, receiver and "
           "whatever else runs: compare within a run)")
     path = args.json or os.path.join(HERE, "results", f"sync-{stamp}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    if out["bmig_source_sha256_after"] != out["bmig_source_sha256"]:
-        print(f"warning: bmig/ changed during the run (source {out['bmig_source_sha256']} "
-              f"at the start, {out['bmig_source_sha256_after']} at the end): each bmigrate "
-              "and breceive ran the tree as it was when it started")
+    save_json(path, out)
+    if changed:
+        print(changed)
     print(f"results: {path}{' (partial: the run failed)' if code else ''}")
     return code
 

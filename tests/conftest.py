@@ -1,3 +1,7 @@
+"""Fixtures for every test: a real breqd on directories of its own, and no daemon left
+running after a test, whatever happened in it (daemons are started with tests/daemon.py).
+These fixtures touch only the test's tmp_path."""
+
 from __future__ import annotations
 
 import os

@@ -1,21 +1,21 @@
 """Start real daemons as subprocesses, wait until they say READY=1, stop them after.
 
 A test hands the daemon a NOTIFY_SOCKET of its own, so readiness is the daemon's own
-word, not a guess: no sleeps.
+word, not a guess: no sleeps. The starting, the reading of the notify socket (all the
+time, so the daemon's notifications are never dropped for a full queue) and the stopping
+are bmig/processes.py's, as for the demo and the benchmarks; a test's daemon stays in the
+test's process group and a stop signals it alone. This module may not touch the daemons'
+state: it only starts, watches and stops.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from bmig.processes import CHILDREN, Child, Group, NotReady, child_env
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -38,10 +38,10 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0,
 
 # Daemons started and not stopped (or killed) yet: tests/conftest.py stops what a test
 # left running, also when it failed half-way.
-RUNNING: list["Daemon"] = []
+RUNNING: list[Child] = CHILDREN.running
 
 
-@dataclass
+@dataclass(eq=False)
 class Daemon:
     """A running daemon process with its log file."""
 
@@ -49,22 +49,12 @@ class Daemon:
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
     pass_fds: tuple[int, ...] = ()      # fds the child inherits (sockets from "systemd")
-    proc: subprocess.Popen | None = None
-    notifications: list[str] = field(default_factory=list)
-    _notify: socket.socket | None = None
-    _notify_dir: str | None = None
+    _child: Child | None = field(default=None, init=False, repr=False)
+    _unread: int = field(default=0, init=False, repr=False)   # not passed by a wait_for yet
 
     def start(self, timeout: float = START_TIMEOUT) -> "Daemon":
-        self._notify_dir = tempfile.mkdtemp(prefix="bmig-notify-")
-        path = os.path.join(self._notify_dir, "notify")
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(path)
-        env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONUNBUFFERED="1", **self.env)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env,
-                                     stdin=subprocess.DEVNULL, pass_fds=self.pass_fds)
-        log.close()
-        RUNNING.append(self)
+        self._child = Child(self.argv, log_path=self.log_path, group=Group.SHARED)
+        self._child.start(child_env(self.env), notify=True, pass_fds=self.pass_fds)
         try:
             self.wait_for("READY=1", timeout)
         except BaseException:
@@ -74,21 +64,32 @@ class Daemon:
 
     def wait_for(self, line: str, timeout: float = START_TIMEOUT) -> None:
         """Block until the daemon sends ``line`` to its notify socket."""
-        assert self._notify is not None and self.proc is not None
-        deadline = time.monotonic() + timeout
-        while not any(line in n.split("\n") for n in self.notifications):
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.argv[0]} exited with {self.proc.returncode} before {line}:\n"
-                    f"{self.log()}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {line} from {self.argv[0]} in {timeout}s:\n{self.log()}")
-            self._notify.settimeout(min(left, 0.2))
-            try:
-                self.notifications.append(self._notify.recv(4096).decode())
-            except socket.timeout:
-                pass
+        assert self._child is not None
+        try:
+            self._unread = self._child.wait_notified(
+                lambda notes: next((i + 1 for i, n in enumerate(notes)
+                                    if line in n.split("\n")), None), line, timeout)
+        except NotReady as exc:
+            if exc.returncode is None:
+                raise AssertionError(f"no {line} from {self.argv[0]} in {timeout}s:\n"
+                                     f"{self.log()}") from None
+            raise AssertionError(f"{self.argv[0]} exited with {exc.returncode} before "
+                                 f"{line}:\n{self.log()}") from None
+
+    @property
+    def proc(self):
+        return None if self._child is None else self._child.proc
+
+    @property
+    def notifications(self) -> list[str]:
+        """Every notification received so far (a test may clear() it)."""
+        return [] if self._child is None else self._child.notifications
+
+    @property
+    def _notify(self) -> "_Unread | None":
+        """What the notify socket still held in the days it was read only by wait_for:
+        the notifications after the one the last wait_for() found."""
+        return _Unread(self) if self._child is not None and self._child.listening else None
 
     def log(self) -> str:
         try:
@@ -99,37 +100,38 @@ class Daemon:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self._child is not None
+        return self._child.pid
 
     def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=STOP_TIMEOUT)
-        self._close_notify()
+        assert self._child is not None
+        self._child.kill9(STOP_TIMEOUT)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM, wait, SIGKILL if it will not go; returns the exit code."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        self._close_notify()
-        return None if self.proc is None else self.proc.returncode
+        return None if self._child is None else self._child.stop(timeout)
 
-    def _close_notify(self) -> None:
-        """The notify socket and its directory go once the daemon is gone."""
-        if self in RUNNING:
-            RUNNING.remove(self)
-        if self._notify is not None:
-            self._notify.close()
-            self._notify = None
-        if self._notify_dir is not None:
-            shutil.rmtree(self._notify_dir, ignore_errors=True)
-            self._notify_dir = None
+
+class _Unread:
+    """recv() and setblocking() over the notifications no wait_for() has passed yet, each
+    once, for tests that read what the daemon sent last (STOPPING=1, say)."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def recv(self, size: int) -> bytes:
+        child = self.daemon._child
+        assert child is not None
+        child.sync_notifications()             # all it sent so far is in notifications
+        notes = child.notifications
+        if self.daemon._unread >= len(notes):
+            self.daemon._unread = len(notes)
+            raise BlockingIOError
+        self.daemon._unread += 1
+        return notes[self.daemon._unread - 1].encode()[:size]
 
 
 def python_module(module: str) -> list[str]:
