@@ -52,7 +52,9 @@ NOT_CAPS = {
     ("constants.py", "MAX_DEVICE_NAME"): "what a device name may be",
     ("config.py", "MAX_KEY_PARTS"): "TOML key syntax inside a file capped by MAX_CONFIG_FILE",
     ("config.py", "MAX_SHOWN"): "characters of a bad value quoted in an error message",
-    ("demo.py", "MAX_WRITE"): "the demo writer's own write size",
+    ("demo/settings.py", "MAX_WRITE"): "the demo writer's own write size",
+    ("processes.py", "MAX_NOTIFICATIONS"): "what a helper keeps of its own children's "
+                                           "notifications: not a peer's input",
     ("sender/converge.py", "MAX_HOLD_WAIT"): "seconds",
     ("nbd/manage.py", "MAX_LEASE"): "seconds",
     ("wire/handshake.py", "MAX_VERSION_FIELD"): "the range of a number",
