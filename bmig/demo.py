@@ -44,7 +44,7 @@ from bmig.cli.common import human_bytes
 from bmig.config import parse_size
 from bmig.constants import KiB, MiB
 from bmig.errors import BmigError
-from bmig.nbd.client import NbdClient
+from bmig.nbdclient import NbdClient
 
 DEVICE = "src"                      # the device's name in breqd and the export's in breceive
 STEPS = 8

@@ -8,10 +8,11 @@ from typing import Any, Callable
 import click
 
 from bmig.cli.common import json_option, print_json
-from bmig.cli.sync import CONNECTION_KEYS, connection_options
+from bmig.cli.sync import connection_options
 from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR, ManageClient
+from bmig.wire.options import CONNECTION_KEYS
 
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "known_hosts", "identity")
 

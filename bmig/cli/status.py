@@ -10,21 +10,22 @@ import click
 from bmig.cli.common import control_option, human_bytes, json_option, print_json
 from bmig.cli.replicate import manage_dir_option
 from bmig.cli.replicate import mode as describe_nbd
-from bmig.cli.sync import build, connect_options, connection_options
+from bmig.cli.sync import build, connection_options
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.errors import BmigError, ConfigError, VerifyFailed
+from bmig.errors import BmigError, ConfigError, UnreachableError, VerifyFailed
 from bmig.lineage import TARGET_SUFFIX, load_target
+from bmig.nbd.manage_client import ManageClient
+from bmig.sender.targets import open_target
 from bmig.sender.verify import verify as verify_chunks
+from bmig.tracker.client import TrackerClient
+from bmig.wire.options import ConnectOptions
+from bmig.wire.urls import parse_target_url
 
 
 def source_status(name: str, control: str, to: str | None, connection: dict,
                   manage_dir: str | None = None) -> dict:
     """This side's view of NAME (breqd; bmig-nbd's, when one serves NAME in
     ``manage_dir``), and the target's record when --to is given."""
-    from bmig.sender.targets import open_target
-    from bmig.sender.urls import parse_target_url
-    from bmig.tracker.client import TrackerClient
-
     with TrackerClient(control, client="bmigrate") as client:
         stats = client.stats(name)
     out: dict[str, Any] = {"device": name, "side": "source", "role": stats["role"],
@@ -38,7 +39,7 @@ def source_status(name: str, control: str, to: str | None, connection: dict,
         out["nbd"] = nbd_status(manage_dir, name)
     if to:
         url = parse_target_url(to)
-        target = open_target(url, connect_options(connection))
+        target = open_target(url, ConnectOptions.from_dict(connection))
         try:
             status = target.status()
         finally:
@@ -51,9 +52,6 @@ def source_status(name: str, control: str, to: str | None, connection: dict,
 def nbd_status(manage_dir: str, name: str) -> dict | None:
     """What the bmig-nbd serving NAME says of itself (replication, freeze, a failed
     source), or None when none serves it."""
-    from bmig.errors import UnreachableError
-    from bmig.nbd.manage_client import ManageClient
-
     try:
         with ManageClient(manage_dir, name, timeout=10) as client:
             status = client.call("status")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import click
 
 from bmig import log as bmig_log
+from bmig import systemd
 from bmig.cli.common import SIZE, json_option
 from bmig.cli.report import JsonReporter, TextReporter
 from bmig.config import Key, Schema, load_settings, parse_size
@@ -27,12 +28,11 @@ from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, SyncSettings
 from bmig.sender.passes import PassSettings
-from bmig.sender.targets import ConnectOptions
-from bmig.sender.urls import parse_target_url
 from bmig.tracker.devices import DEVICE_NAMES, device_name
 from bmig.wire import codec
-from bmig.wire.auth import load_secret
+from bmig.wire.options import ConnectOptions
 from bmig.wire.protocol import MAX_DATA
+from bmig.wire.urls import parse_target_url
 
 log = logging.getLogger("bmigrate")
 
@@ -120,11 +120,6 @@ SCHEMA = Schema(
 KEYS = SCHEMA.names
 
 
-CONNECTION_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "trust_tls_server",
-                   "ssh_command", "ssh_program", "known_hosts", "accept_new_host_key",
-                   "identity", "ssh_cipher")
-
-
 def connection_options(f: Callable) -> Callable:
     """How to reach and authenticate a target: every command that connects to one."""
     options = [
@@ -152,18 +147,6 @@ def connection_options(f: Callable) -> Callable:
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def connect_options(values: dict[str, Any]) -> ConnectOptions:
-    secret = load_secret(str(values["secret_file"])) if values.get("secret_file") else None
-    return ConnectOptions(
-        secret=secret, tls_ca=values.get("tls_ca"), tls_cert=values.get("tls_cert"),
-        tls_key=values.get("tls_key"), trust_tls_server=bool(values.get("trust_tls_server")),
-        ssh_command=str(values.get("ssh_command") or "breceive --stdio"),
-        ssh_program=str(values.get("ssh_program") or "paramiko"),
-        known_hosts=values.get("known_hosts"),
-        accept_new_host_key=bool(values.get("accept_new_host_key")),
-        identity=values.get("identity"), ssh_cipher=values.get("ssh_cipher"))
 
 
 def migration_options(f: Callable) -> Callable:
@@ -229,7 +212,7 @@ def build(values: dict[str, Any], as_json: bool) -> tuple[Migration, Any]:
     if not values.get("to"):
         raise ConfigError("give --to URL, e.g. tcp://backup:10810/vm1")
     url = parse_target_url(str(values["to"]))
-    options = connect_options(values)
+    options = ConnectOptions.from_dict(values)
     settings = SyncSettings(passes=PassSettings(), discard_export=values.get("discard_target_data"),
                             manage_dir=str(values.get("manage_dir") or DEFAULT_MANAGE_DIR))
     apply_reloadable(settings, values)
@@ -347,8 +330,6 @@ def run_service(name: str | None, config_file: str | None, as_json: bool,
     Ships writes as they come, reconnects with backoff, reports its lag; SIGHUP reloads
     --config, SIGTERM stops cleanly.
     """
-    from bmig import systemd
-
     migration, reporter, signals = prepare(config_file, {"name": name, **flags}, as_json)
     systemd.notify("READY=1", f"STATUS=shipping {migration.name} to {migration.url}")
     try:

@@ -41,6 +41,8 @@ from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.nbd.manage_client import MANAGE_VERSION, MAX_MANAGE_FRAME, socket_path
 from bmig.nbd.layers.replicate import ControlLayer, ReplicateLayer
 from bmig.nbd.replica import open_replica
+from bmig.wire.client import SourceInfo
+from bmig.wire.options import ConnectOptions
 
 log = logging.getLogger("bmig-nbd")
 
@@ -55,7 +57,7 @@ class Managed:
     export: str
     control: ControlLayer
     replicate: ReplicateLayer
-    source: Any             # bmig.sender.targets.SourceInfo, from breqd
+    source: SourceInfo      # from breqd
 
 
 class _Client:
@@ -247,9 +249,6 @@ class ManageServer:
                 "bytes_written": m.control.bytes_written}
 
     async def _replicate(self, m: Managed, request: dict) -> None:
-        from bmig.sender.targets import ConnectOptions
-        from bmig.wire.auth import load_secret
-
         url = request.get("url")
         protocol = request.get("protocol", "C")
         policy = request.get("policy", "degrade")
@@ -262,15 +261,7 @@ class ManageServer:
         o = request.get("options", {})
         if not isinstance(o, dict):
             raise ProtocolError("options must be an object")
-        secret = load_secret(str(o["secret_file"])) if o.get("secret_file") else None
-        options = ConnectOptions(
-            secret=secret, tls_ca=o.get("tls_ca"), tls_cert=o.get("tls_cert"),
-            tls_key=o.get("tls_key"), trust_tls_server=bool(o.get("trust_tls_server")),
-            ssh_command=str(o.get("ssh_command") or "breceive --stdio"),
-            ssh_program=str(o.get("ssh_program") or "paramiko"),
-            known_hosts=o.get("known_hosts"),
-            accept_new_host_key=bool(o.get("accept_new_host_key")),
-            identity=o.get("identity"), ssh_cipher=o.get("ssh_cipher"))
+        options = ConnectOptions.from_dict(o)
         if m.replicate.active:             # one replication session per target
             await m.replicate.stop()
         loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """Synchronous replication from bmig-nbd: each write also goes to breceive.
 
-The connection is a WireTarget (bmig.sender.targets: the same transports, handshake and
+The connection is a WireTarget (bmig.wire.client: the same transports, handshake and
 lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
 wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the
 event loop with call_soon_threadsafe. What a write waits for depends on the protocol:
@@ -36,12 +36,16 @@ import itertools
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 from bmig.constants import REPLICATION_PROTOCOLS
-from bmig.errors import BmigError, UnreachableError
+from bmig.errors import BmigError, ConfigError, UnreachableError
 from bmig.wire import codec
+from bmig.wire.client import SourceInfo, WireTarget
+from bmig.wire.connect import connect
+from bmig.wire.options import ConnectOptions
 from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, MAX_DATA
+from bmig.wire.urls import parse_target_url
 
 log = logging.getLogger("bmig-nbd")
 
@@ -51,7 +55,7 @@ _DURABLE, _WRITTEN, _RECEIVED, _SENT = "durable", "written", "received", "sent"
 
 
 class Replica:
-    def __init__(self, target: Any, protocol: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, target: WireTarget, protocol: str, loop: asyncio.AbstractEventLoop):
         if protocol not in REPLICATION_PROTOCOLS:
             raise ValueError(protocol)
         self.target = target
@@ -280,18 +284,14 @@ class Replica:
         self._fail_all(UnreachableError("replication stopped"))
 
 
-def open_replica(url: str, options: Any, source: Any, protocol: str,
+def open_replica(url: str, options: ConnectOptions, source: SourceInfo, protocol: str,
                  loop: asyncio.AbstractEventLoop) -> Replica:
     """Blocking: connect, authenticate, OPEN in replicate mode (run it in a thread)."""
-    from bmig.sender.targets import open_target
-    from bmig.sender.urls import parse_target_url
-    from bmig.errors import ConfigError
-
     parsed = parse_target_url(url)
     if parsed.kind == "nbd":
         raise ConfigError("synchronous replication goes to breceive (tcp://, tls://, "
                           "ssh://), not to an NBD server")
-    target = open_target(parsed, options)
+    target = connect(parsed, options)
     try:
         relation = target.open(source, False, mode="replicate")
     except BaseException:

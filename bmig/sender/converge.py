@@ -30,14 +30,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bmig.blockdev import size_of_fd
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
                          StateError, UnknownExport)
 from bmig.lineage import parse_id
+from bmig.nbd.manage_client import ManageClient
 from bmig.sender.passes import LockedTracker, Pass, PassResult, PassSettings, RateLimit, Source
-from bmig.sender.targets import ConnectOptions, SourceInfo, open_target
-from bmig.sender.urls import TargetUrl
+from bmig.sender.targets import open_target
 from bmig.tracker.client import TrackerClient
+from bmig.wire.client import SourceInfo
+from bmig.wire.options import ConnectOptions
+from bmig.wire.urls import TargetUrl
 
 log = logging.getLogger("bmigrate")
 
@@ -193,8 +197,6 @@ class Migration:
             self._client.set_all_dirty(self.name)
 
     def _check_source_size(self) -> None:
-        from bmig.blockdev import size_of_fd
-
         assert self._source is not None and self._info is not None
         have = size_of_fd(self._source.fd)
         if have != self._info.size:
@@ -309,8 +311,6 @@ class Migration:
         is where ``manage_dir`` says (None otherwise)."""
         if self.settings.manage_dir is None:
             return None
-        from bmig.nbd.manage_client import ManageClient
-
         try:
             with ManageClient(self.settings.manage_dir, self.name, timeout=5) as nbd:
                 return int(nbd.call("status")["bytes_written"])

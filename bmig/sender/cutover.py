@@ -39,6 +39,7 @@ from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, STATE_CONSISTENT, Targ
                           hex_id, new_generation, save_target)
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
+from bmig.sender.targets import open_target
 from bmig.sender.verify import verify
 
 log = logging.getLogger("bmigrate")
@@ -307,8 +308,6 @@ class Cutover:
                 m._target.close()
             except (BmigError, OSError):
                 pass
-        from bmig.sender.targets import open_target
-
         deadline = time.monotonic() + OUTCOME_TIMEOUT
         problem = "the receiver could not be asked"
         while True:

@@ -28,9 +28,9 @@ from typing import Callable
 from bmig.blockdev import data_runs
 from bmig.constants import MAX_RANGES_PER_FRAME, MiB
 from bmig.errors import BmigError, UnreachableError
-from bmig.sender.targets import SourceInfo
 from bmig.tracker.client import TrackerClient
 from bmig.wire import codec
+from bmig.wire.client import SourceInfo
 from bmig.wire.protocol import MAX_DATA
 
 log = logging.getLogger("bmigrate")

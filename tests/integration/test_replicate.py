@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from bmig.nbd.client import NbdClient, NbdError
+from bmig.nbdclient import NbdClient, NbdError
 from bmig.sender.passes import LockedTracker, Source
 from bmig.tracker.client import TrackerClient
 from bmig.wire import codec, handshake

@@ -24,9 +24,9 @@ from bmig.receiver import session as session_module
 from bmig.receiver import target as target_module
 from bmig.receiver.session import Policy, Session, TargetConfig
 from bmig.sender.passes import LockedTracker, Pass, PassSettings, RateLimit, Source
-from bmig.sender.targets import SourceInfo
 from bmig.tracker.client import TrackerClient
 from bmig.wire import codec, handshake
+from bmig.wire.client import SourceInfo
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from bmig.wire.transports import SocketStream

@@ -21,8 +21,8 @@ from bmig.config import Key, Schema, load_settings, parse_size
 from bmig.errors import ConfigError
 from bmig.sender.converge import SyncSettings
 from bmig.sender.passes import PassSettings
-from bmig.sender.urls import parse_target_url
 from bmig.tracker import devices
+from bmig.wire.urls import parse_target_url
 
 # -- writing TOML ---------------------------------------------------------------------
 
