@@ -2,78 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
 
 from bmig.cli.common import control_option, human_bytes, json_option, print_json
-from bmig.cli.replicate import manage_dir_option
+from bmig.cli.options import connection_options, manage_dir_option
 from bmig.cli.replicate import mode as describe_nbd
-from bmig.cli.sync import build, connection_options
+from bmig.cli.report import JsonReporter
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.errors import BmigError, ConfigError, UnreachableError, VerifyFailed
-from bmig.lineage import TARGET_SUFFIX, load_target
-from bmig.nbd.manage_client import ManageClient
-from bmig.sender.targets import open_target
+from bmig.errors import ConfigError, VerifyFailed
+from bmig.receiver.records import receiver_status
+from bmig.sender.settings import build
+from bmig.sender.status import source_status
 from bmig.sender.verify import verify as verify_chunks
-from bmig.tracker.client import TrackerClient
-from bmig.wire.options import ConnectOptions
-from bmig.wire.urls import parse_target_url
-
-
-def source_status(name: str, control: str, to: str | None, connection: dict,
-                  manage_dir: str | None = None) -> dict:
-    """This side's view of NAME (breqd; bmig-nbd's, when one serves NAME in
-    ``manage_dir``), and the target's record when --to is given."""
-    with TrackerClient(control, client="bmigrate") as client:
-        stats = client.stats(name)
-    out: dict[str, Any] = {"device": name, "side": "source", "role": stats["role"],
-                           "generation": stats["generation"], "device_id": stats["device_id"],
-                           "dirty_bytes": stats["dirty_bytes"],
-                           "inflight_bytes": stats["inflight_bytes"],
-                           "held_bytes": stats["held_bytes"],
-                           "mirrored_bytes": stats["mirrored_bytes"],
-                           "successor": stats["successor"]}
-    if manage_dir is not None:
-        out["nbd"] = nbd_status(manage_dir, name)
-    if to:
-        url = parse_target_url(to)
-        target = open_target(url, ConnectOptions.from_dict(connection))
-        try:
-            status = target.status()
-        finally:
-            target.close()
-        records = [t for t in status.get("targets", []) if t.get("export") == url.export]
-        out["target"] = records[0] if records else None
-    return out
-
-
-def nbd_status(manage_dir: str, name: str) -> dict | None:
-    """What the bmig-nbd serving NAME says of itself (replication, freeze, a failed
-    source), or None when none serves it."""
-    try:
-        with ManageClient(manage_dir, name, timeout=10) as client:
-            status = client.call("status")
-    except UnreachableError:
-        return None
-    return {k: v for k, v in status.items() if k != "ok"}
-
-
-def receiver_status(state_dir: str) -> list[dict]:
-    """Every target record in a receiver's state directory."""
-    try:
-        names = sorted(n[:-len(TARGET_SUFFIX)] for n in os.listdir(state_dir)
-                       if n.endswith(TARGET_SUFFIX))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {state_dir}: {exc.strerror}") from None
-    out = []
-    for export in names:
-        try:
-            out.append({"side": "target", **load_target(state_dir, export).to_json()})
-        except BmigError as exc:
-            out.append({"side": "target", "export": export, "error": exc.message})
-    return out
 
 
 def describe_source(s: dict) -> str:
@@ -157,7 +99,7 @@ def verify(name: str, source: str, to: str, sample: float | None, repair: bool, 
     """
     values = {"name": name, "source": source, "to": to, "control": control,
               **{k: v for k, v in connection.items() if v is not None}}
-    migration, _ = build(values, as_json=True)
+    migration = build(values, JsonReporter)
     migration.connect(mode="inspect")
     try:
         m = migration

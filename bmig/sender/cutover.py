@@ -39,7 +39,7 @@ from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, STATE_CONSISTENT, Targ
                           hex_id, new_generation, save_target)
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
-from bmig.sender.targets import open_target
+from bmig.sender.targets import target_status
 from bmig.sender.verify import verify
 
 log = logging.getLogger("bmigrate")
@@ -312,7 +312,7 @@ class Cutover:
         problem = "the receiver could not be asked"
         while True:
             try:
-                status = _ask_status(open_target, m.url, m.options)
+                status = target_status(m.url, m.options)
                 records = [t for t in status.get("targets", [])
                            if t.get("export") == m.url.export]
                 if not records:
@@ -370,15 +370,6 @@ class Cutover:
         if self._nbd is not None:
             self._nbd.close()
         self.m.close()
-
-
-
-def _ask_status(open_target, url, options) -> dict:
-    target = open_target(url, options)
-    try:
-        return target.status()
-    finally:
-        target.close()
 
 
 def _message(exc: BaseException) -> str:

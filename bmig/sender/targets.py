@@ -139,3 +139,13 @@ def open_target(url: TargetUrl, options: ConnectOptions) -> "WireTarget | NbdTar
     if url.kind == "nbd":
         return NbdTarget(url, options)
     return connect(url, options)
+
+
+def target_status(url: TargetUrl, options: ConnectOptions) -> dict:
+    """What the target says of itself (STATUS: every record a receiver keeps), over a
+    connection of its own, closed again."""
+    target = open_target(url, options)
+    try:
+        return target.status()
+    finally:
+        target.close()
