@@ -15,7 +15,6 @@ from bmig.errors import ConfigError, VerifyFailed
 from bmig.receiver.records import receiver_status
 from bmig.sender.settings import build
 from bmig.sender.status import source_status
-from bmig.sender.verify import verify as verify_chunks
 
 
 def describe_source(s: dict) -> str:
@@ -102,11 +101,8 @@ def verify(name: str, source: str, to: str, sample: float | None, repair: bool, 
     migration = build(values, JsonReporter)
     migration.connect(mode="inspect")
     try:
-        m = migration
-        assert m._tracker and m._source and m._target and m._info
-        result = verify_chunks(m._tracker, m._source, m._target, name, m._info.size,
-                               m._info.chunk_size, sample, repair)
-        chunk = m._info.chunk_size
+        result = migration.verify(sample, repair)
+        chunk = migration.info.chunk_size
     finally:
         migration.close()
     if as_json:

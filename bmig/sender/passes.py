@@ -106,7 +106,9 @@ class CompressionPacer:
 
 class LockedTracker:
     """breqd's client shared by the planner and the acknowledgement thread: checkouts
-    and commits must travel on one connection, one call at a time."""
+    and commits must travel on one connection, one call at a time. Every call of a
+    migration goes through here (lineage changes too), never around the lock;
+    ``client`` is the connection itself, for its owner to close."""
 
     def __init__(self, client: TrackerClient):
         self.client = client
@@ -135,6 +137,19 @@ class LockedTracker:
     def mark(self, device: str, ranges: list[tuple[int, int]]) -> None:
         with self._lock:
             self.client.mark(device, ranges)
+
+    def set_all_dirty(self, device: str) -> None:
+        with self._lock:
+            self.client.set_all_dirty(device)
+
+    def set_lineage(self, device: str, role: str, successor: str | None = None) -> dict:
+        with self._lock:
+            return self.client.set_lineage(device, role, successor)
+
+    def close(self) -> None:
+        """Not under the lock: a call still waiting on breqd fails at once instead of
+        holding up the close."""
+        self.client.close()
 
 
 @dataclass(eq=False)         # identity: pieces live in a set
