@@ -37,7 +37,10 @@ from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotCon
 from bmig.identity import TargetIdentity, identify
 from bmig.lineage import ROLE_HANDED_OVER, hex_id, parse_id
 from bmig.nbd.manage_client import ManageClient
-from bmig.sender.passes import LockedTracker, Pass, PassResult, PassSettings, RateLimit, Source
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.pacing import RateLimit
+from bmig.sender.passes import Pass, PassResult, PassSettings
+from bmig.sender.source import Source
 from bmig.sender.targets import NbdTarget, open_target
 from bmig.sender.verify import VerifyResult, verify
 from bmig.tracker.client import TrackerClient

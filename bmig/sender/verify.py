@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from bmig.sender.passes import LockedTracker, Source
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.source import Source
 from bmig.wire import codec
 
 WINDOW_CHUNKS = 256              # chunks compared per request to the target

@@ -23,7 +23,10 @@ from bmig.lineage import load_target
 from bmig.receiver import session as session_module
 from bmig.receiver import target as target_module
 from bmig.receiver.session import Policy, Session, TargetConfig
-from bmig.sender.passes import LockedTracker, Pass, PassSettings, RateLimit, Source
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.pacing import RateLimit
+from bmig.sender.passes import Pass, PassSettings
+from bmig.sender.source import Source
 from bmig.tracker.client import TrackerClient
 from bmig.wire import codec, handshake
 from bmig.wire.client import SourceInfo
