@@ -16,7 +16,7 @@ from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.receiver.service import (HANDSHAKE_TIMEOUT, MAX_UNAUTHENTICATED, Receiver,
                                    ReceiverSettings)
-from bmig.receiver.session import Policy, TargetConfig
+from bmig.receiver.policy import Policy, TargetConfig
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
 

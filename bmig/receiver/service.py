@@ -29,7 +29,8 @@ from typing import Callable
 
 from bmig import __version__, systemd
 from bmig.errors import BmigError, ConfigError, ProtocolError, TargetBusy
-from bmig.receiver.session import Policy, Session
+from bmig.receiver.policy import Policy
+from bmig.receiver.session import Session
 from bmig.wire.channel import Channel
 from bmig.wire.transports import FdStream, SocketStream, keepalive, tune
 

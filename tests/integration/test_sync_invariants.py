@@ -22,7 +22,8 @@ from bmig.errors import TargetError, UnreachableError
 from bmig.lineage import load_target
 from bmig.receiver import session as session_module
 from bmig.receiver import target as target_module
-from bmig.receiver.session import Policy, Session, TargetConfig
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import Session
 from bmig.sender.lockedtracker import LockedTracker
 from bmig.sender.pacing import RateLimit
 from bmig.sender.passes import Pass, PassSettings
