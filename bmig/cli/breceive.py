@@ -1,4 +1,7 @@
-"""breceive: the receiving daemon that writes what bmigrate ships to target devices."""
+"""breceive: the receiving daemon that writes what bmigrate ships to target devices.
+
+Flags and the config file in, a running Receiver out: sessions are bmig.receiver's.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""bmigrate cutover: hand the workload over to the target, with a downtime report."""
+"""bmigrate cutover: hand the workload over to the target, with a downtime report.
+
+Flags in, reports out: the steps are bmig.sender.cutover's.
+"""
 
 from __future__ import annotations
 

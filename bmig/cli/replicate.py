@@ -1,4 +1,7 @@
-"""bmigrate replicate: switch a running bmig-nbd to synchronous replication and back."""
+"""bmigrate replicate: switch a running bmig-nbd to synchronous replication and back.
+
+It asks bmig-nbd (bmig.nbd.manage_client) and prints the answer.
+"""
 
 from __future__ import annotations
 

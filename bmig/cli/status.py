@@ -1,4 +1,8 @@
-"""bmigrate status and bmigrate verify: where a device stands, on either side."""
+"""bmigrate status and bmigrate verify: where a device stands, on either side.
+
+Printing only: bmig.sender.status and bmig.receiver.records gather, the Migration
+verifies.
+"""
 
 from __future__ import annotations
 

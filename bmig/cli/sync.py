@@ -5,6 +5,9 @@ file; flags win). SIGHUP reloads the file: the bandwidth limit, compression leve
 threshold and interval change at once. SIGTERM stops cleanly: what is in flight gets its
 acknowledgement, what is not goes back to dirty. The first Ctrl-C does the same; a second
 one stops at once.
+
+Parsing, signals and exit codes only: the settings are bmig.sender.settings', the
+passes bmig.sender.converge's.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Kept apart so that the handshake, the transmission and the socket raise the same
 classes without importing each other.
+
+No I/O here.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ Lineage, on opening the target (invariant 7):
              receiver's back: invariant 9); the receiver says why, and so do we
     foreign  refused by the receiver, unless --discard-target-data names the target
     none     an NBD target, which keeps no record: everything, every time we connect
+
+A Migration owns its connections (breqd through LockedTracker, the source, the target);
+a pass's threads are bmig.sender.passes', the cutover's steps bmig.sender.cutover's.
+Code outside uses its public methods (``info``, ``verify``, ``promote``,
+``hand_over``...), never its fields.
 """
 
 from __future__ import annotations

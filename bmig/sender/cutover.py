@@ -22,6 +22,9 @@ the handover goes on as if the answer had come. Not promoted: the source is made
 writable again, as for any failure before step 6. No way to tell: HandoverUnknown (exit
 16); the source is recorded as handed over, so that it stays read-only even when
 bmig-nbd restarts, until the operator has looked (invariant 7: never two primaries).
+
+It drives bmig-nbd (ManageClient) and the Migration through their public calls; it
+never reaches into the migration's connections.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Reading, compressing and sending overlap; the queues between the threads are sho
 memory is bounded by the frame size times the queue depths, whatever the device size.
 What is checked out and not yet committed is at most ``window`` bytes: that is also the
 most a resumed sync sends again after an interruption.
+
+A pass ships and commits; what a frame holds is bmig.sender.encoder's. It never opens
+a connection or changes the lineage (bmig.sender.converge does).
 """
 
 from __future__ import annotations
@@ -338,14 +341,6 @@ class Pass:
             ready = self._ready(frame.run)
         if ready:
             self._settle(frame.run)
-
-    def _free(self, frame: Frame) -> None:
-        if frame.buffer is not None:
-            if isinstance(frame.payload, memoryview):
-                frame.payload.release()
-            self._pool.put(frame.buffer)
-            frame.buffer = None
-        frame.payload = None
 
     # -- acknowledgements (any thread) ---------------------------------------------------
 

@@ -4,6 +4,9 @@ The device may be in use. A chunk that breqd has dirty, in flight or held before
 after it is read is skipped and counted: it is being written, and a later pass ships it.
 The others are compared (xxh3-64, the same on both sides); those that differ are
 reported, and with ``repair`` marked dirty so that the next pass fixes them.
+
+Reading and comparing only; with ``repair`` it marks chunks dirty in breqd, and it
+never writes either side.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A Stream moves bytes and knows nothing of frames. ``recv_into`` returns 0 at the
 the stream; ``send`` takes several buffers and sends them as one (sendmsg or writev),
 so a frame header and its payload are never concatenated. Errors are OSError; the
 framing layer above turns them into the toolkit's errors.
+
+No frames and no authentication: bmig.wire.channel and bmig.wire.handshake sit above.
 """
 
 from __future__ import annotations
