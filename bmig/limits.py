@@ -82,7 +82,7 @@ INLINE_PAYLOAD = 128 * KiB         # write payloads up to this are used in the r
 DEFAULT_HOLD_LIMIT = 65536         # chunks held at once (nbd/layers/track.py; hold_chunks)
 QUEUE_BYTES = 64 * MiB             # protocol A: bytes queued before writers wait (replica.py)
 
-# -- the NBD client (bmig/nbd/client.py): what a server's replies may make it hold -----------
+# -- the NBD client (bmig/nbdclient/): what a server's replies may make it hold -----------
 
 NBD_CHUNK_HEADROOM = 64            # a reply chunk's fixed fields on top of its largest payload
 MAX_NBD_ERROR_CHUNK = 6 + MAX_NAME_LENGTH + 64   # error, length, message (a string), offset

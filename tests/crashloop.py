@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bmig.nbd.client import NbdClient
+from bmig.nbdclient import NbdClient
 from tests.daemon import Daemon, breqd_argv
 
 MiB = 1 << 20

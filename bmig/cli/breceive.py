@@ -1,4 +1,7 @@
-"""breceive: the receiving daemon that writes what bmigrate ships to target devices."""
+"""breceive: the receiving daemon that writes what bmigrate ships to target devices.
+
+Flags and the config file in, a running Receiver out: sessions are bmig.receiver's.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.limits import MAX_UNAUTHENTICATED
+from bmig.receiver.policy import Policy, TargetConfig
 from bmig.receiver.service import HANDSHAKE_TIMEOUT, Receiver, ReceiverSettings
-from bmig.receiver.session import Policy, TargetConfig
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
 

@@ -1,4 +1,7 @@
-"""What every command shares: the error handler, the breqd connection, output helpers."""
+"""What every command shares: the error handler, the breqd connection, output helpers.
+
+Nothing here does a command's work.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""bmigrate cutover: hand the workload over to the target, with a downtime report."""
+"""bmigrate cutover: hand the workload over to the target, with a downtime report.
+
+Flags in, reports out: the steps are bmig.sender.cutover's.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ import click
 
 from bmig import log as bmig_log
 from bmig.cli.common import control_option, json_option
-from bmig.cli.replicate import manage_dir_option, replica_options
-from bmig.cli.sync import build, connection_options
+from bmig.cli.options import connection_options, manage_dir_option
+from bmig.cli.report import JsonReporter, TextReporter
 from bmig.constants import (DEFAULT_RECEIVER_STATE_DIR, REPLICATION_POLICIES,
                             REPLICATION_PROTOCOLS)
 from bmig.errors import HookFailed
 from bmig.sender.cutover import Cutover, CutoverSettings
+from bmig.sender.settings import build, replica_options
 
 
 def text_report(event: dict) -> None:
@@ -98,7 +102,7 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
     values = {"name": name, "source": source, "to": to, "control": control,
               "threshold": "0", "manage_dir": manage_dir,
               **{k: v for k, v in connection.items() if v is not None}}
-    migration, _ = build(values, as_json)
+    migration = build(values, JsonReporter if as_json else TextReporter)
     report = json_report if as_json else text_report
     settings = CutoverSettings(
         manage_dir=manage_dir, protocol=protocol, policy=policy, pre_handover=pre_handover,

@@ -1,4 +1,7 @@
-"""bmigrate: the operator's command."""
+"""bmigrate: the operator's command.
+
+Only the group: each command lives in its own module.
+"""
 
 from __future__ import annotations
 

@@ -1,35 +1,20 @@
-"""bmigrate replicate: switch a running bmig-nbd to synchronous replication and back."""
+"""bmigrate replicate: switch a running bmig-nbd to synchronous replication and back.
+
+It asks bmig-nbd (bmig.nbd.manage_client) and prints the answer.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from bmig.cli.common import json_option, print_json
-from bmig.cli.sync import CONNECTION_KEYS, connection_options
+from bmig.cli.options import connection_options, manage_dir_option
 from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import ConfigError
-from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR, ManageClient
-
-PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "known_hosts", "identity")
-
-
-def manage_dir_option(f: Callable) -> Callable:
-    return click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",
-                        default=DEFAULT_MANAGE_DIR, show_default=True,
-                        help="Where bmig-nbd's control sockets are (or BMIG_NBD_DIR).")(f)
-
-
-def replica_options(values: dict[str, Any]) -> dict[str, Any]:
-    """Connection settings as bmig-nbd takes them: paths made absolute, since bmig-nbd
-    runs elsewhere."""
-    options = {k: values[k] for k in CONNECTION_KEYS if values.get(k) is not None}
-    for key in PATH_KEYS:
-        if key in options:
-            options[key] = os.path.abspath(str(options[key]))
-    return options
+from bmig.nbd.manage_client import ManageClient
+from bmig.sender.settings import replica_options
 
 
 def describe(status: dict) -> str:

@@ -3,6 +3,8 @@ otherwise, JSON event lines with --json.
 
 stdout carries results (the --json event lines, the final summary); stderr carries
 progress and log lines, so ``bmigrate sync --json | jq`` sees only JSON.
+
+Rendering only: it decides nothing about the migration.
 """
 
 from __future__ import annotations

@@ -1,81 +1,24 @@
-"""bmigrate status and bmigrate verify: where a device stands, on either side."""
+"""bmigrate status and bmigrate verify: where a device stands, on either side.
+
+Printing only: bmig.sender.status and bmig.receiver.records gather, the Migration
+verifies.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
 
 from bmig.cli.common import control_option, human_bytes, json_option, print_json
-from bmig.cli.replicate import manage_dir_option
+from bmig.cli.options import connection_options, manage_dir_option
 from bmig.cli.replicate import mode as describe_nbd
-from bmig.cli.sync import build, connect_options, connection_options
+from bmig.cli.report import JsonReporter
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.errors import BmigError, ConfigError, VerifyFailed
-from bmig.lineage import TARGET_SUFFIX, load_target
-from bmig.sender.verify import verify as verify_chunks
-
-
-def source_status(name: str, control: str, to: str | None, connection: dict,
-                  manage_dir: str | None = None) -> dict:
-    """This side's view of NAME (breqd; bmig-nbd's, when one serves NAME in
-    ``manage_dir``), and the target's record when --to is given."""
-    from bmig.sender.targets import open_target
-    from bmig.sender.urls import parse_target_url
-    from bmig.tracker.blocking_client import TrackerClient
-
-    with TrackerClient(control, client="bmigrate") as client:
-        stats = client.stats(name)
-    out: dict[str, Any] = {"device": name, "side": "source", "role": stats["role"],
-                           "generation": stats["generation"], "device_id": stats["device_id"],
-                           "dirty_bytes": stats["dirty_bytes"],
-                           "inflight_bytes": stats["inflight_bytes"],
-                           "held_bytes": stats["held_bytes"],
-                           "mirrored_bytes": stats["mirrored_bytes"],
-                           "successor": stats["successor"]}
-    if manage_dir is not None:
-        out["nbd"] = nbd_status(manage_dir, name)
-    if to:
-        url = parse_target_url(to)
-        target = open_target(url, connect_options(connection))
-        try:
-            status = target.status()
-        finally:
-            target.close()
-        records = [t for t in status.get("targets", []) if t.get("export") == url.export]
-        out["target"] = records[0] if records else None
-    return out
-
-
-def nbd_status(manage_dir: str, name: str) -> dict | None:
-    """What the bmig-nbd serving NAME says of itself (replication, freeze, a failed
-    source), or None when none serves it."""
-    from bmig.errors import UnreachableError
-    from bmig.nbd.manage_client import ManageClient
-
-    try:
-        with ManageClient(manage_dir, name, timeout=10) as client:
-            status = client.call("status")
-    except UnreachableError:
-        return None
-    return {k: v for k, v in status.items() if k != "ok"}
-
-
-def receiver_status(state_dir: str) -> list[dict]:
-    """Every target record in a receiver's state directory."""
-    try:
-        names = sorted(n[:-len(TARGET_SUFFIX)] for n in os.listdir(state_dir)
-                       if n.endswith(TARGET_SUFFIX))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {state_dir}: {exc.strerror}") from None
-    out = []
-    for export in names:
-        try:
-            out.append({"side": "target", **load_target(state_dir, export).to_json()})
-        except BmigError as exc:
-            out.append({"side": "target", "export": export, "error": exc.message})
-    return out
+from bmig.errors import ConfigError, VerifyFailed
+from bmig.receiver.records import receiver_status
+from bmig.sender.settings import build
+from bmig.sender.status import source_status
 
 
 def describe_source(s: dict) -> str:
@@ -159,14 +102,11 @@ def verify(name: str, source: str, to: str, sample: float | None, repair: bool, 
     """
     values = {"name": name, "source": source, "to": to, "control": control,
               **{k: v for k, v in connection.items() if v is not None}}
-    migration, _ = build(values, as_json=True)
+    migration = build(values, JsonReporter)
     migration.connect(mode="inspect")
     try:
-        m = migration
-        assert m._tracker and m._source and m._target and m._info
-        result = verify_chunks(m._tracker, m._source, m._target, name, m._info.size,
-                               m._info.chunk_size, sample, repair)
-        chunk = m._info.chunk_size
+        result = migration.verify(sample, repair)
+        chunk = migration.info.chunk_size
     finally:
         migration.close()
     if as_json:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from bmig.demo.output import reason
 from bmig.demo.settings import BLOCK, MAX_WRITE, STOP_TIMEOUT, DemoError
-from bmig.nbd.client import NbdClient
+from bmig.nbdclient import NbdClient
 
 
 class Writer(threading.Thread):

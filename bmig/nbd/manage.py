@@ -46,6 +46,8 @@ from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.replica import open_replica
+from bmig.wire.client import SourceInfo
+from bmig.wire.options import ConnectOptions
 
 log = logging.getLogger("bmig-nbd")
 
@@ -60,7 +62,7 @@ class Managed:
     export: str
     control: ControlLayer
     replicate: ReplicateLayer
-    source: Any             # bmig.sender.targets.SourceInfo, from breqd
+    source: SourceInfo      # from breqd
 
 
 class _Client:
@@ -252,9 +254,6 @@ class ManageServer:
                 "bytes_written": m.control.bytes_written}
 
     async def _replicate(self, m: Managed, request: dict) -> None:
-        from bmig.sender.targets import ConnectOptions
-        from bmig.wire.auth import load_secret
-
         url = request.get("url")
         protocol = request.get("protocol", "C")
         policy = request.get("policy", "degrade")
@@ -267,15 +266,7 @@ class ManageServer:
         o = request.get("options", {})
         if not isinstance(o, dict):
             raise ProtocolError("options must be an object")
-        secret = load_secret(str(o["secret_file"])) if o.get("secret_file") else None
-        options = ConnectOptions(
-            secret=secret, tls_ca=o.get("tls_ca"), tls_cert=o.get("tls_cert"),
-            tls_key=o.get("tls_key"), trust_tls_server=bool(o.get("trust_tls_server")),
-            ssh_command=str(o.get("ssh_command") or "breceive --stdio"),
-            ssh_program=str(o.get("ssh_program") or "paramiko"),
-            known_hosts=o.get("known_hosts"),
-            accept_new_host_key=bool(o.get("accept_new_host_key")),
-            identity=o.get("identity"), ssh_cipher=o.get("ssh_cipher"))
+        options = ConnectOptions.from_dict(o)
         if m.replicate.active:             # one replication session per target
             await m.replicate.stop()
         loop = asyncio.get_running_loop()

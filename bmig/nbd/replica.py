@@ -3,7 +3,7 @@
 It carries writes and counts their seqs; it may not know chunks, holds or breqd: what a
 durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
 
-The connection is a WireTarget (bmig.sender.targets: the same transports, handshake and
+The connection is a WireTarget (bmig.wire.client: the same transports, handshake and
 lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
 wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the
 event loop with call_soon_threadsafe. What a write waits for depends on the protocol:
@@ -39,13 +39,17 @@ import itertools
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 from bmig.constants import REPLICATION_PROTOCOLS
-from bmig.errors import BmigError, UnreachableError
+from bmig.errors import BmigError, ConfigError, UnreachableError
 from bmig.limits import MAX_DATA, QUEUE_BYTES
 from bmig.wire import codec
+from bmig.wire.client import SourceInfo, WireTarget
+from bmig.wire.connect import connect
+from bmig.wire.options import ConnectOptions
 from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA
+from bmig.wire.urls import parse_target_url
 
 log = logging.getLogger("bmig-nbd")
 
@@ -55,7 +59,7 @@ _DURABLE, _WRITTEN, _RECEIVED, _QUEUED = "durable", "written", "received", "queu
 
 
 class Replica:
-    def __init__(self, target: Any, protocol: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, target: WireTarget, protocol: str, loop: asyncio.AbstractEventLoop):
         if protocol not in REPLICATION_PROTOCOLS:
             raise ValueError(protocol)
         self.target = target
@@ -284,18 +288,14 @@ class Replica:
         self._fail_all(UnreachableError("replication stopped"))
 
 
-def open_replica(url: str, options: Any, source: Any, protocol: str,
+def open_replica(url: str, options: ConnectOptions, source: SourceInfo, protocol: str,
                  loop: asyncio.AbstractEventLoop) -> Replica:
     """Blocking: connect, authenticate, OPEN in replicate mode (run it in a thread)."""
-    from bmig.sender.targets import open_target
-    from bmig.sender.urls import parse_target_url
-    from bmig.errors import ConfigError
-
     parsed = parse_target_url(url)
     if parsed.kind == "nbd":
         raise ConfigError("synchronous replication goes to breceive (tcp://, tls://, "
                           "ssh://), not to an NBD server")
-    target = open_target(parsed, options)
+    target = connect(parsed, options)
     try:
         relation = target.open(source, False, mode="replicate")
     except BaseException:

@@ -35,7 +35,7 @@ from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.layers.track import TrackLayer
 from bmig.nbd.manage import Managed, ManageServer
 from bmig.nbd.server import Export, Listen, Server, Tls
-from bmig.sender.targets import SourceInfo
+from bmig.wire.client import SourceInfo
 from bmig.tracker.write_path_client import AsyncTrackerClient
 from bmig.wire.transports import server_tls_context
 

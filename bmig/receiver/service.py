@@ -12,6 +12,8 @@ down, such connections have a cap of their own (``max_unauthenticated``: when it
 reached the oldest one is dropped for the newcomer), and only authenticated sessions
 count against ``max_sessions``. Failed handshakes are logged a few per minute; the rest
 are counted and summed up in one line.
+
+Connections, threads and limits only: what a session may do is bmig.receiver.session's.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Callable
 from bmig import __version__, systemd
 from bmig.errors import BmigError, ConfigError, ProtocolError, TargetBusy
 from bmig.limits import MAX_UNAUTHENTICATED
-from bmig.receiver.session import Policy, Session
+from bmig.receiver.policy import Policy
+from bmig.receiver.session import Session
 from bmig.wire.channel import Channel
 from bmig.wire.transports import FdStream, SocketStream, keepalive, tune
 

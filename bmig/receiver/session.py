@@ -20,30 +20,32 @@ before anything is written; a bad one is answered ERROR with its seq and nothing
 written, and the session goes on. FLUSH(seq) is answered DURABLE(seq) once fdatasync has
 returned for everything written before it: the syncer thread does that, so receiving goes
 on while the disk flushes. The sender commits a chunk only on DURABLE (invariant 3).
+
+The session is the state machine and the writer of the target's record; what OPEN
+decides is bmig.receiver.opening's, the fdatasync thread bmig.receiver.syncer's, the
+watch over a replication session's lineage bmig.receiver.lineagewatch's. It reads and
+writes one sender's channel; listeners, threads and limits are bmig.receiver.service's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import queue
 import threading
-import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from bmig import __version__
 from bmig.chunkmath import chunk_count
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from bmig.errors import (BmigError, ChecksumMismatch, ConfigError, LineageError,
-                         ProtocolError, TargetError, UnknownExport)
+from bmig.errors import (BmigError, ChecksumMismatch, LineageError, ProtocolError, TargetError,
+                         UnknownExport)
 from bmig.framing import ConnectionClosed
 from bmig.limits import MAX_HASHES
 from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
-                          TargetRecord, hex_id, load_target, now, parse_id, save_target,
-                          target_path)
-from bmig.lineage import relation as lineage_relation
+                          TargetRecord, hex_id, load_target, now, parse_id, save_target)
+from bmig.receiver.lineagewatch import LineageWatch
+from bmig.receiver.opening import MODES, OpenRequest, open_export
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.syncer import Syncer
 from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
 from bmig.wire import auth, codec, handshake
 from bmig.wire.channel import Channel
@@ -55,65 +57,6 @@ from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, K
 log = logging.getLogger("breceive")
 
 FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
-WATCH_INTERVAL = 1.0     # seconds between looks at the record of an idle replication session
-
-
-@dataclass(frozen=True)
-class TargetConfig:
-    export: str
-    path: str
-    allow_discard: bool = False
-    max_size: int | None = None          # a file target grows to this at most (None: the
-    allow_discard_primary: bool = False  # size of its file system); a primary's data may
-                                         # be discarded (a promoted target: never by default)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """What a peer may do: the configured targets and nothing else (deny by default)."""
-
-    targets: dict[str, TargetConfig]
-    state_dir: str
-    secret: bytes | None = None
-
-
-class _Syncer(threading.Thread):
-    """fdatasync on request, then DURABLE for the highest seq asked for."""
-
-    def __init__(self, session: "Session"):
-        super().__init__(name="syncer", daemon=True)
-        self._session = session
-        self._requests: queue.Queue[int | None] = queue.Queue()
-        self.failed: BmigError | None = None
-
-    def request(self, seq: int) -> None:
-        self._requests.put(seq)
-
-    def stop(self) -> None:
-        self._requests.put(None)
-        self.join()
-
-    def run(self) -> None:
-        while True:
-            seq = self._requests.get()
-            if seq is None:
-                return
-            while True:                       # coalesce what queued up meanwhile
-                try:
-                    more = self._requests.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._requests.put(None)
-                    break
-                seq = max(seq, more)
-            try:
-                self._session.sync_now()
-                self._session.send_seq(T.DURABLE, seq)
-            except BmigError as exc:
-                self.failed = exc
-                self._session.fail(exc, seq)
-                return
 
 
 class Session:
@@ -131,11 +74,11 @@ class Session:
         self.target: TargetDevice | None = None
         self.lock: TargetLock | None = None
         self.record_lock: RecordLock | None = None
-        self._watch: _LineageWatch | None = None
+        self._watch: LineageWatch | None = None
         self.source_id = 0
         self.source_generation = 0
         self.size = 0
-        self._syncer: _Syncer | None = None
+        self._syncer: Syncer | None = None
         self._sync_lock = threading.Lock()
         self._closed = False
         self.bytes_written = 0
@@ -255,120 +198,32 @@ class Session:
         size = msg.int("size", low=1, high=1 << 60)
         discard = msg.bool("discard_target_data")
         mode = msg.str("mode", "pass")
-        if mode not in ("pass", "replicate", "inspect"):
+        if mode not in MODES:
             raise ProtocolError(f"OPEN: unknown mode {mode!r}")
-        replicate = mode == "replicate"
-        writable = mode != "inspect"
-        lock = TargetLock(self.policy.state_dir, export, "replica" if replicate else "")
-        if writable:                     # reading hashes needs no lock
-            lock.acquire()
-        target: TargetDevice | None = None
-        record_lock: RecordLock | None = None
-        why = ""
-        try:
-            record = load_target(self.policy.state_dir, export)
-            relation = lineage_relation(record, source_id, generation, previous)
-            if relation == "foreign":
-                self._refuse_or_discard(config, record, source_id, generation, discard,
-                                        replicate)
-                record, relation = TargetRecord(export), "new"
-            target = TargetDevice.open(config.path, writable, lock.other_session)
-            if relation in ("same", "descendant"):
-                # Invariant 9: the record is about one file or device, as it was.
-                why = record.not_bound_to(target.identity if target else None) or ""
-                if why:
-                    log.warning("%s: %s: %s is not the copy its record describes (%s "
-                                "of %s): %s; it is taken as new, and everything is shipped "
-                                "again", self.peer, export, config.path,
-                                hex_id(record.generation), hex_id(record.source_device_id),
-                                why)
-                    record, relation = TargetRecord(export), "new"
-            target = self._sized(config, target, size, writable and relation == "new")
-            if writable:
-                record_lock = RecordLock(self.policy.state_dir, export)
-        except BaseException:
-            if target is not None:
-                target.close()
-            lock.release()
-            raise
-        self.config, self.record, self.target, self.lock = config, record, target, lock
-        self.record_lock = record_lock
+        request = OpenRequest(source_id, generation, previous, size, discard, mode)
+        opened = open_export(self.policy, self.peer, config, request)
+        record, target = opened.record, opened.target
+        self.config, self.record, self.target, self.lock = config, record, target, opened.lock
+        self.record_lock = opened.record_lock
         self.source_id, self.source_generation, self.size = source_id, generation, size
         self.source_previous = [hex_id(g) for g in previous]
-        if replicate:
-            assert record_lock is not None
-            self._watch = _LineageWatch(self, record_lock, source_id, generation, previous)
+        if request.replicate:
+            assert opened.record_lock is not None
+            self._watch = LineageWatch(self.policy.state_dir, export, opened.record_lock,
+                                       source_id, generation, previous, self.fail)
             target.guard = self._watch.guard
             self._watch.start()
-        self._syncer = _Syncer(self)
+        self._syncer = Syncer(self.sync_now, lambda seq: self.send_seq(T.DURABLE, seq),
+                              self.fail)
         self._syncer.start()
         self.state = {"replicate": "replicate", "inspect": "inspect"}.get(mode, "open")
         log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
-                 relation)
-        reply = {"relation": relation, "target": record.to_json()}
-        if why:
-            reply["why"] = f"{config.path} is not the copy its record describes: {why}"
+                 opened.relation)
+        reply = {"relation": opened.relation, "target": record.to_json()}
+        if opened.why:
+            reply["why"] = f"{config.path} is not the copy its record describes: {opened.why}"
         self.send(Message(T.OPENED, reply))
         return True
-
-    def _refuse_or_discard(self, config: TargetConfig, record: TargetRecord, source_id: int,
-                           generation: int, discard: bool, replicate: bool) -> None:
-        """A source of another lineage: refused, unless both sides agree to discard the
-        target's data. A primary is never offered for discarding: a former source that
-        meets it is told about fail-back instead (invariant 7)."""
-        export = config.export
-        if record.role == ROLE_PRIMARY:
-            since = time.strftime(" since %Y-%m-%d %H:%M:%S",
-                                  time.localtime(record.promoted)) if record.promoted else ""
-            primary = (f"target {export!r} is the primary{since}: a cutover promoted it to "
-                       f"generation {hex_id(record.generation)}, and the source it came "
-                       "from may no longer write to it")
-            if not discard or replicate:
-                record_file = target_path(self.policy.state_dir, export)
-                raise LineageError(f"{primary}; to fail back, track the primary's copy on "
-                                   f"its host (bmigrate track add NAME --adopt {record_file})"
-                                   " and sync from there to this source (README, \"fail "
-                                   "back\")")
-            if not config.allow_discard_primary:
-                raise LineageError(f"{primary}, and this receiver does not allow discarding "
-                                   "a primary's data (allow_discard_primary)")
-            log.warning("%s: %s: discarding the primary (generation %s) on request",
-                        self.peer, export, hex_id(record.generation))
-            return
-        if replicate:
-            raise LineageError(f"target {export!r} holds another lineage: sync it first, "
-                               "then replicate")
-        if not discard:
-            raise LineageError(
-                f"target {export!r} holds generation {hex_id(record.generation)} of "
-                f"device {hex_id(record.source_device_id)}, not generation "
-                f"{hex_id(generation)} of {hex_id(source_id)}; to overwrite it, "
-                f"sync with --discard-target-data {export}")
-        if not config.allow_discard:
-            raise LineageError(f"target {export!r} holds another lineage and this "
-                               "receiver does not allow discarding it (allow_discard)")
-        log.warning("%s: %s: discarding generation %s of %s on request", self.peer,
-                    export, hex_id(record.generation), hex_id(record.source_device_id))
-
-    @staticmethod
-    def _sized(config: TargetConfig, target: TargetDevice | None, size: int,
-               may_grow: bool) -> TargetDevice:
-        """The target, at least ``size`` bytes long. Only for a "new" relation may a file
-        be created or extended (up to its cap): anything else would make a copy out of
-        what is not one."""
-        if target is None:
-            if not may_grow:
-                raise ConfigError(f"target {config.path} does not exist")
-            log.info("creating target %s (%d bytes)", config.path, size)
-            return TargetDevice.create(config.path, size, config.max_size)
-        if target.size < size:
-            if not may_grow or target.is_block:
-                raise TargetError(f"target {config.path} has {target.size} bytes, the "
-                                  f"source {size}")
-            log.info("extending target %s from %d to %d bytes", config.path, target.size,
-                     size)
-            target.grow(size, config.max_size)
-        return target
 
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
@@ -541,71 +396,6 @@ class Session:
         if self.lock is not None:
             self.lock.release()
         self.channel.close()
-
-
-class _LineageWatch(threading.Thread):
-    """Keeps a replication session to the lineage it opened with. Each write is checked
-    against the target's record under the record lock (shared; a session that changes
-    the lineage holds it exclusively), and this thread looks at the record every
-    WATCH_INTERVAL seconds, so that an idle session ends too: a promotion, or a discard
-    by another session, ends the replication of the old lineage (invariant 7)."""
-
-    def __init__(self, session: Session, record_lock: RecordLock, source_id: int,
-                 generation: int, previous: list[int]):
-        super().__init__(name="lineage watch", daemon=True)
-        assert session.config is not None
-        self._session = session
-        self._record_lock = record_lock
-        self._state_dir = session.policy.state_dir
-        self._export = session.config.export
-        self._path = target_path(self._state_dir, self._export)
-        self._source = (source_id, generation, previous)
-        self._seen: tuple[int, int, int] | None | str = "not yet"   # read at the first check
-        self._check_lock = threading.Lock()
-        self._stopping = threading.Event()
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self._path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size       # a new file at each save
-
-    def check(self) -> None:
-        """LineageError when the record no longer holds this session's lineage."""
-        with self._check_lock:
-            seen = self._stat()
-            if seen == self._seen:
-                return
-            record = load_target(self._state_dir, self._export)
-            if lineage_relation(record, *self._source) == "foreign":
-                what = ("is the primary now" if record.role == ROLE_PRIMARY
-                        else "holds another lineage now")
-                raise LineageError(f"target {self._export!r} {what} (generation "
-                                   f"{hex_id(record.generation)} of "
-                                   f"{hex_id(record.source_device_id)}): this replication "
-                                   "session of generation "
-                                   f"{hex_id(self._source[1])} ends")
-            self._seen = seen
-
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        with self._record_lock.held(exclusive=False):
-            self.check()
-            yield
-
-    def run(self) -> None:
-        while not self._stopping.wait(WATCH_INTERVAL):
-            try:
-                self.check()
-            except BmigError as exc:
-                self._session.fail(exc)
-                return
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self is not threading.current_thread():
-            self.join(timeout=10)
 
 
 _JSON_HANDLERS = {

@@ -12,6 +12,9 @@ O_EXCL, so one that is mounted or claimed by another program (device-mapper, md,
 program that opened it exclusively) is refused; the claim is shared by the sessions of
 one export (the first one takes it). What the target is (``identity``) is what its record
 binds to (bmig.identity).
+
+It writes what it is told: which target and whether it may grow is
+bmig.receiver.opening's decision.
 """
 
 from __future__ import annotations

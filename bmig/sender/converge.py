@@ -20,6 +20,11 @@ Lineage, on opening the target (invariant 7):
              receiver's back: invariant 9); the receiver says why, and so do we
     foreign  refused by the receiver, unless --discard-target-data names the target
     none     an NBD target, which keeps no record: everything, every time we connect
+
+A Migration owns its connections (breqd through LockedTracker, the source, the target);
+a pass's threads are bmig.sender.passes', the cutover's steps bmig.sender.cutover's.
+Code outside uses its public methods (``info``, ``verify``, ``promote``,
+``hand_over``...), never its fields.
 """
 
 from __future__ import annotations
@@ -30,14 +35,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bmig.blockdev import size_of_fd
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
                          StateError, UnknownExport)
-from bmig.lineage import parse_id
-from bmig.sender.passes import LockedTracker, Pass, PassResult, PassSettings, RateLimit, Source
-from bmig.sender.targets import ConnectOptions, SourceInfo, open_target
-from bmig.sender.urls import TargetUrl
+from bmig.identity import TargetIdentity, identify
+from bmig.lineage import ROLE_HANDED_OVER, hex_id, parse_id
+from bmig.nbd.manage_client import ManageClient
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.pacing import RateLimit
+from bmig.sender.passes import Pass, PassResult, PassSettings
+from bmig.sender.source import Source
+from bmig.sender.targets import NbdTarget, open_target
+from bmig.sender.verify import VerifyResult, verify
 from bmig.tracker.blocking_client import TrackerClient
+from bmig.wire.client import SourceInfo, WireTarget
+from bmig.wire.options import ConnectOptions
+from bmig.wire.urls import TargetUrl
 
 log = logging.getLogger("bmigrate")
 
@@ -146,9 +160,8 @@ class Migration:
         self.summary = Summary(name, str(url))
         self.rate = 0.0                      # bytes per second, the last passes
         self._tracker: LockedTracker | None = None
-        self._client: TrackerClient | None = None
         self._source: Source | None = None
-        self._target = None
+        self._target: WireTarget | NbdTarget | None = None
         self._info: SourceInfo | None = None
         self._number = 0
 
@@ -158,9 +171,8 @@ class Migration:
         """breqd, the source, the target, and the lineage handshake. ``mode`` "inspect"
         only reads (verify): no lock on the target, nothing set dirty."""
         self.close()
-        self._client = TrackerClient(self.control, client="bmigrate")
-        self._tracker = LockedTracker(self._client)
-        stats = self._client.stats(self.name)
+        self._tracker = LockedTracker(TrackerClient(self.control, client="bmigrate"))
+        stats = self._tracker.stats(self.name)
         self._info = SourceInfo(self.name, parse_id(stats["device_id"], "device_id"),
                                 parse_id(stats["generation"], "generation"),
                                 int(stats["size"]), int(stats["chunk_size"]),
@@ -188,13 +200,11 @@ class Migration:
             else:
                 self.reporter.note(f"{self.name}: {holds}; comparing every chunk with it",
                                    relation=relation, why=why or None)
-            self._client.set_all_dirty(self.name)
+            self._tracker.set_all_dirty(self.name)
         elif self.settings.passes.checksum:
-            self._client.set_all_dirty(self.name)
+            self._tracker.set_all_dirty(self.name)
 
     def _check_source_size(self) -> None:
-        from bmig.blockdev import size_of_fd
-
         assert self._source is not None and self._info is not None
         have = size_of_fd(self._source.fd)
         if have != self._info.size:
@@ -202,13 +212,61 @@ class Migration:
                               f"{self._info.size} for {self.name}")
 
     def close(self) -> None:
-        for closer in (self._target, self._source, self._client):
+        for closer in (self._target, self._source, self._tracker):
             if closer is not None:
                 try:
                     closer.close()
                 except (BmigError, OSError):
                     pass
-        self._target = self._source = self._client = self._tracker = None
+        self._target = self._source = self._tracker = None
+
+    def close_target(self) -> None:
+        """Close the connection to the target alone (its session on the receiver ends);
+        breqd and the source stay open."""
+        if self._target is not None:
+            try:
+                self._target.close()
+            except (BmigError, OSError):
+                pass
+
+    # -- what a connected migration offers --------------------------------------------------
+
+    @property
+    def info(self) -> SourceInfo:
+        """The source as breqd described it at connect(): lineage, size, chunk size."""
+        if self._info is None:
+            raise BmigError(f"{self.name}: not connected")
+        return self._info
+
+    def source_identity(self) -> TargetIdentity:
+        """What the source file or device is (invariant 9), as a receiver would see it."""
+        source, _, _ = self._connected()
+        return identify(source.fd)
+
+    def verify(self, sample: float | None = None, repair: bool = False) -> VerifyResult:
+        """Online verify of source against target (bmig.sender.verify)."""
+        source, target, tracker = self._connected()
+        return verify(tracker, source, target, self.name, self.info.size,
+                      self.info.chunk_size, sample, repair)
+
+    def promote(self, generation: int) -> dict:
+        """Cutover: the target takes ``generation`` and becomes the primary; its record."""
+        _, target, _ = self._connected()
+        if not isinstance(target, WireTarget):
+            raise ConfigError(f"{target.description} keeps no lineage: only breceive "
+                              "can be promoted")
+        return target.promote(generation)
+
+    def hand_over(self, generation: int) -> None:
+        """Record in breqd that this source handed over to ``generation`` (invariant 7:
+        it stays read-only), through the lock the passes share."""
+        _, _, tracker = self._connected()
+        tracker.set_lineage(self.name, ROLE_HANDED_OVER, hex_id(generation))
+
+    def _connected(self) -> tuple[Source, WireTarget | NbdTarget, LockedTracker]:
+        if self._source is None or self._target is None or self._tracker is None:
+            raise BmigError(f"{self.name}: not connected")
+        return self._source, self._target, self._tracker
 
     # -- passes ----------------------------------------------------------------------------
 
@@ -309,8 +367,6 @@ class Migration:
         is where ``manage_dir`` says (None otherwise)."""
         if self.settings.manage_dir is None:
             return None
-        from bmig.nbd.manage_client import ManageClient
-
         try:
             with ManageClient(self.settings.manage_dir, self.name, timeout=5) as nbd:
                 return int(nbd.call("status")["bytes_written"])

@@ -22,6 +22,9 @@ the handover goes on as if the answer had come. Not promoted: the source is made
 writable again, as for any failure before step 6. No way to tell: HandoverUnknown (exit
 16); the source is recorded as handed over, so that it stays read-only even when
 bmig-nbd restarts, until the operator has looked (invariant 7: never two primaries).
+
+It drives bmig-nbd (ManageClient) and the Migration through their public calls; it
+never reaches into the migration's connections.
 """
 
 from __future__ import annotations
@@ -34,12 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bmig.errors import BmigError, HandoverUnknown, HookFailed, NotConverged, VerifyFailed
-from bmig.identity import identify
 from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, STATE_CONSISTENT, TargetRecord,
                           hex_id, new_generation, save_target)
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
-from bmig.sender.verify import verify
+from bmig.sender.targets import target_status
 
 log = logging.getLogger("bmigrate")
 
@@ -220,20 +222,16 @@ class Cutover:
                 self.m.stop.wait(SETTLE_POLL)
 
     def _verify(self) -> dict:
-        m = self.m
-        assert m._tracker and m._source and m._target and m._info
-        sample = self.s.verify_sample
-        result = verify(m._tracker, m._source, m._target, m.name, m._info.size,
-                        m._info.chunk_size, sample)
+        result = self.m.verify(self.s.verify_sample)
         if result.differing:
             raise VerifyFailed(f"verify: {len(result.differing)} of {result.chunks} chunks "
                                f"differ (first at byte "
-                               f"{result.differing[0] * m._info.chunk_size})")
+                               f"{result.differing[0] * self.m.info.chunk_size})")
         return {"chunks_compared": result.chunks}
 
     def _hand_over(self) -> dict:
         """Read-only here first, then the target primary, then our record of it."""
-        assert self._nbd is not None and self.m._target is not None
+        assert self._nbd is not None
         m = self.m
         if not self.s.keep_writable:
             self._nbd.call("read-only", value=True)
@@ -241,7 +239,7 @@ class Cutover:
         generation = new_generation()
         unknown: str | None = None
         try:
-            target = m._target.promote(generation)
+            target = m.promote(generation)
         except BaseException as exc:
             outcome, target, detail = self._promote_outcome(generation, exc)
             if outcome == NOT_PROMOTED:
@@ -261,12 +259,9 @@ class Cutover:
         # it again. What follows is done as far as it goes; a failure is reported, not
         # undone.
         self.result.generation = hex_id(generation)
-        assert m._tracker is not None and m._info is not None
         problems: list[str] = []
         for what, action in (
-                ("record the handover in breqd",
-                 lambda: m._tracker.client.set_lineage(m.name, ROLE_HANDED_OVER,
-                                                       hex_id(generation))),
+                ("record the handover in breqd", lambda: m.hand_over(generation)),
                 ("write the handed-over record",
                  lambda: self._record_handed_over(generation) if self.s.record_dir else None),
                 ("stop replicating", lambda: self._nbd.call("stop")),
@@ -298,22 +293,15 @@ class Cutover:
         a new one asks for the target's record until no session holds the target (its
         record can no longer change). (outcome, the record, what stood in the way)."""
         m = self.m
-        assert m._info is not None
         self.report({"event": "note", "device": m.name, "message":
                      f"{m.name}: PROMOTE got no answer ({_message(why)}); this source is "
                      "left as it is while the receiver is asked what it did"})
-        if m._target is not None:
-            try:
-                m._target.close()
-            except (BmigError, OSError):
-                pass
-        from bmig.sender.targets import open_target
-
+        m.close_target()
         deadline = time.monotonic() + OUTCOME_TIMEOUT
         problem = "the receiver could not be asked"
         while True:
             try:
-                status = _ask_status(open_target, m.url, m.options)
+                status = target_status(m.url, m.options)
                 records = [t for t in status.get("targets", [])
                            if t.get("export") == m.url.export]
                 if not records:
@@ -324,7 +312,7 @@ class Cutover:
                             and record.get("generation") == hex_id(generation):
                         return PROMOTED, record, ""
                     if record.get("busy") is False and record.get("role") != ROLE_PRIMARY \
-                            and record.get("generation") == hex_id(m._info.generation):
+                            and record.get("generation") == hex_id(m.info.generation):
                         return NOT_PROMOTED, record, ""
                     problem = ("a session still holds the target" if record.get("busy")
                                else f"the target's record says {record.get('role')} with "
@@ -339,14 +327,13 @@ class Cutover:
         """A target record for this device, as breceive would keep it, so that a
         fail-back from the new primary ships only what changed there. It names the
         source file or device by its identity (invariant 9), as breceive will see it."""
-        m = self.m
-        assert m._info is not None and m._source is not None
+        info = self.m.info
         assert self.s.record_dir is not None
         os.makedirs(self.s.record_dir, mode=0o700, exist_ok=True)
-        record = TargetRecord(m.name, m._info.device_id, m._info.generation, STATE_CONSISTENT,
-                              ROLE_HANDED_OVER, m._info.size, time.time(), 0,
-                              list(m._info.previous), generation,
-                              identity=identify(m._source.fd))
+        record = TargetRecord(self.m.name, info.device_id, info.generation, STATE_CONSISTENT,
+                              ROLE_HANDED_OVER, info.size, time.time(), 0,
+                              list(info.previous), generation,
+                              identity=self.m.source_identity())
         save_target(self.s.record_dir, record)
 
     def _undo(self, why: BaseException) -> None:
@@ -371,15 +358,6 @@ class Cutover:
         if self._nbd is not None:
             self._nbd.close()
         self.m.close()
-
-
-
-def _ask_status(open_target, url, options) -> dict:
-    target = open_target(url, options)
-    try:
-        return target.status()
-    finally:
-        target.close()
 
 
 def _message(exc: BaseException) -> str:

@@ -12,33 +12,36 @@ Reading, compressing and sending overlap; the queues between the threads are sho
 memory is bounded by the frame size times the queue depths, whatever the device size.
 What is checked out and not yet committed is at most ``window`` bytes: that is also the
 most a resumed sync sends again after an interruption.
+
+A pass ships and commits; what a frame holds is bmig.sender.encoder's. It never opens
+a connection or changes the lineage (bmig.sender.converge does).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bmig.blockdev import data_runs
 from bmig.chunkmath import round_up
 from bmig.constants import MiB
 from bmig.errors import BmigError, UnreachableError
 from bmig.limits import MAX_DATA, MAX_RANGES_PER_FRAME
-from bmig.sender.targets import SourceInfo
-from bmig.tracker.blocking_client import TrackerClient
+from bmig.sender.buffers import BufferPool
+from bmig.sender.encoder import HOLE_WEIGHT, Encoder, Frame, Run
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.pacing import CompressionPacer, RateLimit
+from bmig.sender.source import Source
 from bmig.wire import codec
+from bmig.wire.client import SourceInfo
 
 log = logging.getLogger("bmigrate")
 
 QUEUE_DEPTH = 4          # frames between encoder and sender
 CHECKOUT_STEP = 256 * MiB
-HOLE_WEIGHT = 1 * MiB    # a hole's weight in the window and between FLUSHes
 ACK_TIMEOUT = 300.0      # seconds without a DURABLE before the target is given up on
 STOP_GRACE = 10.0        # ... once stopping: what is in flight gets this long
 
@@ -51,124 +54,6 @@ class PassSettings:
     direct: bool = False             # O_DIRECT reads of the source
     checksum: bool = False           # compare per-chunk hashes and send what differs
     skip_holes: bool = True          # SEEK_DATA/SEEK_HOLE on the source
-
-
-class RateLimit:
-    """A token bucket over bytes on the wire; ``rate`` may change at any time (SIGHUP)."""
-
-    def __init__(self, rate: int | None = None):
-        self.rate = rate
-        self._allowance = 0.0
-        self._last = time.monotonic()
-
-    def consume(self, nbytes: int, stop: threading.Event) -> None:
-        """Take ``nbytes``, waiting until the bucket has them. The bucket holds a
-        second's worth, or one frame if that is more, so a frame larger than a second's
-        worth waits as long as it takes to send it at the rate."""
-        while self.rate and not stop.is_set():
-            now = time.monotonic()
-            cap = float(max(self.rate, nbytes))
-            self._allowance = min(self._allowance + (now - self._last) * self.rate, cap)
-            self._last = now
-            if self._allowance >= nbytes:
-                self._allowance -= nbytes
-                return
-            stop.wait((nbytes - self._allowance) / self.rate)
-        self._last = time.monotonic()
-
-
-class CompressionPacer:
-    """Compress only as much as pays in time: when the sender waits for the encoder
-    (its queue runs empty), compression is the bottleneck and fewer frames are
-    compressed; when the encoder waits for the sender (the queue is full), the link is,
-    and more are. On a fast link most data goes raw; on a slow one, all is compressed."""
-
-    STEP = 0.1
-    FLOOR = 0.05           # keep trying a little: the data or the link may change
-
-    def __init__(self) -> None:
-        self.share = 1.0
-        self._credit = 0.0
-
-    def observe(self, queued: int) -> None:
-        if queued == 0:
-            self.share = max(self.FLOOR, self.share - self.STEP)
-        elif queued >= QUEUE_DEPTH:
-            self.share = min(1.0, self.share + self.STEP)
-
-    def compress(self) -> bool:
-        """Whether the next frame is compressed: ``share`` of them, evenly spread."""
-        self._credit += self.share
-        if self._credit >= 1.0:
-            self._credit -= 1.0
-            return True
-        return False
-
-
-class LockedTracker:
-    """breqd's client shared by the planner and the acknowledgement thread: checkouts
-    and commits must travel on one connection, one call at a time."""
-
-    def __init__(self, client: TrackerClient):
-        self.client = client
-        self._lock = threading.Lock()
-
-    def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
-        with self._lock:
-            return self.client.checkout(device, max_bytes)
-
-    def commit(self, device: str, ranges: list[tuple[int, int]]) -> None:
-        with self._lock:
-            self.client.commit(device, ranges)
-
-    def abort(self, device: str, ranges: list[tuple[int, int]]) -> None:
-        with self._lock:
-            self.client.abort(device, ranges)
-
-    def stats(self, device: str) -> dict:
-        with self._lock:
-            return self.client.stats(device)
-
-    def query(self, device: str, offset: int, length: int):
-        with self._lock:
-            return self.client.query(device, offset, length)
-
-    def mark(self, device: str, ranges: list[tuple[int, int]]) -> None:
-        with self._lock:
-            self.client.mark(device, ranges)
-
-
-@dataclass(eq=False)         # identity: pieces live in a set
-class Run:
-    """A piece of a checked-out range, committed on its own once its frames are
-    durable: whole chunks, a frame's worth of data or one hole of any size."""
-
-    offset: int
-    length: int
-    hole: bool = False       # wholly a hole in the source: one ZERO frame
-    frames: int = 0          # frames not yet durable
-    planned: bool = False    # every frame of it is known
-    failed: bool = False
-    done: bool = False
-
-    @property
-    def weight(self) -> int:
-        """What it counts for in the window: its bytes, or HOLE_WEIGHT for a hole
-        (resending a hole costs a message, not its size)."""
-        return min(self.length, HOLE_WEIGHT) if self.hole else self.length
-
-
-@dataclass
-class Frame:
-    run: Run
-    offset: int
-    length: int
-    kind: str                        # "data", "zero" or "same" (checksum equal: no bytes)
-    codec: int = codec.RAW
-    payload: object = None
-    digest: int = 0
-    buffer: object = None            # the pooled buffer the payload may point into
-    seq: int = 0
 
 
 @dataclass
@@ -199,75 +84,6 @@ class PassResult:
         return data / self.seconds if self.seconds > 0 and data > 0 else 0.0
 
 
-class BufferPool:
-    """Page-aligned buffers (O_DIRECT needs that), reused from frame to frame."""
-
-    def __init__(self, size: int, count: int):
-        self.size = size
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        for _ in range(count):
-            self._free.put(mmap.mmap(-1, size))
-
-    def get(self) -> mmap.mmap:
-        return self._free.get()
-
-    def put(self, buf: mmap.mmap) -> None:
-        self._free.put(buf)
-
-
-class Source:
-    """The device being migrated, read at byte offsets (optionally with O_DIRECT)."""
-
-    def __init__(self, path: str, size: int, direct: bool = False):
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise BmigError(f"cannot open the source {path}: {exc.strerror}") from None
-        self.direct_fd = -1
-        if direct:
-            try:
-                self.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            except OSError as exc:
-                log.warning("%s: O_DIRECT not possible (%s); reading through the cache",
-                            path, exc.strerror)
-        self.size = size
-        self._known = (0, 0, False)    # (start, end, is_hole) of a range seen whole
-
-    def read_into(self, view: memoryview, offset: int) -> None:
-        fd = self.fd
-        if self.direct_fd >= 0 and offset % 4096 == 0 and len(view) % 4096 == 0:
-            fd = self.direct_fd
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                view[done:] = bytes(len(view) - done)
-                return
-            done += n
-
-    def holes(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        """(length, is_hole) runs of the range. SEEK_HOLE may scan far ahead (to the end
-        of a file with no hole), so what it found is remembered for the next frames."""
-        end = offset + length
-        known_start, known_end, known_hole = self._known
-        if known_start <= offset and end <= known_end:
-            return [(length, known_hole)]
-        runs = data_runs(self.fd, offset, length)
-        if len(runs) == 1 and not runs[0][1]:
-            try:
-                hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-                self._known = (offset, hole, False)
-            except OSError:
-                pass
-        return runs
-
-    def close(self) -> None:
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-
-
 class Pass:
     """Ships what is dirty in breqd when the pass starts (and what is checked out on the
     way, up to that amount: a pass ends even under endless writes)."""
@@ -295,8 +111,10 @@ class Pass:
         self._failure: BmigError | None = None       # the first frame the target refused
         self._incomplete = False                     # frames dropped: not all was sent
         self._cut_short = False                      # planning stopped before the end
-        self._pool = BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3)
-        self._pacer = CompressionPacer()
+        self._pacer = CompressionPacer(QUEUE_DEPTH)
+        self._encoder = Encoder(source, target, info.chunk_size, settings,
+                                BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3),
+                                self._pacer, self.result)
         self._flushed = 0                           # seq of the last FLUSH sent
         self._planner_waiting = False               # for room in the window
         self._last_ack = time.monotonic()
@@ -427,7 +245,7 @@ class Pass:
                         self._settle(run)
                     continue
                 try:
-                    for frame in self._frames_of(run, offset, length):
+                    for frame in self._encoder.frames(run, offset, length):
                         with self._lock:
                             run.frames += 1
                         self._pacer.observe(self._frames.qsize())
@@ -447,83 +265,6 @@ class Pass:
                         self._settle(run)
         finally:
             self._frames.put(None)
-
-    def _frames_of(self, run: Run, offset: int, length: int):
-        if run.hole:
-            yield Frame(run, offset, length, "zero")
-            return
-        pieces = [(length, False)]
-        if self._s.skip_holes and not self._s.checksum:
-            pieces = self._source.holes(offset, length)
-        pos = offset
-        for n, hole in pieces:
-            if hole:
-                yield Frame(run, pos, n, "zero")
-            else:
-                for start in range(pos, pos + n, self._s.frame_size):
-                    yield from self._data_frames(
-                        run, start, min(self._s.frame_size, pos + n - start))
-            pos += n
-
-    def _data_frames(self, run: Run, offset: int, length: int):
-        buf = self._pool.get()
-        view = memoryview(buf)[:length]
-        self._source.read_into(view, offset)
-        self.result.bytes_read += length
-        if self._s.checksum:
-            yield from self._differing(run, offset, view, buf)
-            return
-        if codec.is_zero(view):
-            view.release()
-            self._pool.put(buf)
-            yield Frame(run, offset, length, "zero")
-            return
-        yield self._data(run, offset, view, buf)
-
-    def _data(self, run: Run, offset: int, view: memoryview, buf) -> Frame:
-        level = self._s.level if self._target.compresses and self._pacer.compress() \
-            else None
-        kind, payload = codec.encode(view, level)
-        frame = Frame(run, offset, len(view), "data", kind, payload, codec.checksum(view), buf)
-        if kind != codec.RAW:                 # the buffer is free again
-            view.release()
-            self._pool.put(buf)
-            frame.buffer = None
-        return frame
-
-    def _differing(self, run: Run, offset: int, view: memoryview, buf):
-        """--checksum: per chunk, the target's hash against ours; equal chunks cost no
-        bytes, differing ones are sent (adjacent ones together)."""
-        chunk = self._info.chunk_size
-        theirs = self._target.hashes(offset, len(view), chunk)
-        start = None
-        pieces = []
-        for i, h in enumerate(theirs):
-            a = i * chunk
-            part = view[a:a + chunk]
-            same = codec.checksum(part) == h
-            if same:
-                if start is not None:
-                    pieces.append((start, a))
-                    start = None
-                self.result.bytes_same += len(part)
-            elif start is None:
-                start = a
-        if start is not None:
-            pieces.append((start, len(view)))
-        if not pieces:
-            length = len(view)
-            view.release()
-            self._pool.put(buf)
-            yield Frame(run, offset, length, "same")
-            return
-        for a, b in pieces:
-            part = bytes(view[a:b])          # the pooled buffer goes back below
-            level = self._s.level if self._target.compresses else None
-            kind, payload = codec.encode(part, level)
-            yield Frame(run, offset + a, b - a, "data", kind, payload, codec.checksum(part))
-        view.release()
-        self._pool.put(buf)
 
     # -- sender ------------------------------------------------------------------------
 
@@ -552,7 +293,7 @@ class Pass:
             except BmigError as exc:    # the target is gone: drain, so nobody waits on us
                 self._set_fatal(exc)
             finally:
-                self._free(frame)
+                self._encoder.free(frame)
             self.result.frames += 1
             if self._progress is not None:
                 self._progress(self.result)
@@ -593,7 +334,7 @@ class Pass:
 
     def _drop(self, frame: Frame) -> None:
         """A frame not sent (stopping): its run goes back to dirty."""
-        self._free(frame)
+        self._encoder.free(frame)
         self._incomplete = True
         with self._lock:
             frame.run.failed = True
@@ -601,14 +342,6 @@ class Pass:
             ready = self._ready(frame.run)
         if ready:
             self._settle(frame.run)
-
-    def _free(self, frame: Frame) -> None:
-        if frame.buffer is not None:
-            if isinstance(frame.payload, memoryview):
-                frame.payload.release()
-            self._pool.put(frame.buffer)
-            frame.buffer = None
-        frame.payload = None
 
     # -- acknowledgements (any thread) ---------------------------------------------------
 

@@ -4,6 +4,9 @@ The device may be in use. A chunk that breqd has dirty, in flight or held before
 after it is read is skipped and counted: it is being written, and a later pass ships it.
 The others are compared (xxh3-64, the same on both sides); those that differ are
 reported, and with ``repair`` marked dirty so that the next pass fixes them.
+
+Reading and comparing only; with ``repair`` it marks chunks dirty in breqd, and it
+never writes either side.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import random
 from dataclasses import dataclass, field
 
 from bmig.chunkmath import chunk_count, chunk_span
-from bmig.sender.passes import LockedTracker, Source
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.source import Source
 from bmig.wire import codec
 
 WINDOW_CHUNKS = 256              # chunks compared per request to the target

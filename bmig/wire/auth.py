@@ -7,6 +7,9 @@ are bound to the two hellos as they crossed the wire (bmig.wire.seal.transcript)
 hello changed on the way fails. Proofs are checked for shape (64 lowercase hex digits)
 before they are compared, in constant time. The secret never travels; the session keys
 of bmig.wire.seal are derived from it and both nonces.
+
+Proofs and the secret file only: it neither reads nor sends frames (bmig.wire.handshake
+does).
 """
 
 from __future__ import annotations

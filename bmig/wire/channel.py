@@ -10,6 +10,8 @@ length counts both). The body a read returns is valid until the next read.
 Large frames (DATA) are never joined or copied whole: unsealed, the body is received
 straight into a body buffer; sealed, it is deciphered from the read buffer into the body
 buffer piece by piece, and sealed into a piece-sized buffer that is sent as it fills.
+
+It knows lengths, caps and seals, not what a frame means (bmig.wire.protocol).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Each codec has a one-byte id that travels with the data (borg's way); decoding d
 on it and checks the decoded size before trusting it. Compression is tried on a sample
 first: when the sample does not shrink, the data goes raw, so incompressible data costs
 almost nothing. The checksum is xxh3-64 of the raw bytes.
+
+Pure functions on buffers: no I/O, no frames.
 """
 
 from __future__ import annotations

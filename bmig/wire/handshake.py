@@ -20,6 +20,9 @@ Both hellos travel in the clear and are bound into the proofs and the keys (the
 transcript), so a hello changed on the way (a lower version, another ``auth``) makes
 authentication fail. Nothing but HELLO and AUTH is read from a peer that has not
 authenticated, each capped at MAX_PREAUTH_FRAME by the channel.
+
+It reads and writes HELLO and AUTH only; what follows is the session's
+(bmig.receiver.session) or the WireTarget's (bmig.wire.client).
 """
 
 from __future__ import annotations

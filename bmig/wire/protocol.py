@@ -15,6 +15,8 @@ type. Control messages carry a JSON object of named fields
 
 docs/wire-protocol.md is the reference. Everything read from a peer is checked here before
 anything is allocated or written: lengths against caps, offsets against the target.
+
+Layouts and checks only: no I/O, no state.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Small frames are sealed and opened in one call. A large frame (DATA) goes throug
 streaming interface in pieces, so the header and payload are never joined and no frame
 sized buffer is needed for the ciphertext; its plaintext is handed on only after the tag
 has been checked.
+
+Cryptography on buffers only: framing and I/O are bmig.wire.channel's.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A Stream moves bytes and knows nothing of frames. ``recv_into`` returns 0 at the
 the stream; ``send`` takes several buffers and sends them as one (sendmsg or writev),
 so a frame header and its payload are never concatenated. Errors are OSError; the
 framing layer above turns them into the toolkit's errors.
+
+No frames and no authentication: bmig.wire.channel and bmig.wire.handshake sit above.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ import ssl
 from typing import Protocol, Sequence
 
 from bmig.errors import ConfigError, UnreachableError
-
-Buffer = bytes | bytearray | memoryview
+from bmig.vectored import Buffer, send_all
 
 
 class Stream(Protocol):
@@ -46,14 +47,7 @@ class SocketStream:
             for part in parts:
                 self.sock.sendall(part)
             return
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
-            sent = self.sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+        send_all(self.sock.sendmsg, parts)
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
@@ -81,14 +75,7 @@ class FdStream:
         return os.readv(self.read_fd, [buf])
 
     def send(self, parts: Sequence[Buffer]) -> None:
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
-            written = os.writev(self.write_fd, views)
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if views and written:
-                views[0] = views[0][written:]
+        send_all(lambda views: os.writev(self.write_fd, views), parts)
 
     def readable(self, timeout: float) -> bool:
         ready, _, _ = select.select([self.read_fd], [], [], timeout)

@@ -299,7 +299,7 @@ def test_every_status_field_is_in_json_output(tmp_path):
 
 
 def test_every_migration_file_key_is_documented():
-    from bmig.cli.sync import KEYS
+    from bmig.sender.settings import KEYS
 
     section = sections(BMIGRATE_PAGE)["MIGRATION FILES"]
     missing = sorted(key for key in KEYS if not mentions(section, key))

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from bmig.nbd.client import NbdClient, NbdError
+from bmig.nbdclient import NbdClient, NbdError
 from tests.daemon import Daemon, wait_until
 
 TOOL_TIMEOUT = 60

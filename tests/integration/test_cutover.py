@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from bmig.nbd.client import NbdClient, NbdError
+from bmig.nbdclient import NbdClient, NbdError
 from tests.conftest import BreqdInstance
 from tests.daemon import Daemon, breqd_argv, wait_until
 from tests.integration.nbd_helpers import NbdFuse, Writer, nbd_argv, require, start_nbd, tool

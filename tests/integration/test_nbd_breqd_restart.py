@@ -15,7 +15,7 @@ import random
 import subprocess
 import threading
 
-from bmig.nbd.client import NbdClient, NbdError
+from bmig.nbdclient import NbdClient, NbdError
 from bmig.errors import BmigError
 from tests.daemon import wait_until
 from tests.integration.nbd_helpers import require, start_nbd

@@ -20,7 +20,8 @@ import threading
 
 from bmig.receiver import session as session_module
 from bmig.receiver import target as target_module
-from bmig.receiver.session import Policy, Session, TargetConfig
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import Session
 from bmig.wire import codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, unpack_seq

@@ -17,8 +17,9 @@ import os
 
 import pytest
 
-from bmig.nbd.client import NbdClient, NbdError
-from bmig.sender.passes import LockedTracker, Source
+from bmig.nbdclient import NbdClient, NbdError
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.source import Source
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire import codec, handshake
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of

@@ -25,8 +25,9 @@ import paramiko
 import pytest
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
-from bmig.wire.ssh import (SshTarget, failure_hint, open_openssh, open_paramiko,
-                           openssh_argv, paramiko_ciphers)
+from bmig.wire.ssh import SshTarget, failure_hint, open_openssh, open_paramiko
+from bmig.wire.ssh.inprocess import paramiko_ciphers
+from bmig.wire.ssh.openssh import openssh_argv
 from bmig.wire.transports import FdStream, Stream
 from tests.daemon import wait_until
 from tests import sshd as sshd_fixture

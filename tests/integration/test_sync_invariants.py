@@ -22,11 +22,15 @@ from bmig.errors import TargetError, UnreachableError
 from bmig.lineage import load_target
 from bmig.receiver import session as session_module
 from bmig.receiver import target as target_module
-from bmig.receiver.session import Policy, Session, TargetConfig
-from bmig.sender.passes import LockedTracker, Pass, PassSettings, RateLimit, Source
-from bmig.sender.targets import SourceInfo
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import Session
+from bmig.sender.lockedtracker import LockedTracker
+from bmig.sender.pacing import RateLimit
+from bmig.sender.passes import Pass, PassSettings
+from bmig.sender.source import Source
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire import codec, handshake
+from bmig.wire.client import SourceInfo
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from bmig.wire.transports import SocketStream

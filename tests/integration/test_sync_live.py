@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 
-from bmig.nbd.client import NbdClient
+from bmig.nbdclient import NbdClient
 from tests.integration.nbd_helpers import Writer, start_nbd
 from tests.integration.sync_helpers import (MiB, receivers, same_bytes,  # noqa: F401
                                             start_receiver, sync)

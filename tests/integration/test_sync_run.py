@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from bmig.nbd.client import NbdClient
+from bmig.nbdclient import NbdClient
 from tests.daemon import wait_until
 from tests.integration.nbd_helpers import start_nbd
 from tests.integration.sync_helpers import (CHUNK, SYNC_TIMEOUT, MiB,  # noqa: F401

@@ -21,7 +21,8 @@ import pytest
 
 from bmig.lineage import hex_id
 from bmig.receiver import target as target_module
-from bmig.receiver.session import Policy, Session, TargetConfig
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import Session
 from bmig.wire import handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json

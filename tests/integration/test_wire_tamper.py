@@ -86,9 +86,10 @@ def test_the_receivers_reason_wins_over_the_broken_pipe_it_leaves(monkeypatch):
     reason (exit 7), not the broken pipe (exit 4), even when the reader thread is slow
     to pass the ERROR on."""
     from bmig.errors import IntegrityError
-    from bmig.sender import targets
-    from bmig.sender.targets import ConnectOptions, WireTarget
-    from bmig.sender.urls import parse_target_url
+    from bmig.wire import client as targets
+    from bmig.wire.client import WireTarget
+    from bmig.wire.options import ConnectOptions
+    from bmig.wire.urls import parse_target_url
     from bmig.wire import handshake
     from bmig.wire.channel import Channel
     from bmig.wire.protocol import Message, T

@@ -31,7 +31,7 @@ import subprocess
 
 import pytest
 
-from bmig.nbd.client import NbdClient, NbdError
+from bmig.nbdclient import NbdClient, NbdError
 from tests.daemon import Daemon, wait_until
 from tests.integration.nbd_helpers import nbd_argv, start_nbd
 from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate, receivers,  # noqa: F401

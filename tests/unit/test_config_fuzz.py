@@ -15,14 +15,15 @@ import pytest
 
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from bmig.cli import breceive, breqd, nbd, sync
+from bmig.cli import breceive, breqd, nbd
 from bmig.cli.common import host_port
 from bmig.config import Key, Schema, load_settings, parse_size
 from bmig.errors import ConfigError
+from bmig.sender import settings as sync
 from bmig.sender.converge import SyncSettings
 from bmig.sender.passes import PassSettings
-from bmig.sender.urls import parse_target_url
 from bmig.tracker import definitions as devices
+from bmig.wire.urls import parse_target_url
 
 # -- writing TOML ---------------------------------------------------------------------
 

@@ -233,7 +233,7 @@ def test_the_example_files_load():
 
 
 def test_the_migration_file_of_the_manual_loads(tmp_path):
-    from bmig.cli import sync
+    from bmig.sender import settings as sync
 
     path = tmp_path / "vm1.toml"
     path.write_text('name = "vm1"\nsource = "/dev/vg0/vm1"\n'

@@ -1,6 +1,6 @@
 """Synchronous replication in bmig-nbd against a fake breceive (invariants 5, 6 and 11).
 
-The fake target stands where bmig.sender.targets.WireTarget stands: the Replica's sender
+The fake target stands where bmig.wire.client.WireTarget stands: the Replica's sender
 thread hands it frames, and it answers from that thread, in frame order, as breceive's
 session does (a refused frame is answered ERROR before any later DURABLE). The tests
 force the interleavings they are about with gates and direct calls, never with time.

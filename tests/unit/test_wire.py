@@ -12,7 +12,6 @@ import zstandard
 
 from bmig.errors import ConfigError, FrameTooLarge, ProtocolError
 from bmig.framing import ConnectionClosed
-from bmig.sender.urls import parse_target_url
 from bmig.wire import auth, codec
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (MAX_DATA, MAX_JSON, Message, T, decode_json, pack_data,
@@ -20,6 +19,7 @@ from bmig.wire.protocol import (MAX_DATA, MAX_JSON, Message, T, decode_json, pac
                                 unpack_seq, unpack_zero)
 from bmig.wire.seal import transcript
 from bmig.wire.transports import SocketStream
+from bmig.wire.urls import parse_target_url
 
 # -- codecs ------------------------------------------------------------------------------
 

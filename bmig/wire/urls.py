@@ -1,5 +1,8 @@
 """Where a sync goes: the target URL forms and their one-line errors.
 
+Parsing only: nothing here connects (bmig.wire.connect reaches tcp, tls and ssh
+targets; bmig.sender.targets sends the nbd forms to bmig.nbdclient).
+
     tcp://HOST:PORT/EXPORT          breceive over TCP (HMAC authentication)
     tls://HOST:PORT/EXPORT          breceive over TLS
     ssh://[USER@]HOST[:PORT]/EXPORT breceive --stdio on HOST, run over SSH

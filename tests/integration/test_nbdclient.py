@@ -1,4 +1,4 @@
-"""bmig.nbd.client against real NBD servers (qemu-nbd, nbdkit) and a scripted fake one.
+"""bmig.nbdclient against real NBD servers (qemu-nbd, nbdkit) and a scripted fake one.
 
 The real servers show the client works with what is deployed; the fake server sends what
 real servers rarely do (chunks out of order, interleaved replies, error chunks, protocol
@@ -24,7 +24,7 @@ import pytest
 
 from bmig.errors import ProtocolError, UnreachableError
 from bmig.nbd import protocol as p
-from bmig.nbd.client import NbdAddress, NbdClient, NbdError, NbdExportError
+from bmig.nbdclient import NbdAddress, NbdClient, NbdError, NbdExportError
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bmig.errors import ConfigError
-from bmig.nbd.client import DEFAULT_PORT, NbdAddress, parse_uri
+from bmig.nbdclient import DEFAULT_PORT, NbdAddress, parse_uri
 
 
 @pytest.mark.parametrize("uri, expected", [

@@ -1,0 +1,83 @@
+"""A replication session kept to the lineage it opened with (invariant 7): each write is
+checked against the target's record under the record lock, and an idle session looks
+at the record every WATCH_INTERVAL seconds, so that a promotion, or a discard by another
+session, ends the replication of the old lineage. It reads records; it never writes one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Callable, Iterator
+
+from bmig.errors import BmigError, LineageError
+from bmig.lineage import ROLE_PRIMARY, hex_id, load_target, target_path
+from bmig.lineage import relation as lineage_relation
+from bmig.receiver.target import RecordLock
+
+WATCH_INTERVAL = 1.0     # seconds between looks at the record of an idle replication session
+
+
+class LineageWatch(threading.Thread):
+    """Keeps a replication session to the lineage it opened with. Each write is checked
+    against the target's record under the record lock (shared; a session that changes
+    the lineage holds it exclusively), and this thread looks at the record every
+    WATCH_INTERVAL seconds, so that an idle session ends too: a promotion, or a discard
+    by another session, ends the replication of the old lineage (invariant 7)."""
+
+    def __init__(self, state_dir: str, export: str, record_lock: RecordLock, source_id: int,
+                 generation: int, previous: list[int], fail: Callable[[BmigError], None]):
+        super().__init__(name="lineage watch", daemon=True)
+        self._fail = fail                 # ends the session, telling the sender why
+        self._record_lock = record_lock
+        self._state_dir = state_dir
+        self._export = export
+        self._path = target_path(self._state_dir, self._export)
+        self._source = (source_id, generation, previous)
+        self._seen: tuple[int, int, int] | None | str = "not yet"   # read at the first check
+        self._check_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size       # a new file at each save
+
+    def check(self) -> None:
+        """LineageError when the record no longer holds this session's lineage."""
+        with self._check_lock:
+            seen = self._stat()
+            if seen == self._seen:
+                return
+            record = load_target(self._state_dir, self._export)
+            if lineage_relation(record, *self._source) == "foreign":
+                what = ("is the primary now" if record.role == ROLE_PRIMARY
+                        else "holds another lineage now")
+                raise LineageError(f"target {self._export!r} {what} (generation "
+                                   f"{hex_id(record.generation)} of "
+                                   f"{hex_id(record.source_device_id)}): this replication "
+                                   "session of generation "
+                                   f"{hex_id(self._source[1])} ends")
+            self._seen = seen
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        with self._record_lock.held(exclusive=False):
+            self.check()
+            yield
+
+    def run(self) -> None:
+        while not self._stopping.wait(WATCH_INTERVAL):
+            try:
+                self.check()
+            except BmigError as exc:
+                self._fail(exc)
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self is not threading.current_thread():
+            self.join(timeout=10)

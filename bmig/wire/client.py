@@ -1,0 +1,240 @@
+"""The sender's end of the replication protocol: ``WireTarget``, breceive at the other
+end of a Stream.
+
+Its user hands it frames with sequence numbers and asks for durability now and then;
+it reports back through ``Acks``: ``durable(seq)`` (every frame up to seq is on stable
+storage, except those reported failed), ``failed(seq, error)`` (nothing of that frame
+was written) and ``fatal(error)`` (the target is gone; nothing more will be made
+durable). A pass (bmig.sender.passes) commits chunks in breqd only on ``durable``
+(invariant 3); a replica (bmig.nbd.replica) also hears ``received`` and ``written``.
+
+The handshake is bmig.wire.handshake's; the connection itself (TCP, TLS, SSH) is
+bmig.wire.connect's. This module knows messages and threads, not sockets or URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bmig.chunkmath import chunk_count
+from bmig.errors import BmigError, ProtocolError, UnreachableError
+from bmig.framing import ConnectionClosed
+from bmig.limits import MAX_HASHES
+from bmig.lineage import hex_id
+from bmig.wire import handshake
+from bmig.wire.channel import Channel
+from bmig.wire.options import ConnectOptions
+from bmig.wire.protocol import (Message, T, decode_json, error_from, pack_data,
+                                pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
+from bmig.wire.transports import Stream
+from bmig.wire.urls import TargetUrl
+
+log = logging.getLogger("bmigrate")
+
+REPLY_TIMEOUT = 300.0      # a control reply (OPENED, PASS_DONE, HASHES) may wait for a sync
+REASON_WAIT = 10.0         # for the reader to read why the receiver closed the connection
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What OPEN says of the source: its lineage, size and chunk size."""
+
+    name: str
+    device_id: int
+    generation: int
+    size: int
+    chunk_size: int
+    previous: tuple[str, ...] = ()     # older generations of this lineage, newest first
+
+
+class Acks(Protocol):
+    def durable(self, seq: int) -> None: ...
+    def failed(self, seq: int, error: BmigError) -> None: ...
+    def fatal(self, error: BmigError) -> None: ...
+
+    # Replication (bmig.nbd.replica) also hears of frames received and written; a pass
+    # does not ask for these, so its Acks need not have them.
+
+
+class WireTarget:
+    """breceive at the other end of a Stream: handshake, then a reader thread that sorts
+    acknowledgements from replies."""
+
+    compresses = True
+    lineage = True
+
+    def __init__(self, stream: Stream, url: TargetUrl, options: ConnectOptions,
+                 receiver_verified: bool, hint: str = ""):
+        self.description = str(url)
+        self.export = url.export
+        self.channel = Channel(stream)
+        self._replies: queue.Queue[Message | memoryview | BmigError] = queue.Queue()
+        self._acks: Acks | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = False
+        self.error: BmigError | None = None     # why the connection ended, once it has
+        agreed = handshake.sender(self.channel, options.secret, receiver_verified, hint)
+        self.server = agreed.peer
+        self.sealed = agreed.sealed
+        self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
+        self._reader.start()
+
+    # -- control -----------------------------------------------------------------------
+
+    def _send(self, message: Message) -> None:
+        self._frame(message.encode())
+
+    def _frame(self, head: bytes, payload: Any = None) -> None:
+        """Send one frame. When the connection broke, the receiver's own reason (an ERROR
+        it sent before closing, read by the reader thread) wins over the broken pipe."""
+        try:
+            self.channel.send(head, payload)
+        except UnreachableError:
+            reader = self._reader
+            if reader is not None and reader is not threading.current_thread():
+                reader.join(timeout=REASON_WAIT)
+            if self.error is not None and not isinstance(self.error, UnreachableError):
+                raise self.error from None
+            raise
+
+    def _request(self, message: Message, expect: T) -> Message | memoryview:
+        self._send(message)
+        try:
+            reply = self._replies.get(timeout=REPLY_TIMEOUT)
+        except queue.Empty:
+            raise UnreachableError(f"{self.description} did not answer {message.type.name} "
+                                   f"in {REPLY_TIMEOUT:.0f} s") from None
+        if isinstance(reply, BmigError):
+            raise reply
+        kind = type_of(reply) if isinstance(reply, memoryview) else reply.type
+        if kind != expect:
+            raise ProtocolError(f"{self.description}: expected {expect.name}, got {kind.name}")
+        return reply
+
+    def set_acks(self, acks: Acks) -> None:
+        """Who hears the acknowledgements from now on; told at once if the connection
+        has already ended (between passes, say, behind a proxy that kept our side open)."""
+        self._acks = acks
+        if self.error is not None:
+            acks.fatal(self.error)
+
+    def open(self, source: SourceInfo, discard: bool, mode: str = "pass") -> str:
+        """Choose the target; ``mode`` "replicate" opens a replication session,
+        "inspect" a read-only one (verify)."""
+        reply = self._request(Message(T.OPEN, {
+            "export": self.export, "device": source.name, "device_id": hex_id(source.device_id),
+            "generation": hex_id(source.generation), "size": source.size,
+            "chunk_size": source.chunk_size, "discard_target_data": discard,
+            "mode": mode, "previous": list(source.previous)}), T.OPENED)
+        assert isinstance(reply, Message)
+        self.opened = reply.fields.get("target", {})
+        self.why = reply.str("why", "")      # why a target with a record is "new" now
+        return reply.str("relation")
+
+    def begin_pass(self) -> None:
+        self._send(Message(T.PASS_BEGIN, {}))
+
+    def send_data(self, seq: int, offset: int, codec: int, payload: Any, raw_length: int,
+                  digest: int, flags: int = 0) -> None:
+        self._frame(pack_data(codec, flags, raw_length, seq, offset, digest), payload)
+
+    def send_zero(self, seq: int, offset: int, length: int, flags: int = 0) -> None:
+        self._frame(pack_zero(seq, offset, length, flags))
+
+    def request_durable(self, seq: int) -> None:
+        self._frame(pack_seq(T.FLUSH, seq))
+
+    def end_pass(self, complete: bool) -> dict:
+        reply = self._request(Message(T.PASS_END, {"complete": complete}), T.PASS_DONE)
+        assert isinstance(reply, Message)
+        return dict(reply.fields.get("target", {}))
+
+    def hashes(self, offset: int, length: int, chunk: int) -> list[int]:
+        out: list[int] = []
+        step = MAX_HASHES * chunk
+        for start in range(offset, offset + length, step):
+            n = min(step, offset + length - start)
+            reply = self._request(Message(T.HASHES_REQ, {"offset": start, "length": n,
+                                                         "chunk_size": chunk}), T.HASHES)
+            assert isinstance(reply, memoryview)
+            got_offset, values = unpack_hashes(reply)
+            if got_offset != start or len(values) != chunk_count(n, chunk):
+                raise ProtocolError(f"{self.description} answered hashes for another range")
+            out.extend(values)
+        return out
+
+    def promote(self, generation: int) -> dict:
+        """Cutover: the target takes ``generation`` and becomes the primary."""
+        reply = self._request(Message(T.PROMOTE, {"generation": hex_id(generation)}),
+                              T.PROMOTED)
+        assert isinstance(reply, Message)
+        return dict(reply.fields.get("target", {}))
+
+    def status(self) -> dict:
+        reply = self._request(Message(T.STATUS_REQ, {}), T.STATUS)
+        assert isinstance(reply, Message)
+        return dict(reply.fields)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._send(Message(T.BYE, {}))
+        except BmigError:
+            pass
+        self.channel.close()
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+
+    # -- the reader thread ---------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        why: BmigError = UnreachableError(f"lost {self.description}")
+        try:
+            while True:
+                body = self.channel.read()
+                kind = type_of(body)
+                if kind == T.DURABLE:
+                    if self._acks is not None:
+                        self._acks.durable(unpack_seq(body))
+                elif kind in (T.RECEIVED, T.WRITTEN):
+                    hook = getattr(self._acks, "received" if kind == T.RECEIVED else "written",
+                                   None)
+                    if hook is not None:
+                        hook(unpack_seq(body))
+                elif kind == T.HASHES:
+                    self._replies.put(memoryview(bytes(body)))   # outlives the buffer
+                elif kind == T.ERROR:
+                    self._error(decode_json(body))
+                else:
+                    self._replies.put(decode_json(body))
+        except ConnectionClosed:
+            why = UnreachableError(f"{self.description} closed the connection")
+        except BmigError as exc:
+            why = exc
+        finally:
+            if not self._closed:
+                log.debug("%s: reader stops: %s", self.description, why.message)
+                why = self.error = self.error or why
+                if self._acks is not None:
+                    self._acks.fatal(why)
+                self._replies.put(why)
+
+    def _error(self, message: Message) -> None:
+        error = error_from(message)
+        seq = message.fields.get("seq")
+        if isinstance(seq, int) and not message.fields.get("fatal") and self._acks is not None:
+            self._acks.failed(seq, error)
+        elif message.fields.get("fatal"):
+            if self.error is None:
+                self.error = error           # the reason, not the close that follows
+            if self._acks is not None:
+                self._acks.fatal(error)
+            self._replies.put(error)
+        else:
+            self._replies.put(error)
