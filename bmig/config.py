@@ -9,7 +9,6 @@ and what it takes, never a traceback or a value silently read as something else.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat

@@ -59,10 +59,10 @@ NOT_CAPS = {
     ("nbd/manage.py", "MAX_LEASE"): "seconds",
     ("wire/handshake.py", "MAX_VERSION_FIELD"): "the range of a number",
     ("wire/seal.py", "MAX_FRAMES"): "frames one key may seal: a counter, not memory",
-    ("nbd/client.py", "MAX_IN_FLIGHT"): "the client's own pipelining, set by its caller",
-    ("nbd/client.py", "_MAX_U32"): "an integer width",
-    ("nbd/client.py", "_MAX_U64"): "an integer width",
-    ("nbd/client.py", "_MAX_NO_PAYLOAD"): "a request length's width (32 bits)",
+    ("nbdclient/transmission.py", "MAX_IN_FLIGHT"): "the client's own pipelining, set by its caller",
+    ("nbdclient/transmission.py", "_MAX_U32"): "an integer width",
+    ("nbdclient/transmission.py", "_MAX_U64"): "an integer width",
+    ("nbdclient/transmission.py", "_MAX_NO_PAYLOAD"): "a request length's width (32 bits)",
 }
 LOOKS_LIKE_A_CAP = re.compile(r"^_?MAX_|_(LIMIT|CAP)$|^PREAUTH_")
 
