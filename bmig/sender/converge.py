@@ -40,7 +40,7 @@ from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
                          StateError, UnknownExport)
 from bmig.identity import TargetIdentity, identify
-from bmig.lineage import ROLE_HANDED_OVER, hex_id, parse_id
+from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.lockedtracker import LockedTracker
 from bmig.sender.pacing import RateLimit
@@ -262,6 +262,12 @@ class Migration:
         it stays read-only), through the lock the passes share."""
         _, _, tracker = self._connected()
         tracker.set_lineage(self.name, ROLE_HANDED_OVER, hex_id(generation))
+
+    def reclaim(self) -> None:
+        """Undo ``hand_over`` when the target was not promoted after all: this source is
+        the primary again, succeeded by nobody."""
+        _, _, tracker = self._connected()
+        tracker.set_lineage(self.name, ROLE_PRIMARY, hex_id(0))
 
     def _connected(self) -> tuple[Source, WireTarget | NbdTarget, LockedTracker]:
         if self._source is None or self._target is None or self._tracker is None:

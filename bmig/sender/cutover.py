@@ -7,8 +7,8 @@
                                                                    downtime starts here
     4  flush both sides; wait until nothing at all is dirty, held or in flight
     5  optionally verify every chunk's hash (or a sample) against the target
-    6  bmig-nbd turns read-only; the target gets a new generation and becomes the
-       primary; the source is recorded as handed over to it
+    6  bmig-nbd turns read-only; the source is recorded as handed over to a new
+       generation; the target takes it and becomes the primary
                                                                    downtime ends here
     7  start the application on the other side (--post-handover CMD)
 
@@ -230,13 +230,17 @@ class Cutover:
         return {"chunks_compared": result.chunks}
 
     def _hand_over(self) -> dict:
-        """Read-only here first, then the target primary, then our record of it."""
+        """Read-only here first, then the handover recorded in breqd, then the target
+        primary. The record comes before PROMOTE: were this process killed once PROMOTE
+        is sent, a bmig-nbd started again must still find this source handed over and
+        serve it read-only (invariant 7), until an operator has looked."""
         assert self._nbd is not None
         m = self.m
         if not self.s.keep_writable:
             self._nbd.call("read-only", value=True)
             self._read_only = True
         generation = new_generation()
+        m.hand_over(generation)
         unknown: str | None = None
         try:
             target = m.promote(generation)
@@ -246,6 +250,7 @@ class Cutover:
                 self.report({"event": "note", "device": m.name, "message":
                              f"{m.name}: PROMOTE was not answered ({_message(exc)}); the "
                              "target's record shows it was not promoted"})
+                self._reclaim()
                 self._undo(exc)
                 raise
             if outcome == UNKNOWN:
@@ -261,7 +266,6 @@ class Cutover:
         self.result.generation = hex_id(generation)
         problems: list[str] = []
         for what, action in (
-                ("record the handover in breqd", lambda: m.hand_over(generation)),
                 ("write the handed-over record",
                  lambda: self._record_handed_over(generation) if self.s.record_dir else None),
                 ("stop replicating", lambda: self._nbd.call("stop")),
@@ -335,6 +339,15 @@ class Cutover:
                               list(info.previous), generation,
                               identity=self.m.source_identity())
         save_target(self.s.record_dir, record)
+
+    def _reclaim(self) -> None:
+        """The target was not promoted: this source is the primary again in breqd."""
+        try:
+            self.m.reclaim()
+        except BmigError as exc:
+            log.error("%s: could not record this source as primary again (%s); it stays "
+                      "handed over in breqd: bmigrate track set-role %s primary",
+                      self.m.name, exc.message, self.m.name)
 
     def _undo(self, why: BaseException) -> None:
         """Before the handover: the source stays primary and writable."""

@@ -9,6 +9,9 @@ FAULTS is a comma-separated list (or "none"); ARGS are breceive's own:
                     network failed)
     promote-lost    the connection ends when PROMOTE arrives, before it is carried out
     status-lost     every STATUS_REQ ends its connection unanswered
+    promote-stuck   PROMOTE is never carried out nor answered: the session logs
+                    "fault: PROMOTE stuck" and waits until its connection ends (the sender
+                    waiting for the answer is the one a test kills)
     promote-held    the connection ends when PROMOTE arrives, but the session goes on
                     holding the target and carries PROMOTE out only after a STATUS_REQ
                     (of another connection) was answered: the sender that asks finds the
@@ -68,6 +71,18 @@ def _promote_held(original):
     return promote
 
 
+def _promote_stuck(original):
+    def promote(self: Session, msg: Message) -> bool:
+        import logging
+        logging.getLogger("breceive").warning("fault: PROMOTE stuck")
+        try:
+            while True:                        # until the sender's side goes away
+                self.channel.read()
+        except Exception:
+            return False
+    return promote
+
+
 def _lost(original):
     def handler(self: Session, msg: Message) -> bool:
         self.channel.close()
@@ -77,6 +92,7 @@ def _lost(original):
 
 FAULTS = {"promoted-lost": (T.PROMOTE, _promoted_lost), "promote-lost": (T.PROMOTE, _lost),
           "status-lost": (T.STATUS_REQ, _lost), "promote-held": (T.PROMOTE, _promote_held),
+          "promote-stuck": (T.PROMOTE, _promote_stuck),
           "status-answered": (T.STATUS_REQ, _answered)}
 
 

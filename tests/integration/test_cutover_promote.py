@@ -14,17 +14,24 @@ breceive_faults.py) that loses the answer, or the request, or every STATUS:
   change the record; the cutover asks again and completes the handover.
 - PROMOTED lost and the receiver cannot be asked: exit 16, the outcome unknown; the source
   stays read-only and is recorded as handed over until the operator has looked.
+- The cutover killed while it waits for PROMOTE's answer: the handover was recorded in
+  breqd before PROMOTE went out, so a bmig-nbd started again serves the source read-only.
 """
 
 from __future__ import annotations
 
 import pytest
 
+import os
+import subprocess
+
 from bmig.errors import EXIT_HANDOVER_UNKNOWN, EXIT_UNREACHABLE
+from bmig.nbdclient import NbdClient, NbdError
+from tests.daemon import Daemon, wait_until
 from tests.integration import breceive_faults
 from tests.integration.nbd_helpers import start_nbd
-from tests.integration.sync_helpers import (MiB, error_lines, receivers,  # noqa: F401
-                                            same_bytes, start_receiver)
+from tests.integration.sync_helpers import (MiB, bmigrate_argv, error_lines,  # noqa: F401
+                                            receivers, same_bytes, start_receiver)
 from tests.integration.test_cutover import (assert_still_primary_and_writable, cutover,
                                             final, prefill, replication_status,
                                             source_status, stats)
@@ -116,3 +123,37 @@ def test_an_unknown_outcome_keeps_the_source_read_only(breqd, faulty, tmp_path):
     assert_read_only_and_handed_over(breqd, server, record["generation"])
     mine = source_status(breqd)
     assert mine["role"] == "handed-over"
+
+
+def test_a_cutover_killed_while_promote_is_unanswered_leaves_the_source_read_only(
+        breqd, faulty, tmp_path):
+    """kill -9 of bmigrate cutover once PROMOTE is sent: the target may be the primary.
+    bmig-nbd, started again, must not serve the source writable: breqd already records it
+    as handed over (the operator then asks the target, and sets the role back if it was
+    not promoted)."""
+    server, r, target = faulty("promote-stuck")
+    args = ["cutover", "d1", "--source", server.backing, "--to", r.url("d1"),
+            "--secret-file", r.secret_file, "--manage-dir", server.manage_dir,
+            "--record-dir", str(tmp_path / "records"), "--json"]
+    proc = subprocess.Popen(bmigrate_argv(*args), env=dict(os.environ,
+                            BMIG_CONTROL=breqd.control), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "fault: PROMOTE stuck" in r.daemon.log() or proc.poll() is not None,
+                   timeout=120, what="the cutover to send PROMOTE")
+        assert proc.poll() is None, "the cutover ended before PROMOTE"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    mine = stats(breqd, "d1")
+    assert mine["role"] == "handed-over", mine
+    server.daemon.stop()
+    server.daemon = Daemon(server.daemon.argv, server.daemon.log_path).start()
+    with NbdClient.connect(server.uri, timeout=60) as client:
+        try:
+            client.pwrite(b"must not land", 0)
+        except NbdError as exc:
+            assert exc.from_server
+        else:
+            raise AssertionError("the source took a write after a cutover that may have "
+                                 "promoted the target")
