@@ -242,6 +242,9 @@ def build(values: dict[str, Any], as_json: bool) -> tuple[Migration, Any]:
     control = str(values.get("control") or DEFAULT_CONTROL_SOCKET)   # BMIG_CONTROL: a flag
     migration = Migration(str(name), str(values["source"]), url, options, settings, control,
                           reporter)
+    from bmig.dm.intercept import intercept_for       # the dm intercept, if attached
+
+    migration.intercept = intercept_for(str(name), control)
     return migration, reporter
 
 
