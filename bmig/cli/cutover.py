@@ -106,7 +106,12 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
         verify_sample=verify_sample, timeout=timeout, keep_writable=keep_writable,
         hook_timeout=hook_timeout, record_dir=record_dir,
         replicate_options=replica_options(connection))
-    job = Cutover(migration, to, settings, report)
+    if migration.intercept is not None:                 # dm-era under a dm device
+        from bmig.dm.cutover import DmFreezeCutover
+
+        job: Cutover = DmFreezeCutover(migration, to, settings, report)
+    else:
+        job = Cutover(migration, to, settings, report)
     try:
         result = job.run()
     except HookFailed:
