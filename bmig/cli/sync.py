@@ -245,6 +245,8 @@ def build(values: dict[str, Any], as_json: bool) -> tuple[Migration, Any]:
     from bmig.dm.intercept import intercept_for       # the dm intercept, if attached
 
     migration.intercept = intercept_for(str(name), control)
+    if migration.intercept is not None:
+        migration.source_path = migration.intercept.read_path()
     return migration, reporter
 
 

@@ -323,6 +323,12 @@ class DmIntercept:
 
     # -- import ----------------------------------------------------------------------------
 
+    def read_path(self) -> str:
+        """Where a sender reads the device: the era device, which the cutover's freeze
+        (a suspend of the user's device) leaves readable."""
+        record = self.record()
+        return f"/dev/mapper/{record.era_device}" if record is not None else ""
+
     def refresh(self) -> int:
         """One import; the bytes it marked dirty."""
         result = self.import_eras()
@@ -359,7 +365,7 @@ class DmIntercept:
                 record.imported_era, record.metadata, snapshot=True))
         finally:
             dmsetup.message(era_dev, "drop_metadata_snap")
-        _drop_cache(record.device)
+        _drop_cache(record.era_device)
         record.imported_era = current
         record.last_import = time.time()
         record.last_import_bytes = marked

@@ -91,3 +91,35 @@ def dirty_chunks(breqd, name: str, size: int, chunk: int = CHUNK) -> set[int]:
 def record(dm_state: str, name: str) -> dict:
     with open(os.path.join(dm_state, f"{name}.json")) as f:
         return json.load(f)
+
+
+def detach_metadata_loops(dm_state: str) -> None:
+    """The loop devices bmig made for its metadata files (a failed test leaves them)."""
+    if not os.path.isdir(dm_state):
+        return
+    for entry in os.listdir(dm_state):
+        if entry.endswith(".era-metadata"):
+            out = run("losetup", "-j", os.path.join(dm_state, entry), check=False).stdout
+            for line in out.splitlines():
+                run("losetup", "-d", line.split(":", 1)[0], check=False)
+
+
+def same_content(a: str, b: str, size: int) -> bool:
+    import hashlib
+
+    def digest(path: str) -> str:
+        h = hashlib.sha256()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            left = size
+            while left:
+                block = os.read(fd, min(MiB, left))
+                if not block:
+                    break
+                h.update(block)
+                left -= len(block)
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    return digest(a) == digest(b)

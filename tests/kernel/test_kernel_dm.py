@@ -12,8 +12,9 @@ import random
 
 import pytest
 
-from tests.kernel.dm_helpers import (CHUNK, MiB, Volume, bmig_dm_argv, bmigrate, dirty_chunks,
-                                     exists, record, run, table, write_at)
+from tests.kernel.dm_helpers import (CHUNK, MiB, Volume, bmig_dm_argv, bmigrate,
+                                     detach_metadata_loops, dirty_chunks, exists, record,
+                                     run, table, write_at)
 
 pytestmark = pytest.mark.skipif(not os.environ.get("RUN_IN_VM"),
                                 reason="needs device-mapper: runs in a VM")
@@ -35,8 +36,10 @@ def volume(tmp_path, dm_modules):
 
 
 @pytest.fixture
-def dm_state(tmp_path) -> str:
-    return str(tmp_path / "dm")
+def dm_state(tmp_path):
+    directory = str(tmp_path / "dm")
+    yield directory
+    detach_metadata_loops(directory)
 
 
 def clear(breqd, name: str) -> None:
