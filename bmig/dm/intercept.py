@@ -420,7 +420,6 @@ class DmIntercept:
         record.state = LOST
         record.why = why
         save(self.directory, record)
-        log.error("%s: %s; every chunk set dirty", self.name, why)
         raise InterceptError(f"{self.name}: {why}; tracking stopped and every chunk set "
                              f"dirty; attach it again (bmigrate track attach {self.name} "
                              f"--dm {record.device})")

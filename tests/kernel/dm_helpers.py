@@ -57,7 +57,10 @@ class Volume:
 
     def close(self) -> None:
         """Whatever a failed test left: the device, bmig's layers, the loop devices."""
-        for name in (self.name, f"bmig-{self.name}-era", f"bmig-{self.name}-origin"):
+        listed = run("dmsetup", "ls", check=False).stdout.split()
+        layers = [n for n in listed if n.startswith("bmig-") and n.endswith("-era")]
+        layers += [n for n in listed if n.startswith("bmig-") and n.endswith("-origin")]
+        for name in [self.name] + layers:
             if exists(name):
                 run("dmsetup", "resume", name, check=False)
                 run("dmsetup", "remove", name, check=False)

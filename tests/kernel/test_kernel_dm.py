@@ -116,3 +116,55 @@ def test_errors_are_one_line_and_change_nothing(breqd, volume, dm_state, tmp_pat
     assert done.returncode != 0 and "already tracked" in done.stderr
     assert table(volume.name) == attached
     bmigrate(breqd, dm_state, "track", "detach", "d1")
+
+
+@pytest.mark.timeout(300)
+def test_attach_and_detach_under_fio_lose_no_write(breqd, volume, dm_state, tmp_path):
+    """fio writes with verification the whole time; attach, an import and detach happen
+    under it: no I/O error, and every block fio wrote reads back as written."""
+    job = ["fio", "--name=w", f"--filename={volume.path}", "--rw=randwrite", "--bs=4k",
+           "--direct=1", "--ioengine=psync", f"--size={SIZE // 4096 * 4096}",
+           "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--loops=3",
+           "--randseed=7", "--output-format=terse"]
+    import subprocess
+
+    fio = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):
+            bmigrate(breqd, dm_state, "track", "attach", "d1", "--dm", volume.path)
+            import_once(breqd, dm_state)
+            bmigrate(breqd, dm_state, "track", "detach", "d1")
+        out, err = fio.communicate(timeout=240)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0, out + err
+    assert table(volume.name) == volume.original
+
+
+def test_a_replaced_table_is_a_gap_and_every_chunk_becomes_dirty(breqd, volume, dm_state):
+    """lvextend reloads the volume's table (larger) without knowing bmig's layer: writes
+    bypass dm-era from then on. The next import finds the table replaced, sets every
+    chunk dirty, says so in one line and stops; status shows the intercept lost."""
+    bmigrate(breqd, dm_state, "track", "attach", "d1", "--dm", volume.path)
+    clear(breqd, "d1")
+    import_once(breqd, dm_state)
+    clear(breqd, "d1")
+    with open(volume.image, "r+b") as f:
+        f.truncate(SIZE + 4 * MiB)
+    run("losetup", "-c", volume.loop)
+    grown = (SIZE + 4 * MiB) // 512
+    run("dmsetup", "load", volume.name, "--table", f"0 {grown} linear {volume.loop} 0")
+    run("dmsetup", "suspend", volume.name)
+    run("dmsetup", "resume", volume.name)
+    write_at(volume.path, 3 * CHUNK, os.urandom(4096))     # untracked
+    done = run(*bmig_dm_argv(breqd, dm_state, "--once", "d1"), check=False)
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and "replaced" in done.stderr
+    assert len(dirty_chunks(breqd, "d1", SIZE)) == -(-SIZE // CHUNK)
+    assert record(dm_state, "d1")["state"] == "lost"
+    status = bmigrate(breqd, dm_state, "track", "status").stdout
+    assert "(lost)" in status
+    run("dmsetup", "remove", "bmig-d1-era")
+    run("dmsetup", "remove", "bmig-d1-origin")
