@@ -403,8 +403,7 @@ class DmIntercept:
         if dmsetup.info(record.device) is None:
             return f"{record.device} is gone"
         live = dmsetup.table(record.device)
-        if not table_maps_onto(live, era_info.devno) \
-                and not (record.route and table_maps_onto(live, record.route)):
+        if not table_maps_onto(live, era_info.devno):
             return (f"the table of {record.device} was replaced (by lvextend or "
                     "lvchange --refresh?), so writes bypassed dm-era")
         stats = client.stats(self.name)

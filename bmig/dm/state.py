@@ -40,8 +40,6 @@ class Record:
     last_import: float = 0.0     # wall-clock time of the last import
     last_import_bytes: int = 0   # bytes it marked
     imports: int = 0
-    route: str = ""              # a protocol C cutover: the NBD device (MAJ:MIN) the
-    #                              device maps onto, served by bmig-nbd over era_device
 
     def to_json(self) -> dict:
         return asdict(self)
