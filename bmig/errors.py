@@ -192,6 +192,12 @@ class HandoverUnknown(BmigError):
     wire_code = "handover-unknown"
 
 
+class InterceptError(BmigError):
+    """The write intercept cannot be set up, changed or trusted (dm-era, dmsetup)."""
+
+    wire_code = "intercept"
+
+
 class StateError(BmigError):
     """The state directory cannot be used."""
 
@@ -219,7 +225,7 @@ _ALL: tuple[type[BmigError], ...] = (
     TargetBusy,
     LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,
     HookFailed, NotConverged, VerifyFailed, StateError, StateWriteError, StateLocked,
-    HandoverUnknown,
+    HandoverUnknown, InterceptError,
 )
 BY_WIRE_CODE: dict[str, type[BmigError]] = {cls.wire_code: cls for cls in _ALL}
 

@@ -19,6 +19,7 @@ from bmig.constants import (DEFAULT_RECEIVER_STATE_DIR, REPLICATION_POLICIES,
                             REPLICATION_PROTOCOLS)
 from bmig.errors import HookFailed
 from bmig.sender.cutover import Cutover, CutoverSettings
+from bmig.sender.dm_cutover import DmFreezeCutover
 from bmig.sender.settings import build, replica_options
 
 
@@ -110,7 +111,10 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
         verify_sample=verify_sample, timeout=timeout, keep_writable=keep_writable,
         hook_timeout=hook_timeout, record_dir=record_dir,
         replicate_options=replica_options(connection))
-    job = Cutover(migration, to, settings, report)
+    if migration.intercept is not None:                 # dm-era under a dm device
+        job: Cutover = DmFreezeCutover(migration, to, settings, report)
+    else:
+        job = Cutover(migration, to, settings, report)
     try:
         result = job.run()
     except HookFailed:

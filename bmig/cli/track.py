@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from bmig.cli.common import SIZE, connect, control_option, human_bytes, json_option, print_json, size_of
+from bmig.cli.track_dm import attach, detach, dm_state_option, intercepts
 from bmig.errors import ConfigError
 
 
@@ -98,27 +99,32 @@ def list_(control: str, as_json: bool) -> None:
 
 @track.command()
 @click.argument("name", required=False)
+@dm_state_option
 @control_option
 @json_option
-def status(name: str | None, control: str, as_json: bool) -> None:
-    """Size, chunk size, dirty and in-flight bytes of NAME or of every device.
+def status(name: str | None, dm_state: str, control: str, as_json: bool) -> None:
+    """Size, chunk size, dirty and in-flight bytes of NAME or of every device, and its
+    intercept (dm, or - when writes reach breqd through bmig-nbd).
 
     With --json: one object for NAME, or an array of objects.
     """
     with connect(control) as client:
         devices = [client.stats(name)] if name else client.list_devices()
+    found = intercepts([d["name"] for d in devices], dm_state)
+    for d in devices:
+        d["intercept"] = found.get(d["name"])
     if as_json:
         print_json(devices[0] if name else devices)
         return
     if not devices:
         click.echo("no devices tracked")
         return
-    rows = [("NAME", "SIZE", "CHUNK", "DIRTY", "IN FLIGHT", "DIRTY %")]
+    rows = [("NAME", "SIZE", "CHUNK", "DIRTY", "IN FLIGHT", "DIRTY %", "INTERCEPT")]
     for d in devices:
         percent = 100.0 * d["dirty_bytes"] / d["size"] if d["size"] else 0.0
         rows.append((d["name"], human_bytes(d["size"]), human_bytes(d["chunk_size"]),
                      human_bytes(d["dirty_bytes"]), human_bytes(d["inflight_bytes"]),
-                     f"{percent:.1f}"))
+                     f"{percent:.1f}", intercept_text(d.get("intercept"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -126,6 +132,18 @@ def status(name: str | None, control: str, as_json: bool) -> None:
         if d.get("recovered") and d["recovered"] != "no saved bitmap":
             click.echo(f"note: {d['name']}: saved bitmap was not trusted ({d['recovered']}); "
                        "everything was set dirty", err=True)
+
+
+def intercept_text(intercept: dict | None) -> str:
+    if not intercept:
+        return "-"
+    if intercept["state"] != "attached":
+        return f"dm {intercept['device']} ({intercept['state']})"
+    return f"dm {intercept['device']} era {intercept.get('era')}"
+
+
+track.add_command(attach)
+track.add_command(detach)
 
 
 @track.command("set-dirty")

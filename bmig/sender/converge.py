@@ -164,6 +164,9 @@ class Migration:
         self._target: WireTarget | NbdTarget | None = None
         self._info: SourceInfo | None = None
         self._number = 0
+        # A kernel intercept (bmig.dm.intercept.DmIntercept) whose record of writes is
+        # imported into breqd at each pass boundary; None for bmig-nbd, which marks itself.
+        self.intercept = None
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -301,6 +304,11 @@ class Migration:
             raise result.error
         return result
 
+    def import_writes(self) -> None:
+        """A pass boundary: what a kernel intercept recorded goes into breqd first."""
+        if self.intercept is not None:
+            self.intercept.refresh()
+
     def _threshold(self) -> int:
         s = self.settings
         by_time = int(self.rate * s.threshold_seconds) if s.threshold_seconds and self.rate \
@@ -327,14 +335,15 @@ class Migration:
         dirty = int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
         if dirty and not (self.summary.passes and dirty <= self._threshold()):
             return False
+        writing = self.intercept is not None and self.intercept.writes_seen
         if dirty:
             stats = self._wait_for_holds(stats, any_held=True)
             dirty = int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
-            if dirty and not stats["held_bytes"]:
+            if dirty and not stats["held_bytes"] and not writing:
                 return False              # nobody writes: ship the rest, then identical
         self.summary.converged = True
         self.summary.identical = dirty == 0
-        self.summary.writer_active = bool(stats["held_bytes"])
+        self.summary.writer_active = bool(stats["held_bytes"]) or (writing and dirty > 0)
         self.summary.dirty_bytes = dirty
         return True
 
@@ -347,6 +356,7 @@ class Migration:
             "new", "none", "same")
         try:
             while not self.stop.is_set():
+                self.import_writes()
                 stats = self._wait_for_holds(self.stats())
                 if self._finish(stats):
                     break
@@ -409,6 +419,7 @@ class Migration:
                     failures = 0
                 if getattr(self._target, "error", None) is not None:
                     raise self._target.error        # gone while idle: connect again
+                self.import_writes()
                 stats = self.stats()
                 dirty = int(stats["dirty_bytes"])
                 self.reporter.lag(dirty, dirty / self.rate if self.rate else None)

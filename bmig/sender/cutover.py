@@ -120,6 +120,10 @@ class Cutover:
         except BaseException as exc:
             self._undo(exc)
             raise
+        return self._finish_handover(downtime_start)
+
+    def _finish_handover(self, downtime_start: float) -> CutoverResult:
+        """Steps 6 and 7, and the downtime from ``downtime_start`` to the handover."""
         self._step(6, "hand over", self._hand_over)
         self.result.downtime = round(time.monotonic() - downtime_start, 3)
         self.result.handed_over = True

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from bmig import log as bmig_log
 from bmig.config import Key, Schema, load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
+from bmig.dm.intercept import intercept_for
 from bmig.errors import ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, Reporter, SyncSettings
@@ -146,8 +147,12 @@ def build(values: Mapping[str, Any],
     settings.passes.checksum = bool(values.get("checksum"))
     reporter = reporter_for(str(name))
     control = str(values.get("control") or DEFAULT_CONTROL_SOCKET)   # BMIG_CONTROL: a flag
-    return Migration(str(name), str(values["source"]), url, options, settings, control,
-                     reporter)
+    migration = Migration(str(name), str(values["source"]), url, options, settings, control,
+                          reporter)
+    migration.intercept = intercept_for(str(name), control)   # dm-era, if attached
+    if migration.intercept is not None:
+        migration.source_path = migration.intercept.read_path()
+    return migration
 
 
 def apply_reloadable(settings: SyncSettings, values: Mapping[str, Any]) -> None:

@@ -36,6 +36,7 @@ from bmig.cli.breceive import KEYS as BRECEIVE_KEYS
 from bmig.cli.breceive import breceive
 from bmig.cli.nbd import TOP_KEYS as NBD_KEYS
 from bmig.cli.nbd import nbd
+from bmig.cli.dm import dm
 from bmig.errors import BY_WIRE_CODE, BmigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,7 @@ BMIGRATE_PAGE = ROOT / "man" / "bmigrate.1"
 BREQD_PAGE = ROOT / "man" / "breqd.8"
 NBD_PAGE = ROOT / "man" / "bmig-nbd.8"
 BRECEIVE_PAGE = ROOT / "man" / "breceive.8"
+DM_PAGE = ROOT / "man" / "bmig-dm.8"
 CONTROL_DOC = ROOT / "docs" / "control-protocol.md"
 WIRE_DOC = ROOT / "docs" / "wire-protocol.md"
 INTERRUPTED = 130  # bmig.cli.common.run: Ctrl-C
@@ -170,7 +172,8 @@ def test_every_bmigrate_command_is_in_the_synopsis(path):
 
 # One page per daemon: (name, click command, page, keys of its --config file).
 DAEMONS = [("breqd", breqd, BREQD_PAGE, BREQD_KEYS), ("bmig-nbd", nbd, NBD_PAGE, NBD_KEYS),
-           ("breceive", breceive, BRECEIVE_PAGE, BRECEIVE_KEYS)]
+           ("breceive", breceive, BRECEIVE_PAGE, BRECEIVE_KEYS),
+           ("bmig-dm", dm, DM_PAGE, ())]
 
 
 @pytest.mark.parametrize("name,command,page_path,keys", DAEMONS, ids=[d[0] for d in DAEMONS])
@@ -286,7 +289,7 @@ def test_every_status_field_is_in_json_output(tmp_path):
 
     with ThreadPoolExecutor(1) as executor:
         device = TrackedDevice(DeviceDefinition("d", 1 << 20, 4096, 1), str(tmp_path), executor)
-        fields = set(device.stats())
+        fields = set(device.stats()) | {"intercept"}     # added by bmigrate track status
         device.bitmap.close(clean=True)
     lines = sections(BMIGRATE_PAGE)["JSON OUTPUT"]
     status_part = lines[:next((i for i, line in enumerate(lines) if line.startswith(".SS")),

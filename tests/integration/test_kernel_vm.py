@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "kernel", "run-in-vm.sh")
-GUEST_TIMEOUT = 600
+GUEST_TIMEOUT = 900      # the dm intercept tests add about 6 minutes under UML
 
 
 def backend() -> str | None:
@@ -35,7 +35,7 @@ def test_the_kernel_tests_pass_in_a_throw_away_kernel():
     chosen = backend()
     if chosen is None:
         pytest.skip("no kernel to boot: install user-mode-linux (make deb-deps, as root)")
-    for tool in ("nbd-client", "modprobe", "mkfs.ext4", "e2fsck"):
+    for tool in ("nbd-client", "modprobe", "mkfs.ext4", "e2fsck", "era_invalidate", "fio"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (make deb-deps, as root)")
     done = subprocess.run(
