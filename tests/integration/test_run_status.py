@@ -388,13 +388,19 @@ class Lines:
 
 
 def test_status_watch_prints_again_until_interrupted(breqd, tmp_path):
+    """Without NAME every device breqd tracks, as ``drbdadm status`` shows them."""
+    breqd.client().add_device("vm2", 4 * MiB)
     breqd.client().add_device("vm1", 4 * MiB)
     breqd.client().clear_all("vm1", force=True)
+    text = bmigrate(breqd, "status", "--status-dir", str(tmp_path), "--manage-dir",
+                    str(tmp_path)).stdout
+    assert re.findall(r"^(vm\d): primary; ", text, re.M) == ["vm1", "vm2"], text
     watch = Lines(breqd, "status", "--watch", "--interval", "0.1", "--json",
                   "--status-dir", str(tmp_path), "--manage-dir", str(tmp_path))
     try:
         first = watch.wait(lambda v: True, "a first look")
-        assert [s["device"] for s in first] == ["vm1"] and first[0]["dirty_bytes"] == 0
+        assert [s["device"] for s in first] == ["vm1", "vm2"]
+        assert first[0]["dirty_bytes"] == 0 and first[1]["dirty_bytes"] == 4 * MiB
         breqd.client().mark("vm1", [(0, 100)])
         again = watch.wait(lambda v: v[0]["dirty_bytes"] > 0, "a look that sees the mark")
         assert again[0]["service"] is None and again[0]["nbd"] is None
