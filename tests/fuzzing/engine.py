@@ -275,11 +275,16 @@ class Outcome:
 _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|[0-9a-f]{16,}|\d+")
 
 
-def signature(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
+def normalize(text: str) -> str:
+    """An error message without its numbers and quoted values: one kind of error."""
+    text = text.splitlines()[0] if text else ""
     text = _NUMBERS.sub("N", text)
     text = re.sub(r"'[^']*'|\"[^\"]*\"|b'[^']*'", "S", text)
-    return f"{type(exc).__name__}: {text[:100]}"
+    return text[:100]
+
+
+def signature(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {normalize(str(exc))}"
 
 
 def _alarm(signum, frame):

@@ -225,7 +225,7 @@ class ContractLayer(Layer):
 
 
 class _Refusals(logging.Handler):
-    _NUMBERS = re.compile(r"\d+|0x[0-9a-f]+")
+    _NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\d+")
 
     def __init__(self, found: list[str]):
         super().__init__(logging.DEBUG)
