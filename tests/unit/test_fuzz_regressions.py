@@ -32,3 +32,43 @@ def test_a_target_record_nested_too_deeply_is_damaged_not_a_recursion_error(reco
     (tmp_path / "a.target").write_bytes(data)
     with pytest.raises(StateError, match="nested too deeply"):
         load_target(str(tmp_path), "a")
+
+
+GOOD_TARGET = {"export": "a", "source_device_id": "00000000000000a1",
+               "generation": "00000000000000b1", "state": "consistent", "role": "secondary",
+               "size": 4096, "last_pass": 1.5e9, "passes": 3, "previous": ["00000000000000b0"],
+               "successor": "0000000000000000", "promoted": None, "identity": None}
+
+
+@pytest.mark.parametrize("change", [
+    {"size": float("inf")},                    # 1e999 in the file: int() overflowed
+    {"size": -4096}, {"passes": -1}, {"size": "4096"}, {"passes": True},
+    {"role": "second ry"}, {"role": ["primary"]},
+    {"previous": ["00000000001e9990000b0"]}, {"previous": 5}, {"previous": "00000000000000b0"},
+])
+def test_a_damaged_target_record_is_refused_not_trusted(records, tmp_path, change):
+    data = json.dumps({**GOOD_TARGET, **change}).encode()
+    assert outcome(records, b"\x01" + data) == "error"
+    (tmp_path / "a.target").write_bytes(data)
+    with pytest.raises(StateError, match="damaged"):
+        load_target(str(tmp_path), "a")
+
+
+GOOD_SOURCE = {"device_id": "00000000000000a1", "generation": "00000000000000b2",
+               "role": "handed-over", "previous": ["00000000000000b0"],
+               "successor": "00000000000000b3"}
+
+
+@pytest.mark.parametrize("change", [
+    {"role": "banana"}, {"role": None},
+    {"previous": ["00000000000000b018446744073709551616"]}, {"previous": 5},
+])
+def test_a_damaged_lineage_record_starts_a_new_generation(records, tmp_path, change):
+    data = json.dumps({**GOOD_SOURCE, **change}).encode()
+    assert outcome(records, b"\x00" + data) == "accepted"
+    path = source_path(str(tmp_path), "vm1")
+    with open(path, "wb") as f:
+        f.write(data)
+    record, why = load_source(str(tmp_path), "vm1", 0xA1)
+    assert why is not None and "damaged" in why
+    assert record.generation != 0xB2 and record.role == "primary" and record.previous == []
