@@ -19,6 +19,7 @@ from hypothesis (the tests), and an input is reproduced from the run's seed alon
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -418,12 +419,13 @@ def fuzz(driver: Driver, count: int, seed: int, crash_dir: str,
                 corpus_bytes += len(data)
             report.seen.add(key)
             if report.inputs % sample_every == 0:
+                gc.collect()          # garbage in reference cycles is not growth
                 rss = rss_bytes()
                 report.rss_max = max(report.rss_max, rss)
                 if report.inputs == max(sample_every, count // 10 // sample_every
                                         * sample_every):
                     report.rss_warm = rss
-                if report.inputs % (sample_every * 100) == 0 or report.inputs == sample_every:
+                if report.inputs % (sample_every * 50) == 0 or report.inputs == sample_every:
                     report.samples.append((report.inputs, rss))
                 if progress is not None:
                     report.seconds = time.monotonic() - start
