@@ -280,7 +280,10 @@ def normalize(text: str) -> str:
     """An error message without its numbers and quoted values: one kind of error."""
     text = text.splitlines()[0] if text else ""
     text = _NUMBERS.sub("N", text)
-    text = re.sub(r"'[^']*'|\"[^\"]*\"|b'[^']*'", "S", text)
+    text = re.sub(r"b?'[^'\"]*'|b?\"[^'\"]*\"", "S", text)     # values the peer chose
+    quoted = re.search(r"b?['\"]", text)         # one with quotes in it: where it starts
+    if quoted:
+        text = text[:quoted.start()] + "S..."
     return text[:100]
 
 

@@ -1,0 +1,121 @@
+"""A short run of every fuzz driver of bench/fuzz.py (tests/fuzzing/) under hypothesis:
+a seed of the driver changed by a few mutations, or random bytes, must be accepted or
+refused with the product's own errors; never a crash, a hang or an unexpected failure
+that was only logged. Derandomized, so every run tries the same inputs; bench/fuzz.py
+runs the same drivers for a million inputs each.
+
+Also the engine itself: a crash, a hang and a failure only logged are each caught, and
+a crash's input is saved where --replay finds it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from tests.fuzzing import drivers
+from tests.fuzzing.engine import (N_OPS, Driver, Frame, Seed, check, fuzz, mutate)
+
+ALL = drivers()
+_made: dict[str, Driver] = {}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fuzz")
+    yield str(directory)
+    for driver in _made.values():
+        driver.close()
+    _made.clear()
+
+
+def driver_for(name: str, workdir: str) -> Driver:
+    if name not in _made:
+        path = os.path.join(workdir, name)
+        os.makedirs(path)
+        _made[name] = ALL[name](path)
+    return _made[name]
+
+
+word = st.integers(0, (1 << 32) - 1)
+ops = st.lists(st.tuples(st.integers(0, N_OPS - 1), word, word, word), max_size=8)
+
+
+@st.composite
+def inputs(draw, driver: Driver) -> bytes:
+    if draw(st.integers(0, 19)) == 0:
+        return draw(st.binary(max_size=512))
+    seeds = driver.seed_list()
+    base = seeds[draw(st.integers(0, len(seeds) - 1))]
+    return mutate(base, draw(ops), seeds, driver.dictionary, driver.max_size)
+
+
+EXAMPLES = {"wire-session": 120, "control": 150, "bitmap": 150, "nbd-client": 150,
+            "nbd-transmission": 150, "wire-sealed": 150}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_every_parser_accepts_or_refuses_with_its_own_errors(name, workdir):
+    driver = driver_for(name, workdir)
+
+    @settings(max_examples=EXAMPLES.get(name, 250), deadline=None, derandomize=True,
+              database=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        outcome = check(driver, data.draw(inputs(driver), label="input"))
+        assert outcome.kind in ("accepted", "error"), f"{outcome.signature}\n{outcome.detail}"
+
+    run()
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+class Toy(Driver):
+    name = "toy"
+    allowed = (ValueError,)
+    time_limit = 0.2
+
+    def seeds(self):
+        return [Seed((Frame(b"ok"),))]
+
+    def run(self, data: bytes):
+        if data.startswith(b"crash"):
+            raise KeyError("a crash")
+        if data.startswith(b"hang"):
+            while True:
+                time.sleep(0.01)
+        if data.startswith(b"log"):
+            try:
+                raise RuntimeError("swallowed")
+            except RuntimeError:
+                logging.getLogger("toy").exception("unexpected failure")
+            return None
+        if data.startswith(b"bad"):
+            raise ValueError("refused 12 bytes")
+        return None
+
+
+@pytest.mark.parametrize("data, kind", [(b"ok", "accepted"), (b"bad", "error"),
+                                        (b"crash", "crash"), (b"hang", "hang"),
+                                        (b"log", "crash")])
+def test_the_engine_tells_crashes_hangs_and_logged_failures_from_refusals(tmp_path, data,
+                                                                           kind):
+    assert check(Toy(str(tmp_path)), data).kind == kind
+
+
+def test_a_run_counts_and_saves_each_crash(tmp_path):
+    class Crashy(Toy):
+        def seeds(self):
+            return [Seed((Frame(b"crash"),)), Seed((Frame(b"ok"),))]
+
+    report = fuzz(Crashy(str(tmp_path)), 200, seed=1, crash_dir=str(tmp_path / "crashes"))
+    assert report.inputs == 200 and report.accepted > 0
+    assert report.crashes and all(os.path.exists(p) for p in report.crashes)
+    with open(report.crashes[0], "rb") as f:
+        assert check(Toy(str(tmp_path)), f.read()).kind == "crash"
+    again = fuzz(Crashy(str(tmp_path)), 200, seed=1, crash_dir=str(tmp_path / "again"))
+    assert (again.accepted, again.errors, again.crash_signatures) == \
+        (report.accepted, report.errors, report.crash_signatures)      # reproducible
