@@ -298,7 +298,8 @@ def _alarm(signum, frame):
 def run_one(driver: Driver, data: bytes, problems: Problems) -> Outcome:
     """Feed ``data`` to ``driver`` under the time limit; classify what happened."""
     old = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, driver.time_limit)
+    started = time.monotonic()
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, driver.time_limit)
     try:
         try:
             refused = driver.run(data)
@@ -315,6 +316,9 @@ def run_one(driver: Driver, data: bytes, problems: Problems) -> Outcome:
         outcome = Outcome("crash", "crash " + signature(exc), traceback.format_exc())
     finally:
         signal.signal(signal.SIGALRM, old)
+        if outer:          # someone else's timer (pytest-timeout's): it goes on running
+            signal.setitimer(signal.ITIMER_REAL,
+                             max(0.001, outer - (time.monotonic() - started)))
     found = problems.take()
     if found and outcome.kind not in ("crash", "hang"):
         outcome = Outcome("crash", "crash (reported) " + found[0].splitlines()[0][:100],

@@ -119,3 +119,16 @@ def test_a_run_counts_and_saves_each_crash(tmp_path):
     again = fuzz(Crashy(str(tmp_path)), 200, seed=1, crash_dir=str(tmp_path / "again"))
     assert (again.accepted, again.errors, again.crash_signatures) == \
         (report.accepted, report.errors, report.crash_signatures)      # reproducible
+
+
+def test_a_timer_set_outside_the_engine_keeps_running(tmp_path):
+    """pytest-timeout arms SIGALRM too: the engine's own time limit must not cancel it."""
+    import signal
+
+    signal.setitimer(signal.ITIMER_REAL, 50)
+    try:
+        check(Toy(str(tmp_path)), b"ok")
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 45 < left <= 50
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
