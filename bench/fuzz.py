@@ -28,6 +28,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +73,8 @@ def main() -> int:
                         help="feed one saved input to the --only driver and show the outcome")
     args = parser.parse_args()
     main_thread_only()
+    for sig in (signal.SIGTERM, signal.SIGHUP):   # stop as on Ctrl-C: the finally cleans up
+        signal.signal(sig, _interrupt)
     known = drivers()
     if args.list:
         for name, cls in known.items():
@@ -141,6 +144,10 @@ def replay(cls, path: str) -> int:
     return 0 if outcome.kind in ("accepted", "error") else 1
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _scratch() -> str | None:
     """tmpfs when there is one: the drivers write small files for every input."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
@@ -148,4 +155,7 @@ def _scratch() -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
