@@ -72,3 +72,18 @@ def test_a_damaged_lineage_record_starts_a_new_generation(records, tmp_path, cha
     record, why = load_source(str(tmp_path), "vm1", 0xA1)
     assert why is not None and "damaged" in why
     assert record.generation != 0xB2 and record.role == "primary" and record.previous == []
+
+
+@pytest.mark.parametrize("identity", [
+    {"kind": "file", "size": 4096, "dev": 218446744073709551616049, "ino": 12,
+     "inode_generation": 77},                   # os.major() of it overflowed
+    {"kind": "file", "size": 4096, "dev": 2049, "ino": 1 << 64, "inode_generation": 77},
+    {"kind": "file", "size": 1 << 64, "dev": 2049, "ino": 12, "inode_generation": 77},
+    {"kind": "file", "size": 4096, "dev": 2049, "ino": 12, "inode_generation": 1 << 63},
+])
+def test_an_identity_the_kernel_cannot_have_given_is_damage(records, tmp_path, identity):
+    data = json.dumps({**GOOD_TARGET, "identity": identity}).encode()
+    assert outcome(records, b"\x01" + data) == "error"
+    (tmp_path / "a.target").write_bytes(data)
+    with pytest.raises(StateError, match="identity"):
+        load_target(str(tmp_path), "a")
