@@ -48,13 +48,14 @@ def hex_id(value: int) -> str:
     return f"{value:016x}"
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_id(value: object, what: str) -> int:
-    if not isinstance(value, str) or len(value) != 16:
+    """Exactly 16 hex digits: int() alone would also take " 0x_b0" and the like."""
+    if not isinstance(value, str) or len(value) != 16 or not _HEX_DIGITS.issuperset(value):
         raise ConfigError(f"{what} must be 16 hex digits, not {value!r}")
-    try:
-        return int(value, 16)
-    except ValueError:
-        raise ConfigError(f"{what} must be 16 hex digits, not {value!r}") from None
+    return int(value, 16)
 
 
 # -- the source side ------------------------------------------------------------------

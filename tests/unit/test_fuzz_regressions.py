@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bmig.errors import StateError
-from bmig.lineage import load_source, load_target, source_path, target_path
+from bmig.errors import ConfigError, StateError
+from bmig.lineage import load_source, load_target, parse_id, source_path, target_path
 from tests.fuzzing.engine import check
 from tests.fuzzing.state import Records
 
@@ -87,3 +87,17 @@ def test_an_identity_the_kernel_cannot_have_given_is_damage(records, tmp_path, i
     (tmp_path / "a.target").write_bytes(data)
     with pytest.raises(StateError, match="identity"):
         load_target(str(tmp_path), "a")
+
+
+@pytest.mark.parametrize("generation", [" 0000000000000b0", "0x000000000000b0",
+                                        "0000_00000000b00", "+000000000000b00"])
+def test_a_generation_is_exactly_sixteen_hex_digits(records, tmp_path, generation):
+    data = json.dumps({**GOOD_SOURCE, "previous": [generation]}).encode()
+    assert outcome(records, b"\x00" + data) == "accepted"      # replaced, not trusted
+    with open(source_path(str(tmp_path), "vm1"), "wb") as f:
+        f.write(data)
+    _, why = load_source(str(tmp_path), "vm1", 0xA1)
+    assert why is not None and "16 hex digits" in why
+    with pytest.raises(ConfigError, match="16 hex digits"):
+        parse_id(generation, "generation")
+    assert parse_id("00000000000000B0", "generation") == 0xB0
