@@ -132,3 +132,33 @@ def test_a_timer_set_outside_the_engine_keeps_running(tmp_path):
         assert 45 < left <= 50
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_a_zstd_bomb_is_refused_by_its_size_before_it_is_inflated(workdir):
+    """The codec driver's bombs, each announced as 4096 bytes: 64 MiB of zeros in a frame
+    that does not state its size, and a frame that states 4 MiB, are refused; a good frame
+    followed by the bomb decodes to the good frame alone (what follows it is not read).
+    Never more than about the announced size is allocated."""
+    import tracemalloc
+
+    from bmig.errors import ProtocolError
+    from bmig.wire import codec
+    from bmig.wire.protocol import unpack_data
+
+    driver = driver_for("wire-codec", workdir)
+    bombs = [s for s in driver.seed_list() if s.name.startswith(("bomb", "two-frames"))]
+    assert len(bombs) == 3
+    for bomb in bombs:
+        head, payload = unpack_data(memoryview(bomb.data))
+        assert head.raw_length == 4096
+        tracemalloc.start()
+        try:
+            if bomb.name == "two-frames":
+                assert len(codec.decode(head.codec, payload, head.raw_length)) == 4096
+            else:
+                with pytest.raises(ProtocolError):
+                    codec.decode(head.codec, payload, head.raw_length)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 256 * 1024, f"{bomb.name}: {peak} bytes allocated"
