@@ -22,7 +22,7 @@ from bmig.nbd import protocol as p
 from bmig.nbd.client import NbdAddress, NbdClient, NbdError
 from bmig.nbd.connection import Connection
 from bmig.nbd.handshake import ExportInfo, Handshake, Negotiated
-from bmig.nbd.layers.base import Capabilities, Layer
+from bmig.nbd.layers.base import Layer
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.server import Export, Listen, Server
 from bmig.nbd.transmission import Transmission

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bmig.errors import ConfigError, StateError
-from bmig.lineage import load_source, load_target, parse_id, source_path, target_path
+from bmig.lineage import load_source, load_target, parse_id, source_path
 from tests.fuzzing.engine import check
 from tests.fuzzing.state import Records
 
