@@ -397,6 +397,9 @@ def fuzz(driver: Driver, count: int, seed: int, crash_dir: str,
     problems.install()
     corpus: list[Seed] = []
     corpus_bytes = 0
+    driver.seed_list()
+    gc.collect()
+    gc.freeze()          # what exists now (modules, seeds) is not scanned at every sample
     start = time.monotonic()
     report.rss_start = rss_bytes()
     try:
@@ -438,6 +441,7 @@ def fuzz(driver: Driver, count: int, seed: int, crash_dir: str,
                     report.seconds = time.monotonic() - start
                     progress(report)
     finally:
+        gc.unfreeze()
         problems.uninstall()
         driver.close()
     report.seconds = time.monotonic() - start
