@@ -27,12 +27,17 @@ IDENTITIES = (Identity(0xA1, 3 * BITS_PER_PAGE * 4096 - 100, 4096),
 MODES = ("as-is", "header-crc-fixed", "all-crc-fixed")
 
 
+_TRUTH: dict[Identity, bitarray] = {}
+
+
 def truth(ident: Identity) -> bitarray:
-    """The dirty bits every seed of ``ident`` ends with."""
-    bits = zeros(ident.nchunks)
-    bits[::7] = 1
-    bits[ident.nchunks // 3:ident.nchunks // 3 + 50] = 1
-    return bits
+    """The dirty bits every seed of ``ident`` ends with (not to be changed)."""
+    if ident not in _TRUTH:
+        bits = zeros(ident.nchunks)
+        bits[::7] = 1
+        bits[ident.nchunks // 3:ident.nchunks // 3 + 50] = 1
+        _TRUTH[ident] = bits
+    return _TRUTH[ident]
 
 
 def _fix_crcs(data: bytearray, pages: bool) -> None:
@@ -82,7 +87,7 @@ class Bitmap(Driver):
                     # Dirty bits only ever go away, towards ``final``: any older copy of a
                     # page still in the file holds at least what the newest one holds.
                     for step in range(history + 1):
-                        bits = final.copy()
+                        bits = final.copy()      # truth() is shared: never change it
                         if step < history:
                             bits[step::3] = 1
                         for index in range(ident.npages):
