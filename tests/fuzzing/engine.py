@@ -158,7 +158,11 @@ def mutate(base: Seed, ops: Sequence[Op], pool: Sequence[Seed], dictionary: Sequ
 
 
 def random_ops(rng: random.Random, count: int | None = None) -> list[Op]:
-    n = count if count is not None else min(8, 1 + int(rng.expovariate(0.6)))
+    n = count
+    if n is None:                       # 1 to 8, fewer more likely
+        n = 1
+        while n < 8 and rng.random() < 0.45:
+            n += 1
     return [(rng.randrange(N_OPS), rng.getrandbits(32), rng.getrandbits(32),
              rng.getrandbits(32)) for _ in range(n)]
 

@@ -80,16 +80,18 @@ class Bitmap(Driver):
         out = []
         for which, ident in enumerate(IDENTITIES):
             final = truth(ident)
-            for history in range(3):
+            for history, more in ((0, True), (1, True), (2, True), (1, False), (2, False)):
                 for clean in (True, False):
                     self._clear()
                     bitmap, bits, _ = BitmapFile.open(self.path, ident)
-                    # Dirty bits only ever go away, towards ``final``: any older copy of a
-                    # page still in the file holds at least what the newest one holds.
+                    # Every page is written towards ``final`` from states that held more
+                    # dirty bits (``more``) or fewer: then the older copy of a page, still
+                    # in the file, holds fewer than the newest, and trusting it when the
+                    # newest is damaged would be reading fewer dirty chunks than there are.
                     for step in range(history + 1):
                         bits = final.copy()      # truth() is shared: never change it
                         if step < history:
-                            bits[step::3] = 1
+                            bits[step::3 if more else 5] = more
                         for index in range(ident.npages):
                             if (index + step) % 2 or step == history:
                                 first, end = page_span(index, ident.nchunks)
@@ -100,7 +102,7 @@ class Bitmap(Driver):
                     fields = tuple(Field(slot * BLOCK + off, width) for slot in range(2)
                                    for off, width in ((8, 4), (12, 8), (20, 8), (28, 8),
                                                       (36, 4), (40, 8), (56, 4)))
-                    out.append(seed(f"{which}-{history}-{clean}",
+                    out.append(seed(f"{which}-{history}-{more}-{clean}",
                                     Frame(bytes([which])), Frame(data, fields)))
         self._clear()
         return out
