@@ -218,12 +218,21 @@ class WireHandshakeReceiver(Driver):
     def run(self, data: bytes) -> None:
         secret, verified = RECEIVER_CONFIGS[data[0] % len(RECEIVER_CONFIGS)] if data \
             else RECEIVER_CONFIGS[0]
-        channel = Channel(MemoryStream(data[1:]))
+        stream = MemoryStream(data[1:])
+        channel = Channel(stream)
         with pinned_nonces():
             agreed = handshake.receiver(channel, secret, verified, "breceive fuzz", FEATURES)
         if secret is not None and not verified and agreed.method != auth.METHOD:
             raise Violation("a sender the transport did not authenticate got in without "
                             "the secret")
+        if agreed.method == auth.METHOD:        # the proof, checked again independently
+            assert secret is not None
+            theirs, answer = frames_of(data[1:])[:2]
+            fields = decode_json(answer).fields
+            expected = auth.client_proof(secret, NONCES[0], str(fields.get("nonce")),
+                                         transcript(theirs, frames_of(bytes(stream.sent))[0]))
+            if fields.get("proof") != expected:
+                raise Violation("authenticated by a proof that does not check")
         if agreed.method == auth.METHOD and agreed.sealed != channel.sealed:
             raise Violation("sealed frames agreed but the channel is not sealed")
 
