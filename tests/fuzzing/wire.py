@@ -267,6 +267,7 @@ class WireHandshakeSender(Driver):
 # -- after authentication: breceive's session ----------------------------------------------
 
 TARGET_SIZE = 256 * 1024
+MAX_TARGET = 1 << 20                  # both targets' max_size
 SOURCE_A = ("00000000000000a1", "00000000000000a2")      # device id, generation of "a"
 
 
@@ -287,9 +288,9 @@ class WireSession(Driver):
         with open(self.path_a, "wb") as f:
             f.truncate(TARGET_SIZE)
         self.policy = Policy(
-            {"a": TargetConfig("a", self.path_a, allow_discard=True, max_size=1 << 20,
+            {"a": TargetConfig("a", self.path_a, allow_discard=True, max_size=MAX_TARGET,
                                allow_discard_primary=True),
-             "b": TargetConfig("b", self.path_b, max_size=1 << 20)}, self.state)
+             "b": TargetConfig("b", self.path_b, max_size=MAX_TARGET)}, self.state)
         fd = os.open(self.path_a, os.O_RDONLY)
         self.identity_a = identify(fd)
         os.close(fd)
@@ -354,6 +355,11 @@ class WireSession(Driver):
         session.run()
         if not stream.closed:
             raise Violation("the session ended without closing its stream")
+        for path in (self.path_a, self.path_b):
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getsize(path) > MAX_TARGET:
+                    raise Violation(f"{path} grew to {os.path.getsize(path)} bytes, past "
+                                    f"its max_size of {MAX_TARGET}")
         return first_error(bytes(stream.sent))
 
 
