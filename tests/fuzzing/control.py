@@ -1,5 +1,5 @@
 """Driver for breqd's control protocol: frames fed to a real Breqd's connection handler
-(``Breqd._serve``: framing, decode, HELLO, dispatch to every request handler) over an
+(``ControlServer._serve``: framing, decode, HELLO, dispatch to every request handler) over an
 in-memory stream, with two tracked devices on tmpfs.
 
 One Breqd serves every input (starting one costs milliseconds); it is started again
@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from bmig.constants import MAX_CONTROL_FRAME
+from bmig.limits import MAX_CONTROL_FRAME
 from bmig.errors import RequestError
 from bmig.framing import pack_frame
-from bmig.tracker.devices import DeviceDefinition
+from bmig.chunkmath import chunk_count
+from bmig.tracker.definitions import DeviceDefinition
 from bmig.tracker.protocol import Message, Op, decode, field_int
 from bmig.tracker.service import Breqd, Settings
 from tests.fuzzing.engine import Driver, Field, Frame, Seed, normalize, seed
@@ -97,9 +98,9 @@ class Control(Driver):
             self._restore()
         breqd = Breqd(s)
         breqd._lock.acquire()
-        breqd._loop = asyncio.get_running_loop()
-        breqd._rescan()
-        handler = breqd._handlers[Op.ADD_DEVICE]
+        breqd.registry.rescan()                    # what start() does, without a watcher
+        handlers = breqd.control._handlers
+        handler = handlers[Op.ADD_DEVICE]
 
         def add_device(session, msg):
             # An authorized client may have breqd allocate up to 2^32 chunks per device
@@ -107,12 +108,12 @@ class Control(Driver):
             # million. Nothing is sent back that breqd would not send.
             size, chunk = msg.fields.get("size"), msg.fields.get("chunk_size", 65536)
             if isinstance(size, int) and isinstance(chunk, int) and chunk > 0 \
-                    and -(-size // chunk) > MAX_FUZZ_CHUNKS:
+                    and chunk_count(size, chunk) > MAX_FUZZ_CHUNKS:
                 field_int(msg, "size")
                 raise RequestError("(fuzz harness) device too large to fuzz with")
             return handler(session, msg)
 
-        breqd._handlers[Op.ADD_DEVICE] = add_device
+        handlers[Op.ADD_DEVICE] = add_device
         if self._saved is None:
             await self._settle(breqd)
             await breqd.stop()
@@ -204,7 +205,7 @@ class Control(Driver):
                 task.cancel()
             if self._breqd is not None:
                 self._breqd._executor.shutdown(wait=True)
-                for device in self._breqd.devices.values():
+                for device in self._breqd.registry.devices.values():
                     device.bitmap.close(clean=False)
                 self._breqd._lock.release()
             self._loop.close()
@@ -218,15 +219,15 @@ class Control(Driver):
             await self._restart()
         breqd = self._breqd
         assert breqd is not None
-        names = dict(breqd.devices)
+        names = dict(breqd.registry.devices)
         reader = asyncio.StreamReader(limit=2 * MAX_CONTROL_FRAME)
         reader.feed_data(data)
         reader.feed_eof()
         writer = _Writer()
-        await breqd._serve(reader, writer)
+        await breqd.control._serve(reader, writer)
         await self._settle(breqd)
         self._served += 1
-        if breqd.devices != names or breqd._closing:
+        if breqd.registry.devices != names or breqd.registry._closing:
             await self._settle(breqd)
             await self._restart()
         return _first_error(writer.out)

@@ -19,7 +19,9 @@ import zlib
 
 from bmig.errors import BmigError, ProtocolError
 from bmig.nbd import protocol as p
-from bmig.nbd.client import NbdAddress, NbdClient, NbdError
+from bmig.nbdclient import NbdAddress, NbdClient, NbdError
+from bmig.nbdclient import handshake as client_handshake
+from bmig.nbdclient.connection import NbdSocket
 from bmig.nbd.connection import Connection
 from bmig.nbd.handshake import ExportInfo, Handshake, Negotiated
 from bmig.nbd.layers.base import Layer
@@ -375,7 +377,7 @@ class NbdTransmission(Driver):
         pos = 0
         idle = 0
         while pos < len(body) and not transmission.finished.done() and not transport.closing:
-            if conn._reading_paused:
+            if conn.reading_paused:
                 idle += 1
                 if idle > 10000:
                     raise Violation("reading stays paused with nothing running")
@@ -484,7 +486,7 @@ def client_script(client: NbdClient) -> None:
 
 class NbdClientReplies(Driver):
     name = "nbd-client"
-    what = "NbdClient's handshake and reply parsing against a foreign server (bmig/nbd/client.py)"
+    what = "NbdClient's handshake and reply parsing against a foreign server (bmig/nbdclient/)"
     allowed = (BmigError,)
     dictionary = NBD_TOKENS
     max_size = 512 * 1024
@@ -521,8 +523,9 @@ class NbdClientReplies(Driver):
                 sock.settimeout(10)
                 sock.connect(sock_path)
                 recording = _Recording(sock)
-                client = NbdClient(recording, NbdAddress(unix=sock_path, export="a"), 10)
-                client._handshake(contexts, None, structured)
+                conn = NbdSocket(recording, NbdAddress(unix=sock_path, export="a"), 10)
+                client = NbdClient(conn, client_handshake.negotiate(conn, contexts, None,
+                                                                    structured))
                 client_script(client)
                 out.append(seed(f"recorded-{config}", bytes([config]),
                                 *split_server_bytes(bytes(recording.received), structured)))
@@ -536,12 +539,13 @@ class NbdClientReplies(Driver):
     def run(self, data: bytes) -> None:
         structured, contexts = CLIENT_CONFIGS[data[0] % len(CLIENT_CONFIGS)] if data \
             else CLIENT_CONFIGS[0]
-        client = NbdClient(_ServerBytes(data[1:]), self._address, None)
+        conn = NbdSocket(_ServerBytes(data[1:]), self._address, None)
         try:
-            client._handshake(contexts, None, structured)
+            agreed = client_handshake.negotiate(conn, contexts, None, structured)
         except BaseException:
-            client._abort_handshake()
+            client_handshake.abort(conn)
             raise
+        client = NbdClient(conn, agreed)
         if client.structured and not structured:
             raise Violation("structured replies although the client did not ask")
         client_script(client)

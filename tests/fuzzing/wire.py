@@ -26,8 +26,9 @@ from bmig.framing import ConnectionClosed
 from bmig.identity import identify
 from bmig.lineage import (ROLE_SECONDARY, STATE_CONSISTENT, TargetRecord, save_target,
                           target_path)
-from bmig.receiver.session import FEATURES, Policy, Session, TargetConfig
-from bmig.sender.targets import WireTarget
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import FEATURES, Session
+from bmig.wire.client import WireTarget
 from bmig.wire import auth, codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, MAX_DATA,
