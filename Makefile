@@ -112,7 +112,8 @@ install:
 	for c in $(filter-out bmigrate,$(COMMANDS)); do ln -sf bmigrate $(DESTDIR)$(BASHCOMPDIR)/$$c; done
 	$(VENV_DIR)/bin/python completion/generate.py zsh $(DESTDIR)$(ZSHCOMPDIR)/_bmigrate
 	@if [ -z "$(DESTDIR)" ]; then \
-	    echo "bmig installed in $(PREFIX); 'systemctl daemon-reload' makes systemd see its units"; \
+	    echo "bmig is installed in $(PREFIX); its units are in $(UNITDIR):"; \
+	    echo "'systemctl daemon-reload' makes systemd see them (see README.md, Installation)"; \
 	fi
 
 uninstall:
