@@ -15,7 +15,8 @@ A device's status is one JSON object::
 **Parts.** The top-level keys other than IDENTITY whose values are not objects are the
 part ``tracker`` (breqd's view, flat for the scripts that read it so); every key whose
 value is an object is a part of its own, named by the key (null: the part has nothing
-to say, e.g. no bmig-nbd serves the device). A part is a flat object of fields. Its
+to say, e.g. no bmig-nbd serves the device). A part is a flat object of fields; an
+object among them is a part of its own, named ``part.key`` (``nbd.ha``). Its
 fields of kind ``state`` say where it stands in its own vocabulary ("caught up",
 "consistent", "degraded"); ``message``, when set, says it in a sentence.
 
@@ -43,7 +44,9 @@ itself (bmig.sender.runstate), in the same shape.
 **Adding states** (the HA replication's connected / degraded / catching up /
 synchronous, its lag, the target's consistency): put the values in the object the
 producer already returns -- bmig-nbd's manage ``status`` (part ``nbd``; e.g.
-``"replication": "degraded"``, ``"lag_bytes"``, ``"lag_seconds"``), breceive's target
+``"replication": "degraded"``, ``"lag_bytes"``, ``"lag_seconds"``; an object there,
+such as ``"ha": {"state": "degraded", "lag_bytes": ...}``, is the part ``nbd.ha``,
+declared as ``FIELDS["nbd.ha"]``), breceive's target
 record (part ``target``; its ``state`` is the consistency), or a new object under a key
 of its own that bmig.sender.status puts into the device's status -- then declare the
 fields in ``FIELDS``, with the words of a state and their severities (data; a new part
@@ -266,7 +269,8 @@ def is_set(kind: Kind, value: Any) -> bool:
 def parts(status: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """(part name, its fields) of a device's status: the tracker first, then the parts
     in PART_ORDER, then any other object, by name. A part that is null is given as None;
-    one that is absent is not given."""
+    one that is absent is not given. An object inside a part is a part of its own,
+    ``PART.KEY`` (e.g. ``nbd.ha``), right after it."""
     nested = [k for k, v in status.items()
               if k not in IDENTITY and (isinstance(v, dict) or k in PART_ORDER)]
     yield TRACKER, {k: v for k, v in status.items()
@@ -274,7 +278,20 @@ def parts(status: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any] | Non
     order = {name: i for i, name in enumerate(PART_ORDER)}
     for key in sorted(nested, key=lambda k: (order.get(k, len(order)), k)):
         value = status[key]
-        yield key, dict(value) if isinstance(value, dict) else None
+        yield from _with_inner(key, dict(value) if isinstance(value, dict) else None)
+
+
+def _with_inner(name: str, fields: dict[str, Any] | None,
+                depth: int = 0) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """A part, then each object among its fields as the part ``name.key`` (two levels
+    at most; deeper objects stay fields, shown as JSON)."""
+    if fields is None:
+        yield name, None
+        return
+    inner = sorted(k for k, v in fields.items() if isinstance(v, dict)) if depth < 2 else []
+    yield name, {k: v for k, v in fields.items() if k not in inner}
+    for key in inner:
+        yield from _with_inner(f"{name}.{key}", dict(fields[key]), depth + 1)
 
 
 def states(part: str, fields: Mapping[str, Any]) -> list[str]:

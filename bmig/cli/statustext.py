@@ -90,6 +90,10 @@ def part_line(part: str, fields: Mapping[str, Any], now: float | None = None) ->
 
 
 def title(part: str) -> str:
+    """``bmig-nbd``; an inner part (``nbd.ha``) after its parent's: ``bmig-nbd ha``."""
+    parent, dot, key = part.rpartition(".")
+    if dot and part not in TITLES:
+        return f"{title(parent)} {key.replace('_', ' ')}"
     return TITLES.get(part, part)
 
 

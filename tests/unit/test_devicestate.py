@@ -101,6 +101,34 @@ def test_new_states_and_fields_show_in_every_view_without_a_declaration():
     assert "# TYPE bmig_nbd_catch_up_bytes_total counter" in prom
 
 
+def test_an_object_inside_a_part_is_a_part_of_its_own_in_every_view():
+    """bmig-nbd's status may carry an object (the HA replication's word, ``ha``): it is
+    the part ``nbd.ha``, with its state a state, its lag bytes, in every view."""
+    quiet = device(nbd=nbd(ha=None))
+    ha = device(nbd=nbd(ha={"state": "catching up", "lag_bytes": 3 * MiB,
+                            "target": "tcp://backup:10810/vm1"}))
+    assert [name for name, _ in parts(ha)] == ["tracker", "nbd", "nbd.ha"]
+    assert "ha" not in dict(parts(ha))["nbd"]
+    text = device_text(ha, NOW).splitlines()
+    assert text[2] == "  bmig-nbd ha: catching up; lag 3.0 MiB, target tcp://backup:10810/vm1"
+    assert status_line("vm1", "nbd.ha", dict(parts(ha))["nbd.ha"], NOW).startswith(
+        "vm1: bmig-nbd ha: catching up; ")
+    created = diff(quiet, ha, NOW)
+    assert [(e["event"], e["part"]) for e in created] == [("create", "nbd.ha")]
+    synchronous = device(nbd=nbd(ha={"state": "synchronous", "lag_bytes": 0,
+                                     "target": "tcp://backup:10810/vm1"}))
+    changed = diff(ha, synchronous, NOW)
+    assert [(e["event"], e["part"], e["changed"]) for e in changed] == \
+        [("change", "nbd.ha", {"state": ["catching up", "synchronous"]})]
+    assert [(e["event"], e["part"]) for e in diff(synchronous, quiet, NOW)] == \
+        [("destroy", "nbd.ha")]
+    prom = prometheus([ha])
+    assert 'bmig_nbd_ha_state{device="vm1",state="catching up"} 1' in prom
+    assert f'bmig_nbd_ha_lag_bytes{{device="vm1"}} {3 * MiB}' in prom
+    assert 'bmig_part_up{device="vm1",part="nbd.ha"} 1' in prom
+    assert "ha" not in part_line("nbd", dict(parts(ha))["nbd"], NOW)
+
+
 def test_a_declared_state_word_has_its_severity_and_its_metric_a_sample_per_word():
     assert severity("nbd", nbd(replication="degraded")) == "warning"
     assert severity("nbd", nbd(state="source failed", replication="degraded")) == "error"
