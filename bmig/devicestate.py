@@ -196,7 +196,8 @@ FIELDS: dict[str, tuple[Field, ...]] = {
     "target": (
         _f("state", K.STATE, "the target's state: its consistency, or unreachable",
            states={"new": "info", "consistent": "info", "in-sync": "info",
-                   "inconsistent": "warning", "unreachable": "warning"}),
+                   "inconsistent": "warning", "unreachable": "warning",
+                   "error": "warning"}),
         _f("role", K.STATE, "secondary, or primary after a cutover",
            states={"secondary": "info", "primary": "notice", "handed-over": "notice"}),
         _f("error", K.TEXT, "why the target could not be asked", "{}"),
