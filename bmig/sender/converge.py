@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bmig import systemd
 from bmig.blockdev import size_of_fd
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
@@ -156,6 +157,7 @@ class Migration:
         self.control = control
         self.reporter = reporter or Reporter()
         self.stop = stop or threading.Event()
+        self.heartbeat = systemd.Heartbeat()     # WATCHDOG=1 of `bmigrate run`
         self.limit = RateLimit(settings.bwlimit)
         self.summary = Summary(name, str(url))
         self.rate = 0.0                      # bytes per second, the last passes
@@ -294,6 +296,9 @@ class Migration:
             settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
         self.reporter.pass_started(self._number, budget)
         stop = self.stop if deadline is None else StopOrDeadline(self.stop, deadline)
+        # The pass's loops look at their stop event as they turn: each look feeds the
+        # watchdog of `bmigrate run` (none for sync, which has no WATCHDOG_USEC).
+        stop = self.heartbeat.watch(stop)
         result = Pass(self._number, self._tracker, self._source, self._target, self._info,
                       settings, self.limit, self.reporter.progress, stop).run(budget)
         self.summary.add(result)
@@ -413,6 +418,7 @@ class Migration:
         started = time.monotonic()
         failures = 0
         while not self.stop.is_set():
+            self.heartbeat.beat()
             try:
                 if self._target is None:
                     self.connect()
@@ -436,7 +442,7 @@ class Migration:
                 # be sent again): look again in a moment.
                 if on_idle is not None:
                     on_idle()
-                self.stop.wait(self.settings.interval)
+                self.heartbeat.wait(self.stop, self.settings.interval)
             except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
                 raise                     # these do not mend themselves: say so and stop
             except BmigError as exc:
@@ -445,6 +451,6 @@ class Migration:
                 failures += 1
                 self.reporter.note(f"{self.name}: {exc.message}; trying again in {delay} s",
                                    error=exc.wire_code, retry_in=delay)
-                self.stop.wait(delay)
+                self.heartbeat.wait(self.stop, delay)
         self.summary.seconds = time.monotonic() - started
         return self.summary
