@@ -66,7 +66,7 @@ UNIT_DIR = "/etc/systemd/system"
 DROP_IN_DIR = "/run/systemd/system"
 ETC = "/etc/bmig"
 CONTROL = "/run/bmig/breqd.sock"
-NBD_SOCKET = "/run/bmig/vm1.sock"
+NBD_SOCKET = "/run/bmig/vm1.nbd"            # daemons/examples/bmig-nbd.toml
 MANAGE_SOCKET = "/run/bmig/nbd/vm1.sock"
 NBD_DEVICE = "/dev/nbd1"
 PORT = 10810                                  # breceive.socket's ListenStream
@@ -369,9 +369,11 @@ def start_the_pipeline(installed: Installed, loops: Loops, nbd: NbdClient,
     systemctl("start", "breqd.service")
     assert is_active("breqd.service") and os.path.exists(CONTROL)
     bmigrate("track", "add", "vm1", "--size-of", source)
+    with open(os.path.join(ROOT, "daemons", "examples", "bmig-nbd.toml")) as f:
+        example = f.read()
+    assert 'backing = "/dev/vg0/vm1"' in example and f'unix = "{NBD_SOCKET}"' in example
     with open(os.path.join(ETC, "nbd", "vm1.toml"), "w") as f:
-        f.write(f'unix = "{NBD_SOCKET}"\n'
-                f'[[export]]\ndevice = "vm1"\nbacking = "{source}"\n')
+        f.write(example.replace('backing = "/dev/vg0/vm1"', f'backing = "{source}"'))
     systemctl("start", "bmig-nbd@vm1.service")
     nbd.connect()
     nbd.write(0, os.urandom(4 * MiB))
