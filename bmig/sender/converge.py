@@ -34,6 +34,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from bmig import systemd
 from bmig.blockdev import size_of_fd
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.framing import ConnectionClosed
@@ -158,6 +160,7 @@ class Migration:
         self.control = control
         self.reporter = reporter or Reporter()
         self.stop = stop or threading.Event()
+        self.heartbeat = systemd.Heartbeat()     # WATCHDOG=1 of `bmigrate run`
         self.limit = RateLimit(settings.bwlimit)
         self.summary = Summary(name, str(url))
         self.rate = 0.0                      # bytes per second, the last passes
@@ -296,6 +299,9 @@ class Migration:
             settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
         self.reporter.pass_started(self._number, budget)
         stop = self.stop if deadline is None else StopOrDeadline(self.stop, deadline)
+        # The pass's loops look at their stop event as they turn: each look feeds the
+        # watchdog of `bmigrate run` (none for sync, which has no WATCHDOG_USEC).
+        stop = self.heartbeat.watch(stop)
         result = Pass(self._number, self._tracker, self._source, self._target, self._info,
                       settings, self.limit, self.reporter.progress, stop).run(budget)
         self.summary.add(result)
@@ -424,6 +430,7 @@ class Migration:
         fatal: BmigError | None = None
         try:
             while not self.stop.is_set():
+                self.heartbeat.beat()
                 try:
                     if self._target is None:
                         self.connect()
@@ -454,7 +461,7 @@ class Migration:
                     # Nothing dirty, or only chunks a writer is busy with (they would only
                     # be sent again): look again in a moment.
                     state.idle(lag, self.rate)
-                    self.stop.wait(self.settings.interval)
+                    self.heartbeat.wait(self.stop, self.settings.interval)
                 except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
                     raise                     # these do not mend themselves: say so and stop
                 except UnknownDevice:
@@ -489,7 +496,8 @@ class Migration:
         state.failed(self._unreachable_peer(exc), exc.message, delay, self._lag_now(),
                      self.rate)
         deadline = time.monotonic() + delay
-        while not self.stop.wait(max(0.0, min(LAG_LOOK, deadline - time.monotonic()))):
+        while not self.heartbeat.wait(self.stop,
+                                      max(0.0, min(LAG_LOOK, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 break
             state.lag_seen(self._lag_now(), self.rate)    # writes go on meanwhile
