@@ -120,3 +120,13 @@ def test_a_configuration_error_is_not_retried(unit):
 def test_the_daemons_that_ping_have_a_watchdog(unit):
     assert words(unit, "Service.WatchdogSec"), unit
     assert words(unit, "Service.Type") == ["notify"], unit
+
+
+def test_bmigrate_run_may_write_where_it_publishes_its_state():
+    """ProtectSystem=strict leaves /run read-only: the run's status directory must be a
+    RuntimeDirectory of its unit, kept when it stops (bmigrate status reads it)."""
+    from bmig.constants import DEFAULT_STATUS_DIR
+    assert DEFAULT_STATUS_DIR.startswith("/run/")
+    unit = "bmigrate@.service"
+    assert DEFAULT_STATUS_DIR[len("/run/"):] in words(unit, "Service.RuntimeDirectory")
+    assert words(unit, "Service.RuntimeDirectoryPreserve") == ["yes"]
