@@ -343,6 +343,12 @@ class DmIntercept:
             dmsetup.message(era_dev, "drop_metadata_snap")    # a killed importer's snapshot
         boundary = swap_tables(era_dev)
         current = era.status(era_dev).era
+        if current <= record.imported_era:
+            # The boundary moves dm-era to a new era: one not past the last imported era
+            # means its metadata is not the one those eras were counted in (replaced, or
+            # an older copy), and era_invalidate would miss writes made since.
+            self._lose(record, client, f"dm-era is at era {current}, not past era "
+                       f"{record.imported_era} imported already: its metadata was replaced")
         dmsetup.message(era_dev, "take_metadata_snap")
         try:
             ranges, marked = self._mark(client, record, era.written_since(
