@@ -21,6 +21,13 @@ given; writes go on once no connection holds one. When a lease runs out, its con
 gets an error frame and is closed, and nothing it sent after is done: a client that
 took a freeze never goes on as if its writes were still held back.
 
+Read-only outlives the connection that asked for it only when breqd records the device
+as handed over: when that connection closes (a cutover killed before it recorded the
+handover, say), breqd is asked, before any freeze of that connection ends, and the
+device is writable again unless it is handed over there (invariant 7: the record, not
+a connection, decides). Should breqd not answer, the device stays read-only (the safe
+side), and the log says how to make it writable.
+
 It may only start and stop replication (the replication layer) and freeze, thaw or make
 read-only (the control layer); it may not touch holds, the tracking layer or breqd.
 
@@ -35,13 +42,14 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from bmig import __version__
 from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.limits import MAX_MANAGE_FRAME
+from bmig.lineage import ROLE_HANDED_OVER
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
@@ -52,6 +60,7 @@ from bmig.wire.options import ConnectOptions
 log = logging.getLogger("bmig-nbd")
 
 MAX_LEASE = 7 * 24 * 3600.0     # seconds a freeze may be asked to last
+ROLE_TIMEOUT = 10.0             # seconds breqd may take to say a device's role
 
 
 @dataclass
@@ -63,6 +72,7 @@ class Managed:
     control: ControlLayer
     replicate: ReplicateLayer
     source: SourceInfo      # from breqd
+    role: Callable[[], Awaitable[str]] | None = None   # breqd's role of the device, now
 
 
 class _Client:
@@ -71,6 +81,7 @@ class _Client:
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self.freezes: set[str] = set()            # devices this connection froze
+        self.read_only: set[str] = set()          # devices this connection made read-only
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.ended = False                        # a lease ran out: nothing more is done
 
@@ -146,6 +157,8 @@ class ManageServer:
             pass
         finally:
             writer.close()
+            for device in list(client.read_only):
+                await self._read_only_without_client(self.devices[device])
             for device in list(client.freezes):
                 self._end_freeze(self.devices[device], client, "the client that froze "
                                  "its writes is gone")
@@ -196,6 +209,28 @@ class ManageServer:
             pass
         client.writer.close()
 
+    async def _read_only_without_client(self, m: Managed) -> None:
+        """The connection that made ``m`` read-only is gone: breqd's record decides."""
+        if not m.control.read_only:
+            return
+        try:
+            if m.role is None:
+                raise BmigError("no breqd to ask")
+            role = await asyncio.wait_for(m.role(), ROLE_TIMEOUT)
+        except (BmigError, OSError, asyncio.TimeoutError) as exc:
+            log.error("%s: the client that made it read-only is gone, and breqd could not "
+                      "be asked whether it is handed over (%s): it stays read-only; if "
+                      "no cutover handed it over, restart bmig-nbd", m.device,
+                      getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+            return
+        if role == ROLE_HANDED_OVER:
+            log.info("%s: the client that made it read-only is gone; breqd records it as "
+                     "handed over: it stays read-only", m.device)
+            return
+        m.control.read_only = False
+        log.warning("%s: the client that made it read-only is gone before breqd recorded "
+                    "a handover (role %s): writable again", m.device, role)
+
     def _thaw_all(self, m: Managed) -> None:
         """An explicit thaw ends every connection's freeze of the device."""
         for client in list(self._frozen_by.get(m.device, ())):
@@ -237,6 +272,10 @@ class ManageServer:
             if not isinstance(value, bool):
                 raise ProtocolError("read-only needs value true or false")
             m.control.read_only = value
+            if value:
+                client.read_only.add(m.device)
+            else:
+                client.read_only.discard(m.device)
             log.warning("%s: %s", m.device, "read-only now: writes are refused" if value
                         else "writable again")
             return self.status(m)

@@ -21,6 +21,7 @@ protocol of bmig.nbd.layers.track.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -202,9 +203,14 @@ async def _chains(opened: list[tuple[ExportSettings, FileLayer]],
             info = SourceInfo(device, parse_id(stats["device_id"], "device_id"),
                               parse_id(stats["generation"], "generation"), layer.size,
                               int(stats["chunk_size"]))
-            managed.append(Managed(device, spec.name, top, replicate, info))
+            managed.append(Managed(device, spec.name, top, replicate, info,
+                                   role=functools.partial(_role, tracker, device)))
         exports.append(Export(spec.name, top, spec.description))
     return exports
+
+
+async def _role(tracker: AsyncTrackerClient, device: str) -> str:
+    return str((await tracker.stats(device)).get("role"))
 
 
 async def _serve(opened: list[tuple[ExportSettings, FileLayer]], settings: Settings,
