@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The dm intercept's costs, measured in a throw-away kernel (tests/kernel/run-in-vm.sh).
 
-    python bench/dm.py [--quick] [--crash N]
+    python bench/dm.py [--quick] [--crash N] [--only-cutover]
 
 On the host it boots the kernel (User-Mode Linux) and runs itself there. Measures:
 - fio 4 KiB random writes, iodepth 32 (libaio, O_DIRECT) on a linear dm device, then on
@@ -9,8 +9,9 @@ On the host it boots the kernel (User-Mode Linux) and runs itself there. Measure
 - the import of 1 % random dirty blocks of a 64 GiB device (sparse, on tmpfs) into breqd;
 - how long attach and detach hold the device's I/O, median and max over 20 tries;
 - the downtime of a cutover of a dm-tracked device both ways, by freezing it and through
-  bmig-nbd (--via-nbd, protocol C), each under the same fio load (4 KiB random writes at
-  CUTOVER_IOPS, O_DIRECT), to a breceive on 127.0.0.1;
+  bmig-nbd (--via-nbd, protocol C), each under a fio load (4 KiB random writes, O_DIRECT,
+  at CUTOVER_IOPS: the freeze needs a light one), to a breceive on 127.0.0.1
+  (--only-cutover: only these);
 - with --crash N: N rounds of kill -9 of bmig-dm or breqd under writes, then a sync that
   must be identical (tests/kernel/test_kernel_dm_crash.py with more rounds).
 The machine may be shared: the load average is printed with the figures.
@@ -30,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 GiB, MiB = 1 << 30, 1 << 20
-CUTOVER_IOPS = 200            # the load both cutover ways run under: one the freeze drains
+CUTOVER_IOPS = {"freeze": 10, "via-nbd": 200}   # the fio load under each way
 
 
 def sh(*argv: str, timeout: float = 600, env: dict | None = None) -> str:
@@ -69,7 +70,7 @@ class Rig:
         subprocess.run(["losetup", "-d", self.loop], capture_output=True)
 
 
-def in_vm(quick: bool, crash: int) -> dict:
+def in_vm(quick: bool, crash: int, only_cutover: bool = False) -> dict:
     from tests.daemon import Daemon, breqd_argv
 
     sh("modprobe", "-a", "dm-era", "dm-flakey", "loop")
@@ -79,6 +80,9 @@ def in_vm(quick: bool, crash: int) -> dict:
     env = dict(os.environ, BMIG_CONTROL=f"{tmp}/breqd.sock", BMIG_DM_STATE=f"{tmp}/dm")
     out: dict = {"load_before": open("/proc/loadavg").read().split()[:3], "quick": quick}
     try:
+        if only_cutover:
+            cutovers(out, env, tmp, quick)
+            return out
         seconds = 5 if quick else 15
         rig = Rig(tmp, 256 * MiB, "fio")
         out["fio_linear_iops"] = fio_iops(rig.path, seconds)
@@ -123,11 +127,7 @@ def in_vm(quick: bool, crash: int) -> dict:
             out["import_marked_bytes"] = json.load(f)["last_import_bytes"]
         bmigrate(env, "track", "detach", "b1")
         big.close()
-        for way in ("freeze", "via-nbd"):
-            try:
-                out.update(cutover_downtime(env, tmp, way, quick))
-            except (Exception, SystemExit) as exc:      # the other figures still count
-                out[f"cutover_{way.replace('-', '_')}_error"] = str(exc)[-500:]
+        cutovers(out, env, tmp, quick)
     finally:
         breqd.stop()
     if crash:
@@ -139,6 +139,14 @@ def in_vm(quick: bool, crash: int) -> dict:
         out["crash_result"] = done.stdout.strip().splitlines()[-1]
     out["load_after"] = open("/proc/loadavg").read().split()[:3]
     return out
+
+
+def cutovers(out: dict, env: dict, tmp: str, quick: bool) -> None:
+    for way in ("freeze", "via-nbd"):
+        try:
+            out.update(cutover_downtime(env, tmp, way, quick))
+        except (Exception, SystemExit) as exc:          # the other figures still count
+            out[f"cutover_{way.replace('-', '_')}_error"] = str(exc)[-500:]
 
 
 def cutover_downtime(env: dict, tmp: str, way: str, quick: bool) -> dict:
@@ -163,8 +171,9 @@ def cutover_downtime(env: dict, tmp: str, way: str, quick: bool) -> dict:
                  "--secret-file", receiver.secret_file)
         fio = subprocess.Popen(
             ["fio", "--name=w", f"--filename={rig.path}", "--rw=randwrite", "--bs=4k",
-             "--iodepth=4", "--ioengine=libaio", "--direct=1", f"--rate_iops={CUTOVER_IOPS}",
-             "--runtime=600", "--time_based", "--size=64M", "--randseed=4"],
+             "--iodepth=4", "--ioengine=libaio", "--direct=1",
+             f"--rate_iops={CUTOVER_IOPS[way]}", "--runtime=600", "--time_based",
+             "--size=64M", "--randseed=4"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2 if quick else 5)                     # the load under way
         started = time.monotonic()
@@ -176,7 +185,8 @@ def cutover_downtime(env: dict, tmp: str, way: str, quick: bool) -> dict:
         steps = {s["step"]: s for s in result.get("steps", [])}
         key = way.replace("-", "_")
         out = {f"cutover_{key}_downtime_s": result["downtime_seconds"],
-               f"cutover_{key}_wall_s": round(wall, 2), f"cutover_{key}_iops": CUTOVER_IOPS}
+               f"cutover_{key}_wall_s": round(wall, 2),
+               f"cutover_{key}_iops": CUTOVER_IOPS[way]}
         if way == "via-nbd":
             out["cutover_via_nbd_switch_held_ms"] = round(steps[0]["held_seconds"] * 1000, 2)
         return out
@@ -194,7 +204,7 @@ def main() -> None:
     quick = "--quick" in sys.argv
     crash = int(sys.argv[sys.argv.index("--crash") + 1]) if "--crash" in sys.argv else 0
     if os.environ.get("RUN_IN_VM"):
-        print(json.dumps(in_vm(quick, crash), indent=1))
+        print(json.dumps(in_vm(quick, crash, "--only-cutover" in sys.argv), indent=1))
         return
     host_load = open("/proc/loadavg").read().split()[:3]
     print(f"host load average before: {' '.join(host_load)} (2 cores, may be shared)",
