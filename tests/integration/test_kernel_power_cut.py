@@ -34,9 +34,9 @@ def guest(directory: str, phase: str) -> list[str]:
             sys.executable, "-m", "tests.kernel.power_cut_guest", phase, directory]
 
 
-def session_members(sid: int) -> list[int]:
-    """Every process of the session ``sid`` (the kernel's processes and the script's)."""
-    found = []
+def processes() -> dict[int, tuple[int, int]]:
+    """Every process: pid -> (parent pid, session id)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -45,17 +45,36 @@ def session_members(sid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        if int(stat[stat.rfind(")") + 2:].split()[3]) == sid:
-            found.append(int(entry))
+        fields = stat[stat.rfind(")") + 2:].split()
+        found[int(entry)] = (int(fields[1]), int(fields[3]))
     return found
 
 
+def boot_processes(root: int, sessions: set[int]) -> set[int]:
+    """The processes of the boot started as ``root``: its descendants, and every process
+    of their sessions (User-Mode Linux's kernel makes a session of its own, and its
+    processes outlive the script and timeout that started it)."""
+    table = processes()
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, (parent, _) in table.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    sessions.update(table[pid][1] for pid in tree if pid in table)
+    return {pid for pid, (_, sid) in table.items() if pid in tree or sid in sessions}
+
+
 def cut_power(proc: subprocess.Popen) -> None:
-    """SIGKILL to every process of the boot's session, the kernel's among them, until
-    none is left (a process of the kernel's may take a moment to go)."""
+    """SIGKILL to every process of the boot, the kernel's among them, until none is left
+    (a process of the kernel's may take a moment to go)."""
+    sessions: set[int] = {proc.pid}
     deadline = time.monotonic() + KILL_TIMEOUT
     while True:
-        members = session_members(proc.pid)
+        members = boot_processes(proc.pid, sessions) - {proc.pid}
+        if proc.poll() is None:
+            members.add(proc.pid)
         if not members:
             break
         assert time.monotonic() < deadline, f"still running after SIGKILL: {members}"
@@ -88,10 +107,15 @@ def test_after_a_power_cut_under_writes_the_copy_is_made_identical(tmp_path):
             time.sleep(WAIT_POLL)
     finally:
         cut_power(first)
-    done = subprocess.run(guest(directory, "after"), cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=BOOT_TIMEOUT, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    second = subprocess.Popen(guest(directory, "after"), cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = second.communicate(timeout=BOOT_TIMEOUT)
+    finally:
+        cut_power(second)           # nothing of it left, whatever happened
+    assert second.returncode == 0, out + err
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["imports_before_cut"] >= 3
     # The tables did not survive: the first import says so in one line, every chunk dirty.
     assert result["first_import_rc"] == 1, result
