@@ -17,9 +17,9 @@ from bmig.cli.options import connection_options, manage_dir_option
 from bmig.cli.report import JsonReporter, TextReporter
 from bmig.constants import (DEFAULT_RECEIVER_STATE_DIR, REPLICATION_POLICIES,
                             REPLICATION_PROTOCOLS)
-from bmig.errors import HookFailed
+from bmig.errors import ConfigError, HookFailed
 from bmig.sender.cutover import Cutover, CutoverSettings
-from bmig.sender.dm_cutover import DmFreezeCutover
+from bmig.sender.dm_cutover import DmFreezeCutover, DmNbdCutover
 from bmig.sender.settings import build, replica_options
 
 
@@ -76,6 +76,11 @@ def json_report(event: dict) -> None:
               help="Do not turn bmig-nbd read-only after the handover.")
 @click.option("--hook-timeout", type=click.FloatRange(1), default=300, show_default=True,
               metavar="SECONDS", help="How long a hook may run.")
+@click.option("--via-nbd", is_flag=True,
+              help="A device tracked by dm-era: switch it onto bmig-nbd and replicate "
+                   "with --protocol, instead of freezing it for the drain.")
+@click.option("--nbd-device", metavar="DEV",
+              help="With --via-nbd: the kernel NBD device to use [default: a free one].")
 @click.option("--record-dir", metavar="DIR", default=DEFAULT_RECEIVER_STATE_DIR,
               show_default=True,
               help="Record the handed-over source here, as breceive would, for a fail-back.")
@@ -88,7 +93,8 @@ def json_report(event: dict) -> None:
 def cutover(name: str, source: str, to: str, pre_handover: str | None,
             post_handover: str | None, freeze: bool, verify: bool, verify_sample: float | None,
             timeout: float, protocol: str, policy: str, keep_writable: bool,
-            hook_timeout: float, record_dir: str, manage_dir: str, control: str,
+            hook_timeout: float, via_nbd: bool, nbd_device: str | None, record_dir: str,
+            manage_dir: str, control: str,
             log_level: str, as_json: bool, **connection: Any) -> None:
     """Hand the workload of NAME over to the target at --to.
 
@@ -111,8 +117,14 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
         verify_sample=verify_sample, timeout=timeout, keep_writable=keep_writable,
         hook_timeout=hook_timeout, record_dir=record_dir,
         replicate_options=replica_options(connection))
-    if migration.intercept is not None:                 # dm-era under a dm device
-        job: Cutover = DmFreezeCutover(migration, to, settings, report)
+    if migration.intercept is not None and via_nbd:     # dm-era, switched onto bmig-nbd
+        job: Cutover = DmNbdCutover(migration, to, settings, report, nbd_device)
+    elif migration.intercept is not None:               # dm-era under a dm device
+        job = DmFreezeCutover(migration, to, settings, report)
+    elif via_nbd or nbd_device:
+        raise ConfigError(f"--via-nbd is for a device tracked by dm-era (bmigrate track "
+                          f"attach {name} --dm DEVICE); {name} is tracked through bmig-nbd "
+                          "already")
     else:
         job = Cutover(migration, to, settings, report)
     try:

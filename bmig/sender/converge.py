@@ -362,9 +362,12 @@ class Migration:
         stalled = 0
         checksum_first = self.settings.passes.checksum and self.summary.relation in (
             "new", "none", "same")
+        imported = False
         try:
             while not self.stop.is_set():
-                self.import_writes()
+                if not imported:
+                    self.import_writes()
+                imported = False
                 stats = self._wait_for_holds(self.stats())
                 if self._finish(stats):
                     break
@@ -372,6 +375,11 @@ class Migration:
                 written = self.written()
                 result = self.one_pass(dirty, checksum=checksum_first)
                 checksum_first = False
+                if self.intercept is not None:
+                    # What the pass's writers dirtied shows in breqd once imported: the
+                    # stall check below must see it (and the next round starts from it).
+                    self.import_writes()
+                    imported = True
                 after = self.stats()
                 self.summary.dirty_bytes = int(after["dirty_bytes"])
                 self.reporter.pass_done(result, self.summary.dirty_bytes,

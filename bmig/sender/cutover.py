@@ -103,7 +103,7 @@ class Cutover:
     # -- the steps -----------------------------------------------------------------------
 
     def run(self) -> CutoverResult:
-        self._nbd = ManageClient(self.s.manage_dir, self.m.name, timeout=self.s.timeout + 60)
+        self._nbd = self._open_control()
         self.m.connect()
         downtime_start = None
         try:
@@ -121,6 +121,10 @@ class Cutover:
             self._undo(exc)
             raise
         return self._finish_handover(downtime_start)
+
+    def _open_control(self) -> ManageClient:
+        """What the steps drive: bmig-nbd's control socket."""
+        return ManageClient(self.s.manage_dir, self.m.name, timeout=self.s.timeout + 60)
 
     def _finish_handover(self, downtime_start: float) -> CutoverResult:
         """Steps 6 and 7, and the downtime from ``downtime_start`` to the handover."""
