@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from bmig import __version__
-from bmig.cli.common import run
+from bmig.cli.common import add_verbosity, run
 from bmig.cli.cutover import cutover
 from bmig.cli.replicate import replicate
 from bmig.cli.status import status, verify
@@ -29,6 +29,7 @@ cli.add_command(replicate)
 cli.add_command(cutover)
 cli.add_command(status)
 cli.add_command(verify)
+add_verbosity(cli)            # last: -v and -q on every command above
 
 
 def main() -> None:

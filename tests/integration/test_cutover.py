@@ -661,7 +661,7 @@ def test_not_converging_reports_a_write_rate_above_the_shipping_rate(breqd, rig)
         writer.join(timeout=60)
     assert done.returncode == 10, done.stderr
     message = error_lines(done.stderr)[0]
-    rates = re.search(r"writes at ([\d.]+) MB/s, shipping at ([\d.]+) MB/s", message)
+    rates = re.search(r"writes at ([\d.]+) MiB/s, shipping at ([\d.]+) MiB/s", message)
     assert rates, message
     writes, shipping = float(rates.group(1)), float(rates.group(2))
     assert shipping <= 1.5                       # --bwlimit 1M
