@@ -59,6 +59,12 @@ class ConfigError(BmigError):
     wire_code = "config"
 
 
+class TargetMissing(ConfigError):
+    """The target's file does not exist (yet): only a pass may create it."""
+
+    wire_code = "no-target"
+
+
 class UnreachableError(BmigError):
     """The daemon or peer cannot be reached."""
 
@@ -237,7 +243,7 @@ class StateLocked(StateError):
 
 # Wire code -> class, so a client rebuilds the server's error as the same type.
 _ALL: tuple[type[BmigError], ...] = (
-    BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, IntegrityError,
+    BmigError, ConfigError, TargetMissing, UnreachableError, ProtocolError, FrameTooLarge, IntegrityError,
     RequestError,
     UnknownDevice, DeviceExists, RangeError, NotCheckedOut, DeviceBusy, SenderClaimed,
     UnknownExport,

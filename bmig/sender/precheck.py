@@ -31,7 +31,7 @@ from bmig.blockdev import size_of_fd
 from bmig.errors import (EXIT_CHECK_AUTH, EXIT_CHECK_BREQD, EXIT_CHECK_HOOK,
                          EXIT_CHECK_INTERCEPT, EXIT_CHECK_LINEAGE, EXIT_CHECK_RECEIVER,
                          EXIT_CHECK_SLOT, EXIT_CHECK_SOURCE, AuthError, BmigError,
-                         ConfigError, LineageError)
+                         ConfigError, LineageError, TargetMissing)
 from bmig.lineage import ROLE_PRIMARY
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration, source_info
@@ -203,8 +203,12 @@ class Precheck:
             self._say("receiver", True, f"{target.description} answers")
             self._say("auth", True, "authenticated")
             return self._say("lineage", None, "skipped: breqd did not answer")
+        missing = ""
         try:
             relation = target.open(source_info(m.name, self._stats), False, "inspect")
+        except TargetMissing as exc:
+            relation = "missing"                 # a pass creates it: "new"
+            missing = exc.message
         except LineageError as exc:
             self._say("receiver", True, f"{target.description} answers")
             self._say("auth", True, "authenticated")
@@ -220,11 +224,13 @@ class Precheck:
             return self._say("lineage", False, f"breqd records {m.name} as {role} (successor "
                                                f"{self._stats.get('successor')}): it is not "
                                                "the primary any more")
-        what = {"same": "holds this lineage: the drain ships what is dirty",
-                "descendant": "holds the lineage this one took over from: the drain ships "
-                              "what changed since",
-                "new": "holds nothing of this lineage: the drain ships everything"}
-        self._say("lineage", True, f"the target {what.get(relation, relation)}")
+        what = {"same": "the target holds this lineage: the drain ships what is dirty",
+                "descendant": "the target holds the lineage this one took over from: the "
+                              "drain ships what changed since",
+                "new": "the target holds nothing of this lineage: the drain ships "
+                       "everything",
+                "missing": f"{missing}: the cutover creates it and ships everything"}
+        self._say("lineage", True, what.get(relation, relation))
 
     def _auth(self) -> None:
         """Reported by _receiver."""
