@@ -321,7 +321,7 @@ def test_track_add_list_status_remove_through_the_cli(breqd):
 
     one = bmigrate(ctl, "track", "status", "vm1", "--json")
     assert one.returncode == 0, one
-    assert json.loads(one.stdout) == stats(breqd, "vm1")
+    assert json.loads(one.stdout) == {**stats(breqd, "vm1"), "intercept": None}
     every = bmigrate(ctl, "track", "status", "--json")
     assert [d["name"] for d in json.loads(every.stdout)] == ["vm1", "vm2"]
     table = bmigrate(ctl, "track", "status")
@@ -376,7 +376,9 @@ def test_cli_without_breqd_exits_4_with_one_line(tmp_path, breqd):
     stale = bmigrate(breqd.control, "track", "status", "--json")
     assert stale.returncode == 4, stale
     assert "cannot reach breqd" in one_line_error(stale)
-    assert stale.stdout == ""
+    error, = [json.loads(line) for line in stale.stdout.splitlines()]   # --json: an event
+    assert error["event"] == "error" and error["exit_code"] == 4, error
+    assert "cannot reach breqd" in error["message"] and error["time"] > 0
 
 
 def test_cli_remove_then_restore_the_file_keeps_the_bitmap(breqd):
