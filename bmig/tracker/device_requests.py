@@ -86,6 +86,7 @@ class DeviceRequests:
         log.warning("%s: adopted generation %s with a clean bitmap", name,
                     hex_id(adopted.generation))
         device.chunks.clear_all()
+        device.recovered = None       # nothing was set dirty: "no saved bitmap" would lie
         device.committer.lazy(device.all_pages())
         flushed = device.committer.flush_lazy()
         ok = Message(Op.REPLY_OK, msg.request_id, self._status(device))
