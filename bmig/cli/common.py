@@ -22,8 +22,11 @@ from bmig.errors import EXIT_ERROR, BmigError, ConfigError
 from bmig.tracker.blocking_client import TrackerClient
 
 
-# Set by --json (``json_option``): errors are also an "error" event on stdout.
+# Set by --json (``json_option``): errors are also an "error" event on stdout, unless the
+# command printed its one JSON result already (``print_json``: verify's, say, whose exit
+# status says the rest), so that such output stays one JSON document.
 _json_errors = False
+_result_printed = False
 
 
 def run(command: click.BaseCommand, prog: str) -> None:
@@ -39,7 +42,7 @@ def run(command: click.BaseCommand, prog: str) -> None:
         sys.exit(130)
     except BmigError as exc:
         click.echo(f"{prog}: {exc.message}", err=True)
-        if _json_errors:
+        if _json_errors and not _result_printed:
             error_event(exc.message, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
@@ -134,6 +137,9 @@ def connect(control: str) -> TrackerClient:
 
 
 def print_json(value: Any) -> None:
+    """A command's one JSON result."""
+    global _result_printed
+    _result_printed = True
     click.echo(json.dumps(value, indent=None, sort_keys=True))
 
 

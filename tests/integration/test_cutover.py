@@ -616,7 +616,10 @@ def test_a_failing_post_handover_hook_says_the_handover_happened(breqd, rig, tmp
     assert any(e["event"] == "downtime" for e in events)
     lines = error_lines(done.stderr)
     assert len(lines) == 1 and "handed over" in lines[0], done.stderr
-    assert events[-1]["event"] == "cutover" and events[-1]["handed_over"] is True, events[-1]
+    # The result, then the error: both on stdout, as JSON.
+    assert events[-2]["event"] == "cutover" and events[-2]["handed_over"] is True, events[-2]
+    assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 12, events[-1]
+    assert "handed over" in events[-1]["message"]
 
 
 def test_a_restarted_bmig_nbd_keeps_the_handed_over_source_read_only(breqd, rig, tmp_path):

@@ -40,6 +40,7 @@ def run_cli(monkeypatch, capsys, command: click.Command, prog: str, *argv: str):
     """``run`` as a program's main would call it: (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [prog, *argv])
     monkeypatch.setattr(common, "_json_errors", False)
+    monkeypatch.setattr(common, "_result_printed", False)
     with pytest.raises(SystemExit) as exited:
         run(command, prog)
     out, err = capsys.readouterr()
