@@ -120,6 +120,8 @@ def cutover(name: str, source: str, to: str, pre_handover: str | None,
     writable. A bmigrate run shipping NAME gives the device up when the cutover starts.
     """
     bmig_log.setup(log_level or "warning")
+    if check_only:                     # a rehearsal writes nothing, not even a host key
+        connection["accept_new_host_key"] = None
     values = {"name": name, "source": source, "to": to, "control": control,
               "threshold": "0", "manage_dir": manage_dir,
               **{k: v for k, v in connection.items() if v is not None}}
