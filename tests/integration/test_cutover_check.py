@@ -23,12 +23,15 @@ from bmig.errors import (EXIT_CHECK_AUTH, EXIT_CHECK_BREQD, EXIT_CHECK_HOOK,
                          EXIT_CHECK_INTERCEPT, EXIT_CHECK_LINEAGE, EXIT_CHECK_RECEIVER,
                          EXIT_CHECK_SLOT, EXIT_CHECK_SOURCE)
 from bmig.tracker.blocking_client import TrackerClient
+from tests import sshd as sshd_fixture
+from tests.sshd import write_known_hosts
 from tests.integration.nbd_helpers import start_nbd
 from tests.integration.sync_helpers import (MiB, bmigrate, json_lines,  # noqa: F401
                                             make_image, migrations, receivers,
                                             start_background, start_receiver, sync, track,
                                             write_secret)
 
+sshd = sshd_fixture.sshd      # the fixture: a real sshd per test
 CHECKS = ["breqd", "source", "intercept", "slot", "hooks", "receiver", "auth", "lineage"]
 
 
@@ -244,3 +247,37 @@ def test_a_target_of_another_lineage(breqd, rig, tmp_path):
     checks = failing("lineage", EXIT_CHECK_LINEAGE, done, events, "holds generation",
                      "--discard-target-data")
     assert checks["receiver"]["ok"] and checks["auth"]["ok"]
+
+
+def test_a_rehearsal_over_ssh_saves_no_host_key(breqd, rig, tmp_path, sshd):
+    """--accept-new-host-key does not apply to --check: an unknown host key fails the
+    auth check, and known_hosts stays as it was (here: not there at all)."""
+    import shlex
+
+    from tests.integration.sync_helpers import breceive_argv
+
+    server, _, _ = rig
+    known = str(tmp_path / "known_hosts")
+    remote = shlex.join(breceive_argv("--stdio", "--target", f"d1={tmp_path / 'ssh.img'}",
+                                      "--state-dir", str(tmp_path / "ssh-state")))
+    done = bmigrate(breqd, "cutover", "d1", "--check", "--source", server.backing,
+                    "--to", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/d1",
+                    "--ssh-command", remote, "--known-hosts", known,
+                    "--identity", sshd.identity, "--accept-new-host-key",
+                    "--manage-dir", server.manage_dir, "--json", check=False)
+    events = json_lines(done.stdout)
+    failing("auth", EXIT_CHECK_AUTH, done, events, "is not known")
+    assert not os.path.exists(known)
+    # With the key known, the same rehearsal passes (and writes nothing either).
+    write_known_hosts(known, "127.0.0.1", sshd.port, sshd.host_key.public_line)
+    with open(known) as f:
+        before = f.read()
+    done = bmigrate(breqd, "cutover", "d1", "--check", "--source", server.backing,
+                    "--to", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/d1",
+                    "--ssh-command", remote, "--known-hosts", known,
+                    "--identity", sshd.identity, "--manage-dir", server.manage_dir,
+                    "--json", check=False)
+    assert done.returncode == 0, (done.stderr, json_lines(done.stdout))
+    with open(known) as f:
+        assert f.read() == before
+    assert not os.path.exists(tmp_path / "ssh.img")
