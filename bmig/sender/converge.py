@@ -68,6 +68,7 @@ HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is 
 # ... for at most this long: bmig-nbd lets go of a hold this long after the last write.
 MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 1.0
 BACKOFF = (1, 2, 5, 10, 30, 60)
+PAUSE_POLL = 1.0            # run, while a cutover has the device: seconds between looks
 
 
 @dataclass
@@ -435,8 +436,11 @@ class Migration:
 
     # -- the catch-up service --------------------------------------------------------------
 
-    def run_forever(self, on_idle: Callable[[], None] | None = None) -> Summary:
-        """Ship writes as they come until ``stop``; reconnect with backoff on failure."""
+    def run_forever(self, on_idle: Callable[[], None] | None = None,
+                    on_paused: Callable[[str], None] | None = None) -> Summary:
+        """Ship writes as they come until ``stop``; reconnect with backoff on failure.
+        ``on_paused(why)`` is called at every look while a cutover has the device (the
+        service is alive, and says why it ships nothing)."""
         started = time.monotonic()
         failures = 0
         while not self.stop.is_set():
@@ -466,7 +470,7 @@ class Migration:
                     on_idle()
                 self.stop.wait(self.settings.interval)
             except SenderClaimed as exc:
-                if self._give_up_device(exc):
+                if self._give_up_device(exc, on_paused):
                     break                 # handed over: nothing more to ship
                 failures = 0
             except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
@@ -493,12 +497,16 @@ class Migration:
         if claimant:
             raise SenderClaimed(f"{self.name}: {claimant} claims the device for a cutover")
 
-    def _give_up_device(self, why: SenderClaimed) -> bool:
+    def _give_up_device(self, why: SenderClaimed,
+                        on_paused: Callable[[str], None] | None = None) -> bool:
         """A cutover claims the device: give it up, wait while the cutover has it.
         True if it was handed over (the service is done), False to ship again."""
         self.close()      # the target's session first, breqd's last: that grants the claim
-        self.reporter.note(f"{why.message}; paused until it is done", state="paused")
+        paused = f"{why.message}; paused until it is done"
+        self.reporter.note(paused, state="paused")
         while not self.stop.is_set():
+            if on_paused is not None:
+                on_paused(paused)
             stats = self._peek()
             if stats is not None and not stats.get("sender") and not stats.get("claimed_by"):
                 if stats.get("role") == ROLE_HANDED_OVER:
@@ -512,7 +520,7 @@ class Migration:
                 self.reporter.note(f"{self.name}: the cutover is over and this source is "
                                    "still primary; shipping again", state="resumed")
                 return False
-            self.stop.wait(self.settings.interval)
+            self.stop.wait(min(self.settings.interval, PAUSE_POLL))
         return False
 
     def _peek(self) -> dict | None:

@@ -178,3 +178,33 @@ def test_a_failed_cutover_with_json_says_so_in_an_error_event(breqd, tmp_path, r
         assert len(lines) == 1 and "exit status 4" in lines[0], done.stderr
     finally:
         server.daemon.stop()
+
+
+def test_a_paused_run_tells_systemd_why_and_keeps_its_watchdog_fed(breqd, tmp_path,
+                                                                   receivers):
+    """Under systemd (a notify socket, WatchdogSec=2) the paused run says why it ships
+    nothing (STATUS=) and keeps sending WATCHDOG=1 while the cutover has the device."""
+    import sys
+
+    from tests.daemon import Daemon
+
+    server, r, target = start(breqd, tmp_path, receivers, 1 * MiB)
+    run = Daemon([sys.executable, "-c", "from bmig.cli.main import main; main()", "run",
+                  "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+                  r.secret_file, "--interval", INTERVAL, "--control", breqd.control],
+                 str(tmp_path / "run.log"), env={"WATCHDOG_USEC": "2000000"}).start()
+    try:
+        wait_until(identical(server.backing, target), timeout=60, what="the initial copy")
+        wait_until(lambda: clean(breqd), timeout=30, what="breqd to be clean")
+        # A hook that waits long enough for a few looks of the paused run.
+        done, events = cutover(breqd, server, r, tmp_path, "--pre-handover", "sleep 3")
+        assert done.returncode == 0, done.stderr
+        assert run.stop() == 0, run.log()            # it had ended by itself
+        notes = run.notifications
+        paused = [i for i, n in enumerate(notes) if n.startswith("STATUS=d1: bmigrate "
+                                                                 "cutover")]
+        assert paused and "paused until it is done" in notes[paused[0]], notes
+        during = notes[paused[0]:]
+        assert sum("WATCHDOG=1" in n.split("\n") for n in during) >= 2, during
+    finally:
+        server.daemon.stop()
