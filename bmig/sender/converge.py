@@ -512,9 +512,9 @@ class Migration:
                 if stats.get("role") == ROLE_HANDED_OVER:
                     self.summary.handed_over = True
                     self.summary.stopped_with(stats)
-                    self.reporter.note(f"{self.name}: handed over (the target is primary "
-                                       f"with generation {stats.get('successor')}); "
-                                       "nothing more to ship", state="handed-over",
+                    self.reporter.note(f"{self.name}: breqd records it as handed over to "
+                                       f"generation {stats.get('successor')}; nothing "
+                                       "more to ship", state="handed-over",
                                        successor=stats.get("successor"))
                     return True
                 self.reporter.note(f"{self.name}: the cutover is over and this source is "
