@@ -136,9 +136,17 @@ def run_service(name: str | None, config_file: str | None, as_json: bool,
     systemd.notify("READY=1", f"STATUS=shipping {migration.name} to {migration.url}")
     try:
         summary = migration.run_forever(
-            on_idle=lambda: systemd.notify(f"STATUS={migration.name}: up to date"))
+            on_idle=lambda: systemd.notify(f"STATUS={migration.name}: up to date"),
+            on_paused=_tell_systemd_paused)
     finally:
         systemd.notify("STOPPING=1")
         migration.close()
     reporter.summary(summary)
     return EXIT_INTERRUPTED if signals.interrupted else EXIT_OK
+
+
+def _tell_systemd_paused(why: str) -> None:
+    """While a cutover has the device: STATUS= says why nothing ships, and WATCHDOG=1
+    goes on (the service is alive; a cutover may take longer than WatchdogSec)."""
+    watchdog = ["WATCHDOG=1"] if systemd.watchdog_interval() is not None else []
+    systemd.notify(f"STATUS={why}", *watchdog)

@@ -199,11 +199,12 @@ def test_a_paused_run_tells_systemd_why_and_keeps_its_watchdog_fed(breqd, tmp_pa
         # A hook that waits long enough for a few looks of the paused run.
         done, events = cutover(breqd, server, r, tmp_path, "--pre-handover", "sleep 3")
         assert done.returncode == 0, done.stderr
-        assert run.stop() == 0, run.log()            # it had ended by itself
+        run.proc.wait(timeout=30)                    # it ends by itself after the handover
+        assert run.stop() == 0, run.log()
         notes = run.notifications
         paused = [i for i, n in enumerate(notes) if n.startswith("STATUS=d1: bmigrate "
                                                                  "cutover")]
-        assert paused and "paused until it is done" in notes[paused[0]], notes
+        assert paused and "paused until it is done" in notes[paused[0]], "\n".join(notes)
         during = notes[paused[0]:]
         assert sum("WATCHDOG=1" in n.split("\n") for n in during) >= 2, during
     finally:
