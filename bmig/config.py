@@ -19,7 +19,9 @@ from typing import Any, Callable, Iterable
 from bmig.errors import ConfigError
 from bmig.limits import MAX_CONFIG_FILE, MAX_STATE_FILE
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGTP]?)(i?B?)?\s*$",
+# At most 24 digits on either side of the point: more than any size (2**64 has 20), and
+# never so many that int() refuses them (its 4300-digit limit, a ValueError).
+_SIZE = re.compile(r"^\s*(\d{1,24}(?:\.\d{1,24})?|\.\d{1,24})\s*([KMGTP]?)(i?B?)?\s*$",
                    re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 

@@ -144,7 +144,8 @@ def test_sizes_take_fractions_that_come_to_whole_bytes(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["1.5", "0.3K", "1.", "1..5G", "1,5G", "-1.5G", "1e3"])
+@pytest.mark.parametrize("text", ["1.5", "0.3K", "1.", "1..5G", "1,5G", "-1.5G", "1e3",
+                                  "9" * 5000, "1." + "0" * 5000 + "G"])
 def test_sizes_that_are_not_whole_bytes_are_refused(text):
     with pytest.raises(ConfigError):
         parse_size(text)
