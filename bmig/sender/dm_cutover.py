@@ -88,12 +88,12 @@ class DmFreezeCutover(Cutover):
     def run(self):
         assert self.m.intercept is not None
         self._nbd = DmControl(self.m.intercept, self.s.timeout)   # type: ignore[assignment]
-        self.m.connect()
+        self._connect()
         downtime_start = None
         try:
             self._step(2, "drain", self._drain)
             if self.s.pre_handover:
-                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover))
+                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover, "pre-handover"))
             downtime_start = time.monotonic()
             self._step(3, "freeze the device", self._freeze)
             self._step(4, "last import and passes", self._flush)
