@@ -590,7 +590,7 @@ class Migration:
         self.close()      # the target's session first, breqd's last: that grants the claim
         paused = f"{why.message}; paused until it is done"
         self.reporter.note(paused, state="paused")
-        state.paused(paused)
+        state.paused(paused.removeprefix(f"{self.name}: "))     # the state names the device
         while not self.stop.is_set():
             stats = self._peek()
             if stats is not None and not stats.get("sender") and not stats.get("claimed_by"):

@@ -202,11 +202,12 @@ def test_status_follows_the_state_of_run_through_a_receiver_crash(breqd, tmp_pat
     service.wait_status(r"^d1: caught up; lag 0 B", after=seen)
     assert len([l for l in service.lines() if re.match(r"^<5>d1: connected, ", l)]) == 2
 
-    # 4. SIGTERM: stopped, and the summary says what breqd says is left.
+    # 4. SIGTERM: stopped, and the summary says what breqd says is left (nothing: the
+    # copy is identical, as sync would say it).
     service.daemon.proc.send_signal(signal.SIGTERM)
     assert service.daemon.proc.wait(timeout=60) == 0, service.daemon.log()
     service.wait_log(r"^<5>d1: stopped; ")
-    service.wait_log(r"^<5>d1: stopped, 0 B dirty: ")
+    service.wait_log(r"^<5>d1: converged, the copy is identical: ")
     after = status_json(breqd, service, server.manage_dir, "d1")
     assert after["service"]["state"] == "stopped"
 
