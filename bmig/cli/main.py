@@ -10,6 +10,8 @@ import click
 from bmig import __version__
 from bmig.cli.common import run
 from bmig.cli.cutover import cutover
+from bmig.cli.promote import promote
+from bmig.cli.rejoin import rejoin
 from bmig.cli.replicate import replicate
 from bmig.cli.status import status, verify
 from bmig.cli.sync import run_service, sync
@@ -29,6 +31,8 @@ cli.add_command(replicate)
 cli.add_command(cutover)
 cli.add_command(status)
 cli.add_command(verify)
+cli.add_command(promote)
+cli.add_command(rejoin)
 
 
 def main() -> None:

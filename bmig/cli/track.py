@@ -50,11 +50,13 @@ def add(name: str, size: int | None, size_path: str | None, chunk_size: int | No
 
 
 def adopted_lineage(path: str) -> dict:
-    """The lineage a promoted target's record hands on: only a primary, consistent copy
-    may be adopted, since its data is then what its former source had at the handover."""
+    """The lineage a promoted target's record hands on: only a primary copy may be
+    adopted (promoted by a cutover, or by ``bmigrate promote`` without its source, which
+    also took an inconsistent copy only when forced): from then on every write to it is
+    tracked, and a rejoin of its former source ships what changed here since."""
     import os
 
-    from bmig.lineage import ROLE_PRIMARY, STATE_CONSISTENT, hex_id, load_target
+    from bmig.lineage import ROLE_PRIMARY, STATE_NEW, hex_id, load_target
 
     directory, name = os.path.split(os.path.abspath(path))
     if not name.endswith(".target"):
@@ -63,9 +65,10 @@ def adopted_lineage(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such file")
     record = load_target(directory, name[:-len(".target")])
-    if record.role != ROLE_PRIMARY or record.state != STATE_CONSISTENT:
+    if record.role != ROLE_PRIMARY or record.state == STATE_NEW:
         raise ConfigError(f"{path}: {record.export} is {record.role} and {record.state}; only "
-                          "a target promoted by a cutover can be adopted")
+                          "a target promoted (by a cutover or bmigrate promote) can be "
+                          "adopted")
     return {"generation": hex_id(record.generation), "previous": list(record.previous)}
 
 
