@@ -11,7 +11,7 @@ import click
 
 from bmig.cli.common import connect, control_option, human_bytes, json_option, print_json, size_of
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.lineage import target_path
+from bmig.lineage import target_path as record_path
 from bmig.receiver.promotion import PromoteSettings, promote as promote_copy
 
 
@@ -51,7 +51,7 @@ def promote(name: str, target_path: str, receiver_state_dir: str, fence: str | N
         force_connected=force_connected))
     if track:
         from bmig.cli.track import adopted_lineage
-        lineage = adopted_lineage(target_path(receiver_state_dir, name))
+        lineage = adopted_lineage(record_path(receiver_state_dir, name))
         with connect(control) as client:
             stats = client.add_device(name, size_of(target_path), None, lineage=lineage,
                                       clean=True)

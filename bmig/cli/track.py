@@ -189,9 +189,16 @@ def clear(name: str, force: bool, control: str, as_json: bool) -> None:
 @track.command("set-role")
 @click.argument("name")
 @click.argument("role", type=click.Choice(["primary", "handed-over"]))
+@click.option("--new-generation", is_flag=True,
+              help="With primary: start a new generation, for a primary confirmed while "
+                   "its copy may have been promoted (a split brain is then told apart).")
+@click.option("--manage-dir", metavar="DIR",
+              help="Also tell the bmig-nbd serving NAME (its control sockets' directory): "
+                   "a primary confirmed there is writable at once.")
 @control_option
 @json_option
-def set_role(name: str, role: str, control: str, as_json: bool) -> None:
+def set_role(name: str, role: str, new_generation: bool, manage_dir: str | None,
+             control: str, as_json: bool) -> None:
     """Say whether NAME is the primary copy of its data.
 
     A cutover records the source as handed-over, and bmig-nbd then serves it read-only.
@@ -199,7 +206,11 @@ def set_role(name: str, role: str, control: str, as_json: bool) -> None:
     refuses it anyway (another generation), unless told to discard its data.
     """
     with connect(control) as client:
-        stats = client.set_lineage(name, role)
+        stats = client.set_lineage(name, role, new_generation=new_generation)
+    if manage_dir is not None and role == "primary":
+        from bmig.nbd.manage_client import ManageClient
+        with ManageClient(manage_dir, name) as nbd:
+            nbd.call("confirm")
     if as_json:
         print_json(stats)
     else:
