@@ -58,6 +58,7 @@ from bmig.lineage import (REPLICATION_PROTOCOLS_SEEN, ROLE_PRIMARY, ROLE_SECONDA
                           USABLE_STATES,
                           TargetRecord, drop_resync, hex_id, load_resync, load_target, now,
                           parse_id, save_target)
+from bmig.lineage import relation as lineage_relation
 from bmig.receiver.lineagewatch import LineageWatch
 from bmig.receiver.opening import MODES, OpenRequest, lineage_key, open_export
 from bmig.receiver.policy import Policy, TargetConfig
@@ -261,17 +262,21 @@ class Session:
 
     def _current(self) -> TargetRecord:
         """The record on disk, under the record lock held exclusively by the caller:
-        LineageError when its lineage changed since this session last saw it (promoted
-        on this host, or taken by another source). A replication session's fields are
-        taken from it; the rest is this session's."""
+        LineageError when its lineage changed since this session last saw it to one
+        this source has no part in (promoted on this host, or taken by another source).
+        A replication session's fields are taken from it; the rest is this session's."""
         assert self.config is not None and self.record is not None
         disk = load_target(self.policy.state_dir, self.config.export)
-        if lineage_key(disk) != self._disk:
+        if lineage_key(disk) != self._disk and lineage_relation(
+                disk, self.source_id, self.source_generation,
+                self._previous_ids) in ("foreign", "split-brain"):
             what = ("is the primary now" if disk.role == ROLE_PRIMARY
                     else "holds another lineage now")
             raise LineageError(f"target {disk.export!r} {what} (generation "
                                f"{hex_id(disk.generation)}): this session of generation "
                                f"{hex_id(self.source_generation)} ends")
+        if self.mode == "replicate":
+            return disk                          # it changes only its own fields
         record = self.record
         for name in ("protocol", "window", "replicating_since", "replication_ended"):
             setattr(record, name, getattr(disk, name))
