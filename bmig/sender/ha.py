@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, StateError,
-                         UnknownExport)
+                         UnknownExport, UnreachableError)
 from bmig.lineage import ROLE_PRIMARY
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import BACKOFF, Migration
@@ -60,10 +60,6 @@ class HaSettings:
     replicate_options: dict = field(default_factory=dict)
     poll: float = POLL
     backoff: tuple[float, ...] = tuple(float(b) for b in BACKOFF)
-
-
-class TargetLost(BmigError):
-    """bmig-nbd's replication failed while a pass ran beside it."""
 
 
 class HaReplication:
@@ -228,7 +224,7 @@ class HaReplication:
         first = True
         while not self.stop.is_set():
             if self._lost:
-                raise TargetLost(self._lost)
+                raise UnreachableError(self._lost)
             stats = m.stats()
             plain = max(0, int(stats["dirty_bytes"]) - int(stats.get("mirrored_bytes", 0)))
             if first or plain or int(stats["inflight_bytes"]):
@@ -242,7 +238,7 @@ class HaReplication:
                 if (result.target or {}).get("state") not in ("in-sync", "consistent"):
                     continue              # more became dirty meanwhile: again
             if self._lost:
-                raise TargetLost(self._lost)
+                raise UnreachableError(self._lost)
             self._set(SYNCHRONOUS, lag_bytes=self._replica_lag, lag_seconds=0)
             self.stop.wait(self.settings.poll)
 
