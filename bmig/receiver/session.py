@@ -391,6 +391,8 @@ class Session:
             record.generation = new
             record.role = ROLE_PRIMARY
             record.promoted = now()
+            if record.state == STATE_IN_SYNC:    # its replication ends with the old lineage
+                record.state = STATE_CONSISTENT
             self._save(record)
         log.warning("%s: %s promoted: generation %s, primary now; its former source is "
                     "refused from here on", self.peer, record.export, hex_id(new))

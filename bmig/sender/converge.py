@@ -383,6 +383,18 @@ class Migration:
         self.summary.dirty_bytes = dirty
         return True
 
+    def _record_lags(self) -> bool:
+        """Nothing to ship, no pass yet, but the target's record does not say it is a
+        copy of one moment (a replication session opened, a pass was cut short): one
+        empty pass tells it so (its end says nothing is dirty)."""
+        if self.summary.passes or not isinstance(self._target, WireTarget):
+            return False
+        state = (getattr(self._target, "opened", None) or {}).get("state")
+        if state in ("consistent", "in-sync", "new", None):
+            return False
+        self.summary.converged = False
+        return True
+
     def sync(self) -> Summary:
         """Passes until converged; NotConverging when the dirty amount stops shrinking."""
         started = time.monotonic()
@@ -394,7 +406,7 @@ class Migration:
             while not self.stop.is_set():
                 self.import_writes()
                 stats = self._wait_for_holds(self.stats())
-                if self._finish(stats):
+                if self._finish(stats) and not self._record_lags():
                     break
                 dirty = int(stats["dirty_bytes"])
                 written = self.written()

@@ -113,3 +113,39 @@ def test_a_copy_partitioned_during_a_catch_up_is_not_promoted_without_force(
 def _busy(r) -> bool:
     from bmig.receiver.promotion import connected
     return bool(connected(r.state_dir, "d1"))
+
+
+def test_the_record_says_consistent_only_for_a_copy_of_one_moment(breqd, tmp_path,
+                                                                   receivers):
+    """A sync of an idle device leaves a consistent copy; one that converged while the
+    device is written (chunks of different moments) an inconsistent one; a replication
+    session makes it inconsistent when it opens (the source may have chunks the target
+    lacks), until a pass with nothing dirty outside replication ends."""
+    server = start_nbd(breqd, tmp_path, SIZE)
+    target = str(tmp_path / "target.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    args = ("d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+            r.secret_file)
+    from tests.integration.sync_helpers import sync
+    sync(breqd, *args, "--threshold", "0")
+    assert r.record("d1")["state"] == "consistent"
+    writer = Writer(server.uri, per_second=300, size=SIZE)
+    writer.start()
+    try:
+        wait_until(lambda: writer.writes >= 50, timeout=30, what="writes")
+        sync(breqd, *args, "--threshold", "64M", ok=(0, 15))
+        assert r.record("d1")["state"] == "inconsistent"
+    finally:
+        writer.finish()
+    sync(breqd, *args, "--threshold", "0")
+    assert r.record("d1")["state"] == "consistent"
+    bmigrate(breqd, "replicate", "d1", "--to", r.url("d1"), "--secret-file", r.secret_file,
+             "--manage-dir", server.manage_dir)
+    assert r.record("d1")["state"] == "inconsistent"
+    assert r.record("d1")["protocol"] == "C"
+    sync(breqd, *args, "--threshold", "0")
+    assert r.record("d1")["state"] == "in-sync"
+    bmigrate(breqd, "replicate", "d1", "--stop", "--manage-dir", server.manage_dir)
+    wait_until(lambda: r.record("d1")["state"] == "consistent", timeout=30,
+               what="the end of the replication session")
