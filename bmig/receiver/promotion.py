@@ -67,9 +67,9 @@ def loss(record: TargetRecord) -> dict:
     consistent = record.state in USABLE_STATES
     if not consistent:
         return {"bytes_at_most": None, "consistent": False,
-                "why": (f"the copy is inconsistent: a pass of {record.catchup_bytes} bytes "
-                        "was being applied, so chunks of different moments are side by "
-                        "side; what the source wrote since is not here either")}
+                "why": (f"the copy is inconsistent ({_why_inconsistent(record)}), so chunks "
+                        "of different moments are side by side; what the source wrote "
+                        "since is not here either")}
     if record.protocol is None:
         return {"bytes_at_most": None, "consistent": True,
                 "why": "no replication carried the source's writes: this is the copy of "
@@ -85,6 +85,15 @@ def loss(record: TargetRecord) -> dict:
     return {"bytes_at_most": record.window, "consistent": True,
             "why": (f"protocol A: writes the source acknowledged and had not handed over "
                     f"yet, at most {record.window} bytes (its replication window)")}
+
+
+def _why_inconsistent(record: TargetRecord) -> str:
+    if record.catchup_bytes:
+        return f"a pass of {record.catchup_bytes} bytes was being applied"
+    if record.replicating_since is not None:
+        return ("replication began and no pass has shipped yet what was dirty on the "
+                "source before it")
+    return "a pass was being applied"
 
 
 def run_fence(command: str, export: str, timeout: float) -> None:
@@ -114,10 +123,9 @@ def promote(settings: PromoteSettings) -> dict:
         raise LineageError(f"target {export!r} is a former primary ({record.role}): "
                            "it is not a copy to promote")
     if record.state not in USABLE_STATES and not settings.force_inconsistent:
-        raise LineageError(f"target {export!r} is inconsistent (a pass of "
-                           f"{record.catchup_bytes} bytes was being applied): promoting it "
-                           "gives a device with chunks of different moments; give "
-                           "--force-inconsistent to take it anyway")
+        raise LineageError(f"target {export!r} is inconsistent ({_why_inconsistent(record)}"
+                           "): promoting it gives a device with chunks of different "
+                           "moments; give --force-inconsistent to take it anyway")
     sessions = connected(state_dir, export)
     if sessions and not settings.force_connected:
         raise LineageError(f"the source of {export!r} is still connected ("
