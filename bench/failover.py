@@ -106,11 +106,11 @@ def one_promotion(root: Path, size: int) -> float:
         wait_state(keeper, "synchronous", timeout=300)
         writer.start()
         wait_until(lambda: writer.writes >= 100, timeout=60, what="writes")
+        target = Host(root, "target")       # the target host's breqd runs already
         started = time.monotonic()
         source.nbd.daemon.kill9()
         source.breqd.daemon.kill9()
         keeper.kill9()
-        target = Host(root, "target")
         bmigrate(target.breqd, "promote", "d1", "--target", str(root / "target.img"),
                  "--receiver-state-dir", r.state_dir, "--no-fence", "--track")
         served = target.serve(str(root / "target.img"))
