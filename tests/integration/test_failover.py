@@ -144,7 +144,8 @@ def test_a_crashed_source_is_promoted_refused_and_rejoined_with_the_union(
         summary = summary_of(done)
         union = old_dirty | new_dirty
         assert summary["relation"] == "rejoin"
-        assert summary["bytes_committed"] <= 1.1 * len(union) * CHUNK, (summary, len(union))
+        assert summary["bytes_committed"] <= 1.1 * len(union) * CHUNK, (
+            summary, prepared, sorted(old_dirty), sorted(new_dirty))
         assert summary["bytes_committed"] >= len(new_dirty) * CHUNK // 2
         assert same_bytes(target, server.backing)
         assert back.record("d1")["state"] == "consistent"
