@@ -63,6 +63,7 @@ def main() -> int:
     for component in components:
         started = time.monotonic()
         writes = bad = 0
+        recoveries: dict[str, int] = {}
         with tempfile.TemporaryDirectory(prefix=f"bmig-crashloop-{component}-") as root:
             rig = Rig(root, args.size_mib << 20).start()
             try:
@@ -71,6 +72,8 @@ def main() -> int:
                         + number
                     outcome = rig.iteration(component, number, seed)
                     writes += outcome.writes
+                    if outcome.recovery:
+                        recoveries[outcome.recovery] = recoveries.get(outcome.recovery, 0) + 1
                     if outcome.problems:
                         bad += 1
                         failures.append(outcome)
@@ -82,8 +85,10 @@ def main() -> int:
         rows.append([component, args.iterations, writes, bad, f"{seconds:.0f}"])
         results.append({"component": component, "iterations": args.iterations,
                         "writes_checked": writes, "iterations_with_a_difference": bad,
-                        "seconds": round(seconds, 1)})
-        print(f"{component}: {args.iterations} iterations, {writes} writes, {bad} bad",
+                        "seconds": round(seconds, 1),
+                        **({"recoveries": recoveries} if recoveries else {})})
+        print(f"{component}: {args.iterations} iterations, {writes} writes, {bad} bad"
+              + "".join(f"; {what}: {n}" for what, n in sorted(recoveries.items())),
               flush=True)
     out = {**facts, "seed": args.seed, "iterations": args.iterations}
     changed = provenance_end(out)

@@ -15,8 +15,11 @@ directory, rounds interleaved (the first peer of a round rotates), medians repor
   1  full sync of --size random bytes over loopback TCP into a file, against
      `socat -u -b 1048576` (file -> TCP -> file); both end with the same fsync of the
      target, and the time is until it returned. On --target-dir (the disk) with a fresh
-     target file and with one whose pages are cached, and on --shm-dir (tmpfs). Target:
-     bmig >= 0.9x socat's throughput.
+     target file and with one whose pages are cached, and on --shm-dir (tmpfs), where
+     tls:// (client certificates, no shared secret: TLS's encryption instead of the AEAD
+     tcp:// seals every frame with) runs beside; and what sealing and opening a GiB costs
+     in one process. Targets: bmig >= 0.9x socat's throughput on disk; >= 0.8x on tmpfs
+     over tcp:// (with the AEAD) and tls://.
   2  full sync of an ext4 image of --size built with `mkfs.ext4 -d` from copies of
      /usr/share, /usr/lib/python3*, /usr/bin, /usr/lib (about 32 % of the image in files),
      against the same socat copy, and bmigrate --level 0 beside. Target: >= 1.5x.
@@ -466,9 +469,83 @@ class Receiver:
     proc: Proc
     port: int
     exports: dict[str, str]
+    scheme: str = "tcp"
 
     def url(self, export: str) -> str:
-        return f"tcp://127.0.0.1:{self.port}/{export}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{export}"
+
+
+@dataclass
+class TlsFiles:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate."""
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+    def sender_args(self) -> list[str]:
+        return ["--tls-ca", self.ca, "--tls-cert", self.client_cert, "--tls-key",
+                self.client_key, "--trust-tls-server"]
+
+
+def make_tls(directory: str) -> TlsFiles:
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(subject: str, key, issuer_name, issuer_key, ca: bool, server: bool):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def save(name: str, data: bytes) -> str:
+        path = os.path.join(directory, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(data)
+        return path
+
+    pem = serialization.Encoding.PEM
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    ca_cert = issue("bench CA", ca_key, ca_name, ca_key, True, False)
+    files = {"ca": save("tls-ca.pem", ca_cert.public_bytes(pem))}
+    for who in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(f"bench {who}", key, ca_name, ca_key, False, who == "server")
+        files[f"{who}_cert"] = save(f"tls-{who}.pem", cert.public_bytes(pem))
+        files[f"{who}_key"] = save(f"tls-{who}.key", key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return TlsFiles(**files)
+
+
+def aead_cost(total: int = GiB, frame: int = 4 * MiB) -> dict:
+    """CPU seconds per GiB that sealing and opening the frames of a copy cost, in this
+    process (bmig.wire.seal, the AEAD of tcp:// after authentication)."""
+    from bmig.wire.seal import Opener, Sealer
+    key = os.urandom(32)
+    sealer, opener = Sealer(key), Opener(key, "bench")
+    body = os.urandom(frame)
+    prefix = b"\0" * 8
+    cpu0 = time.process_time()
+    for _ in range(total // frame):
+        opener.open(prefix, sealer.seal(prefix, body))
+    cpu = time.process_time() - cpu0
+    return {"seal_and_open_cpu_per_gib": round(cpu * GiB / total, 3),
+            "seal_and_open_mbps": round(total / cpu / 1e6, 1)}
 
 
 @dataclass
@@ -489,6 +566,7 @@ class Bench:
     breqd: Proc | None = None
     devices: set[str] = field(default_factory=set)
     secret: str = ""
+    tls: TlsFiles | None = None
     profiles: int = 0
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -521,16 +599,24 @@ class Bench:
     def set_dirty(self, name: str) -> None:
         self.bmigrate("track", "set-dirty", name)
 
-    def start_receiver(self, label: str, exports: dict[str, str]) -> Receiver:
-        argv = [*BRECEIVE, "--listen", "127.0.0.1:0", "--secret-file", self.secret,
+    def start_receiver(self, label: str, exports: dict[str, str],
+                       tls: "TlsFiles | None" = None) -> Receiver:
+        """breceive on 127.0.0.1; with ``tls``, speaking TLS and knowing senders by their
+        client certificate alone (no shared secret, so no AEAD on top of TLS)."""
+        argv = [*BRECEIVE, "--listen", "127.0.0.1:0",
                 "--state-dir", self.path(f"{label}-state"), "--log-level", "info"]
+        if tls is None:
+            argv += ["--secret-file", self.secret]
+        else:
+            argv += ["--tls-cert", tls.server_cert, "--tls-key", tls.server_key,
+                     "--tls-client-ca", tls.ca]
         for export, path in exports.items():
             argv += ["--target", f"{export}={path}"]
         pattern = r"STATUS=listening on 127\.0\.0\.1:(\d+)"
         p = Proc(label, argv, self.path(f"{label}.log"))
         notes = start_notified(p, self.work, child_env(), pattern)
         port = int(re.search(pattern, "\n".join(notes)).group(1))
-        return Receiver(p, port, dict(exports))
+        return Receiver(p, port, dict(exports), "tls" if tls else "tcp")
 
     # one bmigrate sync
     def sync(self, label: str, device: str, source: str, url: str, target: str | None,
@@ -543,6 +629,9 @@ class Bench:
                 "--threshold", "0", *extra]
         if url.startswith("tcp://"):
             argv += ["--secret-file", self.secret]
+        elif url.startswith("tls://"):
+            assert self.tls is not None
+            argv += self.tls.sender_args()
         profiler = None
         if self.args.profile:
             self.profiles += 1
@@ -799,7 +888,15 @@ def case1(b: Bench, out: dict) -> None:
         variants.append(("shm", b.shm, target_mode(args, b.shm)))
     exports = {f"c1-{name}": os.path.join(d, "c1.img") for name, d, _ in variants}
     recv = b.start_receiver("breceive", exports)
+    # tls:// beside tcp:// on tmpfs: TLS with client certificates and no shared secret,
+    # i.e. TLS's encryption in place of the AEAD that tcp:// seals its frames with
+    b.tls = b.tls or make_tls(b.work)
+    tls_recv = b.start_receiver("breceive-tls", exports, tls=b.tls) if b.shm else None
     info = out.setdefault("case1", {"size": size, "variants": {}})
+    info["aead"] = aead_cost()
+    print(f"case 1: sealing and opening cost {info['aead']['seal_and_open_cpu_per_gib']} "
+          f"CPU-s per GiB in one process ({info['aead']['seal_and_open_mbps']:,.0f} MB/s)",
+          flush=True)
     try:
         for name, d, mode in variants:
             target = exports[f"c1-{name}"]
@@ -807,13 +904,17 @@ def case1(b: Bench, out: dict) -> None:
             info["variants"][name] = {"dir": d, "fs": fs_type(d), "target_file": mode}
             print(f"case 1/{name}: {size / MiB:,.0f} MiB of random data into {d} "
                   f"({fs_type(d)}), target file {mode}", flush=True)
+            peers = ["bmig", "socat"] + (["bmig tls"] if name == "shm" and tls_recv else [])
             for rnd in range(args.repeat):
-                for peer in rotate(["bmig", "socat"], rnd):
+                for peer in rotate(peers, rnd):
                     prepare_target(target, size, mode)
-                    if peer == "bmig":
+                    if peer.startswith("bmig"):
                         b.set_dirty("c1")
-                        r = b.sync(f"c1-{name}-{rnd}", "c1", src, recv.url(f"c1-{name}"),
-                                   target, receiver=recv.proc, size=size)
+                        via = tls_recv if peer == "bmig tls" else recv
+                        assert via is not None
+                        r = b.sync(f"c1-{name}-{peer.replace(' ', '-')}-{rnd}", "c1", src,
+                                   via.url(f"c1-{name}"), target, receiver=via.proc,
+                                   size=size)
                     else:
                         r = socat_copy(b, f"c1-{name}-{rnd}", src, target, mode == "fresh",
                                        size)
@@ -824,6 +925,8 @@ def case1(b: Bench, out: dict) -> None:
             remove(target)
     finally:
         recv.proc.stop()
+        if tls_recv is not None:
+            tls_recv.proc.stop()
 
 
 def build_image(b: Bench, size: int) -> tuple[str, dict]:
@@ -1148,8 +1251,10 @@ def targets(out: dict) -> list[Target]:
                 "seconds", ">=", 0.9),
          Target("1 disk, target pages cached: bmig / socat throughput", "1",
                 ("disk-existing", "socat"), ("disk-existing", "bmig"), "seconds", ">=", 0.9),
-         Target("1 tmpfs: bmig / socat throughput", "1", ("shm", "socat"), ("shm", "bmig"),
-                "seconds", ">=", 0.9),
+         Target("1 tmpfs: bmig tcp:// (AEAD) / socat throughput", "1", ("shm", "socat"),
+                ("shm", "bmig"), "seconds", ">=", 0.8),
+         Target("1 tmpfs: bmig tls:// (client certificate, no AEAD) / socat throughput", "1",
+                ("shm", "socat"), ("shm", "bmig tls"), "seconds", ">=", 0.8),
          Target("2 ext4 image: bmig / socat throughput", "2", ("ext4", "socat"),
                 ("ext4", "bmig"), "seconds", ">=", 1.5),
          Target("2 ext4 image: bmig --level 0 / socat throughput", "2", ("ext4", "socat"),
@@ -1247,6 +1352,11 @@ def report(out: dict) -> str:
                   _mib(s.get("bytes_read")), _mib(s.get("bytes_sent")),
                   _mib(s.get("bytes_zero")), _mib(s.get("target_allocated"))]
                  for s in rows]))
+            if case == "1" and out["case1"].get("aead"):
+                a = out["case1"]["aead"]
+                parts.append(f"sealing and opening 1 GiB of frames (tcp://'s AEAD, "
+                             f"AES-256-GCM) in one process: {a['seal_and_open_cpu_per_gib']} "
+                             f"CPU-s ({a['seal_and_open_mbps']:,.0f} MB/s)")
     rows = rows_of("3")
     if rows:
         c = out["case3"]

@@ -427,6 +427,8 @@ def read_json_state(path: str, max_bytes: int = MAX_STATE_FILE) -> dict[str, Any
         value = json.loads(data)
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: not a JSON object")
     return value

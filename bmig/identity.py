@@ -65,7 +65,8 @@ class TargetIdentity:
         if kind == KIND_FILE:
             generation = raw.get("inode_generation")
             if generation is not None and (not isinstance(generation, int)
-                                           or isinstance(generation, bool)):
+                                           or isinstance(generation, bool)
+                                           or not -(1 << 63) <= generation < 1 << 63):
                 raise ValueError(f"identity: inode_generation {generation!r}")
             return cls(KIND_FILE, size, dev=_int(raw, "dev"), ino=_int(raw, "ino"),
                        inode_generation=generation)
@@ -182,8 +183,9 @@ def _read(path: str) -> str:
 
 
 def _int(raw: dict, key: str) -> int:
+    """A field the kernel gave as an unsigned 64-bit number (st_dev, st_ino, a size)."""
     value = raw.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
         raise ValueError(f"identity: {key} {value!r}")
     return value
 

@@ -54,13 +54,14 @@ def hex_id(value: int) -> str:
     return f"{value:016x}"
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_id(value: object, what: str) -> int:
-    if not isinstance(value, str) or len(value) != 16:
+    """Exactly 16 hex digits: int() alone would also take " 0x_b0" and the like."""
+    if not isinstance(value, str) or len(value) != 16 or not _HEX_DIGITS.issuperset(value):
         raise ConfigError(f"{what} must be 16 hex digits, not {value!r}")
-    try:
-        return int(value, 16)
-    except ValueError:
-        raise ConfigError(f"{what} must be 16 hex digits, not {value!r}") from None
+    return int(value, 16)
 
 
 # -- the source side ------------------------------------------------------------------
@@ -103,10 +104,9 @@ def load_source(state_dir: str, name: str,
             successor = raw.get("successor")
             record = SourceLineage(parse_id(raw.get("device_id"), "device_id"),
                                    parse_id(raw.get("generation"), "generation"),
-                                   str(raw.get("role", ROLE_PRIMARY)),
-                                   [str(g) for g in raw.get("previous", [])][:16],
+                                   _role(raw, ROLE_PRIMARY), _generations(raw),
                                    parse_id(successor, "successor") if successor else 0,
-                                   bool(raw.get("ha", False)))
+                                   raw.get("ha", False) is True)
             if record.device_id == device_id:
                 return record, None
             why = f"the lineage record is of device id {hex_id(record.device_id)}"
@@ -243,9 +243,6 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
         state = str(raw.get("state", STATE_NEW))
         if state not in TARGET_STATES:
             raise ConfigError(f"{path}: unknown state {state!r}")
-        role = str(raw.get("role", ROLE_SECONDARY))
-        if role not in TARGET_ROLES:
-            raise ConfigError(f"{path}: unknown role {role!r}")
         last = raw.get("last_pass")
         promoted = raw.get("promoted")
         successor = raw.get("successor")
@@ -254,21 +251,21 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
         if resync not in (None, "ranges", "all"):
             raise ConfigError(f"{path}: unknown resync {resync!r}")
         protocol = raw.get("protocol")
+        if protocol not in (None, *REPLICATION_PROTOCOLS_SEEN):
+            raise ConfigError(f"{path}: unknown protocol {protocol!r}")
         return TargetRecord(export, parse_id(raw.get("source_device_id"), "source_device_id"),
                             parse_id(raw.get("generation"), "generation"), state,
-                            role, int(raw.get("size", 0)),
+                            _role(raw, ROLE_SECONDARY, TARGET_ROLES), _count(raw, "size"),
                             float(last) if last is not None else None,
-                            int(raw.get("passes", 0)),
-                            [str(g) for g in raw.get("previous", [])][:16],
+                            _count(raw, "passes"), _generations(raw),
                             parse_id(successor, "successor") if successor else 0,
                             float(promoted) if promoted is not None else None,
                             TargetIdentity.from_json(identity) if identity is not None
                             else None,
-                            str(protocol) if protocol is not None else None,
-                            int(raw.get("window", 0)),
+                            protocol, _count(raw, "window"),
                             _time(raw.get("replicating_since")),
                             _time(raw.get("replication_ended")),
-                            int(raw.get("catchup_bytes", 0)), resync,
+                            _count(raw, "catchup_bytes"), resync,
                             bool(raw.get("discard", False)))
     except (ConfigError, TypeError, ValueError) as exc:
         message = exc.message if isinstance(exc, ConfigError) else str(exc)
@@ -277,6 +274,30 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
 
 def _time(value: object) -> float | None:
     return float(value) if value is not None else None  # type: ignore[arg-type]
+
+
+def _role(raw: dict[str, Any], default: str, roles: tuple[str, ...] = ROLES) -> str:
+    role = raw.get("role", default)
+    if role not in roles:
+        raise ConfigError(f"unknown role {role!r}")
+    return role
+
+
+def _count(raw: dict[str, Any], key: str) -> int:
+    value = raw.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be a whole number, not {value!r}")
+    return value
+
+
+def _generations(raw: dict[str, Any]) -> list[str]:
+    """``previous``: a list of generations (16 hex digits each), newest first."""
+    value = raw.get("previous", [])
+    if not isinstance(value, list):
+        raise ConfigError(f"previous must be a list of generations, not {value!r}")
+    for generation in value:
+        parse_id(generation, "a previous generation")
+    return value[:16]
 
 
 def save_target(state_dir: str, record: TargetRecord) -> None:

@@ -10,6 +10,15 @@ again, the writer stops, and a last ``bmigrate sync --threshold 0`` must leave:
   could not know, never an older one), each 4 KiB block whole;
 - the target byte for byte equal to the source, and nothing dirty in breqd.
 
+The cutover is a victim too: ``bmigrate cutover`` killed at a random moment of its
+drain, freeze or handover. Then the rig does what bmigrate(1) tells an operator to do
+after a cutover that did not finish: ask breqd, and the target when breqd records the
+source as handed over; a target that is primary with the generation breqd names means
+the handover happened (the source must then be read-only and the target equal to it,
+with every acknowledged write); otherwise the source is made primary again (``track
+set-role``, bmig-nbd started again) and the last sync must converge as above. A
+completed handover ends the rig's life: the next iteration starts a fresh one.
+
 The same code runs a few seeded iterations in the test suite
 (tests/integration/test_crashloop.py) and many in bench/crashloop.py.
 """
@@ -36,7 +45,7 @@ BLOCK = 4096
 CHUNK = 64 << 10
 MAGIC = b"bmigjrnl"
 HEAD = struct.Struct("<8sQQ")          # magic, block number, write id
-COMPONENTS = ("sync", "run", "breqd", "bmig-nbd", "breceive")
+COMPONENTS = ("sync", "run", "breqd", "bmig-nbd", "breceive", "cutover")
 STEP_TIMEOUT = 120
 
 
@@ -180,6 +189,8 @@ class Outcome:
     iteration: int
     writes: int
     problems: list[str] = field(default_factory=list)
+    handed_over: bool = False        # a cutover's handover happened (cutover only)
+    recovery: str = ""               # what the operator's recovery found (cutover only)
 
 
 class Rig:
@@ -252,6 +263,46 @@ class Rig:
             if daemon is not None:
                 daemon.stop()
 
+    def fresh(self) -> None:
+        """Everything stopped and removed, and started again: a new source, target and
+        breqd (after a handover the old pair has served its purpose)."""
+        self.stop()
+        import shutil
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if name.endswith(".log"):
+                continue
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        self.port = 0
+        self.journal = Journal(self.size // BLOCK)
+        self.start()
+
+    def tracker_stats(self) -> dict:
+        from bmig.tracker.blocking_client import TrackerClient
+        client = TrackerClient(self.control, timeout=30)
+        try:
+            return client.stats("d1")
+        finally:
+            client.close()
+
+    def target_record(self) -> dict:
+        """The target's record as breceive gives it, once no session holds the target
+        (until then the record may still change)."""
+        from bmig.sender.targets import target_status
+        from bmig.wire.options import ConnectOptions
+        from bmig.wire.urls import parse_target_url
+        url = parse_target_url(f"tcp://127.0.0.1:{self.port}/d1")
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            status = target_status(url, ConnectOptions.from_dict({"secret_file": self.secret}))
+            record = [t for t in status.get("targets", []) if t.get("export") == "d1"][0]
+            if not record.get("busy") or time.monotonic() > deadline:
+                return record
+            time.sleep(0.05)
+
     # -- the sender ----------------------------------------------------------------------
 
     def bmigrate(self, command: str, *extra: str) -> list[str]:
@@ -305,6 +356,8 @@ class Rig:
             raise ValueError(component)
 
     def iteration(self, component: str, number: int, seed: int) -> Outcome:
+        if component == "cutover":
+            return self.cutover_iteration(number, seed)
         rng = random.Random(seed)
         writer = JournaledWriter(self.uri, self.journal, seed)
         writer.start()
@@ -317,6 +370,11 @@ class Rig:
             writer.finish()
             self.stop_sender()
         outcome = Outcome(component, number, writer.writes)
+        return self.check_converged(outcome)
+
+    def check_converged(self, outcome: Outcome) -> Outcome:
+        """The last sync, then the source against the journal, the target against the
+        source, and breqd: nothing dirty."""
         done = self.final_sync()
         if done.returncode != 0:
             outcome.problems.append(f"last sync exited {done.returncode}: "
@@ -325,13 +383,77 @@ class Rig:
         if digest(self.backing) != digest(self.target):
             chunks = differing_chunks(self.backing, self.target)
             outcome.problems.append(f"target differs from the source in chunks {chunks[:20]}")
-        from bmig.tracker.blocking_client import TrackerClient
-        client = TrackerClient(self.control, timeout=30)
-        try:
-            stats = client.stats("d1")
-        finally:
-            client.close()
+        stats = self.tracker_stats()
         if stats["dirty_bytes"] or stats["inflight_bytes"]:
             outcome.problems.append(f"breqd: {stats['dirty_bytes']} bytes dirty, "
                                     f"{stats['inflight_bytes']} in flight after the last sync")
         return outcome
+
+    def cutover_iteration(self, number: int, seed: int) -> Outcome:
+        """``bmigrate cutover`` killed at a random moment, then an operator's recovery."""
+        rng = random.Random(seed)
+        writer = JournaledWriter(self.uri, self.journal, seed)
+        writer.start()
+        try:
+            log = self.path("bmigrate-cutover.log")
+            seen = os.path.getsize(log) if os.path.exists(log) else 0
+            self.start_sender("cutover")
+            assert self.sender is not None
+            # The random moment: the cutover's steps take a fraction of a second once the
+            # program has started, so the moment is counted from its first step.
+            deadline = time.monotonic() + STEP_TIMEOUT
+            while self.sender.poll() is None and time.monotonic() < deadline:
+                with open(log, "rb") as f:
+                    f.seek(seen)
+                    if b"step 1:" in f.read():
+                        break
+                time.sleep(0.005)
+            try:
+                self.sender.wait(timeout=rng.uniform(0.0, 0.3))
+            except subprocess.TimeoutExpired:
+                pass
+            finished = self.sender.poll()
+            self.stop_sender(kill=True)
+            time.sleep(rng.uniform(0.1, 0.5))            # writes go on, or are refused
+        finally:
+            writer.finish()
+        outcome = Outcome("cutover", number, writer.writes)
+        mine = self.tracker_stats()
+        if mine["role"] == "handed-over":
+            record = self.target_record()
+            if record.get("role") == "primary" and record.get("generation") == mine["successor"]:
+                outcome.handed_over = True
+                outcome.recovery = "handed over" if finished == 0 else "promoted, then killed"
+                outcome.problems += [f"source: {p}" for p in self.journal.check(self.backing)[:20]]
+                if digest(self.backing) != digest(self.target):
+                    chunks = differing_chunks(self.backing, self.target)
+                    outcome.problems.append("handed over, but the target differs from the "
+                                            f"source in chunks {chunks[:20]}")
+                try:
+                    with NbdClient.connect(self.uri, timeout=30) as client:
+                        client.pwrite(b"x" * BLOCK, 0)
+                    outcome.problems.append("the source took a write after the handover")
+                except Exception:
+                    pass
+                self.fresh()
+                return outcome
+            # Not promoted: the source is the primary again, as bmigrate(1) says.
+            outcome.recovery = "recorded as handed over, not promoted: set-role primary"
+            subprocess.run(_python("bmig.cli.main", "track", "set-role", "d1", "primary",
+                                   "--control", self.control),
+                           check=True, capture_output=True, timeout=STEP_TIMEOUT,
+                           stdin=subprocess.DEVNULL)
+        else:
+            outcome.recovery = "not handed over"
+            if finished == 0:
+                outcome.problems.append("the cutover exited 0 but breqd does not record "
+                                        f"the handover: {mine}")
+            from bmig.sender.status import nbd_status
+            nbd = nbd_status(self.path("manage"), "d1") or {}
+            if nbd.get("read_only") or nbd.get("frozen"):
+                outcome.problems.append("a cutover killed before the handover left the "
+                                        f"source {'read-only' if nbd.get('read_only') else 'frozen'}")
+        assert self.nbd is not None
+        self.nbd.stop()                                  # a read-only left behind goes
+        self.start_nbd()
+        return self.check_converged(outcome)

@@ -10,6 +10,7 @@
   EXIT STATUS in man/bmigrate.1 (plus 130, interrupted).
 - Every error class has a wire code of its own, and docs/control-protocol.md lists them.
 - The fields of ``bmigrate track status --json`` and breqd's settings keys are documented.
+- Every page in man/ has a SECURITY section.
 
 Roff is compared after removing font escapes and backslashes, so ``\\-\\-chunk\\-size``
 reads as ``--chunk-size``.
@@ -238,6 +239,17 @@ def test_breqd_exit_status_lists_only_real_codes():
     listed = tags(sections(BREQD_PAGE)["EXIT STATUS"])
     known = {str(v) for v in exit_codes().values()} | {str(INTERRUPTED)}
     assert listed and set(listed) <= known, sorted(set(listed) - known)
+
+
+# -- security -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page", sorted((ROOT / "man").iterdir()), ids=lambda p: p.name)
+def test_every_page_has_a_security_section(page):
+    """What each program authenticates and protects, and what it does not, is written
+    down on its page (as OpenSSH and nbdkit document theirs)."""
+    security = sections(page).get("SECURITY")
+    assert security and len(plain("\n".join(security)).split()) > 50, \
+        f"{page.name} has no SECURITY section (or an empty one)"
 
 
 # -- wire codes -----------------------------------------------------------------------
