@@ -12,7 +12,6 @@ import click
 from bmig.cli.common import connect, control_option, human_bytes, json_option, print_json, size_of
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.lineage import target_path as record_path
-from bmig.receiver.promotion import PromoteSettings, promote as promote_copy
 
 
 @click.command()
@@ -45,6 +44,8 @@ def promote(name: str, target_path: str, receiver_state_dir: str, fence: str | N
     --fence first; gives the copy a new generation, so the old source is refused from
     then on; says what may have been lost (nothing under protocol C).
     """
+    from bmig.receiver.promotion import PromoteSettings, promote as promote_copy
+
     report = promote_copy(PromoteSettings(
         state_dir=receiver_state_dir, export=name, target_path=target_path, fence=fence,
         no_fence=no_fence, force_inconsistent=force_inconsistent,

@@ -8,7 +8,6 @@ import click
 from bmig.cli.common import control_option, human_bytes, json_option, print_json
 from bmig.cli.options import manage_dir_option
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.sender.rejoin import RejoinSettings, rejoin as prepare
 
 
 @click.command()
@@ -36,6 +35,8 @@ def rejoin(name: str, backing: str, receiver_state_dir: str, export: str | None,
     chunks it changed alone. The new primary's next sync (or its HA replication) ships
     the union of both sides' changes, and nothing else.
     """
+    from bmig.sender.rejoin import RejoinSettings, rejoin as prepare
+
     report = prepare(RejoinSettings(name=name, control=control, manage_dir=manage_dir,
                                     backing=backing, state_dir=receiver_state_dir,
                                     export=export or name, discard=discard,
