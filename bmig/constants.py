@@ -39,5 +39,7 @@ DEFAULT_CONFIG_DIR = "/etc/bmig/devices.d"
 DEFAULT_CONTROL_SOCKET = "/run/bmig/breqd.sock"
 DEFAULT_RECEIVER_STATE_DIR = "/var/lib/bmig/targets"
 DEFAULT_RECEIVER_CONFIG = "/etc/bmig/breceive.toml"
+# Where bmigrate run publishes its state for bmigrate status (bmig/sender/statusfile.py).
+DEFAULT_STATUS_DIR = "/run/bmig/migrate"
 
 assert MIN_CHUNK_SIZE <= DEFAULT_CHUNK_SIZE <= MAX_CHUNK_SIZE

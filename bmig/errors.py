@@ -48,6 +48,15 @@ class ConfigError(BmigError):
     exit_code = EXIT_CONFIG
     wire_code = "config"
 
+    def __init__(self, message: str | None = None):
+        # One line, whatever a file name or a value quoted in it holds (a file named
+        # "\n.toml" in a watched directory must not split the log line).
+        super().__init__(None if message is None else _one_line(message))
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c >= " " and c != "\x7f" else repr(c)[1:-1] for c in text)
+
 
 class UnreachableError(BmigError):
     """The daemon or peer cannot be reached."""

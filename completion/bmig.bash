@@ -8,7 +8,7 @@ _bmig_devices()
 {
     local -a control=()
     [[ -n $1 ]] && control=(--control "$1")
-    timeout 2 bmigrate track list "${control[@]}" 2>/dev/null
+    timeout "${BMIG_COMPLETION_TIMEOUT:-2}" bmigrate track list "${control[@]}" 2>/dev/null
 }
 
 # Complete $cur as a value of kind $1 (@file, @dir, @device, @text or a|b|c choices);

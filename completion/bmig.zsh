@@ -6,7 +6,7 @@
 _bmig_devices() {
   local -a names control expl
   [[ -n ${opt_args[--control]} ]] && control=(--control ${(Q)opt_args[--control]})
-  names=(${(f)"$(_call_program devices timeout 2 bmigrate track list ${(q)control} 2>/dev/null)"})
+  names=(${(f)"$(_call_program devices timeout ${BMIG_COMPLETION_TIMEOUT:-2} bmigrate track list ${(q)control} 2>/dev/null)"})
   _wanted devices expl 'tracked device' compadd -a names
 }
 

@@ -47,6 +47,9 @@ MAGIC = b"bmigjrnl"
 HEAD = struct.Struct("<8sQQ")          # magic, block number, write id
 COMPONENTS = ("sync", "run", "breqd", "bmig-nbd", "breceive", "cutover")
 STEP_TIMEOUT = 120
+# what bmigrate cutover logs as it starts each step (bmig.sender.cutover)
+CUTOVER_STEPS = ("step 1: replicate", "step 2: drain", "step 3: freeze", "step 4: flush",
+                 "step 6: hand over")
 
 
 def block_image(block: int, write: int) -> bytes:
@@ -399,17 +402,18 @@ class Rig:
             seen = os.path.getsize(log) if os.path.exists(log) else 0
             self.start_sender("cutover")
             assert self.sender is not None
-            # The random moment: the cutover's steps take a fraction of a second once the
-            # program has started, so the moment is counted from its first step.
+            # The random moment: a step of the cutover chosen at random, then up to 50 ms
+            # into it (the steps take milliseconds to a fraction of a second each).
+            step = rng.choice(CUTOVER_STEPS).encode()
             deadline = time.monotonic() + STEP_TIMEOUT
             while self.sender.poll() is None and time.monotonic() < deadline:
                 with open(log, "rb") as f:
                     f.seek(seen)
-                    if b"step 1:" in f.read():
+                    if step in f.read():
                         break
-                time.sleep(0.005)
+                time.sleep(0.002)
             try:
-                self.sender.wait(timeout=rng.uniform(0.0, 0.3))
+                self.sender.wait(timeout=rng.uniform(0.0, 0.05))
             except subprocess.TimeoutExpired:
                 pass
             finished = self.sender.poll()

@@ -15,6 +15,7 @@ import click
 from bmig.config import parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import EXIT_ERROR, BmigError, ConfigError
+from bmig.log import error_line
 from bmig.tracker.blocking_client import TrackerClient
 
 
@@ -29,7 +30,7 @@ def run(command: click.BaseCommand, prog: str) -> None:
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
     except BmigError as exc:
-        click.echo(f"{prog}: {exc.message}", err=True)
+        click.echo(error_line(f"{prog}: {exc.message}"), err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)

@@ -10,6 +10,8 @@ import click
 from bmig import __version__
 from bmig.cli.common import run
 from bmig.cli.cutover import cutover
+from bmig.cli.events import events
+from bmig.cli.metrics import metrics
 from bmig.cli.promote import promote
 from bmig.cli.rejoin import rejoin
 from bmig.cli.replicate import replicate
@@ -31,6 +33,8 @@ cli.add_command(replicate)
 cli.add_command(cutover)
 cli.add_command(status)
 cli.add_command(verify)
+cli.add_command(events)
+cli.add_command(metrics)
 cli.add_command(promote)
 cli.add_command(rejoin)
 

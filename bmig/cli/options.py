@@ -13,7 +13,7 @@ import click
 
 from bmig import log as bmig_log
 from bmig.cli.common import SIZE, json_option
-from bmig.constants import DEFAULT_CONTROL_SOCKET
+from bmig.constants import DEFAULT_CONTROL_SOCKET, DEFAULT_STATUS_DIR
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.wire import codec
 
@@ -95,3 +95,12 @@ def manage_dir_option(f: Callable) -> Callable:
     return click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",
                         default=DEFAULT_MANAGE_DIR, show_default=True,
                         help="Where bmig-nbd's control sockets are (or BMIG_NBD_DIR).")(f)
+
+
+def status_dir_option(default: str | None = DEFAULT_STATUS_DIR) -> Callable[[Callable], Callable]:
+    """Where bmigrate run publishes its state (run: no default here, so that
+    status_dir = in --config is not overridden)."""
+    return click.option("--status-dir", metavar="DIR", envvar="BMIG_STATUS_DIR",
+                        default=default,
+                        help="Where bmigrate run publishes its state for bmigrate status "
+                             f"(or BMIG_STATUS_DIR) [default: {DEFAULT_STATUS_DIR}].")

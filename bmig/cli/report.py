@@ -4,18 +4,28 @@ otherwise, JSON event lines with --json.
 stdout carries results (the --json event lines, the final summary); stderr carries
 progress and log lines, so ``bmigrate sync --json | jq`` sees only JSON.
 
+``bmigrate run`` is a service: its text goes through logging (ServiceTextReporter), each
+line at its level, so that the journal gets priorities and is not filled with a line per
+pass: passes at debug, the periodic summary at info, changes of state at notice or
+warning (bmig.sender.runstate decides which). With --json its changes of state are
+``change`` events and its periodic summary a ``status`` event (bmig.devicestate's
+shape) among the others.
+
 Rendering only: it decides nothing about the migration.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bmig.cli.common import human_bytes
+from bmig.cli.statustext import event_line
+from bmig.log import NOTICE
 from bmig.sender.converge import Reporter, Summary
 from bmig.sender.passes import PassResult
 
@@ -23,6 +33,10 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 PROGRESS_EVERY = 1.0       # seconds between JSON progress events
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": NOTICE,
+          "warning": logging.WARNING, "error": logging.ERROR}
+
+log = logging.getLogger("bmigrate")
 
 
 def rate(n: float) -> str:
@@ -65,20 +79,25 @@ class TextReporter(Reporter):
             self._bar.update(step)
 
     def pass_done(self, result: PassResult, dirty: int, held: int) -> None:
+        self._close_bar()
+        self.stream.write(self.pass_text(result, dirty, held) + "\n")
+        self.stream.flush()
+
+    def _close_bar(self) -> None:
         with self._lock:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+
+    def pass_text(self, result: PassResult, dirty: int, held: int) -> str:
         ratio = (f", compression {result.bytes_raw_sent / result.bytes_sent:.1f}x"
                  if result.bytes_sent else "")
         same = f", {human_bytes(result.bytes_same)} already equal" if result.bytes_same else ""
         busy = f" ({human_bytes(held)} being written)" if held else ""
-        self.stream.write(
-            f"{self.name}: pass {result.number}: {human_bytes(result.bytes_committed)} in "
-            f"{result.seconds:.1f} s ({rate(result.rate())}), sent "
-            f"{human_bytes(result.bytes_sent)}{ratio}, zeros {human_bytes(result.bytes_zero)}"
-            f"{same}; {human_bytes(dirty)} dirty{busy}\n")
-        self.stream.flush()
+        return (f"{self.name}: pass {result.number}: {human_bytes(result.bytes_committed)} "
+                f"in {result.seconds:.1f} s ({rate(result.rate())}), sent "
+                f"{human_bytes(result.bytes_sent)}{ratio}, zeros "
+                f"{human_bytes(result.bytes_zero)}{same}; {human_bytes(dirty)} dirty{busy}")
 
     def note(self, message: str, **fields: Any) -> None:
         self.stream.write(message + "\n")
@@ -88,17 +107,42 @@ class TextReporter(Reporter):
         pass
 
     def summary(self, summary: Summary) -> None:
+        self.stream.write(self.summary_text(summary) + "\n")
+        self.stream.flush()
+
+    def summary_text(self, summary: Summary) -> str:
         ratio = summary.compression_ratio()
         state = ("converged, the copy is identical" if summary.identical
                  else f"converged while the device is written, "
                       f"{human_bytes(summary.dirty_bytes)} still dirty"
                  if summary.converged else f"stopped, {human_bytes(summary.dirty_bytes)} dirty")
-        self.stream.write(
-            f"{self.name}: {state}: {summary.passes} pass(es) in {summary.seconds:.1f} s; "
-            f"read {human_bytes(summary.bytes_read)}, sent {human_bytes(summary.bytes_sent)}"
-            f"{f' (compression {ratio}x)' if ratio else ''}, zeros "
-            f"{human_bytes(summary.bytes_zero)}\n")
+        return (f"{self.name}: {state}: {summary.passes} pass(es) in {summary.seconds:.1f} s; "
+                f"read {human_bytes(summary.bytes_read)}, sent {human_bytes(summary.bytes_sent)}"
+                f"{f' (compression {ratio}x)' if ratio else ''}, zeros "
+                f"{human_bytes(summary.bytes_zero)}")
+
+    def service_event(self, event: dict[str, Any], severity: str) -> None:
+        """A change of the service's state, or its periodic summary (bmigrate run)."""
+        self.stream.write(event_line(event) + "\n")
         self.stream.flush()
+
+
+class ServiceTextReporter(TextReporter):
+    """bmigrate run's text: log lines at their levels (the bar still on a terminal)."""
+
+    def pass_done(self, result: PassResult, dirty: int, held: int) -> None:
+        self._close_bar()
+        log.debug("%s", self.pass_text(result, dirty, held))
+
+    def note(self, message: str, **fields: Any) -> None:
+        if "retry_in" not in fields:          # a failure: its change event says it
+            log.log(NOTICE, "%s", message)
+
+    def service_event(self, event: dict[str, Any], severity: str) -> None:
+        log.log(LEVELS.get(severity, logging.INFO), "%s", event_line(event))
+
+    def summary(self, summary: Summary) -> None:
+        log.log(NOTICE, "%s", self.summary_text(summary))
 
 
 class JsonReporter(Reporter):
@@ -143,6 +187,12 @@ class JsonReporter(Reporter):
             self._last = now
             self.emit("lag", dirty_bytes=dirty,
                       lag_seconds=None if seconds is None else round(seconds, 3))
+
+    def service_event(self, event: dict[str, Any], severity: str) -> None:
+        """A ``change`` or ``status`` event of the service, as it is."""
+        with self._lock:
+            self.stream.write(json.dumps(event, sort_keys=True) + "\n")
+            self.stream.flush()
 
     def summary(self, summary: Summary) -> None:
         with self._lock:

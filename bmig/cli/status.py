@@ -1,50 +1,62 @@
 """bmigrate status and bmigrate verify: where a device stands, on either side.
 
-Printing only: bmig.sender.status and bmig.receiver.records gather, the Migration
-verifies.
+Printing only: bmig.sender.status and bmig.receiver.records gather (in
+bmig.devicestate's shape), bmig.cli.statustext words it, the Migration verifies.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 import click
 
-from bmig.cli.common import control_option, human_bytes, json_option, print_json
-from bmig.cli.options import connection_options, manage_dir_option
-from bmig.cli.replicate import mode as describe_nbd
+from bmig.cli.common import control_option, json_option, print_json
+from bmig.cli.options import connection_options, manage_dir_option, status_dir_option
 from bmig.cli.report import JsonReporter
+from bmig.cli.statustext import device_text, part_line
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.errors import ConfigError, VerifyFailed
+from bmig.errors import EXIT_OK, BmigError, ConfigError, VerifyFailed
 from bmig.receiver.records import receiver_status
 from bmig.sender.settings import build
-from bmig.sender.status import source_status
+from bmig.sender.status import source_status, statuses
 
-
-def describe_source(s: dict) -> str:
-    lines = [f"{s['device']}: {s['role']}, generation {s['generation']}, "
-             f"{human_bytes(s['dirty_bytes'])} dirty, {human_bytes(s['inflight_bytes'])} in "
-             f"flight" + (f", {human_bytes(s['mirrored_bytes'])} being replicated"
-                          if s["mirrored_bytes"] else "")]
-    if s["role"] == "handed-over":
-        lines.append(f"  handed over to generation {s['successor']}: the target is the "
-                     "primary now")
-    nbd = s.get("nbd")
-    if nbd is not None:
-        lines.append("  bmig-nbd: " + describe_nbd(nbd))
-    target = s.get("target", "absent")
-    if target is None:
-        lines.append("  target: no record of this export")
-    elif target != "absent":
-        lines.append("  target: " + describe_record(target))
-    return "\n".join(lines)
+CLEAR = "\033[H\033[J"          # cursor home, clear to the end: a terminal's new page
 
 
 def describe_record(t: dict) -> str:
-    if "error" in t:
-        return f"{t['export']}: {t['error']}"
-    return (f"{t['export']}: {t['role']}, {t['state']}, generation {t['generation']} of "
-            f"device {t['source_device_id']}, {t['passes']} passes")
+    """A receiver's target record: ``EXPORT: consistent, secondary; generation ...``."""
+    return f"{t.get('export')}: " + part_line("target", {k: v for k, v in t.items()
+                                                         if k not in ("export", "side")})
+
+
+def watch_option(f: Callable) -> Callable:
+    f = click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0,
+                     show_default=True, metavar="SECONDS",
+                     help="With --watch: how often to look.")(f)
+    return click.option("--watch", is_flag=True,
+                        help="Print again every --interval seconds until interrupted.")(f)
+
+
+def repeat(show: Callable[[], None], watch: bool, interval: float, clear: bool) -> int:
+    """``show`` once, or every ``interval`` seconds until Ctrl-C (exit status 0); with
+    ``watch`` a failure is printed and tried again at the next look."""
+    if not watch:
+        show()
+        return EXIT_OK
+    try:
+        while True:
+            if clear:
+                click.echo(CLEAR, nl=False)
+            try:
+                show()
+            except BmigError as exc:
+                click.echo(f"bmigrate: {exc.message}", err=True)
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 @click.command()
@@ -54,32 +66,52 @@ def describe_record(t: dict) -> str:
               help="On the receiving host: show the target records in DIR "
                    f"(breceive's --state-dir, e.g. {DEFAULT_RECEIVER_STATE_DIR}).")
 @manage_dir_option
+@status_dir_option()
 @control_option
 @connection_options
+@watch_option
 @json_option
 def status(name: str | None, to: str | None, receiver_state_dir: str | None,
-           manage_dir: str, control: str, as_json: bool, **connection: Any) -> None:
-    """Which side is primary, the generations, the state and the lag.
+           manage_dir: str, status_dir: str, control: str, watch: bool, interval: float,
+           as_json: bool, **connection: Any) -> int:
+    """Where devices stand: roles, generations, what is dirty, the lag, the last pass.
 
-    On the source: bmigrate status NAME [--to URL]. On the receiving host: bmigrate
-    status --receiver-state-dir DIR.
+    On the source: bmigrate status [NAME [--to URL]], every device without NAME. On the
+    receiving host: bmigrate status --receiver-state-dir DIR.
     """
-    if (name is None) == (receiver_state_dir is None):
-        raise ConfigError("give NAME (a device breqd tracks) or --receiver-state-dir DIR")
-    if receiver_state_dir is not None:
-        records = receiver_status(receiver_state_dir)
+    if name is not None and receiver_state_dir is not None:
+        raise ConfigError("give NAME (a device breqd tracks) or --receiver-state-dir DIR, "
+                          "not both")
+    if to and name is None:
+        raise ConfigError("--to needs NAME: the device whose target it is")
+    clear = watch and not as_json and sys.stdout.isatty()
+
+    def show() -> None:
+        if receiver_state_dir is not None:
+            records = receiver_status(receiver_state_dir)
+            if as_json:
+                print_json(records)
+            else:
+                for record in records:
+                    click.echo(describe_record(record))
+            return
+        if name is not None:
+            one = source_status(name, control, to, connection, manage_dir, status_dir)
+            if as_json:
+                print_json(one)
+            else:
+                click.echo(device_text(one))
+            return
+        every = statuses(control, None, manage_dir, status_dir)
         if as_json:
-            print_json(records)
+            print_json(every)
+        elif not every:
+            click.echo("no device is tracked")
         else:
-            for record in records:
-                click.echo(describe_record(record))
-        return
-    assert name is not None
-    result = source_status(name, control, to, connection, manage_dir)
-    if as_json:
-        print_json(result)
-    else:
-        click.echo(describe_source(result))
+            for one in every:
+                click.echo(device_text(one))
+
+    return repeat(show, watch, interval, clear)
 
 
 @click.command("verify")

@@ -22,11 +22,14 @@ import click
 
 from bmig import log as bmig_log
 from bmig import systemd
-from bmig.cli.options import migration_options
-from bmig.cli.report import JsonReporter, TextReporter
+from bmig.cli.options import migration_options, status_dir_option
+from bmig.cli.report import JsonReporter, ServiceTextReporter, TextReporter
+from bmig.cli.statustext import status_line
 from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.sender import settings
 from bmig.sender.converge import Migration
+from bmig.sender.runstate import ServiceState
+from bmig.sender.statusfile import Publisher
 
 log = logging.getLogger("bmigrate")
 
@@ -71,10 +74,11 @@ class Signals:
             log.error("reload refused: %s", exc.message)
 
 
-def prepare(config_file: str | None, flags: dict[str, Any], as_json: bool):
+def prepare(config_file: str | None, flags: dict[str, Any], as_json: bool,
+            text_reporter: type[TextReporter] = TextReporter):
     values = settings.settings_from(config_file, flags)
     bmig_log.setup(str(values.get("log_level", "warning")))
-    reporter_class = JsonReporter if as_json else TextReporter
+    reporter_class = JsonReporter if as_json else text_reporter
     migration = settings.build(values, reporter_class)
     reporter = migration.reporter
 
@@ -85,7 +89,7 @@ def prepare(config_file: str | None, flags: dict[str, Any], as_json: bool):
 
     signals = Signals(migration, reload if config_file else None)
     signals.install()
-    return migration, reporter, signals
+    return migration, reporter, signals, values
 
 
 @click.command()
@@ -97,7 +101,7 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
     the device is being written (what is still dirty ships in less than --threshold),
     10 when it does not converge (writes outpace shipping).
     """
-    migration, reporter, signals = prepare(config_file, {"name": name, **flags}, as_json)
+    migration, reporter, signals, _ = prepare(config_file, {"name": name, **flags}, as_json)
     try:
         migration.connect()
         summary = migration.sync()
@@ -113,6 +117,7 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
 @migration_options
 @click.option("--interval", type=click.FloatRange(0.05, 3600), metavar="SECONDS",
               help="How often to look for new writes when idle [default: 1].")
+@status_dir_option(default=None)
 def run_service(name: str | None, config_file: str | None, as_json: bool,
                 **flags: Any) -> int:
     """Keep the target up to date until stopped (the catch-up service).
@@ -120,13 +125,23 @@ def run_service(name: str | None, config_file: str | None, as_json: bool,
     Ships writes as they come, reconnects with backoff, reports its lag; SIGHUP reloads
     --config, SIGTERM stops cleanly.
     """
-    migration, reporter, signals = prepare(config_file, {"name": name, **flags}, as_json)
-    systemd.notify("READY=1", f"STATUS=shipping {migration.name} to {migration.url}")
+    migration, reporter, signals, values = prepare(
+        config_file, {"name": name, **flags}, as_json, ServiceTextReporter)
+    publisher = Publisher(str(values["status_dir"]), migration.name)
+    publisher.open()
+
+    def publish(part: dict) -> None:
+        publisher.write(part)
+        systemd.notify("STATUS=" + status_line(migration.name, "service", part))
+
+    state = ServiceState(migration.name, str(migration.url), on_event=reporter.service_event,
+                         on_publish=publish)
+    systemd.notify("READY=1")
     try:
-        summary = migration.run_forever(
-            on_idle=lambda: systemd.notify(f"STATUS={migration.name}: up to date"))
+        summary = migration.run_forever(state)
     finally:
         systemd.notify("STOPPING=1")
         migration.close()
+        publisher.close()
     reporter.summary(summary)
     return EXIT_INTERRUPTED if signals.interrupted else EXIT_OK

@@ -27,6 +27,13 @@ given; writes go on once no connection holds one. When a lease runs out, its con
 gets an error frame and is closed, and nothing it sent after is done: a client that
 took a freeze never goes on as if its writes were still held back.
 
+Read-only outlives the connection that asked for it only when breqd records the device
+as handed over: when that connection closes (a cutover killed before it recorded the
+handover, say), breqd is asked, before any freeze of that connection ends, and the
+device is writable again unless it is handed over there (invariant 7: the record, not
+a connection, decides). Should breqd not answer, the device stays read-only (the safe
+side), and the log says how to make it writable.
+
 It may only start and stop replication (the replication layer) and freeze, thaw or make
 read-only (the control layer); it may not touch holds, the tracking layer or breqd.
 
@@ -42,14 +49,14 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from bmig import __version__
 from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.limits import MAX_MANAGE_FRAME
-from bmig.lineage import hex_id, parse_id
+from bmig.lineage import ROLE_HANDED_OVER, hex_id, parse_id
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
@@ -63,6 +70,7 @@ MAX_LEASE = 7 * 24 * 3600.0     # seconds a freeze may be asked to last
 # What an ha-state request may say (bmig.sender.ha), shown as status["ha"].
 HA_FIELDS = ("state", "lag_bytes", "lag_seconds", "since", "target", "retry_in", "error",
              "protocol")
+ROLE_TIMEOUT = 10.0             # seconds breqd may take to say a device's role
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Managed:
     awaiting_confirmation: bool = False
     ha: dict | None = None  # the HA replication's last word, while its connection lasts
     ha_client: Any = None
+    role: Callable[[], Awaitable[str]] | None = None   # breqd's role of the device, now
 
 
 class _Client:
@@ -86,6 +95,7 @@ class _Client:
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self.freezes: set[str] = set()            # devices this connection froze
+        self.read_only: set[str] = set()          # devices this connection made read-only
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.ended = False                        # a lease ran out: nothing more is done
 
@@ -163,6 +173,8 @@ class ManageServer:
             writer.close()
             if managed.ha_client is client:
                 managed.ha, managed.ha_client = None, None
+            for device in list(client.read_only):
+                await self._read_only_without_client(self.devices[device])
             for device in list(client.freezes):
                 self._end_freeze(self.devices[device], client, "the client that froze "
                                  "its writes is gone")
@@ -212,6 +224,32 @@ class ManageServer:
         except (ConnectionError, RuntimeError):
             pass
         client.writer.close()
+
+    async def _read_only_without_client(self, m: Managed) -> None:
+        """The connection that made ``m`` read-only is gone: breqd's record decides."""
+        if not m.control.read_only:
+            return
+        try:
+            if m.role is None:
+                raise BmigError("no breqd to ask")
+            role = await asyncio.wait_for(m.role(), ROLE_TIMEOUT)
+        except (BmigError, OSError, asyncio.TimeoutError) as exc:
+            log.error("%s: the client that made it read-only is gone, and breqd could not "
+                      "be asked whether it is handed over (%s): it stays read-only; if "
+                      "no cutover handed it over, restart bmig-nbd", m.device,
+                      getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+            return
+        if role == ROLE_HANDED_OVER:
+            log.info("%s: the client that made it read-only is gone; breqd records it as "
+                     "handed over: it stays read-only", m.device)
+            return
+        if m.awaiting_confirmation:         # an HA device whose role nobody confirmed
+            log.info("%s: the client that made it read-only is gone; its role as primary "
+                     "is not confirmed: it stays read-only", m.device)
+            return
+        m.control.read_only = False
+        log.warning("%s: the client that made it read-only is gone before breqd recorded "
+                    "a handover (role %s): writable again", m.device, role)
 
     def _thaw_all(self, m: Managed) -> None:
         """An explicit thaw ends every connection's freeze of the device."""
@@ -268,6 +306,10 @@ class ManageServer:
             if not isinstance(value, bool):
                 raise ProtocolError("read-only needs value true or false")
             m.control.read_only = value
+            if value:
+                client.read_only.add(m.device)
+            else:
+                client.read_only.discard(m.device)
             log.warning("%s: %s", m.device, "read-only now: writes are refused" if value
                         else "writable again")
             return self.status(m)

@@ -25,6 +25,7 @@ protocol of bmig.nbd.layers.track.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -215,9 +216,14 @@ async def _chains(opened: list[tuple[ExportSettings, FileLayer]],
                               int(stats["chunk_size"]),
                               tuple(str(g) for g in stats.get("previous", [])))
             managed.append(Managed(device, spec.name, top, replicate, info,
-                                   awaiting_confirmation=awaiting))
+                                   awaiting_confirmation=awaiting,
+                                   role=functools.partial(_role, tracker, device)))
         exports.append(Export(spec.name, top, spec.description))
     return exports
+
+
+async def _role(tracker: AsyncTrackerClient, device: str) -> str:
+    return str((await tracker.stats(device)).get("role"))
 
 
 async def _serve(opened: list[tuple[ExportSettings, FileLayer]], settings: Settings,

@@ -36,21 +36,22 @@ Code outside uses its public methods (``info``, ``verify``, ``promote``,
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 from bmig.blockdev import size_of_fd
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
+from bmig.framing import ConnectionClosed
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
-                         StateError, UnknownExport)
+                         StateError, UnknownDevice, UnknownExport, UnreachableError)
 from bmig.identity import TargetIdentity, identify
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.lockedtracker import LockedTracker
 from bmig.sender.pacing import RateLimit
 from bmig.sender.passes import Pass, PassResult, PassSettings
+from bmig.sender.runstate import ServiceState
 from bmig.sender.source import Source
 from bmig.sender.targets import NbdTarget, open_target
 from bmig.sender.verify import VerifyResult, verify
@@ -67,6 +68,7 @@ HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is 
 # ... for at most this long: bmig-nbd lets go of a hold this long after the last write.
 MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 1.0
 BACKOFF = (1, 2, 5, 10, 30, 60)
+LAG_LOOK = 1.0              # run, waiting to try again: how often to read the lag
 
 
 @dataclass
@@ -456,43 +458,132 @@ class Migration:
 
     # -- the catch-up service --------------------------------------------------------------
 
-    def run_forever(self, on_idle: Callable[[], None] | None = None) -> Summary:
-        """Ship writes as they come until ``stop``; reconnect with backoff on failure."""
+    def run_forever(self, state: ServiceState | None = None) -> Summary:
+        """Ship writes as they come until ``stop``; reconnect with backoff on failure.
+        ``state`` is told what happens (bmig.sender.runstate decides what it means).
+        A device breqd does not know at the start is a configuration error."""
+        state = state or ServiceState(self.name, str(self.url))
         started = time.monotonic()
         failures = 0
-        while not self.stop.is_set():
-            try:
-                if self._target is None:
-                    self.connect()
-                    failures = 0
-                if getattr(self._target, "error", None) is not None:
-                    raise self._target.error        # gone while idle: connect again
-                self.import_writes()
-                stats = self.stats()
-                dirty = int(stats["dirty_bytes"])
-                self.reporter.lag(dirty, dirty / self.rate if self.rate else None)
-                self.summary.dirty_bytes = dirty
-                if dirty:
-                    result = self.one_pass(dirty)
-                    after = self.stats()
-                    self.summary.dirty_bytes = int(after["dirty_bytes"])
-                    self.reporter.pass_done(result, int(after["dirty_bytes"]),
-                                            int(after["held_bytes"]))
-                    if int(after["dirty_bytes"]) > int(after["held_bytes"]):
-                        continue            # more came in meanwhile: go on at once
-                # Nothing dirty, or only chunks a writer is busy with (they would only
-                # be sent again): look again in a moment.
-                if on_idle is not None:
-                    on_idle()
-                self.stop.wait(self.settings.interval)
-            except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
-                raise                     # these do not mend themselves: say so and stop
-            except BmigError as exc:
-                self.close()
-                delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
-                failures += 1
-                self.reporter.note(f"{self.name}: {exc.message}; trying again in {delay} s",
-                                   error=exc.wire_code, retry_in=delay)
-                self.stop.wait(delay)
-        self.summary.seconds = time.monotonic() - started
+        connected_once = False
+        outer = self.reporter
+        self.reporter = _Watched(outer, state)
+        state.start()
+        fatal: BmigError | None = None
+        try:
+            while not self.stop.is_set():
+                try:
+                    if self._target is None:
+                        self.connect()
+                        failures = 0
+                        connected_once = True
+                        state.connected(self.summary.relation)
+                    if getattr(self._target, "error", None) is not None:
+                        raise self._target.error    # gone while idle: connect again
+                    self.import_writes()
+                    stats = self.stats()
+                    dirty = int(stats["dirty_bytes"])
+                    lag = dirty + int(stats["inflight_bytes"])
+                    self.reporter.lag(dirty, dirty / self.rate if self.rate else None)
+                    state.looked(lag, self.rate)
+                    self.summary.dirty_bytes = dirty
+                    if dirty:
+                        result = self.one_pass(dirty)
+                        after = self.stats()
+                        self.summary.dirty_bytes = int(after["dirty_bytes"])
+                        held = int(after["held_bytes"])
+                        self.reporter.pass_done(result, int(after["dirty_bytes"]), held)
+                        state.pass_done(result.bytes_committed, result.bytes_sent,
+                                        int(after["dirty_bytes"]) + int(after["inflight_bytes"]),
+                                        held, self._threshold(), self.rate)
+                        if int(after["dirty_bytes"]) > held:
+                            continue            # more came in meanwhile: go on at once
+                        lag = int(after["dirty_bytes"]) + int(after["inflight_bytes"])
+                    # Nothing dirty, or only chunks a writer is busy with (they would only
+                    # be sent again): look again in a moment.
+                    state.idle(lag, self.rate)
+                    self.stop.wait(self.settings.interval)
+                except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
+                    raise                     # these do not mend themselves: say so and stop
+                except UnknownDevice:
+                    if not connected_once:
+                        raise                 # a device breqd never knew: a wrong setting
+                    self._retry_after_failure(state, failures)
+                    failures += 1
+                except BmigError:
+                    self._retry_after_failure(state, failures)
+                    failures += 1
+        except BmigError as exc:
+            fatal = exc
+            raise
+        finally:
+            self.reporter = outer
+            self.summary.seconds = time.monotonic() - started
+            if fatal is not None or self.stop.is_set():
+                lag = self._lag_now()
+                if lag is not None:
+                    self.summary.dirty_bytes = lag
+                state.stopped(lag, fatal.message if fatal is not None else None)
         return self.summary
+
+    def _retry_after_failure(self, state: ServiceState, failures: int) -> None:
+        """After a failed attempt (the exception being handled): close, say so, wait."""
+        exc = sys.exc_info()[1]
+        assert isinstance(exc, BmigError)
+        self.close()
+        delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
+        self.reporter.note(f"{self.name}: {exc.message}; trying again in {delay} s",
+                           error=exc.wire_code, retry_in=delay)
+        state.failed(self._unreachable_peer(exc), exc.message, delay, self._lag_now(),
+                     self.rate)
+        deadline = time.monotonic() + delay
+        while not self.stop.wait(max(0.0, min(LAG_LOOK, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            state.lag_seen(self._lag_now(), self.rate)    # writes go on meanwhile
+
+    def _unreachable_peer(self, exc: BmigError) -> str | None:
+        """Which peer a lost or refused connection is about: breqd when it does not
+        answer now, else the receiver (the target, for an NBD one); None for other
+        failures."""
+        if not isinstance(exc, (UnreachableError, ConnectionClosed)):
+            return None
+        try:
+            TrackerClient(self.control, timeout=5, client="bmigrate").close()
+        except BmigError:
+            return "breqd"
+        return "target" if self.url.kind == "nbd" else "receiver"
+
+    def _lag_now(self) -> int | None:
+        """Dirty and in flight as breqd says it now (the summary re-reads it: a failed
+        attempt leaves no earlier number standing); None when breqd does not answer."""
+        try:
+            with TrackerClient(self.control, timeout=5, client="bmigrate") as client:
+                stats = client.stats(self.name)
+            return int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
+        except (BmigError, KeyError, ValueError):
+            return None
+
+
+class _Watched(Reporter):
+    """A run's reporter, with the service's state told of each pass's progress."""
+
+    def __init__(self, inner: Reporter, state: ServiceState):
+        self._inner = inner
+        self._state = state
+
+    def pass_started(self, number: int, dirty: int) -> None:
+        self._inner.pass_started(number, dirty)
+
+    def progress(self, result: PassResult) -> None:
+        self._inner.progress(result)
+        self._state.progress(result.bytes_done)
+
+    def pass_done(self, result: PassResult, dirty: int, held: int) -> None:
+        self._inner.pass_done(result, dirty, held)
+
+    def note(self, message: str, **fields) -> None:
+        self._inner.note(message, **fields)
+
+    def lag(self, dirty: int, seconds: float | None) -> None:
+        self._inner.lag(dirty, seconds)

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, StateError,
                          UnknownExport, UnreachableError)
-from bmig.lineage import ROLE_PRIMARY
+from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import BACKOFF, Migration
 
@@ -246,6 +246,15 @@ class HaReplication:
         """The target refused this lineage: it was promoted, or holds another. This side
         must not go on as a primary: bmig-nbd read-only now."""
         log.error("%s: %s", self.migration.name, exc.message)
+        try:
+            # breqd first: bmig-nbd keeps this read-only after our connection ends only
+            # for a device breqd records as handed over.
+            from bmig.tracker.blocking_client import TrackerClient
+            with TrackerClient(self.migration.control, client="bmigrate") as client:
+                client.set_lineage(self.migration.name, ROLE_HANDED_OVER)
+        except BmigError as breqd_exc:
+            log.error("%s: could not record it as handed over in breqd: %s",
+                      self.migration.name, breqd_exc.message)
         try:
             self._call("stop")
             self._call("read-only", value=True)

@@ -77,8 +77,11 @@ def dirty_ranges(client: TrackerClient, name: str, size: int) -> list[tuple[int,
 
 def rejoin(s: RejoinSettings) -> dict:
     """Prepare this side as the new primary's secondary (module docstring); a report."""
-    served = stop_writes(s.manage_dir, s.name)
     with TrackerClient(s.control, client="bmigrate") as client:
+        # breqd first: bmig-nbd keeps a read-only asked by a client that is gone only
+        # for a device breqd records as handed over (writes before it are tracked).
+        client.set_lineage(s.name, ROLE_HANDED_OVER)
+        served = stop_writes(s.manage_dir, s.name)
         stats = client.stats(s.name)
         if int(stats["inflight_bytes"]):
             raise DeviceBusy(f"{s.name}: a sender has chunks in flight: stop it first "
@@ -120,7 +123,6 @@ def rejoin(s: RejoinSettings) -> dict:
         finally:
             record_lock.close()
             lock.release()
-        client.set_lineage(s.name, ROLE_HANDED_OVER)
     log.warning("%s: waits for its new primary as %s (generation %s); resync set: %s",
                 s.name, s.export, stats["generation"],
                 f"{len(ranges)} ranges" if resync == "ranges" else "every chunk, by hash")

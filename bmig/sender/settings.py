@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from bmig import log as bmig_log
 from bmig.config import Key, Schema, load_settings, parse_size
-from bmig.constants import DEFAULT_CONTROL_SOCKET, MiB
+from bmig.constants import DEFAULT_CONTROL_SOCKET, DEFAULT_STATUS_DIR, MiB
 from bmig.dm.intercept import intercept_for
 from bmig.errors import ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
@@ -109,6 +109,7 @@ SCHEMA = Schema(
     Key.number("interval", 0.05, 3600, default=1.0),
     Key.choice("log_level", bmig_log.LEVELS, default="warning"),
     Key.path("manage_dir", default=DEFAULT_MANAGE_DIR),
+    Key.path("status_dir", default=DEFAULT_STATUS_DIR),
 )
 KEYS = SCHEMA.names
 

@@ -52,6 +52,7 @@ def env(**extra: str) -> dict[str, str]:
     """bmigrate of this interpreter first in PATH (for the device names)."""
     found = {k: v for k, v in os.environ.items() if k not in ("BMIG_CONTROL", "BMIG_NBD_DIR")}
     found["PATH"] = os.path.dirname(sys.executable) + os.pathsep + found.get("PATH", "/usr/bin")
+    found["BMIG_COMPLETION_TIMEOUT"] = "60"     # a loaded machine starts Python slowly
     return found | extra
 
 

@@ -328,3 +328,61 @@ def test_every_summary_field_is_in_json_output():
     text = "\n".join(sections(BMIGRATE_PAGE)["JSON OUTPUT"])
     missing = sorted(f for f in fields if not mentions(text.splitlines(), f))
     assert not missing, f"man/bmigrate.1 JSON OUTPUT lacks summary field(s) {missing}"
+
+
+def _subsection(title: str) -> list[str]:
+    return split(sections(BMIGRATE_PAGE)["JSON OUTPUT"], ".SS")[title]
+
+
+def test_every_device_status_field_is_in_json_output_and_nothing_else():
+    """bmig.devicestate.FIELDS (every part's fields, which status, events and metrics
+    show) against man/bmigrate.1's "Device status": a part's field is named by its path
+    (``service.lag_bytes``), breqd's by its key."""
+    from bmig.devicestate import FIELDS, IDENTITY, PART_ORDER, TRACKER
+
+    expected = set(IDENTITY) | {f.key for f in FIELDS[TRACKER]}
+    for part, fields in FIELDS.items():
+        if part != TRACKER:
+            expected |= {part} | {f"{part}.{f.key}" for f in fields}
+    assert set(PART_ORDER) - {TRACKER} <= expected
+    documented = set(tags(_subsection("Device status")))
+    missing = sorted(expected - documented)
+    assert not missing, f"man/bmigrate.1 JSON OUTPUT, Device status lacks {missing}"
+    extra = sorted(documented - expected)
+    assert not extra, f"man/bmigrate.1 JSON OUTPUT, Device status documents {extra}, " \
+                      "which bmig.devicestate.FIELDS does not declare"
+
+
+def test_every_state_word_is_documented():
+    """The words a declared state field may take are in its entry."""
+    from bmig.devicestate import FIELDS, TRACKER
+
+    lines = _subsection("Device status")
+    entries: dict[str, str] = {}
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() == ".TP":
+            end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == ".TP"),
+                       len(lines))
+            entries[plain(lines[i + 1]).strip()] = plain("\n".join(lines[i + 2:end]))
+    for part, fields in FIELDS.items():
+        for f in fields:
+            path = f.key if part == TRACKER else f"{part}.{f.key}"
+            for word, _ in f.states:
+                assert word in entries[path], f"man/bmigrate.1: {path} lacks {word!r}"
+
+
+def test_every_event_field_is_in_json_output():
+    from bmig.devicestate import event
+
+    fields = set(event("change", "d", "service", {"state": "x"}, 0.0, changed={})) \
+        - {"event"}
+    for title in ("Events of bmigrate events", "Events of sync and run"):
+        text = _subsection(title)
+        missing = sorted(f for f in fields if not mentions(text, f))
+        assert not missing, f"man/bmigrate.1 JSON OUTPUT, {title} lacks {missing}"
+    for kind in ("exists", "create", "change", "destroy", "error"):
+        assert kind in tags(_subsection("Events of bmigrate events")), kind
+    for kind in ("change", "status"):
+        assert kind in tags(_subsection("Events of sync and run")), kind
+    for extra in ("period_seconds", "passes", "committed_bytes"):
+        assert mentions(_subsection("Events of sync and run"), extra), extra

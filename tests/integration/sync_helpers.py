@@ -165,8 +165,11 @@ class Background:
 
     def __init__(self, breqd, command: str, *args: str, env: dict | None = None):
         import threading
+        # bmigrate run publishes its state beside the test's breqd, not in /run.
+        status_dir = os.path.join(os.path.dirname(breqd.control), "status")
         full_env = dict(os.environ, BMIG_CONTROL=breqd.control, PYTHONUNBUFFERED="1",
-                        **(env or {}))
+                        BMIG_STATUS_DIR=status_dir)
+        full_env.update(env or {})
         self.argv = bmigrate_argv(command, *args)
         self.proc = subprocess.Popen(self.argv, env=full_env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -707,6 +707,7 @@ try:
     print("read-only", flush=True)
 except Exception as exc:
     print(type(exc).__name__, exc, flush=True)
+sys.stdin.readline()              # hold on (to the freeze and read-only) until killed
 """
 
 
@@ -802,6 +803,47 @@ def test_a_freeze_ends_when_its_lease_runs_out_and_its_client_can_do_no_more(bre
     assert "lease of 1.5 s ran out" in answer, answer
     status = replication_status(breqd, server)
     assert not status["frozen"] and not status["read_only"], status
+
+
+def test_read_only_ends_with_its_client_unless_breqd_records_a_handover(breqd, rig):
+    """A cutover killed after it made the source read-only but before breqd recorded the
+    handover: the application's writes must go on, not fail for ever (the target was
+    never asked to take over). bmig-nbd asks breqd before the freeze ends."""
+    server, _, _ = rig(4 * MiB, fill=False)
+    freezer = Freezer(server)
+    try:
+        assert freezer.go_on() == "read-only"
+        write = PendingWrite(server, 8 * CHUNK)
+        write.wait_accepted()
+        freezer.proc.kill()
+        assert write.done.wait(30), "the write still hangs after its freezer died"
+        assert write.error is None, f"a write refused after a cutover that never handed " \
+                                    f"over: {write.error}"
+    finally:
+        freezer.close()
+    status = replication_status(breqd, server)
+    assert not status["frozen"] and not status["read_only"], status
+    assert "gone before breqd recorded a handover" in server.daemon.log()
+
+
+def test_read_only_outlives_its_client_when_breqd_records_the_handover(breqd, rig):
+    server, _, _ = rig(4 * MiB, fill=False)
+    freezer = Freezer(server)
+    try:
+        assert freezer.go_on() == "read-only"
+        write = PendingWrite(server, 9 * CHUNK)
+        write.wait_accepted()
+        assert bmigrate(breqd, "track", "set-role", "d1", "handed-over").returncode == 0
+        freezer.proc.kill()
+        assert write.done.wait(30), "the write still hangs after its freezer died"
+        assert write.error is not None, "a handed-over source took a write"
+    finally:
+        freezer.close()
+    status = replication_status(breqd, server)
+    assert not status["frozen"] and status["read_only"], status
+    with open(server.backing, "rb") as f:
+        f.seek(9 * CHUNK)
+        assert f.read(4096) == bytes(4096)
 
 
 def test_a_freeze_held_by_two_clients_lasts_until_both_are_gone(breqd, rig):

@@ -309,3 +309,14 @@ def test_migration_file_loads_or_is_a_config_error(data, directory):
 @given(data=st.data())
 def test_device_definition_loads_or_is_a_config_error(data, directory):
     check_kind("device", data, directory)
+
+
+def test_a_file_name_with_a_newline_still_gives_a_one_line_error(directory):
+    """Found by the fuzzer: a definition named "\\n" (its file "\\n.toml") with a bad value
+    made an error of two lines, which splits a log line."""
+    path = os.path.join(directory, "\n.toml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('name = "\\n"\nsize = "many"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_device(path)
+    assert "\n" not in caught.value.message and "\\n.toml" in caught.value.message
