@@ -148,6 +148,9 @@ def test_a_crashed_source_is_promoted_refused_and_rejoined_with_the_union(
                         "--json")
         prepared = json.loads(done.stdout)
         assert prepared["resync"] == "ranges"
+        with NbdClient.connect(old.uri) as client:      # rejoin's connection ended
+            with pytest.raises(NbdError):
+                client.pwrite(b"x" * 4096, 0)
         old.daemon.stop()
         back = start_receiver(tmp_path, {"d1": server.backing}, name="old-breceive")
         assert back.state_dir == old_state
