@@ -19,18 +19,29 @@ from typing import Any, Callable, Iterable
 from bmig.errors import ConfigError
 from bmig.limits import MAX_CONFIG_FILE, MAX_STATE_FILE
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE | re.ASCII)
+# At most 24 digits on either side of the point: more than any size (2**64 has 20), and
+# never so many that int() refuses them (its 4300-digit limit, a ValueError).
+_SIZE = re.compile(r"^\s*(\d{1,24}(?:\.\d{1,24})?|\.\d{1,24})\s*([KMGTP]?)(i?B?)?\s*$",
+                   re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``123``, ``64K``, ``10G``, ``1TiB`` (binary units)."""
+    """Bytes from ``123``, ``64K``, ``1.5G``, ``1TiB`` (binary units); a fraction only
+    where it comes to a whole number of bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
     match = _SIZE.match(str(text))
     if not match:
-        raise ConfigError(f"{text!r} is not a size (examples: 4096, 64K, 10G, 1TiB)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+        raise ConfigError(f"{text!r} is not a size (examples: 4096, 64K, 1.5G, 1TiB)")
+    number, unit = match.group(1), _UNITS[match.group(2).upper()]
+    whole, _, fraction = number.partition(".")
+    # Exact arithmetic: 1.5G is 1610612736 bytes, never a float's neighbour of it.
+    scale = 10 ** len(fraction)
+    value = int(whole or "0") * scale + int(fraction or "0")
+    if value * unit % scale:
+        raise ConfigError(f"{text!r} is not a whole number of bytes")
+    return value * unit // scale
 
 
 def read_small_file(path: str, max_bytes: int, what: str = "") -> tuple[bytes, os.stat_result]:

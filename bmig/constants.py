@@ -22,7 +22,8 @@ MAX_DEVICE_NAME = 64
 
 # Control protocol (breqd).
 # 2: MARK with "hold", MARK_COMPLETED releases holds, QUERY, held_bytes in the status.
-CONTROL_PROTOCOL_VERSION = 2
+# 3: CLAIM (a cutover takes the sender slot), the slot in the status.
+CONTROL_PROTOCOL_VERSION = 3
 # bmig-nbd lets go of a held chunk HOLD_IDLE seconds after its last write, found by a sweep
 # every HOLD_IDLE / HOLD_IDLE_SWEEPS: so up to HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) late.
 # A sender that finds only held chunks dirty waits that long before it ships them again.

@@ -167,7 +167,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         _f("state", K.STATE, "the catch-up service's state",
            states={"starting": "info", "catching up": "notice", "caught up": "notice",
                    "not converging": "warning", "retrying": "warning",
-                   "stopped": "notice", "failed": "error", "not running": "warning",
+                   "paused": "notice", "stopped": "notice", "failed": "error", "not running": "warning",
                    "unreadable": "warning"}),
         _f("message", K.TEXT, "the state in a sentence", show=Show.NEVER),
         _f("lag_bytes", K.BYTES, "dirty and in flight at the last look", "lag {}",

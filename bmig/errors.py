@@ -25,6 +25,16 @@ EXIT_NOT_CONVERGED = 13  # cutover: not converged within --timeout
 EXIT_VERIFY = 14        # verify found chunks that differ
 EXIT_LIVE = 15          # sync converged while the device is being written: not identical
 EXIT_HANDOVER_UNKNOWN = 16  # cutover: PROMOTE unanswered, the target's state unknown
+EXIT_BUSY = 17          # another sender ships the device, or another session has the target
+# cutover --check: the first precondition that does not hold (bmig/sender/precheck.py)
+EXIT_CHECK_BREQD = 20       # breqd unreachable, or it does not track the device
+EXIT_CHECK_SOURCE = 21      # the source cannot be read, or its size is not breqd's
+EXIT_CHECK_INTERCEPT = 22   # bmig-nbd's control socket (or the dm intercept) does not answer
+EXIT_CHECK_SLOT = 23        # the device's sender slot cannot be had (another cutover)
+EXIT_CHECK_HOOK = 24        # a hook is not a command that can run
+EXIT_CHECK_RECEIVER = 25    # the receiver cannot be reached
+EXIT_CHECK_AUTH = 26        # the receiver and this sender do not authenticate each other
+EXIT_CHECK_LINEAGE = 27     # source or target is not in a lineage a cutover may hand over
 
 
 class BmigError(Exception):
@@ -56,6 +66,12 @@ class ConfigError(BmigError):
 
 def _one_line(text: str) -> str:
     return "".join(c if c >= " " and c != "\x7f" else repr(c)[1:-1] for c in text)
+
+
+class TargetMissing(ConfigError):
+    """The target's file does not exist (yet): only a pass may create it."""
+
+    wire_code = "no-target"
 
 
 class UnreachableError(BmigError):
@@ -118,7 +134,14 @@ class NotCheckedOut(RequestError):
 class DeviceBusy(RequestError):
     """Another sender is shipping the device."""
 
+    exit_code = EXIT_BUSY
     wire_code = "device-busy"
+
+
+class SenderClaimed(DeviceBusy):
+    """A cutover claims the device: its sender gives it up."""
+
+    wire_code = "sender-claimed"
 
 
 class UnknownExport(RequestError):
@@ -130,6 +153,7 @@ class UnknownExport(RequestError):
 class TargetBusy(RequestError):
     """Another session is writing to the target."""
 
+    exit_code = EXIT_BUSY
     wire_code = "busy"
 
 
@@ -228,9 +252,10 @@ class StateLocked(StateError):
 
 # Wire code -> class, so a client rebuilds the server's error as the same type.
 _ALL: tuple[type[BmigError], ...] = (
-    BmigError, ConfigError, UnreachableError, ProtocolError, FrameTooLarge, IntegrityError,
+    BmigError, ConfigError, TargetMissing, UnreachableError, ProtocolError, FrameTooLarge, IntegrityError,
     RequestError,
-    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, DeviceBusy, UnknownExport,
+    UnknownDevice, DeviceExists, RangeError, NotCheckedOut, DeviceBusy, SenderClaimed,
+    UnknownExport,
     TargetBusy,
     LineageError, AuthError, ChecksumMismatch, TargetError, TargetFull, NotConverging,
     HookFailed, NotConverged, VerifyFailed, StateError, StateWriteError, StateLocked,

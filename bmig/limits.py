@@ -44,6 +44,14 @@ MAX_HELD_RUNS = 1 << 18
 MARK_PIECE = 1 << 20
 # Bitmap pages whose images one flush prepares at a time: 1 MiB of 4 KiB pages.
 PAGES_PER_WRITE = 256
+# A control client's name (HELLO's "client"), kept for log lines and status: characters.
+MAX_CLIENT_NAME = 64
+# How long a CLAIM may wait for a device's sender to give it up: one timer per device.
+MAX_CLAIM_WAIT_MS = 24 * 3600 * 1000
+
+# -- bmigrate cutover's hooks (bmig/sender/hooks.py) ----------------------------------------
+
+MAX_HOOK_LINE = 64 * KiB           # a hook's output line; a longer one is cut in pieces
 
 # -- bmig-nbd's own control socket (bmig/nbd/manage.py, manage_client.py) -----------------
 

@@ -13,7 +13,7 @@ import click
 
 from bmig import __version__
 from bmig import log as bmig_log
-from bmig.cli.common import host_port, run
+from bmig.cli.common import add_verbosity, host_port, run
 from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
@@ -165,6 +165,9 @@ def breceive(config_file: str | None, listen: tuple[str, ...], stdio: bool,
                                 handshake_timeout=float(handshake_timeout
                                                         or values["handshake_timeout"]))
     Receiver(settings).serve()
+
+
+add_verbosity(breceive, "info")
 
 
 def main() -> None:

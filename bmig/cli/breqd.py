@@ -13,7 +13,7 @@ import click
 
 from bmig import __version__
 from bmig import log as bmig_log
-from bmig.cli.common import run
+from bmig.cli.common import add_verbosity, run
 from bmig.config import Key, Schema, load_settings, merge
 from bmig.constants import DEFAULT_CONFIG_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR
 from bmig.errors import ConfigError
@@ -60,8 +60,9 @@ KEYS = SCHEMA.names
               help=f"Where bitmaps live [default: {DEFAULT_STATE_DIR}].")
 @click.option("--config-dir", metavar="DIR",
               help=f"Device definitions, one TOML file each [default: {DEFAULT_CONFIG_DIR}].")
-@click.option("--control", metavar="SOCK",
-              help=f"Control socket path [default: {DEFAULT_CONTROL_SOCKET}].")
+@click.option("--control", metavar="SOCK", envvar="BMIG_CONTROL",
+              help=f"Control socket path (or BMIG_CONTROL, as for its clients) "
+                   f"[default: {DEFAULT_CONTROL_SOCKET}].")
 @click.option("--socket-mode", metavar="MODE", help="Control socket mode [default: 0600].")
 @click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
               help="Least severe message logged [default: info].")
@@ -78,6 +79,9 @@ def breqd(config_file: str | None, **flags: str | None) -> None:
                         control=os.path.abspath(str(values["control"])),
                         socket_mode=_octal(values["socket_mode"]))
     asyncio.run(Breqd(settings).run())
+
+
+add_verbosity(breqd, "info")
 
 
 def main() -> None:

@@ -1,17 +1,21 @@
-"""What every command shares: the error handler, the breqd connection, output helpers.
+"""What every command shares: the error handler, the breqd connection, output helpers,
+-v and -q.
 
 Nothing here does a command's work.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import click
 
+from bmig import log as bmig_log
 from bmig.config import parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import EXIT_ERROR, BmigError, ConfigError
@@ -19,18 +23,28 @@ from bmig.log import error_line
 from bmig.tracker.blocking_client import TrackerClient
 
 
+# Set by --json (``json_option``): errors are also an "error" event on stdout, unless the
+# command printed its one JSON result already (``print_json``: verify's, say, whose exit
+# status says the rest), so that such output stays one JSON document.
+_json_errors = False
+_result_printed = False
+
+
 def run(command: click.BaseCommand, prog: str) -> None:
-    """Run a click command; turn every BmigError into one line and its exit code."""
+    """Run a click command; turn every BmigError into one line and its exit code (and,
+    after --json, into an "error" event on stdout as well)."""
     try:
         rv = command.main(prog_name=prog, standalone_mode=False)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(usage_line(exc, prog), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
     except BmigError as exc:
         click.echo(error_line(f"{prog}: {exc.message}"), err=True)
+        if _json_errors and not _result_printed:
+            error_event(exc.message, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
@@ -40,15 +54,82 @@ def run(command: click.BaseCommand, prog: str) -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def usage_line(exc: click.ClickException, prog: str) -> str:
+    """A usage error as one line: ``bmigrate: no such option: --x (see bmigrate sync
+    --help)``."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else prog
+    return f"{prog}: {message} (see {where} --help)"
+
+
+def error_event(message: str, exit_code: int, **fields: Any) -> None:
+    """The "error" event of --json: the message and the exit status, on stdout."""
+    sys.stdout.write(json.dumps({"event": "error", "message": message,
+                                 "exit_code": exit_code, "time": round(time.time(), 3),
+                                 **fields}, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
 def control_option(f: Callable) -> Callable:
     return click.option(
         "--control", metavar="SOCK", envvar="BMIG_CONTROL", default=DEFAULT_CONTROL_SOCKET,
         show_default=True, help="breqd's control socket (or BMIG_CONTROL).")(f)
 
 
+def _json_given(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    global _json_errors
+    if value:
+        _json_errors = True
+    return value
+
+
 def json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print JSON for scripts instead of text.")(f)
+    return click.option("--json", "as_json", is_flag=True, callback=_json_given,
+                        help="Print JSON for scripts instead of text; errors too.")(f)
+
+
+def add_verbosity(command: click.Command, default: str = "warning") -> None:
+    """-v/--verbose and -q/--quiet on ``command`` and every command below it: each -v
+    logs one level more than ``default`` (info, then debug), each -q one level less
+    (warning, then error only). They stand in for --log-level (and a file's log_level),
+    and may not be given with it."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_verbosity(sub, default)
+        return
+    if any(p.name == "verbose" for p in command.params):
+        return
+    levels = bmig_log.LEVELS
+    at = levels.index(default)
+    more = " (-vv: ".join(levels[:at][::-1]) + ")" * (at > 1)
+    worse = {"info": "info, warnings and errors", "warning": "warnings and errors",
+             "error": "errors"}
+    less = " (-qq: ".join(worse[name] for name in levels[at + 1:]) \
+        + ")" * (len(levels) - at > 2)
+    command.params += [
+        click.Option(["-v", "--verbose"], count=True,
+                     help=f"Log more: down to {more} [default: {default}]."),
+        click.Option(["-q", "--quiet"], count=True, help=f"Log less: only {less}."),
+    ]
+    callback = command.callback
+    assert callback is not None
+
+    @functools.wraps(callback)
+    def with_verbosity(*args: Any, verbose: int = 0, quiet: int = 0, **kwargs: Any) -> Any:
+        if verbose or quiet:
+            if kwargs.get("log_level") is not None:
+                raise click.UsageError("give --log-level or -v/-q, not both")
+            levels = bmig_log.LEVELS
+            index = levels.index(default) - verbose + quiet
+            level = levels[max(0, min(len(levels) - 1, index))]
+            if "log_level" in kwargs:
+                kwargs["log_level"] = level
+            else:
+                bmig_log.setup(level)
+        return callback(*args, **kwargs)
+    command.callback = with_verbosity
 
 
 def connect(control: str) -> TrackerClient:
@@ -57,6 +138,9 @@ def connect(control: str) -> TrackerClient:
 
 
 def print_json(value: Any) -> None:
+    """A command's one JSON result."""
+    global _result_printed
+    _result_printed = True
     click.echo(json.dumps(value, indent=None, sort_keys=True))
 
 

@@ -16,7 +16,7 @@ import click
 from bmig import __version__
 from bmig import log as bmig_log
 from bmig import systemd
-from bmig.cli.common import control_option, run
+from bmig.cli.common import add_verbosity, control_option, run
 from bmig.cli.track_dm import dm_state_option
 from bmig.errors import BmigError, InterceptError
 
@@ -31,14 +31,14 @@ DEFAULT_INTERVAL = 5.0
 @click.option("--once", is_flag=True, help="Import each device once and exit.")
 @dm_state_option
 @control_option
-@click.option("--log-level", type=click.Choice(bmig_log.LEVELS), default="info",
-              show_default=True, help="Least severe message logged.")
+@click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
+              help="Least severe message logged [default: info].")
 def dm(names: tuple[str, ...], interval: float, once: bool, dm_state: str, control: str,
-       log_level: str) -> int:
+       log_level: str | None) -> int:
     """Import the writes dm-era recorded for each NAME into breqd."""
     from bmig.dm.intercept import DmIntercept
 
-    bmig_log.setup(log_level)
+    bmig_log.setup(log_level or "info")
     log = logging.getLogger("bmig-dm")
     stop = threading.Event()
     if not once:
@@ -78,6 +78,9 @@ def dm(names: tuple[str, ...], interval: float, once: bool, dm_state: str, contr
         if stop.wait(interval):
             systemd.notify("STOPPING=1")
             return 0
+
+
+add_verbosity(dm, "info")
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ def keep(name: str, protocol: str, ack_timeout: float, manage_dir: str,
          config_file: str | None, as_json: bool, flags: dict[str, Any]) -> int:
     """Run the HA mode until SIGTERM (0) or an error that does not mend itself."""
     migration, _, signals, _ = prepare(
-        config_file, {"name": name, "manage_dir": manage_dir, **flags}, as_json)
+        "replicate", config_file, {"name": name, "manage_dir": manage_dir, **flags}, as_json)
     values = {k: v for k, v in flags.items() if v is not None}
     ha = HaReplication(migration, HaSettings(
         manage_dir=str(migration.settings.manage_dir or manage_dir), protocol=protocol,

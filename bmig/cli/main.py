@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from bmig import __version__
-from bmig.cli.common import run
+from bmig.cli.common import add_verbosity, run
 from bmig.cli.cutover import cutover
 from bmig.cli.events import events
 from bmig.cli.metrics import metrics
@@ -37,6 +37,7 @@ cli.add_command(events)
 cli.add_command(metrics)
 cli.add_command(promote)
 cli.add_command(rejoin)
+add_verbosity(cli)            # last: -v and -q on every command above
 
 
 def main() -> None:

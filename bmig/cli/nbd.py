@@ -15,7 +15,7 @@ import click
 
 from bmig import __version__
 from bmig import log as bmig_log
-from bmig.cli.common import host_port, run
+from bmig.cli.common import add_verbosity, host_port, run
 from bmig.config import Key, Schema, load_settings
 from bmig.constants import DEFAULT_CONTROL_SOCKET
 from bmig.errors import ConfigError
@@ -134,8 +134,9 @@ def _unix_mode(value: Any, source: str) -> int:
               help=f"Permissions of the --unix socket, in octal [default: "
                    f"{DEFAULT_UNIX_MODE:04o}].")
 @click.option("--tcp", metavar="HOST:PORT", help="Listen on this TCP address.")
-@click.option("--control", metavar="SOCK",
-              help=f"breqd's control socket [default: {DEFAULT_CONTROL_SOCKET}].")
+@click.option("--control", metavar="SOCK", envvar="BMIG_CONTROL",
+              help=f"breqd's control socket (or BMIG_CONTROL, as for bmigrate) "
+                   f"[default: {DEFAULT_CONTROL_SOCKET}].")
 @click.option("--read-only", is_flag=True, default=None, help="Refuse every write.")
 @click.option("--no-track", "no_track", is_flag=True, default=None,
               help="Do not report writes to breqd (for measurements; breaks migration).")
@@ -158,9 +159,10 @@ def _unix_mode(value: Any, source: str) -> int:
 @click.option("--tls-psk", metavar="FILE",
               help="TLS with pre-shared keys instead of certificates: IDENTITY:HEXKEY lines "
                    "(psktool's format); clients must know one of them.")
-@click.option("--manage-dir", metavar="DIR",
+@click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",
               help=f"Where DEVICE.sock, bmig-nbd's own control socket, goes (bmigrate "
-                   f"replicate and cutover use it) [default: {DEFAULT_MANAGE_DIR}].")
+                   f"replicate and cutover use it; or BMIG_NBD_DIR, as for bmigrate) "
+                   f"[default: {DEFAULT_MANAGE_DIR}].")
 @click.option("--hold-chunks", type=click.IntRange(1, 1 << 20), metavar="N",
               help=f"Chunks held in breqd at once [default: {DEFAULT_HOLD_LIMIT}].")
 @click.option("--log-level", type=click.Choice(bmig_log.LEVELS),
@@ -210,6 +212,9 @@ def nbd(config_file: str | None, devices: tuple[str, ...], backings: tuple[str, 
                           tls_verify_peer, tls_client_ca, tls_psk),
         manage_dir=os.path.abspath(str(manage_dir or values["manage_dir"])),
         hold_chunks=int(hold_chunks or values["hold_chunks"])))
+
+
+add_verbosity(nbd, "info")
 
 
 def main() -> None:

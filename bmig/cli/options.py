@@ -48,7 +48,16 @@ def connection_options(f: Callable) -> Callable:
 
 
 def migration_options(f: Callable) -> Callable:
-    """The options sync and run share."""
+    """sync's options (run has them all but --threshold)."""
+    return _migration_options(f, threshold=True)
+
+
+def service_options(f: Callable) -> Callable:
+    """run's options: sync's but --threshold (run ships every write as it comes)."""
+    return _migration_options(f, threshold=False)
+
+
+def _migration_options(f: Callable, threshold: bool) -> Callable:
     options = [
         click.argument("name", required=False),
         click.option("--config", "config_file", metavar="FILE",
@@ -65,7 +74,8 @@ def migration_options(f: Callable) -> Callable:
                           f"[default: {DEFAULT_CONTROL_SOCKET}]."),
         connection_options,
         click.option("--bwlimit", metavar="RATE",
-                     help="Most bytes per second on the wire, e.g. 100M [default: none]."),
+                     help="Most bytes per second on the wire, e.g. 100M (MiB/s) "
+                          "[default: none]."),
         click.option("--level", type=click.IntRange(0, 22), metavar="N",
                      help=f"zstd level; 0 sends raw [default: {codec.DEFAULT_LEVEL}]."),
         click.option("--window", type=SIZE, metavar="SIZE",
@@ -74,9 +84,9 @@ def migration_options(f: Callable) -> Callable:
                      help="Read the source with O_DIRECT (no page cache)."),
         click.option("--checksum", is_flag=True, default=None,
                      help="Compare per-chunk hashes with the target and send what differs."),
-        click.option("--threshold", metavar="SIZE|Ns",
-                     help="Converged when less than this is dirty: bytes, or seconds of "
-                          "shipping [default: 1s]."),
+        *([click.option("--threshold", metavar="SIZE|Ns",
+                        help="Converged when less than this is dirty: bytes, or seconds of "
+                             "shipping [default: 1s].")] if threshold else []),
         click.option("--discard-target-data", metavar="EXPORT",
                      help="Overwrite EXPORT even if it holds another lineage's data."),
         click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",

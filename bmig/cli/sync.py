@@ -22,7 +22,8 @@ import click
 
 from bmig import log as bmig_log
 from bmig import systemd
-from bmig.cli.options import migration_options, status_dir_option
+from bmig.cli.common import human_bytes
+from bmig.cli.options import migration_options, service_options, status_dir_option
 from bmig.cli.report import JsonReporter, ServiceTextReporter, TextReporter
 from bmig.cli.statustext import status_line
 from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
@@ -40,9 +41,11 @@ class Signals:
     """SIGTERM and the first Ctrl-C stop cleanly; the second Ctrl-C stops at once;
     SIGHUP reloads the migration file."""
 
-    def __init__(self, migration: Migration, reload: Callable[[], None] | None):
+    def __init__(self, migration: Migration, reload: Callable[[], None] | None,
+                 as_json: bool = False):
         self.migration = migration
         self.reload = reload
+        self.as_json = as_json
         self.interrupted = False
 
     def install(self) -> None:
@@ -72,22 +75,29 @@ class Signals:
             self.reload()
         except ConfigError as exc:
             log.error("reload refused: %s", exc.message)
+            if self.as_json:          # scripts hear it too, not only the log
+                self.migration.reporter.note(
+                    f"{self.migration.name}: reload refused: {exc.message}; the running "
+                    "settings stay", reload_refused=exc.message, error=exc.wire_code)
 
 
-def prepare(config_file: str | None, flags: dict[str, Any], as_json: bool,
+def prepare(command: str, config_file: str | None, flags: dict[str, Any], as_json: bool,
             text_reporter: type[TextReporter] = TextReporter):
     values = settings.settings_from(config_file, flags)
     bmig_log.setup(str(values.get("log_level", "warning")))
     reporter_class = JsonReporter if as_json else text_reporter
     migration = settings.build(values, reporter_class)
+    migration.client_name = f"bmigrate {command}"      # how breqd names this sender
     reporter = migration.reporter
 
     def reload() -> None:
         settings.reload(migration, settings.settings_from(config_file, flags))
+        bwlimit = migration.settings.bwlimit
         reporter.note(f"{migration.name}: settings reloaded (bwlimit "
-                      f"{migration.settings.bwlimit or 'none'})", reloaded=settings.RELOADABLE)
+                      f"{human_bytes(bwlimit) + '/s' if bwlimit else 'none'})",
+                      reloaded=settings.RELOADABLE)
 
-    signals = Signals(migration, reload if config_file else None)
+    signals = Signals(migration, reload if config_file else None, as_json)
     signals.install()
     return migration, reporter, signals, values
 
@@ -101,7 +111,8 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
     the device is being written (what is still dirty ships in less than --threshold),
     10 when it does not converge (writes outpace shipping).
     """
-    migration, reporter, signals, _ = prepare(config_file, {"name": name, **flags}, as_json)
+    migration, reporter, signals, _ = prepare("sync", config_file, {"name": name, **flags},
+                                              as_json)
     try:
         migration.connect()
         summary = migration.sync()
@@ -114,7 +125,7 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
 
 
 @click.command("run")
-@migration_options
+@service_options
 @click.option("--interval", type=click.FloatRange(0.05, 3600), metavar="SECONDS",
               help="How often to look for new writes when idle [default: 1].")
 @status_dir_option(default=None)
@@ -126,7 +137,7 @@ def run_service(name: str | None, config_file: str | None, as_json: bool,
     --config, SIGTERM stops cleanly.
     """
     migration, reporter, signals, values = prepare(
-        config_file, {"name": name, **flags}, as_json, ServiceTextReporter)
+        "run", config_file, {"name": name, **flags}, as_json, ServiceTextReporter)
     publisher = Publisher(str(values["status_dir"]), migration.name)
     publisher.open()
 
@@ -145,3 +156,4 @@ def run_service(name: str | None, config_file: str | None, as_json: bool,
         publisher.close()
     reporter.summary(summary)
     return EXIT_INTERRUPTED if signals.interrupted else EXIT_OK
+

@@ -36,7 +36,7 @@ def run(*argv: str, timeout: float = TIMEOUT, stdin: str | None = None) -> str:
 
 
 PACKAGE = {"dmsetup": "dmsetup", "losetup": "mount", "era_invalidate":
-           "thin-provisioning-tools", "modprobe": "kmod"}
+           "thin-provisioning-tools", "modprobe": "kmod", "nbd-client": "nbd-client"}
 
 
 @dataclass(frozen=True)

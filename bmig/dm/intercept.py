@@ -29,9 +29,11 @@ from typing import Iterable
 
 from bmig.constants import DEFAULT_CHUNK_SIZE
 from bmig.limits import MAX_RANGES_PER_FRAME
-from bmig.dm import dmsetup, era
+from bmig.dm import dmsetup, era, via_nbd
 from bmig.dm.state import (ATTACHED, DETACHED, LOST, DeviceLock, Record, boot_id, load,
                            save)
+from bmig.dm.tables import (devno_or_empty, quietly, read_only_table, restore, swap_tables,
+                            table_maps_onto, which)
 from bmig.errors import BmigError, InterceptError, UnknownDevice
 from bmig.tracker.blocking_client import TrackerClient
 
@@ -62,39 +64,6 @@ class ImportResult:
     bytes_marked: int
     seconds: float
     boundary_seconds: float   # how long the era device held I/O
-
-
-def swap_tables(name: str) -> float:
-    """Suspend (waiting for I/O in flight) and resume ``name``: an inactive table loaded
-    before takes over at the resume. Both run in one child of its own session, so that
-    the resume happens even if this process is killed in between. The seconds taken."""
-    script = ('dmsetup suspend --nolockfs "$1"; rc=$?; dmsetup resume "$1" || exit 99; '
-              'exit $rc')
-    started = time.monotonic()
-    try:
-        done = subprocess.run(["/bin/sh", "-c", script, "sh", name], capture_output=True,
-                              text=True, timeout=dmsetup.TIMEOUT, start_new_session=True,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise InterceptError(f"{name}: suspend and resume did not finish within "
-                             f"{dmsetup.TIMEOUT:g} s") from None
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or ["?"])[-1]
-        raise InterceptError(f"{name}: switching tables failed: {why}")
-    return seconds
-
-
-def table_maps_onto(lines: list[str], devno: str) -> bool:
-    """Every line of the table is one linear mapping onto ``devno`` at its own offset."""
-    if not lines:
-        return False
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 5 or parts[2] != "linear" or parts[3] != devno \
-                or parts[4] != parts[0]:
-            return False
-    return True
 
 
 class DmIntercept:
@@ -135,7 +104,7 @@ class DmIntercept:
         """Put dm-era under ``device`` without stopping its I/O. Returns what was done,
         with ``held_seconds``: how long the device's I/O was held."""
         for tool in ("dmsetup", "era_invalidate"):
-            if not _which(tool):
+            if not which(tool):
                 raise InterceptError(f"{tool} is not installed (Debian: apt-get install "
                                      f"{dmsetup.PACKAGE[tool]})")
         top = dmsetup.dm_name(device)
@@ -169,7 +138,7 @@ class DmIntercept:
                     held = self._insert(top, lines, sectors, meta_path, block_sectors)
                 except BaseException:
                     if meta_file is not None:
-                        _quietly(dmsetup.loop_detach, meta_path)
+                        quietly(dmsetup.loop_detach, meta_path)
                     raise
                 first_era = era.status(era_dev).era
                 if not added:
@@ -243,7 +212,7 @@ class DmIntercept:
             fd = os.open(metadata, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
             if made is not None:
-                _quietly(dmsetup.loop_detach, metadata)
+                quietly(dmsetup.loop_detach, metadata)
             why = "in use" if exc.errno == 16 else exc.strerror
             raise InterceptError(f"metadata device {metadata}: {why}") from None
         try:
@@ -257,7 +226,7 @@ class DmIntercept:
         except BaseException:
             os.close(fd)
             if made is not None:
-                _quietly(dmsetup.loop_detach, metadata)
+                quietly(dmsetup.loop_detach, metadata)
             raise
         os.close(fd)
         return metadata, made
@@ -277,9 +246,9 @@ class DmIntercept:
             dmsetup.load(top, [f"0 {sectors} linear {era_devno} 0"])
             return swap_tables(top)
         except BaseException:
-            _restore(top)
+            restore(top)
             for name in reversed(made):
-                _quietly(dmsetup.remove, name)
+                quietly(dmsetup.remove, name)
             raise
 
     def detach(self, device: str | None = None) -> dict:
@@ -292,6 +261,9 @@ class DmIntercept:
             if top is None:
                 raise InterceptError(f"{self.name} is not attached (give --dm DEVICE to "
                                      "clean up layers left behind)")
+            if record is not None and (record.nbd_device or record.nbd_pid):
+                with TrackerClient(self.control, client="bmig-dm") as client:
+                    via_nbd.take_down(self.directory, self.name, record, client)
             era_dev, origin = era_name(self.name), origin_name(self.name)
             era_info, origin_info = dmsetup.info(era_dev), dmsetup.info(origin)
             if dmsetup.info(top) is None:
@@ -304,7 +276,7 @@ class DmIntercept:
                 try:
                     held = swap_tables(top)
                 except BaseException:
-                    _restore(top)
+                    restore(top)
                     raise
             elif era_info is not None and any(_is_bmig_layer(p.split()[3]) for p in live
                                               if len(p.split()) > 3):
@@ -314,8 +286,8 @@ class DmIntercept:
                 if dmsetup.info(name) is not None:
                     dmsetup.remove(name)
             if record is not None and record.metadata_file:
-                _quietly(dmsetup.loop_detach, record.metadata)
-                _quietly(os.unlink, record.metadata_file)
+                quietly(dmsetup.loop_detach, record.metadata)
+                quietly(os.unlink, record.metadata_file)
             if record is not None:
                 record.state = DETACHED
                 save(self.directory, record)
@@ -352,6 +324,17 @@ class DmIntercept:
         why = self._broken(record, client)
         if why:
             self._lose(record, client, why)
+        # Looked at before the boundary: if the device maps onto bmig-nbd now, every write
+        # through its old table completed when the switch's suspend returned, so the
+        # boundary below ends every era that holds one.
+        on_nbd = via_nbd.maps_onto_nbd(record)
+        if on_nbd and record.nbd_from_era:
+            # Every write since imported_era came through bmig-nbd, which marked it in
+            # breqd before writing it (docs/dm-intercept.md, the cutover through NBD).
+            self.writes_seen = False
+            self.last = ImportResult(record.imported_era, 0, 0,
+                                     time.monotonic() - started, 0.0)
+            return self.last
         era_dev = record.era_device
         info = dmsetup.info(era_dev)
         if info is not None and info.suspended and self._lease is None:
@@ -360,6 +343,12 @@ class DmIntercept:
             dmsetup.message(era_dev, "drop_metadata_snap")    # a killed importer's snapshot
         boundary = swap_tables(era_dev)
         current = era.status(era_dev).era
+        if current <= record.imported_era:
+            # The boundary moves dm-era to a new era: one not past the last imported era
+            # means its metadata is not the one those eras were counted in (replaced, or
+            # an older copy), and era_invalidate would miss writes made since.
+            self._lose(record, client, f"dm-era is at era {current}, not past era "
+                       f"{record.imported_era} imported already: its metadata was replaced")
         dmsetup.message(era_dev, "take_metadata_snap")
         try:
             ranges, marked = self._mark(client, record, era.written_since(
@@ -368,6 +357,8 @@ class DmIntercept:
             dmsetup.message(era_dev, "drop_metadata_snap")
         _drop_cache(record.era_device)
         record.imported_era = current
+        if on_nbd:
+            record.nbd_from_era = current
         record.last_import = time.time()
         record.last_import_bytes = marked
         record.imports += 1
@@ -404,7 +395,8 @@ class DmIntercept:
         if dmsetup.info(record.device) is None:
             return f"{record.device} is gone"
         live = dmsetup.table(record.device)
-        if not table_maps_onto(live, era_info.devno):
+        if not table_maps_onto(live, era_info.devno) and not (
+                record.nbd_device and table_maps_onto(live, devno_or_empty(record.nbd_device))):
             return (f"the table of {record.device} was replaced (by lvextend or "
                     "lvchange --refresh?), so writes bypassed dm-era")
         stats = client.stats(self.name)
@@ -467,18 +459,60 @@ class DmIntercept:
         """The table the device gets at the next resume: reads pass, writes fail with
         EIO (dm-flakey with error_writes, down all the time). For the handed-over source."""
         record = self._attached()
-        dmsetup.ensure_target("flakey", "dm-flakey")
-        era_info = dmsetup.info(record.era_device)
-        assert era_info is not None
-        sectors = record.size // era.SECTOR
-        dmsetup.load(record.device, [f"0 {sectors} flakey {era_info.devno} 0 0 1 1 "
-                                     "error_writes"])
+        dmsetup.load(record.device, read_only_table(record))
 
     def clear_read_only(self) -> None:
         record = self._attached()
         info = dmsetup.info(record.device)
         if info is not None and info.inactive_table:
             dmsetup.clear(record.device)
+
+    # -- the NBD leg, for a cutover with protocol C -----------------------------------------
+
+    # -- the NBD leg, for a cutover with protocol C (bmig/dm/via_nbd.py) -------------------
+
+    def enter_nbd(self, nbd_device: str | None = None) -> dict:
+        """Switch the device onto /dev/nbdX served by bmig-nbd on the era device, and
+        import once: every write through the old table is then in breqd, and bmig-nbd
+        marks every later one before writing it. A leg a killed process left is taken
+        down first; any failure takes the new one down (the device back on the era
+        device). What was done, with ``held_seconds`` (how long the switch held the
+        device's I/O) and ``manage_dir`` (bmig-nbd's control socket)."""
+        with DeviceLock(self.directory, self.name), \
+                TrackerClient(self.control, client="bmig-dm") as client:
+            record = self._attached()
+            if record.nbd_device or record.nbd_pid:
+                via_nbd.take_down(self.directory, self.name, record, client)
+            why = self._broken(record, client)
+            if why:
+                self._lose(record, client, why)
+            try:
+                leg = via_nbd.switch_on(self.directory, self.control, self.name, record,
+                                        client, nbd_device)
+                imported = self._import(client)
+            except BaseException:
+                try:
+                    via_nbd.take_down(self.directory, self.name, record, client)
+                except BmigError as exc:
+                    log.error("%s: taking the NBD leg down failed: %s", self.name,
+                              exc.message)
+                raise
+        log.info("%s: %s maps onto %s, served by bmig-nbd (pid %d) on %s (I/O held %.3f s)",
+                 self.name, record.device, leg.nbd_device, leg.server.pid,
+                 record.era_device, leg.held_seconds)
+        return {"nbd_device": leg.nbd_device, "pid": leg.server.pid,
+                "manage_dir": leg.server.manage_dir,
+                "held_seconds": round(leg.held_seconds, 6),
+                "imported_bytes": imported.bytes_marked}
+
+    def leave_nbd(self) -> dict:
+        """The way back from enter_nbd (via_nbd.take_down); nothing if there is no leg."""
+        with DeviceLock(self.directory, self.name):
+            record = self.record()
+            if record is None or not (record.nbd_device or record.nbd_pid):
+                return {"held_seconds": 0.0, "read_only": False}
+            with TrackerClient(self.control, client="bmig-dm") as client:
+                return via_nbd.take_down(self.directory, self.name, record, client)
 
     # -- status ------------------------------------------------------------------------------
 
@@ -495,6 +529,8 @@ class DmIntercept:
                      "last_import_bytes": record.last_import_bytes}
         if record.why:
             out["why"] = record.why
+        if record.nbd_device:
+            out["nbd_device"] = record.nbd_device
         if record.state == ATTACHED:
             try:
                 out["era"] = era.status(record.era_device).era
@@ -502,17 +538,6 @@ class DmIntercept:
                 out["era"] = None
                 out["why"] = exc.message
         return out
-
-
-def _restore(top: str) -> None:
-    """After a failed switch: the device runs on its old table, not suspended."""
-    info = dmsetup.info(top)
-    if info is None:
-        return
-    if info.inactive_table:
-        _quietly(dmsetup.clear, top)
-    if info.suspended:
-        _quietly(dmsetup.resume, top)
 
 
 def _drop_cache(device: str) -> None:
@@ -538,20 +563,6 @@ def _dm_name_of(devno: str) -> str:
             return f.read().strip()
     except OSError:
         return devno
-
-
-def _which(tool: str) -> bool:
-    import shutil
-
-    return shutil.which(tool) is not None or os.path.exists(f"/usr/sbin/{tool}") \
-        or os.path.exists(f"/sbin/{tool}")
-
-
-def _quietly(action, *args) -> None:
-    try:
-        action(*args)
-    except (BmigError, OSError) as exc:
-        log.warning("while cleaning up: %s", getattr(exc, "message", None) or exc)
 
 
 def intercept_for(name: str, control: str, directory: str | None = None) -> DmIntercept | None:

@@ -40,6 +40,14 @@ class Record:
     last_import: float = 0.0     # wall-clock time of the last import
     last_import_bytes: int = 0   # bytes it marked
     imports: int = 0
+    # While the device maps onto the kernel's NBD device for a cutover through bmig-nbd
+    # (bmig/dm/via_nbd.py): which one, the bmig-nbd serving it (pid and start time, so
+    # that a reused pid is never taken for it), and the first era whose writes all came
+    # through bmig-nbd, which marked them itself (0 until an import after the switch).
+    nbd_device: str = ""
+    nbd_pid: int = 0
+    nbd_started: int = 0
+    nbd_from_era: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -248,4 +248,10 @@ async def _serve(opened: list[tuple[ExportSettings, FileLayer]], settings: Setti
 
     server = Server(exports, settings.listen, settings.max_connections, on_close=on_close,
                     tls=tls)
-    await server.run()
+    # WATCHDOG=1 from the loop that serves every request: a loop that stops turning (a
+    # hung bmig-nbd is a hung VM) stops the pings, and systemd restarts bmig-nbd.
+    watchdog = asyncio.get_running_loop().create_task(systemd.keep_alive())
+    try:
+        await server.run()
+    finally:
+        watchdog.cancel()

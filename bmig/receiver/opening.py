@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from bmig.errors import ConfigError, LineageError, TargetError
+from bmig.errors import LineageError, TargetError, TargetMissing
 from bmig.lineage import (ROLE_PRIMARY, TargetRecord, common_ancestor, hex_id, load_target,
                           target_path)
 from bmig.lineage import relation as lineage_relation
@@ -174,7 +174,7 @@ def sized(config: TargetConfig, target: TargetDevice | None, size: int,
     what is not one."""
     if target is None:
         if not may_grow:
-            raise ConfigError(f"target {config.path} does not exist")
+            raise TargetMissing(f"target {config.path} does not exist")
         log.info("creating target %s (%d bytes)", config.path, size)
         return TargetDevice.create(config.path, size, config.max_size)
     if target.size < size:

@@ -131,8 +131,16 @@ class Receiver:
     # -- listening -------------------------------------------------------------------
 
     def open_listeners(self) -> None:
+        """Sockets from systemd (a socket unit) replace the ``listen`` addresses: the
+        unit owns the port, and binding it again would fail."""
         self._listeners = systemd.listen_sockets()
-        for host, port in self.settings.listen:
+        addresses = self.settings.listen
+        if self._listeners and addresses:
+            log.info("serving the socket(s) systemd passed (%s), not listen = %s",
+                     ", ".join(_describe(s) for s in self._listeners),
+                     ", ".join(f"{host}:{port}" for host, port in addresses))
+            addresses = []
+        for host, port in addresses:
             try:
                 sock = socket.create_server((host, port), backlog=BACKLOG, reuse_port=False)
             except OSError as exc:

@@ -27,6 +27,13 @@ Lineage, on opening the target (invariant 7):
              a split brain (both sides written as primary) is refused the same way
     none     an NBD target, which keeps no record: everything, every time we connect
 
+The sender slot (one sender per device in breqd): a cutover claims it. A sync that
+sees the claim stops (SenderClaimed, exit 17) once what is in flight is answered; the
+catch-up service (``run_forever``) gives the device up the same way, closing its target
+session first and breqd's last (the claim is granted as that connection ends, so the
+cutover finds the target free), waits while the cutover holds the slot, then exits
+(the device was handed over) or ships again (it was not).
+
 A Migration owns its connections (breqd through LockedTracker, the source, the target);
 a pass's threads are bmig.sender.passes', the cutover's steps bmig.sender.cutover's.
 Code outside uses its public methods (``info``, ``verify``, ``promote``,
@@ -40,11 +47,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from bmig import systemd
 from bmig.blockdev import size_of_fd
-from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
+from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS, MiB
 from bmig.framing import ConnectionClosed
 from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
-                         StateError, UnknownDevice, UnknownExport, UnreachableError)
+                         SenderClaimed, StateError, UnknownDevice, UnknownExport,
+                         UnreachableError)
 from bmig.identity import TargetIdentity, identify
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import ManageClient
@@ -69,6 +79,7 @@ HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is 
 MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 1.0
 BACKOFF = (1, 2, 5, 10, 30, 60)
 LAG_LOOK = 1.0              # run, waiting to try again: how often to read the lag
+PAUSE_POLL = 1.0            # run, while a cutover has the device: seconds between looks
 
 
 @dataclass
@@ -99,6 +110,7 @@ class Summary:
     converged: bool = False
     identical: bool = False          # converged with nothing dirty or in flight
     writer_active: bool = False      # converged while the device is being written
+    handed_over: bool = False        # run: a cutover handed the device over; it stopped
 
     def add(self, result: PassResult) -> None:
         self.passes += 1
@@ -122,7 +134,23 @@ class Summary:
                 "compression_ratio": self.compression_ratio(),
                 "seconds": round(self.seconds, 3), "dirty_bytes": self.dirty_bytes,
                 "converged": self.converged, "identical": self.identical,
-                "writer_active": self.writer_active}
+                "writer_active": self.writer_active, "handed_over": self.handed_over}
+
+    def stopped_with(self, stats: dict) -> None:
+        """run's end: what breqd says now. Converged and identical when nothing is dirty,
+        in flight or held (no writer at work), as sync would say it."""
+        left = int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
+        self.dirty_bytes = left
+        self.converged = self.identical = left == 0 and not stats["held_bytes"]
+        self.writer_active = bool(stats["held_bytes"])
+
+
+def source_info(name: str, stats: dict) -> SourceInfo:
+    """The source as breqd's status object describes it: lineage, size, chunk size."""
+    return SourceInfo(name, parse_id(stats["device_id"], "device_id"),
+                      parse_id(stats["generation"], "generation"),
+                      int(stats["size"]), int(stats["chunk_size"]),
+                      tuple(str(g) for g in stats.get("previous", [])))
 
 
 class StopOrDeadline:
@@ -164,6 +192,7 @@ class Migration:
         self.control = control
         self.reporter = reporter or Reporter()
         self.stop = stop or threading.Event()
+        self.heartbeat = systemd.Heartbeat()     # WATCHDOG=1 of `bmigrate run`
         self.limit = RateLimit(settings.bwlimit)
         self.summary = Summary(name, str(url))
         self.rate = 0.0                      # bytes per second, the last passes
@@ -173,22 +202,24 @@ class Migration:
         self._info: SourceInfo | None = None
         self._number = 0
         self._checksum_next = False          # a rejoining copy whose changes are unknown
+        self.client_name = "bmigrate"        # how breqd names this sender (HELLO)
+        self.yielded_by: str | None = None   # connect(claim=...): who gave the device up
         # A kernel intercept (bmig.dm.intercept.DmIntercept) whose record of writes is
         # imported into breqd at each pass boundary; None for bmig-nbd, which marks itself.
         self.intercept = None
 
     # -- connecting ----------------------------------------------------------------------
 
-    def connect(self, mode: str = "pass") -> None:
+    def connect(self, mode: str = "pass", claim: float | None = None) -> None:
         """breqd, the source, the target, and the lineage handshake. ``mode`` "inspect"
-        only reads (verify): no lock on the target, nothing set dirty."""
+        only reads (verify): no lock on the target, nothing set dirty. ``claim`` (a
+        cutover): take the device's sender slot first, waiting that many seconds at most
+        for a running sender to give it up (and its target session with it)."""
         self.close()
-        self._tracker = LockedTracker(TrackerClient(self.control, client="bmigrate"))
-        stats = self._tracker.stats(self.name)
-        self._info = SourceInfo(self.name, parse_id(stats["device_id"], "device_id"),
-                                parse_id(stats["generation"], "generation"),
-                                int(stats["size"]), int(stats["chunk_size"]),
-                                tuple(str(g) for g in stats.get("previous", [])))
+        self._tracker = LockedTracker(TrackerClient(self.control, client=self.client_name))
+        if claim is not None:
+            self.yielded_by = self._tracker.claim(self.name, claim)
+        self._info = source_info(self.name, self._tracker.stats(self.name))
         self._source = Source(self.source_path, self._info.size, self.settings.passes.direct)
         self._check_source_size()
         self._target = open_target(self.url, self.options)
@@ -332,6 +363,9 @@ class Migration:
             settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
         self.reporter.pass_started(self._number, budget)
         stop = self.stop if deadline is None else StopOrDeadline(self.stop, deadline)
+        # The pass's loops look at their stop event as they turn: each look feeds the
+        # watchdog of `bmigrate run` (none for sync, which has no WATCHDOG_USEC).
+        stop = self.heartbeat.watch(stop)
         result = Pass(self._number, self._tracker, self._source, self._target, self._info,
                       settings, self.limit, self.reporter.progress, stop).run(budget)
         self.summary.add(result)
@@ -404,16 +438,25 @@ class Migration:
         stalled = 0
         checksum_first = self.settings.passes.checksum and self.summary.relation in (
             "new", "none", "same")
+        imported = False
         try:
             while not self.stop.is_set():
-                self.import_writes()
+                if not imported:
+                    self.import_writes()
+                imported = False
                 stats = self._wait_for_holds(self.stats())
+                self._give_way(stats)
                 if self._finish(stats) and not self._record_lags():
                     break
                 dirty = int(stats["dirty_bytes"])
                 written = self.written()
                 result = self.one_pass(dirty, checksum=checksum_first)
                 checksum_first = False
+                if self.intercept is not None:
+                    # What the pass's writers dirtied shows in breqd once imported: the
+                    # stall check below must see it (and the next round starts from it).
+                    self.import_writes()
+                    imported = True
                 after = self.stats()
                 self.summary.dirty_bytes = int(after["dirty_bytes"])
                 self.reporter.pass_done(result, self.summary.dirty_bytes,
@@ -451,8 +494,8 @@ class Migration:
             fresh = self.summary.dirty_bytes - (dirty_before - result.bytes_committed)
             writes = max(0, fresh) / result.seconds if result.seconds else 0.0
         return NotConverging(
-            f"not converging: writes at {writes / 1e6:.1f} MB/s, shipping at "
-            f"{shipping / 1e6:.1f} MB/s, {self.summary.dirty_bytes} bytes dirty after "
+            f"not converging: writes at {writes / MiB:.1f} MiB/s, shipping at "
+            f"{shipping / MiB:.1f} MiB/s, {self.summary.dirty_bytes} bytes dirty after "
             f"{self.summary.passes} passes; cut over with protocol C "
             "(bmigrate cutover), or slow the writes down")
 
@@ -461,7 +504,9 @@ class Migration:
     def run_forever(self, state: ServiceState | None = None) -> Summary:
         """Ship writes as they come until ``stop``; reconnect with backoff on failure.
         ``state`` is told what happens (bmig.sender.runstate decides what it means).
-        A device breqd does not know at the start is a configuration error."""
+        A device breqd does not know at the start is a configuration error. A cutover
+        that claims the device (breqd's CLAIM) is given it: the run waits, paused,
+        and ends once the device is handed over, or ships again if it was not."""
         state = state or ServiceState(self.name, str(self.url))
         started = time.monotonic()
         failures = 0
@@ -472,6 +517,7 @@ class Migration:
         fatal: BmigError | None = None
         try:
             while not self.stop.is_set():
+                self.heartbeat.beat()
                 try:
                     if self._target is None:
                         self.connect()
@@ -482,6 +528,7 @@ class Migration:
                         raise self._target.error    # gone while idle: connect again
                     self.import_writes()
                     stats = self.stats()
+                    self._give_way(stats)
                     dirty = int(stats["dirty_bytes"])
                     lag = dirty + int(stats["inflight_bytes"])
                     self.reporter.lag(dirty, dirty / self.rate if self.rate else None)
@@ -502,7 +549,11 @@ class Migration:
                     # Nothing dirty, or only chunks a writer is busy with (they would only
                     # be sent again): look again in a moment.
                     state.idle(lag, self.rate)
-                    self.stop.wait(self.settings.interval)
+                    self.heartbeat.wait(self.stop, self.settings.interval)
+                except SenderClaimed as exc:
+                    if self._give_up_device(exc, state):
+                        break                 # handed over: nothing more to ship
+                    failures = 0
                 except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
                     raise                     # these do not mend themselves: say so and stop
                 except UnknownDevice:
@@ -519,11 +570,18 @@ class Migration:
         finally:
             self.reporter = outer
             self.summary.seconds = time.monotonic() - started
-            if fatal is not None or self.stop.is_set():
+            if self.summary.handed_over:         # _give_up_device read breqd last
+                state.stopped(self.summary.dirty_bytes)
+            elif fatal is not None:
                 lag = self._lag_now()
                 if lag is not None:
                     self.summary.dirty_bytes = lag
-                state.stopped(lag, fatal.message if fatal is not None else None)
+                state.stopped(lag, fatal.message)
+            elif self.stop.is_set():
+                final = self._peek()
+                if final is not None:
+                    self.summary.stopped_with(final)
+                state.stopped(self.summary.dirty_bytes if final is not None else None)
         return self.summary
 
     def _retry_after_failure(self, state: ServiceState, failures: int) -> None:
@@ -537,7 +595,8 @@ class Migration:
         state.failed(self._unreachable_peer(exc), exc.message, delay, self._lag_now(),
                      self.rate)
         deadline = time.monotonic() + delay
-        while not self.stop.wait(max(0.0, min(LAG_LOOK, deadline - time.monotonic()))):
+        while not self.heartbeat.wait(self.stop,
+                                      max(0.0, min(LAG_LOOK, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 break
             state.lag_seen(self._lag_now(), self.rate)    # writes go on meanwhile
@@ -557,11 +616,54 @@ class Migration:
     def _lag_now(self) -> int | None:
         """Dirty and in flight as breqd says it now (the summary re-reads it: a failed
         attempt leaves no earlier number standing); None when breqd does not answer."""
+        stats = self._peek()
         try:
-            with TrackerClient(self.control, timeout=5, client="bmigrate") as client:
-                stats = client.stats(self.name)
-            return int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
-        except (BmigError, KeyError, ValueError):
+            return None if stats is None else \
+                int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    # -- the sender slot -------------------------------------------------------------------
+
+    def _give_way(self, stats: dict) -> None:
+        """SenderClaimed if a cutover waits for this device (breqd's ``claimed_by``)."""
+        claimant = stats.get("claimed_by")
+        if claimant:
+            raise SenderClaimed(f"{self.name}: {claimant} claims the device for a cutover")
+
+    def _give_up_device(self, why: SenderClaimed, state: ServiceState) -> bool:
+        """A cutover claims the device: give it up, wait while the cutover has it (the
+        state says so, and the watchdog is fed). True if it was handed over (the
+        service is done), False to ship again."""
+        self.close()      # the target's session first, breqd's last: that grants the claim
+        paused = f"{why.message}; paused until it is done"
+        self.reporter.note(paused, state="paused")
+        state.paused(paused)
+        while not self.stop.is_set():
+            stats = self._peek()
+            if stats is not None and not stats.get("sender") and not stats.get("claimed_by"):
+                if stats.get("role") == ROLE_HANDED_OVER:
+                    self.summary.handed_over = True
+                    self.summary.stopped_with(stats)
+                    self.reporter.note(f"{self.name}: breqd records it as handed over to "
+                                       f"generation {stats.get('successor')}; nothing "
+                                       "more to ship", state="handed-over",
+                                       successor=stats.get("successor"))
+                    return True
+                self.reporter.note(f"{self.name}: the cutover is over and this source is "
+                                   "still primary; shipping again", state="resumed")
+                return False
+            state.lag_seen(None, self.rate)
+            self.heartbeat.wait(self.stop, min(self.settings.interval, PAUSE_POLL))
+        return False
+
+    def _peek(self) -> dict | None:
+        """The device's status on a connection of its own (None if breqd does not
+        answer, or does not know the device)."""
+        try:
+            with TrackerClient(self.control, timeout=10, client=self.client_name) as tracker:
+                return tracker.stats(self.name)
+        except BmigError:
             return None
 
 

@@ -15,6 +15,14 @@
 A failure before step 6 stops replication, thaws, and leaves the source primary and
 writable, and says so. Every step is logged and reported (a JSON event with --json).
 
+Before step 1 the cutover takes the device's sender slot in breqd (CLAIM): a running
+``bmigrate run`` (or sync) is asked to give it up, finishes what it has in flight,
+closes its session on the receiver, and the claim is granted when its breqd connection
+ends (at most --timeout seconds of waiting). The run then waits until the cutover is
+done: handed over, it exits 0; not, it ships again (bmig.sender.converge). The hooks'
+output never goes to stdout: each line is reported as a ``hook-output`` event
+(bmig.sender.hooks).
+
 If PROMOTE gets no answer (the connection is lost, the reply with it), the target may be
 the primary already: the source stays read-only, and a new connection asks the receiver
 for the target's record (STATUS) once no session holds the target any more. Promoted:
@@ -31,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,6 +48,7 @@ from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, STATE_CONSISTENT, Targ
                           hex_id, new_generation, save_target)
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
+from bmig.sender.hooks import run_hook
 from bmig.sender.targets import target_status
 
 log = logging.getLogger("bmigrate")
@@ -103,15 +111,15 @@ class Cutover:
     # -- the steps -----------------------------------------------------------------------
 
     def run(self) -> CutoverResult:
-        self._nbd = ManageClient(self.s.manage_dir, self.m.name, timeout=self.s.timeout + 60)
-        self.m.connect()
+        self._nbd = self._open_control()
+        self._connect()
         downtime_start = None
         try:
             self._step(1, "replicate synchronously", self._replicate)
             self._step(2, "drain", self._drain)
             downtime_start = time.monotonic()
             if self.s.pre_handover:
-                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover))
+                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover, "pre-handover"))
             if self.s.freeze or not self.s.pre_handover:
                 self._step(3, "freeze writes", self._freeze)
             self._step(4, "flush both sides", self._flush)
@@ -122,6 +130,19 @@ class Cutover:
             raise
         return self._finish_handover(downtime_start)
 
+    def _open_control(self) -> ManageClient:
+        """What the steps drive: bmig-nbd's control socket."""
+        return ManageClient(self.s.manage_dir, self.m.name, timeout=self.s.timeout + 60)
+
+    def _connect(self) -> None:
+        """Take the device's sender slot (a running sender gives it up), then connect."""
+        self.m.client_name = "bmigrate cutover"
+        self.m.connect(claim=self.s.timeout)
+        if self.m.yielded_by:
+            self.report({"event": "note", "device": self.m.name, "yielded_by": self.m.yielded_by,
+                         "message": f"{self.m.name}: {self.m.yielded_by} gave the device "
+                                    "up for the cutover"})
+
     def _finish_handover(self, downtime_start: float) -> CutoverResult:
         """Steps 6 and 7, and the downtime from ``downtime_start`` to the handover."""
         self._step(6, "hand over", self._hand_over)
@@ -131,7 +152,7 @@ class Cutover:
                      "seconds": self.result.downtime})
         if self.s.post_handover:
             try:
-                self._step(7, "post-handover hook", lambda: self._hook(self.s.post_handover))
+                self._step(7, "post-handover hook", lambda: self._hook(self.s.post_handover, "post-handover"))
             except HookFailed as exc:
                 self.result.post_hook_failed = exc.message
                 raise HookFailed(f"{self.m.name}: handed over (the target is primary with "
@@ -187,16 +208,13 @@ class Cutover:
         if not status["replicating"]:
             raise BmigError(f"replication to {self.url} stopped: {status.get('failed')}")
 
-    def _hook(self, command: str) -> dict:
+    def _hook(self, command: str, which: str) -> dict:
         env = dict(os.environ, BMIG_DEVICE=self.m.name, BMIG_TARGET=self.url)
-        try:
-            done = subprocess.run(command, shell=True, env=env, timeout=self.s.hook_timeout,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise HookFailed(f"hook {command!r} did not finish within "
-                             f"{self.s.hook_timeout:g} s") from None
-        if done.returncode != 0:
-            raise HookFailed(f"hook {command!r} failed with exit status {done.returncode}")
+
+        def output(stream: str, line: str) -> None:
+            self.report({"event": "hook-output", "device": self.m.name, "hook": which,
+                         "stream": stream, "line": line})
+        run_hook(command, env, self.s.hook_timeout, output)
         return {"command": command}
 
     def _freeze(self) -> None:

@@ -1,4 +1,7 @@
-"""The cutover of a dm-tracked device by freezing it (docs/dm-intercept.md).
+"""The cutover of a dm-tracked device: by freezing it, or through bmig-nbd with protocol C
+(docs/dm-intercept.md).
+
+By freezing (DmFreezeCutover):
 
     1  drain: import and pass until the copy trails by less than the threshold
        (NotConverging, exit 10, if writes outpace shipping: use --via-nbd)
@@ -16,6 +19,17 @@
 
 The control object stands in for bmig-nbd's control socket, so that the handover's
 steps and their undoing are the NBD cutover's own (bmig.sender.cutover).
+
+Through bmig-nbd (DmNbdCutover), for a write load the freeze's drain cannot keep up with:
+
+    0  the device's table switched onto /dev/nbdX, served by bmig-nbd on the era device
+       (one suspend and resume); one import takes what was written before
+    1-7  the NBD cutover as it is: protocol C, drain, freeze, flush, verify, hand over;
+       but the freeze is the device's (its file system frozen, as in the freeze cutover)
+       and the read-only table waits in its inactive slot, so the resume after the
+       handover puts the device on it, past bmig-nbd
+    8  the device taken off bmig-nbd: its leg stopped after a handover, the device back
+       onto the era device (writable, tracked by dm-era) after a failure
 """
 
 from __future__ import annotations
@@ -25,8 +39,10 @@ import time
 from typing import Any
 
 from bmig.dm.intercept import DmIntercept
-from bmig.errors import NotConverged
-from bmig.sender.cutover import SETTLE_TIMEOUT, Cutover
+from bmig.errors import BmigError, NotConverged
+from bmig.nbd.manage_client import ManageClient
+from bmig.sender.converge import Migration
+from bmig.sender.cutover import SETTLE_TIMEOUT, Cutover, CutoverResult, CutoverSettings
 
 
 class DmControl:
@@ -72,12 +88,12 @@ class DmFreezeCutover(Cutover):
     def run(self):
         assert self.m.intercept is not None
         self._nbd = DmControl(self.m.intercept, self.s.timeout)   # type: ignore[assignment]
-        self.m.connect()
+        self._connect()
         downtime_start = None
         try:
             self._step(2, "drain", self._drain)
             if self.s.pre_handover:
-                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover))
+                self._step(3, "pre-handover hook", lambda: self._hook(self.s.pre_handover, "pre-handover"))
             downtime_start = time.monotonic()
             self._step(3, "freeze the device", self._freeze)
             self._step(4, "last import and passes", self._flush)
@@ -117,3 +133,86 @@ class DmFreezeCutover(Cutover):
                 self._nbd.close()
         finally:
             self.m.close()
+
+
+class DmNbdControl:
+    """bmig-nbd's control calls for a device on the NBD leg: freeze and thaw are the dm
+    device's (DmControl), the read-only switch both bmig-nbd's and the device's next
+    table; the rest is bmig-nbd's."""
+
+    def __init__(self, nbd: ManageClient, dm: DmControl):
+        self.nbd, self.dm = nbd, dm
+
+    def call(self, op: str, **fields: Any) -> dict:
+        if op in ("freeze", "thaw"):
+            return self.dm.call(op)
+        reply = self.nbd.call(op, **fields)
+        if op == "read-only":
+            self.dm.call(op, **fields)
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.dm.close()
+        finally:
+            self.nbd.close()
+
+
+class DmNbdCutover(Cutover):
+    """The NBD cutover on a dm device whose table was switched onto bmig-nbd for it."""
+
+    def __init__(self, migration: Migration, url: str, settings: CutoverSettings,
+                 report, nbd_device: str | None = None):
+        super().__init__(migration, url, settings, report)
+        self.nbd_device = nbd_device
+
+    def run(self) -> CutoverResult:
+        assert self.m.intercept is not None
+        self._step(0, "switch the device onto bmig-nbd", self._enter)
+        try:
+            result = super().run()
+        except BaseException as exc:
+            self._leave_after_failure(exc)
+            raise
+        try:
+            self._step(8, "switch the device off bmig-nbd", self._leave)
+        except BmigError as exc:
+            raise BmigError(f"{self.m.name}: handed over (the target is primary with "
+                            f"generation {result.generation}), but {exc.message}; the "
+                            "device stays on bmig-nbd, read-only: bmigrate track detach "
+                            f"{self.m.name} takes it off") from None
+        return result
+
+    def _open_control(self) -> DmNbdControl:                  # type: ignore[override]
+        assert self.m.intercept is not None
+        return DmNbdControl(super()._open_control(), DmControl(self.m.intercept,
+                                                               self.s.timeout))
+
+    def _enter(self) -> dict:
+        done = self.m.intercept.enter_nbd(self.nbd_device)       # type: ignore[union-attr]
+        self.s.manage_dir = done["manage_dir"]
+        return {"nbd_device": done["nbd_device"], "held_seconds": done["held_seconds"],
+                "imported_bytes": done["imported_bytes"]}
+
+    def _leave(self) -> dict:
+        """The handover's control connection closed first: bmig-nbd is about to stop."""
+        if self._nbd is not None:
+            self._nbd.close()
+            self._nbd = None
+        done = self.m.intercept.leave_nbd()                       # type: ignore[union-attr]
+        return {"held_seconds": done["held_seconds"], "read_only": done["read_only"]}
+
+    def _leave_after_failure(self, why: BaseException) -> None:
+        """The way back. Cutover's undo made bmig-nbd writable and thawed it already (or,
+        after a handover, left it read-only); leave_nbd looks at breqd's role itself."""
+        try:
+            done = self._leave()
+        except BmigError as exc:
+            self.report({"event": "note", "device": self.m.name, "message":
+                         f"{self.m.name}: the device could not be taken off bmig-nbd "
+                         f"({exc.message}); it still maps onto it: bmigrate track detach "
+                         f"{self.m.name}, or cutover again"})
+            return
+        self.report({"event": "note", "device": self.m.name, "message":
+                     f"{self.m.name}: the device is back on dm-era"
+                     + (" (read-only: handed over)" if done["read_only"] else "")})

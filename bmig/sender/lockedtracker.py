@@ -26,6 +26,10 @@ class LockedTracker:
         with self._lock:
             return self.client.checkout(device, max_bytes)
 
+    def claim(self, device: str, wait: float) -> str | None:
+        with self._lock:
+            return self.client.claim(device, wait)
+
     def commit(self, device: str, ranges: list[tuple[int, int]]) -> None:
         with self._lock:
             self.client.commit(device, ranges)

@@ -12,6 +12,9 @@ import threading
 import time
 
 
+RATE_RECHECK = 1.0      # seconds: a new rate (SIGHUP) applies this soon, even mid-frame
+
+
 class RateLimit:
     """A token bucket over bytes on the wire; ``rate`` may change at any time (SIGHUP)."""
 
@@ -32,7 +35,8 @@ class RateLimit:
             if self._allowance >= nbytes:
                 self._allowance -= nbytes
                 return
-            stop.wait((nbytes - self._allowance) / self.rate)
+            # In pieces: a frame waiting at a low rate takes a raised one (or none) soon.
+            stop.wait(min(RATE_RECHECK, (nbytes - self._allowance) / self.rate))
         self._last = time.monotonic()
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 from bmig.chunkmath import round_up
 from bmig.constants import MiB
-from bmig.errors import BmigError, UnreachableError
+from bmig.errors import BmigError, SenderClaimed, UnreachableError
 from bmig.limits import MAX_DATA, MAX_RANGES_PER_FRAME
 from bmig.sender.buffers import BufferPool
 from bmig.sender.encoder import HOLE_WEIGHT, Encoder, Frame, Run
@@ -108,6 +108,7 @@ class Pass:
         self._inflight = 0                          # bytes checked out, not committed
         self._open: set[Run] = set()                # pieces not yet committed or aborted
         self._fatal: BmigError | None = None
+        self._claimed: SenderClaimed | None = None   # a cutover wants the device: stop
         self._failure: BmigError | None = None       # the first frame the target refused
         self._incomplete = False                     # frames dropped: not all was sent
         self._cut_short = False                      # planning stopped before the end
@@ -152,7 +153,7 @@ class Pass:
             except BmigError as exc:
                 self._fatal = exc
         self._abort_unsettled()
-        self.result.error = self._fatal or self._failure
+        self.result.error = self._fatal or self._failure or self._claimed
         return self.result
 
     def _consistent(self) -> bool:
@@ -192,7 +193,16 @@ class Pass:
             if self._stopped():
                 self._cut_short = True
                 return
-            runs = self._tracker.checkout(device, min(room, CHECKOUT_STEP, budget - planned))
+            try:
+                runs = self._tracker.checkout(device,
+                                              min(room, CHECKOUT_STEP, budget - planned))
+            except SenderClaimed as exc:
+                # A cutover claims the device: stop as on SIGTERM (what is in flight gets
+                # its answer and is committed, what is not goes back to dirty), then
+                # let the caller give the device up.
+                self._claimed = exc
+                self._cut_short = True
+                return
             if not runs:
                 return
             for offset, length in runs:
@@ -232,7 +242,7 @@ class Pass:
         return pieces
 
     def _stopped(self) -> bool:
-        return self._stop.is_set() or self._fatal is not None
+        return self._stop.is_set() or self._fatal is not None or self._claimed is not None
 
     # -- encoder -----------------------------------------------------------------------
 
@@ -429,7 +439,7 @@ class Pass:
 
     def _give_up_if_silent(self, waiting_since: float) -> None:
         """Called with the lock held while waiting for acknowledgements."""
-        limit = STOP_GRACE if self._stop.is_set() else ACK_TIMEOUT
+        limit = STOP_GRACE if self._stop.is_set() or self._claimed else ACK_TIMEOUT
         if time.monotonic() - max(waiting_since, self._last_ack) > limit \
                 and self._fatal is None:
             self._fatal = UnreachableError(f"{self._target.description} stopped "

@@ -9,6 +9,7 @@ pass, its failures; the part ``service`` of a device's status (bmig.devicestate)
         │                  not converging ◀──────────────────┘   │
         │                      └─────────────────────────────────┘
     any state ──a failure──▶ retrying ──connected──▶ catching up
+    any state ──a cutover claims the device──▶ paused ──not handed over, connected──▶ catching up
     any state ──SIGTERM──▶ stopped
     any state ──an error that does not mend itself (the command exits)──▶ failed
 
@@ -50,6 +51,7 @@ CATCHING_UP = "catching up"
 CAUGHT_UP = "caught up"
 NOT_CONVERGING = "not converging"
 RETRYING = "retrying"
+PAUSED = "paused"
 STOPPED = "stopped"
 FAILED = "failed"
 
@@ -160,6 +162,12 @@ class ServiceState:
             what = f"{peer} unreachable" if peer else "failed"
             self._enter(RETRYING, "warning", f"{what}, retry in {delay:g} s", always=True,
                         error=error, retry_in_seconds=delay)
+
+    def paused(self, why: str) -> None:
+        """A cutover has the device (``why``): nothing ships until it is done. A run
+        that gets the device back connects again (starting, then catching up)."""
+        with self._lock:
+            self._enter(PAUSED, "notice", why, retry_in_seconds=None)
 
     def lag_seen(self, lag: int | None, rate: float) -> None:
         """The lag as breqd says it while the service waits to try again."""

@@ -103,6 +103,25 @@ class TrackerClient:
     def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
         return list(self.call(Op.CHECKOUT, {"device": device, "max_bytes": max_bytes}).ranges)
 
+    def claim(self, device: str, wait: float) -> str | None:
+        """Become the device's sender (a cutover): at once if nobody ships it, else once
+        its sender gives it up, within ``wait`` seconds (DeviceBusy after that). Returns
+        who gave it up (None if nobody had it)."""
+        if self.version < 3:
+            raise ProtocolError(f"{self.server} at {self.path} cannot hand a device's sender "
+                                "over (control protocol 3); stop the device's sender "
+                                "(bmigrate run) first, or upgrade breqd")
+        wait_ms = max(0, int(wait * 1000))
+        timeout = self._sock.gettimeout()
+        if timeout is not None:
+            self._sock.settimeout(max(timeout, wait + 30))
+        try:
+            reply = self.call(Op.CLAIM, {"device": device, "wait_ms": wait_ms})
+        finally:
+            self._sock.settimeout(timeout)
+        yielded = reply.fields.get("yielded_by")
+        return str(yielded) if yielded else None
+
     def commit(self, device: str, ranges: Ranges) -> None:
         self.call(Op.COMMIT, {"device": device}, ranges)
 

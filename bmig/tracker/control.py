@@ -27,7 +27,7 @@ from bmig import __version__
 from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import BmigError, ConfigError, ProtocolError, StateError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
-from bmig.limits import MAX_CONTROL_FRAME
+from bmig.limits import MAX_CLIENT_NAME, MAX_CONTROL_FRAME
 from bmig.tracker.protocol import Message, Op, Reply, decode, field_int
 from bmig.tracker.sessions import Session, Sessions
 
@@ -98,6 +98,7 @@ class ControlServer:
             hello = decode(await read_frame(reader, MAX_CONTROL_FRAME))
             request_id = hello.request_id
             writer.write(pack_frame(_hello(hello).encode()))
+            session.peer = _client_name(hello, session.peer)
             while True:
                 request_id = 0
                 msg = decode(await read_frame(reader, MAX_CONTROL_FRAME))
@@ -169,6 +170,16 @@ def _send(writer: asyncio.StreamWriter, msg: Message) -> None:
 
 def _error_reply(request_id: int, exc: BmigError) -> Message:
     return Message(Op.REPLY_ERROR, request_id, {"code": exc.wire_code, "message": exc.message})
+
+
+def _client_name(hello: Message, peer: str) -> str:
+    """The name a session goes by: HELLO's ``client`` (printable, at most
+    MAX_CLIENT_NAME characters) and the peer's pid, e.g. "bmigrate run 0.1.0 (pid 42)"."""
+    client = hello.fields.get("client")
+    if not isinstance(client, str):
+        return peer
+    client = "".join(c if c.isprintable() else "?" for c in client[:MAX_CLIENT_NAME]).strip()
+    return f"{client} ({peer})" if client else peer
 
 
 def _peer_name(writer: asyncio.StreamWriter) -> str:

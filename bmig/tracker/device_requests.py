@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Callable
 
 from bmig.constants import DEFAULT_CHUNK_SIZE
 from bmig.errors import DeviceExists, RequestError, StateError
@@ -24,23 +25,30 @@ from bmig.tracker.protocol import (Message, Op, Reply, field_bool, field_int, fi
                                    reply_after)
 from bmig.tracker.registry import Registry
 from bmig.tracker.sessions import Session
+from bmig.tracker.tracked import TrackedDevice
 
 log = logging.getLogger("breqd")
 
 
 class DeviceRequests:
-    def __init__(self, registry: Registry):
+    """``slot`` gives a device's sender slot for its status (Sessions.slot)."""
+
+    def __init__(self, registry: Registry, slot: Callable[[str], dict[str, Any]]):
         self._registry = registry
+        self._slot = slot
 
     # -- what is tracked -------------------------------------------------------------
 
+    def _status(self, device: TrackedDevice) -> dict[str, Any]:
+        return {**device.stats(), **self._slot(device.name)}
+
     def stats(self, session: Session, msg: Message) -> Reply:
-        return Message(Op.REPLY_OK, msg.request_id, self._registry.requested(msg).stats())
+        return Message(Op.REPLY_OK, msg.request_id, self._status(self._registry.requested(msg)))
 
     def list_devices(self, session: Session, msg: Message) -> Reply:
         devices = self._registry.devices
         return Message(Op.REPLY_OK, msg.request_id,
-                       {"devices": [devices[name].stats() for name in sorted(devices)]})
+                       {"devices": [self._status(devices[name]) for name in sorted(devices)]})
 
     # -- adding and removing ---------------------------------------------------------
 
@@ -72,15 +80,16 @@ class DeviceRequests:
             os.unlink(path)
             raise StateError(f"{name}: cannot create its bitmap in {registry.state_dir}")
         if adopted is None or not field_bool(msg, "clean"):
-            return Message(Op.REPLY_OK, msg.request_id, device.stats())
+            return Message(Op.REPLY_OK, msg.request_id, self._status(device))
         # An adopted copy that equals its source at the handover starts clean: from now
         # on what is written here is what a fail-back ships.
         log.warning("%s: adopted generation %s with a clean bitmap", name,
                     hex_id(adopted.generation))
         device.chunks.clear_all()
+        device.recovered = None       # nothing was set dirty: "no saved bitmap" would lie
         device.committer.lazy(device.all_pages())
         flushed = device.committer.flush_lazy()
-        ok = Message(Op.REPLY_OK, msg.request_id, device.stats())
+        ok = Message(Op.REPLY_OK, msg.request_id, self._status(device))
         return ok if flushed is None else reply_after(flushed, ok)
 
     def remove_device(self, session: Session, msg: Message) -> Reply:

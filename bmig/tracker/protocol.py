@@ -51,6 +51,7 @@ class Op(enum.IntEnum):
     REMOVE_DEVICE = 12
     QUERY = 13
     SET_LINEAGE = 14
+    CLAIM = 15
     REPLY_OK = 0x80
     REPLY_ERROR = 0x81
 

@@ -4,7 +4,8 @@ The rooms, and the requests each one answers (the table in ``Breqd.__init__``):
 
     control.py           the control socket, connections, HELLO, dispatch, replies
     sessions.py          a connection's checkouts and holds, and its end (invariant 3):
-                         MARK, MARK_COMPLETED, CHECKOUT, COMMIT, ABORT
+                         MARK, MARK_COMPLETED, CHECKOUT, COMMIT, ABORT; the sender
+                         slot: CLAIM
     registry.py          the tracked devices, the config directory, its watcher, rescans
     device_requests.py   LIST, STATS, ADD_DEVICE, REMOVE_DEVICE, QUERY, SET_ALL_DIRTY,
                          CLEAR_ALL
@@ -60,13 +61,13 @@ class Breqd:
         self.registry = Registry(settings.config_dir, settings.state_dir, self._executor)
         self.sessions = Sessions(self.registry)
         self.registry.untrack_listeners.append(self.sessions.forget_device)
-        devices = DeviceRequests(self.registry)
+        devices = DeviceRequests(self.registry, self.sessions.slot)
         lineage = LineageRequests(self.registry)
         self.control = ControlServer(settings.control, settings.socket_mode, self.sessions, {
             Op.MARK: self.sessions.mark, Op.MARK_COMPLETED: self.sessions.mark_completed,
             Op.QUERY: devices.query,
             Op.CHECKOUT: self.sessions.checkout, Op.COMMIT: self.sessions.commit,
-            Op.ABORT: self.sessions.abort,
+            Op.ABORT: self.sessions.abort, Op.CLAIM: self.sessions.claim,
             Op.STATS: devices.stats, Op.LIST: devices.list_devices,
             Op.SET_ALL_DIRTY: devices.set_all_dirty, Op.CLEAR_ALL: devices.clear_all,
             Op.ADD_DEVICE: devices.add_device, Op.REMOVE_DEVICE: devices.remove_device,

@@ -8,6 +8,14 @@ MARK_COMPLETED lets go of them, ``Session.holds``). ChunkMap keeps only the unio
 session's holds (``held``), so letting go of a hold recomputes that union from the holds
 of the others. One sender at a time checks out a device.
 
+The sender slot: the first connection that checks a device out is its sender until it
+closes. A CLAIM (``bmigrate cutover``) takes the slot: at once if it is free, else it
+waits (at most ``wait_ms``) while the sender's next CHECKOUT is refused with
+``sender-claimed`` and STATS names the claimant (``claimed_by``); the claim is granted
+the moment the sender's connection ends, so the slot is never free in between. A
+connection that took the slot by CLAIM keeps it until it closes: nobody claims it from
+it.
+
 When a connection ends, for whatever reason, ``end`` aborts its checkouts (invariant 3: a
 lost sender's chunks go back to dirty) and lets go of its holds (the chunks stay dirty: a
 write may have reached the source). The MARK handler is here because a hold belongs to
@@ -23,15 +31,19 @@ of the config directory (registry.py).
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable
 
-from bmig.errors import DeviceBusy, NotCheckedOut, RequestError
-from bmig.limits import MARK_PIECE, MAX_CHECKOUT_RUNS, MAX_HELD_RUNS
+from bmig.errors import DeviceBusy, NotCheckedOut, RequestError, SenderClaimed, UnknownDevice
+from bmig.limits import MARK_PIECE, MAX_CHECKOUT_RUNS, MAX_CLAIM_WAIT_MS, MAX_HELD_RUNS
 from bmig.tracker.committer import pages_of
 from bmig.tracker.intervals import IntervalSet, merge_spans
 from bmig.tracker.protocol import Message, Op, Reply, field_bool, field_int, reply_after
 from bmig.tracker.registry import Registry
 from bmig.tracker.tracked import TrackedDevice
+
+log = logging.getLogger("breqd")
 
 
 class Session:
@@ -42,6 +54,16 @@ class Session:
         self.peer = peer
         self.checkouts: dict[str, IntervalSet] = {}
         self.holds: dict[str, IntervalSet] = {}
+        self.claimed: set[str] = set()     # devices whose slot it took by CLAIM
+
+
+@dataclass(eq=False)
+class _Claim:
+    """A CLAIM waiting for the device's sender to give the slot up."""
+
+    session: Session
+    answer: asyncio.Future             # the peer that gave the slot up, or an error
+    timer: asyncio.TimerHandle
 
 
 class Sessions:
@@ -52,6 +74,7 @@ class Sessions:
         self._registry = registry
         self._live: set[Session] = set()
         self._senders: dict[str, Session] = {}     # device -> the session that checks out
+        self._claims: dict[str, _Claim] = {}       # device -> the claim waiting for it
 
     # -- connections -----------------------------------------------------------------
 
@@ -71,8 +94,12 @@ class Sessions:
             for first, end in checked_out:
                 device.chunks.abort(first, end)
         session.checkouts.clear()
+        for name in [n for n, claim in self._claims.items() if claim.session is session]:
+            self._drop_claim(name, RequestError(f"{name}: the claim's connection ended"))
         for name in [n for n, owner in self._senders.items() if owner is session]:
             del self._senders[name]
+            self._grant(name, session.peer)
+        session.claimed.clear()
         holds, session.holds = session.holds, {}
         for name, runs in holds.items():
             device = self._registry.devices.get(name)
@@ -87,9 +114,11 @@ class Sessions:
     def forget_device(self, name: str) -> None:
         """``name`` is no longer tracked: no session has it checked out or holds it."""
         self._senders.pop(name, None)
+        self._drop_claim(name, UnknownDevice(f"{name} is no longer tracked"))
         for session in self._live:
             session.checkouts.pop(name, None)
             session.holds.pop(name, None)
+            session.claimed.discard(name)
 
     def _let_go(self, device: TrackedDevice, session: Session, first: int, end: int,
                 synced: bool = False) -> None:
@@ -167,10 +196,14 @@ class Sessions:
 
     def checkout(self, session: Session, msg: Message) -> Reply:
         device = self._registry.requested(msg)
-        owner = self._senders.get(device.name)
-        if owner is not None and owner is not session and owner in self._live:
+        owner = self._sender(device.name)
+        if owner is not None and owner is not session:
             raise DeviceBusy(f"{device.name} is being shipped by another sender "
                              f"({owner.peer}); one sender at a time")
+        claim = self._claims.get(device.name)
+        if claim is not None and claim.session is not session:
+            raise SenderClaimed(f"{device.name}: {claim.session.peer} claims the device "
+                                "for a cutover; this sender gives it up")
         self._senders[device.name] = session
         max_bytes = field_int(msg, "max_bytes")
         if max_bytes <= 0:
@@ -211,3 +244,78 @@ class Sessions:
             device.chunks.abort(first, end)
             checked_out.remove(first, end)
         return Message(Op.REPLY_OK, msg.request_id)
+
+    # -- the sender slot ---------------------------------------------------------------
+
+    def slot(self, name: str) -> dict[str, Any]:
+        """The sender slot of device ``name``, for its status object."""
+        owner = self._sender(name)
+        claim = self._claims.get(name)
+        return {"sender": owner.peer if owner is not None else None,
+                "sender_claimed": owner is not None and name in owner.claimed,
+                "claimed_by": claim.session.peer if claim is not None else None}
+
+    def claim(self, session: Session, msg: Message) -> Reply:
+        """CLAIM: make ``session`` the device's sender, now if the slot is free, else
+        once its sender gives it up (within ``wait_ms``). The reply's ``yielded_by``
+        names the sender that gave it up (null if none had it)."""
+        device = self._registry.requested(msg)
+        name = device.name
+        wait_ms = field_int(msg, "wait_ms", 0)
+        if not 0 <= wait_ms <= MAX_CLAIM_WAIT_MS:
+            raise RequestError(f"wait_ms must be from 0 to {MAX_CLAIM_WAIT_MS}, not {wait_ms}")
+        owner = self._sender(name)
+        if owner is None or owner is session:
+            self._senders[name] = session
+            session.claimed.add(name)
+            return Message(Op.REPLY_OK, msg.request_id, {"yielded_by": None})
+        if name in owner.claimed:
+            raise DeviceBusy(f"{name} is held by {owner.peer} for a cutover; one at a time")
+        waiting = self._claims.get(name)
+        if waiting is not None:
+            raise DeviceBusy(f"{name}: {waiting.session.peer} already claims it")
+        if wait_ms == 0:
+            raise DeviceBusy(f"{name} is being shipped by {owner.peer}")
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        timer = loop.call_later(wait_ms / 1000, self._claim_timed_out, name, answer,
+                                owner.peer, wait_ms)
+        self._claims[name] = _Claim(session, answer, timer)
+        log.info("%s: %s claims the device; asking %s to give it up", name, session.peer,
+                 owner.peer)
+        return _claim_reply(msg.request_id, answer)
+
+    def _sender(self, name: str) -> Session | None:
+        owner = self._senders.get(name)
+        return owner if owner is not None and owner in self._live else None
+
+    def _grant(self, name: str, previous: str) -> None:
+        """The slot of ``name`` is free: the claim waiting for it (if any) gets it."""
+        claim = self._claims.pop(name, None)
+        if claim is None:
+            return
+        claim.timer.cancel()
+        if claim.session not in self._live or claim.answer.done():
+            return
+        self._senders[name] = claim.session
+        claim.session.claimed.add(name)
+        log.info("%s: %s gave the device up to %s", name, previous, claim.session.peer)
+        claim.answer.set_result(previous)
+
+    def _drop_claim(self, name: str, why: Exception) -> None:
+        claim = self._claims.pop(name, None)
+        if claim is not None:
+            claim.timer.cancel()
+            if not claim.answer.done():
+                claim.answer.set_exception(why)
+
+    def _claim_timed_out(self, name: str, answer: asyncio.Future, owner: str,
+                         wait_ms: int) -> None:
+        claim = self._claims.get(name)
+        if claim is not None and claim.answer is answer:
+            self._drop_claim(name, DeviceBusy(
+                f"{name}: {owner} did not give the device up within {wait_ms / 1000:g} s"))
+
+
+async def _claim_reply(request_id: int, answer: Awaitable[str]) -> Message:
+    return Message(Op.REPLY_OK, request_id, {"yielded_by": await answer})

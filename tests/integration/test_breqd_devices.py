@@ -378,7 +378,9 @@ def test_cli_without_breqd_exits_4_with_one_line(tmp_path, breqd):
     stale = bmigrate(breqd.control, "track", "status", "--json")
     assert stale.returncode == 4, stale
     assert "cannot reach breqd" in one_line_error(stale)
-    assert stale.stdout == ""
+    error, = [json.loads(line) for line in stale.stdout.splitlines()]   # --json: an event
+    assert error["event"] == "error" and error["exit_code"] == 4, error
+    assert "cannot reach breqd" in error["message"] and error["time"] > 0
 
 
 def test_cli_remove_then_restore_the_file_keeps_the_bitmap(breqd):
@@ -471,3 +473,16 @@ def test_a_definition_too_big_for_memory_does_not_stop_breqd(tmp_path, daemons):
     daemons.start(_limited_breqd(root, config_dir))
     with client(os.path.join(root, "breqd.sock")) as c:
         assert [d["name"] for d in c.list_devices()] == ["small"]
+
+
+def test_an_adopted_clean_device_does_not_claim_its_bitmap_was_missing(breqd):
+    """``track add --adopt`` starts clean on purpose: ``recovered`` stays null (it says
+    why chunks were set dirty, and none were); a plain new device says why it is dirty."""
+    with client(breqd.control) as c:
+        adopted = c.add_device("adopted", SIZE, chunk_size=CHUNK,
+                               lineage={"generation": "00000000000000a1", "previous": []},
+                               clean=True)
+        assert adopted["dirty_bytes"] == 0 and adopted["recovered"] is None, adopted
+        assert c.stats("adopted")["recovered"] is None
+        fresh = c.add_device("fresh", SIZE, chunk_size=CHUNK)
+        assert fresh["dirty_bytes"] == SIZE and fresh["recovered"] == "no saved bitmap"

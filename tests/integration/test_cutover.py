@@ -616,7 +616,10 @@ def test_a_failing_post_handover_hook_says_the_handover_happened(breqd, rig, tmp
     assert any(e["event"] == "downtime" for e in events)
     lines = error_lines(done.stderr)
     assert len(lines) == 1 and "handed over" in lines[0], done.stderr
-    assert events[-1]["event"] == "cutover" and events[-1]["handed_over"] is True, events[-1]
+    # The result, then the error: both on stdout, as JSON.
+    assert events[-2]["event"] == "cutover" and events[-2]["handed_over"] is True, events[-2]
+    assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 12, events[-1]
+    assert "handed over" in events[-1]["message"]
 
 
 def test_a_restarted_bmig_nbd_keeps_the_handed_over_source_read_only(breqd, rig, tmp_path):
@@ -661,7 +664,7 @@ def test_not_converging_reports_a_write_rate_above_the_shipping_rate(breqd, rig)
         writer.join(timeout=60)
     assert done.returncode == 10, done.stderr
     message = error_lines(done.stderr)[0]
-    rates = re.search(r"writes at ([\d.]+) MB/s, shipping at ([\d.]+) MB/s", message)
+    rates = re.search(r"writes at ([\d.]+) MiB/s, shipping at ([\d.]+) MiB/s", message)
     assert rates, message
     writes, shipping = float(rates.group(1)), float(rates.group(2))
     assert shipping <= 1.5                       # --bwlimit 1M

@@ -12,6 +12,7 @@ import subprocess
 
 from bmig.errors import EXIT_CONFIG
 from tests.integration.nbd_helpers import nbd_argv
+from tests.integration.sync_helpers import bmigrate_argv
 
 TIMEOUT = 60
 
@@ -61,3 +62,32 @@ def test_an_export_name_given_twice_is_refused(breqd, tmp_path):
     done = start(breqd, tmp_path, "--device", "d1", "--backing", path,
                  "--device", "d2", "--backing", path, "--export", "x", "--export", "x")
     refused(done, "export 'x' is given twice")
+
+
+def test_bmig_nbd_reads_the_variables_bmigrate_reads(breqd, tmp_path):
+    """BMIG_NBD_DIR and BMIG_CONTROL mean the same to bmig-nbd as to bmigrate: set once,
+    bmigrate finds the control socket bmig-nbd made (no "no bmig-nbd serves d1")."""
+    import json
+
+    from tests.daemon import Daemon
+    from tests.integration.sync_helpers import bmigrate
+
+    size = 1 << 20
+    client = breqd.client()
+    client.add_device("d1", size)
+    client.close()
+    manage = str(tmp_path / "sockets")
+    daemon = Daemon(nbd_argv("--device", "d1", "--backing", backing(tmp_path, size),
+                             "--unix", str(tmp_path / "nbd.sock")),
+                    str(tmp_path / "nbd.log"),
+                    env={"BMIG_NBD_DIR": manage, "BMIG_CONTROL": breqd.control}).start()
+    try:
+        assert os.path.exists(os.path.join(manage, "d1.sock")), os.listdir(tmp_path)
+        env_done = subprocess.run(
+            [*bmigrate_argv("replicate", "d1", "--status", "--json")], capture_output=True,
+            text=True, timeout=60, env=dict(os.environ, BMIG_NBD_DIR=manage,
+                                            BMIG_CONTROL=breqd.control))
+        assert env_done.returncode == 0, env_done.stderr
+        assert json.loads(env_done.stdout)["device"] == "d1"
+    finally:
+        assert daemon.stop() == 0

@@ -346,3 +346,44 @@ def test_the_migration_file_names_the_breqd_socket(breqd, tmp_path, receivers):
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
     assert summary_of(done)["converged"] and same_bytes(source, target)
+
+
+def test_a_refused_reload_is_a_json_event_and_the_run_goes_on(breqd, tmp_path, receivers,
+                                                              migrations):
+    source = make_image(str(tmp_path / "src.img"), 2 * MiB, "random")
+    track(breqd, "d", source)
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    settings = dict(name="d", source=source, to=r.url("d"), secret_file=r.secret_file,
+                    interval=0.2)
+    config = write_migration_file(str(tmp_path / "d.toml"), **settings, bwlimit="20M")
+    m = start_background(migrations, breqd, "run", "--config", config, "--json")
+    wait_until(identical(source, target), timeout=30, what="the copy")
+    write_migration_file(config, **settings, bwlimit="1.5M", level=99)
+    m.signal(signal.SIGHUP)
+    refused = m.wait_event(lambda e: e["event"] == "note" and e.get("reload_refused"),
+                           timeout=10, what="the refused reload's event")
+    assert "level" in refused["reload_refused"] and refused["error"] == "config", refused
+    assert any("reload refused" in line for line in m.stderr_lines), m.stderr
+    write_migration_file(config, **settings, bwlimit="1.5M")
+    m.signal(signal.SIGHUP)
+    reloaded = m.wait_event(lambda e: e["event"] == "note" and "reloaded" in e["message"],
+                            timeout=10, what="the reload note")
+    assert "bwlimit 1.5 MiB/s" in reloaded["message"], reloaded     # the flag's units
+    assert m.stop() == 0, m.stderr
+    summary = m.events[-1]
+    assert summary["event"] == "summary" and summary["dirty_bytes"] == 0, summary
+    # Stopped with nothing dirty, in flight or held: converged and identical.
+    assert summary["converged"] is True and summary["identical"] is True, summary
+
+
+def test_run_refuses_a_threshold(breqd, tmp_path):
+    done = subprocess.run(bmigrate_argv("run", "d", "--source", "/dev/null", "--to",
+                                        "tcp://127.0.0.1:1/d", "--threshold", "1s"),
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, BMIG_CONTROL=breqd.control))
+    assert done.returncode == 2, done
+    line, = done.stderr.splitlines()
+    assert line.startswith("bmigrate: no such option '--threshold'"), line
+    assert line.endswith("(see bmigrate run --help)"), line

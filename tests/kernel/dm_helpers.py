@@ -45,10 +45,12 @@ class Volume:
     """/dev/mapper/NAME: a linear table over a loop device over a file, as an LVM volume
     on one physical volume looks."""
 
-    def __init__(self, name: str, image: str, size: int):
+    def __init__(self, name: str, image: str, size: int, fresh: bool = True):
+        """``fresh``: a new, zeroed image; else the one there (after a reboot)."""
         self.name, self.image, self.size = name, image, size
-        with open(image, "wb") as f:
-            f.truncate(size)
+        if fresh:
+            with open(image, "wb") as f:
+                f.truncate(size)
         self.loop = run("losetup", "--find", "--show", image).stdout.strip()
         self.sectors = size // 512
         run("dmsetup", "create", name, "--table", f"0 {self.sectors} linear {self.loop} 0")

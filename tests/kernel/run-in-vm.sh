@@ -37,6 +37,9 @@
 #             udev sync and udev rules make /dev/mapper/* and /dev/disk/*
 #             links; without it DM_DISABLE_UDEV=1 is exported and libdevmapper
 #             creates /dev/mapper/* nodes itself        VM_UDEV=1
+#   -s        boot systemd as PID 1 (the host's /lib/systemd/systemd) and run the
+#             command as run-in-vm.service, the one unit of run-in-vm.target (with
+#             journald): systemctl and journalctl work in the command   VM_SYSTEMD=1
 #   -v        copy the guest kernel console to stderr after the run
 #                                       VM_VERBOSE=1
 # In the guest RUN_IN_VM=qemu|uml is set.
@@ -60,11 +63,12 @@ TIMEOUT=${VM_TIMEOUT:-3600}
 ACCEL=${VM_ACCEL:-auto}
 VERBOSE=${VM_VERBOSE:-0}
 UDEV=${VM_UDEV:-0}
+SYSTEMD=${VM_SYSTEMD:-0}
 RW_DIRS=()
 IFS=: read -r -a RW_DIRS <<<"${VM_RW_DIRS:-}"
 read -r -a PASS_ENV <<<"${VM_PASS_ENV:-}"
 
-while getopts "b:k:m:c:w:t:a:e:uvh" opt; do
+while getopts "b:k:m:c:w:t:a:e:usvh" opt; do
   case $opt in
     b) BACKEND=$OPTARG ;;
     k) KERNEL=$OPTARG ;;
@@ -75,6 +79,7 @@ while getopts "b:k:m:c:w:t:a:e:uvh" opt; do
     a) ACCEL=$OPTARG ;;
     e) PASS_ENV+=("$OPTARG") ;;
     u) UDEV=1 ;;
+    s) SYSTEMD=1 ;;
     v) VERBOSE=1 ;;
     h) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) exit 120 ;;
@@ -83,6 +88,9 @@ done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || die "no command given (see -h)"
 command -v modprobe >/dev/null || die "modprobe missing: apt-get install kmod"
+if [ "$SYSTEMD" = 1 ] && [ ! -x /lib/systemd/systemd ]; then
+  die "-s: /lib/systemd/systemd missing: apt-get install systemd"
+fi
 
 # ------------------------------------------------------- backend checks
 case $BACKEND in
@@ -150,6 +158,7 @@ fi
     [ -n "${!v+x}" ] && printf 'export %s=%q\n' "$v" "${!v}"
   done
   printf 'VM_UDEV=%q\n' "$UDEV"
+  printf 'VM_SYSTEMD=%q\n' "$SYSTEMD"
   printf 'export RUN_IN_VM=%q\n' "$BACKEND"
   printf 'cd %q 2>/dev/null || cd /\n' "$PWD"
 } >"$CTL/env.sh"
@@ -161,7 +170,8 @@ for d in "${RW_DIRS[@]}"; do
 done
 
 # stage2: runs as PID 1 inside the guest (host's bash, on the overlay root,
-# ctl dir mounted read-write at /run/vmctl)
+# ctl dir mounted read-write at /run/vmctl); with -s it execs systemd, which runs
+# it again (--command) as run-in-vm.service
 cat >"$CTL/stage2.sh" <<'EOF'
 port() { for p in /sys/class/virtio-ports/*; do [ "$(cat "$p/name" 2>/dev/null)" = "$1" ] && echo "/dev/$(basename "$p")" && return; done; echo /dev/console; }
 export HOME=/root
@@ -173,6 +183,35 @@ else
   OUT=$(port vm.stdout); ERR=$(port vm.stderr)
 fi
 hostname run-in-vm 2>/dev/null
+if [ "$VM_SYSTEMD" = 1 ] && [ "${1:-}" != --command ]; then
+  # systemd becomes PID 1 and runs this script again, as a service, for the command.
+  # The guest is no container: the host's marker file would make systemd think so.
+  rm -f /.dockerenv
+  mkdir -p /run/systemd/system
+  cat >/run/systemd/system/run-in-vm.target <<EOT
+[Unit]
+Description=run-in-vm: the command
+Requires=run-in-vm.service
+After=run-in-vm.service
+Wants=systemd-journald.service
+AllowIsolate=yes
+EOT
+  # The command starts once sysinit.target is reached (as a real boot's services do),
+  # so that nothing of it (systemd-tmpfiles cleaning /tmp, say) runs meanwhile.
+  cat >/run/systemd/system/run-in-vm.service <<EOT
+[Unit]
+Description=run-in-vm: the command
+[Service]
+Type=exec
+ExecStart=/bin/bash /run/vmctl/stage2.sh --command
+StandardInput=null
+StandardOutput=file:$OUT
+StandardError=file:$ERR
+IgnoreSIGPIPE=no
+TimeoutStartSec=infinity
+EOT
+  exec /lib/systemd/systemd --system --unit=run-in-vm.target
+fi
 if [ "$VM_UDEV" = 1 ] && [ -x /lib/systemd/systemd-udevd ]; then
   /lib/systemd/systemd-udevd --daemon >/dev/null 2>&1
 else
@@ -305,7 +344,7 @@ boot_uml() {
   # stage1 runs as PID 1 with the host's bash, on the read-only hostfs root
   {
     echo '#!/bin/bash'
-    printf 'WORK=%q KVER=%q\n' "$WORK" "$KVER"
+    printf 'WORK=%q KVER=%q SYSTEMD=%q\n' "$WORK" "$KVER" "$SYSTEMD"
     cat <<'EOF'
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 fail() { echo "uml stage1: $*"; echo o >/proc/sysrq-trigger; sleep 30; }
@@ -327,6 +366,12 @@ while read -r dir; do
   mkdir -p "$R$dir"; mount -t hostfs -o "$dir" none "$R$dir" || fail "rw share $dir"
 done <$WORK/ctl/rwdirs
 ip link set lo up 2>/dev/null
+if [ "$SYSTEMD" = 1 ]; then
+  # pivot_root, not chroot: in a chroot the kernel refuses user namespaces, which
+  # systemd's PrivateUsers= needs. The host's root is detached once the overlay is /.
+  mkdir -p $R/run/oldroot && cd $R && pivot_root . run/oldroot || fail "pivot_root"
+  exec chroot . /bin/bash -c 'umount -l /run/oldroot; rmdir /run/oldroot; exec /bin/bash /run/vmctl/stage2.sh'
+fi
 cd $R && exec chroot $R /bin/bash /run/vmctl/stage2.sh
 EOF
   } >"$WORK/stage1.sh"

@@ -7,6 +7,7 @@ are a few MiB: a linear dm device over a loop device, as an LVM volume looks.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -168,3 +169,66 @@ def test_a_replaced_table_is_a_gap_and_every_chunk_becomes_dirty(breqd, volume, 
     assert "(lost)" in status
     run("dmsetup", "remove", "bmig-d1-era")
     run("dmsetup", "remove", "bmig-d1-origin")
+
+
+def lost_to_all_dirty(breqd, dm_state: str, volume: Volume) -> None:
+    """A write after the gap; then the import sets every chunk dirty and says why."""
+    write_at(volume.path, 7 * CHUNK, os.urandom(4096))
+    done = run(*bmig_dm_argv(breqd, dm_state, "--once", "d1"), check=False)
+    assert done.returncode == 1, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "era" in done.stderr
+    assert len(dirty_chunks(breqd, "d1", SIZE)) == -(-SIZE // CHUNK)
+    assert record(dm_state, "d1")["state"] == "lost"
+
+
+def attached_some_eras_ago(breqd, dm_state: str, volume: Volume) -> int:
+    """Attached, imported a few times, nothing dirty: the era imported last."""
+    bmigrate(breqd, dm_state, "track", "attach", "d1", "--dm", volume.path)
+    for _ in range(4):
+        import_once(breqd, dm_state)
+    clear(breqd, "d1")
+    return record(dm_state, "d1")["imported_era"]
+
+
+def test_a_record_ahead_of_dm_era_is_a_gap_and_every_chunk_becomes_dirty(breqd, volume,
+                                                                         dm_state):
+    """The record says eras were imported that dm-era has not reached (a record from
+    another attach, or restored from a copy): era_invalidate from there would list
+    nothing written since. The import sets every chunk dirty instead."""
+    imported = attached_some_eras_ago(breqd, dm_state, volume)
+    path = os.path.join(dm_state, "d1.json")
+    with open(path) as f:
+        raw = json.load(f)
+    raw["imported_era"] = imported + 100
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    lost_to_all_dirty(breqd, dm_state, volume)
+    bmigrate(breqd, dm_state, "track", "detach", "d1")
+
+
+def test_dm_era_on_new_metadata_is_a_gap_and_every_chunk_becomes_dirty(breqd, volume,
+                                                                      dm_state, tmp_path):
+    """The era device's table reloaded onto a fresh metadata device: dm-era counts eras
+    from 1 again, below the era imported last, and era_invalidate from that era would
+    miss the writes made since. The import sets every chunk dirty instead."""
+    imported = attached_some_eras_ago(breqd, dm_state, volume)
+    fresh = str(tmp_path / "fresh.era-metadata")
+    with open(fresh, "wb") as f:
+        f.truncate(os.path.getsize(record(dm_state, "d1")["metadata_file"]))
+    loop = run("losetup", "--find", "--show", fresh).stdout.strip()
+    try:
+        line = table("bmig-d1-era")[0].split()
+        line[3] = loop                                      # era METADATA ORIGIN BLOCK
+        run("dmsetup", "load", "bmig-d1-era", "--table", " ".join(line))
+        run("dmsetup", "suspend", "bmig-d1-era")
+        run("dmsetup", "resume", "bmig-d1-era")
+        era_now = int(run("dmsetup", "status", "bmig-d1-era").stdout.split()[5])
+        assert era_now <= imported
+        lost_to_all_dirty(breqd, dm_state, volume)
+        run("dmsetup", "load", volume.name, "--table", "\n".join(volume.original))
+        run("dmsetup", "suspend", volume.name)
+        run("dmsetup", "resume", volume.name)
+        run("dmsetup", "remove", "bmig-d1-era")
+        run("dmsetup", "remove", "bmig-d1-origin")
+    finally:
+        run("losetup", "-d", loop, check=False)

@@ -78,7 +78,9 @@ def test_kill9_of_the_importer_and_of_breqd_under_writes_loses_nothing(
     try:
         bmigrate(breqd, dm_state, "track", "attach", "d1", "--dm", vol.path)
         writer.start()
-        assert bmigrate(breqd, dm_state, *sync, check=False).returncode in (0, 15)
+        # The first copy, under the writer: done, or it stops as not converging (exit 10:
+        # the import after each pass shows the writer dirtying the whole device again).
+        assert bmigrate(breqd, dm_state, *sync, check=False).returncode in (0, 10, 15)
         daemon = Daemon(bmig_dm_argv(breqd, dm_state, "--interval", "0.1", "d1"),
                         str(tmp_path / "bmig-dm.log")).start()
         daemon = crash_rounds(breqd, daemon, random.Random(seed), ROUNDS)

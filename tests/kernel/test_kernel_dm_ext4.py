@@ -32,9 +32,10 @@ class FileWriter(threading.Thread):
     remembers each file's content once fsync returned: ``durable``; ``pending`` is the
     content a write in progress would leave."""
 
-    def __init__(self, root: str, seed: int):
+    def __init__(self, root: str, seed: int, names: int = 24, pause: float = 0.0):
         super().__init__(daemon=True)
         self.root, self.rng = root, random.Random(seed)
+        self.names, self.pause = names, pause     # how many files; seconds between ops
         self.durable: dict[str, str] = {}
         self.pending: dict[str, str] = {}
         self.content: dict[str, bytes] = {}
@@ -50,6 +51,8 @@ class FileWriter(threading.Thread):
                 with self.progress:
                     self.ops += 1
                     self.progress.notify_all()
+                if self.pause:
+                    self.stop.wait(self.pause)
         except OSError as exc:          # the handed-over source refuses writes
             self.error = exc
         with self.progress:
@@ -62,7 +65,7 @@ class FileWriter(threading.Thread):
                                           or not self.is_alive(), timeout)
 
     def _one(self) -> None:
-        name = f"file{self.rng.randrange(24)}"
+        name = f"file{self.rng.randrange(self.names)}"
         path = os.path.join(self.root, name)
         data = self.rng.randbytes(self.rng.choice([100, 4096, 20000, 70000]))
         if name in self.content and len(self.content[name]) < 256 * 1024 \
