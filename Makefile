@@ -5,7 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Debian packages the test suite drives (real clients and tools, not mocks).
 DEB_PACKAGES := procps util-linux qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs openssh-server openssh-client \
-                user-mode-linux kmod nbd-client thin-provisioning-tools dmsetup systemd
+                user-mode-linux kmod nbd-client thin-provisioning-tools dmsetup systemd \
+                resource-agents libxml2-utils
 
 PYTEST_ARGS ?=
 

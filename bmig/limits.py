@@ -100,6 +100,7 @@ MAX_NBD_CONTEXTS = 256             # meta contexts one SET_META_CONTEXT may sele
 
 MAX_CONFIG_FILE = 1 * MiB          # a TOML settings or definition file (bmig/config.py)
 MAX_STATE_FILE = 1 * MiB           # a JSON state record: lineage, target (bmig/config.py)
+RESYNC_PAGE = 1024                 # ranges of a rejoining copy's resync set per RESYNC
 MAX_SECRET_FILE = 4096             # a shared secret (bmig/wire/auth.py)
 MAX_PSK_FILE = 1 * MiB             # a TLS-PSK file (bmig/nbd/psk.py)
 MAX_PSK_IDENTITY = 128             # bytes; below OpenSSL's PSK_MAX_IDENTITY_LEN
@@ -145,6 +146,8 @@ def relations(c: Any) -> list[tuple[bool, str]]:
         (28 + c.INLINE_PAYLOAD <= c.RECV_BUFFER,
          "a write whose payload is used in place fits the receive buffer with its 28-byte "
          "request header"),
+        (64 + c.RESYNC_PAGE * 48 <= c.MAX_JSON,
+         "a RESYNC page of ranges (\"[o, n], \": two 20-digit numbers and 8 more) fits one JSON message"),
         (c.MAX_PSK_IDENTITY + 1 + 2 * c.MAX_PSK_KEY_BYTES + 1 <= c.MAX_PSK_FILE,
          "a PSK file line with the longest identity and key (hex) fits the file cap"),
     ]

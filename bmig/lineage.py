@@ -28,13 +28,19 @@ from bmig.identity import TargetIdentity
 ROLE_PRIMARY = "primary"            # the source: writes happen here
 ROLE_SECONDARY = "secondary"        # a target: receives what the primary ships
 ROLE_HANDED_OVER = "handed-over"    # a former source after cutover: read-only by default
+ROLE_REJOINING = "rejoining"        # a former primary waiting to become a secondary
 ROLES = (ROLE_PRIMARY, ROLE_SECONDARY, ROLE_HANDED_OVER)
+TARGET_ROLES = (ROLE_PRIMARY, ROLE_SECONDARY, ROLE_HANDED_OVER, ROLE_REJOINING)
 
 STATE_NEW = "new"                   # nothing written by bmig yet
-STATE_INCONSISTENT = "inconsistent"  # a pass is being applied
-STATE_CONSISTENT = "consistent"     # the last pass completed and is durable
-STATE_IN_SYNC = "in-sync"           # synchronous replication runs
+STATE_INCONSISTENT = "inconsistent"  # a pass is being applied, or ended with the source
+#                                      changed meanwhile: chunks of different moments
+STATE_CONSISTENT = "consistent"     # a copy of one moment of the source (up to its last
+#                                     durable write, when replication carried it)
+STATE_IN_SYNC = "in-sync"           # consistent, and synchronous replication runs
 TARGET_STATES = (STATE_NEW, STATE_INCONSISTENT, STATE_CONSISTENT, STATE_IN_SYNC)
+USABLE_STATES = (STATE_CONSISTENT, STATE_IN_SYNC)   # what a promotion may take as it is
+REPLICATION_PROTOCOLS_SEEN = ("A", "B", "C")        # what a target record may name
 
 SOURCE_SUFFIX = ".lineage"
 TARGET_SUFFIX = ".target"
@@ -67,11 +73,15 @@ class SourceLineage:
     role: str = ROLE_PRIMARY
     previous: list[str] = field(default_factory=list)   # older generations, newest first
     successor: int = 0        # handed-over: the generation the target took at cutover
+    # The HA replication mode runs (bmigrate replicate --keep): the target may be promoted
+    # while this side is away, so bmig-nbd serves it read-only at start until its role is
+    # confirmed (the HA replication finds the target still its secondary, or an operator).
+    ha: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"device_id": hex_id(self.device_id), "generation": hex_id(self.generation),
                 "role": self.role, "previous": self.previous[:16],
-                "successor": hex_id(self.successor)}
+                "successor": hex_id(self.successor), "ha": self.ha}
 
 
 def source_path(state_dir: str, name: str) -> str:
@@ -95,7 +105,8 @@ def load_source(state_dir: str, name: str,
             record = SourceLineage(parse_id(raw.get("device_id"), "device_id"),
                                    parse_id(raw.get("generation"), "generation"),
                                    _role(raw, ROLE_PRIMARY), _generations(raw),
-                                   parse_id(successor, "successor") if successor else 0)
+                                   parse_id(successor, "successor") if successor else 0,
+                                   raw.get("ha", False) is True)
             if record.device_id == device_id:
                 return record, None
             why = f"the lineage record is of device id {hex_id(record.device_id)}"
@@ -131,6 +142,19 @@ class TargetRecord:
     successor: int = 0                 # handed-over: the generation that took over
     promoted: float | None = None      # time the target became primary
     identity: TargetIdentity | None = None   # the file or device the record describes
+    # The last replication session (bmig-nbd's): what a promotion without the source
+    # may have lost. ``window``: bytes its writers could be answered for before the
+    # target had them (protocol A's queue; 0 for B and C).
+    protocol: str | None = None
+    window: int = 0
+    replicating_since: float | None = None
+    replication_ended: float | None = None
+    catchup_bytes: int = 0             # what the last pass set out to ship
+    # rejoining: the chunks this copy changed that its new primary never had (in
+    # EXPORT.resync: "ranges"), or "all" when that is not known; ``discard``: its own
+    # changes may be thrown away even where both sides wrote as primary (split brain).
+    resync: str | None = None
+    discard: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -163,15 +187,43 @@ def relation(record: TargetRecord, device_id: int, generation: int,
              previous: list[int]) -> str:
     """How a source relates to what a target's record says it holds (see
     docs/wire-protocol.md, Open). The receiver then checks that the record still
-    describes the target (TargetRecord.not_bound_to): "same" and "descendant" hold only
-    for the very file or device the record was written for."""
+    describes the target (TargetRecord.not_bound_to): "same", "descendant" and "rejoin"
+    hold only for the very file or device the record was written for."""
     if record.state == STATE_NEW:
         return "new"
+    if record.role == ROLE_REJOINING:
+        return rejoin_relation(record, generation, previous)
     if record.shares_lineage(device_id, generation) and record.role != ROLE_PRIMARY:
         return "same"
     if record.descends_to(generation, previous):
         return "descendant"
     return "foreign"
+
+
+def rejoin_relation(record: TargetRecord, generation: int, previous: list[int]) -> str:
+    """A former primary waits to become the secondary of a new one (bmigrate rejoin).
+
+    rejoin       its generation is one the new primary descends from: it wrote nothing
+                 as primary since, but the chunks it had not shipped (its resync set)
+    split-brain  both sides descend from a common generation and each took a new one
+                 since: both were written as primary; refused unless the rejoining side
+                 said its changes may be discarded (then: rejoin)
+    foreign      nothing in common, or the rejoining side is the newer one"""
+    if record.generation in previous or record.generation == generation:
+        return "rejoin"
+    ours = {record.generation} | {parse_id(g, "previous") for g in record.previous}
+    if ours & ({generation} | set(previous)) and generation not in ours:
+        return "rejoin" if record.discard else "split-brain"
+    return "foreign"
+
+
+def common_ancestor(record: TargetRecord, generation: int, previous: list[int]) -> int:
+    """The newest generation both a rejoining copy and a source descend from (0: none)."""
+    theirs = {generation} | set(previous)
+    for g in [record.generation] + [parse_id(p, "previous") for p in record.previous]:
+        if g in theirs:
+            return g
+    return 0
 
 
 def target_path(state_dir: str, export: str) -> str:
@@ -195,23 +247,38 @@ def load_target(state_dir: str, export: str) -> TargetRecord:
         promoted = raw.get("promoted")
         successor = raw.get("successor")
         identity = raw.get("identity")
+        resync = raw.get("resync")
+        if resync not in (None, "ranges", "all"):
+            raise ConfigError(f"{path}: unknown resync {resync!r}")
+        protocol = raw.get("protocol")
+        if protocol not in (None, *REPLICATION_PROTOCOLS_SEEN):
+            raise ConfigError(f"{path}: unknown protocol {protocol!r}")
         return TargetRecord(export, parse_id(raw.get("source_device_id"), "source_device_id"),
                             parse_id(raw.get("generation"), "generation"), state,
-                            _role(raw, ROLE_SECONDARY), _count(raw, "size"),
+                            _role(raw, ROLE_SECONDARY, TARGET_ROLES), _count(raw, "size"),
                             float(last) if last is not None else None,
                             _count(raw, "passes"), _generations(raw),
                             parse_id(successor, "successor") if successor else 0,
                             float(promoted) if promoted is not None else None,
                             TargetIdentity.from_json(identity) if identity is not None
-                            else None)
+                            else None,
+                            protocol, _count(raw, "window"),
+                            _time(raw.get("replicating_since")),
+                            _time(raw.get("replication_ended")),
+                            _count(raw, "catchup_bytes"), resync,
+                            bool(raw.get("discard", False)))
     except (ConfigError, TypeError, ValueError) as exc:
         message = exc.message if isinstance(exc, ConfigError) else str(exc)
         raise StateError(f"target record {path} damaged: {message}") from None
 
 
-def _role(raw: dict[str, Any], default: str) -> str:
+def _time(value: object) -> float | None:
+    return float(value) if value is not None else None  # type: ignore[arg-type]
+
+
+def _role(raw: dict[str, Any], default: str, roles: tuple[str, ...] = ROLES) -> str:
     role = raw.get("role", default)
-    if role not in ROLES:
+    if role not in roles:
         raise ConfigError(f"unknown role {role!r}")
     return role
 
@@ -244,3 +311,42 @@ def save_target(state_dir: str, record: TargetRecord) -> None:
 
 def now() -> float:
     return time.time()
+
+
+# -- a rejoining copy's own changes (EXPORT.resync beside its record) ---------------------
+
+RESYNC_SUFFIX = ".resync"
+
+
+def resync_path(state_dir: str, export: str) -> str:
+    return os.path.join(state_dir, export + RESYNC_SUFFIX)
+
+
+def save_resync(state_dir: str, export: str, ranges: list[tuple[int, int]]) -> None:
+    """The byte ranges a rejoining copy changed that its new primary never had."""
+    try:
+        write_atomic(resync_path(state_dir, export),
+                     json.dumps({"ranges": [list(r) for r in ranges]}).encode())
+    except OSError as exc:
+        raise StateError(f"cannot write the resync set of {export}: {exc.strerror}") from None
+
+
+def load_resync(state_dir: str, export: str) -> list[tuple[int, int]] | None:
+    """The resync set, or None when it is missing or damaged (never guessed at)."""
+    try:
+        raw = read_json_state(resync_path(state_dir, export))
+        if raw is None:
+            return None
+        ranges = [(int(o), int(n)) for o, n in raw["ranges"]]
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+    if any(o < 0 or n <= 0 for o, n in ranges):
+        return None
+    return ranges
+
+
+def drop_resync(state_dir: str, export: str) -> None:
+    try:
+        os.unlink(resync_path(state_dir, export))
+    except FileNotFoundError:
+        pass

@@ -12,6 +12,8 @@ from bmig.cli.common import add_verbosity, run
 from bmig.cli.cutover import cutover
 from bmig.cli.events import events
 from bmig.cli.metrics import metrics
+from bmig.cli.promote import promote
+from bmig.cli.rejoin import rejoin
 from bmig.cli.replicate import replicate
 from bmig.cli.status import status, verify
 from bmig.cli.sync import run_service, sync
@@ -33,6 +35,8 @@ cli.add_command(status)
 cli.add_command(verify)
 cli.add_command(events)
 cli.add_command(metrics)
+cli.add_command(promote)
+cli.add_command(rejoin)
 add_verbosity(cli)            # last: -v and -q on every command above
 
 

@@ -48,18 +48,39 @@ def mode(status: dict) -> str:
               help="When the target fails: back to tracking only, or fail writes with EIO.")
 @click.option("--stop", is_flag=True, help="Stop replicating: tracking only again.")
 @click.option("--status", "show", is_flag=True, help="Only say what bmig-nbd does now.")
+@click.option("--keep", is_flag=True,
+              help="Stay running (the HA mode): catch up beside the replication, reconnect "
+                   "with backoff after a failure, and return to synchronous by itself.")
+@click.option("--config", "config_file", metavar="FILE",
+              help="With --keep: the migration file (source, target, connection).")
+@click.option("--source", metavar="PATH",
+              help="With --keep: the device or file bmig-nbd serves (read by catch-up).")
+@click.option("--control", metavar="SOCK", envvar="BMIG_CONTROL",
+              help="With --keep: breqd's control socket (or BMIG_CONTROL).")
+@click.option("--ack-timeout", type=click.FloatRange(0.1, 3600), default=10.0,
+              show_default=True, metavar="SECONDS",
+              help="The target is lost when it acknowledges nothing for this long.")
 @manage_dir_option
 @connection_options
 @json_option
 def replicate(name: str, to: str | None, protocol: str, policy: str, stop: bool, show: bool,
-              manage_dir: str, as_json: bool, **connection: Any) -> None:
+              keep: bool, config_file: str | None, source: str | None, control: str | None,
+              ack_timeout: float, manage_dir: str, as_json: bool,
+              **connection: Any) -> int | None:
     """Switch the bmig-nbd of NAME to synchronous replication to --to, or back (--stop).
 
     The application's NBD connections are not interrupted. Writes then go to both the
     source and the target; the chunks they write stay clean in breqd once they are
     durable on the target. Run `bmigrate sync` (or `bmigrate cutover`) beside it to
-    ship what was dirty before.
+    ship what was dirty before, or use --keep, which does, and keeps it so.
     """
+    if keep:
+        if stop or show or policy != "degrade":
+            raise ConfigError("--keep replicates with --policy degrade; give neither --stop "
+                              "nor --status with it")
+        from bmig.cli.ha import keep as keep_up
+        return keep_up(name, protocol, ack_timeout, manage_dir, config_file, as_json,
+                       {"to": to, "source": source, "control": control, **connection})
     if sum((stop, show, bool(to))) != 1:
         raise ConfigError("give --to URL to start replicating, --stop to stop, or --status")
     with ManageClient(manage_dir, name) as client:
@@ -69,9 +90,11 @@ def replicate(name: str, to: str | None, protocol: str, policy: str, stop: bool,
             status = client.call("stop")
         else:
             status = client.call("replicate", url=to, protocol=protocol, policy=policy,
-                                 options=replica_options(connection))
+                                 options=replica_options(connection),
+                                 ack_timeout=ack_timeout)
     status = {k: v for k, v in status.items() if k != "ok"}
     if as_json:
         print_json(status)
     else:
         click.echo(describe(status))
+    return None

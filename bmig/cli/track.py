@@ -50,11 +50,13 @@ def add(name: str, size: int | None, size_path: str | None, chunk_size: int | No
 
 
 def adopted_lineage(path: str) -> dict:
-    """The lineage a promoted target's record hands on: only a primary, consistent copy
-    may be adopted, since its data is then what its former source had at the handover."""
+    """The lineage a promoted target's record hands on: only a primary copy may be
+    adopted (promoted by a cutover, or by ``bmigrate promote`` without its source, which
+    also took an inconsistent copy only when forced): from then on every write to it is
+    tracked, and a rejoin of its former source ships what changed here since."""
     import os
 
-    from bmig.lineage import ROLE_PRIMARY, STATE_CONSISTENT, hex_id, load_target
+    from bmig.lineage import ROLE_PRIMARY, STATE_NEW, hex_id, load_target
 
     directory, name = os.path.split(os.path.abspath(path))
     if not name.endswith(".target"):
@@ -63,9 +65,10 @@ def adopted_lineage(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such file")
     record = load_target(directory, name[:-len(".target")])
-    if record.role != ROLE_PRIMARY or record.state != STATE_CONSISTENT:
+    if record.role != ROLE_PRIMARY or record.state == STATE_NEW:
         raise ConfigError(f"{path}: {record.export} is {record.role} and {record.state}; only "
-                          "a target promoted by a cutover can be adopted")
+                          "a target promoted (by a cutover or bmigrate promote) can be "
+                          "adopted")
     return {"generation": hex_id(record.generation), "previous": list(record.previous)}
 
 
@@ -186,9 +189,16 @@ def clear(name: str, force: bool, control: str, as_json: bool) -> None:
 @track.command("set-role")
 @click.argument("name")
 @click.argument("role", type=click.Choice(["primary", "handed-over"]))
+@click.option("--new-generation", is_flag=True,
+              help="With primary: start a new generation, for a primary confirmed while "
+                   "its copy may have been promoted (a split brain is then told apart).")
+@click.option("--manage-dir", metavar="DIR",
+              help="Also tell the bmig-nbd serving NAME (its control sockets' directory): "
+                   "a primary confirmed there is writable at once.")
 @control_option
 @json_option
-def set_role(name: str, role: str, control: str, as_json: bool) -> None:
+def set_role(name: str, role: str, new_generation: bool, manage_dir: str | None,
+             control: str, as_json: bool) -> None:
     """Say whether NAME is the primary copy of its data.
 
     A cutover records the source as handed-over, and bmig-nbd then serves it read-only.
@@ -196,7 +206,11 @@ def set_role(name: str, role: str, control: str, as_json: bool) -> None:
     refuses it anyway (another generation), unless told to discard its data.
     """
     with connect(control) as client:
-        stats = client.set_lineage(name, role)
+        stats = client.set_lineage(name, role, new_generation=new_generation)
+    if manage_dir is not None and role == "primary":
+        from bmig.nbd.manage_client import ManageClient
+        with ManageClient(manage_dir, name) as nbd:
+            nbd.call("confirm")
     if as_json:
         print_json(stats)
     else:

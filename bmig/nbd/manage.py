@@ -14,6 +14,12 @@ as everywhere (bmig.framing, capped); each body is a JSON object: a request
     thaw        {}                             → writes go on (whoever froze them)
     flush       {}                             → durable on both sides
     read-only   {value}                        → refuse writes (after a handover)
+    confirm     {}                             → writable: the role of an HA device is
+                                                 confirmed (its target is still its
+                                                 secondary, or an operator said so)
+    ha-state    {state, lag_bytes, ...}        → what the HA replication (bmigrate
+                                                 replicate --keep) says it does; shown in
+                                                 status as "ha" while its connection lasts
 
 A freeze is a lease held by the connection that asked for it: it ends when that
 connection closes (the client died, say), or ``lease`` seconds after it was taken, if
@@ -37,6 +43,7 @@ docs/architecture.md shows where this sits; bmigrate(1) documents the commands.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -49,17 +56,20 @@ from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.limits import MAX_MANAGE_FRAME
-from bmig.lineage import ROLE_HANDED_OVER
+from bmig.lineage import ROLE_HANDED_OVER, hex_id, parse_id
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
-from bmig.nbd.replica import open_replica
+from bmig.nbd.replica import ACK_TIMEOUT, open_replica
 from bmig.wire.client import SourceInfo
 from bmig.wire.options import ConnectOptions
 
 log = logging.getLogger("bmig-nbd")
 
 MAX_LEASE = 7 * 24 * 3600.0     # seconds a freeze may be asked to last
+# What an ha-state request may say (bmig.sender.ha), shown as status["ha"].
+HA_FIELDS = ("state", "lag_bytes", "lag_seconds", "since", "target", "retry_in", "error",
+             "protocol")
 ROLE_TIMEOUT = 10.0             # seconds breqd may take to say a device's role
 
 
@@ -72,6 +82,10 @@ class Managed:
     control: ControlLayer
     replicate: ReplicateLayer
     source: SourceInfo      # from breqd
+    # An HA device started read-only until its role is confirmed (bmig.nbd.service).
+    awaiting_confirmation: bool = False
+    ha: dict | None = None  # the HA replication's last word, while its connection lasts
+    ha_client: Any = None
     role: Callable[[], Awaitable[str]] | None = None   # breqd's role of the device, now
 
 
@@ -157,6 +171,8 @@ class ManageServer:
             pass
         finally:
             writer.close()
+            if managed.ha_client is client:
+                managed.ha, managed.ha_client = None, None
             for device in list(client.read_only):
                 await self._read_only_without_client(self.devices[device])
             for device in list(client.freezes):
@@ -227,6 +243,10 @@ class ManageServer:
             log.info("%s: the client that made it read-only is gone; breqd records it as "
                      "handed over: it stays read-only", m.device)
             return
+        if m.awaiting_confirmation:         # an HA device whose role nobody confirmed
+            log.info("%s: the client that made it read-only is gone; its role as primary "
+                     "is not confirmed: it stays read-only", m.device)
+            return
         m.control.read_only = False
         log.warning("%s: the client that made it read-only is gone before breqd recorded "
                     "a handover (role %s): writable again", m.device, role)
@@ -267,6 +287,20 @@ class ManageServer:
             except OSError as exc:
                 raise RequestError(f"{m.device}: flush failed: {exc.strerror}") from None
             return {**self.status(m), "durable_seq": m.replicate.durable_seq}
+        if op == "confirm":
+            if m.awaiting_confirmation:
+                m.awaiting_confirmation = False
+                m.control.read_only = False
+                log.warning("%s: its role as primary is confirmed: writable", m.device)
+            return self.status(m)
+        if op == "ha-state":
+            state = request.get("state")
+            if not isinstance(state, str) or len(state) > 64:
+                raise ProtocolError("ha-state needs a state")
+            m.ha = {k: v for k, v in request.items()
+                    if k in HA_FIELDS and isinstance(v, (str, int, float, type(None)))}
+            m.ha_client = client
+            return self.status(m)
         if op == "read-only":
             value = request.get("value")
             if not isinstance(value, bool):
@@ -290,7 +324,13 @@ class ManageServer:
                 "failed": m.replicate.failed, "blocked": m.replicate.blocked,
                 "frozen": m.control.frozen, "read_only": m.control.read_only,
                 "source_failed": m.control.failure,
-                "bytes_written": m.control.bytes_written}
+                "bytes_written": m.control.bytes_written,
+                # What the replica has been answered for and the target not written
+                # (protocol A's queue), and what may be answered so (its window).
+                "replica_lag_bytes": replica.lag_bytes if replica else 0,
+                "replica_window": replica.window if replica else 0,
+                "awaiting_confirmation": m.awaiting_confirmation,
+                "ha": m.ha}
 
     async def _replicate(self, m: Managed, request: dict) -> None:
         url = request.get("url")
@@ -306,8 +346,28 @@ class ManageServer:
         if not isinstance(o, dict):
             raise ProtocolError("options must be an object")
         options = ConnectOptions.from_dict(o)
+        ack_timeout = request.get("ack_timeout", ACK_TIMEOUT)
+        if isinstance(ack_timeout, bool) or not isinstance(ack_timeout, (int, float)) \
+                or not 0.1 <= ack_timeout <= MAX_LEASE:
+            raise ProtocolError("ack_timeout must be a number of seconds")
+        # A target that stops answering is given up on as soon when connecting.
+        options = dataclasses.replace(options, timeout=min(options.timeout,
+                                                           max(2.0, 2 * float(ack_timeout))))
         if m.replicate.active:             # one replication session per target
             await m.replicate.stop()
+        source = m.source
+        if "generation" in request:         # the lineage as breqd has it now
+            try:
+                generation = parse_id(request["generation"], "generation")
+                previous = request.get("previous", [])
+                if not isinstance(previous, list):
+                    raise ConfigError("previous must be a list")
+                previous = tuple(hex_id(parse_id(g, "previous")) for g in previous[:16])
+            except ConfigError as exc:
+                raise ProtocolError(exc.message) from None
+            source = m.source = dataclasses.replace(source, generation=generation,
+                                                    previous=previous)
         loop = asyncio.get_running_loop()
-        replica = await asyncio.to_thread(open_replica, url, options, m.source, protocol, loop)
+        replica = await asyncio.to_thread(open_replica, url, options, source, protocol, loop,
+                                          float(ack_timeout))
         m.replicate.start(replica, policy)

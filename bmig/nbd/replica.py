@@ -24,6 +24,14 @@ even when the application never flushes.
 Seqs are taken when a frame is queued, and frames leave in queue order: the wire order is
 the seq order, so a DURABLE(seq) never covers a frame sent after the FLUSH it answers.
 
+A target that stops answering (a partition: the link neither works nor breaks) is noticed
+by ``ack_timeout``: when frames wait for a DURABLE that has not moved for that long, the
+replica fails as for a lost connection. While no write comes, a FLUSH goes out every half
+``ack_timeout`` as a ping, so an idle link that died is noticed too. In protocol A the
+bytes a writer was answered for but the target has not written yet never exceed
+QUEUE_BYTES (the room comes back on WRITTEN, not when the frame leaves): that is the most
+a source that dies can have acknowledged and not handed over (``window``).
+
 A frame breceive refuses (ERROR with its seq: no space, an I/O error, a bad frame) is not
 on the target. The writer of a protocol A or B write has been answered already, so there
 is nobody left to fail; instead the replica fails as a whole: every write waiting fails,
@@ -39,6 +47,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from bmig.constants import REPLICATION_PROTOCOLS
@@ -54,22 +63,27 @@ from bmig.wire.urls import parse_target_url
 log = logging.getLogger("bmig-nbd")
 
 FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
+ACK_TIMEOUT = 10.0                    # seconds a DURABLE may keep us waiting (ping: half)
 # What a writer waits for; _QUEUED: nothing past the queue (protocol A).
 _DURABLE, _WRITTEN, _RECEIVED, _QUEUED = "durable", "written", "received", "queued"
 
 
 class Replica:
-    def __init__(self, target: WireTarget, protocol: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, target: WireTarget, protocol: str, loop: asyncio.AbstractEventLoop,
+                 ack_timeout: float = ACK_TIMEOUT):
         if protocol not in REPLICATION_PROTOCOLS:
             raise ValueError(protocol)
         self.target = target
         self.protocol = protocol
         self.description = target.description
+        self.ack_timeout = ack_timeout
         self._loop = loop
         self._seq = itertools.count(1)
         self._waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self._outbox: queue.Queue = queue.Queue()
-        self._queued = 0
+        self._queued = 0                  # bytes answered (A) or queued, not yet written there
+        self._unwritten: dict[int, int] = {}   # protocol A: seq -> bytes not yet WRITTEN
+        self._progress = time.monotonic()  # the last DURABLE that moved, or idle since
         self._room = asyncio.Condition()
         self.error: BmigError | None = None
         self._closed = False
@@ -78,10 +92,22 @@ class Replica:
         self.on_durable: Callable[[int], None] | None = None   # the new watermark
         self.on_failed: Callable[[BmigError], None] | None = None  # the replica failed
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
         target.set_acks(self)
         self._sender = threading.Thread(target=self._send_loop, name="replica-sender",
                                         daemon=True)
         self._sender.start()
+        loop.call_soon_threadsafe(self._watch)
+
+    @property
+    def window(self) -> int:
+        """The most a writer can have been answered for that the target does not have."""
+        return QUEUE_BYTES if self.protocol == "A" else 0
+
+    @property
+    def lag_bytes(self) -> int:
+        """Bytes queued or answered and not yet written on the target (protocol A)."""
+        return self._queued
 
     # -- the writer's side (event loop) -------------------------------------------------
 
@@ -92,7 +118,7 @@ class Replica:
             return FLAG_ACK_WRITTEN, _WRITTEN
         if self.protocol == "B":
             return FLAG_ACK_RECEIVED, _RECEIVED
-        return 0, _QUEUED
+        return FLAG_ACK_WRITTEN, _QUEUED      # WRITTEN gives the room back
 
     async def _submit(self, frame: Callable[[int], tuple], nbytes: int,
                       wait_for: str) -> int:
@@ -122,7 +148,11 @@ class Replica:
         if wait_for != _QUEUED:
             future = self._loop.create_future()
             self._waiting[seq] = (wait_for, future)
+        if self.queued_seq <= self.durable_seq:
+            self._progress = time.monotonic()     # something outstanding from now on
         self._queued += nbytes
+        if self.protocol == "A" and item[0] != "flush":
+            self._unwritten[seq] = nbytes
         self.queued_seq = seq
         self._outbox.put((item, nbytes, seq))
         if item[0] != "flush":
@@ -159,6 +189,23 @@ class Replica:
         if self.error is None and not self._closed and self.queued_seq > self.durable_seq:
             self._enqueue(lambda s: ("flush", s), 16, _QUEUED)
 
+    def _watch(self) -> None:
+        """Every quarter of ``ack_timeout``: fail when a DURABLE keeps us waiting too
+        long; ping (a FLUSH) when idle for half of it."""
+        self._watch_timer = None
+        if self.error is not None or self._closed:
+            return
+        now = time.monotonic()
+        if self.queued_seq > self.durable_seq:
+            if now - self._progress > self.ack_timeout:
+                self._fail_all(UnreachableError(
+                    f"{self.description} acknowledged nothing for {self.ack_timeout:g} s"))
+                self.target.abort()          # wakes a sender stuck on a full socket
+                return
+        elif now - self._progress > self.ack_timeout / 2:
+            self._enqueue(lambda s: ("flush", s), 16, _QUEUED)
+        self._watch_timer = self._loop.call_later(self.ack_timeout / 4, self._watch)
+
     # -- the sender thread --------------------------------------------------------------
 
     def _send_loop(self) -> None:
@@ -188,8 +235,18 @@ class Replica:
             self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
 
     def _sent(self, seq: int, nbytes: int) -> None:
+        if self.protocol == "A" and seq in self._unwritten:
+            return                   # its room comes back once the target wrote it
         self._queued -= nbytes
-        if self.protocol == "A":
+
+    def _written_there(self, up_to: int, only: bool) -> None:
+        """Protocol A: frame ``up_to`` (``only``) or every frame up to it is written on
+        the target: its room comes back."""
+        unwritten = self._unwritten
+        seqs = [up_to] if only else [s for s in unwritten if s <= up_to]
+        freed = sum(unwritten.pop(s, 0) for s in seqs)
+        if freed:
+            self._queued -= freed
             self._loop.create_task(self._notify_room())
 
     async def _notify_room(self) -> None:
@@ -219,6 +276,8 @@ class Replica:
             entry[1].set_result(None)
 
     def _acked(self, seq: int, kind: str) -> None:
+        if self.protocol == "A" and kind == _WRITTEN:
+            self._written_there(seq, only=True)
         entry = self._waiting.get(seq)
         if entry is not None and entry[0] == kind:
             self._resolve(seq)
@@ -231,7 +290,10 @@ class Replica:
             return
         for s in [s for s in self._waiting if s <= seq]:
             self._resolve(s)
+        if self._unwritten:
+            self._written_there(seq, only=False)
         if seq > self.durable_seq:
+            self._progress = time.monotonic()
             self.durable_seq = seq
             if self.on_durable is not None:
                 self.on_durable(seq)
@@ -263,6 +325,8 @@ class Replica:
         Blocking (it waits for the sender thread): called from a worker thread, it
         hands what touches the loop's state over to the loop."""
         self._closed = True
+        if self.error is not None:       # nothing more is owed: do not wait on the link
+            self.target.abort()
         self._outbox.put(None)
         self._sender.join(timeout=30)
         try:
@@ -282,25 +346,30 @@ class Replica:
                 pass
 
     def _stopped(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        for timer in (self._flush_timer, self._watch_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_timer = self._watch_timer = None
         self._fail_all(UnreachableError("replication stopped"))
 
 
 def open_replica(url: str, options: ConnectOptions, source: SourceInfo, protocol: str,
-                 loop: asyncio.AbstractEventLoop) -> Replica:
-    """Blocking: connect, authenticate, OPEN in replicate mode (run it in a thread)."""
+                 loop: asyncio.AbstractEventLoop, ack_timeout: float = ACK_TIMEOUT) -> Replica:
+    """Blocking: connect, authenticate, OPEN in replicate mode (run it in a thread). OPEN
+    tells the receiver the protocol and the window, which it records: what a promotion
+    of the copy without this source may have lost."""
     parsed = parse_target_url(url)
     if parsed.kind == "nbd":
         raise ConfigError("synchronous replication goes to breceive (tcp://, tls://, "
                           "ssh://), not to an NBD server")
     target = connect(parsed, options)
     try:
-        relation = target.open(source, False, mode="replicate")
+        relation = target.open(source, False, mode="replicate",
+                               extra={"protocol": protocol,
+                                      "window": QUEUE_BYTES if protocol == "A" else 0})
     except BaseException:
         target.close()
         raise
     log.info("replicating to %s (protocol %s, target %s)", target.description, protocol,
              relation)
-    return Replica(target, protocol, loop)
+    return Replica(target, protocol, loop, ack_timeout)

@@ -9,6 +9,10 @@ SIGTERM. The rules that decide what is served and how live here:
   speaks control protocol 2 or later (holds and synchronous marks);
 - a device breqd records as handed over (a cutover gave its lineage to the target) is
   served read-only, or a write here would fork the lineage (invariant 7);
+- a device in the HA replication mode (breqd's lineage record says ``ha``) is served
+  read-only until its role is confirmed: its target may have been promoted while this
+  side was away, and only the HA replication (which finds the target still its
+  secondary) or an operator can say it was not (bmig.nbd.manage ``confirm``);
 - client authentication (a PSK, or certificates signed by a CA) only with TLS required,
   since offered TLS would let a client skip it.
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 from bmig import systemd
 from bmig.errors import BmigError, ConfigError, UnknownDevice
-from bmig.lineage import ROLE_HANDED_OVER, parse_id
+from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, parse_id
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
@@ -200,10 +204,19 @@ async def _chains(opened: list[tuple[ExportSettings, FileLayer]],
                 log.warning("%s: handed over to generation %s; serving it read-only (bmigrate "
                             "track set-role %s primary makes it writable again)", device,
                             stats.get("successor"), device)
+            awaiting = bool(stats.get("ha")) and stats.get("role") == ROLE_PRIMARY
+            if awaiting:
+                top.read_only = True
+                log.warning("%s: replicated in the HA mode: serving it read-only until its "
+                            "role is confirmed (the HA replication does when the target is "
+                            "still its secondary; or bmigrate track set-role %s primary)",
+                            device, device)
             info = SourceInfo(device, parse_id(stats["device_id"], "device_id"),
                               parse_id(stats["generation"], "generation"), layer.size,
-                              int(stats["chunk_size"]))
+                              int(stats["chunk_size"]),
+                              tuple(str(g) for g in stats.get("previous", [])))
             managed.append(Managed(device, spec.name, top, replicate, info,
+                                   awaiting_confirmation=awaiting,
                                    role=functools.partial(_role, tracker, device)))
         exports.append(Export(spec.name, top, spec.description))
     return exports

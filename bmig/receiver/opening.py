@@ -3,6 +3,10 @@ decision (invariant 7) and the identity check (invariant 9), before anything is 
 
     same, descendant  the record holds this lineage (or the one it took over from) and
                       still describes the file or device it names: ship what is dirty
+    rejoin            a former primary waits to become this source's secondary (bmigrate
+                      rejoin): ship what is dirty and the chunks it changed alone
+    split-brain       both sides were written as primary since a common generation:
+                      refused, naming both generations and the choices
     new               no record of ours, or one that no longer describes its target (the
                       sender ships everything); only now may a file be created or grown
     foreign           another lineage: refused, unless both sides agree to discard it; a
@@ -20,7 +24,8 @@ import time
 from dataclasses import dataclass
 
 from bmig.errors import LineageError, TargetError, TargetMissing
-from bmig.lineage import ROLE_PRIMARY, TargetRecord, hex_id, load_target, target_path
+from bmig.lineage import (ROLE_PRIMARY, TargetRecord, common_ancestor, hex_id, load_target,
+                          target_path)
 from bmig.lineage import relation as lineage_relation
 from bmig.receiver.policy import Policy, TargetConfig
 from bmig.receiver.target import RecordLock, TargetDevice, TargetLock
@@ -50,14 +55,20 @@ class OpenRequest:
         return self.mode != "inspect"
 
 
+def lineage_key(record: TargetRecord) -> tuple[int, int, str]:
+    """What a session checks has not changed under it before it writes a record."""
+    return record.source_device_id, record.generation, record.role
+
+
 @dataclass
 class Opened:
     record: TargetRecord
-    relation: str                # same, descendant or new
+    relation: str                # same, descendant, rejoin or new
     target: TargetDevice
     lock: TargetLock             # held unless inspecting
     record_lock: RecordLock | None    # None when inspecting
     why: str = ""                # why a target with a record is "new" now
+    disk: tuple = ()             # lineage_key of the record on disk at OPEN
 
 
 def open_export(policy: Policy, peer: str, config: TargetConfig,
@@ -72,14 +83,17 @@ def open_export(policy: Policy, peer: str, config: TargetConfig,
     why = ""
     try:
         record = load_target(policy.state_dir, export)
+        disk = lineage_key(record)
         relation = lineage_relation(record, request.source_id, request.generation,
                                     request.previous)
+        if relation == "split-brain":
+            raise LineageError(split_brain(record, request))
         if relation == "foreign":
             refuse_or_discard(policy, peer, config, record, request.source_id,
                               request.generation, request.discard, request.replicate)
             record, relation = TargetRecord(export), "new"
         target = TargetDevice.open(config.path, request.writable, lock.other_session)
-        if relation in ("same", "descendant"):
+        if relation in ("same", "descendant", "rejoin"):
             # Invariant 9: the record is about one file or device, as it was.
             why = record.not_bound_to(target.identity if target else None) or ""
             if why:
@@ -97,7 +111,20 @@ def open_export(policy: Policy, peer: str, config: TargetConfig,
             target.close()
         lock.release()
         raise
-    return Opened(record, relation, target, lock, record_lock, why)
+    return Opened(record, relation, target, lock, record_lock, why, disk)
+
+
+def split_brain(record: TargetRecord, request: OpenRequest) -> str:
+    """The refusal of a split brain: both generations, where they parted, the choices."""
+    export = record.export
+    base = common_ancestor(record, request.generation, request.previous)
+    return (f"split brain on {export!r}: this copy holds generation "
+            f"{hex_id(record.generation)} and the source generation "
+            f"{hex_id(request.generation)}; both were written as primary since generation "
+            f"{hex_id(base)}. Choose the side whose changes are discarded: on this host, "
+            f"bmigrate rejoin {export} --discard-my-data (this copy's changes since "
+            f"{hex_id(base)} are lost), or on the source's host, bmigrate rejoin with "
+            "--discard-my-data there and sync from here")
 
 
 def refuse_or_discard(policy: Policy, peer: str, config: TargetConfig, record: TargetRecord,

@@ -6,7 +6,7 @@ no longer be trusted, the session ends):
     hello    HELLO                              (frames capped at MAX_PREAUTH_FRAME)
     auth     AUTH                               (bmig.wire.handshake decides when)
     ready    OPEN, STATUS_REQ, BYE
-    open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, PROMOTE, BYE
+    open     PASS_BEGIN, HASHES_REQ, STATUS_REQ, FLUSH, PROMOTE, RESYNC_REQ, BYE
     pass     DATA, ZERO, FLUSH, HASHES_REQ, PASS_END, STATUS_REQ, BYE
     replicate DATA, ZERO, FLUSH, STATUS_REQ, BYE   (OPEN with mode "replicate")
     inspect  HASHES_REQ, STATUS_REQ, BYE          (OPEN with mode "inspect": verify reads)
@@ -20,6 +20,19 @@ before anything is written; a bad one is answered ERROR with its seq and nothing
 written, and the session goes on. FLUSH(seq) is answered DURABLE(seq) once fdatasync has
 returned for everything written before it: the syncer thread does that, so receiving goes
 on while the disk flushes. The sender commits a chunk only on DURABLE (invariant 3).
+
+The record says at every moment whether the target is a copy of one moment of the
+source (invariant 7's record, docs/wire-protocol.md "The target record"): a pass makes it
+inconsistent before its first write (passes do not keep the write order), and only a
+pass that ends with nothing dirty on the source but what a replication session carries
+makes it consistent again, or in-sync while a replication session is connected. A
+replication session makes it inconsistent at OPEN (the source may have chunks the target
+lacks, and a replicated write into one of them mixes two moments), records its protocol
+and window (what a promotion without the source may lose), and turns in-sync back into
+consistent when it ends: the target then holds every write up to the last one it got.
+Before a session writes the record it reads it again under the record lock and ends if
+its lineage changed meanwhile (a promotion on this host); a pass session's writes are
+checked against the record like a replication session's once its pass began.
 
 The session is the state machine and the writer of the target's record; what OPEN
 decides is bmig.receiver.opening's, the fdatasync thread bmig.receiver.syncer's, the
@@ -39,11 +52,15 @@ from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from bmig.errors import (BmigError, ChecksumMismatch, LineageError, ProtocolError, TargetError,
                          UnknownExport)
 from bmig.framing import ConnectionClosed
-from bmig.limits import MAX_HASHES
-from bmig.lineage import (ROLE_PRIMARY, ROLE_SECONDARY, STATE_CONSISTENT, STATE_INCONSISTENT,
-                          TargetRecord, hex_id, load_target, now, parse_id, save_target)
+from bmig.limits import MAX_HASHES, RESYNC_PAGE
+from bmig.lineage import (REPLICATION_PROTOCOLS_SEEN, ROLE_PRIMARY, ROLE_SECONDARY,
+                          STATE_CONSISTENT, STATE_IN_SYNC, STATE_INCONSISTENT, STATE_NEW,
+                          USABLE_STATES,
+                          TargetRecord, drop_resync, hex_id, load_resync, load_target, now,
+                          parse_id, save_target)
+from bmig.lineage import relation as lineage_relation
 from bmig.receiver.lineagewatch import LineageWatch
-from bmig.receiver.opening import MODES, OpenRequest, open_export
+from bmig.receiver.opening import MODES, OpenRequest, lineage_key, open_export
 from bmig.receiver.policy import Policy, TargetConfig
 from bmig.receiver.syncer import Syncer
 from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
@@ -77,7 +94,13 @@ class Session:
         self._watch: LineageWatch | None = None
         self.source_id = 0
         self.source_generation = 0
+        self.source_previous: list[str] = []
+        self._previous_ids: list[int] = []
         self.size = 0
+        self.mode = "pass"
+        self.relation = ""
+        self._disk: tuple = ()                 # the record's lineage as this session knows it
+        self._resync: list[tuple[int, int]] | None = None   # a rejoining copy's own changes
         self._syncer: Syncer | None = None
         self._sync_lock = threading.Lock()
         self._closed = False
@@ -201,44 +224,145 @@ class Session:
         if mode not in MODES:
             raise ProtocolError(f"OPEN: unknown mode {mode!r}")
         request = OpenRequest(source_id, generation, previous, size, discard, mode)
+        protocol = msg.fields.get("protocol")
+        window = msg.int("window", 0) if request.replicate else 0
+        if request.replicate and protocol not in REPLICATION_PROTOCOLS_SEEN:
+            protocol = None
         opened = open_export(self.policy, self.peer, config, request)
         record, target = opened.record, opened.target
         self.config, self.record, self.target, self.lock = config, record, target, opened.lock
         self.record_lock = opened.record_lock
         self.source_id, self.source_generation, self.size = source_id, generation, size
         self.source_previous = [hex_id(g) for g in previous]
+        self._previous_ids = previous
+        self.mode, self.relation, self._disk = mode, opened.relation, opened.disk
+        reply_extra: dict = {}
+        if opened.relation == "rejoin":
+            self._resync = (load_resync(self.policy.state_dir, export)
+                            if record.resync == "ranges" else None)
+            reply_extra["resync"] = {"all": self._resync is None,
+                                     "ranges": len(self._resync or ())}
         if request.replicate:
             assert opened.record_lock is not None
-            self._watch = LineageWatch(self.policy.state_dir, export, opened.record_lock,
-                                       source_id, generation, previous, self.fail)
-            target.guard = self._watch.guard
-            self._watch.start()
+            self._replication_began(protocol, window)
+            self._watch_lineage()
         self._syncer = Syncer(self.sync_now, lambda seq: self.send_seq(T.DURABLE, seq),
                               self.fail)
         self._syncer.start()
         self.state = {"replicate": "replicate", "inspect": "inspect"}.get(mode, "open")
         log.info("%s: opened %s (%s, %d bytes, %s)", self.peer, export, config.path, size,
                  opened.relation)
-        reply = {"relation": opened.relation, "target": record.to_json()}
+        reply = {"relation": opened.relation, "target": record.to_json(), **reply_extra}
         if opened.why:
             reply["why"] = f"{config.path} is not the copy its record describes: {opened.why}"
         self.send(Message(T.OPENED, reply))
         return True
 
+    # -- the record, read again before each change ------------------------------------
+
+    def _current(self) -> TargetRecord:
+        """The record on disk, under the record lock held exclusively by the caller:
+        LineageError when its lineage changed since this session last saw it to one
+        this source has no part in (promoted on this host, or taken by another source).
+        A replication session's fields are taken from it; the rest is this session's."""
+        assert self.config is not None and self.record is not None
+        disk = load_target(self.policy.state_dir, self.config.export)
+        if lineage_key(disk) != self._disk and lineage_relation(
+                disk, self.source_id, self.source_generation,
+                self._previous_ids) in ("foreign", "split-brain"):
+            what = ("is the primary now" if disk.role == ROLE_PRIMARY
+                    else "holds another lineage now")
+            raise LineageError(f"target {disk.export!r} {what} (generation "
+                               f"{hex_id(disk.generation)}): this session of generation "
+                               f"{hex_id(self.source_generation)} ends")
+        if self.mode == "replicate":
+            return disk                          # it changes only its own fields
+        record = self.record
+        for name in ("protocol", "window", "replicating_since", "replication_ended"):
+            setattr(record, name, getattr(disk, name))
+        if record.state != STATE_NEW:            # a record reset at OPEN stays new
+            record.state = disk.state
+        return record
+
+    def _save(self, record: TargetRecord) -> None:
+        save_target(self.policy.state_dir, record)
+        self._disk = lineage_key(record)
+
+    def _replica_connected(self) -> bool:
+        assert self.config is not None
+        return is_locked(TargetLock(self.policy.state_dir, self.config.export,
+                                    "replica").path)
+
+    def _watch_lineage(self) -> None:
+        """From now on every write is checked against the record (LineageWatch)."""
+        if self._watch is not None:
+            return
+        assert self.config is not None and self.record_lock is not None
+        assert self.target is not None
+        self._watch = LineageWatch(self.policy.state_dir, self.config.export,
+                                   self.record_lock, self.source_id, self.source_generation,
+                                   self._previous_ids, self.fail)
+        self.target.guard = self._watch.guard
+        self._watch.start()
+
+    def _replication_began(self, protocol: str | None, window: int) -> None:
+        """A replication session opens: the copy is no longer known to be of one moment
+        (the source may have dirty chunks it lacks); what it may lose is recorded."""
+        assert self.record_lock is not None
+        with self.record_lock.held(exclusive=True):
+            record = self._current()
+            if record.state != STATE_NEW:
+                record.state = STATE_INCONSISTENT
+            record.protocol, record.window = protocol, window
+            record.replicating_since, record.replication_ended = now(), None
+            self._save(record)
+
+    def _replication_ended(self) -> None:
+        """The replication session ends: the copy holds every write it got, in order."""
+        assert self.record_lock is not None
+        try:
+            with self.record_lock.held(exclusive=True):
+                record = self._current()
+                if record.state == STATE_IN_SYNC:
+                    record.state = STATE_CONSISTENT
+                record.replication_ended = now()
+                self._save(record)
+        except BmigError as exc:
+            log.info("%s: the record was not updated at the end of replication: %s",
+                     self.peer, exc.message)
+
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
         assert self.record is not None and self.target is not None
-        assert self.record_lock is not None
-        record = self.record
-        record.source_device_id, record.generation = self.source_id, self.source_generation
-        record.previous = list(self.source_previous)
-        record.role, record.successor = ROLE_SECONDARY, 0
-        record.state = STATE_INCONSISTENT
-        record.size = self.size
-        record.identity = self.target.identity
+        assert self.record_lock is not None and self.config is not None
         with self.record_lock.held(exclusive=True):     # no replicated write meanwhile
-            save_target(self.policy.state_dir, record)   # durable before the first write
+            record = self._current()
+            record.source_device_id, record.generation = self.source_id, self.source_generation
+            record.previous = list(self.source_previous)
+            record.role, record.successor = ROLE_SECONDARY, 0
+            record.state = STATE_INCONSISTENT
+            record.size = self.size
+            record.identity = self.target.identity
+            record.catchup_bytes = msg.int("bytes", 0)
+            record.resync, record.discard = None, False
+            self._save(record)                         # durable before the first write
+        drop_resync(self.policy.state_dir, self.config.export)
+        self._resync = None
         self.state = "pass"
+        self._watch_lineage()
+        return True
+
+    def _resync_request(self, msg: Message) -> bool:
+        """A rejoining copy's own changes, a page at a time: the source marks them dirty
+        before its pass, so they are overwritten with its data."""
+        self._require("open")
+        if self.relation != "rejoin" or self._resync is None:
+            raise ProtocolError("RESYNC_REQ: this target has no resync set")
+        start = msg.int("start", 0)
+        page = self._resync[start:start + RESYNC_PAGE]
+        end = start + len(page)
+        self.send(Message(T.RESYNC, {"ranges": [list(r) for r in page],
+                                     "next": end if end < len(self._resync) else None}))
         return True
 
     def _promote(self, msg: Message) -> bool:
@@ -248,38 +372,52 @@ class Session:
         self._require("open")
         assert self.record is not None and self.target is not None
         assert self.record_lock is not None
-        record = self.record
-        if not record.shares_lineage(self.source_id, self.source_generation) \
-                or record.state != STATE_CONSISTENT:
-            raise LineageError(f"target {record.export!r} is {record.state} with generation "
-                               f"{hex_id(record.generation)}: only a consistent copy of this "
-                               "source can be promoted")
         new = parse_id(msg.fields.get("generation"), "generation")
-        if new in (0, record.generation):
-            raise ProtocolError("PROMOTE needs a new generation")
         with self.record_lock.held(exclusive=True):
+            record = self._current()
+            if not record.shares_lineage(self.source_id, self.source_generation) \
+                    or record.state not in USABLE_STATES:
+                raise LineageError(f"target {record.export!r} is {record.state} with "
+                                   f"generation {hex_id(record.generation)}: only a "
+                                   "consistent copy of this source can be promoted")
+            if new in (0, record.generation):
+                raise ProtocolError("PROMOTE needs a new generation")
+            if self._watch is not None:      # this session changes the lineage itself
+                self._watch.stop()
+                self._watch = None
+                self.target.guard = None
             self.sync_now()              # every replicated write so far, then the record
             record.previous = [hex_id(record.generation)] + record.previous[:15]
             record.generation = new
             record.role = ROLE_PRIMARY
             record.promoted = now()
-            save_target(self.policy.state_dir, record)
+            if record.state == STATE_IN_SYNC:    # its replication ends with the old lineage
+                record.state = STATE_CONSISTENT
+            self._save(record)
         log.warning("%s: %s promoted: generation %s, primary now; its former source is "
                     "refused from here on", self.peer, record.export, hex_id(new))
         self.send(Message(T.PROMOTED, {"target": record.to_json()}))
         return True
 
     def _pass_end(self, msg: Message) -> bool:
+        """``complete``: everything the sender checked out was shipped; ``consistent``
+        (a sender that does not say: as complete): nothing is dirty on the source but
+        what a replication session carries. Only both make the copy consistent."""
         self._require("pass")
-        assert self.record is not None
+        assert self.record is not None and self.record_lock is not None
         complete = msg.bool("complete", True)
+        consistent = complete and msg.bool("consistent", complete)
         self.sync_now()
-        record = self.record
         if complete:
-            record.state = STATE_CONSISTENT
-            record.last_pass = now()
-            record.passes += 1
-            save_target(self.policy.state_dir, record)
+            with self.record_lock.held(exclusive=True):
+                record = self._current()
+                if consistent:
+                    record.state = (STATE_IN_SYNC if self._replica_connected()
+                                    else STATE_CONSISTENT)
+                record.last_pass = now()
+                record.passes += 1
+                self._save(record)
+        record = self.record
         self.state = "open"
         self.send(Message(T.PASS_DONE, {"target": record.to_json()}))
         return True
@@ -310,6 +448,9 @@ class Session:
             # A pass session holds it now: its record may still change (a PROMOTE whose
             # answer was lost is either done or not once this is false).
             record["busy"] = is_locked(TargetLock(self.policy.state_dir, export).path)
+            # A replication session (bmig-nbd's) is connected now.
+            record["replicating"] = is_locked(TargetLock(self.policy.state_dir, export,
+                                                         "replica").path)
             targets.append(record)
         self.send(Message(T.STATUS, {"targets": targets, "server": f"breceive {__version__}"}))
         return True
@@ -382,6 +523,8 @@ class Session:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+        if self.mode == "replicate" and self.record_lock is not None:
+            self._replication_ended()
         if self._syncer is not None:
             self._syncer.stop()
             self._syncer = None          # it refers back to us: free the buffers now
@@ -401,5 +544,5 @@ class Session:
 _JSON_HANDLERS = {
     T.OPEN: Session._open, T.PASS_BEGIN: Session._pass_begin, T.PASS_END: Session._pass_end,
     T.HASHES_REQ: Session._hashes, T.STATUS_REQ: Session._status, T.BYE: Session._bye,
-    T.PROMOTE: Session._promote,
+    T.PROMOTE: Session._promote, T.RESYNC_REQ: Session._resync_request,
 }

@@ -18,7 +18,13 @@ Lineage, on opening the target (invariant 7):
              skipped), or compared by hash with --checksum. Also a target whose record
              no longer describes it (deleted, replaced, truncated or grown behind the
              receiver's back: invariant 9); the receiver says why, and so do we
-    foreign  refused by the receiver, unless --discard-target-data names the target
+    rejoin   the target is a former primary that waits to become our secondary (bmigrate
+             rejoin on its host): the chunks it changed alone (its resync set) are marked
+             dirty here first, then what is dirty ships: the union of both sides' changes.
+             When it could not say which chunks (its state was missing or not trusted),
+             every chunk is compared by hash instead (--checksum)
+    foreign  refused by the receiver, unless --discard-target-data names the target;
+             a split brain (both sides written as primary) is refused the same way
     none     an NBD target, which keeps no record: everything, every time we connect
 
 The sender slot (one sender per device in breqd): a cutover claims it. A sync that
@@ -195,6 +201,7 @@ class Migration:
         self._target: WireTarget | NbdTarget | None = None
         self._info: SourceInfo | None = None
         self._number = 0
+        self._checksum_next = False          # a rejoining copy whose changes are unknown
         self.client_name = "bmigrate"        # how breqd names this sender (HELLO)
         self.yielded_by: str | None = None   # connect(claim=...): who gave the device up
         # A kernel intercept (bmig.dm.intercept.DmIntercept) whose record of writes is
@@ -237,8 +244,28 @@ class Migration:
                 self.reporter.note(f"{self.name}: {holds}; comparing every chunk with it",
                                    relation=relation, why=why or None)
             self._tracker.set_all_dirty(self.name)
+        elif relation == "rejoin":
+            self._take_resync_set()
         elif self.settings.passes.checksum:
             self._tracker.set_all_dirty(self.name)
+
+    def _take_resync_set(self) -> None:
+        """The rejoining copy's own changes become dirty here, durably, before the pass
+        that overwrites them begins (its PASS_BEGIN is what lets the copy forget them)."""
+        assert self._tracker is not None and isinstance(self._target, WireTarget)
+        resync = self._target.resync or {}
+        if resync.get("all", True):
+            self.reporter.note(f"{self.name}: the rejoining copy does not know which chunks "
+                               "it changed; comparing every chunk with it", relation="rejoin")
+            self._tracker.set_all_dirty(self.name)
+            self._checksum_next = True
+            return
+        ranges = self._target.resync_ranges()
+        for start in range(0, len(ranges), 4096):
+            self._tracker.mark(self.name, ranges[start:start + 4096])
+        self.reporter.note(f"{self.name}: the rejoining copy changed {len(ranges)} ranges "
+                           "alone; they ship with what changed here", relation="rejoin",
+                           resync_ranges=len(ranges))
 
     def _check_source_size(self) -> None:
         assert self._source is not None and self._info is not None
@@ -255,6 +282,13 @@ class Migration:
                 except (BmigError, OSError):
                     pass
         self._target = self._source = self._tracker = None
+
+    def abort_target(self) -> None:
+        """End the connection to the target at once, from any thread: a pass waiting on
+        a link that stopped answering fails now (its chunks go back to dirty)."""
+        target = self._target
+        if isinstance(target, WireTarget):
+            target.abort()
 
     def close_target(self) -> None:
         """Close the connection to the target alone (its session on the receiver ends);
@@ -323,6 +357,8 @@ class Migration:
         assert self._tracker and self._source and self._target and self._info
         self._number += 1
         settings = self.settings.passes
+        if self._checksum_next:
+            checksum, self._checksum_next = True, False
         if checksum is not None and checksum != settings.checksum:
             settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
         self.reporter.pass_started(self._number, budget)
@@ -383,6 +419,18 @@ class Migration:
         self.summary.dirty_bytes = dirty
         return True
 
+    def _record_lags(self) -> bool:
+        """Nothing to ship, no pass yet, but the target's record does not say it is a
+        copy of one moment (a replication session opened, a pass was cut short): one
+        empty pass tells it so (its end says nothing is dirty)."""
+        if self.summary.passes or not isinstance(self._target, WireTarget):
+            return False
+        state = (getattr(self._target, "opened", None) or {}).get("state")
+        if state in ("consistent", "in-sync", "new", None):
+            return False
+        self.summary.converged = False
+        return True
+
     def sync(self) -> Summary:
         """Passes until converged; NotConverging when the dirty amount stops shrinking."""
         started = time.monotonic()
@@ -398,7 +446,7 @@ class Migration:
                 imported = False
                 stats = self._wait_for_holds(self.stats())
                 self._give_way(stats)
-                if self._finish(stats):
+                if self._finish(stats) and not self._record_lags():
                     break
                 dirty = int(stats["dirty_bytes"])
                 written = self.written()

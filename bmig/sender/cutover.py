@@ -188,14 +188,16 @@ class Cutover:
         passes = 0
         while True:
             left, stats = self._remaining()
-            if left <= 0 and not stats["inflight_bytes"]:
+            # At least one pass, even with nothing to ship: its end tells the receiver
+            # that nothing is dirty outside the replication (the record says in-sync).
+            if left <= 0 and not stats["inflight_bytes"] and passes:
                 return {"passes": passes}
             if time.monotonic() > deadline:
                 raise NotConverged(f"not converged within {self.s.timeout:g} s: "
                                    f"{left} bytes still dirty after {passes} passes")
             self._check_replication()
-            if left > 0:
-                self.m.one_pass(left, deadline=deadline)
+            if left > 0 or not passes:
+                self.m.one_pass(max(left, 0), deadline=deadline)
                 passes += 1
             else:
                 self.m.stop.wait(SETTLE_POLL)

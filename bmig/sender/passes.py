@@ -148,12 +148,21 @@ class Pass:
                     and not self._incomplete and not self._cut_short)
         if self._fatal is None:
             try:
-                self.result.target = self._target.end_pass(complete)
+                self.result.target = self._target.end_pass(complete,
+                                                           complete and self._consistent())
             except BmigError as exc:
                 self._fatal = exc
         self._abort_unsettled()
         self.result.error = self._fatal or self._failure or self._claimed
         return self.result
+
+    def _consistent(self) -> bool:
+        """After a complete pass: is nothing dirty, held or in flight but what bmig-nbd
+        replicates (mirrored)? Then the target is a copy of one moment of the source, or
+        follows it write by write, and the receiver may say so (its record's state)."""
+        stats = self._tracker.stats(self._info.name)
+        return (int(stats["dirty_bytes"]) <= int(stats.get("mirrored_bytes", 0))
+                and not int(stats["inflight_bytes"]))
 
     def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

@@ -146,10 +146,15 @@ class TrackerClient:
                           previous=list(lineage.get("previous", [])), clean=clean)
         return self.call(Op.ADD_DEVICE, fields).fields
 
-    def set_lineage(self, device: str, role: str, successor: str | None = None) -> dict:
+    def set_lineage(self, device: str, role: str, successor: str | None = None,
+                    ha: bool | None = None, new_generation: bool = False) -> dict:
         fields: dict[str, Any] = {"device": device, "role": role}
         if successor is not None:
             fields["successor"] = successor
+        if ha is not None:
+            fields["ha"] = ha
+        if new_generation:
+            fields["new_generation"] = True
         return self.call(Op.SET_LINEAGE, fields).fields
 
     def remove_device(self, name: str) -> dict:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from bmig.errors import ConfigError, ProtocolError, RequestError
-from bmig.lineage import ROLE_PRIMARY, ROLES, SourceLineage, hex_id, parse_id, save_source
+from bmig.lineage import (ROLE_PRIMARY, ROLES, SourceLineage, hex_id, new_generation, parse_id,
+                          save_source)
 from bmig.tracker.protocol import Message, Op, Reply, field_str
 from bmig.tracker.registry import Registry
 from bmig.tracker.sessions import Session
@@ -44,12 +45,22 @@ class LineageRequests:
         self._registry = registry
 
     def set_lineage(self, session: Session, msg: Message) -> Reply:
-        """Record a cutover on the source: its role, and the generation that took over."""
+        """Record a cutover on the source: its role, and the generation that took over.
+        ``ha``: the HA replication mode starts or ends (bmig-nbd then starts the device
+        read-only until its role is confirmed); ``new_generation``: a primary confirmed
+        by force while its peer may be one too (a split brain is then told apart)."""
         device = self._registry.requested(msg)
         role = field_str(msg, "role")
         if role not in ROLES:
             raise RequestError(f"role {role!r}: one of {', '.join(ROLES)}")
         lineage = device.lineage
+        if "ha" in msg.fields:
+            if not isinstance(msg.fields["ha"], bool):
+                raise ProtocolError("ha must be true or false")
+            lineage.ha = msg.fields["ha"]
+        if msg.fields.get("new_generation") is True:
+            lineage.previous = [hex_id(lineage.generation)] + lineage.previous[:15]
+            lineage.generation = new_generation()
         lineage.role = role
         if "successor" in msg.fields:
             try:

@@ -99,6 +99,7 @@ class TrackedDevice:
             "previous": list(self.lineage.previous),
             "role": self.lineage.role,
             "successor": hex_id(self.lineage.successor),
+            "ha": self.lineage.ha,
             "state_file": self.bitmap.path,
             "recovered": self.recovered,
             "marks": self.marks,

@@ -122,17 +122,20 @@ class WireTarget:
         if self.error is not None:
             acks.fatal(self.error)
 
-    def open(self, source: SourceInfo, discard: bool, mode: str = "pass") -> str:
+    def open(self, source: SourceInfo, discard: bool, mode: str = "pass",
+             extra: dict[str, Any] | None = None) -> str:
         """Choose the target; ``mode`` "replicate" opens a replication session,
-        "inspect" a read-only one (verify)."""
+        "inspect" a read-only one (verify). ``extra``: more OPEN fields (a replication
+        session's protocol and window)."""
         reply = self._request(Message(T.OPEN, {
             "export": self.export, "device": source.name, "device_id": hex_id(source.device_id),
             "generation": hex_id(source.generation), "size": source.size,
             "chunk_size": source.chunk_size, "discard_target_data": discard,
-            "mode": mode, "previous": list(source.previous)}), T.OPENED)
+            "mode": mode, "previous": list(source.previous), **(extra or {})}), T.OPENED)
         assert isinstance(reply, Message)
         self.opened = reply.fields.get("target", {})
         self.why = reply.str("why", "")      # why a target with a record is "new" now
+        self.resync = reply.fields.get("resync")   # a rejoining copy's own changes
         return reply.str("relation")
 
     def begin_pass(self) -> None:
@@ -148,8 +151,13 @@ class WireTarget:
     def request_durable(self, seq: int) -> None:
         self._frame(pack_seq(T.FLUSH, seq))
 
-    def end_pass(self, complete: bool) -> dict:
-        reply = self._request(Message(T.PASS_END, {"complete": complete}), T.PASS_DONE)
+    def end_pass(self, complete: bool, consistent: bool | None = None) -> dict:
+        """``consistent``: nothing is dirty on the source now but what a replication
+        session carries, so the target is a copy of one moment (or follows the source)."""
+        fields: dict[str, Any] = {"complete": complete}
+        if consistent is not None:
+            fields["consistent"] = consistent
+        reply = self._request(Message(T.PASS_END, fields), T.PASS_DONE)
         assert isinstance(reply, Message)
         return dict(reply.fields.get("target", {}))
 
@@ -174,10 +182,36 @@ class WireTarget:
         assert isinstance(reply, Message)
         return dict(reply.fields.get("target", {}))
 
+    def resync_ranges(self) -> list[tuple[int, int]]:
+        """A rejoining copy's own changes (OPEN answered relation "rejoin" with a resync
+        set): byte ranges, fetched a page at a time, each checked."""
+        out: list[tuple[int, int]] = []
+        start: int | None = 0
+        while start is not None:
+            reply = self._request(Message(T.RESYNC_REQ, {"start": start}), T.RESYNC)
+            assert isinstance(reply, Message)
+            for item in reply.list("ranges"):
+                if (not isinstance(item, list) or len(item) != 2
+                        or not all(isinstance(v, int) and not isinstance(v, bool)
+                                   and v >= 0 for v in item) or item[1] == 0):
+                    raise ProtocolError(f"{self.description}: a bad resync range {item!r}")
+                out.append((item[0], item[1]))
+            following = reply.fields.get("next")
+            if following is not None and (not isinstance(following, int)
+                                          or following <= start):
+                raise ProtocolError(f"{self.description}: a bad resync page {following!r}")
+            start = following
+        return out
+
     def status(self) -> dict:
         reply = self._request(Message(T.STATUS_REQ, {}), T.STATUS)
         assert isinstance(reply, Message)
         return dict(reply.fields)
+
+    def abort(self) -> None:
+        """End the connection at once, without a BYE: for a link that stopped answering
+        (a send may be stuck on it; this wakes it). Any thread."""
+        self.channel.close()
 
     def close(self) -> None:
         if self._closed:

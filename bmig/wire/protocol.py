@@ -57,11 +57,14 @@ class T(enum.IntEnum):
     WRITTEN = 20
     PROMOTE = 21
     PROMOTED = 22
+    RESYNC_REQ = 23
+    RESYNC = 24
 
 
 JSON_TYPES = frozenset({T.HELLO, T.AUTH, T.AUTH_OK, T.OPEN, T.OPENED, T.PASS_BEGIN,
                         T.PASS_END, T.PASS_DONE, T.HASHES_REQ, T.ERROR, T.STATUS_REQ,
-                        T.STATUS, T.BYE, T.PROMOTE, T.PROMOTED})
+                        T.STATUS, T.BYE, T.PROMOTE, T.PROMOTED, T.RESYNC_REQ,
+                        T.RESYNC})
 
 JSON_HEAD = struct.Struct("<BBH")
 DATA_HEAD = struct.Struct("<BBHIQQQ")      # 32 bytes

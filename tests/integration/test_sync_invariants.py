@@ -72,7 +72,7 @@ class HeldTarget:
         with self.lock:
             self.flushes.append(seq)
 
-    def end_pass(self, complete: bool) -> dict:
+    def end_pass(self, complete: bool, consistent: bool | None = None) -> dict:
         self.ended.append(complete)
         return {}
 

@@ -142,6 +142,9 @@ class FakeTarget:
         if self.answer_flush:
             self.acks.durable(seq)
 
+    def abort(self) -> None:
+        self.gate.set()
+
     def close(self) -> None:
         pass
 

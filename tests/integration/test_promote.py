@@ -1,0 +1,147 @@
+"""``bmigrate promote`` on the target host, piece by piece, with the real daemons:
+
+- the fence hook runs before anything changes (it sees the record still secondary, with
+  BMIG_DEVICE and BMIG_ACTION); a failing fence stops the promotion (exit 12, the record
+  untouched) unless ``--no-fence``; neither flag is a configuration error;
+- a source still connected (a replication session holds the copy) is refused unless
+  ``--force-connected``;
+- ``--track`` makes the new primary trackable from its very first write;
+- an HA source restarted while its copy was not promoted stays read-only until an
+  operator confirms its role (``track set-role NAME primary --manage-dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bmig.nbdclient import NbdClient, NbdError
+from tests.integration.failover_helpers import (dirty_chunks, keep_replicating, second_host,
+                                                serve, wait_state)
+from tests.integration.nbd_helpers import start_nbd
+from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate, migrations,  # noqa: F401
+                                            receivers, start_receiver, sync)
+
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def copy(breqd, tmp_path, receivers):
+    """A consistent copy of d1 on the "target host": synced, the source then idle."""
+    server = start_nbd(breqd, tmp_path, SIZE)
+    target = str(tmp_path / "target.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+         r.secret_file, "--threshold", "0")
+    assert r.record("d1")["state"] == "consistent"
+    yield server, r, target
+    server.daemon.stop()
+
+
+def promote(r, target, *extra: str, control: str = "/nonexistent", check: bool = False):
+    return bmigrate(control, "promote", "d1", "--target", target, "--receiver-state-dir",
+                    r.state_dir, *extra, check=check)
+
+
+def test_a_failing_fence_stops_the_promotion_unless_no_fence(copy, tmp_path):
+    server, r, target = copy
+    before = r.record("d1")
+    failed = promote(r, target, "--fence", "exit 3")
+    assert failed.returncode == 12, failed.stderr
+    assert "fence" in failed.stderr and "--no-fence" in failed.stderr
+    assert r.record("d1") == before, "nothing was promoted"
+
+    neither = promote(r, target)
+    assert neither.returncode == 3, neither.stderr
+    assert "--fence" in neither.stderr and "--no-fence" in neither.stderr
+    assert r.record("d1") == before
+
+    # The fence runs first: it sees the copy still a secondary of the old generation.
+    saw = tmp_path / "fence-saw"
+    record = os.path.join(r.state_dir, "d1.target")
+    done = promote(r, target, "--json", "--fence",
+                   f'echo "$BMIG_DEVICE $BMIG_ACTION" > {saw}.env && cp {record} {saw}.json',
+                   check=True)
+    report = json.loads(done.stdout)
+    assert report["fenced"] is True
+    assert (tmp_path / "fence-saw.env").read_text().split() == ["d1", "fence"]
+    seen = json.loads((tmp_path / "fence-saw.json").read_text())
+    assert seen["role"] == "secondary" and seen["generation"] == before["generation"]
+    after = r.record("d1")
+    assert after["role"] == "primary"
+    assert after["generation"] != before["generation"]
+    assert after["previous"][0] == before["generation"]
+
+
+def test_a_failed_fence_is_passed_over_only_with_no_fence(copy):
+    server, r, target = copy
+    done = promote(r, target, "--fence", "exit 3", "--no-fence", "--json", check=True)
+    report = json.loads(done.stdout)
+    assert report["fenced"] is False
+    assert "fence" in done.stderr                  # said, not hidden
+    assert r.record("d1")["role"] == "primary"
+
+
+def test_a_source_still_connected_is_refused_unless_forced(copy, breqd):
+    server, r, target = copy
+    bmigrate(breqd, "replicate", "d1", "--to", r.url("d1"), "--secret-file", r.secret_file,
+             "--manage-dir", server.manage_dir)
+    sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+         r.secret_file, "--threshold", "0")          # nothing dirty outside replication
+    before = r.record("d1")
+    assert before["state"] == "in-sync"
+    refused = promote(r, target, "--no-fence")
+    assert refused.returncode == 9, refused.stderr
+    assert "still connected" in refused.stderr and "replication" in refused.stderr
+    assert r.record("d1") == before
+    done = promote(r, target, "--no-fence", "--force-connected", "--json", check=True)
+    assert json.loads(done.stdout)["connected"] == ["replication"]
+    assert r.record("d1")["role"] == "primary"
+
+
+def test_the_new_primary_is_tracked_from_its_first_write(copy, tmp_path):
+    server, r, target = copy
+    host2 = second_host(tmp_path)
+    try:
+        report = json.loads(promote(r, target, "--no-fence", "--track", "--json",
+                                    control=host2.control, check=True).stdout)
+        assert report["tracked"]["generation"] == report["generation"]
+        assert dirty_chunks(host2, SIZE) == set(), "adopted clean: the copy is the data"
+        new = serve(host2, target, str(tmp_path / "host2"))
+        with NbdClient.connect(new.uri) as client:
+            client.pwrite(b"\x5a" * 4096, 5 * CHUNK + 8192)     # the first write
+            client.flush()
+        assert dirty_chunks(host2, SIZE) == {5}
+    finally:
+        host2.stop()
+
+
+def test_an_ha_source_back_without_a_promotion_is_read_only_until_confirmed(
+        breqd, tmp_path, receivers, migrations):
+    server = start_nbd(breqd, tmp_path, SIZE)
+    r = start_receiver(tmp_path, {"d1": str(tmp_path / "target.img")})
+    receivers.append(r)
+    ha = keep_replicating(migrations, breqd, server, r.url("d1"), r.secret_file)
+    wait_state(ha, "synchronous", timeout=120)
+    ha.kill9()                                  # the source host restarts
+    server.daemon.kill9()
+    breqd.daemon.kill9()
+    breqd.restart()
+    again = serve(breqd, server.backing, str(tmp_path), name="nbd-again")
+    try:
+        with NbdClient.connect(again.uri) as client:
+            with pytest.raises(NbdError):
+                client.pwrite(b"x" * 4096, 0)
+        status = json.loads(bmigrate(breqd, "replicate", "d1", "--status", "--manage-dir",
+                                     again.manage_dir, "--json").stdout)
+        assert status["awaiting_confirmation"] is True and status["read_only"] is True
+        bmigrate(breqd, "track", "set-role", "d1", "primary", "--manage-dir",
+                 again.manage_dir)
+        with NbdClient.connect(again.uri) as client:
+            client.pwrite(b"x" * 4096, 0)
+            client.flush()
+    finally:
+        again.daemon.stop()
