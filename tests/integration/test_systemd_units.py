@@ -26,7 +26,8 @@ SERVICES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(UNITS, "*.
 # Exposure of "OK" and better, as systemd-analyze rates it (5.0 and up is "MEDIUM").
 OK = 5.0
 # These talk to breqd and reconnect to it by themselves.
-BREQD_CLIENTS = ("bmig-nbd@.service", "bmigrate@.service", "bmig-dm@.service")
+BREQD_CLIENTS = ("bmig-nbd@.service", "bmigrate@.service", "bmig-dm@.service",
+                 "bmig-replicate@.service")
 # These send WATCHDOG=1 (bmig/systemd.py, from the loop that does their work).
 WATCHDOGGED = ("breqd.service", "bmig-nbd@.service", "bmigrate@.service")
 
