@@ -1,0 +1,63 @@
+"""bmigrate replicate's usage: one mode at a time, and an option the mode does not take
+is refused in one line (exit 2), never ignored.
+
+- --stop and --status take no target, protocol, policy or connection option.
+- --config, --source and --control need --keep; the message says so.
+- Two modes at once name the two, and nothing else (not --policy).
+- --keep takes --log-level as run does, and hands it to the migration's settings.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bmig.cli.main import cli
+from tests.unit.test_cli_common import run_cli
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--stop", "--ack-timeout", "5"], "--ack-timeout does not apply to --stop"),
+    (["--status", "--protocol", "A"], "--protocol does not apply to --status"),
+    (["--stop", "--to", "tcp://h:1/d"], "--to does not apply to --stop"),
+    (["--status", "--secret-file", "s"], "--secret-file does not apply to --status"),
+    (["--stop", "--policy", "block"], "--policy does not apply to --stop"),
+    (["--config", "m.toml"], "--config needs --keep"),
+    (["--to", "tcp://h:1/d", "--config", "m.toml"], "--config needs --keep"),
+    (["--status", "--source", "/dev/x"], "--source needs --keep"),
+    (["--to", "tcp://h:1/d", "--control", "c.sock"], "--control needs --keep"),
+    (["--keep", "--stop"], "give --keep or --stop, not both"),
+    (["--stop", "--status"], "give --stop or --status, not both"),
+    (["--keep", "--to", "tcp://h:1/d", "--policy", "block"],
+     "--keep replicates with --policy degrade"),
+])
+def test_an_option_the_mode_does_not_take_is_a_usage_error(monkeypatch, capsys, argv,
+                                                            words):
+    code, out, err = run_cli(monkeypatch, capsys, cli, "bmigrate", "replicate", "vm1",
+                             *argv, "--manage-dir", "/nonexistent")
+    assert code == 2 and out == "", err
+    line, = err.splitlines()
+    assert words in line and line.endswith("(see bmigrate replicate --help)"), line
+    if "--policy" not in argv:
+        assert "--policy" not in line, line
+
+
+def test_an_environment_variable_is_no_option_given(monkeypatch, capsys):
+    """BMIG_CONTROL set for every command does not make --status refuse --control."""
+    monkeypatch.setenv("BMIG_CONTROL", "/nonexistent/breqd.sock")
+    code, _, err = run_cli(monkeypatch, capsys, cli, "bmigrate", "replicate", "vm1",
+                           "--status", "--manage-dir", "/nonexistent")
+    assert code == 4 and "no bmig-nbd serves vm1" in err, err
+
+
+def test_keep_takes_log_level_as_run_does(monkeypatch, capsys):
+    import bmig.cli.ha
+    seen = {}
+
+    def keep(name, protocol, ack_timeout, manage_dir, config_file, as_json, flags):
+        seen.update(flags)
+        return 0
+    monkeypatch.setattr(bmig.cli.ha, "keep", keep)
+    code, _, err = run_cli(monkeypatch, capsys, cli, "bmigrate", "replicate", "vm1",
+                           "--keep", "--to", "tcp://h:1/vm1", "--log-level", "debug")
+    assert code == 0, err
+    assert seen["log_level"] == "debug"
