@@ -1,10 +1,11 @@
-"""bmigrate replicate's usage: one mode at a time, and an option the mode does not take
+"""bmigrate's usage. replicate: one mode at a time, and an option the mode does not take
 is refused in one line (exit 2), never ignored.
 
 - --stop and --status take no target, protocol, policy or connection option.
 - --config, --source and --control need --keep; the message says so.
 - Two modes at once name the two, and nothing else (not --policy).
 - --keep takes --log-level as run does, and hands it to the migration's settings.
+- promote with a --receiver-state-dir that holds no record of NAME says so.
 """
 
 from __future__ import annotations
@@ -61,3 +62,16 @@ def test_keep_takes_log_level_as_run_does(monkeypatch, capsys):
                            "--keep", "--to", "tcp://h:1/vm1", "--log-level", "debug")
     assert code == 0, err
     assert seen["log_level"] == "debug"
+
+
+def test_promote_with_a_wrong_receiver_state_dir_says_there_is_no_record(
+        monkeypatch, capsys, tmp_path):
+    target = tmp_path / "copy.img"
+    target.write_bytes(bytes(4096))
+    code, out, err = run_cli(monkeypatch, capsys, cli, "bmigrate", "promote", "vm1",
+                             "--target", str(target), "--receiver-state-dir",
+                             str(tmp_path / "elsewhere"), "--no-fence")
+    assert code == 3, err
+    line, = err.splitlines()
+    assert f"no record of vm1 in {tmp_path / 'elsewhere'}" in line, line
+    assert not (tmp_path / "elsewhere").exists()
