@@ -6,6 +6,7 @@ is refused in one line (exit 2), never ignored.
 - Two modes at once name the two, and nothing else (not --policy).
 - --keep takes --log-level as run does, and hands it to the migration's settings.
 - promote with a --receiver-state-dir that holds no record of NAME says so.
+- track set-role handed-over refuses --new-generation (it goes with primary).
 """
 
 from __future__ import annotations
@@ -75,3 +76,13 @@ def test_promote_with_a_wrong_receiver_state_dir_says_there_is_no_record(
     line, = err.splitlines()
     assert f"no record of vm1 in {tmp_path / 'elsewhere'}" in line, line
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_set_role_handed_over_refuses_new_generation(monkeypatch, capsys, tmp_path):
+    code, out, err = run_cli(monkeypatch, capsys, cli, "bmigrate", "track", "set-role",
+                             "vm1", "handed-over", "--new-generation", "--control",
+                             str(tmp_path / "none.sock"))
+    assert code == 2 and out == "", err
+    line, = err.splitlines()
+    assert "--new-generation goes with primary only" in line, line
+    assert line.endswith("(see bmigrate track set-role --help)"), line
