@@ -91,13 +91,16 @@ def json_option(f: Callable) -> Callable:
 
 
 def add_verbosity(command: click.Command, default: str = "warning") -> None:
-    """-v/--verbose and -q/--quiet on ``command`` and every command below it: each -v
-    logs one level more than ``default`` (info, then debug), each -q one level less
-    (warning, then error only). They stand in for --log-level (and a file's log_level),
-    and may not be given with it."""
+    """-v/--verbose and -q/--quiet on ``command`` and every command below it that has
+    no --log-level of its own (sync, run, cutover, replicate: the one way to say it
+    there, as a migration file's log_level): each -v logs one level more than
+    ``default`` (info, then debug), each -q one level less (warning, then error only).
+    On a daemon, given to it directly, they stand in for its --log-level and may not be
+    given with it."""
     if isinstance(command, click.Group):
         for sub in command.commands.values():
-            add_verbosity(sub, default)
+            if not any(p.name == "log_level" for p in sub.params):
+                add_verbosity(sub, default)       # one way: its own --log-level
         return
     if any(p.name == "verbose" for p in command.params):
         return

@@ -5,7 +5,8 @@ First an ``exists`` event for each part of each device (with --now, only those, 
 exits), then, looking every --interval seconds, what changed: ``create``, ``change``
 (with ``changed``: key -> [before, after]), ``destroy`` (bmig.devicestate.diff). A
 statistic (bytes, seconds, counters) changes nothing unless --statistics asks for it.
-breqd going away is an ``error`` event (once), and the looking goes on.
+breqd failing, at the start as later, is an ``error`` event (once), and the looking goes
+on (with --now: the error, and its exit status).
 
 Printing only: bmig.sender.status gathers.
 """
@@ -45,29 +46,42 @@ def events(name: str | None, now: bool, statistics: bool, interval: float,
            manage_dir: str, status_dir: str, control: str) -> int:
     """Print the state of every device (or NAME) and then its changes, as JSON lines."""
     names = None if name is None else [name]
+    failing: str | None = None
 
-    def look() -> dict[str, dict[str, Any]]:
-        return {s["device"]: s for s in statuses(control, names, manage_dir, status_dir)}
+    def look() -> dict[str, dict[str, Any]] | None:
+        """Every device's status; None (and an error event, once) while breqd fails."""
+        nonlocal failing
+        try:
+            found = {s["device"]: s for s in statuses(control, names, manage_dir, status_dir)}
+        except BmigError as exc:
+            if exc.message != failing:
+                failing = exc.message
+                emit({"event": "error", "time": round(time.time(), 3),
+                      "message": exc.message, "exit_code": exc.exit_code})
+            if now:
+                raise                # the line on stderr and the exit status too
+            return None
+        failing = None
+        return found
 
-    seen = look()
+    seen = look()                    # None: no state yet, "exists" once there is one
+    try:
+        while seen is None:
+            time.sleep(interval)
+            seen = look()
+    except KeyboardInterrupt:
+        return EXIT_OK
     for status in seen.values():
         for event in exists(status, float(status["time"])):
             emit(event)
     if now:
         return EXIT_OK
-    failing: str | None = None
     try:
         while True:
             time.sleep(interval)
-            try:
-                current = look()
-            except BmigError as exc:
-                if exc.message != failing:
-                    failing = exc.message
-                    emit({"event": "error", "time": round(time.time(), 3),
-                          "message": exc.message})
+            current = look()
+            if current is None:
                 continue
-            failing = None
             moment = time.time()
             for device in list(current) + [d for d in seen if d not in current]:
                 for event in diff(seen.get(device), current.get(device), moment, statistics):

@@ -11,6 +11,7 @@ import click
 
 from bmig.cli.common import connect, control_option, human_bytes, json_option, print_json, size_of
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
+from bmig.errors import ConfigError
 from bmig.lineage import target_path as record_path
 
 
@@ -46,6 +47,9 @@ def promote(name: str, target_path: str, receiver_state_dir: str, fence: str | N
     """
     from bmig.receiver.promotion import PromoteSettings, promote as promote_copy
 
+    if not os.path.exists(record_path(receiver_state_dir, name)):
+        raise ConfigError(f"no record of {name} in {receiver_state_dir}: give breceive's "
+                          "--state-dir as --receiver-state-dir")
     report = promote_copy(PromoteSettings(
         state_dir=receiver_state_dir, export=name, target_path=target_path, fence=fence,
         no_fence=no_fence, force_inconsistent=force_inconsistent,

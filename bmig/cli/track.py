@@ -205,6 +205,9 @@ def set_role(name: str, role: str, new_generation: bool, manage_dir: str | None,
     Making it primary again is a deliberate split of the lineage: the former target
     refuses it anyway (another generation), unless told to discard its data.
     """
+    if new_generation and role != "primary":
+        raise click.UsageError("--new-generation goes with primary only",
+                               click.get_current_context())
     with connect(control) as client:
         stats = client.set_lineage(name, role, new_generation=new_generation)
     if manage_dir is not None and role == "primary":

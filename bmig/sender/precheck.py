@@ -10,8 +10,11 @@ anything, as ``drbdadm -d`` or ``rsync -n`` let an operator rehearse.
                up (bmigrate run, sync); not held or claimed for another cutover         23
     hooks      --pre-handover and --post-handover parse (sh -n) and name a command
                that exists (command -v); nothing of them runs                           24
-    receiver   the receiver at --to answers and serves the export                       25
-    auth       the receiver and this sender authenticate each other                     26
+    receiver   the receiver at --to answers and serves the export (not tried while
+               this sender's settings cannot authenticate it: see auth)                 25
+    auth       this sender has what authenticates the receiver (a shared secret, a
+               usable certificate or identity file: looked at before connecting), and
+               the receiver and this sender authenticate each other                     26
     lineage    breqd's role is primary, and the target holds this lineage, the one
                it took over from, or nothing of ours (not another lineage)              27
 
@@ -31,12 +34,13 @@ from bmig.blockdev import size_of_fd
 from bmig.errors import (EXIT_CHECK_AUTH, EXIT_CHECK_BREQD, EXIT_CHECK_HOOK,
                          EXIT_CHECK_INTERCEPT, EXIT_CHECK_LINEAGE, EXIT_CHECK_RECEIVER,
                          EXIT_CHECK_SLOT, EXIT_CHECK_SOURCE, AuthError, BmigError,
-                         ConfigError, LineageError, TargetMissing)
+                         LineageError, TargetMissing)
 from bmig.lineage import ROLE_PRIMARY
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration, source_info
 from bmig.sender.hooks import problem
 from bmig.sender.targets import open_target
+from bmig.wire.connect import check_settings
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire.client import WireTarget
 
@@ -175,11 +179,18 @@ class Precheck:
         self._say("hooks", True, ", ".join(f"--{w}" for w in self.hooks) + " can run")
 
     def _receiver(self) -> None:
-        """Reach and authenticate (receiver, auth), then OPEN in inspect mode (lineage)."""
+        """This sender's settings first (nothing is tried without them), then reach and
+        authenticate (receiver, auth), then OPEN in inspect mode (lineage)."""
         m = self.m
         try:
+            check_settings(m.url, m.options)
+        except BmigError as exc:
+            self._say("receiver", None, "not tried: this sender cannot authenticate it")
+            self._say("auth", False, f"this sender's settings: {exc.message}")
+            return self._say("lineage", None, "skipped: not authenticated")
+        try:
             target = open_target(m.url, m.options)
-        except (AuthError, ConfigError) as exc:
+        except AuthError as exc:              # only once the transport has connected
             self._say("receiver", True, f"{m.url.host}:{m.url.port} answers")
             self._say("auth", False, exc.message)
             return self._say("lineage", None, "skipped: not authenticated")
@@ -213,6 +224,10 @@ class Precheck:
             self._say("receiver", True, f"{target.description} answers")
             self._say("auth", True, "authenticated")
             return self._say("lineage", False, exc.message)
+        except AuthError as exc:
+            self._say("receiver", True, f"{target.description} answers")
+            self._say("auth", False, exc.message)
+            return self._say("lineage", None, "skipped: not authenticated")
         except BmigError as exc:
             self._say("receiver", False, exc.message)
             self._say("auth", True, "authenticated")

@@ -25,13 +25,11 @@ def connect(url: TargetUrl, options: ConnectOptions) -> WireTarget:
     """Connect and authenticate (the handshake); the target is not opened yet."""
     if url.kind == "nbd":
         raise ConfigError(f"{url} is an NBD server, not breceive")
+    check_settings(url, options)
     if url.kind == "ssh":
         return _connect_ssh(url, options)
     verified = url.kind == "tls" and options.trust_tls_server
     hint = TLS_HINT if url.kind == "tls" and not verified else ""
-    if not verified and options.secret is None:
-        raise AuthError(f"{url}: only the shared secret can authenticate the receiver here: "
-                        f"give --secret-file FILE{hint}")
     sock = connect_tcp(url.host, url.port, options.timeout)
     try:
         if url.kind == "tls":
@@ -52,6 +50,27 @@ def connect(url: TargetUrl, options: ConnectOptions) -> WireTarget:
     except BaseException:
         sock.close()
         raise
+
+
+def check_settings(url: TargetUrl, options: ConnectOptions) -> None:
+    """Refuse, before connecting, what ``connect`` could not authenticate with: no shared
+    secret where only it authenticates the receiver (AuthError), a TLS certificate or
+    SSH identity that cannot be used (ConfigError)."""
+    if url.kind == "ssh":
+        from bmig.wire.ssh.hints import check_identity
+        from bmig.wire.ssh.target import SshTarget
+        check_identity(SshTarget(host=url.host, port=url.port, identity=options.identity))
+        return
+    verified = url.kind == "tls" and options.trust_tls_server
+    if url.kind in ("tcp", "tls") and not verified and options.secret is None:
+        hint = TLS_HINT if url.kind == "tls" else ""
+        raise AuthError(f"{url}: only the shared secret can authenticate the receiver here: "
+                        f"give --secret-file FILE{hint}")
+    if url.kind == "tls" or url.nbd_uri.startswith("nbds"):
+        try:
+            client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
+        except (OSError, ssl.SSLError) as exc:       # the CA file
+            raise ConfigError(f"cannot load the CA {options.tls_ca}: {exc}") from None
 
 
 def _connect_ssh(url: TargetUrl, options: ConnectOptions) -> WireTarget:

@@ -203,6 +203,47 @@ def test_a_wrong_secret(breqd, rig, tmp_path):
     assert checks["receiver"]["ok"] is True and checks["lineage"]["ok"] is None
 
 
+def test_no_secret_file_fails_auth_before_anything_connects(breqd, rig):
+    """A setting this sender lacks is its own failure, found before connecting: the
+    receiver is not said to answer (nothing connected to it), auth fails and says what
+    to give."""
+    server, r, _ = rig
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        done = bmigrate(breqd, "cutover", "d1", "--check", "--source", server.backing,
+                        "--to", f"tcp://127.0.0.1:{port}/d1", "--manage-dir",
+                        server.manage_dir, "--json", check=False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()                          # no connection was made
+    events = json_lines(done.stdout)
+    checks = failing("auth", EXIT_CHECK_AUTH, done, events, "this sender's settings",
+                     "--secret-file")
+    assert checks["receiver"]["ok"] is None, checks["receiver"]
+    assert "not tried" in checks["receiver"]["message"]
+    assert checks["lineage"]["ok"] is None
+
+
+def test_an_unusable_client_certificate_fails_auth_before_connecting(breqd, rig, tmp_path):
+    server, r, _ = rig
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        done = bmigrate(breqd, "cutover", "d1", "--check", "--source", server.backing,
+                        "--to", f"tls://127.0.0.1:{port}/d1", "--secret-file",
+                        r.secret_file, "--tls-cert", str(tmp_path / "no-cert.pem"),
+                        "--manage-dir", server.manage_dir, "--json", check=False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    checks = failing("auth", EXIT_CHECK_AUTH, done, json_lines(done.stdout),
+                     "no-cert.pem")
+    assert checks["receiver"]["ok"] is None, checks["receiver"]
+
+
 def test_a_source_handed_over_already(breqd, rig):
     server, r, _ = rig
     tracker = breqd.client()

@@ -1,8 +1,9 @@
 """What every command shares (bmig/cli/common.py) and the sizes they take (bmig/config.py).
 
 - A usage error is one line, ``PROG: message (see COMMAND --help)``, exit 2.
-- Every command of bmigrate and every daemon takes -v/--verbose and -q/--quiet; they
-  choose the log level, and may not be given with --log-level.
+- The log level has one way on each bmigrate command: --log-level on sync, run, cutover
+  and replicate (as a migration file's log_level), -v/--verbose and -q/--quiet on the
+  others. A daemon takes both, not together.
 - After --json, an error is also an "error" event on stdout, with its exit status and
   a time.
 - Sizes take a decimal fraction when it comes to whole bytes: 1.5G.
@@ -67,10 +68,27 @@ COMMANDS = [*leaves(cli, "bmigrate"), ("breqd", breqd), ("bmig-nbd", nbd),
             ("breceive", breceive), ("bmig-dm", dm)]
 
 
+VERBOSITY = {"-v", "--verbose", "-q", "--quiet"}
+# bmigrate's commands with a migration file's log_level (or, cutover, its steps' log):
+# --log-level is the one way to say it there.
+LOG_LEVEL_COMMANDS = {"bmigrate sync", "bmigrate run", "bmigrate cutover",
+                      "bmigrate replicate"}
+
+
 @pytest.mark.parametrize("name,command", COMMANDS, ids=[n for n, _ in COMMANDS])
-def test_every_command_takes_verbose_and_quiet(name, command):
+def test_every_command_says_its_log_level_one_way(name, command):
     names = {o for p in command.params for o in getattr(p, "opts", [])}
-    assert {"-v", "--verbose", "-q", "--quiet"} <= names, (name, sorted(names))
+    if name in LOG_LEVEL_COMMANDS:
+        assert "--log-level" in names and not names & VERBOSITY, (name, sorted(names))
+    elif name.startswith("bmigrate "):
+        assert VERBOSITY <= names and "--log-level" not in names, (name, sorted(names))
+    else:                      # a daemon: -v/-q stand in for its --log-level
+        assert VERBOSITY | {"--log-level"} <= names, (name, sorted(names))
+
+
+def test_verbose_is_no_option_of_a_command_with_log_level(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, cli, "bmigrate", "sync", "d", "-v")
+    assert code == 2 and "no such option '-v'" in err, err
 
 
 def verbosity_probe(default: str):
