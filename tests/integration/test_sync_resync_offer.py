@@ -99,7 +99,7 @@ def page(ranges: list, following: Any = None) -> dict:
     ([1, 2], [], "a bad resync offer"),
     ({"all": "no"}, [], "a bad resync offer"),
     ({"all": False, "ranges": "many"}, [], "resync offer of 'many' ranges"),
-    ({"all": False, "ranges": 1e999}, [], "resync offer of"),
+    ({"all": False, "ranges": 1e999}, [], "not valid JSON"),
     ({"all": False, "ranges": MAX_RESYNC_RANGES + 1}, [], "resync offer of"),
     ({"all": False, "ranges": 1}, [page([[SIZE - CHUNK, 2 * CHUNK]])],
      "bad resync range"),
