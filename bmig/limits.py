@@ -101,6 +101,9 @@ MAX_NBD_CONTEXTS = 256             # meta contexts one SET_META_CONTEXT may sele
 MAX_CONFIG_FILE = 1 * MiB          # a TOML settings or definition file (bmig/config.py)
 MAX_STATE_FILE = 1 * MiB           # a JSON state record: lineage, target (bmig/config.py)
 RESYNC_PAGE = 1024                 # ranges of a rejoining copy's resync set per RESYNC
+# Ranges of a resync set the sender takes from a receiver (bmig/wire/client.py): the most a
+# receiver's state file can hold; a larger offer is refused before any range is fetched.
+MAX_RESYNC_RANGES = 1 << 18
 MAX_SECRET_FILE = 4096             # a shared secret (bmig/wire/auth.py)
 MAX_PSK_FILE = 1 * MiB             # a TLS-PSK file (bmig/nbd/psk.py)
 MAX_PSK_IDENTITY = 128             # bytes; below OpenSSL's PSK_MAX_IDENTITY_LEN
@@ -148,6 +151,9 @@ def relations(c: Any) -> list[tuple[bool, str]]:
          "request header"),
         (64 + c.RESYNC_PAGE * 48 <= c.MAX_JSON,
          "a RESYNC page of ranges (\"[o, n], \": two 20-digit numbers and 8 more) fits one JSON message"),
+        (c.MAX_STATE_FILE // 6 <= c.MAX_RESYNC_RANGES,
+         "every resync set a receiver's state file can hold (a range takes at least 6 bytes "
+         "of JSON, \"[o,n],\") is taken by its sender"),
         (c.MAX_PSK_IDENTITY + 1 + 2 * c.MAX_PSK_KEY_BYTES + 1 <= c.MAX_PSK_FILE,
          "a PSK file line with the longest identity and key (hex) fits the file cap"),
     ]

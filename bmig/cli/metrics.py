@@ -2,16 +2,15 @@
 node_exporter's textfile collector (a timer runs ``bmigrate metrics --output
 /var/lib/prometheus/node-exporter/bmig.prom``) or any scraper that reads a file.
 
---output replaces the file whole (a temporary file renamed over it), so the collector
-never reads half of one. When breqd does not answer, the file still says so
+--output replaces the file whole (a fresh temporary file, mode 0644, renamed over it), so
+the collector never reads half of one, and a name planted in the directory (the
+collector's directory is often writable by others) is never opened or followed. When breqd does not answer, the file still says so
 (``bmig_breqd_up 0``) and the exit status is 4.
 
 Printing only: bmig.sender.status gathers, bmig.metrics formats.
 """
 
 from __future__ import annotations
-
-import os
 
 import click
 
@@ -20,18 +19,13 @@ from bmig.cli.options import manage_dir_option, status_dir_option
 from bmig.errors import EXIT_OK, ConfigError, UnreachableError
 from bmig.metrics import prometheus
 from bmig.sender.status import statuses
+from bmig.sender.statusfile import replace_file
 
 
 def write_file(path: str, text: str) -> None:
     """Replace ``path`` with ``text``, readable by the collector (mode 0644)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
+        replace_file(path, text.encode(), 0o644)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 

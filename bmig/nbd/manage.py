@@ -46,6 +46,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -297,8 +298,11 @@ class ManageServer:
             state = request.get("state")
             if not isinstance(state, str) or len(state) > 64:
                 raise ProtocolError("ha-state needs a state")
-            m.ha = {k: v for k, v in request.items()
-                    if k in HA_FIELDS and isinstance(v, (str, int, float, type(None)))}
+            ha = {k: v for k, v in request.items()
+                  if k in HA_FIELDS and isinstance(v, (str, int, float, type(None)))}
+            if any(isinstance(v, float) and not math.isfinite(v) for v in ha.values()):
+                raise ProtocolError("ha-state: numbers must be finite (no NaN, Infinity)")
+            m.ha = ha
             m.ha_client = client
             return self.status(m)
         if op == "read-only":

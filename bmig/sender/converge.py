@@ -253,14 +253,15 @@ class Migration:
         """The rejoining copy's own changes become dirty here, durably, before the pass
         that overwrites them begins (its PASS_BEGIN is what lets the copy forget them)."""
         assert self._tracker is not None and isinstance(self._target, WireTarget)
-        resync = self._target.resync or {}
-        if resync.get("all", True):
+        assert self._info is not None
+        count = self._target.resync_count()
+        if count is None:
             self.reporter.note(f"{self.name}: the rejoining copy does not know which chunks "
                                "it changed; comparing every chunk with it", relation="rejoin")
             self._tracker.set_all_dirty(self.name)
             self._checksum_next = True
             return
-        ranges = self._target.resync_ranges()
+        ranges = self._target.resync_ranges(count, self._info.size)
         for start in range(0, len(ranges), 4096):
             self._tracker.mark(self.name, ranges[start:start + 4096])
         self.reporter.note(f"{self.name}: the rejoining copy changed {len(ranges)} ranges "

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from bmig.chunkmath import chunk_count
 from bmig.errors import BmigError, ProtocolError, UnreachableError
 from bmig.framing import ConnectionClosed
-from bmig.limits import MAX_HASHES
+from bmig.limits import MAX_HASHES, MAX_RESYNC_RANGES
 from bmig.lineage import hex_id
 from bmig.wire import handshake
 from bmig.wire.channel import Channel
@@ -182,25 +182,54 @@ class WireTarget:
         assert isinstance(reply, Message)
         return dict(reply.fields.get("target", {}))
 
-    def resync_ranges(self) -> list[tuple[int, int]]:
-        """A rejoining copy's own changes (OPEN answered relation "rejoin" with a resync
-        set): byte ranges, fetched a page at a time, each checked."""
+    def resync_count(self) -> int | None:
+        """How many ranges the rejoining copy offers as its own changes (OPEN's
+        "resync"), checked; None when it does not know them (every chunk is compared)."""
+        offer = self.resync
+        if offer is None:
+            return None
+        if not isinstance(offer, dict) or not isinstance(offer.get("all", True), bool):
+            raise ProtocolError(f"{self.description}: a bad resync offer {_short(offer)}")
+        if offer.get("all", True):
+            return None
+        count = offer.get("ranges")
+        if isinstance(count, bool) or not isinstance(count, int) \
+                or not 0 <= count <= MAX_RESYNC_RANGES:
+            raise ProtocolError(f"{self.description}: a resync offer of {_short(count)} "
+                                f"ranges (at most {MAX_RESYNC_RANGES})")
+        return count
+
+    def resync_ranges(self, count: int, size: int) -> list[tuple[int, int]]:
+        """The ``count`` ranges of a rejoining copy's own changes (``resync_count``),
+        fetched a page at a time, each checked against the device's ``size`` before it
+        is kept; a peer that sends more than it offered, or pages that do not follow
+        each other, is refused."""
         out: list[tuple[int, int]] = []
-        start: int | None = 0
+        start: int | None = 0 if count else None
         while start is not None:
             reply = self._request(Message(T.RESYNC_REQ, {"start": start}), T.RESYNC)
             assert isinstance(reply, Message)
-            for item in reply.list("ranges"):
+            page = reply.list("ranges")
+            if len(out) + len(page) > count:
+                raise ProtocolError(f"{self.description}: more resync ranges than the "
+                                    f"{count} offered")
+            for item in page:
                 if (not isinstance(item, list) or len(item) != 2
                         or not all(isinstance(v, int) and not isinstance(v, bool)
-                                   and v >= 0 for v in item) or item[1] == 0):
-                    raise ProtocolError(f"{self.description}: a bad resync range {item!r}")
+                                   and v >= 0 for v in item) or item[1] == 0
+                        or item[0] + item[1] > size):
+                    raise ProtocolError(f"{self.description}: a bad resync range "
+                                        f"{_short(item)} (the device has {size} bytes)")
                 out.append((item[0], item[1]))
             following = reply.fields.get("next")
-            if following is not None and (not isinstance(following, int)
-                                          or following <= start):
-                raise ProtocolError(f"{self.description}: a bad resync page {following!r}")
+            if following is not None and (isinstance(following, bool)
+                                          or following != start + len(page) or not page):
+                raise ProtocolError(f"{self.description}: a bad resync page "
+                                    f"{_short(following)} after {start}")
             start = following
+        if len(out) != count:
+            raise ProtocolError(f"{self.description}: {len(out)} resync ranges, but "
+                                f"{count} were offered")
         return out
 
     def status(self) -> dict:
@@ -272,3 +301,9 @@ class WireTarget:
             self._replies.put(error)
         else:
             self._replies.put(error)
+
+
+def _short(value: Any) -> str:
+    """A peer's value for an error line: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

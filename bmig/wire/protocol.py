@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +131,23 @@ class Message:
         return value
 
 
+def _no_constant(word: str) -> Any:
+    raise ValueError(f"{word} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond every finite number")
+    return value
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: NaN, Infinity and numbers beyond a finite float (1e999)
+    are refused (ValueError), so no non-finite number reaches a caller."""
+    return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def decode_json(body: memoryview | bytes) -> Message:
     kind = type_of(body)
     if kind not in JSON_TYPES:
@@ -137,7 +155,7 @@ def decode_json(body: memoryview | bytes) -> Message:
     if len(body) - JSON_HEAD.size > MAX_JSON:
         raise ProtocolError(f"{kind.name} of {len(body)} bytes is too large")
     try:
-        fields = json.loads(bytes(body[JSON_HEAD.size:]) or b"{}")
+        fields = loads_strict(bytes(body[JSON_HEAD.size:]) or b"{}")
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"{kind.name}: fields are not valid JSON: {exc}") from None
     except RecursionError:

@@ -434,3 +434,23 @@ def test_events_follow_devices_as_they_come_change_and_go(breqd, tmp_path):
         assert events.interrupt() == 0
     finally:
         events.close()
+
+
+def test_metrics_output_never_writes_through_a_planted_link(breqd, tmp_path):
+    """The collector's directory is often writable by others: a link planted under the
+    name of a temporary file neither gets the metrics nor changes its target's mode."""
+    breqd.client().add_device("vm1", 4 * MiB)
+    textfiles = tmp_path / "textfile"
+    textfiles.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.chmod(victim, 0o600)
+    os.symlink(victim, textfiles / ".bmig.prom.tmp")
+    bmigrate(breqd, "metrics", "--output", str(textfiles / "bmig.prom"), "--status-dir",
+             str(tmp_path / "none"), "--manage-dir", str(tmp_path / "none"))
+    assert victim.read_text() == "precious\n"
+    assert os.stat(victim).st_mode & 0o777 == 0o600
+    written = textfiles / "bmig.prom"
+    assert not written.is_symlink() and os.stat(written).st_mode & 0o777 == 0o644
+    assert 'bmig_dirty_bytes{device="vm1"}' in written.read_text()
+    assert sorted(os.listdir(textfiles)) == [".bmig.prom.tmp", "bmig.prom"]

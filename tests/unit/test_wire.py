@@ -87,6 +87,11 @@ def test_json_messages_round_trip_and_unknown_fields_are_kept_for_the_reader():
     (bytes([T.OPEN, 0, 0, 0]) + b"[1]", "JSON object"),
     (bytes([T.OPEN, 0, 0, 0]) + b"[" * 50000, "nested|JSON"),
     (bytes([T.OPEN, 0, 0, 0]) + b" " * (MAX_JSON + 1), "too large"),
+    (bytes([T.STATUS, 0, 0, 0]) + b'{"lag_seconds": NaN}', "not valid JSON.*NaN"),
+    (bytes([T.STATUS, 0, 0, 0]) + b'{"lag_seconds": Infinity}', "not valid JSON.*Infinity"),
+    (bytes([T.STATUS, 0, 0, 0]) + b'{"a": [-Infinity]}', "not valid JSON.*Infinity"),
+    (bytes([T.STATUS, 0, 0, 0]) + b'{"size_x_bytes": 1e999}', "not valid JSON.*finite"),
+    (bytes([T.STATUS, 0, 0, 0]) + b'{"size_x_bytes": -1E+400}', "not valid JSON.*finite"),
 ])
 def test_the_decoder_refuses_malformed_messages(body, match):
     with pytest.raises(ProtocolError, match=match):
