@@ -294,14 +294,14 @@ class Rig:
     def target_record(self) -> dict:
         """The target's record as breceive gives it, once no session holds the target
         (until then the record may still change)."""
-        from bmig.sender.targets import target_status
+        from bmig.sender.targets import export_record
         from bmig.wire.options import ConnectOptions
         from bmig.wire.urls import parse_target_url
         url = parse_target_url(f"tcp://127.0.0.1:{self.port}/d1")
         deadline = time.monotonic() + STEP_TIMEOUT
         while True:
-            status = target_status(url, ConnectOptions.from_dict({"secret_file": self.secret}))
-            record = [t for t in status.get("targets", []) if t.get("export") == "d1"][0]
+            record = export_record(url, ConnectOptions.from_dict({"secret_file": self.secret}))
+            assert record is not None, "breceive keeps no record of d1"
             if not record.get("busy") or time.monotonic() > deadline:
                 return record
             time.sleep(0.05)

@@ -15,7 +15,7 @@ import click
 from bmig.cli.common import control_option, json_option, print_json
 from bmig.cli.options import connection_options, manage_dir_option, status_dir_option
 from bmig.cli.report import JsonReporter
-from bmig.cli.statustext import device_text, part_line
+from bmig.cli.statustext import device_text, part_line, printable
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import EXIT_OK, BmigError, ConfigError, VerifyFailed
 from bmig.receiver.records import receiver_status
@@ -27,7 +27,7 @@ CLEAR = "\033[H\033[J"          # cursor home, clear to the end: a terminal's ne
 
 def describe_record(t: dict) -> str:
     """A receiver's target record: ``EXPORT: consistent, secondary; generation ...``."""
-    return f"{t.get('export')}: " + part_line("target", {k: v for k, v in t.items()
+    return f"{printable(str(t.get('export')))}: " + part_line("target", {k: v for k, v in t.items()
                                                          if k not in ("export", "side")})
 
 

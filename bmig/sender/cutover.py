@@ -49,7 +49,7 @@ from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, STATE_CONSISTENT, Targ
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.converge import Migration
 from bmig.sender.hooks import run_hook
-from bmig.sender.targets import target_status
+from bmig.sender.targets import export_record
 
 log = logging.getLogger("bmigrate")
 
@@ -329,13 +329,10 @@ class Cutover:
         problem = "the receiver could not be asked"
         while True:
             try:
-                status = target_status(m.url, m.options)
-                records = [t for t in status.get("targets", [])
-                           if t.get("export") == m.url.export]
-                if not records:
+                record = export_record(m.url, m.options)
+                if record is None:
                     problem = f"the receiver has no record of {m.url.export!r}"
                 else:
-                    record = records[0]
                     if record.get("role") == ROLE_PRIMARY \
                             and record.get("generation") == hex_id(generation):
                         return PROMOTED, record, ""

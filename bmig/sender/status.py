@@ -24,7 +24,7 @@ from bmig.errors import BmigError, UnreachableError
 from bmig.framing import ConnectionClosed
 from bmig.nbd.manage_client import ManageClient, socket_path
 from bmig.sender import statusfile
-from bmig.sender.targets import target_status
+from bmig.sender.targets import export_record
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire.options import ConnectOptions
 from bmig.wire.urls import parse_target_url
@@ -70,14 +70,12 @@ def source_status(name: str, control: str, to: str | None, connection: Mapping[s
 def target_record(to: str, connection: Mapping[str, Any]) -> dict[str, Any] | None:
     url = parse_target_url(to)
     try:
-        found = target_status(url, ConnectOptions.from_dict(connection))
+        return export_record(url, ConnectOptions.from_dict(connection))
     except BmigError as exc:
         return {"export": url.export,
                 "state": "unreachable" if isinstance(exc, (UnreachableError, ConnectionClosed))
                 else "error",
                 "error": exc.message}
-    records = [t for t in found.get("targets", []) if t.get("export") == url.export]
-    return records[0] if records else None
 
 
 def nbd_status(manage_dir: str, name: str) -> dict | None:

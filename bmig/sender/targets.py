@@ -149,3 +149,17 @@ def target_status(url: TargetUrl, options: ConnectOptions) -> dict:
         return target.status()
     finally:
         target.close()
+
+
+def export_record(url: TargetUrl, options: ConnectOptions) -> dict | None:
+    """The receiver's record of ``url``'s export (from target_status), or None when it
+    keeps none. Whatever the receiver answers, only an object found in a list of objects
+    is taken: a STATUS of another shape is "no record", never a crash."""
+    status = target_status(url, options)
+    targets = status.get("targets") if isinstance(status, dict) else None
+    if not isinstance(targets, list):
+        return None
+    for record in targets:
+        if isinstance(record, dict) and record.get("export") == url.export:
+            return record
+    return None

@@ -1,7 +1,8 @@
 """``bmigrate status NAME --to URL --watch`` against a receiver whose record is hostile:
 a number JSON does not have (1e999, Infinity) is refused by the wire protocol's parser
 and shown as the target's error, control characters are shown escaped, never sent to
-the terminal raw, and --watch goes on looking after either.
+the terminal raw, a STATUS of another shape is "no record", and --watch goes on looking
+after each.
 
 The receiver is a scripted one: the real handshake and sealed frames, then a STATUS
 the test chose, one per connection, in turn.
@@ -29,6 +30,8 @@ RECORDS = [
     b'{"targets": [{"export": "d", "state": "consistent", "lag_seconds": Infinity}]}',
     ('{"targets": [{"export": "d", "state": "%s", "note": "a\\nforged: line"}]}'
      % ESCAPE.encode("unicode_escape").decode().replace("\\x", "\\u00")).encode(),
+    b'{"targets": "x"}',                             # not a list
+    b'{"targets": [1, "d", null]}',                  # a list of anything but objects
 ]
 
 
