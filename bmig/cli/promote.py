@@ -80,7 +80,6 @@ def promote(name: str, target_path: str, receiver_state_dir: str, fence: str | N
                    f"--backing {os.path.abspath(target_path)}")
 
 
-
 def tracking_possible(name: str, target_path: str, control: str) -> int:
     """Before anything is fenced or promoted, what --track needs: breqd reachable and NAME
     not tracked there yet; the target's size."""

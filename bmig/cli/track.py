@@ -206,8 +206,8 @@ def set_role(name: str, role: str, new_generation: bool, manage_dir: str,
     primary, the bmig-nbd serving NAME (found in --manage-dir) is told at once: it serves
     the device writable unless a cutover or rejoin in progress still asks for read-only.
     """
-    from bmig.nbd.manage_client import ManageClient
     from bmig.errors import UnreachableError
+    from bmig.nbd.manage_client import ManageClient
 
     before = None
     if role == "primary":
@@ -224,8 +224,12 @@ def set_role(name: str, role: str, new_generation: bool, manage_dir: str,
                                    ha=False if clear_ha else None)
     after = None
     if before is not None:
-        with ManageClient(manage_dir, name, timeout=30) as nbd:
-            after = nbd.call("confirm")
+        try:
+            with ManageClient(manage_dir, name, timeout=30) as nbd:
+                after = nbd.call("confirm")
+        except UnreachableError:
+            after = None                    # it stopped meanwhile: one started is told
+
     if as_json:
         print_json({**stats, "bmig_nbd": after, "ha_kept": kept})
         return
