@@ -172,12 +172,12 @@ class Node:
         os.chmod(path, 0o755)
         return path
 
-    def agent(self, action: str) -> int:
+    def agent(self, action: str, timeout: float = 120, **extra: str) -> int:
         env = dict(os.environ, OCF_ROOT="/usr/lib/ocf", __OCF_ACTION=action,
                    OCF_RESOURCE_INSTANCE="bmig-d1:0",
                    PATH=self.bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                   **{f"OCF_RESKEY_{k}": v for k, v in self.params.items()})
-        done = subprocess.run([os.path.abspath(AGENT), action], env=env, timeout=120,
+                   **{f"OCF_RESKEY_{k}": v for k, v in self.params.items()}, **extra)
+        done = subprocess.run([os.path.abspath(AGENT), action], env=env, timeout=timeout,
                               capture_output=True, text=True)
         self.stderr = done.stderr
         return done.returncode
@@ -264,3 +264,25 @@ def test_stop_succeeds_without_validating(breqd, tmp_path):
     assert node.agent("stop") == 0
     assert not os.path.exists(f"/proc/{receive}") or \
         open(f"/proc/{receive}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_stop_ends_processes_that_ignore_sigterm_within_its_timeout(breqd, tmp_path):
+    """Three processes that ignore SIGTERM share the stop's budget (its timeout less
+    10 s), not 30 s each: stop is done in time, every one of them killed."""
+    node = Node(breqd, tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stubborn = []
+    for name in ("replicate", "nbd", "receive"):
+        proc = subprocess.Popen(["/bin/sh", "-c", 'trap "" TERM; while :; do sleep 1; done'])
+        stubborn.append(proc)
+        (run_dir / f"d1.{name}.pid").write_text(f"{proc.pid}\n")
+    try:
+        assert node.agent("stop", timeout=40, OCF_RESKEY_CRM_meta_timeout="21000") == 0
+        for proc in stubborn:
+            assert proc.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for proc in stubborn:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
