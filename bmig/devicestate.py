@@ -46,7 +46,8 @@ synchronous, its lag, the target's consistency): put the values in the object th
 producer already returns -- bmig-nbd's manage ``status`` (part ``nbd``; e.g.
 ``"replication": "degraded"``, ``"lag_bytes"``, ``"lag_seconds"``; an object there,
 such as ``"ha": {"state": "degraded", "lag_bytes": ...}``, is the part ``nbd.ha``,
-declared as ``FIELDS["nbd.ha"]``), breceive's target
+declared as ``FIELDS["nbd.ha"]``: an inner part is declared under its path, and needs
+no place in ``PART_ORDER``), breceive's target
 record (part ``target``; its ``state`` is the consistency), or a new object under a key
 of its own that bmig.sender.status puts into the device's status -- then declare the
 fields in ``FIELDS``, with the words of a state and their severities (data; a new part
@@ -162,6 +163,21 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         _f("bytes_written", K.BYTES_TOTAL, "bytes the application wrote through bmig-nbd",
            "{} written"),
         _f("error", K.TEXT, "why bmig-nbd did not answer", "{}"),
+    ),
+    # The HA replication (bmigrate replicate --keep), as it tells bmig-nbd (manage's
+    # ha-state, bmig.sender.ha): every key of bmig.nbd.manage.HA_FIELDS.
+    "nbd.ha": (
+        _f("state", K.STATE, "the HA replication's state",
+           states={"connecting": "notice", "catching up": "notice", "synchronous": "info",
+                   "degraded": "warning"}),
+        _f("lag_bytes", K.BYTES, "bytes written and not on the target yet", "lag {}",
+           Show.ALWAYS),
+        _f("lag_seconds", K.SECONDS, "lag_bytes at the rate measured", "{} to ship"),
+        _f("since", K.TIME, "when the HA replication entered its state", "since {}"),
+        _f("retry_in", K.SECONDS, "the wait before it connects again", "retry in {}"),
+        _f("target", K.TEXT, "the target URL", "to {}"),
+        _f("protocol", K.TEXT, "the replication protocol (A, B or C)", "protocol {}"),
+        _f("error", K.TEXT, "why it is degraded", "{}"),
     ),
     "service": (
         _f("state", K.STATE, "the catch-up service's state",

@@ -6,12 +6,13 @@ breqd record the new primary is tracked by is added through breqd's control sock
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
 from bmig.cli.common import connect, control_option, human_bytes, json_option, print_json, size_of
 from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
-from bmig.errors import ConfigError
+from bmig.errors import BmigError, ConfigError, DeviceExists
 from bmig.lineage import target_path as record_path
 
 
@@ -46,22 +47,27 @@ def promote(name: str, target_path: str, receiver_state_dir: str, fence: str | N
     then on; says what may have been lost (nothing under protocol C).
     """
     from bmig.receiver.promotion import PromoteSettings, promote as promote_copy
+    from bmig.sender.hooks import run_hook
 
     if not os.path.exists(record_path(receiver_state_dir, name)):
         raise ConfigError(f"no record of {name} in {receiver_state_dir}: give breceive's "
                           "--state-dir as --receiver-state-dir")
-    report = promote_copy(PromoteSettings(
-        state_dir=receiver_state_dir, export=name, target_path=target_path, fence=fence,
-        no_fence=no_fence, force_inconsistent=force_inconsistent,
-        force_connected=force_connected))
     if track:
-        from bmig.cli.track import adopted_lineage
-        lineage = adopted_lineage(record_path(receiver_state_dir, name))
-        with connect(control) as client:
-            stats = client.add_device(name, size_of(target_path), None, lineage=lineage,
-                                      clean=True)
-        report["tracked"] = {"device_id": stats["device_id"],
-                             "generation": stats["generation"]}
+        size = tracking_possible(name, target_path, control)
+
+    def fence_output(stream: str, line: str) -> None:
+        sys.stderr.write(f"{name}: fence: {line}\n")
+        sys.stderr.flush()
+
+    report = promote_copy(
+        PromoteSettings(state_dir=receiver_state_dir, export=name, target_path=target_path,
+                        fence=fence, no_fence=no_fence,
+                        force_inconsistent=force_inconsistent,
+                        force_connected=force_connected),
+        lambda command, env, timeout: run_hook(command, env, timeout, fence_output))
+    if track:
+        report["tracked"] = track_promoted(name, report["generation"], size,
+                                           record_path(receiver_state_dir, name), control)
     if as_json:
         print_json(report)
         return
@@ -76,3 +82,37 @@ def promote(name: str, target_path: str, receiver_state_dir: str, fence: str | N
         click.echo(f"  tracked in breqd as {name}: serve it with bmig-nbd --device {name} "
                    f"--backing {os.path.abspath(target_path)}")
 
+
+def tracking_possible(name: str, target_path: str, control: str) -> int:
+    """Before anything is fenced or promoted, what --track needs: breqd reachable and NAME
+    not tracked there yet; the target's size."""
+    size = size_of(target_path)
+    try:
+        with connect(control) as client:
+            tracked = {device["name"] for device in client.list_devices()}
+    except BmigError as exc:
+        raise type(exc)(f"{exc.message}; --track needs it: nothing was fenced or "
+                        "promoted") from None
+    if name in tracked:
+        raise DeviceExists(f"breqd tracks {name!r} already, so --track cannot add the "
+                           "promoted copy: nothing was fenced or promoted (remove it with "
+                           f"bmigrate track remove {name} first, or promote without "
+                           "--track)")
+    return size
+
+
+def track_promoted(name: str, generation: str, size: int, record: str,
+                   control: str) -> dict:
+    """Track the promoted copy in breqd, adopting its record. When that fails the copy
+    stays promoted: the error says so and the command that finishes the work."""
+    from bmig.cli.track import adopted_lineage
+
+    try:
+        lineage = adopted_lineage(record)
+        with connect(control) as client:
+            stats = client.add_device(name, size, None, lineage=lineage, clean=True)
+    except BmigError as exc:
+        raise type(exc)(f"{name} is promoted (generation {generation}) but not tracked: "
+                        f"{exc.message}; track it with: bmigrate track add {name} "
+                        f"--size {size} --adopt {os.path.abspath(record)}") from None
+    return {"device_id": stats["device_id"], "generation": stats["generation"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import click
 
 from bmig.cli.common import SIZE, connect, control_option, human_bytes, json_option, print_json, size_of
+from bmig.cli.options import manage_dir_option
 from bmig.cli.track_dm import attach, detach, dm_state_option, intercepts
 from bmig.errors import ConfigError
 
@@ -192,30 +193,77 @@ def clear(name: str, force: bool, control: str, as_json: bool) -> None:
 @click.option("--new-generation", is_flag=True,
               help="With primary: start a new generation, for a primary confirmed while "
                    "its copy may have been promoted (a split brain is then told apart).")
-@click.option("--manage-dir", metavar="DIR",
-              help="Also tell the bmig-nbd serving NAME (its control sockets' directory): "
-                   "a primary confirmed there is writable at once.")
+@manage_dir_option
 @control_option
 @json_option
-def set_role(name: str, role: str, new_generation: bool, manage_dir: str | None,
+def set_role(name: str, role: str, new_generation: bool, manage_dir: str,
              control: str, as_json: bool) -> None:
     """Say whether NAME is the primary copy of its data.
 
     A cutover records the source as handed-over, and bmig-nbd then serves it read-only.
     Making it primary again is a deliberate split of the lineage: the former target
-    refuses it anyway (another generation), unless told to discard its data.
+    refuses it anyway (another generation), unless told to discard its data. With
+    primary, the bmig-nbd serving NAME (found in --manage-dir) is told at once: it serves
+    the device writable unless a cutover or rejoin in progress still asks for read-only.
     """
     if new_generation and role != "primary":
         raise click.UsageError("--new-generation goes with primary only",
                                click.get_current_context())
+
+    from bmig.errors import UnreachableError
+    from bmig.nbd.manage_client import ManageClient
+
+    before = None
+    if role == "primary":
+        try:
+            with ManageClient(manage_dir, name, timeout=30) as nbd:
+                before = nbd.call("status")
+        except UnreachableError:
+            before = None
     with connect(control) as client:
-        stats = client.set_lineage(name, role, new_generation=new_generation)
-    if manage_dir is not None and role == "primary":
-        from bmig.nbd.manage_client import ManageClient
-        with ManageClient(manage_dir, name) as nbd:
-            nbd.call("confirm")
+        stats = client.stats(name)
+        kept = ha_kept(stats, before, manage_dir) if role == "primary" else None
+        clear_ha = role == "primary" and bool(stats.get("ha")) and kept is None
+        stats = client.set_lineage(name, role, new_generation=new_generation,
+                                   ha=False if clear_ha else None)
+    after = None
+    if before is not None:
+        try:
+            with ManageClient(manage_dir, name, timeout=30) as nbd:
+                after = nbd.call("confirm")
+        except UnreachableError:
+            after = None                    # it stopped meanwhile: one started is told
+
     if as_json:
-        print_json(stats)
+        print_json({**stats, "bmig_nbd": after, "ha_kept": kept})
+        return
+    click.echo(f"{name}: {stats['role']}, generation {stats['generation']}")
+    if role != "primary":
+        return
+    if after is None:
+        click.echo(f"  no bmig-nbd serves it (no control socket in {manage_dir}): one "
+                   "started now serves it " + ("read-only until its role is confirmed "
+                                               "again" if kept else "writable"))
+    elif after.get("read_only"):
+        click.echo("  bmig-nbd still serves it read-only: a cutover or rejoin in progress "
+                   "asks for it (see its log)")
     else:
-        click.echo(f"{name}: {stats['role']}, generation {stats['generation']}"
-                   + (" (restart bmig-nbd to write to it again)" if role == "primary" else ""))
+        click.echo("  bmig-nbd serves it writable")
+    if kept:
+        click.echo(f"  it stays marked for the HA replication: {kept}")
+
+
+def ha_kept(stats: dict, nbd: dict | None, manage_dir: str) -> str | None:
+    """Why a device confirmed as primary stays marked HA in breqd (a restarted bmig-nbd
+    then serves it read-only until the HA replication or an operator confirms it), or
+    None when the mark can go: no HA replication runs for it."""
+    if not stats.get("ha"):
+        return None
+    if nbd is None:
+        return (f"no bmig-nbd answers in {manage_dir}, so whether its HA replication runs "
+                "is unknown; run this again once bmig-nbd runs")
+    ha = nbd.get("ha")
+    if ha:
+        return (f"its HA replication runs ({ha.get('state')}), and confirms it itself "
+                "while its target is still its secondary")
+    return None

@@ -13,10 +13,15 @@ as everywhere (bmig.framing, capped); each body is a JSON object: a request
     freeze      {lease}                        → new writes wait; returns once none runs
     thaw        {}                             → writes go on (whoever froze them)
     flush       {}                             → durable on both sides
-    read-only   {value}                        → refuse writes (after a handover)
-    confirm     {}                             → writable: the role of an HA device is
-                                                 confirmed (its target is still its
-                                                 secondary, or an operator said so)
+    read-only   {value}                        → refuse writes (after a handover); false:
+                                                 writable at once, whoever asked, and
+                                                 an HA device's role counts as confirmed
+    confirm     {}                             → the device's role as primary is
+                                                 confirmed (an HA device's target is
+                                                 still its secondary, or an operator
+                                                 said so): writable, unless an open
+                                                 connection still asks for read-only or
+                                                 breqd's role is not primary now
     ha-state    {state, lag_bytes, ...}        → what the HA replication (bmigrate
                                                  replicate --keep) says it does; shown in
                                                  status as "ha" while its connection lasts
@@ -27,10 +32,11 @@ given; writes go on once no connection holds one. When a lease runs out, its con
 gets an error frame and is closed, and nothing it sent after is done: a client that
 took a freeze never goes on as if its writes were still held back.
 
-Read-only outlives the connection that asked for it only when breqd records the device
-as handed over: when that connection closes (a cutover killed before it recorded the
-handover, say), breqd is asked, before any freeze of that connection ends, and the
-device is writable again unless it is handed over there (invariant 7: the record, not
+Read-only is held by the connections that asked for it, each on its own: one closing
+leaves the device read-only while another open one still asks for it. Once the last
+closes (a cutover killed before it recorded the handover, say), breqd is asked, before
+any freeze of that connection ends, and the device is writable again unless it is
+handed over there or awaits the confirmation of its role (invariant 7: the record, not
 a connection, decides). Should breqd not answer, the device stays read-only (the safe
 side), and the log says how to make it writable.
 
@@ -57,7 +63,7 @@ from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
 from bmig.framing import ConnectionClosed, pack_frame, read_frame
 from bmig.limits import MAX_MANAGE_FRAME
-from bmig.lineage import ROLE_HANDED_OVER, hex_id, parse_id
+from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
@@ -107,6 +113,7 @@ class ManageServer:
         self.devices = {d.device: d for d in devices}
         self._servers: list[asyncio.AbstractServer] = []
         self._frozen_by: dict[str, set[_Client]] = {}   # device -> connections holding it
+        self._read_only_by: dict[str, set[_Client]] = {}  # device -> connections asking
 
     async def start(self) -> None:
         try:
@@ -175,7 +182,7 @@ class ManageServer:
             if managed.ha_client is client:
                 managed.ha, managed.ha_client = None, None
             for device in list(client.read_only):
-                await self._read_only_without_client(self.devices[device])
+                await self._read_only_without_client(self.devices[device], client)
             for device in list(client.freezes):
                 self._end_freeze(self.devices[device], client, "the client that froze "
                                  "its writes is gone")
@@ -226,20 +233,29 @@ class ManageServer:
             pass
         client.writer.close()
 
-    async def _read_only_without_client(self, m: Managed) -> None:
-        """The connection that made ``m`` read-only is gone: breqd's record decides."""
+    async def _read_only_without_client(self, m: Managed, client: _Client) -> None:
+        """A connection that made ``m`` read-only is gone: while another open one still
+        asks for it, it stays; after the last, breqd's record decides."""
+        client.read_only.discard(m.device)
+        holders = self._read_only_by.get(m.device, set())
+        holders.discard(client)
+        if holders:
+            log.info("%s: a client that made it read-only is gone; %d other client(s) "
+                     "still ask for it: it stays read-only", m.device, len(holders))
+            return
         if not m.control.read_only:
             return
         try:
-            if m.role is None:
-                raise BmigError("no breqd to ask")
-            role = await asyncio.wait_for(m.role(), ROLE_TIMEOUT)
+            role = await self._breqd_role(m)
         except (BmigError, OSError, asyncio.TimeoutError) as exc:
             log.error("%s: the client that made it read-only is gone, and breqd could not "
                       "be asked whether it is handed over (%s): it stays read-only; if "
-                      "no cutover handed it over, restart bmig-nbd", m.device,
-                      getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+                      "no cutover handed it over: %s", m.device,
+                      getattr(exc, "message", None) or str(exc) or type(exc).__name__,
+                      confirm_command(m.device, self.directory))
             return
+        if m.control.read_only is False or self._read_only_by.get(m.device):
+            return                          # changed while breqd was asked
         if role == ROLE_HANDED_OVER:
             log.info("%s: the client that made it read-only is gone; breqd records it as "
                      "handed over: it stays read-only", m.device)
@@ -251,6 +267,51 @@ class ManageServer:
         m.control.read_only = False
         log.warning("%s: the client that made it read-only is gone before breqd recorded "
                     "a handover (role %s): writable again", m.device, role)
+
+    async def _breqd_role(self, m: Managed) -> str:
+        if m.role is None:
+            raise BmigError("no breqd to ask")
+        return await asyncio.wait_for(m.role(), ROLE_TIMEOUT)
+
+    async def _confirm(self, m: Managed) -> None:
+        """The role of ``m`` as primary is confirmed: writable, unless an open connection
+        still asks for read-only or breqd's role is not primary now."""
+        if m.awaiting_confirmation:
+            m.awaiting_confirmation = False
+            log.warning("%s: its role as primary is confirmed", m.device)
+        if not m.control.read_only:
+            return
+        holders = self._read_only_by.get(m.device)
+        if holders:
+            log.warning("%s: confirmed, but %d client(s) still ask for read-only (a cutover "
+                        "or rejoin in progress): it stays read-only", m.device, len(holders))
+            return
+        try:
+            role = await self._breqd_role(m)
+        except (BmigError, OSError, asyncio.TimeoutError) as exc:
+            raise RequestError(f"{m.device}: breqd could not be asked its role ("
+                               f"{getattr(exc, 'message', None) or exc}): it stays "
+                               "read-only") from None
+        if role != ROLE_PRIMARY:
+            log.warning("%s: confirmed, but breqd records it as %s: it stays read-only",
+                        m.device, role)
+            return
+        m.control.read_only = False
+        log.warning("%s: its role as primary is confirmed: writable", m.device)
+
+    def _set_read_only(self, m: Managed, client: _Client, value: bool) -> None:
+        """``read-only`` from ``client``: true holds it for that connection; false makes
+        the device writable at once, whoever asked, and confirms its role."""
+        holders = self._read_only_by.setdefault(m.device, set())
+        if value:
+            holders.add(client)
+            client.read_only.add(m.device)
+        else:
+            for holder in holders:
+                holder.read_only.discard(m.device)
+            holders.clear()
+            m.awaiting_confirmation = False
+        m.control.read_only = value
 
     def _thaw_all(self, m: Managed) -> None:
         """An explicit thaw ends every connection's freeze of the device."""
@@ -289,10 +350,7 @@ class ManageServer:
                 raise RequestError(f"{m.device}: flush failed: {exc.strerror}") from None
             return {**self.status(m), "durable_seq": m.replicate.durable_seq}
         if op == "confirm":
-            if m.awaiting_confirmation:
-                m.awaiting_confirmation = False
-                m.control.read_only = False
-                log.warning("%s: its role as primary is confirmed: writable", m.device)
+            await self._confirm(m)
             return self.status(m)
         if op == "ha-state":
             state = request.get("state")
@@ -309,11 +367,7 @@ class ManageServer:
             value = request.get("value")
             if not isinstance(value, bool):
                 raise ProtocolError("read-only needs value true or false")
-            m.control.read_only = value
-            if value:
-                client.read_only.add(m.device)
-            else:
-                client.read_only.discard(m.device)
+            self._set_read_only(m, client, value)
             log.warning("%s: %s", m.device, "read-only now: writes are refused" if value
                         else "writable again")
             return self.status(m)
@@ -375,3 +429,8 @@ class ManageServer:
         replica = await asyncio.to_thread(open_replica, url, options, source, protocol, loop,
                                           float(ack_timeout))
         m.replicate.start(replica, policy)
+
+
+def confirm_command(device: str, manage_dir: str) -> str:
+    """The command that makes ``device`` the primary and tells its bmig-nbd."""
+    return f"bmigrate track set-role {device} primary --manage-dir {manage_dir}"

@@ -38,7 +38,7 @@ from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.file import FileLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.layers.track import TrackLayer
-from bmig.nbd.manage import Managed, ManageServer
+from bmig.nbd.manage import Managed, ManageServer, confirm_command
 from bmig.nbd.server import Export, Listen, Server, Tls
 from bmig.wire.client import SourceInfo
 from bmig.tracker.write_path_client import AsyncTrackerClient
@@ -173,7 +173,7 @@ def open_backings(exports: list[ExportSettings],
 
 async def _chains(opened: list[tuple[ExportSettings, FileLayer]],
                   tracker: AsyncTrackerClient | None, managed: list[Managed],
-                  hold_limit: int) -> list[Export]:
+                  hold_limit: int, manage_dir: str) -> list[Export]:
     """Build each writable export's chain (control, tracking, replication, file), after
     checking it against breqd; ``managed`` gets what the control socket serves."""
     exports: list[Export] = []
@@ -201,16 +201,16 @@ async def _chains(opened: list[tuple[ExportSettings, FileLayer]],
             if stats.get("role") == ROLE_HANDED_OVER:
                 # Handed over in a cutover: writing here would fork the lineage.
                 top.read_only = True
-                log.warning("%s: handed over to generation %s; serving it read-only (bmigrate "
-                            "track set-role %s primary makes it writable again)", device,
-                            stats.get("successor"), device)
+                log.warning("%s: handed over to generation %s; serving it read-only (%s "
+                            "makes it writable again)", device, stats.get("successor"),
+                            confirm_command(device, manage_dir))
             awaiting = bool(stats.get("ha")) and stats.get("role") == ROLE_PRIMARY
             if awaiting:
                 top.read_only = True
                 log.warning("%s: replicated in the HA mode: serving it read-only until its "
                             "role is confirmed (the HA replication does when the target is "
-                            "still its secondary; or bmigrate track set-role %s primary)",
-                            device, device)
+                            "still its secondary; or an operator: %s)", device,
+                            confirm_command(device, manage_dir))
             info = SourceInfo(device, parse_id(stats["device_id"], "device_id"),
                               parse_id(stats["generation"], "generation"), layer.size,
                               int(stats["chunk_size"]),
@@ -231,7 +231,8 @@ async def _serve(opened: list[tuple[ExportSettings, FileLayer]], settings: Setti
     managed: list[Managed] = []
     manage = None
     try:
-        exports = await _chains(opened, tracker, managed, settings.hold_chunks)
+        exports = await _chains(opened, tracker, managed, settings.hold_chunks,
+                                settings.manage_dir)
         if managed:
             manage = ManageServer(settings.manage_dir, managed)
             await manage.start()

@@ -10,23 +10,29 @@ or not:
    refused unless ``force_inconsistent``;
 2. a source still connected (a session holds the target: replication or a pass) is
    refused unless ``force_connected``: two primaries must never write;
-3. the fence hook runs (power the old host off, take a reservation...); when it fails
-   the promotion stops, unless ``no_fence``;
-4. under the record lock: the target is the file or device its record describes
-   (invariant 9), fdatasync, a new generation (the old one first in ``previous``), role
+3. the target lock is taken (a session that is ending is waited for a moment), and the
+   target is opened and must be the file or device its record describes (invariant 9);
+4. only then, every check passed, the fence hook runs (power the old host off, take a
+   reservation...), through the runner the caller gives (bmigrate's: its output never on
+   stdout, its whole process group killed at the timeout); when it fails the promotion
+   stops, unless ``no_fence``;
+5. under the record lock: the record is still the one checked, the target still the one
+   it describes, fdatasync, a new generation (the old one first in ``previous``), role
    primary. A session of the old source still open ends at its next write (its lineage
    is checked under the same lock) or within a second;
-5. the report says what may have been lost (``loss``).
+6. the report says what may have been lost (``loss``).
 
-It reads and writes one target's record and its locks; it never talks to a sender.
+So a refusal (a typo in the target, a copy in use) never leaves a fenced old primary and
+no new one. It reads and writes one target's record and its locks; it never talks to a
+sender.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from dataclasses import dataclass
+from typing import Callable
 
 from bmig.errors import ConfigError, HookFailed, LineageError, TargetBusy
 from bmig.lineage import (ROLE_HANDED_OVER, ROLE_PRIMARY, ROLE_REJOINING, STATE_IN_SYNC,
@@ -96,20 +102,20 @@ def _why_inconsistent(record: TargetRecord) -> str:
     return "a pass was being applied"
 
 
-def run_fence(command: str, export: str, timeout: float) -> None:
-    """The fence hook, through the shell; HookFailed when it fails."""
+FenceRunner = Callable[[str, dict[str, str], float], None]
+"""Runs a fence command with an environment within a timeout; HookFailed when it fails."""
+
+
+def run_fence(runner: FenceRunner, command: str, export: str, timeout: float) -> None:
+    """The fence hook, with BMIG_DEVICE and BMIG_ACTION; HookFailed when it fails."""
     env = dict(os.environ, BMIG_DEVICE=export, BMIG_ACTION="fence")
     try:
-        done = subprocess.run(command, shell=True, env=env, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise HookFailed(f"the fence hook did not finish within {timeout:g} s: "
-                         f"{command}") from None
-    if done.returncode != 0:
-        raise HookFailed(f"the fence hook failed (exit {done.returncode}): {command}")
+        runner(command, env, timeout)
+    except HookFailed as exc:
+        raise HookFailed(f"the fence {exc.message}") from None
 
 
-def promote(settings: PromoteSettings) -> dict:
+def promote(settings: PromoteSettings, fence_runner: FenceRunner) -> dict:
     """Make the copy the primary (see the module's docstring); its report."""
     export, state_dir = settings.export, settings.state_dir
     record = load_target(state_dir, export)
@@ -131,57 +137,45 @@ def promote(settings: PromoteSettings) -> dict:
         raise LineageError(f"the source of {export!r} is still connected ("
                            f"{' and '.join(sessions)}): it may still be writing; stop it, "
                            "or give --force-connected (with a fence)")
-    fenced = False
-    if settings.fence:
-        try:
-            run_fence(settings.fence, export, settings.fence_timeout)
-            fenced = True
-        except HookFailed as exc:
-            if not settings.no_fence:
-                raise HookFailed(f"{exc.message}; nothing was promoted (give --no-fence to "
-                                 "promote without fencing)") from None
-            log.warning("%s; promoting without fencing (--no-fence)", exc.message)
-    elif not settings.no_fence:
+    if not settings.fence and not settings.no_fence:
         raise ConfigError("give --fence CMD (the old source must not write again) or "
                           "--no-fence")
-    lock = TargetLock(state_dir, export)
+    lock: TargetLock | None = TargetLock(state_dir, export)
     try:
         lock.acquire(LOCK_WAIT)
     except TargetBusy:
         if not settings.force_connected:
             raise
         lock = None     # a session that hangs: its writes are checked against the record
-    record_lock = RecordLock(state_dir, export)
     try:
-        with record_lock.held(exclusive=True):
-            current = load_target(state_dir, export)
-            if lineage_key(current) != lineage_key(record):
-                raise LineageError(f"target {export!r} changed while it was being promoted "
-                                   f"(now generation {hex_id(current.generation)}, "
-                                   f"{current.role}); nothing was done")
-            record = current
-            target = TargetDevice.open(settings.target_path, True,
-                                       lambda: settings.force_connected)
-            if target is None:
-                raise ConfigError(f"target {settings.target_path} does not exist")
+        target = _open_target(settings, record)
+        try:
+            fenced = _fence(settings, fence_runner)
+            record_lock = RecordLock(state_dir, export)
             try:
-                why = record.not_bound_to(target.identity)
-                if why:
-                    raise LineageError(f"{settings.target_path} is not the copy the record "
-                                       f"of {export!r} describes: {why}")
-                target.sync()
+                with record_lock.held(exclusive=True):
+                    current = load_target(state_dir, export)
+                    if lineage_key(current) != lineage_key(record):
+                        raise LineageError(
+                            f"target {export!r} changed while it was being promoted (now "
+                            f"generation {hex_id(current.generation)}, {current.role}); "
+                            f"nothing was promoted{' (the fence ran)' if fenced else ''}")
+                    record = current
+                    _check_bound(settings, record, target)
+                    target.sync()
+                    old = record.generation
+                    record.previous = [hex_id(old)] + record.previous[:15]
+                    record.generation = new_generation()
+                    record.role = ROLE_PRIMARY
+                    record.promoted = now()
+                    if record.state == STATE_IN_SYNC:
+                        record.state = "consistent"
+                    save_target(state_dir, record)
             finally:
-                target.close()
-            old = record.generation
-            record.previous = [hex_id(old)] + record.previous[:15]
-            record.generation = new_generation()
-            record.role = ROLE_PRIMARY
-            record.promoted = now()
-            if record.state == STATE_IN_SYNC:
-                record.state = "consistent"
-            save_target(state_dir, record)
+                record_lock.close()
+        finally:
+            target.close()
     finally:
-        record_lock.close()
         if lock is not None:
             lock.release()
     log.warning("%s promoted without its source: generation %s (from %s)", export,
@@ -191,3 +185,42 @@ def promote(settings: PromoteSettings) -> dict:
             "connected": sessions, "protocol": record.protocol,
             "replication_ended": record.replication_ended, "loss": loss(record),
             "record": record.to_json()}
+
+
+def _open_target(settings: PromoteSettings, record: TargetRecord) -> TargetDevice:
+    """The target, open, and the one the record describes (before anything is fenced)."""
+    target = TargetDevice.open(settings.target_path, True, lambda: settings.force_connected)
+    if target is None:
+        raise ConfigError(f"target {settings.target_path} does not exist; nothing was "
+                          "fenced or promoted")
+    try:
+        _check_bound(settings, record, target)
+    except BaseException:
+        target.close()
+        raise
+    return target
+
+
+def _check_bound(settings: PromoteSettings, record: TargetRecord,
+                 target: TargetDevice) -> None:
+    why = record.not_bound_to(target.identity)
+    if why:
+        raise LineageError(f"{settings.target_path} is not the copy the record of "
+                           f"{settings.export!r} describes: {why}; nothing was fenced or "
+                           "promoted")
+
+
+def _fence(settings: PromoteSettings, runner: FenceRunner) -> bool:
+    """Run the fence, if any; whether it fenced. HookFailed when it failed and
+    ``no_fence`` was not given."""
+    if not settings.fence:
+        return False
+    try:
+        run_fence(runner, settings.fence, settings.export, settings.fence_timeout)
+        return True
+    except HookFailed as exc:
+        if not settings.no_fence:
+            raise HookFailed(f"{exc.message}; nothing was promoted (give --no-fence to "
+                             "promote without fencing)") from None
+        log.warning("%s; promoting without fencing (--no-fence)", exc.message)
+        return False

@@ -5,7 +5,7 @@ states, with bmig's parts:
 
     connecting   the target's lineage is checked (a pass session's OPEN) and bmig-nbd is
                  asked to replicate (protocol A, B or C, policy degrade)
-    catching-up  replication runs; a pass ships beside it what is dirty (what became
+    catching up  replication runs; a pass ships beside it what is dirty (what became
                  dirty while degraded, or was never shipped). Invariant 6 keeps the two
                  apart: a chunk in flight for the pass and written meanwhile ships again.
                  The target's record says inconsistent (bmig.receiver.session)
@@ -46,7 +46,7 @@ from bmig.sender.converge import BACKOFF, Migration
 
 log = logging.getLogger("bmigrate")
 
-CONNECTING, CATCHING_UP, SYNCHRONOUS, DEGRADED = ("connecting", "catching-up",
+CONNECTING, CATCHING_UP, SYNCHRONOUS, DEGRADED = ("connecting", "catching up",
                                                   "synchronous", "degraded")
 STATES = (CONNECTING, CATCHING_UP, SYNCHRONOUS, DEGRADED)
 POLL = 0.2                   # seconds between looks at bmig-nbd and breqd

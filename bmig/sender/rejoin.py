@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 
 from bmig.errors import BmigError, ConfigError, DeviceBusy, UnreachableError
-from bmig.identity import identify
+from bmig.identity import TargetIdentity, identify
 from bmig.limits import MAX_STATE_FILE
 from bmig.lineage import (ROLE_HANDED_OVER, ROLE_REJOINING, STATE_CONSISTENT, TargetRecord,
                           drop_resync, parse_id, save_resync, save_target)
@@ -49,6 +49,15 @@ class RejoinSettings:
     export: str
     discard: bool = False         # --discard-my-data: also through a split brain
     checksum: bool = False        # compare every chunk, whatever breqd says
+
+
+def nbd_status(manage_dir: str, name: str) -> dict | None:
+    """bmig-nbd's status of NAME, or None when no bmig-nbd serves it."""
+    try:
+        with ManageClient(manage_dir, name, timeout=30) as nbd:
+            return nbd.call("status")
+    except UnreachableError:
+        return None
 
 
 def stop_writes(manage_dir: str, name: str) -> bool:
@@ -76,52 +85,54 @@ def dirty_ranges(client: TrackerClient, name: str, size: int) -> list[tuple[int,
 
 
 def rejoin(s: RejoinSettings) -> dict:
-    """Prepare this side as the new primary's secondary (module docstring); a report."""
+    """Prepare this side as the new primary's secondary (module docstring); a report.
+
+    Everything that can refuse is checked before anything changes: no chunk in flight,
+    the backing (its size is breqd's), no replication of bmig-nbd still accepted by its
+    peer (nobody took over: this is the live primary), breceive's lock on the export.
+    A failure after the first change says what state it left."""
     with TrackerClient(s.control, client="bmigrate") as client:
-        # breqd first: bmig-nbd keeps a read-only asked by a client that is gone only
-        # for a device breqd records as handed over (writes before it are tracked).
-        client.set_lineage(s.name, ROLE_HANDED_OVER)
-        served = stop_writes(s.manage_dir, s.name)
         stats = client.stats(s.name)
-        if int(stats["inflight_bytes"]):
-            raise DeviceBusy(f"{s.name}: a sender has chunks in flight: stop it first "
-                             "(bmigrate run, replicate --keep)")
+        _check_not_in_flight(s.name, stats, "nothing was changed")
         size = int(stats["size"])
-        ranges = dirty_ranges(client, s.name, size)
-        recovered = stats.get("recovered")
-        trusted = (not recovered or recovered == NO_SAVED_BITMAP) and not s.checksum
-        resync = "ranges" if trusted else "all"
-        if resync == "ranges" and len(json.dumps(ranges)) > MAX_STATE_FILE // 2:
-            resync = "all"
-        try:
-            fd = os.open(s.backing, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ConfigError(f"cannot open {s.backing}: {exc.strerror}") from None
-        try:
-            identity = identify(fd)
-            have = os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
-        if have != size:
-            raise ConfigError(f"{s.backing} has {have} bytes, breqd tracks {size} for "
-                              f"{s.name}")
+        identity = _backing_identity(s.backing, s.name, size)
+        status = nbd_status(s.manage_dir, s.name)
+        if status is not None and status.get("replicating"):
+            raise DeviceBusy(f"{s.name}: bmig-nbd replicates it to {status.get('target')}, "
+                             "which accepts its lineage: nobody took over, this is the "
+                             "primary; nothing was changed (stop its replication first if "
+                             "it really is to become a secondary)")
         os.makedirs(s.state_dir, mode=0o700, exist_ok=True)
-        record = TargetRecord(s.export, parse_id(stats["device_id"], "device_id"),
-                              parse_id(stats["generation"], "generation"), STATE_CONSISTENT,
-                              ROLE_REJOINING, size, previous=list(stats.get("previous", [])),
-                              identity=identity, resync=resync, discard=s.discard)
         lock = TargetLock(s.state_dir, s.export)
         lock.acquire()
-        record_lock = RecordLock(s.state_dir, s.export)
         try:
-            with record_lock.held(exclusive=True):
-                if resync == "ranges":
-                    save_resync(s.state_dir, s.export, ranges)   # before the record
-                else:
-                    drop_resync(s.state_dir, s.export)
-                save_target(s.state_dir, record)
+            # breqd first: bmig-nbd keeps a read-only asked by a client that is gone
+            # only for a device breqd records as handed over (writes before it are
+            # tracked).
+            client.set_lineage(s.name, ROLE_HANDED_OVER)
+            try:
+                served = stop_writes(s.manage_dir, s.name)
+                stats = client.stats(s.name)
+                _check_not_in_flight(s.name, stats, "")
+                ranges, resync, trusted, recovered = _resync_set(client, s, stats, size)
+                record = TargetRecord(
+                    s.export, parse_id(stats["device_id"], "device_id"),
+                    parse_id(stats["generation"], "generation"), STATE_CONSISTENT,
+                    ROLE_REJOINING, size, previous=list(stats.get("previous", [])),
+                    identity=identity, resync=resync, discard=s.discard)
+                record_lock = RecordLock(s.state_dir, s.export)
+                try:
+                    with record_lock.held(exclusive=True):
+                        if resync == "ranges":
+                            save_resync(s.state_dir, s.export, ranges)   # before the record
+                        else:
+                            drop_resync(s.state_dir, s.export)
+                        save_target(s.state_dir, record)
+                finally:
+                    record_lock.close()
+            except BmigError as exc:
+                raise type(exc)(f"{exc.message}; {left_behind(s)}") from None
         finally:
-            record_lock.close()
             lock.release()
     log.warning("%s: waits for its new primary as %s (generation %s); resync set: %s",
                 s.name, s.export, stats["generation"],
@@ -131,3 +142,49 @@ def rejoin(s: RejoinSettings) -> dict:
             "bytes": sum(n for _, n in ranges) if resync == "ranges" else size,
             "discard": s.discard, "bmig_nbd": "read-only" if served else "not running",
             "untrusted_state": None if trusted or s.checksum else recovered}
+
+
+def left_behind(s: RejoinSettings) -> str:
+    """What a rejoin that failed half-way left, and the ways on."""
+    return (f"breqd records {s.name} as handed over and its bmig-nbd (if one runs) is "
+            f"read-only, with no record for breceive yet: run bmigrate rejoin {s.name} "
+            f"again once fixed, or make it writable again with bmigrate track set-role "
+            f"{s.name} primary --manage-dir {s.manage_dir}")
+
+
+def _check_not_in_flight(name: str, stats: dict, changed: str) -> None:
+    if int(stats["inflight_bytes"]):
+        raise DeviceBusy(f"{name}: a sender has chunks in flight: stop it first "
+                         f"(bmigrate run, replicate --keep)" + (f"; {changed}" if changed
+                                                                else ""))
+
+
+def _backing_identity(backing: str, name: str, size: int) -> TargetIdentity:
+    """The backing's identity, once it is known to be NAME's size."""
+    try:
+        fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {backing}: {exc.strerror}; nothing was "
+                          "changed") from None
+    try:
+        identity = identify(fd)
+        have = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if have != size:
+        raise ConfigError(f"{backing} has {have} bytes, breqd tracks {size} for {name}; "
+                          "nothing was changed")
+    return identity
+
+
+def _resync_set(client: TrackerClient, s: RejoinSettings, stats: dict,
+                size: int) -> tuple[list[tuple[int, int]], str, bool, str | None]:
+    """The chunks this side changed alone, and whether they can be trusted ("ranges") or
+    every chunk must be compared ("all")."""
+    ranges = dirty_ranges(client, s.name, size)
+    recovered = stats.get("recovered")
+    trusted = (not recovered or recovered == NO_SAVED_BITMAP) and not s.checksum
+    resync = "ranges" if trusted else "all"
+    if resync == "ranges" and len(json.dumps(ranges)) > MAX_STATE_FILE // 2:
+        resync = "all"
+    return ranges, resync, trusted, recovered

@@ -392,3 +392,26 @@ def test_every_event_field_is_in_json_output():
         assert kind in tags(_subsection("Events of sync and run")), kind
     for extra in ("period_seconds", "passes", "committed_bytes"):
         assert mentions(_subsection("Events of sync and run"), extra), extra
+
+
+def test_every_inner_part_a_producer_sends_is_declared():
+    """An object inside a part is a part of its own (``nbd.ha``): what bmig-nbd's manage
+    status carries under ``ha`` (its HA_FIELDS) is declared field by field, and every
+    state the HA replication enters is one of its declared words, so status, events and
+    metrics show it with its kind and severity, and the man page documents it (the
+    tests above check FIELDS, inner parts included, against the page)."""
+    from bmig.devicestate import FIELDS, Kind, declared
+    from bmig.nbd.manage import HA_FIELDS
+    from bmig.sender.ha import STATES
+
+    assert "nbd.ha" in FIELDS
+    assert {f.key for f in FIELDS["nbd.ha"]} == set(HA_FIELDS)
+    state = declared("nbd.ha", "state")
+    assert state is not None and state.kind is Kind.STATE
+    assert {word for word, _ in state.states} == set(STATES)
+    assert state.severity("degraded") == "warning"
+    assert declared("nbd.ha", "since").kind is Kind.TIME
+    assert declared("nbd.ha", "retry_in").kind is Kind.SECONDS
+    # One spelling: the HA replication's words are those of the other parts.
+    assert "catching up" in STATES
+    assert "catching up" in dict(declared("service", "state").states)

@@ -51,7 +51,7 @@ def test_a_partition_degrades_then_catches_up_and_is_synchronous_again(
                    what="writes to go on while degraded")
         assert nbd_status(breqd, server)["ha"]["state"] in ("degraded", "connecting")
         relay.heal()
-        wait_state(ha, "catching-up", after=ha.seen, timeout=120)
+        wait_state(ha, "catching up", after=ha.seen, timeout=120)
         wait_state(ha, "synchronous", after=ha.seen, timeout=120)
         writer.finish()
         writer = None
@@ -86,7 +86,7 @@ def test_a_copy_partitioned_during_a_catch_up_is_not_promoted_without_force(
             f.write(os.urandom(12 * MiB))
         breqd.client().set_all_dirty("d1")
         relay.heal()
-        wait_state(ha, "catching-up", after=ha.seen, timeout=120)
+        wait_state(ha, "catching up", after=ha.seen, timeout=120)
         wait_until(lambda: r.record("d1")["state"] == "inconsistent", timeout=60,
                    what="the catch-up pass to begin")
         relay.partition()

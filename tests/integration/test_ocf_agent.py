@@ -5,7 +5,9 @@ the primary; the agent starts breceive, bmig-nbd and stops them)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -129,3 +131,158 @@ def test_the_promotion_score_follows_the_copy(breqd, tmp_path):
         assert agent("stop") == 0
     assert last_asked() == "bmig-d1:0 -p -l reboot -D"
     assert agent("monitor") == 7
+
+
+class Node:
+    """The agent on one node, with crm_attribute stood in for by a script that records
+    what the agent asks of the cluster's attribute store, and bmigrate by a wrapper that
+    fails ``track set-role`` while a flag file exists."""
+
+    def __init__(self, breqd, tmp_path):
+        self.tmp = tmp_path
+        self.backing = str(tmp_path / "d1.img")
+        with open(self.backing, "wb") as f:
+            f.truncate(16 << 20)
+        self.bin_dir = str(tmp_path / "bin")
+        os.makedirs(self.bin_dir)
+        self.asked = tmp_path / "crm_attribute.log"
+        self._script("crm_attribute", f'echo "$OCF_RESOURCE_INSTANCE $*" >> {self.asked}')
+        real = command(self.bin_dir, "bmigrate-real", "bmig.cli.main")
+        self.set_role_fails = tmp_path / "set-role-fails"
+        wrapper = self._script("bmigrate", f'[ "$2" = set-role ] && [ -e {self.set_role_fails} ] '
+                                           f'&& {{ echo "set-role refused" >&2; exit 5; }}\n'
+                                           f'exec {real} "$@"')
+        self.targets = tmp_path / "targets"
+        self.params = {
+            "device": "d1", "backing": self.backing,
+            "secret_file": write_secret(str(tmp_path / "secret")),
+            "nbd_socket": str(tmp_path / "nbd.sock"), "listen": "127.0.0.1:0",
+            "control": breqd.control, "receiver_state_dir": str(self.targets),
+            "manage_dir": str(tmp_path / "manage"), "run_dir": str(tmp_path / "run"),
+            "bmigrate": wrapper,
+            "breceive": command(self.bin_dir, "breceive", "bmig.cli.breceive"),
+            "bmig_nbd": command(self.bin_dir, "bmig-nbd", "bmig.cli.nbd"),
+        }
+        self.stderr = ""
+
+    def _script(self, name: str, body: str) -> str:
+        path = os.path.join(self.bin_dir, name)
+        with open(path, "w") as f:
+            f.write(f"#!/bin/sh\n{body}\n")
+        os.chmod(path, 0o755)
+        return path
+
+    def agent(self, action: str, timeout: float = 120, **extra: str) -> int:
+        env = dict(os.environ, OCF_ROOT="/usr/lib/ocf", __OCF_ACTION=action,
+                   OCF_RESOURCE_INSTANCE="bmig-d1:0",
+                   PATH=self.bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                   **{f"OCF_RESKEY_{k}": v for k, v in self.params.items()}, **extra)
+        done = subprocess.run([os.path.abspath(AGENT), action], env=env, timeout=timeout,
+                              capture_output=True, text=True)
+        self.stderr = done.stderr
+        return done.returncode
+
+    def last_asked(self) -> str:
+        return self.asked.read_text().splitlines()[-1]
+
+    def record(self, generation: str, role: str = "secondary") -> None:
+        self.targets.mkdir(exist_ok=True)
+        (self.targets / "d1.target").write_text(json.dumps(
+            {"export": "d1", "state": "consistent", "role": role,
+             "generation": generation}))
+
+    def pid(self, name: str) -> int:
+        return int((self.tmp / "run" / f"d1.{name}.pid").read_text())
+
+
+def test_the_tracked_primary_outranks_a_copy_and_a_stale_one_is_refused(breqd, tmp_path):
+    """A cold start or a clone restart: the node whose breqd tracks the device as primary
+    gets a higher score than any copy (so Pacemaker promotes it, never the copy), unless
+    its own copy is a secondary of another generation (received from the peer since):
+    then no score, and promote refuses with the reason."""
+    client = breqd.client()
+    client.add_device("d1", 16 << 20)
+    generation = client.stats("d1")["generation"]
+    client.close()
+    node = Node(breqd, tmp_path)
+    try:
+        assert node.agent("start") == 0
+        assert node.agent("monitor") == 0
+        assert node.last_asked() == "bmig-d1:0 -p -l reboot -v 101"   # above a copy's 10
+        node.record(generation)              # its own lineage: still the newest
+        assert node.agent("monitor") == 0
+        assert node.last_asked() == "bmig-d1:0 -p -l reboot -v 101"
+        node.record("0123456789abcdef")      # the peer's newer generation, received here
+        assert node.agent("monitor") == 0
+        assert node.last_asked() == "bmig-d1:0 -p -l reboot -D"
+        assert node.agent("promote") == 1
+        assert "stale" in node.stderr and "0123456789abcdef" in node.stderr
+        assert not os.path.exists(tmp_path / "run" / "d1.nbd.pid"), "nothing served"
+    finally:
+        assert node.agent("stop") == 0
+
+
+def test_monitor_says_failed_when_the_promoted_device_refuses_writes(breqd, tmp_path):
+    from bmig.nbd.manage_client import ManageClient
+
+    client = breqd.client()
+    client.add_device("d1", 16 << 20)
+    client.close()
+    node = Node(breqd, tmp_path)
+    try:
+        assert node.agent("start") == 0
+        node.set_role_fails.touch()
+        assert node.agent("promote") == 1              # set-role's failure is seen
+        assert "set-role" in node.stderr and "set-role refused" in node.stderr
+        assert node.agent("demote") == 0
+        node.set_role_fails.unlink()
+        assert node.agent("promote") == 0
+        assert node.agent("monitor") == 8
+        with ManageClient(node.params["manage_dir"], "d1", timeout=30) as nbd:
+            nbd.call("read-only", value=True)
+            assert node.agent("monitor") == 9
+            assert "read-only" in node.stderr
+        assert node.agent("monitor") == 8          # breqd says primary: writable again
+        # With a peer, the HA replication dying is a failure too.
+        assert node.agent("demote") == 0
+        node.params["peer_url"] = "tcp://127.0.0.1:1/d1"
+        assert node.agent("promote") == 0
+        assert node.agent("monitor") == 8
+        os.kill(node.pid("replicate"), signal.SIGKILL)
+        assert node.agent("monitor") == 9
+        assert "HA replication" in node.stderr
+    finally:
+        assert node.agent("stop") == 0
+
+
+def test_stop_succeeds_without_validating(breqd, tmp_path):
+    """A stop that fails gets the node fenced: a backing gone is no reason."""
+    node = Node(breqd, tmp_path)
+    assert node.agent("start") == 0
+    receive = node.pid("receive")
+    os.unlink(node.backing)
+    assert node.agent("stop") == 0
+    assert not os.path.exists(f"/proc/{receive}") or \
+        open(f"/proc/{receive}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_stop_ends_processes_that_ignore_sigterm_within_its_timeout(breqd, tmp_path):
+    """Three processes that ignore SIGTERM share the stop's budget (its timeout less
+    10 s), not 30 s each: stop is done in time, every one of them killed."""
+    node = Node(breqd, tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stubborn = []
+    for name in ("replicate", "nbd", "receive"):
+        proc = subprocess.Popen(["/bin/sh", "-c", 'trap "" TERM; while :; do sleep 1; done'])
+        stubborn.append(proc)
+        (run_dir / f"d1.{name}.pid").write_text(f"{proc.pid}\n")
+    try:
+        assert node.agent("stop", timeout=40, OCF_RESKEY_CRM_meta_timeout="21000") == 0
+        for proc in stubborn:
+            assert proc.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for proc in stubborn:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -145,3 +145,118 @@ def test_an_ha_source_back_without_a_promotion_is_read_only_until_confirmed(
             client.flush()
     finally:
         again.daemon.stop()
+
+
+def test_every_refusal_comes_before_the_fence(copy, tmp_path):
+    """A typo in --target, another file than the copy, or a copy a session holds: refused
+    with the old host not fenced and the record untouched."""
+    server, r, target = copy
+    before = r.record("d1")
+    fenced = tmp_path / "fenced"
+    fence = ("--fence", f"touch {fenced}")
+
+    typo = promote(r, target + ".typo", *fence)
+    assert typo.returncode == 3, typo.stderr
+    assert "does not exist" in typo.stderr and "nothing was fenced" in typo.stderr
+
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\0" * SIZE)
+    wrong = promote(r, str(other), *fence)
+    assert wrong.returncode == 9, wrong.stderr
+    assert "is not the copy the record" in wrong.stderr
+
+    from bmig.receiver.target import TargetLock
+    held = TargetLock(r.state_dir, "d1")
+    held.acquire(1.0)                        # a pass session holds the copy
+    try:
+        busy = promote(r, target, *fence)
+    finally:
+        held.release()
+    assert busy.returncode in (9, 17), busy.stderr      # still connected, or busy
+
+    assert not fenced.exists(), "a refused promotion fenced the old host"
+    assert r.record("d1") == before
+    promote(r, target, *fence, check=True)
+    assert fenced.exists() and r.record("d1")["role"] == "primary"
+
+
+def test_track_checks_breqd_and_the_name_before_fencing(copy, tmp_path):
+    server, r, target = copy
+    before = r.record("d1")
+    fenced = tmp_path / "fenced"
+    unreachable = promote(r, target, "--fence", f"touch {fenced}", "--track",
+                          control=str(tmp_path / "no-breqd.sock"))
+    assert unreachable.returncode == 4, unreachable.stderr
+    assert "nothing was fenced or promoted" in unreachable.stderr
+    host2 = second_host(tmp_path)
+    try:
+        bmigrate(host2, "track", "add", "d1", "--size", str(SIZE))
+        taken = promote(r, target, "--fence", f"touch {fenced}", "--track",
+                        control=host2.control)
+        assert taken.returncode == 5, taken.stderr
+        assert "tracks 'd1' already" in taken.stderr
+        assert "nothing was fenced or promoted" in taken.stderr
+    finally:
+        host2.stop()
+    assert not fenced.exists()
+    assert r.record("d1") == before
+
+
+def test_track_failing_after_the_promotion_says_how_to_finish(copy, tmp_path):
+    """breqd dies while the fence runs: the copy is promoted, and the error line says so
+    with the command that tracks it; that command works."""
+    server, r, target = copy
+    host2 = second_host(tmp_path)
+    try:
+        done = promote(r, target, "--fence", f"kill -9 {host2.daemon.pid}", "--track",
+                       control=host2.control)
+        assert done.returncode == 4, done.stderr
+        record = r.record("d1")
+        assert record["role"] == "primary"
+        assert f"d1 is promoted (generation {record['generation']}) but not tracked" \
+            in done.stderr
+        finish = done.stderr.split("track it with: ", 1)[1].strip().split()
+        assert finish[:3] == ["bmigrate", "track", "add"]
+        host2.restart()
+        bmigrate(host2, *finish[1:])
+        assert dirty_chunks(host2, SIZE) == set()
+        stats = json.loads(bmigrate(host2, "track", "status", "d1", "--json").stdout)
+        assert record["generation"] in json.dumps(stats)
+    finally:
+        host2.stop()
+
+
+def test_the_fence_prints_to_stderr_only_and_is_killed_whole_at_its_timeout(copy, tmp_path):
+    server, r, target = copy
+    done = promote(r, target, "--json", "--fence", "echo to-stdout; echo to-stderr >&2",
+                   check=True)
+    report = json.loads(done.stdout)                # nothing but the one JSON result
+    assert report["fenced"] is True
+    assert "d1: fence: to-stdout" in done.stderr and "d1: fence: to-stderr" in done.stderr
+
+
+def test_a_fence_past_its_timeout_is_killed_with_its_process_group(copy, tmp_path):
+    from bmig.errors import HookFailed
+    from bmig.receiver.promotion import PromoteSettings, promote as promote_copy
+    from bmig.sender.hooks import run_hook
+
+    server, r, target = copy
+    before = r.record("d1")
+    pidfile = tmp_path / "child.pid"
+    settings = PromoteSettings(state_dir=r.state_dir, export="d1", target_path=target,
+                               fence=f"sleep 60 & echo $! > {pidfile}; wait",
+                               fence_timeout=1.0)
+    with pytest.raises(HookFailed, match="did not finish within"):
+        promote_copy(settings, lambda c, e, t: run_hook(c, e, t, lambda s, line: None))
+    child = int(pidfile.read_text())
+    assert not running(child), "the fence's background child outlived its timeout"
+    assert r.record("d1") == before
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

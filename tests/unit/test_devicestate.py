@@ -110,7 +110,7 @@ def test_an_object_inside_a_part_is_a_part_of_its_own_in_every_view():
     assert [name for name, _ in parts(ha)] == ["tracker", "nbd", "nbd.ha"]
     assert "ha" not in dict(parts(ha))["nbd"]
     text = device_text(ha, NOW).splitlines()
-    assert text[2] == "  bmig-nbd ha: catching up; lag 3.0 MiB, target tcp://backup:10810/vm1"
+    assert text[2] == "  bmig-nbd ha: catching up; lag 3.0 MiB, to tcp://backup:10810/vm1"
     assert status_line("vm1", "nbd.ha", dict(parts(ha))["nbd.ha"], NOW).startswith(
         "vm1: bmig-nbd ha: catching up; ")
     created = diff(quiet, ha, NOW)
@@ -195,3 +195,28 @@ def test_the_exposition_is_well_formed():
     assert 'bmig_part_up{device="vm2",part="nbd"} 0' in prom
     assert 'bmig_part_up{device="vm1",part="service"} 1' in prom
     assert prometheus([], breqd_up=False).splitlines()[-1] == "bmig_breqd_up 0"
+
+
+def test_the_ha_part_is_declared_its_since_a_time_its_retry_seconds_its_states_ranked():
+    """``nbd.ha`` (the HA replication's word in bmig-nbd's status) is declared: its since
+    shows as an age, retry_in as seconds, degraded is a warning, and its metrics have
+    the units in their names, their help, and a sample for every state word."""
+    degraded = device(nbd=nbd(ha={"state": "degraded", "lag_bytes": 3 * MiB,
+                                  "since": NOW - 90.5, "retry_in": 5,
+                                  "target": "tcp://backup:10810/vm1", "protocol": "C",
+                                  "error": "connection refused"}))
+    line = device_text(degraded, NOW).splitlines()[2]
+    assert line.startswith("  bmig-nbd ha: degraded; "), line
+    assert "since 90 s ago" in line and "retry in 5.0 s" in line, line
+    assert str(NOW - 90.5) not in line
+    assert severity("nbd.ha", dict(parts(degraded))["nbd.ha"]) == "warning"
+    created = diff(device(nbd=nbd(ha=None)), degraded, NOW)
+    assert [(e["part"], e["severity"]) for e in created] == [("nbd.ha", "warning")]
+    prom = prometheus([degraded])
+    assert f'bmig_nbd_ha_since_timestamp_seconds{{device="vm1"}} {NOW - 90.5}' in prom
+    assert 'bmig_nbd_ha_retry_in_seconds{device="vm1"} 5' in prom
+    assert "# HELP bmig_nbd_ha_since_timestamp_seconds when the HA replication entered " \
+        "its state" in prom
+    for word in ("connecting", "catching up", "synchronous"):
+        assert f'bmig_nbd_ha_state{{device="vm1",state="{word}"}} 0' in prom
+    assert 'bmig_nbd_ha_state{device="vm1",state="degraded"} 1' in prom
