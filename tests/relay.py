@@ -5,6 +5,7 @@
     ... connect to relay.port ...
     relay.reset_after(bytes_upstream=50 << 20)   # RST both sides after that much
     relay.reset_now()
+    relay.partition(); relay.heal()               # stop forwarding, then go on
     relay.stop()
 
     relay = TamperingRelay(("127.0.0.1", receiver_port), "replay", "down").start()
@@ -35,6 +36,10 @@ class Relay:
         self.connections = 0
         self.resets = 0
         self.on_reset: Callable[[], None] | None = None
+        # partition() stops forwarding without breaking anything: bytes wait here and in
+        # the kernels' buffers, as on a link that went silent; heal() lets them flow.
+        self.flowing = threading.Event()
+        self.flowing.set()
 
     def start(self) -> "Relay":
         self._spawn(self._accept)
@@ -74,6 +79,9 @@ class Relay:
         try:
             while True:
                 n = src.recv_into(buf)
+                self.flowing.wait()
+                if self._stopping:
+                    return
                 if n == 0:
                     try:
                         dst.shutdown(socket.SHUT_WR)
@@ -108,9 +116,16 @@ class Relay:
         if self.on_reset is not None:
             self.on_reset()
 
+    def partition(self) -> None:
+        self.flowing.clear()
+
+    def heal(self) -> None:
+        self.flowing.set()
+
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
+        self.flowing.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -5,8 +5,6 @@ of their own), and the union of two sides' dirty chunks."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
 
 from tests.conftest import BreqdInstance
 from tests.daemon import Daemon, breqd_argv
@@ -15,48 +13,8 @@ from tests.integration.sync_helpers import CHUNK, start_background
 from tests.relay import Relay
 
 
-class PartitionRelay(Relay):
-    """The relay of tests.relay that can stop forwarding (``partition``) without
-    breaking anything: bytes wait in it and in the kernels' buffers, as on a link that
-    went silent, and flow again on ``heal``."""
-
-    def __init__(self, upstream: tuple[str, int]):
-        super().__init__(upstream)
-        self.flowing = threading.Event()
-        self.flowing.set()
-
-    def partition(self) -> None:
-        self.flowing.clear()
-
-    def heal(self) -> None:
-        self.flowing.set()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        buf = bytearray(64 * 1024)
-        view = memoryview(buf)
-        try:
-            while True:
-                n = src.recv_into(buf)
-                self.flowing.wait()
-                if self._stopping:
-                    return
-                if n == 0:
-                    try:
-                        dst.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                    return
-                if upstream:
-                    with self._lock:
-                        self.bytes_upstream += n
-                dst.sendall(view[:n])
-        except OSError:
-            return
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.flowing.set()
-        super().stop()
+# The relay of tests.relay stops forwarding (``partition``) and goes on (``heal``).
+PartitionRelay = Relay
 
 
 def keep_replicating(migrations, breqd, server: NbdServer, url: str, secret_file: str,
