@@ -125,7 +125,7 @@ class Session:
             pass
         if fatal:
             self._closed = True
-            self.channel.close()
+            self.channel.close_after_reason()
 
     def sync_now(self) -> None:
         with self._sync_lock:

@@ -28,6 +28,7 @@ from bmig.wire.transports import Buffer, Stream
 
 LENGTH = struct.Struct("<I")
 READ_AHEAD = 1024 * 1024
+REASON_LINGER = 2.0             # seconds a fatal reason's sender reads on before closing
 SEAL_PIECE = 256 * 1024          # a large frame is sealed and sent in pieces of this size
 SEAL_IN_ONE = 128 * 1024         # frames up to this size are sealed in one call
 SLACK = 32                       # room a cipher may want past its output
@@ -215,3 +216,12 @@ class Channel:
 
     def close(self) -> None:
         self.stream.close()
+
+    def close_after_reason(self, linger: float = REASON_LINGER) -> None:
+        """Close once a fatal reason was sent, so that the peer can still read it (a
+        socket lingers; other streams just close)."""
+        closer = getattr(self.stream, "close_after_reason", None)
+        if closer is None:
+            self.stream.close()
+        else:
+            closer(linger)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 import ssl
 from typing import Protocol, Sequence
 
@@ -58,6 +59,24 @@ class SocketStream:
         except OSError:
             pass
         self.sock.close()
+
+    def close_after_reason(self, linger: float) -> None:
+        """Close a session we end with a reason just sent (a fatal ERROR): FIN after it,
+        then read and drop what the peer still sends, for ``linger`` seconds at most or
+        until it closes too. Closing with unread input would make the kernel send a
+        reset, and a reset can make the peer's kernel drop our last frame unread: the
+        sender would see "connection closed" instead of why."""
+        deadline = time.monotonic() + linger
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            scratch = bytearray(64 * 1024)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv_into(scratch):
+                    break
+        except (OSError, ValueError):
+            pass
+        self.close()
 
 
 class FdStream:
