@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Debian packages the test suite drives (real clients and tools, not mocks).
 DEB_PACKAGES := procps util-linux qemu-utils libnbd-bin nbdkit fio fuse3 e2fsprogs openssh-server openssh-client \
                 user-mode-linux kmod nbd-client thin-provisioning-tools dmsetup systemd \
-                resource-agents libxml2-utils
+                resource-agents libxml2-utils pacemaker-cli-utils
 
 PYTEST_ARGS ?=
 
