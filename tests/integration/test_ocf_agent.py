@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.daemon import wait_until
 from tests.integration.nbd_helpers import require
 from tests.integration.sync_helpers import write_secret
 
@@ -286,3 +287,45 @@ def test_stop_ends_processes_that_ignore_sigterm_within_its_timeout(breqd, tmp_p
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def ended(pid: int) -> bool:
+    """The process is gone (or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_promoted_node_runs_no_breceive_and_a_dead_bmig_nbd_is_a_failed_promotion(
+        breqd, tmp_path):
+    """Promoted, the backing is bmig-nbd's alone: breceive stops (nothing else may write
+    to the primary) and starts again on demote. bmig-nbd killed: monitor says promoted
+    and failed (9), promote refuses, and demote makes the node a copy's side again."""
+    client = breqd.client()
+    client.add_device("d1", 16 << 20)
+    client.close()
+    node = Node(breqd, tmp_path)
+    try:
+        assert node.agent("start") == 0
+        receive = node.pid("receive")
+        assert node.agent("promote") == 0, node.stderr
+        wait_until(lambda: ended(receive), timeout=30, what="breceive to stop on promote")
+        assert not (tmp_path / "run" / "d1.receive.pid").exists()
+        assert node.agent("monitor") == 8
+        assert node.agent("demote") == 0
+        assert not ended(node.pid("receive"))
+        assert node.agent("monitor") == 0
+        assert node.agent("promote") == 0
+        nbd = node.pid("nbd")
+        os.kill(nbd, signal.SIGKILL)
+        wait_until(lambda: ended(nbd), timeout=30, what="bmig-nbd to die")
+        assert node.agent("monitor") == 9
+        assert "bmig-nbd died" in node.stderr
+        assert node.agent("promote") == 1
+        assert node.agent("demote") == 0
+        assert node.agent("monitor") == 0
+        assert not ended(node.pid("receive"))
+    finally:
+        assert node.agent("stop") == 0

@@ -203,6 +203,9 @@ def test_pacemaker_promotes_the_copy_when_the_primary_node_crashes(cluster, tmp_
     status = tracked(b)
     assert status["role"] == "primary" and status["generation"] == promoted["generation"]
     assert first_generation in status["previous"]
+    # The primary's backing is bmig-nbd's alone: no breceive on node-b any more.
+    assert not b.host_path(f"{RUN}/ocf/d1.receive.pid").exists()
+    assert f":{PORT} " not in b.run("ss", "-ltn").stdout
     # bmig-nbd serves it writable on node-b.
     data = os.urandom(2 * BLOCK)
     with NbdClient.connect(nbd_uri(b), timeout=30) as client:
