@@ -6,7 +6,8 @@ Each node is a set of namespaces of its own:
   it, and libqb's IPC (abstract Unix sockets, which belong to a network namespace) stays
   inside the node;
 - mount: /etc/corosync, /var/lib/corosync, /var/lib/pacemaker, /var/log/pacemaker and
-  /run are bind-mounted from the node's directory, /dev/shm is a tmpfs of its own (libqb's
+  /run are bind-mounted from the node's directory (/run/disk stands for the node's disks:
+  a reboot keeps it and empties the rest of /run, a tmpfs on a real host), /dev/shm is a tmpfs of its own (libqb's
   ring buffers), and /usr/lib/ocf/resource.d is a directory of the node's with the system's
   providers and bmig's agent (the host's stays untouched);
 - UTS: the node's host name (node-a, node-b), as corosync.conf names it;
@@ -153,7 +154,7 @@ class Node:
         for sub in ("etc-corosync", "var-lib-corosync", "var-lib-pacemaker/cib",
                     "var-lib-pacemaker/pengine", "var-lib-pacemaker/blackbox",
                     "var-lib-pacemaker/cores", "var-log-pacemaker/bundles", "run/bmig",
-                    "log"):
+                    "run/disk", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         cib = self.root / "var-lib-pacemaker" / "cib" / "cib.xml"
         cib.write_text(FIRST_CIB)
@@ -177,6 +178,27 @@ class Node:
         assert self.holder.poll() is None, (self.root / "log" / "init.log").read_text()
         children = Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children")
         self.init_pid = int(children.read_text().split()[0])
+
+    def reboot(self) -> None:
+        """Crashed, it boots again: /run empty but for /run/disk; corosync and Pacemaker
+        are not started yet (start_stack)."""
+        assert self.init_pid is None, "crash() it first"
+        run = self.root / "run"
+        for entry in run.iterdir():
+            if entry.name != "disk":
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        (run / "bmig").mkdir()
+        (self.root / "ready").unlink()
+        self.started.clear()
+        self.boot()
+
+    def start_stack(self) -> None:
+        """corosync, then Pacemaker."""
+        self.spawn("corosync", "corosync", "-f")
+        self.spawn("pacemakerd", "pacemakerd")
 
     def argv(self, *command: str) -> list[str]:
         assert self.init_pid is not None
@@ -277,9 +299,7 @@ class Cluster:
                 COROSYNC_CONF.format(nodes=members))
             node.boot()
         for node in self.nodes:
-            node.spawn("corosync", "corosync", "-f")
-        for node in self.nodes:
-            node.spawn("pacemakerd", "pacemakerd")
+            node.start_stack()
         names = {n.name for n in self.nodes}
         wait_until(lambda: self.node_a.online() == names, timeout=START_TIMEOUT,
                    what="both nodes online in Pacemaker")

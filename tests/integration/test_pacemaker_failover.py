@@ -9,7 +9,13 @@ node-a crashes: every one of its processes (corosync, Pacemaker, breqd, bmig-nbd
 HA replication, breceive) is killed at once and the writer stops. Pacemaker on node-b
 promotes its copy (the agent's promote runs ``bmigrate promote``): every acknowledged
 write is on it, it is the primary of a new generation tracked by node-b's breqd, and
-bmig-nbd serves it writable there.
+bmig-nbd serves it writable there (no breceive runs on it any more).
+
+Then node-a comes back. Rejoined (``bmigrate rejoin``) before its cluster stack starts,
+as the agent's documentation says: the new primary ships the union of both sides'
+changes, and node-a is a promotable copy. Started without that: the whole device is
+copied to it, it gets no promotion score, and standby, rejoin, standby off make it a
+promotable copy.
 """
 
 from __future__ import annotations
@@ -18,24 +24,29 @@ import json
 import os
 import socket
 import sys
+from dataclasses import dataclass
 
 import pytest
 
 from bmig.nbdclient import NbdClient
+from bmig.tracker.blocking_client import TrackerClient
 from tests.crashloop import BLOCK, Journal, JournaledWriter
 from tests.daemon import breqd_argv, wait_until
 from tests.integration.pacemaker_helpers import Cluster, Node, require_cluster_tools
-from tests.integration.sync_helpers import MiB, write_secret
+from tests.integration.failover_helpers import dirty_chunks
+from tests.integration.sync_helpers import CHUNK, MiB, same_bytes, write_secret
 from tests.integration.test_failover import missing_writes
 from tests.integration.test_ocf_agent import AGENT, command
 
 SIZE = 16 * MiB
-RUN = "/run/bmig"
+RUN = "/run/bmig"                  # emptied by a reboot
+DISK = "/run/disk"                 # kept (pacemaker_helpers.Node.reboot)
 CONTROL = f"{RUN}/breqd.sock"
-BACKING = f"{RUN}/d1.img"
+BACKING = f"{DISK}/d1.img"
 NBD_SOCKET = f"{RUN}/d1.nbd.sock"
 MANAGE_DIR = f"{RUN}/nbd"
-TARGETS = f"{RUN}/targets"
+TARGETS = f"{DISK}/targets"
+SECRET = f"{DISK}/secret"
 PORT = 10810
 
 
@@ -60,14 +71,14 @@ def connectable(path) -> bool:
 
 def start_breqd(node: Node) -> None:
     """breqd in the node, on the node's /run (as its unit would start it)."""
-    node.spawn("breqd", *breqd_argv(f"{RUN}/breqd-state", f"{RUN}/devices.d", CONTROL))
+    node.spawn("breqd", *breqd_argv(f"{DISK}/breqd-state", f"{DISK}/devices.d", CONTROL))
     wait_until(lambda: connectable(node.host_path(CONTROL)), timeout=60,
                what=f"breqd on {node.name}")
 
 
 def resource_xml(tools: dict[str, str], cluster: Cluster) -> str:
     """A promotable clone of ocf:bmig:bmig; each node's peer_url names the other node."""
-    params = {"device": "d1", "backing": BACKING, "secret_file": f"{RUN}/secret",
+    params = {"device": "d1", "backing": BACKING, "secret_file": SECRET,
               "nbd_socket": NBD_SOCKET, "listen": f"0.0.0.0:{PORT}", "protocol": "C",
               "control": CONTROL, "receiver_state_dir": TARGETS, "manage_dir": MANAGE_DIR,
               "run_dir": f"{RUN}/ocf", **tools}
@@ -142,8 +153,18 @@ def agent_logs(node: Node) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.timeout(300)
-def test_pacemaker_promotes_the_copy_when_the_primary_node_crashes(cluster, tmp_path):
+@dataclass
+class Failover:
+    """What crash_the_primary leaves: node-b promoted after node-a's crash."""
+
+    tools: dict[str, str]
+    journal: Journal
+    first_generation: str
+
+
+def crash_the_primary(cluster: Cluster, tmp_path) -> Failover:
+    """node-a primary, node-b's copy synchronous (protocol C), writes on node-a, node-a
+    crashes; returns once Pacemaker has promoted node-b."""
     a, b = cluster.node_a, cluster.node_b
     bin_dir = str(tmp_path / "bin")
     os.makedirs(bin_dir)
@@ -153,7 +174,7 @@ def test_pacemaker_promotes_the_copy_when_the_primary_node_crashes(cluster, tmp_
     for node in (a, b):
         with open(node.host_path(BACKING), "wb") as f:
             f.truncate(SIZE)
-        write_secret(str(node.host_path(f"{RUN}/secret")))
+        write_secret(str(node.host_path(SECRET)))
         start_breqd(node)
     # node-a holds the primary: breqd tracks it there.
     a.run(tools["bmigrate"], "track", "add", "d1", "--size-of", BACKING, "--control", CONTROL)
@@ -192,7 +213,14 @@ def test_pacemaker_promotes_the_copy_when_the_primary_node_crashes(cluster, tmp_
         raise AssertionError(f"{exc}\n{agent_logs(b)}\n{b.run('crm_mon', '-1').stdout}") \
             from None
     assert "node-a" not in b.online()
+    return Failover(tools, journal, first_generation)
 
+
+@pytest.mark.timeout(300)
+def test_pacemaker_promotes_the_copy_when_the_primary_node_crashes(cluster, tmp_path):
+    b = cluster.node_b
+    failover = crash_the_primary(cluster, tmp_path)
+    journal, first_generation = failover.journal, failover.first_generation
     # Every write the application saw acknowledged is on the promoted copy.
     missing = missing_writes(journal, str(b.host_path(BACKING)))
     assert missing == [], f"acknowledged writes missing: {missing[:10]}"
@@ -212,3 +240,94 @@ def test_pacemaker_promotes_the_copy_when_the_primary_node_crashes(cluster, tmp_
         client.pwrite(data, 5 * BLOCK)
         client.flush()
         assert client.pread(len(data), 5 * BLOCK) == data
+
+
+class NodeBreqd:
+    """A node's breqd, asked from the host (its control socket through the node's /run)."""
+
+    def __init__(self, node: Node):
+        self.control = str(node.host_path(CONTROL))
+
+    def client(self) -> TrackerClient:
+        return TrackerClient(self.control, timeout=30)
+
+
+def promotion_score(on: Node, of: Node) -> str:
+    """The promotion score ``of`` has in the cluster, asked on ``on`` ("" if none)."""
+    done = on.run("crm_attribute", "--node", of.name, "--name", "master-d1",
+                  "--lifetime", "reboot", "--query", "--quiet", check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+@pytest.mark.timeout(300)
+def test_the_old_primary_rejoins_before_its_cluster_stack_starts(cluster, tmp_path):
+    """What the agent's documentation tells the operator: on the node of the former
+    primary, back after the failover, ``bmigrate rejoin`` before corosync and Pacemaker
+    start. The agent then starts it unpromoted, the new primary's HA replication ships
+    the union of both sides' changes (not the device), the two copies end identical,
+    and the node is promotable again (a consistent copy's score)."""
+    a, b = cluster.node_a, cluster.node_b
+    failover = crash_the_primary(cluster, tmp_path)
+    with NbdClient.connect(nbd_uri(b), timeout=30) as client:     # the new primary's writes
+        for n in range(8):
+            client.pwrite(os.urandom(BLOCK), (40 + 7 * n) * CHUNK)
+        client.flush()
+    new_dirty = dirty_chunks(NodeBreqd(b), SIZE)
+    assert new_dirty
+    a.reboot()
+    start_breqd(a)
+    old_dirty = dirty_chunks(NodeBreqd(a), SIZE)       # written on node-a, maybe not shipped
+    done = a.run(failover.tools["bmigrate"], "rejoin", "d1", "--backing", BACKING,
+                 "--receiver-state-dir", TARGETS, "--manage-dir", MANAGE_DIR,
+                 "--control", CONTROL, "--json")
+    assert json.loads(done.stdout)["resync"] == "ranges"
+    a.start_stack()
+
+    def rejoined() -> bool:
+        return (b.roles("d1") == {"node-b": "Promoted", "node-a": "Unpromoted"}
+                and record(a).get("state") == "in-sync"
+                and record(a).get("generation") == record(b).get("generation"))
+    try:
+        wait_until(rejoined, timeout=120, what="node-a to be node-b's copy in sync")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{agent_logs(a)}\n{agent_logs(b)}") from None
+    received = node_log(a, "receive")
+    assert "rejoin)" in received and "new)" not in received, received
+    assert "shipping everything" not in node_log(b, "replicate")
+    assert same_bytes(str(a.host_path(BACKING)), str(b.host_path(BACKING)))
+    assert len(old_dirty | new_dirty) < SIZE // CHUNK // 4
+    wait_until(lambda: promotion_score(b, a) == "10", timeout=60,
+               what="node-a's copy to be promotable")
+
+
+@pytest.mark.timeout(300)
+def test_an_old_primary_back_without_rejoin_is_resynced_and_rejoins_in_standby(
+        cluster, tmp_path):
+    """Its cluster stack started before anyone ran ``bmigrate rejoin`` there: the new
+    primary's HA replication finds no record of its lineage on the node and copies the
+    whole device; breqd there still tracks the old primary, so the node gets no
+    promotion score (promote would refuse it). The documented way out: standby,
+    ``bmigrate rejoin``, standby off; then it is a promotable copy."""
+    a, b = cluster.node_a, cluster.node_b
+    failover = crash_the_primary(cluster, tmp_path)
+    a.reboot()
+    start_breqd(a)
+    a.start_stack()
+    wait_until(lambda: record(a).get("state") == "in-sync"
+               and record(a).get("generation") == record(b).get("generation"),
+               timeout=120, what="node-a to be resynced from node-b")
+    assert "shipping everything" in node_log(b, "replicate")
+    assert same_bytes(str(a.host_path(BACKING)), str(b.host_path(BACKING)))
+    assert tracked(a)["role"] == "primary"
+    wait_until(lambda: promotion_score(b, a) == "", timeout=60,
+               what="the stale primary's score to go (its next monitor)")
+    b.run("crm_standby", "--node", a.name, "--update", "on")
+    wait_until(lambda: b.roles("d1") == {"node-b": "Promoted"}, timeout=60,
+               what="the agent to stop on node-a")
+    a.run(failover.tools["bmigrate"], "rejoin", "d1", "--backing", BACKING,
+          "--receiver-state-dir", TARGETS, "--manage-dir", MANAGE_DIR, "--control", CONTROL)
+    b.run("crm_standby", "--node", a.name, "--update", "off")
+    wait_until(lambda: promotion_score(b, a) == "10", timeout=120,
+               what="node-a's copy to be promotable")
+    assert record(a).get("generation") == record(b).get("generation")
+    assert same_bytes(str(a.host_path(BACKING)), str(b.host_path(BACKING)))
