@@ -32,8 +32,8 @@ from bmig.nbdclient import NbdClient
 from bmig.tracker.blocking_client import TrackerClient
 from tests.crashloop import BLOCK, Journal, JournaledWriter
 from tests.daemon import breqd_argv, wait_until
-from tests.integration.pacemaker_helpers import Cluster, Node, require_cluster_tools
 from tests.integration.failover_helpers import dirty_chunks
+from tests.integration.pacemaker_helpers import Cluster, Node, require_cluster_tools
 from tests.integration.sync_helpers import CHUNK, MiB, same_bytes, write_secret
 from tests.integration.test_failover import missing_writes
 from tests.integration.test_ocf_agent import AGENT, command
