@@ -23,7 +23,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import time
 from typing import Callable, ContextManager
 
 import xxhash
@@ -31,6 +30,7 @@ import xxhash
 from bmig.blockdev import zero_range
 from bmig.errors import ConfigError, TargetBusy, TargetError, TargetFull
 from bmig.identity import TargetIdentity, identify
+from bmig.statelock import flock_within
 
 HASH_READ = 4 * 1024 * 1024
 LOCK_WAIT = 5.0        # seconds a new session waits for the target's previous one
@@ -57,18 +57,11 @@ class TargetLock:
         """Take the lock, waiting a little: a sender that reconnects at once after a
         failure finds its old session still closing."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    what = "replicated" if self.kind else "written"
-                    raise TargetBusy(f"target {self.export!r} is being {what} by another "
-                                     "session; try again when it is done") from None
-                time.sleep(0.05)
+        if not flock_within(fd, wait):
+            os.close(fd)
+            what = "replicated" if self.kind else "written"
+            raise TargetBusy(f"target {self.export!r} is being {what} by another "
+                             "session; try again when it is done")
         self._fd = fd
 
     def release(self) -> None:
