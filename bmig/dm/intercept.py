@@ -30,7 +30,7 @@ from bmig.constants import DEFAULT_CHUNK_SIZE
 from bmig.dm import dmsetup, era, importer, via_nbd
 from bmig.dm.importer import ImportResult
 from bmig.dm.state import (ATTACHED, DETACHED, LOST, DeviceLock, Record, boot_id, load,
-                           save)
+                           save, state_dir)
 from bmig.dm.tables import (quietly, read_only_table, restore, swap_tables, table_maps_onto,
                             which)
 from bmig.errors import BmigError, InterceptError, UnknownDevice
@@ -38,13 +38,8 @@ from bmig.tracker.blocking_client import TrackerClient
 
 log = logging.getLogger("bmig.dm")
 
-DEFAULT_DM_STATE_DIR = "/var/lib/bmig/dm"
 MAPPING_TARGETS = ("linear", "striped")     # stateless: a second table over them is safe
 FREEZE_LEASE = 600.0
-
-
-def state_dir() -> str:
-    return os.environ.get("BMIG_DM_STATE") or DEFAULT_DM_STATE_DIR
 
 
 def era_name(name: str) -> str:
@@ -446,10 +441,3 @@ def _dm_name_of(devno: str) -> str:
             return f.read().strip()
     except OSError:
         return devno
-
-
-def intercept_for(name: str, control: str, directory: str | None = None) -> DmIntercept | None:
-    """The dm intercept of ``name`` if bmig has a record of one (attached, or lost or
-    detached: an import then says why the copy cannot be trusted), else None."""
-    intercept = DmIntercept(name, control, directory)
-    return intercept if intercept.record() is not None else None

@@ -51,6 +51,13 @@ class Record:
         return asdict(self)
 
 
+DEFAULT_DM_STATE_DIR = "/var/lib/bmig/dm"
+
+
+def state_dir() -> str:
+    return os.environ.get("BMIG_DM_STATE") or DEFAULT_DM_STATE_DIR
+
+
 def record_path(directory: str, name: str) -> str:
     return os.path.join(directory, f"{name}.json")
 

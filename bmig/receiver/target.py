@@ -36,6 +36,13 @@ HASH_READ = 4 * 1024 * 1024
 LOCK_WAIT = 5.0        # seconds a new session waits for the target's previous one
 
 
+# Writes into pages new to the page cache cost the kernel five to seven times the CPU per
+# byte in pieces of 512 KiB or more than in pieces of 256 KiB or less (dd into a fresh
+# file on ext4, Linux 6.18 in a VM with free page reporting: 1.9-2.3 s against 0.35-0.46 s
+# of system time per GiB). A fresh target is all such pages, and frames are up to 4 MiB,
+# so they are written in pieces; on cached pages the piece size made no difference.
+WRITE_PIECE = 256 * 1024
+
 def io_error(exc: OSError, what: str) -> TargetError:
     """ENOSPC and friends become TargetFull; everything else TargetError."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -208,12 +215,14 @@ class TargetDevice:
         self.identity = identify(self.fd)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` in pieces of at most WRITE_PIECE bytes."""
         view = memoryview(data)
         with self.guard() if self.guard is not None else contextlib.nullcontext():
             try:
-                done = os.pwrite(self.fd, view, offset)
+                done = 0
                 while done < len(view):
-                    done += os.pwrite(self.fd, view[done:], offset + done)
+                    end = min(len(view), done + WRITE_PIECE)
+                    done += os.pwrite(self.fd, view[done:end], offset + done)
             except OSError as exc:
                 raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
                                     f"{self.path}") from None
