@@ -535,18 +535,59 @@ def hot_fio(setup: Setup, server: Server, args, tag: str, runtime: int) -> dict:
     fio = Proc(f"fio {tag}", argv, os.path.join(setup.tmp, f"fio-{tag}.log"))
     before = _stats(setup)
     bcpu0 = setup.breqd.cpu_seconds() if setup.breqd else 0.0
+    spies = []
+    if args.py_spy and tag.endswith("-0") and setup.breqd is not None:
+        for who, proc in (("breqd", setup.breqd), ("bmig-nbd", server.proc)):
+            path = os.path.join(args.py_spy, f"{tag}-{who}.txt")
+            spies.append(Proc(f"py-spy {who}", [
+                shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable),
+                                                       "py-spy"), "record", "--idle", "--nonblocking", "--threads", "-r", "250",
+                "-d", str(runtime), "-f", "raw", "-o", path, "-p", str(proc.pid)],
+                path + ".log"))
+        for spy in spies:
+            spy.start()
     fio.start()
     try:
         fio.proc.wait(runtime + FIO_GRACE)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"fio ({tag}) did not finish") from None
     fio.stop()
+    for spy in spies:
+        try:
+            spy.proc.wait(runtime + 30)
+        except subprocess.TimeoutExpired:
+            pass
+        spy.stop()
     after = _stats(setup)
     r = parse_fio(out, fio, w)
+    if spies:
+        r["py_spy"] = {spy.label: spy_summary(spy.log_path.removesuffix(".log"))
+                       for spy in spies}
     r.update(breqd_cpu_s=round(setup.breqd.cpu_seconds() - bcpu0, 3) if setup.breqd else 0,
              breqd_marks=int(after["marks"]) - int(before["marks"]),
              breqd_flushes=int(after["flushes"]) - int(before["flushes"]))
     return r
+
+
+def spy_summary(path: str) -> dict:
+    """From py-spy's raw (collapsed) stacks, idle samples included: the samples of
+    each thread, and of those the ones in the bitmap's fdatasync and in a wait for a
+    reply from breqd."""
+    found: dict = {"samples": {}, "fdatasync": 0, "tracker_wait": 0}
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                n = int(count)
+                thread = stack.split(";", 1)[0]
+                found["samples"][thread] = found["samples"].get(thread, 0) + n
+                if "sync_staged" in stack:
+                    found["fdatasync"] += n
+                if "_acquire" in stack or "mark (bmig/tracker/write_path_client" in stack:
+                    found["tracker_wait"] += n
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def run_hot(args, setup: Setup, out: dict) -> None:
@@ -714,6 +755,9 @@ def parse_args() -> argparse.Namespace:
                         "on (see bench/README.md); --size defaults to 1G, --runtime to 5")
     p.add_argument("--catch-up", action="store_true",
                    help="--hot: also run fio under `bmigrate run` to a local breceive")
+    p.add_argument("--py-spy", metavar="DIR",
+                   help="--hot: record breqd and bmig-nbd with py-spy (idle samples too) "
+                        "during the first round's runs, raw stacks into DIR")
     p.add_argument("--working-set", default="256M",
                    help="--hot: the part of the export fio writes [256M]")
     p.add_argument("--disk-dir", default="/var/tmp",

@@ -19,6 +19,7 @@ from bmig.config import load_settings
 from bmig.errors import ConfigError
 from bmig.limits import DEFAULT_ACTIVITY_LOG, MAX_ACTIVITY_LOG
 from bmig.tracker.activity import ActivityLog
+from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.definitions import DeviceDefinition
 from bmig.tracker.store import BitmapFile, Identity
 from bmig.tracker.tracked import TrackedDevice, bitmap_path
@@ -222,3 +223,21 @@ def test_the_activity_log_setting_takes_0_to_the_cap(tmp_path):
         path.write_text(f"activity_log_chunks = {value}\n")
         assert load_settings(str(path), breqd_cli.SCHEMA)["activity_log_chunks"] == value
     assert breqd_cli.SCHEMA.defaults()["activity_log_chunks"] == DEFAULT_ACTIVITY_LOG
+
+
+def test_a_logged_chunk_written_synchronously_is_mirrored_and_stays_dirty_on_disk():
+    """Clean in memory but dirty on disk: a synchronous write to it makes it mirrored
+    (its target copy is current), and once released as synced it is clean for the
+    sender again while the file still has its bit."""
+    m = ChunkMap(16 * CHUNK, CHUNK, log_chunks=4)
+    m.mark(3, 4)
+    assert m.checkout(16) == [(3, 4)]
+    m.commit(3, 4)
+    mirror = m.clean(3, 4)
+    assert mirror.all(), "the sender made it clean: the target has it"
+    m.mark(3, 4, keep_mirrored=True)
+    m.hold(3, 4, mirror)
+    assert m.checkout(16) == [], "mirrored: not the sender's to ship"
+    m.set_held(3, 4, False)
+    assert m.release_mirrored(3, 4, synced=True)
+    assert not m.dirty[3] and m.disk_image(3, 4).all()
