@@ -24,6 +24,9 @@ from collections import OrderedDict
 from bitarray import bitarray
 
 
+NONE: list[int] = []      # what add returns when nothing left the log (never changed)
+
+
 class ActivityLog:
     """The last ``capacity`` distinct chunks marked, of a device of ``nchunks`` chunks.
 
@@ -48,15 +51,24 @@ class ActivityLog:
         chunks evicted to make room (their bits are clear now)."""
         bits = self.bits
         if bits is None:
-            return []
+            return NONE
         order = self._order
-        # Of a run longer than the log only its last ``capacity`` chunks would stay.
-        for c in range(max(first, end - self.capacity), end):
-            if c in order:
-                order.move_to_end(c)
-            else:
-                order[c] = None
-                bits[c] = 1
+        if end - first == 1:                   # the usual case, kept short
+            if first in order:
+                order.move_to_end(first)
+                return NONE
+            order[first] = None
+            bits[first] = 1
+        else:
+            # Of a run longer than the log only its last ``capacity`` chunks would stay.
+            for c in range(max(first, end - self.capacity), end):
+                if c in order:
+                    order.move_to_end(c)
+                else:
+                    order[c] = None
+                    bits[c] = 1
+        if len(order) <= self.capacity:
+            return NONE
         evicted: list[int] = []
         while len(order) > self.capacity:
             c, _ = order.popitem(last=False)

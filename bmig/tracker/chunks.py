@@ -29,7 +29,7 @@ mirrored chunk is dirty, like any held chunk, until the release is written lazil
 Beside the four arrays, ``log`` (activity.py) keeps the chunks marked most recently:
 they stay dirty on disk while a commit may make them clean in memory, so the on-disk
 image is dirty | in flight | logged, and a mark of a logged chunk needs no flush.
-``mark`` returns the chunks the log let go of: their pages may be written lazily.
+``mark`` returns the clean chunks the log let go of: their pages may be written lazily.
 
 The room is pure state: it may not do I/O, know of sessions or connections, or decide
 when bits reach the disk (tracked.py and committer.py do).
@@ -111,11 +111,16 @@ class ChunkMap:
     def mark(self, first: int, end: int, keep_mirrored: bool = False) -> list[int]:
         """Make [first, end) dirty; chunks in flight become re-marked, mirrored chunks
         plain dirty (unless ``keep_mirrored``: the mark of a synchronous write). The
-        chunks enter the activity log; returns those it evicted."""
+        chunks enter the activity log; returns those it evicted that are clean, whose
+        bits on disk may go now."""
         self.dirty[first:end] = 1
         if not keep_mirrored:
             self.mirrored[first:end] = 0
-        return self.log.add(first, end)
+        evicted = self.log.add(first, end)
+        if not evicted:
+            return evicted
+        dirty, inflight = self.dirty, self.inflight
+        return [c for c in evicted if not (dirty[c] or inflight[c])]
 
     def checkout(self, max_chunks: int, max_runs: int = 1 << 62) -> list[tuple[int, int]]:
         """Move up to ``max_chunks`` dirty chunks, not in flight, to in flight.
