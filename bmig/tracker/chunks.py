@@ -122,15 +122,19 @@ class ChunkMap:
         dirty, inflight = self.dirty, self.inflight
         return [c for c in evicted if not (dirty[c] or inflight[c])]
 
-    def checkout(self, max_chunks: int, max_runs: int = 1 << 62) -> list[tuple[int, int]]:
+    def checkout(self, max_chunks: int, max_runs: int = 1 << 62,
+                 settled: bool = False) -> list[tuple[int, int]]:
         """Move up to ``max_chunks`` dirty chunks, not in flight, to in flight.
 
         Returns at most ``max_runs`` runs (first, end). The scan starts where the previous one stopped and
-        wraps once, so successive checkouts sweep the whole device.
+        wraps once, so successive checkouts sweep the whole device. With ``settled``,
+        chunks a writer holds are left alone too: shipped now, they would stay dirty and
+        go again once the writer lets go (a catch-up service ships each of them once).
         """
         runs: list[tuple[int, int]] = []
         budget = max_chunks
-        mirrored = self.mirrored if self.mirrored.any() else None
+        skip = self.mirrored | self.held if settled else self.mirrored
+        mirrored = skip if skip.any() else None
         start = self._cursor if self._cursor < self.nchunks else 0
         for lo, hi in ((start, self.nchunks), (0, start)):
             pos = lo
@@ -148,7 +152,7 @@ class ChunkMap:
                     continue
                 if busy >= 0:
                     end = busy
-                if mirrored is not None:       # written synchronously: not ours to ship
+                if mirrored is not None:       # written synchronously (or held, settled)
                     m = mirrored.find(1, first, end)
                     if m == first:
                         free = mirrored.find(0, first, end)
