@@ -204,7 +204,13 @@ def summarize(runs: list[dict]) -> dict:
         ratio = None
         if len(rows) == 2 and rows["qemu-nbd"]["median"]:
             ratio = round(rows["bmig-nbd"]["median"] / rows["qemu-nbd"]["median"], 3)
-        out[key] = {"metric": metric, "servers": rows, "ratio": ratio}
+        per_round = []          # the ratio within each round: how far one run can be off
+        for rnd in sorted({r["round"] for r in runs}):
+            pair = {r["server"]: r[key][metric] for r in runs if r["round"] == rnd}
+            if len(pair) == 2 and pair["qemu-nbd"]:
+                per_round.append(round(pair["bmig-nbd"] / pair["qemu-nbd"], 3))
+        out[key] = {"metric": metric, "servers": rows, "ratio": ratio,
+                    "round_ratios": per_round}
     return out
 
 
@@ -221,7 +227,9 @@ def report(summary: dict) -> str:
                                                    "runs"], rows, fmt))
         if s["ratio"] is not None:
             better = "lower" if metric == "seconds" else "higher"
-            parts.append(f"bmig-nbd / qemu-nbd: {s['ratio']:.2f}x ({better} is better)")
+            spread = s["round_ratios"]
+            parts.append(f"bmig-nbd / qemu-nbd: {s['ratio']:.2f}x ({better} is better); "
+                         f"within each round {min(spread):.2f}-{max(spread):.2f}x")
     return "\n".join(parts)
 
 
