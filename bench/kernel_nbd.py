@@ -2,8 +2,8 @@
 """The kernel's own NBD client (/dev/nbd0) on bmig-nbd and on qemu-nbd, in a throw-away
 kernel: how a file system meets bmig-nbd.
 
-    .venv/bin/python bench/kernel_nbd.py                 # 3 rounds x 2 servers (~6 min)
-    .venv/bin/python bench/kernel_nbd.py --quick         # 1 round, 5 s fio runs (~1.5 min)
+    .venv/bin/python bench/kernel_nbd.py                 # 3 rounds x 2 servers (~4.5 min)
+    .venv/bin/python bench/kernel_nbd.py --quick         # 1 round, 5 s fio runs (~40 s)
     .venv/bin/python bench/kernel_nbd.py --rounds 5 --json /tmp/knbd.json
 
 This machine's kernel has no nbd module, so the script boots User-Mode Linux once with
