@@ -309,8 +309,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.runtime = args.runtime or (5 if args.quick else 20)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.runtime is None:
+        args.runtime = 5 if args.quick else 20
     if args.rounds < 1 or args.runtime < 1:
         p.error("--rounds and --runtime must be positive")
     if args.guest and not (args.out and os.environ.get("RUN_IN_VM")):
