@@ -4,9 +4,11 @@ It carries writes and counts their seqs; it may not know chunks, holds or breqd:
 durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
 
 The connection is a WireTarget (bmig.wire.client: the same transports, handshake and
-lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
-wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the
-event loop with call_soon_threadsafe. What a write waits for depends on the protocol:
+lineage check as a sync), opened in "replicate" mode. The frames queued in one turn of
+the event loop go to a sender thread together, which puts them on the wire in one write
+(``WireTarget.send_batch``); the WireTarget's reader thread hears the acknowledgements.
+Both threads hand their news to the loop through one inbox, and only the first item of a
+batch wakes the loop (call_soon_threadsafe). What a write waits for depends on the protocol:
 
     C   written on the target (WRITTEN), and with FUA durable there (DURABLE)
     B   received by the target (RECEIVED), with FUA durable
@@ -81,6 +83,9 @@ class Replica:
         self._seq = itertools.count(1)
         self._waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self._outbox: queue.Queue = queue.Queue()
+        self._turn: list[tuple] = []      # frames queued in this loop turn, not yet handed over
+        self._inbox: list[tuple] = []     # what the threads told, for the loop to take
+        self._inbox_lock = threading.Lock()
         self._queued = 0                  # bytes answered (A) or queued, not yet written there
         self._unwritten: dict[int, int] = {}   # protocol A: seq -> bytes not yet WRITTEN
         self._progress = time.monotonic()  # the last DURABLE that moved, or idle since
@@ -154,10 +159,19 @@ class Replica:
         if self.protocol == "A" and item[0] != "flush":
             self._unwritten[seq] = nbytes
         self.queued_seq = seq
-        self._outbox.put((item, nbytes, seq))
+        if not self._turn:
+            self._loop.call_soon(self._hand_over)
+        self._turn.append((item, nbytes, seq))
         if item[0] != "flush":
             self._flush_later()
         return seq, future
+
+    def _hand_over(self) -> None:
+        """The frames of this loop turn go to the sender thread together: one wake-up
+        of it, one write to the socket, one of breceive."""
+        turn, self._turn = self._turn, []
+        if turn:
+            self._outbox.put(turn)
 
     async def write(self, offset: int, data: memoryview | bytes, fua: bool) -> int:
         """Send; return (per the protocol) with the seq of the last frame, which is
@@ -208,36 +222,38 @@ class Replica:
 
     # -- the sender thread --------------------------------------------------------------
 
+    def _frame(self, item: tuple) -> tuple:
+        target = self.target
+        kind = item[0]
+        if kind == "data":
+            _, seq, offset, payload, flags = item
+            return target.data_frame(seq, offset, codec.RAW, payload, len(payload),
+                                     codec.checksum(payload), flags)
+        if kind == "zero":
+            _, seq, offset, length, flags = item
+            return target.zero_frame(seq, offset, length, flags)
+        return target.durable_frame(item[1])
+
     def _send_loop(self) -> None:
         broken = False
         while True:
-            entry = self._outbox.get()
-            if entry is None:
+            turn = self._outbox.get()
+            if turn is None:
                 return
-            item, nbytes, seq = entry
-            if broken:       # nothing goes out after a frame that could not
-                self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
-                continue
-            try:
-                kind = item[0]
-                if kind == "data":
-                    _, seq, offset, payload, flags = item
-                    self.target.send_data(seq, offset, codec.RAW, payload, len(payload),
-                                          codec.checksum(payload), flags)
-                elif kind == "zero":
-                    _, seq, offset, length, flags = item
-                    self.target.send_zero(seq, offset, length, flags)
-                else:
-                    self.target.request_durable(item[1])
-            except BmigError as exc:
-                broken = True
-                self.fatal(exc)
-            self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
+            if not broken:   # nothing goes out after a frame that could not
+                try:
+                    self.target.send_batch([self._frame(item) for item, _, _ in turn])
+                except BmigError as exc:
+                    broken = True
+                    self.fatal(exc)
+            self._post("sent", 0, [(seq, nbytes) for _, nbytes, seq in turn])
 
-    def _sent(self, seq: int, nbytes: int) -> None:
-        if self.protocol == "A" and seq in self._unwritten:
-            return                   # its room comes back once the target wrote it
-        self._queued -= nbytes
+    def _sent(self, frames: list[tuple[int, int]]) -> None:
+        """These frames (seq, bytes) left, or never will."""
+        for seq, nbytes in frames:
+            if self.protocol == "A" and seq in self._unwritten:
+                continue             # its room comes back once the target wrote it
+            self._queued -= nbytes
 
     def _written_there(self, up_to: int, only: bool) -> None:
         """Protocol A: frame ``up_to`` (``only``) or every frame up to it is written on
@@ -256,19 +272,43 @@ class Replica:
     # -- acknowledgements (the WireTarget's reader thread) ---------------------------------
 
     def durable(self, seq: int) -> None:
-        self._loop.call_soon_threadsafe(self._durable, seq)
+        self._post("durable", seq)
 
     def written(self, seq: int) -> None:
-        self._loop.call_soon_threadsafe(self._acked, seq, _WRITTEN)
+        self._post(_WRITTEN, seq)
 
     def received(self, seq: int) -> None:
-        self._loop.call_soon_threadsafe(self._acked, seq, _RECEIVED)
+        self._post(_RECEIVED, seq)
 
     def failed(self, seq: int, error: BmigError) -> None:
-        self._loop.call_soon_threadsafe(self._refused, seq, error)
+        self._post("failed", seq, error)
 
     def fatal(self, error: BmigError) -> None:
-        self._loop.call_soon_threadsafe(self._fail_all, error)
+        self._post("fatal", 0, error)
+
+    def _post(self, kind: str, seq: int, extra=None) -> None:
+        """From a thread: news for the loop, taken in the order told. Only the first of
+        a batch wakes the loop; what comes before it looks is taken with it."""
+        with self._inbox_lock:
+            first = not self._inbox
+            self._inbox.append((kind, seq, extra))
+        if first:
+            self._loop.call_soon_threadsafe(self._take_inbox)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            news, self._inbox = self._inbox, []
+        for kind, seq, extra in news:
+            if kind == _WRITTEN or kind == _RECEIVED:
+                self._acked(seq, kind)
+            elif kind == "durable":
+                self._durable(seq)
+            elif kind == "sent":
+                self._sent(extra)
+            elif kind == "failed":
+                self._refused(seq, extra)
+            else:
+                self._fail_all(extra)
 
     def _resolve(self, seq: int) -> None:
         entry = self._waiting.pop(seq, None)

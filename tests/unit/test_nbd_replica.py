@@ -74,6 +74,9 @@ class FakeTracker:
         self.events.append(f"{'sync-hold' if sync else 'hold'} {ranges}")
         return self.session
 
+    async def mark_sync(self, device, ranges):
+        return await self.mark(device, ranges, hold=True, sync=True), []
+
     def release(self, device, ranges, synced=False):
         self.events.append(f"{'release-synced' if synced else 'release'} {ranges}")
         done = asyncio.get_running_loop().create_future()
@@ -108,6 +111,7 @@ class FakeTarget:
         self.entered = threading.Event()            # the sender is in a send
         self.answer_flush = True
         self.acks = None
+        self.batches: list[list[int]] = []          # the seqs of each send_batch
 
     def set_acks(self, acks) -> None:
         self.acks = acks
@@ -141,6 +145,26 @@ class FakeTarget:
         self._send("flush", seq)
         if self.answer_flush:
             self.acks.durable(seq)
+
+    # The frames of one loop turn come together, built by these (WireTarget's shape).
+    def data_frame(self, seq, offset, codec, payload, raw_length, digest, flags=0):
+        return ("data", seq, offset, flags)
+
+    def zero_frame(self, seq, offset, length, flags=0):
+        return ("zero", seq, offset, flags)
+
+    def durable_frame(self, seq):
+        return ("flush", seq, 0, 0)
+
+    def send_batch(self, frames) -> None:
+        self.batches.append([seq for _, seq, _, _ in frames])
+        for kind, seq, offset, flags in frames:
+            if kind == "flush":
+                self.request_durable(seq)
+            elif kind == "data":
+                self.send_data(seq, offset, None, None, 0, 0, flags)
+            else:
+                self.send_zero(seq, offset, 0, flags)
 
     def abort(self) -> None:
         self.gate.set()
@@ -374,3 +398,25 @@ def test_replication_stopped_and_started_again_is_a_new_generation():
     events = asyncio.run(main())
     assert sorted(releases(events)) == [f"release [(0, {CHUNK})]",
                                         f"release-synced [({CHUNK}, {CHUNK})]"], events
+
+
+# -- the frames of one loop turn leave together ----------------------------------------------
+
+def test_the_frames_of_one_loop_turn_leave_in_one_batch_in_seq_order():
+    """Three writes started in one turn: their frames reach the sender thread together
+    (one wake-up of it, one write to the socket), in seq order."""
+
+    async def main():
+        target = FakeTarget("C")
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            seqs = await asyncio.wait_for(asyncio.gather(
+                replica.write(0, b"a", False), replica.write(CHUNK, b"b", False),
+                replica.zero(2 * CHUNK, 10, False)), WAIT)
+        finally:
+            replica.close()
+        return seqs, target.batches
+
+    seqs, batches = asyncio.run(main())
+    assert seqs == [1, 2, 3]
+    assert batches[0] == [1, 2, 3], batches
