@@ -84,6 +84,7 @@ class Replica:
         self._waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self._outbox: queue.Queue = queue.Queue()
         self._turn: list[tuple] = []      # frames queued in this loop turn, not yet handed over
+        self._in_thread = 0               # batches handed to the sender thread, not yet sent
         self._inbox: list[tuple] = []     # what the threads told, for the loop to take
         self._inbox_lock = threading.Lock()
         self._queued = 0                  # bytes answered (A) or queued, not yet written there
@@ -167,11 +168,30 @@ class Replica:
         return seq, future
 
     def _hand_over(self) -> None:
-        """The frames of this loop turn go to the sender thread together: one wake-up
-        of it, one write to the socket, one of breceive."""
+        """The frames of this loop turn leave together: one write to the socket, one
+        wake-up of breceive. Sent from here when the socket takes them at once and the
+        sender thread has nothing left to send (so the wire order stays the seq order);
+        what it does not take, and every turn after it until the thread is done, goes
+        to the sender thread."""
         turn, self._turn = self._turn, []
-        if turn:
-            self._outbox.put(turn)
+        if not turn:
+            return
+        if self.error is not None:       # nothing more goes out; the writers know
+            self._sent([(seq, nbytes) for _, nbytes, seq in turn])
+            return
+        frames = [self._frame(item) for item, _, _ in turn]
+        try_send = getattr(self.target, "try_send_batch", None)
+        if not self._in_thread and try_send is not None:
+            rest = try_send(frames)
+            if rest is not None and not rest:
+                self._sent([(seq, nbytes) for _, nbytes, seq in turn])
+                return
+            if rest is not None:
+                self._in_thread += 1
+                self._outbox.put(("rest", rest, turn))
+                return
+        self._in_thread += 1
+        self._outbox.put(("frames", frames, turn))
 
     async def write(self, offset: int, data: memoryview | bytes, fua: bool) -> int:
         """Send; return (per the protocol) with the seq of the last frame, which is
@@ -237,19 +257,26 @@ class Replica:
     def _send_loop(self) -> None:
         broken = False
         while True:
-            turn = self._outbox.get()
-            if turn is None:
+            entry = self._outbox.get()
+            if entry is None:
                 return
+            kind, frames, turn = entry
             if not broken:   # nothing goes out after a frame that could not
                 try:
-                    self.target.send_batch([self._frame(item) for item, _, _ in turn])
+                    if kind == "rest":
+                        self.target.send_rest(frames)
+                    else:
+                        self.target.send_batch(frames)
                 except BmigError as exc:
                     broken = True
                     self.fatal(exc)
-            self._post("sent", 0, [(seq, nbytes) for _, nbytes, seq in turn])
+            self._post("sent", 1, [(seq, nbytes) for _, nbytes, seq in turn])
 
-    def _sent(self, frames: list[tuple[int, int]]) -> None:
-        """These frames (seq, bytes) left, or never will."""
+    def _sent(self, frames: list[tuple[int, int]], by_thread: bool = False) -> None:
+        """These frames (seq, bytes) left, or never will; ``by_thread``: a batch of the
+        sender thread's."""
+        if by_thread:
+            self._in_thread -= 1
         for seq, nbytes in frames:
             if self.protocol == "A" and seq in self._unwritten:
                 continue             # its room comes back once the target wrote it
@@ -304,7 +331,7 @@ class Replica:
             elif kind == "durable":
                 self._durable(seq)
             elif kind == "sent":
-                self._sent(extra)
+                self._sent(extra, by_thread=bool(seq))
             elif kind == "failed":
                 self._refused(seq, extra)
             else:

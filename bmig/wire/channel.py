@@ -233,6 +233,61 @@ class Channel:
                 raise UnreachableError(f"lost {self.description}: "
                                        f"{exc.strerror or exc}") from None
 
+    def try_send_many(self, frames: Sequence[tuple[Buffer, Buffer | None]]
+                      ) -> list[memoryview] | None:
+        """``send_many`` without waiting, for a caller that must not block (an event
+        loop): None when it was not tried (another send is under way, a frame is large,
+        or the stream cannot send without waiting); else what is left to send, in order
+        and before anything else (``send_rest``; also after an error, which ``send_rest``
+        then reports), an empty list when all went out."""
+        if not getattr(self.stream, "nowait", False) \
+                or not self._send_lock.acquire(blocking=False):
+            return None
+        send_nowait = self.stream.send_nowait      # type: ignore[attr-defined]
+        try:
+            parts: list[memoryview] = []
+            for head, payload in frames:
+                size = len(head) + (len(payload) if payload is not None else 0)
+                if self._sealer is not None and size > SEAL_IN_ONE:
+                    return None
+            for head, payload in frames:
+                size = len(head) + (len(payload) if payload is not None else 0)
+                if self._sealer is None:
+                    parts.append(memoryview(LENGTH.pack(size) + bytes(head)))
+                    if payload is not None and len(payload):
+                        parts.append(memoryview(payload).cast("B"))
+                    self.bytes_out += size + LENGTH.size
+                else:
+                    prefix = LENGTH.pack(size + TAG_BYTES)
+                    body = bytes(head) + bytes(payload) if payload is not None else head
+                    parts.append(memoryview(prefix + self._sealer.seal(prefix, body)))
+                    self.bytes_out += size + TAG_BYTES + LENGTH.size
+            while parts:
+                try:
+                    sent = send_nowait(parts[:MANY_PARTS])
+                except OSError:          # send_rest, which may wait, finds out why
+                    return parts
+                if not sent:
+                    return parts
+                while parts and sent >= len(parts[0]):
+                    sent -= len(parts[0])
+                    parts.pop(0)
+                if parts and sent:
+                    parts[0] = parts[0][sent:]
+            return parts
+        finally:
+            self._send_lock.release()
+
+    def send_rest(self, parts: Sequence[Buffer]) -> None:
+        """What ``try_send_many`` left, as it is (framed and sealed already)."""
+        with self._send_lock:
+            try:
+                for start in range(0, len(parts), MANY_PARTS):
+                    self.stream.send(parts[start:start + MANY_PARTS])
+            except OSError as exc:
+                raise UnreachableError(f"lost {self.description}: "
+                                       f"{exc.strerror or exc}") from None
+
     def _seal_large(self, prefix: bytes, head: Buffer, payload: Buffer | None) -> None:
         """Seal into a piece-sized buffer and send each piece as it fills, the tag with
         the last one."""

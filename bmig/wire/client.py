@@ -93,10 +93,13 @@ class WireTarget:
         it sent before closing, read by the reader thread) wins over the broken pipe."""
         self._frames([(head, payload)])
 
-    def _frames(self, frames: list[tuple[bytes, Any]]) -> None:
-        """Send frames in order, the small ones in one write (``Channel.send_many``)."""
+    def _frames(self, frames: list[tuple[bytes, Any]], rest: list | None = None) -> None:
+        """Send frames in order, the small ones in one write (``Channel.send_many``);
+        ``rest``: what ``try_send_batch`` left instead."""
         try:
-            if len(frames) == 1:
+            if rest is not None:
+                self.channel.send_rest(rest)
+            elif len(frames) == 1:
                 self.channel.send(*frames[0])
             else:
                 self.channel.send_many(frames)
@@ -162,6 +165,15 @@ class WireTarget:
         """Frames built by ``data_frame``, ``zero_frame`` and ``durable_frame``, sent in
         order in as few writes as the channel can (a replica's frames of one loop turn)."""
         self._frames(frames)
+
+    def try_send_batch(self, frames: list[tuple[bytes, Any]]) -> list[memoryview] | None:
+        """``send_batch`` without waiting (``Channel.try_send_many``): None when not
+        tried, else what is left for ``send_rest``."""
+        return self.channel.try_send_many(frames)
+
+    def send_rest(self, parts: list[memoryview]) -> None:
+        """What ``try_send_batch`` left, before any other frame."""
+        self._frames([], rest=parts)
 
     @staticmethod
     def data_frame(seq: int, offset: int, codec: int, payload: Any, raw_length: int,

@@ -420,3 +420,72 @@ def test_the_frames_of_one_loop_turn_leave_in_one_batch_in_seq_order():
     seqs, batches = asyncio.run(main())
     assert seqs == [1, 2, 3]
     assert batches[0] == [1, 2, 3], batches
+
+
+class DirectTarget(FakeTarget):
+    """A target whose socket takes a turn's frames at once (``try_send_batch``), unless
+    ``full``: then it takes none and leaves them all to the sender thread."""
+
+    def __init__(self, protocol: str):
+        super().__init__(protocol)
+        self.full = False
+        self.direct: list[list[int]] = []          # the seqs of each batch sent at once
+
+    def try_send_batch(self, frames):
+        if self.full:
+            return list(frames)
+        self.direct.append([seq for _, seq, _, _ in frames])
+        for kind, seq, offset, flags in frames:
+            self.wire.append((kind, seq))
+            if kind == "flush":
+                self.acks.durable(seq)
+            else:
+                self._answer(seq, offset, flags)
+        return []
+
+    def send_rest(self, parts) -> None:
+        self.send_batch(parts)
+
+
+def test_frames_go_out_at_once_when_the_socket_takes_them():
+    async def main():
+        target = DirectTarget("C")
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            await asyncio.wait_for(asyncio.gather(replica.write(0, b"a", False),
+                                                  replica.write(CHUNK, b"b", False)), WAIT)
+        finally:
+            replica.close()
+        return target
+
+    target = asyncio.run(main())
+    assert target.direct[0] == [1, 2] and not target.batches
+
+
+def test_a_turn_after_one_the_socket_did_not_take_waits_for_the_sender_thread():
+    """The socket takes nothing of turn 1 (left to the sender thread, stuck in its send);
+    turn 2 finds the socket free again but must not overtake: the wire order is the seq
+    order, or a DURABLE could cover a frame sent after it."""
+
+    async def main():
+        target = DirectTarget("C")
+        target.full = True
+        target.gate.clear()
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            first = asyncio.ensure_future(replica.write(0, b"a", False))
+            await asyncio.to_thread(target.entered.wait, WAIT)     # the thread has turn 1
+            target.full = False
+            second = asyncio.ensure_future(replica.write(CHUNK, b"b", False))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)                                  # turn 2 handed over
+            target.gate.set()
+            await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+        finally:
+            replica.close()
+        return target
+
+    target = asyncio.run(main())
+    seqs = [seq for _, seq in target.wire]
+    assert seqs[:2] == [1, 2], target.wire
+    assert not target.direct, target.direct
