@@ -5,10 +5,12 @@ durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
 
 The connection is a WireTarget (bmig.wire.client: the same transports, handshake and
 lineage check as a sync), opened in "replicate" mode. The frames queued in one turn of
-the event loop go to a sender thread together, which puts them on the wire in one write
-(``WireTarget.send_batch``); the WireTarget's reader thread hears the acknowledgements.
-Both threads hand their news to the loop through one inbox, and only the first item of a
-batch wakes the loop (call_soon_threadsafe). What a write waits for depends on the protocol:
+the event loop leave together, in one write: from the loop when the socket takes them at
+once (``WireTarget.try_send_batch``), else through a sender thread (``send_batch``, and
+``send_rest`` for what the socket did not take). The WireTarget's reader thread hears the
+acknowledgements. Both threads hand their news to the loop through one inbox, and only
+the first item of a batch wakes the loop (call_soon_threadsafe). What a write waits for
+depends on the protocol:
 
     C   written on the target (WRITTEN), and with FUA durable there (DURABLE)
     B   received by the target (RECEIVED), with FUA durable
@@ -176,7 +178,7 @@ class Replica:
         turn, self._turn = self._turn, []
         if not turn:
             return
-        if self.error is not None:       # nothing more goes out; the writers know
+        if self.error is not None or self._closed:   # nothing more goes out
             self._sent([(seq, nbytes) for _, nbytes, seq in turn])
             return
         frames = [self._frame(item) for item, _, _ in turn]

@@ -527,3 +527,29 @@ def test_only_the_chunks_breqd_calls_mirrored_are_kept():
 
     asyncio.run(main())
     assert releases(events) == [f"release-synced [(0, {CHUNK})]"]
+
+
+def test_when_replication_ends_a_kept_hold_goes_synced_only_if_a_durable_covered_it():
+    """Chunk 0's write is durable on the target (kept, settled), chunk 1's is not; then
+    replication stops. Chunk 0 goes synced (the target has it: the next sync need not
+    ship it), chunk 1 plain (no DURABLE of any later replication will cover its write)."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        mirror.durable(1)
+        await layer.write(memoryview(b"b"), CHUNK, False)        # seq 2, never durable
+        await asyncio.sleep(0)
+        assert set(layer.held) == {0, 1}
+        mirror.active, mirror.generation, mirror.durable_seq = False, 2, 0
+        for callback in mirror.listeners:                        # replication stopped
+            callback()
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert sorted(releases(events)) == [f"release [({CHUNK}, {CHUNK})]",
+                                        f"release-synced [(0, {CHUNK})]"]

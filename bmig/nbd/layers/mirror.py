@@ -128,6 +128,7 @@ class MirroredHolds:
         # A heap of (replica seq, chunk): holds that settle once a DURABLE reaches seq.
         self._awaiting_durable: list[tuple[int, int]] = []
         self._generation_seen = -1          # the replication the heap belongs to
+        self._durable_seen = 0              # its durable watermark, the last one seen
 
     def forget(self) -> None:
         """The holds are gone (breqd's connection changed)."""
@@ -182,21 +183,32 @@ class MirroredHolds:
         Called after every replicated write, every DURABLE and every change of
         generation, so it looks only at the chunks whose writes the new durable seq
         covers; a new generation looks at every hold once, and taints those still
-        waiting for a seq of another one."""
+        waiting for a seq of another one; a kept hold whose writes a DURABLE of the
+        replication that ended had covered goes synced then."""
         mirror = self.mirror
         held, busy = self._held, self._busy
         tainted: list[int] = []
+        settled: set[int] = set()
         if mirror.generation != self._generation_seen:
+            previous, durable_before = self._generation_seen, self._durable_seen
             self._generation_seen = mirror.generation
-            for hold in held.values():
+            for c, hold in held.items():
                 if hold.last_seq and hold.seq_generation != mirror.generation:
-                    hold.tainted = True
+                    if (not hold.tainted and hold.seq_generation == previous
+                            and hold.last_seq <= durable_before and c not in busy):
+                        # Settled by a DURABLE of the replication that carried every
+                        # write under it, before it ended (a kept hold): synced.
+                        settled.add(c)
+                        hold.last_seq = 0
+                    else:
+                        hold.tainted = True
             self._awaiting_durable = [(hold.last_seq, c) for c, hold in held.items()
                                       if hold.last_seq and not hold.tainted]
             heapq.heapify(self._awaiting_durable)
             tainted = [c for c, hold in held.items() if hold.tainted and c not in busy]
+        else:
+            self._durable_seen = mirror.durable_seq
         durable, awaiting = mirror.durable_seq, self._awaiting_durable
-        settled: set[int] = set()
         while awaiting and awaiting[0][0] <= durable:
             _, c = heapq.heappop(awaiting)
             # A chunk still being written is seen again when that write is answered; a
