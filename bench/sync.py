@@ -993,11 +993,15 @@ def case2(b: Bench, out: dict) -> None:
         remove(target)
 
 
-def rewrite_chunks(b: Bench, device: str, path: str, size: int, rng: random.Random) -> int:
-    """1 % of the chunks, chosen at random, rewritten with random bytes in place; each
-    batch marked in breqd before it is written, as bmig-nbd does."""
+def rewrite_chunks(b: Bench, device: str, path: str, size: int, rng: random.Random,
+                   count: int | None = None) -> int:
+    """``count`` chunks (1 % of them if not given), chosen at random, rewritten with
+    random bytes in place; each batch marked in breqd before it is written, as bmig-nbd
+    does."""
     chunks = size // CHUNK
-    picked = sorted(rng.sample(range(chunks), max(1, round(chunks * DIRTY_FRACTION))))
+    if count is None:
+        count = max(1, round(chunks * DIRTY_FRACTION))
+    picked = sorted(rng.sample(range(chunks), count))
     fd = os.open(path, os.O_WRONLY)
     try:
         with TrackerClient(b.control, timeout=60.0, client="bench-sync") as client:
@@ -1188,6 +1192,28 @@ def case5(b: Bench, out: dict) -> None:
         if not same_content(small, targets["m1"], MEM_DATA_SIZE) \
                 or not same_sparse(sparse, targets["m64"]):
             raise RuntimeError("case 5: a target differs from its source")
+        # incremental: the same number of rewritten chunks on each device, so the time
+        # should follow what is dirty, not the device's size
+        count = max(1, round(MEM_DATA_SIZE // CHUNK * DIRTY_FRACTION))
+        info["incremental_chunks"] = count
+        recv = b.start_receiver("breceive-mem", targets)   # its records: incremental
+        rng = random.Random(args.seed)
+        try:
+            for rnd in range(args.repeat):
+                for dev in rotate(["m1", "m64"], rnd):
+                    source = small if dev == "m1" else sparse
+                    size = MEM_DATA_SIZE if dev == "m1" else sparse_size
+                    rewrite_chunks(b, dev, source, size, rng, count)
+                    r = b.sync(f"c5-incr-{dev}-{rnd}", dev, source, recv.url(dev),
+                               targets[dev], receiver=recv.proc, size=count * CHUNK)
+                    what = "1 GiB" if dev == "m1" else f"{sparse_size // GiB:,} GiB sparse"
+                    record(out, "5", f"{what}, incremental", "bmig", rnd, r)
+        finally:
+            recv.proc.stop()
+        if not same_content(small, targets["m1"], MEM_DATA_SIZE) \
+                or not same_sparse(sparse, targets["m64"]):
+            raise RuntimeError("case 5: a target differs from its source after the "
+                               "incremental syncs")
         # bmigrate's floor (nothing to ship), and what one breceive keeps after sessions
         recv = b.start_receiver("breceive-mem", targets)
         try:
@@ -1278,6 +1304,9 @@ def targets(out: dict) -> list[Target]:
             t.append(Target(f"5 {who} peak RSS, {sparse} sparse / 1 GiB, window {window}",
                             "5", (f"{sparse} sparse, window {window}", "bmig"),
                             (f"1 GiB, window {window}", "bmig"), metric, "<=", 1.10))
+    t.append(Target(f"5 incremental, same dirty chunks: {sparse} sparse / 1 GiB time", "5",
+                    (f"{sparse} sparse, incremental", "bmig"), ("1 GiB, incremental", "bmig"),
+                    "seconds", "<=", 1.2))
     return t
 
 

@@ -1,4 +1,6 @@
-"""One owner per state directory: an flock'd lock file that names its holder.
+"""One owner per state directory: an flock'd lock file that names its holder; and
+``flock_within``, the one way bmig waits a while for an flock (a device's lock in the dm
+state directory, a target's lock on the receiver).
 
 The kernel drops the lock when the holder dies (kill -9 included), so there is no stale
 lock to break; the file's text only serves the error message of a second instance.
@@ -10,10 +12,27 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 
 from bmig.errors import StateError, StateLocked
 
 LOCK_NAME = "breqd.lock"
+LOCK_POLL = 0.05            # flock_within: seconds between tries
+
+
+def flock_within(fd: int, wait: float, poll: float = LOCK_POLL) -> bool:
+    """Take the exclusive flock of ``fd``, trying again every ``poll`` seconds for up
+    to ``wait`` seconds: False if another holder kept it all that time (the caller
+    closes ``fd`` and says who waits for what)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
 
 class StateLock:

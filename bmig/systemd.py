@@ -12,7 +12,6 @@ leaves every thread's stack on stderr (the journal) before it dies.
 
 from __future__ import annotations
 
-import asyncio
 import faulthandler
 import os
 import socket
@@ -76,6 +75,7 @@ async def keep_alive() -> None:
     """WATCHDOG=1 from the event loop itself, at half the watchdog interval, for as long
     as the loop turns (run it as a task of the loop that serves). Returns at once when
     the service manager asked for no watchdog."""
+    import asyncio      # here: the loop that runs this has it; the tools never need it
     interval = watchdog_interval()
     if interval is None:
         return

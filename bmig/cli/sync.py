@@ -28,6 +28,7 @@ from bmig.cli.report import JsonReporter, ServiceTextReporter, TextReporter
 from bmig.cli.statustext import status_line
 from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.sender import settings
+from bmig.sender.catchup import run_forever
 from bmig.sender.converge import Migration
 from bmig.sender.runstate import ServiceState
 from bmig.sender.statusfile import Publisher
@@ -149,7 +150,7 @@ def run_service(name: str | None, config_file: str | None, as_json: bool,
                          on_publish=publish)
     systemd.notify("READY=1")
     try:
-        summary = migration.run_forever(state)
+        summary = run_forever(migration, state)
     finally:
         systemd.notify("STOPPING=1")
         migration.close()

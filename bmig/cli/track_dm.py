@@ -5,11 +5,10 @@ from __future__ import annotations
 import click
 
 from bmig.cli.common import SIZE, control_option, json_option, print_json
+from bmig.dm.state import DEFAULT_DM_STATE_DIR
 
 
 def dm_state_option(f):
-    from bmig.dm.intercept import DEFAULT_DM_STATE_DIR
-
     return click.option("--dm-state", metavar="DIR", envvar="BMIG_DM_STATE",
                         default=DEFAULT_DM_STATE_DIR, show_default=True,
                         help="Where bmig keeps its dm intercept records (or BMIG_DM_STATE).")(f)

@@ -12,10 +12,11 @@ Attach and detach only swap DEVICE's table: the new table is loaded first (inact
 then ``suspend --nolockfs`` waits for the I/O in flight and holds new I/O, and
 ``resume`` swaps the tables and lets the held I/O go on. Nothing is unmounted.
 
-An import ends an era with a suspend and resume of the era device (every write recorded
-in an era before the new one has completed when the suspend returns), reads the blocks
-written since the last imported era from a metadata snapshot, marks them in breqd
-(durable when breqd answers) and only then records the new era as imported.
+An import (bmig.dm.importer) ends an era and marks what was written in it in breqd
+before the record moves on; this room takes the device's lock around it and keeps what
+the last one found (``writes_seen``, ``last``). The cutover's freeze, read-only table
+and NBD leg (bmig.dm.via_nbd) are driven from here too: each is a change of the user's
+device's table under the same lock.
 """
 
 from __future__ import annotations
@@ -24,29 +25,21 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass
-from typing import Iterable
 
 from bmig.constants import DEFAULT_CHUNK_SIZE
-from bmig.limits import MAX_RANGES_PER_FRAME
-from bmig.dm import dmsetup, era, via_nbd
+from bmig.dm import dmsetup, era, importer, via_nbd
+from bmig.dm.importer import ImportResult
 from bmig.dm.state import (ATTACHED, DETACHED, LOST, DeviceLock, Record, boot_id, load,
-                           save)
-from bmig.dm.tables import (devno_or_empty, quietly, read_only_table, restore, swap_tables,
-                            table_maps_onto, which)
+                           save, state_dir)
+from bmig.dm.tables import (quietly, read_only_table, restore, swap_tables, table_maps_onto,
+                            which)
 from bmig.errors import BmigError, InterceptError, UnknownDevice
 from bmig.tracker.blocking_client import TrackerClient
 
 log = logging.getLogger("bmig.dm")
 
-DEFAULT_DM_STATE_DIR = "/var/lib/bmig/dm"
 MAPPING_TARGETS = ("linear", "striped")     # stateless: a second table over them is safe
-MARK_BATCH = min(8192, MAX_RANGES_PER_FRAME)
 FREEZE_LEASE = 600.0
-
-
-def state_dir() -> str:
-    return os.environ.get("BMIG_DM_STATE") or DEFAULT_DM_STATE_DIR
 
 
 def era_name(name: str) -> str:
@@ -55,15 +48,6 @@ def era_name(name: str) -> str:
 
 def origin_name(name: str) -> str:
     return f"bmig-{name}-origin"
-
-
-@dataclass
-class ImportResult:
-    era: int                  # the first era not imported yet
-    ranges: int
-    bytes_marked: int
-    seconds: float
-    boundary_seconds: float   # how long the era device held I/O
 
 
 class DmIntercept:
@@ -319,102 +303,11 @@ class DmIntercept:
                 client.close()
 
     def _import(self, client: TrackerClient) -> ImportResult:
-        started = time.monotonic()
         record = self._attached()
-        why = self._broken(record, client)
-        if why:
-            self._lose(record, client, why)
-        # Looked at before the boundary: if the device maps onto bmig-nbd now, every write
-        # through its old table completed when the switch's suspend returned, so the
-        # boundary below ends every era that holds one.
-        on_nbd = via_nbd.maps_onto_nbd(record)
-        if on_nbd and record.nbd_from_era:
-            # Every write since imported_era came through bmig-nbd, which marked it in
-            # breqd before writing it (docs/dm-intercept.md, the cutover through NBD).
-            self.writes_seen = False
-            self.last = ImportResult(record.imported_era, 0, 0,
-                                     time.monotonic() - started, 0.0)
-            return self.last
-        era_dev = record.era_device
-        info = dmsetup.info(era_dev)
-        if info is not None and info.suspended and self._lease is None:
-            dmsetup.resume(era_dev)            # a killed importer's boundary, half done
-        if era.status(era_dev).held_root is not None:
-            dmsetup.message(era_dev, "drop_metadata_snap")    # a killed importer's snapshot
-        boundary = swap_tables(era_dev)
-        current = era.status(era_dev).era
-        if current <= record.imported_era:
-            # The boundary moves dm-era to a new era: one not past the last imported era
-            # means its metadata is not the one those eras were counted in (replaced, or
-            # an older copy), and era_invalidate would miss writes made since.
-            self._lose(record, client, f"dm-era is at era {current}, not past era "
-                       f"{record.imported_era} imported already: its metadata was replaced")
-        dmsetup.message(era_dev, "take_metadata_snap")
-        try:
-            ranges, marked = self._mark(client, record, era.written_since(
-                record.imported_era, record.metadata, snapshot=True))
-        finally:
-            dmsetup.message(era_dev, "drop_metadata_snap")
-        _drop_cache(record.era_device)
-        record.imported_era = current
-        if on_nbd:
-            record.nbd_from_era = current
-        record.last_import = time.time()
-        record.last_import_bytes = marked
-        record.imports += 1
-        save(self.directory, record)
-        self.writes_seen = marked > 0
-        self.last = ImportResult(current, ranges, marked, time.monotonic() - started,
-                                 boundary)
+        self.last = importer.import_eras(self.directory, self.name, record, client,
+                                         frozen=self._lease is not None)
+        self.writes_seen = self.last.bytes_marked > 0
         return self.last
-
-    def _mark(self, client: TrackerClient, record: Record,
-              runs: Iterable[tuple[int, int]]) -> tuple[int, int]:
-        """MARK the byte ranges of the block runs in batches; each reply means durable."""
-        batch: list[tuple[int, int]] = []
-        count = marked = 0
-        for offset, length in era.block_runs_to_bytes(iter(runs), record.block_sectors,
-                                                      record.size):
-            batch.append((offset, length))
-            count += 1
-            marked += length
-            if len(batch) >= MARK_BATCH:
-                client.mark(self.name, batch)
-                batch = []
-        if batch:
-            client.mark(self.name, batch)
-        return count, marked
-
-    def _broken(self, record: Record, client: TrackerClient) -> str:
-        """Why the chain of eras since the last import cannot be trusted, or ''."""
-        if record.boot_id != boot_id():
-            return "the machine restarted since the attach, and its tables with it"
-        era_info = dmsetup.info(record.era_device)
-        if era_info is None or dmsetup.info(record.origin_device) is None:
-            return f"{record.era_device} is gone"
-        if dmsetup.info(record.device) is None:
-            return f"{record.device} is gone"
-        live = dmsetup.table(record.device)
-        if not table_maps_onto(live, era_info.devno) and not (
-                record.nbd_device and table_maps_onto(live, devno_or_empty(record.nbd_device))):
-            return (f"the table of {record.device} was replaced (by lvextend or "
-                    "lvchange --refresh?), so writes bypassed dm-era")
-        stats = client.stats(self.name)
-        if str(stats["device_id"]) != record.device_id:
-            return "breqd's bitmap of the device is another one (device id changed)"
-        if int(stats["size"]) != record.size:
-            return f"breqd tracks {stats['size']} bytes, the record {record.size}"
-        return ""
-
-    def _lose(self, record: Record, client: TrackerClient, why: str) -> None:
-        """Invariant 4: what cannot be proved becomes dirty, loudly, before anything else."""
-        client.set_all_dirty(self.name)
-        record.state = LOST
-        record.why = why
-        save(self.directory, record)
-        raise InterceptError(f"{self.name}: {why}; tracking stopped and every chunk set "
-                             f"dirty; attach it again (bmigrate track attach {self.name} "
-                             f"--dm {record.device})")
 
     # -- freeze and read-only, for the cutover ---------------------------------------------
 
@@ -467,8 +360,6 @@ class DmIntercept:
         if info is not None and info.inactive_table:
             dmsetup.clear(record.device)
 
-    # -- the NBD leg, for a cutover with protocol C -----------------------------------------
-
     # -- the NBD leg, for a cutover with protocol C (bmig/dm/via_nbd.py) -------------------
 
     def enter_nbd(self, nbd_device: str | None = None) -> dict:
@@ -483,9 +374,9 @@ class DmIntercept:
             record = self._attached()
             if record.nbd_device or record.nbd_pid:
                 via_nbd.take_down(self.directory, self.name, record, client)
-            why = self._broken(record, client)
+            why = importer.broken(self.name, record, client)
             if why:
-                self._lose(record, client, why)
+                importer.lose(self.directory, self.name, record, client, why)
             try:
                 leg = via_nbd.switch_on(self.directory, self.control, self.name, record,
                                         client, nbd_device)
@@ -540,19 +431,6 @@ class DmIntercept:
         return out
 
 
-def _drop_cache(device: str) -> None:
-    """Forget cached pages of the device, so that a pass after this import reads what
-    the completed writes left on it (the file system above writes around the cache)."""
-    try:
-        fd = os.open(f"/dev/mapper/{device}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _is_bmig_layer(devno: str) -> bool:
     return _dm_name_of(devno).startswith("bmig-")
 
@@ -563,10 +441,3 @@ def _dm_name_of(devno: str) -> str:
             return f.read().strip()
     except OSError:
         return devno
-
-
-def intercept_for(name: str, control: str, directory: str | None = None) -> DmIntercept | None:
-    """The dm intercept of ``name`` if bmig has a record of one (attached, or lost or
-    detached: an import then says why the copy cannot be trusted), else None."""
-    intercept = DmIntercept(name, control, directory)
-    return intercept if intercept.record() is not None else None

@@ -9,17 +9,15 @@ the marks (durable) of every era before it.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import time
 from dataclasses import asdict, dataclass, fields
 
 from bmig.config import read_json_state, write_atomic
 from bmig.errors import ConfigError, InterceptError, StateError
+from bmig.statelock import flock_within
 
 ATTACHED, LOST, DETACHED = "attached", "lost", "detached"
 LOCK_TIMEOUT = 120.0
-LOCK_POLL = 0.05
 
 
 @dataclass
@@ -51,6 +49,13 @@ class Record:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+DEFAULT_DM_STATE_DIR = "/var/lib/bmig/dm"
+
+
+def state_dir() -> str:
+    return os.environ.get("BMIG_DM_STATE") or DEFAULT_DM_STATE_DIR
 
 
 def record_path(directory: str, name: str) -> str:
@@ -103,17 +108,10 @@ class DeviceLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StateError(f"cannot open {self.path}: {exc.strerror}") from None
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise InterceptError(f"{self.path} is held by another bmig process "
-                                         f"for more than {self.timeout:g} s") from None
-                time.sleep(LOCK_POLL)
+        if not flock_within(fd, self.timeout):
+            os.close(fd)
+            raise InterceptError(f"{self.path} is held by another bmig process "
+                                 f"for more than {self.timeout:g} s")
         self._fd = fd
         return self
 

@@ -37,10 +37,12 @@ Before a session writes the record it reads it again under the record lock and e
 its lineage changed meanwhile (a promotion on this host); a pass session's writes are
 checked against the record like a replication session's once its pass began.
 
-The session is the state machine and the writer of the target's record; what OPEN
-decides is bmig.receiver.opening's, the fdatasync thread bmig.receiver.syncer's, the
-watch over a replication session's lineage bmig.receiver.lineagewatch's. It reads and
-writes one sender's channel; listeners, threads and limits are bmig.receiver.service's.
+The session is the state machine; its changes of the target's record are
+bmig.receiver.sessionrecord's (the session says when), STATUS's records
+bmig.receiver.records', what OPEN decides bmig.receiver.opening's, the fdatasync thread
+bmig.receiver.syncer's, the watch over a replication session's lineage
+bmig.receiver.lineagewatch's. It reads and writes one sender's channel; listeners,
+threads and limits are bmig.receiver.service's.
 """
 
 from __future__ import annotations
@@ -52,21 +54,18 @@ from typing import Callable
 from bmig import __version__
 from bmig.chunkmath import chunk_count
 from bmig.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from bmig.errors import (BmigError, ChecksumMismatch, LineageError, ProtocolError, TargetError,
+from bmig.errors import (BmigError, ChecksumMismatch, ProtocolError, TargetError,
                          UnknownExport)
 from bmig.framing import ConnectionClosed
 from bmig.limits import MAX_HASHES, RESYNC_PAGE
-from bmig.lineage import (REPLICATION_PROTOCOLS_SEEN, ROLE_PRIMARY, ROLE_SECONDARY,
-                          STATE_CONSISTENT, STATE_IN_SYNC, STATE_INCONSISTENT, STATE_NEW,
-                          USABLE_STATES,
-                          TargetRecord, drop_resync, hex_id, load_resync, load_target, now,
-                          parse_id, save_target)
-from bmig.lineage import relation as lineage_relation
+from bmig.lineage import REPLICATION_PROTOCOLS_SEEN, hex_id, load_resync, parse_id
 from bmig.receiver.lineagewatch import LineageWatch
-from bmig.receiver.opening import MODES, OpenRequest, lineage_key, open_export
+from bmig.receiver.opening import MODES, OpenRequest, open_export
 from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.records import configured_targets
+from bmig.receiver.sessionrecord import SessionRecord
 from bmig.receiver.syncer import Syncer
-from bmig.receiver.target import RecordLock, TargetDevice, TargetLock, is_locked
+from bmig.receiver.target import RecordLock, TargetDevice, TargetLock
 from bmig.wire import auth, codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, KNOWN_FLAGS,
@@ -91,7 +90,6 @@ class Session:
         self.state = "hello"
         self.version = WIRE_VERSION
         self.config: TargetConfig | None = None
-        self.record: TargetRecord | None = None
         self.target: TargetDevice | None = None
         self.lock: TargetLock | None = None
         self.record_lock: RecordLock | None = None
@@ -103,7 +101,7 @@ class Session:
         self.size = 0
         self.mode = "pass"
         self.relation = ""
-        self._disk: tuple = ()                 # the record's lineage as this session knows it
+        self.keeper: SessionRecord | None = None    # its writes of the record, once open
         self._resync: list[tuple[int, int]] | None = None   # a rejoining copy's own changes
         self._syncer: Syncer | None = None
         self._sync_lock = threading.Lock()
@@ -255,21 +253,25 @@ class Session:
             protocol = None
         opened = open_export(self.policy, self.peer, config, request)
         record, target = opened.record, opened.target
-        self.config, self.record, self.target, self.lock = config, record, target, opened.lock
+        self.config, self.target, self.lock = config, target, opened.lock
         self.record_lock = opened.record_lock
         self.source_id, self.source_generation, self.size = source_id, generation, size
         self.source_previous = [hex_id(g) for g in previous]
         self._previous_ids = previous
-        self.mode, self.relation, self._disk = mode, opened.relation, opened.disk
+        self.mode, self.relation = mode, opened.relation
         reply_extra: dict = {}
         if opened.relation == "rejoin":
             self._resync = (load_resync(self.policy.state_dir, export)
                             if record.resync == "ranges" else None)
             reply_extra["resync"] = {"all": self._resync is None,
                                      "ranges": len(self._resync or ())}
+        if opened.record_lock is not None:          # None when inspecting
+            self.keeper = SessionRecord(self.policy.state_dir, export, record,
+                                        opened.record_lock, opened.disk, mode, source_id,
+                                        generation, previous)
         if request.replicate:
-            assert opened.record_lock is not None
-            self._replication_began(protocol, window)
+            assert self.keeper is not None
+            self.keeper.replication_began(protocol, window)
             self._watch_lineage()
         self._syncer = Syncer(self.sync_now, lambda seq: self.send_seq(T.DURABLE, seq),
                               self.fail)
@@ -283,40 +285,7 @@ class Session:
         self.send(Message(T.OPENED, reply))
         return True
 
-    # -- the record, read again before each change ------------------------------------
-
-    def _current(self) -> TargetRecord:
-        """The record on disk, under the record lock held exclusively by the caller:
-        LineageError when its lineage changed since this session last saw it to one
-        this source has no part in (promoted on this host, or taken by another source).
-        A replication session's fields are taken from it; the rest is this session's."""
-        assert self.config is not None and self.record is not None
-        disk = load_target(self.policy.state_dir, self.config.export)
-        if lineage_key(disk) != self._disk and lineage_relation(
-                disk, self.source_id, self.source_generation,
-                self._previous_ids) in ("foreign", "split-brain"):
-            what = ("is the primary now" if disk.role == ROLE_PRIMARY
-                    else "holds another lineage now")
-            raise LineageError(f"target {disk.export!r} {what} (generation "
-                               f"{hex_id(disk.generation)}): this session of generation "
-                               f"{hex_id(self.source_generation)} ends")
-        if self.mode == "replicate":
-            return disk                          # it changes only its own fields
-        record = self.record
-        for name in ("protocol", "window", "replicating_since", "replication_ended"):
-            setattr(record, name, getattr(disk, name))
-        if record.state != STATE_NEW:            # a record reset at OPEN stays new
-            record.state = disk.state
-        return record
-
-    def _save(self, record: TargetRecord) -> None:
-        save_target(self.policy.state_dir, record)
-        self._disk = lineage_key(record)
-
-    def _replica_connected(self) -> bool:
-        assert self.config is not None
-        return is_locked(TargetLock(self.policy.state_dir, self.config.export,
-                                    "replica").path)
+    # -- the record (bmig.receiver.sessionrecord) and the lineage watch ---------------
 
     def _watch_lineage(self) -> None:
         """From now on every write is checked against the record (LineageWatch)."""
@@ -330,48 +299,11 @@ class Session:
         self.target.guard = self._watch.guard
         self._watch.start()
 
-    def _replication_began(self, protocol: str | None, window: int) -> None:
-        """A replication session opens: the copy is no longer known to be of one moment
-        (the source may have dirty chunks it lacks); what it may lose is recorded."""
-        assert self.record_lock is not None
-        with self.record_lock.held(exclusive=True):
-            record = self._current()
-            if record.state != STATE_NEW:
-                record.state = STATE_INCONSISTENT
-            record.protocol, record.window = protocol, window
-            record.replicating_since, record.replication_ended = now(), None
-            self._save(record)
-
-    def _replication_ended(self) -> None:
-        """The replication session ends: the copy holds every write it got, in order."""
-        assert self.record_lock is not None
-        try:
-            with self.record_lock.held(exclusive=True):
-                record = self._current()
-                if record.state == STATE_IN_SYNC:
-                    record.state = STATE_CONSISTENT
-                record.replication_ended = now()
-                self._save(record)
-        except BmigError as exc:
-            log.info("%s: the record was not updated at the end of replication: %s",
-                     self.peer, exc.message)
-
     def _pass_begin(self, msg: Message) -> bool:
         self._require("open")
-        assert self.record is not None and self.target is not None
-        assert self.record_lock is not None and self.config is not None
-        with self.record_lock.held(exclusive=True):     # no replicated write meanwhile
-            record = self._current()
-            record.source_device_id, record.generation = self.source_id, self.source_generation
-            record.previous = list(self.source_previous)
-            record.role, record.successor = ROLE_SECONDARY, 0
-            record.state = STATE_INCONSISTENT
-            record.size = self.size
-            record.identity = self.target.identity
-            record.catchup_bytes = msg.int("bytes", 0)
-            record.resync, record.discard = None, False
-            self._save(record)                         # durable before the first write
-        drop_resync(self.policy.state_dir, self.config.export)
+        assert self.keeper is not None and self.target is not None
+        self.keeper.pass_began(self.source_previous, self.size, self.target.identity,
+                               msg.int("bytes", 0))
         self._resync = None
         self.state = "pass"
         self._watch_lineage()
@@ -395,54 +327,37 @@ class Session:
         the source it came from can never write to it again (invariant 7), and a
         replication session of it ends at its next write."""
         self._require("open")
-        assert self.record is not None and self.target is not None
-        assert self.record_lock is not None
+        assert self.keeper is not None and self.target is not None
         new = parse_id(msg.fields.get("generation"), "generation")
-        with self.record_lock.held(exclusive=True):
-            record = self._current()
-            if not record.shares_lineage(self.source_id, self.source_generation) \
-                    or record.state not in USABLE_STATES:
-                raise LineageError(f"target {record.export!r} is {record.state} with "
-                                   f"generation {hex_id(record.generation)}: only a "
-                                   "consistent copy of this source can be promoted")
-            if new in (0, record.generation):
-                raise ProtocolError("PROMOTE needs a new generation")
-            if self._watch is not None:      # this session changes the lineage itself
-                self._watch.stop()
-                self._watch = None
-                self.target.guard = None
-            self.sync_now()              # every replicated write so far, then the record
-            record.previous = [hex_id(record.generation)] + record.previous[:15]
-            record.generation = new
-            record.role = ROLE_PRIMARY
-            record.promoted = now()
-            if record.state == STATE_IN_SYNC:    # its replication ends with the old lineage
-                record.state = STATE_CONSISTENT
-            self._save(record)
+        record = self.keeper.promote(new, self._settle_for_promotion)
         log.warning("%s: %s promoted: generation %s, primary now; its former source is "
                     "refused from here on", self.peer, record.export, hex_id(new))
         self.send(Message(T.PROMOTED, {"target": record.to_json()}))
         return True
+
+    def _settle_for_promotion(self) -> None:
+        """Under the record lock, before a promotion changes the record: this session
+        changes the lineage itself (no watch over it), and every replicated write so far
+        is durable first."""
+        assert self.target is not None
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+            self.target.guard = None
+        self.sync_now()
 
     def _pass_end(self, msg: Message) -> bool:
         """``complete``: everything the sender checked out was shipped; ``consistent``
         (a sender that does not say: as complete): nothing is dirty on the source but
         what a replication session carries. Only both make the copy consistent."""
         self._require("pass")
-        assert self.record is not None and self.record_lock is not None
+        assert self.keeper is not None
         complete = msg.bool("complete", True)
         consistent = complete and msg.bool("consistent", complete)
         self.sync_now()
         if complete:
-            with self.record_lock.held(exclusive=True):
-                record = self._current()
-                if consistent:
-                    record.state = (STATE_IN_SYNC if self._replica_connected()
-                                    else STATE_CONSISTENT)
-                record.last_pass = now()
-                record.passes += 1
-                self._save(record)
-        record = self.record
+            self.keeper.pass_ended(consistent)
+        record = self.keeper.record
         self.state = "open"
         self.send(Message(T.PASS_DONE, {"target": record.to_json()}))
         return True
@@ -464,19 +379,7 @@ class Session:
 
     def _status(self, msg: Message) -> bool:
         """Every configured target's record (any state)."""
-        targets = []
-        for export in sorted(self.policy.targets):
-            try:
-                record = load_target(self.policy.state_dir, export).to_json()
-            except BmigError as exc:
-                record = {"export": export, "error": exc.message}
-            # A pass session holds it now: its record may still change (a PROMOTE whose
-            # answer was lost is either done or not once this is false).
-            record["busy"] = is_locked(TargetLock(self.policy.state_dir, export).path)
-            # A replication session (bmig-nbd's) is connected now.
-            record["replicating"] = is_locked(TargetLock(self.policy.state_dir, export,
-                                                         "replica").path)
-            targets.append(record)
+        targets = configured_targets(self.policy.state_dir, self.policy.targets)
         self.send(Message(T.STATUS, {"targets": targets, "server": f"breceive {__version__}"}))
         return True
 
@@ -552,8 +455,8 @@ class Session:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        if self.mode == "replicate" and self.record_lock is not None:
-            self._replication_ended()
+        if self.mode == "replicate" and self.keeper is not None:
+            self.keeper.replication_ended(self.peer)
         if self._syncer is not None:
             self._syncer.stop()
             self._syncer = None          # it refers back to us: free the buffers now

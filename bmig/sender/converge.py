@@ -5,9 +5,8 @@ application writes through the intercept, until what is dirty is below the thres
 (bytes, or seconds of shipping at the rate measured): converged, the copy trailing by
 that much. It raises NotConverging when the dirty amount stops shrinking: the
 application writes faster than the changes ship. A writer is at work when chunks stay
-held longer than bmig-nbd ever keeps an idle one. ``run`` (the catch-up
-service) never stops on its own: it ships changes as they come, reconnects with backoff
-after a failure, and reports its lag.
+held longer than bmig-nbd ever keeps an idle one. The catch-up service (``bmigrate
+run``) keeps a Migration up to date: bmig.sender.catchup.
 
 Lineage, on opening the target (invariant 7):
     same     the target holds this device's generation: ship what is dirty
@@ -28,11 +27,8 @@ Lineage, on opening the target (invariant 7):
     none     an NBD target, which keeps no record: everything, every time we connect
 
 The sender slot (one sender per device in breqd): a cutover claims it. A sync that
-sees the claim stops (SenderClaimed, exit 17) once what is in flight is answered; the
-catch-up service (``run_forever``) gives the device up the same way, closing its target
-session first and breqd's last (the claim is granted as that connection ends, so the
-cutover finds the target free), waits while the cutover holds the slot, then exits
-(the device was handed over) or ships again (it was not).
+sees the claim (``give_way``) stops (SenderClaimed, exit 17) once what is in flight is
+answered; the catch-up service gives the device up the same way (bmig.sender.catchup).
 
 A Migration owns its connections (breqd through LockedTracker, the source, the target);
 a pass's threads are bmig.sender.passes', the cutover's steps bmig.sender.cutover's.
@@ -43,7 +39,6 @@ Code outside uses its public methods (``info``, ``verify``, ``promote``,
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,17 +46,13 @@ from dataclasses import dataclass, field
 from bmig import systemd
 from bmig.blockdev import size_of_fd
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS, MiB
-from bmig.framing import ConnectionClosed
-from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, NotConverging,
-                         SenderClaimed, StateError, UnknownDevice, UnknownExport,
-                         UnreachableError)
+from bmig.errors import BmigError, ConfigError, NotConverging, SenderClaimed
 from bmig.identity import TargetIdentity, identify
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.lockedtracker import LockedTracker
 from bmig.sender.pacing import RateLimit
 from bmig.sender.passes import Pass, PassResult, PassSettings
-from bmig.sender.runstate import ServiceState
 from bmig.sender.source import Source
 from bmig.sender.targets import NbdTarget, open_target
 from bmig.sender.verify import VerifyResult, verify
@@ -77,9 +68,6 @@ SHRINK = 0.9                # shrinking means: below this fraction of the best s
 HOLD_WAIT = 0.1             # poll while only held chunks are left (a writer is active)
 # ... for at most this long: bmig-nbd lets go of a hold this long after the last write.
 MAX_HOLD_WAIT = HOLD_IDLE * (1 + 1 / HOLD_IDLE_SWEEPS) + 1.0
-BACKOFF = (1, 2, 5, 10, 30, 60)
-LAG_LOOK = 1.0              # run, waiting to try again: how often to read the lag
-PAUSE_POLL = 1.0            # run, while a cutover has the device: seconds between looks
 
 
 @dataclass
@@ -151,6 +139,13 @@ def source_info(name: str, stats: dict) -> SourceInfo:
                       parse_id(stats["generation"], "generation"),
                       int(stats["size"]), int(stats["chunk_size"]),
                       tuple(str(g) for g in stats.get("previous", [])))
+
+
+def give_way(name: str, stats: dict) -> None:
+    """SenderClaimed if a cutover waits for this device (breqd's ``claimed_by``)."""
+    claimant = stats.get("claimed_by")
+    if claimant:
+        raise SenderClaimed(f"{name}: {claimant} claims the device for a cutover")
 
 
 class StopOrDeadline:
@@ -303,6 +298,16 @@ class Migration:
     # -- what a connected migration offers --------------------------------------------------
 
     @property
+    def connected(self) -> bool:
+        """connect() opened the target; close() and a failed attempt (which closes)
+        undo it."""
+        return self._target is not None
+
+    def target_error(self) -> BmigError | None:
+        """Why the target's connection ended while nobody used it (None while it is up)."""
+        return getattr(self._target, "error", None)
+
+    @property
     def info(self) -> SourceInfo:
         """The source as breqd described it at connect(): lineage, size, chunk size."""
         if self._info is None:
@@ -382,7 +387,7 @@ class Migration:
         if self.intercept is not None:
             self.intercept.refresh()
 
-    def _threshold(self) -> int:
+    def threshold(self) -> int:
         s = self.settings
         by_time = int(self.rate * s.threshold_seconds) if s.threshold_seconds and self.rate \
             else 0
@@ -406,7 +411,7 @@ class Migration:
         threshold dirty, converged too if a writer is at work (its chunks stay held);
         with no writer the rest is shipped first (False)."""
         dirty = int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
-        if dirty and not (self.summary.passes and dirty <= self._threshold()):
+        if dirty and not (self.summary.passes and dirty <= self.threshold()):
             return False
         writing = self.intercept is not None and self.intercept.writes_seen
         if dirty:
@@ -446,7 +451,7 @@ class Migration:
                     self.import_writes()
                 imported = False
                 stats = self._wait_for_holds(self.stats())
-                self._give_way(stats)
+                give_way(self.name, stats)
                 if self._finish(stats) and not self._record_lags():
                     break
                 dirty = int(stats["dirty_bytes"])
@@ -466,7 +471,7 @@ class Migration:
                     best, stalled = self.summary.dirty_bytes, 0
                 else:
                     stalled += 1
-                if stalled >= STALL_PASSES and self.summary.dirty_bytes > self._threshold():
+                if stalled >= STALL_PASSES and self.summary.dirty_bytes > self.threshold():
                     raise self._not_converging(result, dirty, written)
         finally:
             self.summary.seconds = time.monotonic() - started
@@ -499,194 +504,3 @@ class Migration:
             f"{shipping / MiB:.1f} MiB/s, {self.summary.dirty_bytes} bytes dirty after "
             f"{self.summary.passes} passes; cut over with protocol C "
             "(bmigrate cutover), or slow the writes down")
-
-    # -- the catch-up service --------------------------------------------------------------
-
-    def run_forever(self, state: ServiceState | None = None) -> Summary:
-        """Ship writes as they come until ``stop``; reconnect with backoff on failure.
-        ``state`` is told what happens (bmig.sender.runstate decides what it means).
-        A device breqd does not know at the start is a configuration error. A cutover
-        that claims the device (breqd's CLAIM) is given it: the run waits, paused,
-        and ends once the device is handed over, or ships again if it was not."""
-        state = state or ServiceState(self.name, str(self.url))
-        started = time.monotonic()
-        failures = 0
-        connected_once = False
-        outer = self.reporter
-        self.reporter = _Watched(outer, state)
-        state.start()
-        fatal: BmigError | None = None
-        try:
-            while not self.stop.is_set():
-                self.heartbeat.beat()
-                try:
-                    if self._target is None:
-                        self.connect()
-                        failures = 0
-                        connected_once = True
-                        state.connected(self.summary.relation)
-                    if getattr(self._target, "error", None) is not None:
-                        raise self._target.error    # gone while idle: connect again
-                    self.import_writes()
-                    stats = self.stats()
-                    self._give_way(stats)
-                    dirty = int(stats["dirty_bytes"])
-                    lag = dirty + int(stats["inflight_bytes"])
-                    self.reporter.lag(dirty, dirty / self.rate if self.rate else None)
-                    state.looked(lag, self.rate)
-                    self.summary.dirty_bytes = dirty
-                    if dirty:
-                        result = self.one_pass(dirty)
-                        after = self.stats()
-                        self.summary.dirty_bytes = int(after["dirty_bytes"])
-                        held = int(after["held_bytes"])
-                        self.reporter.pass_done(result, int(after["dirty_bytes"]), held)
-                        state.pass_done(result.bytes_committed, result.bytes_sent,
-                                        int(after["dirty_bytes"]) + int(after["inflight_bytes"]),
-                                        held, self._threshold(), self.rate)
-                        if int(after["dirty_bytes"]) > held:
-                            continue            # more came in meanwhile: go on at once
-                        lag = int(after["dirty_bytes"]) + int(after["inflight_bytes"])
-                    # Nothing dirty, or only chunks a writer is busy with (they would only
-                    # be sent again): look again in a moment.
-                    state.idle(lag, self.rate)
-                    self.heartbeat.wait(self.stop, self.settings.interval)
-                except SenderClaimed as exc:
-                    if self._give_up_device(exc, state):
-                        break                 # handed over: nothing more to ship
-                    failures = 0
-                except (ConfigError, AuthError, LineageError, StateError, UnknownExport):
-                    raise                     # these do not mend themselves: say so and stop
-                except UnknownDevice:
-                    if not connected_once:
-                        raise                 # a device breqd never knew: a wrong setting
-                    self._retry_after_failure(state, failures)
-                    failures += 1
-                except BmigError:
-                    self._retry_after_failure(state, failures)
-                    failures += 1
-        except BmigError as exc:
-            fatal = exc
-            raise
-        finally:
-            self.reporter = outer
-            self.summary.seconds = time.monotonic() - started
-            if self.summary.handed_over:         # _give_up_device read breqd last
-                state.stopped(self.summary.dirty_bytes)
-            elif fatal is not None:
-                lag = self._lag_now()
-                if lag is not None:
-                    self.summary.dirty_bytes = lag
-                state.stopped(lag, fatal.message)
-            elif self.stop.is_set():
-                final = self._peek()
-                if final is not None:
-                    self.summary.stopped_with(final)
-                state.stopped(self.summary.dirty_bytes if final is not None else None)
-        return self.summary
-
-    def _retry_after_failure(self, state: ServiceState, failures: int) -> None:
-        """After a failed attempt (the exception being handled): close, say so, wait."""
-        exc = sys.exc_info()[1]
-        assert isinstance(exc, BmigError)
-        self.close()
-        delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
-        self.reporter.note(f"{self.name}: {exc.message}; trying again in {delay} s",
-                           error=exc.wire_code, retry_in=delay)
-        state.failed(self._unreachable_peer(exc), exc.message, delay, self._lag_now(),
-                     self.rate)
-        deadline = time.monotonic() + delay
-        while not self.heartbeat.wait(self.stop,
-                                      max(0.0, min(LAG_LOOK, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                break
-            state.lag_seen(self._lag_now(), self.rate)    # writes go on meanwhile
-
-    def _unreachable_peer(self, exc: BmigError) -> str | None:
-        """Which peer a lost or refused connection is about: breqd when it does not
-        answer now, else the receiver (the target, for an NBD one); None for other
-        failures."""
-        if not isinstance(exc, (UnreachableError, ConnectionClosed)):
-            return None
-        try:
-            TrackerClient(self.control, timeout=5, client="bmigrate").close()
-        except BmigError:
-            return "breqd"
-        return "target" if self.url.kind == "nbd" else "receiver"
-
-    def _lag_now(self) -> int | None:
-        """Dirty and in flight as breqd says it now (the summary re-reads it: a failed
-        attempt leaves no earlier number standing); None when breqd does not answer."""
-        stats = self._peek()
-        try:
-            return None if stats is None else \
-                int(stats["dirty_bytes"]) + int(stats["inflight_bytes"])
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    # -- the sender slot -------------------------------------------------------------------
-
-    def _give_way(self, stats: dict) -> None:
-        """SenderClaimed if a cutover waits for this device (breqd's ``claimed_by``)."""
-        claimant = stats.get("claimed_by")
-        if claimant:
-            raise SenderClaimed(f"{self.name}: {claimant} claims the device for a cutover")
-
-    def _give_up_device(self, why: SenderClaimed, state: ServiceState) -> bool:
-        """A cutover claims the device: give it up, wait while the cutover has it (the
-        state says so, and the watchdog is fed). True if it was handed over (the
-        service is done), False to ship again."""
-        self.close()      # the target's session first, breqd's last: that grants the claim
-        paused = f"{why.message}; paused until it is done"
-        self.reporter.note(paused, state="paused")
-        state.paused(paused.removeprefix(f"{self.name}: "))     # the state names the device
-        while not self.stop.is_set():
-            stats = self._peek()
-            if stats is not None and not stats.get("sender") and not stats.get("claimed_by"):
-                if stats.get("role") == ROLE_HANDED_OVER:
-                    self.summary.handed_over = True
-                    self.summary.stopped_with(stats)
-                    self.reporter.note(f"{self.name}: breqd records it as handed over to "
-                                       f"generation {stats.get('successor')}; nothing "
-                                       "more to ship", state="handed-over",
-                                       successor=stats.get("successor"))
-                    return True
-                self.reporter.note(f"{self.name}: the cutover is over and this source is "
-                                   "still primary; shipping again", state="resumed")
-                return False
-            state.lag_seen(None, self.rate)
-            self.heartbeat.wait(self.stop, min(self.settings.interval, PAUSE_POLL))
-        return False
-
-    def _peek(self) -> dict | None:
-        """The device's status on a connection of its own (None if breqd does not
-        answer, or does not know the device)."""
-        try:
-            with TrackerClient(self.control, timeout=10, client=self.client_name) as tracker:
-                return tracker.stats(self.name)
-        except BmigError:
-            return None
-
-
-class _Watched(Reporter):
-    """A run's reporter, with the service's state told of each pass's progress."""
-
-    def __init__(self, inner: Reporter, state: ServiceState):
-        self._inner = inner
-        self._state = state
-
-    def pass_started(self, number: int, dirty: int) -> None:
-        self._inner.pass_started(number, dirty)
-
-    def progress(self, result: PassResult) -> None:
-        self._inner.progress(result)
-        self._state.progress(result.bytes_done)
-
-    def pass_done(self, result: PassResult, dirty: int, held: int) -> None:
-        self._inner.pass_done(result, dirty, held)
-
-    def note(self, message: str, **fields) -> None:
-        self._inner.note(message, **fields)
-
-    def lag(self, dirty: int, seconds: float | None) -> None:
-        self._inner.lag(dirty, seconds)

@@ -42,7 +42,8 @@ from bmig.errors import (AuthError, BmigError, ConfigError, LineageError, StateE
                          UnknownExport, UnreachableError)
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY
 from bmig.nbd.manage_client import ManageClient
-from bmig.sender.converge import BACKOFF, Migration
+from bmig.sender.catchup import BACKOFF
+from bmig.sender.converge import Migration
 
 log = logging.getLogger("bmigrate")
 

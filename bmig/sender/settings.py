@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from bmig import log as bmig_log
 from bmig.config import Key, Schema, load_settings, parse_size
 from bmig.constants import DEFAULT_CONTROL_SOCKET, DEFAULT_STATUS_DIR, MiB
-from bmig.dm.intercept import intercept_for
+from bmig.dm import state as dm_state
 from bmig.errors import ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, Reporter, SyncSettings
@@ -150,8 +150,11 @@ def build(values: Mapping[str, Any],
     control = str(values.get("control") or DEFAULT_CONTROL_SOCKET)   # BMIG_CONTROL: a flag
     migration = Migration(str(name), str(values["source"]), url, options, settings, control,
                           reporter)
-    migration.intercept = intercept_for(str(name), control)   # dm-era, if attached
-    if migration.intercept is not None:
+    if dm_state.load(dm_state.state_dir(), str(name)) is not None:
+        # dm-era: attached, or lost or detached (an import then says why the copy cannot
+        # be trusted). Imported here: the dm code is a third of a plain sync's start-up.
+        from bmig.dm.intercept import DmIntercept
+        migration.intercept = DmIntercept(str(name), control)
         migration.source_path = migration.intercept.read_path()
     return migration
 

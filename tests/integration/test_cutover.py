@@ -562,6 +562,9 @@ def test_downtime_without_load_is_reported_and_short(breqd, rig, tmp_path):
     steps = {s["step"]: s for s in summary["steps"]}
     assert sorted(steps) == [1, 2, 3, 4, 6]
     assert steps[3]["name"] == "freeze writes"       # the default without a hook
+    # Both sides were flushed at the end of the drain, before the freeze: step 4's
+    # flush, inside the downtime, has only what came since.
+    assert isinstance(steps[2]["flush_seconds"], float) and steps[2]["flush_seconds"] >= 0
     # The downtime is what steps 3 to 6 took, not the drain before them.
     assert downtime >= sum(steps[n]["seconds"] for n in (3, 4, 6)) - 0.01
     assert same_bytes(server.backing, target)

@@ -20,7 +20,7 @@ import pytest
 
 from bmig.errors import TargetError, UnreachableError
 from bmig.lineage import load_target
-from bmig.receiver import session as session_module
+from bmig.receiver import sessionrecord as session_module
 from bmig.receiver import target as target_module
 from bmig.receiver.policy import Policy, TargetConfig
 from bmig.receiver.session import Session

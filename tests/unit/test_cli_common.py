@@ -31,8 +31,9 @@ from bmig.errors import ConfigError, UnreachableError
 
 def leaves(command: click.Command, name: str):
     if isinstance(command, click.Group):
-        for sub_name, sub in command.commands.items():
-            yield from leaves(sub, f"{name} {sub_name}")
+        ctx = click.Context(command, info_name=name)
+        for sub_name in command.list_commands(ctx):
+            yield from leaves(command.get_command(ctx, sub_name), f"{name} {sub_name}")
     else:
         yield name, command
 
