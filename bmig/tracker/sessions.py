@@ -219,7 +219,8 @@ class Sessions:
         if max_bytes <= 0:
             raise RequestError(f"max_bytes must be positive, not {max_bytes}")
         runs = device.chunks.checkout(max(1, max_bytes // device.definition.chunk_size),
-                                      max_runs=MAX_CHECKOUT_RUNS)
+                                      max_runs=MAX_CHECKOUT_RUNS,
+                                      settled=field_bool(msg, "settled"))
         checked_out = session.checkouts.setdefault(device.name, IntervalSet())
         for first, end in runs:
             checked_out.add(first, end)
