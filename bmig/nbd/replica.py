@@ -159,12 +159,14 @@ class Replica:
         if self.queued_seq <= self.durable_seq:
             self._progress = time.monotonic()     # something outstanding from now on
         self._queued += nbytes
+        back_when_sent = nbytes
         if self.protocol == "A" and item[0] != "flush":
             self._unwritten[seq] = nbytes
+            back_when_sent = 0       # its room comes back once the target wrote it
         self.queued_seq = seq
         if not self._turn:
             self._loop.call_soon(self._hand_over)
-        self._turn.append((item, nbytes, seq))
+        self._turn.append((item, back_when_sent, seq))
         if item[0] != "flush":
             self._flush_later()
         return seq, future
@@ -275,13 +277,12 @@ class Replica:
             self._post("sent", 1, [(seq, nbytes) for _, nbytes, seq in turn])
 
     def _sent(self, frames: list[tuple[int, int]], by_thread: bool = False) -> None:
-        """These frames (seq, bytes) left, or never will; ``by_thread``: a batch of the
-        sender thread's."""
+        """These frames (seq, bytes to give back now) left, or never will; ``by_thread``:
+        a batch of the sender thread's. A protocol A data frame gives nothing back here:
+        its room comes back on WRITTEN, which may be taken before this (two threads)."""
         if by_thread:
             self._in_thread -= 1
-        for seq, nbytes in frames:
-            if self.protocol == "A" and seq in self._unwritten:
-                continue             # its room comes back once the target wrote it
+        for _, nbytes in frames:
             self._queued -= nbytes
 
     def _written_there(self, up_to: int, only: bool) -> None:

@@ -489,3 +489,23 @@ def test_a_turn_after_one_the_socket_did_not_take_waits_for_the_sender_thread():
     seqs = [seq for _, seq in target.wire]
     assert seqs[:2] == [1, 2], target.wire
     assert not target.direct, target.direct
+
+
+def test_protocol_a_gives_a_frames_room_back_once_even_when_written_comes_before_sent():
+    """The WRITTEN of a frame may reach the loop before its sender thread says the frame
+    left (two threads): the room (QUEUE_BYTES, invariant 8) comes back once, on WRITTEN,
+    never twice, or the queue could hold more than its cap."""
+    async def main():
+        target = FakeTarget("A")           # answers WRITTEN inside its send: before "sent"
+        replica = Replica(target, "A", asyncio.get_running_loop())
+        try:
+            for i in range(4):
+                await replica.write(i * CHUNK, b"x" * 1000, False)
+            await until(lambda: len(target.wire) == 4, "every frame on the wire")
+            await until(lambda: not replica._unwritten and not replica._in_thread,
+                        "every frame written there and reported sent")
+            return replica.lag_bytes
+        finally:
+            replica.close()
+
+    assert asyncio.run(main()) == 0
