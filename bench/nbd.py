@@ -30,6 +30,12 @@ SIGHUP or an error; the temporary directory and the backing file are removed, an
 else is touched. A server or breqd that was killed from outside between or during runs is
 restarted and the run done again.
 
+--hot runs another case instead: writes to chunks a sync has just made clean against
+writes to chunks already dirty, fio 4 KiB random writes at iodepth 32 over a working set
+(--working-set, 256 MiB) of the export, breqd's state on a real disk (--disk-dir,
+/var/tmp), once with breqd's activity log off (activity_log_chunks = 0) and once at its
+default, in one run. See bench/README.md.
+
 One file over 500 lines on purpose: a benchmark is a script, read top to bottom
 beside its figures in bench/README.md; what the scripts share is in benchlib.py.
 """
@@ -40,6 +46,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -446,6 +453,240 @@ def report(out: dict) -> str:
     return "\n".join(parts)
 
 
+# -- the hot-chunks case (--hot) ---------------------------------------------------------
+
+BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
+HOT_LOGS = (0, None)       # activity_log_chunks: off, then breqd's default (None: unset)
+HOT_SETTLE = 15.0          # seconds to wait for bmig-nbd's holds to go, or a lazy write
+
+
+def start_breqd_with(setup: Setup, state: str, log_chunks: int | None) -> Proc:
+    """breqd with its state in ``state`` (a real disk) and the given activity log."""
+    conf = os.path.join(state, "breqd.toml")
+    with open(conf, "w") as f:
+        if log_chunks is not None:
+            f.write(f"activity_log_chunks = {log_chunks}\n")
+    p = Proc("breqd", [*benchlib.BREQD, "--config", conf,
+                       "--state-dir", os.path.join(state, "breqd-state"),
+                       "--config-dir", os.path.join(state, "devices.d"),
+                       "--control", setup.control], os.path.join(state, "breqd.log"))
+    start_notified(p, setup.tmp, child_env())
+    with setup.tracker() as c:
+        c.add_device(DEVICE, setup.size)
+    return p
+
+
+def _wait(what: str, done, timeout: float = HOT_SETTLE) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not happen in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _stats(setup: Setup) -> dict:
+    with setup.tracker() as c:
+        return c.stats(DEVICE)
+
+
+def make_clean(setup: Setup) -> None:
+    """What a sync does to breqd: check out every dirty chunk and commit it; then wait
+    for the lazy write of the cleared bits."""
+    flushes = int(_stats(setup)["flushes"])
+    with setup.tracker() as c:
+        while True:
+            runs = c.checkout(DEVICE, 64 * MiB)
+            if not runs:
+                break
+            c.commit(DEVICE, runs)
+    _wait("the lazy write of committed chunks",
+          lambda: int(_stats(setup)["flushes"]) > flushes)
+
+
+def start_catch_up(setup: Setup, state: str, label: str) -> list[Proc]:
+    """breceive on 127.0.0.1 (target on the backing's file system), a full `bmigrate
+    sync` to it, then `bmigrate run`: the processes, to stop after the runs."""
+    secret = os.path.join(state, "secret")
+    with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(os.urandom(32).hex() + "\n")
+    target = os.path.join(os.path.dirname(setup.backing), f"bmig-bench-hot-target-{label}.img")
+    PATHS.append(target)
+    recv = Proc(f"breceive {label}", [*BRECEIVE, "--listen", "127.0.0.1:0", "--target",
+                                      f"{DEVICE}={target}", "--secret-file", secret,
+                                      "--state-dir", os.path.join(state, "receiver")],
+                os.path.join(state, "breceive.log"))
+    pattern = r"STATUS=listening on 127\.0\.0\.1:(\d+)"
+    notes = start_notified(recv, setup.tmp, child_env(), pattern)
+    url = f"tcp://127.0.0.1:{re.search(pattern, chr(10).join(notes)).group(1)}/{DEVICE}"
+    env = child_env(BMIG_CONTROL=setup.control)
+    common = [DEVICE, "--source", setup.backing, "--to", url, "--secret-file", secret]
+    benchlib.run_bmigrate(env, "sync", *common, "--threshold", "0", timeout=600.0)
+    run = Proc(f"bmigrate run {label}", [*benchlib.BMIGRATE, "run", *common, "--status-dir",
+                                         os.path.join(state, "status")],
+               os.path.join(state, "run.log"))
+    start_notified(run, setup.tmp, env)
+    return [run, recv]
+
+
+def hot_fio(setup: Setup, server: Server, args, tag: str, runtime: int) -> dict:
+    w = Workload("h", "hot", "4 KiB random write, iodepth 32", "randwrite", "4k", 32, "iops")
+    out = os.path.join(setup.tmp, f"fio-{tag}.json")
+    argv = fio_argv(server, w, runtime, 0, out) + [f"--size={args.working_set}"]
+    fio = Proc(f"fio {tag}", argv, os.path.join(setup.tmp, f"fio-{tag}.log"))
+    before = _stats(setup)
+    bcpu0 = setup.breqd.cpu_seconds() if setup.breqd else 0.0
+    spies = []
+    if args.py_spy and tag.endswith("-0") and setup.breqd is not None:
+        for who, proc in (("breqd", setup.breqd), ("bmig-nbd", server.proc)):
+            path = os.path.join(args.py_spy, f"{tag}-{who}.txt")
+            spies.append(Proc(f"py-spy {who}", [
+                shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable),
+                                                       "py-spy"), "record", "--idle", "--nonblocking", "--threads", "-r", "250",
+                "-d", str(runtime), "-f", "raw", "-o", path, "-p", str(proc.pid)],
+                path + ".log"))
+        for spy in spies:
+            spy.start()
+    fio.start()
+    try:
+        fio.proc.wait(runtime + FIO_GRACE)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"fio ({tag}) did not finish") from None
+    fio.stop()
+    for spy in spies:
+        try:
+            spy.proc.wait(runtime + 30)
+        except subprocess.TimeoutExpired:
+            pass
+        spy.stop()
+    after = _stats(setup)
+    r = parse_fio(out, fio, w)
+    if spies:
+        r["py_spy"] = {spy.label: spy_summary(spy.log_path.removesuffix(".log"))
+                       for spy in spies}
+    r.update(breqd_cpu_s=round(setup.breqd.cpu_seconds() - bcpu0, 3) if setup.breqd else 0,
+             breqd_marks=int(after["marks"]) - int(before["marks"]),
+             breqd_flushes=int(after["flushes"]) - int(before["flushes"]))
+    return r
+
+
+def spy_summary(path: str) -> dict:
+    """From py-spy's raw (collapsed) stacks, idle samples included: the samples of
+    each thread, and of those the ones in the bitmap's fdatasync and in a wait for a
+    reply from breqd."""
+    found: dict = {"samples": {}, "fdatasync": 0, "tracker_wait": 0}
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                n = int(count)
+                thread = stack.split(";", 1)[0]
+                found["samples"][thread] = found["samples"].get(thread, 0) + n
+                if "sync_staged" in stack:
+                    found["fdatasync"] += n
+                if "_acquire" in stack or "mark (bmig/tracker/write_path_client" in stack:
+                    found["tracker_wait"] += n
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def run_hot(args, setup: Setup, out: dict) -> None:
+    """Two sides at once, each a breqd (state on --disk-dir) and a bmig-nbd on the same
+    backing file: one with the activity log off, one at its default. A warm-up write
+    over the working set; then per round, the sides taking turns (the first rotating),
+    (a) every chunk dirty (SET_ALL_DIRTY) and (b) every chunk committed clean, each after
+    bmig-nbd let go of its holds, so every run starts as an application's write after a
+    pause does; with --catch-up, (c) rounds under `bmigrate run` on both sides."""
+    secs = fill_random(setup.backing, setup.size)
+    print(f"backing file {setup.backing}: {setup.size / GiB:g} GiB in {secs:.1f} s; "
+          f"working set {args.working_set / MiB:g} MiB; breqd state in {args.disk_dir} "
+          f"({benchlib.fs_type(args.disk_dir)})", flush=True)
+    sides: dict[str, tuple[Setup, Server, str]] = {}
+    for log_chunks in HOT_LOGS:
+        label = "off" if log_chunks == 0 else "default"
+        tmp = os.path.join(setup.tmp, label)
+        os.mkdir(tmp)
+        side = Setup(tmp, setup.backing, setup.size)
+        state = tempfile.mkdtemp(prefix="bmig-bench-hot-", dir=args.disk_dir)
+        PATHS.append(state)
+        side.breqd = start_breqd_with(side, state, log_chunks)
+        server = start_server(side, "bmig-nbd")
+        sides[label] = (side, server, state)
+        hot_fio(side, server, args, f"warm-{label}", 2)
+
+    def one(label: str, case: str, rep: int) -> None:
+        side, server, _ = sides[label]
+        _wait("bmig-nbd letting go of its holds",
+              lambda: int(_stats(side)["held_bytes"]) == 0)
+        if case == "dirty":
+            with side.tracker() as c:
+                c.set_all_dirty(DEVICE)
+        elif case == "clean":
+            make_clean(side)
+        r = hot_fio(side, server, args, f"{label}-{case}-{rep}", args.runtime)
+        r.update(log=label, case=case, round=rep)
+        out["runs"].append(r)
+        _print_hot(r)
+
+    labels = list(sides)
+    for rep in range(args.repeat):
+        for label in labels[rep % 2:] + labels[:rep % 2]:
+            for case in ("dirty", "clean"):
+                one(label, case, rep)
+    if args.catch_up:
+        for label, (side, _, state) in sides.items():
+            _wait("bmig-nbd letting go of its holds",
+                  lambda: int(_stats(side)["held_bytes"]) == 0)
+            PROCS.extend(start_catch_up(side, state, label))
+        for rep in range(args.repeat):
+            for label in labels[rep % 2:] + labels[:rep % 2]:
+                one(label, "run", rep)
+    for p in reversed(PROCS):
+        p.stop()
+    for side, server, _ in sides.values():
+        server.proc.stop()
+        if side.breqd is not None:
+            side.breqd.stop()
+
+
+PROCS: list[Proc] = []     # catch-up processes of the hot case, stopped at its end
+
+
+def _print_hot(r: dict) -> None:
+    print(f"  activity log {r['log']:<7} round {r['round'] + 1} {r['case']:<5} "
+          f"{r['iops']:>10,.0f} IOPS  p99 {r['clat_ms_p99']:.2f} ms  "
+          f"breqd {r['breqd_marks']:,} marks, {r['breqd_flushes']:,} "
+          f"flushes, {r['breqd_cpu_s']:.2f} CPU-s", flush=True)
+
+
+def hot_report(out: dict) -> str:
+    rows, ratios_ = [], []
+    for label in ("off", "default"):
+        runs = [r for r in out["runs"] if r["log"] == label]
+        cases = [c for c in ("dirty", "clean", "run") if any(r["case"] == c for r in runs)]
+        med = {case: statistics.median(r["iops"] for r in runs if r["case"] == case)
+               for case in cases}
+        for case in cases:
+            sel = [r for r in runs if r["case"] == case]
+            rows.append([label, case, round(med[case]),
+                         _span(min(r["iops"] for r in sel), max(r["iops"] for r in sel)),
+                         statistics.median(r["clat_ms_p99"] for r in sel),
+                         statistics.median(r["breqd_flushes"] for r in sel),
+                         statistics.median(r["breqd_marks"] for r in sel)])
+        for case in cases[1:]:
+            per_round = [c["iops"] / d["iops"] for d in runs if d["case"] == "dirty"
+                         for c in runs if c["case"] == case and c["round"] == d["round"]]
+            ratio = round(med[case] / med["dirty"], 2)
+            ratios_.append([f"activity log {label}: {case} / dirty IOPS", ratio,
+                            _span(min(per_round), max(per_round), 2), ">= 0.8",
+                            "PASS" if ratio >= 0.8 else "BELOW"])
+            out.setdefault("hot_ratios", {})[f"{label} {case}"] = ratio
+    return "\n".join([
+        table(["activity log", "chunks", "IOPS", "min-max", "p99 ms", "flushes", "marks"],
+              rows),
+        table(["target", "ratio", "per round", "need", "verdict"], ratios_)])
+
+
 # -- checks and options ----------------------------------------------------------------
 
 def preflight(args) -> str | None:
@@ -508,13 +749,28 @@ def parse_args() -> argparse.Namespace:
                    help="where the sockets, logs and breqd's state go [/tmp]")
     p.add_argument("--backing-dir", default="/dev/shm", help="where the backing file goes "
                    "[/dev/shm]")
+    p.add_argument("--hot", action="store_true",
+                   help="run the hot-chunks case instead: writes to chunks a sync made "
+                        "clean vs to chunks already dirty, breqd's activity log off and "
+                        "on (see bench/README.md); --size defaults to 1G, --runtime to 5")
+    p.add_argument("--catch-up", action="store_true",
+                   help="--hot: also run fio under `bmigrate run` to a local breceive")
+    p.add_argument("--py-spy", metavar="DIR",
+                   help="--hot: record breqd and bmig-nbd with py-spy (idle samples too) "
+                        "during the first round's runs, raw stacks into DIR")
+    p.add_argument("--working-set", default="256M",
+                   help="--hot: the part of the export fio writes [256M]")
+    p.add_argument("--disk-dir", default="/var/tmp",
+                   help="--hot: where breqd's state goes; a real disk, not tmpfs [/var/tmp]")
     p.add_argument("--json", metavar="FILE",
                    help="write the results here [bench/results/nbd-YYYYmmdd-HHMMSS.json]")
     args = p.parse_args()
-    args.runtime = args.runtime or (5 if args.quick else 15)
+    args.runtime = args.runtime or (5 if args.quick or args.hot else 15)
     args.repeat = args.repeat or (1 if args.quick else 3)
     try:
-        args.size = parse_size(args.size or ("512M" if args.quick else "2G"))
+        args.size = parse_size(args.size or ("1G" if args.hot else
+                                             "512M" if args.quick else "2G"))
+        args.working_set = min(parse_size(args.working_set), args.size)
     except Exception as exc:
         p.error(str(exc))
     if (args.runtime < 1 or args.repeat < 1 or args.ramp < 0 or args.size < MiB
@@ -527,6 +783,8 @@ def parse_args() -> argparse.Namespace:
                                         {}, "workload", p)]
     args.workloads = sorted(set(args.workloads))
     args.server_list = _list(args.servers, SERVERS, ALIASES, "server", p)
+    if args.hot:
+        args.server_list = ["bmig-nbd"]
     return args
 
 
@@ -556,7 +814,10 @@ def main() -> int:
             raise RuntimeError(f"--tmpdir {args.tmpdir} is too long for Unix socket paths")
         backing = os.path.join(args.backing_dir, f"bmig-bench-nbd-{os.getpid()}.img")
         PATHS.append(backing)
-        run_all(args, Setup(tmp, backing, args.size), out)
+        if args.hot:
+            run_hot(args, Setup(tmp, backing, args.size), out)
+        else:
+            run_all(args, Setup(tmp, backing, args.size), out)
     except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
@@ -567,9 +828,12 @@ def main() -> int:
         cleanup()
     out["total_seconds"] = round(time.monotonic() - t0, 1)
     changed = provenance_end(out)
-    out["summary"] = summarize(out["runs"])
-    out["ratios"] = ratios(out["summary"], out["runs"])
-    print(report(out))
+    if args.hot:
+        print(hot_report(out))
+    else:
+        out["summary"] = summarize(out["runs"])
+        out["ratios"] = ratios(out["summary"], out["runs"])
+        print(report(out))
     print(f"\ntotal {out['total_seconds']} s; load average before {out['loadavg_before']}, "
           f"after {out['loadavg_after']} (fio, the server and breqd share {out['cpus']} "
           f"CPUs; other processes skew the figures)")

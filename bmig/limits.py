@@ -34,14 +34,20 @@ MAX_QUERY_RUNS = MAX_RANGES_PER_FRAME      # runs one QUERY reply carries
 
 # -- breqd (bmig/tracker/) ---------------------------------------------------------------
 
-# Chunks per device. ChunkMap keeps four bit arrays (dirty, in flight, held, mirrored):
-# 2^32 chunks are 2 GiB of memory (256 TiB at 64 KiB chunks). A bigger device is refused.
+# Chunks per device. ChunkMap keeps four bit arrays (dirty, in flight, held, mirrored),
+# and a fifth for the activity log unless it is off: 2^32 chunks are 2.5 GiB of memory
+# (256 TiB at 64 KiB chunks). A bigger device is refused.
 MAX_CHUNKS = 1 << 32
 # Disjoint runs one connection may hold (marked with "hold", not yet released).
 MAX_HELD_RUNS = 1 << 18
 # Chunks per bit-array step of a MARK: its temporaries are MARK_PIECE / 8 bytes (128 KiB)
 # however many ranges it has and however large the device.
 MARK_PIECE = 1 << 20
+# Chunks in one device's activity log (breqd's activity_log_chunks; bmig/tracker/activity.py):
+# about 100 bytes of memory each (an ordered dict entry), 26 MiB per device at the cap, and
+# what a crash may add to the next sync. The default is 512 MiB at 64 KiB chunks.
+MAX_ACTIVITY_LOG = 1 << 18
+DEFAULT_ACTIVITY_LOG = 8192
 # Bitmap pages whose images one flush prepares at a time: 1 MiB of 4 KiB pages.
 PAGES_PER_WRITE = 256
 # A control client's name (HELLO's "client"), kept for log lines and status: characters.
@@ -125,6 +131,8 @@ def relations(c: Any) -> list[tuple[bool, str]]:
          "a MARK with hold and the most ranges is accepted on a connection that holds none"),
         (c.DEFAULT_HOLD_LIMIT <= c.MAX_HELD_RUNS,
          "bmig-nbd at its default hold limit never holds more runs than breqd allows"),
+        (0 <= c.DEFAULT_ACTIVITY_LOG <= c.MAX_ACTIVITY_LOG,
+         "breqd's default activity log is within its cap"),
         (c.MARK_PIECE % 8 == 0 and c.MARK_PIECE <= c.MAX_CHUNKS,
          "a MARK piece is whole bytes of a bit array, and no larger than a device"),
         (32 + c.MAX_DATA <= c.MAX_FRAME,

@@ -17,6 +17,7 @@ from bmig.cli.common import add_verbosity, run
 from bmig.config import Key, Schema, load_settings, merge
 from bmig.constants import DEFAULT_CONFIG_DIR, DEFAULT_CONTROL_SOCKET, DEFAULT_STATE_DIR
 from bmig.errors import ConfigError
+from bmig.limits import DEFAULT_ACTIVITY_LOG, MAX_ACTIVITY_LOG
 from bmig.tracker.service import Breqd, Settings
 
 
@@ -49,6 +50,7 @@ SCHEMA = Schema(
     Key.string("socket_mode", 'an octal mode from "0000" to "0777", as a string',
                _mode_text, default="0600"),
     Key.choice("log_level", bmig_log.LEVELS, default="info"),
+    Key.integer("activity_log_chunks", 0, MAX_ACTIVITY_LOG, default=DEFAULT_ACTIVITY_LOG),
 )
 KEYS = SCHEMA.names
 
@@ -77,7 +79,8 @@ def breqd(config_file: str | None, **flags: str | None) -> None:
     settings = Settings(state_dir=os.path.abspath(str(values["state_dir"])),
                         config_dir=os.path.abspath(str(values["config_dir"])),
                         control=os.path.abspath(str(values["control"])),
-                        socket_mode=_octal(values["socket_mode"]))
+                        socket_mode=_octal(values["socket_mode"]),
+                        activity_log_chunks=int(values["activity_log_chunks"]))
     asyncio.run(Breqd(settings).run())
 
 

@@ -2,7 +2,7 @@
 
 Both take the same options, from flags or a TOML file (``--config``, one migration per
 file; flags win). SIGHUP reloads the file: the bandwidth limit, compression level,
-threshold and interval change at once. SIGTERM stops cleanly: what is in flight gets its
+threshold, interval and hot_refresh change at once. SIGTERM stops cleanly: what is in flight gets its
 acknowledgement, what is not goes back to dirty. The first Ctrl-C does the same; a second
 one stops at once.
 
@@ -129,6 +129,9 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
 @service_options
 @click.option("--interval", type=click.FloatRange(0.05, 3600), metavar="SECONDS",
               help="How often to look for new writes when idle [default: 1].")
+@click.option("--hot-refresh", type=click.FloatRange(1, 86400), metavar="SECONDS",
+              help="Ship chunks still being written at most this often; others go once "
+                   "their writes settle [default: 30].")
 @status_dir_option(default=None)
 def run_service(name: str | None, config_file: str | None, as_json: bool,
                 **flags: Any) -> int:

@@ -4,9 +4,13 @@ It carries writes and counts their seqs; it may not know chunks, holds or breqd:
 durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
 
 The connection is a WireTarget (bmig.wire.client: the same transports, handshake and
-lineage check as a sync), opened in "replicate" mode. A sender thread puts frames on the
-wire and the WireTarget's reader thread hears the acknowledgements; both hand over to the
-event loop with call_soon_threadsafe. What a write waits for depends on the protocol:
+lineage check as a sync), opened in "replicate" mode. The frames queued in one turn of
+the event loop leave together, in one write: from the loop when the socket takes them at
+once (``WireTarget.try_send_batch``), else through a sender thread (``send_batch``, and
+``send_rest`` for what the socket did not take). The WireTarget's reader thread hears the
+acknowledgements. Both threads hand their news to the loop through one inbox, and only
+the first item of a batch wakes the loop (call_soon_threadsafe). What a write waits for
+depends on the protocol:
 
     C   written on the target (WRITTEN), and with FUA durable there (DURABLE)
     B   received by the target (RECEIVED), with FUA durable
@@ -81,6 +85,10 @@ class Replica:
         self._seq = itertools.count(1)
         self._waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self._outbox: queue.Queue = queue.Queue()
+        self._turn: list[tuple] = []      # frames queued in this loop turn, not yet handed over
+        self._in_thread = 0               # batches handed to the sender thread, not yet sent
+        self._inbox: list[tuple] = []     # what the threads told, for the loop to take
+        self._inbox_lock = threading.Lock()
         self._queued = 0                  # bytes answered (A) or queued, not yet written there
         self._unwritten: dict[int, int] = {}   # protocol A: seq -> bytes not yet WRITTEN
         self._progress = time.monotonic()  # the last DURABLE that moved, or idle since
@@ -151,13 +159,43 @@ class Replica:
         if self.queued_seq <= self.durable_seq:
             self._progress = time.monotonic()     # something outstanding from now on
         self._queued += nbytes
+        back_when_sent = nbytes
         if self.protocol == "A" and item[0] != "flush":
             self._unwritten[seq] = nbytes
+            back_when_sent = 0       # its room comes back once the target wrote it
         self.queued_seq = seq
-        self._outbox.put((item, nbytes, seq))
+        if not self._turn:
+            self._loop.call_soon(self._hand_over)
+        self._turn.append((item, back_when_sent, seq))
         if item[0] != "flush":
             self._flush_later()
         return seq, future
+
+    def _hand_over(self) -> None:
+        """The frames of this loop turn leave together: one write to the socket, one
+        wake-up of breceive. Sent from here when the socket takes them at once and the
+        sender thread has nothing left to send (so the wire order stays the seq order);
+        what it does not take, and every turn after it until the thread is done, goes
+        to the sender thread."""
+        turn, self._turn = self._turn, []
+        if not turn:
+            return
+        if self.error is not None or self._closed:   # nothing more goes out
+            self._sent([(seq, nbytes) for _, nbytes, seq in turn])
+            return
+        frames = [self._frame(item) for item, _, _ in turn]
+        try_send = getattr(self.target, "try_send_batch", None)
+        if not self._in_thread and try_send is not None:
+            rest = try_send(frames)
+            if rest is not None and not rest:
+                self._sent([(seq, nbytes) for _, nbytes, seq in turn])
+                return
+            if rest is not None:
+                self._in_thread += 1
+                self._outbox.put(("rest", rest, turn))
+                return
+        self._in_thread += 1
+        self._outbox.put(("frames", frames, turn))
 
     async def write(self, offset: int, data: memoryview | bytes, fua: bool) -> int:
         """Send; return (per the protocol) with the seq of the last frame, which is
@@ -208,36 +246,44 @@ class Replica:
 
     # -- the sender thread --------------------------------------------------------------
 
+    def _frame(self, item: tuple) -> tuple:
+        target = self.target
+        kind = item[0]
+        if kind == "data":
+            _, seq, offset, payload, flags = item
+            return target.data_frame(seq, offset, codec.RAW, payload, len(payload),
+                                     codec.checksum(payload), flags)
+        if kind == "zero":
+            _, seq, offset, length, flags = item
+            return target.zero_frame(seq, offset, length, flags)
+        return target.durable_frame(item[1])
+
     def _send_loop(self) -> None:
         broken = False
         while True:
             entry = self._outbox.get()
             if entry is None:
                 return
-            item, nbytes, seq = entry
-            if broken:       # nothing goes out after a frame that could not
-                self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
-                continue
-            try:
-                kind = item[0]
-                if kind == "data":
-                    _, seq, offset, payload, flags = item
-                    self.target.send_data(seq, offset, codec.RAW, payload, len(payload),
-                                          codec.checksum(payload), flags)
-                elif kind == "zero":
-                    _, seq, offset, length, flags = item
-                    self.target.send_zero(seq, offset, length, flags)
-                else:
-                    self.target.request_durable(item[1])
-            except BmigError as exc:
-                broken = True
-                self.fatal(exc)
-            self._loop.call_soon_threadsafe(self._sent, seq, nbytes)
+            kind, frames, turn = entry
+            if not broken:   # nothing goes out after a frame that could not
+                try:
+                    if kind == "rest":
+                        self.target.send_rest(frames)
+                    else:
+                        self.target.send_batch(frames)
+                except BmigError as exc:
+                    broken = True
+                    self.fatal(exc)
+            self._post("sent", 1, [(seq, nbytes) for _, nbytes, seq in turn])
 
-    def _sent(self, seq: int, nbytes: int) -> None:
-        if self.protocol == "A" and seq in self._unwritten:
-            return                   # its room comes back once the target wrote it
-        self._queued -= nbytes
+    def _sent(self, frames: list[tuple[int, int]], by_thread: bool = False) -> None:
+        """These frames (seq, bytes to give back now) left, or never will; ``by_thread``:
+        a batch of the sender thread's. A protocol A data frame gives nothing back here:
+        its room comes back on WRITTEN, which may be taken before this (two threads)."""
+        if by_thread:
+            self._in_thread -= 1
+        for _, nbytes in frames:
+            self._queued -= nbytes
 
     def _written_there(self, up_to: int, only: bool) -> None:
         """Protocol A: frame ``up_to`` (``only``) or every frame up to it is written on
@@ -256,19 +302,43 @@ class Replica:
     # -- acknowledgements (the WireTarget's reader thread) ---------------------------------
 
     def durable(self, seq: int) -> None:
-        self._loop.call_soon_threadsafe(self._durable, seq)
+        self._post("durable", seq)
 
     def written(self, seq: int) -> None:
-        self._loop.call_soon_threadsafe(self._acked, seq, _WRITTEN)
+        self._post(_WRITTEN, seq)
 
     def received(self, seq: int) -> None:
-        self._loop.call_soon_threadsafe(self._acked, seq, _RECEIVED)
+        self._post(_RECEIVED, seq)
 
     def failed(self, seq: int, error: BmigError) -> None:
-        self._loop.call_soon_threadsafe(self._refused, seq, error)
+        self._post("failed", seq, error)
 
     def fatal(self, error: BmigError) -> None:
-        self._loop.call_soon_threadsafe(self._fail_all, error)
+        self._post("fatal", 0, error)
+
+    def _post(self, kind: str, seq: int, extra=None) -> None:
+        """From a thread: news for the loop, taken in the order told. Only the first of
+        a batch wakes the loop; what comes before it looks is taken with it."""
+        with self._inbox_lock:
+            first = not self._inbox
+            self._inbox.append((kind, seq, extra))
+        if first:
+            self._loop.call_soon_threadsafe(self._take_inbox)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            news, self._inbox = self._inbox, []
+        for kind, seq, extra in news:
+            if kind == _WRITTEN or kind == _RECEIVED:
+                self._acked(seq, kind)
+            elif kind == "durable":
+                self._durable(seq)
+            elif kind == "sent":
+                self._sent(extra, by_thread=bool(seq))
+            elif kind == "failed":
+                self._refused(seq, extra)
+            else:
+                self._fail_all(extra)
 
     def _resolve(self, seq: int) -> None:
         entry = self._waiting.pop(seq, None)

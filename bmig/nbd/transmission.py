@@ -4,9 +4,10 @@ Requests are parsed straight out of the connection's receive buffer. A request t
 can finish at once (a read, a write to chunks already held in breqd) is executed and
 answered in the same event-loop turn, and the replies of one turn leave in one write.
 Anything that must wait (a mark in breqd, a flush, a trim) runs as a task and is answered
-when done: NBD allows replies in any order, and each reply is written in one piece, so
-replies never interleave. Payload bytes held by waiting requests are capped per
-connection; past the cap the connection stops reading until some are done.
+when done, the replies of the tasks that end in one turn in one write: NBD allows replies
+in any order, and each reply is written in one piece, so replies never interleave.
+Payload bytes held by waiting requests are capped per connection; past the cap the
+connection stops reading until some are done.
 
 Errors are errnos until the reply is built; ``nbd_error`` is the one place that turns
 them into the NBD error set, after logging the real cause.
@@ -107,6 +108,7 @@ class Transmission:
         self._discard = 0                   # payload bytes of a refused write to drop
         self._pending: tuple[Request, bytearray] | None = None   # payload being received
         self._out = bytearray()             # replies of this turn
+        self._out_scheduled = False         # _send_out_soon's call is pending
         self._done = False                  # NBD_CMD_DISC, end of stream or broken framing
         self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
         self._trace = requests_log.isEnabledFor(logging.DEBUG)
@@ -307,7 +309,7 @@ class Transmission:
         except Exception as exc:     # every failure becomes an NBD error reply
             self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
         finally:
-            self._send_out()
+            self._send_out_soon()
             self._release(holds)
 
     async def _execute(self, r: Request, data: memoryview | None) -> None:
@@ -369,6 +371,7 @@ class Transmission:
             self._settle()
 
     def _settle(self) -> None:
+        self._send_out()
         if not self.finished.done():
             self.finished.set_result(None)
 
@@ -391,6 +394,18 @@ class Transmission:
         if self._out:
             self._conn.write(self._out)
             self._out = bytearray()
+
+    def _send_out_soon(self) -> None:
+        """A task's reply leaves at the end of this loop turn, with the replies of every
+        other task answered in it (replicated writes end together, on one ack batch):
+        one write to the socket, not one per request."""
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_out_scheduled)
+
+    def _send_out_scheduled(self) -> None:
+        self._out_scheduled = False
+        self._send_out()
 
     def _fill_read_header(self, reply: bytearray, r: Request) -> None:
         if self._structured:

@@ -14,6 +14,9 @@ no longer be trusted, the session ends):
 A replication session (bmig-nbd forwarding the application's writes, protocol A/B/C)
 has a lock of its own, so it runs beside the pass session that resyncs the same target;
 each DATA says which acknowledgement its writer waits for (RECEIVED, WRITTEN, DURABLE).
+The frames one read brings are handled as a batch: their RECEIVED and WRITTEN leave
+together once no whole frame is left in the buffer (one write, one wake-up of the
+sender's reader), and before any ERROR, so acknowledgements keep the frames' order.
 
 A DATA or ZERO is checked (offset and length inside the target, codec, size, checksum)
 before anything is written; a bad one is answered ERROR with its seq and nothing of it is
@@ -73,6 +76,7 @@ from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, K
 log = logging.getLogger("breceive")
 
 FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
+ACK_BATCH = 256          # RECEIVED and WRITTEN held back at most, then sent together
 
 
 class Session:
@@ -101,6 +105,8 @@ class Session:
         self._resync: list[tuple[int, int]] | None = None   # a rejoining copy's own changes
         self._syncer: Syncer | None = None
         self._sync_lock = threading.Lock()
+        self._acks: list[tuple[bytes, None]] = []     # RECEIVED and WRITTEN held back
+        self._acks_lock = threading.Lock()
         self._closed = False
         self.bytes_written = 0
         self.on_ready: Callable[[], None] | None = None    # called once authenticated
@@ -114,10 +120,27 @@ class Session:
     def send_seq(self, kind: T, seq: int) -> None:
         self.channel.send(pack_seq(kind, seq))
 
+    def _ack_later(self, kind: T, seq: int) -> None:
+        """RECEIVED or WRITTEN, sent with the others of this batch of frames (``_send_acks``)."""
+        with self._acks_lock:
+            self._acks.append((pack_seq(kind, seq), None))
+            full = len(self._acks) >= ACK_BATCH
+        if full:
+            self._send_acks()
+
+    def _send_acks(self) -> None:
+        """The acknowledgements held back, in one write: once no whole frame is buffered
+        (before the next read waits), before an ERROR, and at the end."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        if acks:
+            self.channel.send_many(acks)
+
     def fail(self, exc: BmigError, seq: int | None = None, fatal: bool = True) -> None:
         """Tell the sender; a fatal error ends the session."""
         log.log(logging.ERROR if fatal else logging.WARNING, "%s: %s", self.peer, exc.message)
         try:
+            self._send_acks()            # what came before the refused frame, first
             self.send(error_message(exc, seq, fatal))
         except BmigError:
             pass
@@ -140,6 +163,8 @@ class Session:
                 self._refuse(exc)
                 return
             while not self._closed:
+                if self._acks and not self.channel.has_frame():
+                    self._send_acks()    # the batch the last read brought is done
                 body = self.channel.read()
                 if not self._dispatch(body):
                     break
@@ -380,7 +405,7 @@ class Session:
                 raise ChecksumMismatch(f"seq {head.seq}: checksum mismatch for "
                                        f"{head.offset}+{head.raw_length}; nothing written")
             if head.flags & FLAG_ACK_RECEIVED:
-                self.send_seq(T.RECEIVED, head.seq)
+                self._ack_later(T.RECEIVED, head.seq)
             self.target.write(head.offset, raw)
         except (ProtocolError, TargetError) as exc:
             self.fail(exc, head.seq, fatal=False)
@@ -396,7 +421,7 @@ class Session:
             self._check_flags(seq, flags)
             self._check_range(seq, offset, length)
             if flags & FLAG_ACK_RECEIVED:
-                self.send_seq(T.RECEIVED, seq)
+                self._ack_later(T.RECEIVED, seq)
             self.target.zero(offset, length)
         except (ProtocolError, TargetError) as exc:
             self.fail(exc, seq, fatal=False)
@@ -413,7 +438,7 @@ class Session:
         if flags & FLAG_FUA:
             self._flush(seq)
         elif flags & FLAG_ACK_WRITTEN:
-            self.send_seq(T.WRITTEN, seq)
+            self._ack_later(T.WRITTEN, seq)
 
     def _flush(self, seq: int) -> None:
         self._require("open", "pass", "replicate")
@@ -423,6 +448,10 @@ class Session:
         self._syncer.request(seq)
 
     def _finish(self) -> None:
+        try:
+            self._send_acks()
+        except BmigError:
+            pass
         if self._watch is not None:
             self._watch.stop()
             self._watch = None

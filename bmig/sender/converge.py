@@ -78,6 +78,7 @@ class SyncSettings:
     bwlimit: int | None = None
     discard_export: str | None = None
     interval: float = 1.0            # run: how often to look for new writes when idle
+    hot_refresh: float = 30.0        # run: seconds between passes that ship held chunks
     manage_dir: str | None = None    # bmig-nbd's control sockets: the write rate
 
 
@@ -357,9 +358,10 @@ class Migration:
         return self._tracker.stats(self.name)
 
     def one_pass(self, budget: int, checksum: bool | None = None,
-                 deadline: float | None = None) -> PassResult:
+                 deadline: float | None = None, settled: bool = False) -> PassResult:
         """One pass of up to ``budget`` bytes; with ``deadline`` (monotonic time) it
-        stops there, as on SIGTERM: what is in flight is answered, the rest stays dirty."""
+        stops there, as on SIGTERM: what is in flight is answered, the rest stays dirty.
+        With ``settled`` it leaves alone the chunks a writer holds."""
         assert self._tracker and self._source and self._target and self._info
         self._number += 1
         settings = self.settings.passes
@@ -367,6 +369,8 @@ class Migration:
             checksum, self._checksum_next = True, False
         if checksum is not None and checksum != settings.checksum:
             settings = PassSettings(**{**settings.__dict__, "checksum": checksum})
+        if settled != settings.settled:
+            settings = PassSettings(**{**settings.__dict__, "settled": settled})
         self.reporter.pass_started(self._number, budget)
         stop = self.stop if deadline is None else StopOrDeadline(self.stop, deadline)
         # The pass's loops look at their stop event as they turn: each look feeds the

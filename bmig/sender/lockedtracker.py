@@ -22,9 +22,10 @@ class LockedTracker:
         self.client = client
         self._lock = threading.Lock()
 
-    def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
+    def checkout(self, device: str, max_bytes: int,
+                 settled: bool = False) -> list[tuple[int, int]]:
         with self._lock:
-            return self.client.checkout(device, max_bytes)
+            return self.client.checkout(device, max_bytes, settled)
 
     def claim(self, device: str, wait: float) -> str | None:
         with self._lock:

@@ -54,6 +54,7 @@ class PassSettings:
     direct: bool = False             # O_DIRECT reads of the source
     checksum: bool = False           # compare per-chunk hashes and send what differs
     skip_holes: bool = True          # SEEK_DATA/SEEK_HOLE on the source
+    settled: bool = False            # leave chunks a writer holds (the catch-up service)
 
 
 @dataclass
@@ -195,7 +196,8 @@ class Pass:
                 return
             try:
                 runs = self._tracker.checkout(device,
-                                              min(room, CHECKOUT_STEP, budget - planned))
+                                              min(room, CHECKOUT_STEP, budget - planned),
+                                              self._s.settled)
             except SenderClaimed as exc:
                 # A cutover claims the device: stop as on SIGTERM (what is in flight gets
                 # its answer and is committed, what is not goes back to dirty), then

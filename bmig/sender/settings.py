@@ -28,7 +28,7 @@ from bmig.wire.options import CONNECTION_KEYS, ConnectOptions
 from bmig.limits import MAX_DATA
 from bmig.wire.urls import parse_target_url
 
-RELOADABLE = ("bwlimit", "level", "threshold", "interval")
+RELOADABLE = ("bwlimit", "level", "threshold", "interval", "hot_refresh")
 # Connection settings that name files: made absolute before they go to bmig-nbd.
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "known_hosts", "identity")
 _SECONDS = re.compile(r"(\d+\.?\d*|\.\d+)s", re.ASCII)
@@ -107,6 +107,7 @@ SCHEMA = Schema(
                      'such as "2s")', _parsed_by(parse_threshold), default="1s"),
     Key.string("discard_target_data", "an export name (a non-empty string)", _nonempty),
     Key.number("interval", 0.05, 3600, default=1.0),
+    Key.number("hot_refresh", 1, 86400, default=30.0),
     Key.choice("log_level", bmig_log.LEVELS, default="warning"),
     Key.path("manage_dir", default=DEFAULT_MANAGE_DIR),
     Key.path("status_dir", default=DEFAULT_STATUS_DIR),
@@ -173,6 +174,7 @@ def apply_reloadable(settings: SyncSettings, values: Mapping[str, Any]) -> None:
         settings.interval = max(0.05, float(interval))
     except (TypeError, ValueError):
         raise ConfigError(f"interval = {interval!r}: seconds") from None
+    settings.hot_refresh = float(values.get("hot_refresh", 30.0))    # checked by SCHEMA
 
 
 def reload(migration: Migration, values: Mapping[str, Any]) -> None:

@@ -100,8 +100,13 @@ class TrackerClient:
         reply = self.call(Op.QUERY, {"device": device}, [(offset, length)])
         return list(reply.ranges), int(reply.fields.get("end", offset + length))
 
-    def checkout(self, device: str, max_bytes: int) -> list[tuple[int, int]]:
-        return list(self.call(Op.CHECKOUT, {"device": device, "max_bytes": max_bytes}).ranges)
+    def checkout(self, device: str, max_bytes: int,
+                 settled: bool = False) -> list[tuple[int, int]]:
+        """Dirty chunks, now in flight; with ``settled``, none a writer holds."""
+        fields: dict = {"device": device, "max_bytes": max_bytes}
+        if settled:
+            fields["settled"] = True
+        return list(self.call(Op.CHECKOUT, fields).ranges)
 
     def claim(self, device: str, wait: float) -> str | None:
         """Become the device's sender (a cutover): at once if nobody ships it, else once

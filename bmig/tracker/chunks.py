@@ -26,6 +26,11 @@ target makes them clean again. Anything else that dirties a mirrored chunk (a pl
 a hold without ``sync``, a release without ``synced``) makes it plain dirty. On disk a
 mirrored chunk is dirty, like any held chunk, until the release is written lazily.
 
+Beside the four arrays, ``log`` (activity.py) keeps the chunks marked most recently:
+they stay dirty on disk while a commit may make them clean in memory, so the on-disk
+image is dirty | in flight | logged, and a mark of a logged chunk needs no flush.
+``mark`` returns the clean chunks the log let go of: their pages may be written lazily.
+
 The room is pure state: it may not do I/O, know of sessions or connections, or decide
 when bits reach the disk (tracked.py and committer.py do).
 """
@@ -36,6 +41,7 @@ from bitarray import bitarray
 
 from bmig.chunkmath import chunk_count, chunk_span
 from bmig.errors import RangeError
+from bmig.tracker.activity import ActivityLog
 
 ENDIAN = "little"
 
@@ -49,7 +55,8 @@ def zeros(n: int) -> bitarray:
 class ChunkMap:
     """Dirty and in-flight bits of one device of ``size`` bytes in ``chunk_size`` chunks."""
 
-    def __init__(self, size: int, chunk_size: int, dirty: bitarray | None = None):
+    def __init__(self, size: int, chunk_size: int, dirty: bitarray | None = None,
+                 log_chunks: int = 0):
         self.size = size
         self.chunk_size = chunk_size
         self.nchunks = chunk_count(size, chunk_size)
@@ -61,6 +68,7 @@ class ChunkMap:
         self.inflight = zeros(self.nchunks)
         self.held = zeros(self.nchunks)
         self.mirrored = zeros(self.nchunks)
+        self.log = ActivityLog(self.nchunks, log_chunks)
         self._cursor = 0  # where the next checkout starts scanning: passes sweep the device
 
     # -- byte ranges and chunk spans -------------------------------------------------
@@ -89,27 +97,44 @@ class ChunkMap:
     # -- transitions -----------------------------------------------------------------
 
     def covered(self, first: int, end: int) -> bool:
-        """True when every chunk in [first, end) is dirty or in flight."""
+        """True when every chunk in [first, end) is in the on-disk image: dirty, in
+        flight or in the activity log."""
+        logged = self.log.bits
         if end - first == 1:
-            return bool(self.dirty[first] or self.inflight[first])
-        return (self.dirty[first:end] | self.inflight[first:end]).all()
+            return bool(self.dirty[first] or self.inflight[first]
+                        or (logged is not None and logged[first]))
+        image = self.dirty[first:end] | self.inflight[first:end]
+        if logged is not None:
+            image |= logged[first:end]
+        return image.all()
 
-    def mark(self, first: int, end: int, keep_mirrored: bool = False) -> None:
+    def mark(self, first: int, end: int, keep_mirrored: bool = False) -> list[int]:
         """Make [first, end) dirty; chunks in flight become re-marked, mirrored chunks
-        plain dirty (unless ``keep_mirrored``: the mark of a synchronous write)."""
+        plain dirty (unless ``keep_mirrored``: the mark of a synchronous write). The
+        chunks enter the activity log; returns those it evicted that are clean, whose
+        bits on disk may go now."""
         self.dirty[first:end] = 1
         if not keep_mirrored:
             self.mirrored[first:end] = 0
+        evicted = self.log.add(first, end)
+        if not evicted:
+            return evicted
+        dirty, inflight = self.dirty, self.inflight
+        return [c for c in evicted if not (dirty[c] or inflight[c])]
 
-    def checkout(self, max_chunks: int, max_runs: int = 1 << 62) -> list[tuple[int, int]]:
+    def checkout(self, max_chunks: int, max_runs: int = 1 << 62,
+                 settled: bool = False) -> list[tuple[int, int]]:
         """Move up to ``max_chunks`` dirty chunks, not in flight, to in flight.
 
         Returns at most ``max_runs`` runs (first, end). The scan starts where the previous one stopped and
-        wraps once, so successive checkouts sweep the whole device.
+        wraps once, so successive checkouts sweep the whole device. With ``settled``,
+        chunks a writer holds are left alone too: shipped now, they would stay dirty and
+        go again once the writer lets go (a catch-up service ships each of them once).
         """
         runs: list[tuple[int, int]] = []
         budget = max_chunks
-        mirrored = self.mirrored if self.mirrored.any() else None
+        skip = self.mirrored | self.held if settled else self.mirrored
+        mirrored = skip if skip.any() else None
         start = self._cursor if self._cursor < self.nchunks else 0
         for lo, hi in ((start, self.nchunks), (0, start)):
             pos = lo
@@ -127,7 +152,7 @@ class ChunkMap:
                     continue
                 if busy >= 0:
                     end = busy
-                if mirrored is not None:       # written synchronously: not ours to ship
+                if mirrored is not None:       # written synchronously (or held, settled)
                     m = mirrored.find(1, first, end)
                     if m == first:
                         free = mirrored.find(0, first, end)
@@ -194,15 +219,21 @@ class ChunkMap:
         self.mirrored.setall(0)
 
     def clear_all(self) -> None:
-        """Forget every dirty chunk not held by a writer (chunks in flight stay in flight)."""
+        """Forget every dirty chunk not held by a writer (chunks in flight stay in flight),
+        and empty the activity log."""
         self.dirty.setall(0)
         self.dirty |= self.held
+        self.log.clear()
 
     # -- persistence -----------------------------------------------------------------
 
     def disk_image(self, first: int, end: int) -> bitarray:
-        """What must be on disk for chunks [first, end): dirty or in flight."""
-        return self.dirty[first:end] | self.inflight[first:end]
+        """What must be on disk for chunks [first, end): dirty or in flight, and the
+        chunks of the activity log."""
+        image = self.dirty[first:end] | self.inflight[first:end]
+        if self.log.bits is not None:
+            image |= self.log.bits[first:end]
+        return image
 
     def dirty_bytes(self) -> int:
         return self.bytes_of(self.dirty)

@@ -25,6 +25,7 @@ from watchdog.observers import Observer
 
 from bmig.chunkmath import chunk_count
 from bmig.errors import BmigError, ConfigError, UnknownDevice
+from bmig.limits import DEFAULT_ACTIVITY_LOG
 from bmig.tracker.definitions import SUFFIX, DeviceDefinition, scan
 from bmig.tracker.protocol import Message, field_str
 from bmig.tracker.tracked import TrackedDevice
@@ -55,12 +56,16 @@ class ConfigWatcher:
 
 
 class Registry:
-    def __init__(self, config_dir: str, state_dir: str, executor: Executor):
+    """``log_chunks``: the size of each device's activity log (bmig.tracker.activity)."""
+
+    def __init__(self, config_dir: str, state_dir: str, executor: Executor,
+                 log_chunks: int = DEFAULT_ACTIVITY_LOG):
         self.config_dir = config_dir
         self.state_dir = state_dir
         self.devices: dict[str, TrackedDevice] = {}
         self.untrack_listeners: list[Callable[[str], None]] = []
         self._executor = executor
+        self._log_chunks = log_chunks
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: ConfigWatcher | None = None
         self._rescan_handle: asyncio.TimerHandle | None = None
@@ -149,7 +154,8 @@ class Registry:
             closing.add_done_callback(lambda _: self.schedule_rescan())
             return None
         try:
-            device = TrackedDevice(definition, self.state_dir, self._executor)
+            device = TrackedDevice(definition, self.state_dir, self._executor,
+                                   self._log_chunks)
         except BmigError as exc:
             log.error("%s: cannot track: %s", definition.name, exc.message)
             return None

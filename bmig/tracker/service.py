@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from bmig import __version__, systemd
 from bmig.errors import StateError
+from bmig.limits import DEFAULT_ACTIVITY_LOG
 from bmig.statelock import StateLock
 from bmig.tracker.control import ControlServer
 from bmig.tracker.device_requests import DeviceRequests
@@ -50,6 +51,7 @@ class Settings:
     config_dir: str
     control: str
     socket_mode: int = 0o600
+    activity_log_chunks: int = DEFAULT_ACTIVITY_LOG
 
 
 class Breqd:
@@ -58,7 +60,8 @@ class Breqd:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bitmap")
         self._lock = StateLock(settings.state_dir, f"breqd (control socket {settings.control})")
         self._stopping = asyncio.Event()
-        self.registry = Registry(settings.config_dir, settings.state_dir, self._executor)
+        self.registry = Registry(settings.config_dir, settings.state_dir, self._executor,
+                                 settings.activity_log_chunks)
         self.sessions = Sessions(self.registry)
         self.registry.untrack_listeners.append(self.sessions.forget_device)
         devices = DeviceRequests(self.registry, self.sessions.slot)

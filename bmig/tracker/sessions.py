@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable
 
 from bmig.errors import DeviceBusy, NotCheckedOut, RequestError, SenderClaimed, UnknownDevice
-from bmig.limits import MARK_PIECE, MAX_CHECKOUT_RUNS, MAX_CLAIM_WAIT_MS, MAX_HELD_RUNS
+from bmig.limits import (MARK_PIECE, MAX_CHECKOUT_RUNS, MAX_CLAIM_WAIT_MS, MAX_HELD_RUNS,
+                         MAX_RANGES_PER_FRAME)
 from bmig.tracker.committer import pages_of
 from bmig.tracker.intervals import IntervalSet, merge_spans
 from bmig.tracker.protocol import Message, Op, Reply, field_bool, field_int, reply_after
@@ -139,7 +140,12 @@ class Sessions:
         """Mark (and hold) the ranges. What one MARK allocates is bounded (invariant 8):
         its ranges, up to 65536 of them and each perhaps the whole device, are merged
         first, and each run is marked in pieces of at most MARK_PIECE chunks, so no bit
-        array built on the way grows with the ranges or with the device."""
+        array built on the way grows with the ranges or with the device.
+
+        With ``sync`` the reply's ranges are the chunks of the mark that are mirrored now
+        (at most MAX_RANGES_PER_FRAME runs): the writer may keep those holds once their
+        writes settled, since no sender ships them; the others it lets go as they settle,
+        so a sender can make them clean (invariant 6)."""
         device = self._registry.requested(msg)
         spans = merge_spans(device.spans(msg.ranges))
         hold = field_bool(msg, "hold")
@@ -153,6 +159,7 @@ class Sessions:
                                    "one connection; release some first")
         pending: list[Awaitable] = []
         pieces = 0
+        mirrored: list[tuple[int, int]] = []     # sync: the held chunks that are mirrored
         for first, end in spans:
             for start in range(first, end, MARK_PIECE):
                 stop = min(end, start + MARK_PIECE)
@@ -165,10 +172,13 @@ class Sessions:
                     pending.append(flushed)
                 if hold:
                     device.chunks.hold(start, stop, mirror)
+                if sync:
+                    _add_runs(mirrored, device.chunks.mirrored, start, stop)
             if hold:
                 runs.add(first, end)
         device.marks += len(msg.ranges) - pieces      # it counts the ranges sent
-        ok = Message(Op.REPLY_OK, msg.request_id)
+        ok = Message(Op.REPLY_OK, msg.request_id, {},
+                     [device.chunks.chunk_bytes(a, b) for a, b in mirrored])
         if not pending:
             return ok
         return reply_after(pending[0] if len(pending) == 1 else asyncio.gather(*pending), ok)
@@ -209,7 +219,8 @@ class Sessions:
         if max_bytes <= 0:
             raise RequestError(f"max_bytes must be positive, not {max_bytes}")
         runs = device.chunks.checkout(max(1, max_bytes // device.definition.chunk_size),
-                                      max_runs=MAX_CHECKOUT_RUNS)
+                                      max_runs=MAX_CHECKOUT_RUNS,
+                                      settled=field_bool(msg, "settled"))
         checked_out = session.checkouts.setdefault(device.name, IntervalSet())
         for first, end in runs:
             checked_out.add(first, end)
@@ -315,6 +326,26 @@ class Sessions:
         if claim is not None and claim.answer is answer:
             self._drop_claim(name, DeviceBusy(
                 f"{name}: {owner} did not give the device up within {wait_ms / 1000:g} s"))
+
+
+def _add_runs(runs: list[tuple[int, int]], bits, first: int, end: int) -> None:
+    """Append the runs of set bits of ``bits`` in [first, end) to ``runs`` (merging with
+    the last one), up to MAX_RANGES_PER_FRAME runs: what does not fit is left out, which
+    only makes the writer let those holds go sooner."""
+    pos = first
+    while pos < end and len(runs) <= MAX_RANGES_PER_FRAME:
+        a = bits.find(1, pos, end)
+        if a < 0:
+            return
+        b = bits.find(0, a, end)
+        b = end if b < 0 else b
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        elif len(runs) < MAX_RANGES_PER_FRAME:
+            runs.append((a, b))
+        else:
+            return
+        pos = b
 
 
 async def _claim_reply(request_id: int, answer: Awaitable[str]) -> Message:

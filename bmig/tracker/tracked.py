@@ -14,12 +14,14 @@ from concurrent.futures import Executor
 from typing import Sequence
 
 from bmig.errors import RequestError
+from bmig.limits import DEFAULT_ACTIVITY_LOG, MAX_ACTIVITY_LOG
 from bmig.lineage import hex_id, load_source
 from bmig.tracker.chunks import ChunkMap
 from bmig.tracker.committer import GroupCommitter, pages_of
 from bmig.tracker.definitions import DeviceDefinition
 from bmig.tracker.intervals import merge_spans
-from bmig.tracker.store import NO_SAVED_BITMAP, BitmapFile, Identity, page_count, page_span
+from bmig.tracker.store import (BITS_PER_PAGE, NO_SAVED_BITMAP, BitmapFile, Identity,
+                                page_count, page_span)
 
 log = logging.getLogger("breqd")
 
@@ -31,7 +33,10 @@ def bitmap_path(state_dir: str, name: str) -> str:
 
 
 class TrackedDevice:
-    def __init__(self, definition: DeviceDefinition, state_dir: str, executor: Executor):
+    """``log_chunks``: the size of the device's activity log (bmig.tracker.activity)."""
+
+    def __init__(self, definition: DeviceDefinition, state_dir: str, executor: Executor,
+                 log_chunks: int = DEFAULT_ACTIVITY_LOG):
         self.definition = definition
         ident = Identity(definition.device_id, definition.size, definition.chunk_size)
         self.bitmap, bits, self.recovered = BitmapFile.open(
@@ -50,7 +55,8 @@ class TrackedDevice:
             log.warning("%s: %s; a new generation %s starts, and targets synced before "
                         "will refuse it until told to discard their data", definition.name,
                         why, hex_id(self.lineage.generation))
-        self.chunks = ChunkMap(definition.size, definition.chunk_size, bits)
+        self.chunks = ChunkMap(definition.size, definition.chunk_size, bits,
+                               min(log_chunks, MAX_ACTIVITY_LOG))
         self.committer = GroupCommitter(definition.name, self.bitmap, self._page_image,
                                         executor)
         self.marks = 0
@@ -80,7 +86,9 @@ class TrackedDevice:
         for first, end in merge_spans(spans):
             if not (self.chunks.covered(first, end) and committer.is_synced(first, end)):
                 need.update(pages_of(first, end))
-            self.chunks.mark(first, end, keep_mirrored)
+            evicted = self.chunks.mark(first, end, keep_mirrored)
+            if evicted:     # out of the activity log: their bits may go with a lazy write
+                committer.lazy({c // BITS_PER_PAGE for c in evicted})
         self.marks += len(spans)
         return committer.require(need) if need else None
 
@@ -108,8 +116,10 @@ class TrackedDevice:
         }
 
     async def close(self) -> None:
-        """Write what is pending and record a clean shutdown."""
+        """Write what is pending and record a clean shutdown. No writer can mark any
+        more, so the activity log goes first: on disk stays exactly dirty ∪ in flight."""
         clean = True
+        self.committer.lazy({c // BITS_PER_PAGE for c in self.chunks.log.clear()})
         try:
             await self.committer.drain()
         except Exception as exc:  # the state stays unclean; the bits already durable hold

@@ -148,7 +148,15 @@ class AsyncTrackerClient:
         stay dirty until released by ``mark_completed`` or the end of the connection
         (``sync``: the writes go to the target too). Returns the ``session`` of the
         connection that recorded them."""
-        return await self._enqueue(Op.MARK, mark_fields(device, hold, sync), ranges)
+        reply = await self._enqueue(Op.MARK, mark_fields(device, hold, sync), ranges)
+        return reply.session
+
+    async def mark_sync(self, device: str, ranges: Ranges) -> tuple[int, list[tuple[int, int]]]:
+        """``mark`` with ``hold`` and ``sync``; also returns the byte ranges breqd says are
+        mirrored now (the reply's ranges; of every mark that travelled in the same
+        message, so a caller looks up only its own chunks in them)."""
+        reply = await self._enqueue(Op.MARK, mark_fields(device, True, True), ranges)
+        return reply.session, list(reply.ranges)
 
     async def mark_completed(self, device: str, ranges: Ranges, synced: bool = False) -> None:
         """Mark again after the write; releases this connection's holds on the ranges."""
@@ -156,7 +164,7 @@ class AsyncTrackerClient:
 
     def release(self, device: str, ranges: Ranges, synced: bool = False) -> asyncio.Future:
         """``mark_completed`` queued now, in the caller's place in line: a hold taken after
-        this call reaches breqd after the release. The future has the outcome."""
+        this call reaches breqd after the release. The future has the outcome (the reply)."""
         return self._enqueue(Op.MARK_COMPLETED, release_fields(device, synced), ranges)
 
     async def query(self, device: str, offset: int,
@@ -203,7 +211,7 @@ class AsyncTrackerClient:
         else:
             for _, future in group:
                 if not future.done():
-                    future.set_result(reply.session)
+                    future.set_result(reply)
 
     async def stats(self, device: str) -> dict:
         return (await self.call(Op.STATS, {"device": device})).fields

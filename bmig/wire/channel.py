@@ -7,6 +7,9 @@ one small buffer; ``authenticated`` raises the cap and, when it is given keys, s
 frame from then on (bmig.wire.seal: the body becomes ciphertext and a 16-byte tag, the
 length counts both). The body a read returns is valid until the next read.
 
+Several small frames can leave in one write (``send_many``), and a reader can ask whether
+the next frame is already buffered (``has_frame``), to answer a batch at once.
+
 Large frames (DATA) are never joined or copied whole: unsealed, the body is received
 straight into a body buffer; sealed, it is deciphered from the read buffer into the body
 buffer piece by piece, and sealed into a piece-sized buffer that is sent as it fills.
@@ -32,6 +35,7 @@ REASON_LINGER = 2.0             # seconds a fatal reason's sender reads on befor
 SEAL_PIECE = 256 * 1024          # a large frame is sealed and sent in pieces of this size
 SEAL_IN_ONE = 128 * 1024         # frames up to this size are sealed in one call
 SLACK = 32                       # room a cipher may want past its output
+MANY_PARTS = 512                 # buffers per sendmsg of send_many (IOV_MAX is 1024)
 
 
 class Channel:
@@ -120,6 +124,14 @@ class Channel:
             return memoryview(self._opener.open(prefix, body))
         return body
 
+    def has_frame(self) -> bool:
+        """A whole frame is buffered already: the next ``read`` needs no ``recv``."""
+        have = self._end - self._start
+        if have < LENGTH.size:
+            return False
+        (length,) = LENGTH.unpack_from(self._buf, self._start)
+        return have >= LENGTH.size + length
+
     def _body(self, length: int) -> memoryview:
         if self._body_view is None:
             self._body_view = memoryview(bytearray(self.cap + SLACK))
@@ -182,6 +194,96 @@ class Channel:
                 else:
                     self._seal_large(prefix, head, payload)
                 self.bytes_out += size + TAG_BYTES + LENGTH.size
+            except OSError as exc:
+                raise UnreachableError(f"lost {self.description}: "
+                                       f"{exc.strerror or exc}") from None
+
+    def send_many(self, frames: Sequence[tuple[Buffer, Buffer | None]]) -> None:
+        """Several frames, each ``(head, payload)``, in order and never interleaved with
+        another send: the small ones leave together, in one ``sendmsg`` of up to
+        MANY_PARTS buffers (the receiver reads them with one wake-up); a large sealed one
+        goes through ``send`` on its own, in its place."""
+        with self._send_lock:
+            try:
+                parts: list[Buffer] = []
+                for head, payload in frames:
+                    size = len(head) + (len(payload) if payload is not None else 0)
+                    if self._sealer is None:
+                        parts.append(LENGTH.pack(size) + bytes(head))
+                        if payload is not None and len(payload):
+                            parts.append(payload)
+                        self.bytes_out += size + LENGTH.size
+                    elif size <= SEAL_IN_ONE:
+                        prefix = LENGTH.pack(size + TAG_BYTES)
+                        body = bytes(head) + bytes(payload) if payload is not None else head
+                        parts.append(prefix + self._sealer.seal(prefix, body))
+                        self.bytes_out += size + TAG_BYTES + LENGTH.size
+                    else:
+                        if parts:
+                            self.stream.send(parts)
+                            parts = []
+                        self._seal_large(LENGTH.pack(size + TAG_BYTES), head, payload)
+                        self.bytes_out += size + TAG_BYTES + LENGTH.size
+                    if len(parts) >= MANY_PARTS:
+                        self.stream.send(parts)
+                        parts = []
+                if parts:
+                    self.stream.send(parts)
+            except OSError as exc:
+                raise UnreachableError(f"lost {self.description}: "
+                                       f"{exc.strerror or exc}") from None
+
+    def try_send_many(self, frames: Sequence[tuple[Buffer, Buffer | None]]
+                      ) -> list[memoryview] | None:
+        """``send_many`` without waiting, for a caller that must not block (an event
+        loop): None when it was not tried (another send is under way, a frame is large,
+        or the stream cannot send without waiting); else what is left to send, in order
+        and before anything else (``send_rest``; also after an error, which ``send_rest``
+        then reports), an empty list when all went out."""
+        if not getattr(self.stream, "nowait", False) \
+                or not self._send_lock.acquire(blocking=False):
+            return None
+        send_nowait = self.stream.send_nowait      # type: ignore[attr-defined]
+        try:
+            parts: list[memoryview] = []
+            for head, payload in frames:
+                size = len(head) + (len(payload) if payload is not None else 0)
+                if self._sealer is not None and size > SEAL_IN_ONE:
+                    return None
+            for head, payload in frames:
+                size = len(head) + (len(payload) if payload is not None else 0)
+                if self._sealer is None:
+                    parts.append(memoryview(LENGTH.pack(size) + bytes(head)))
+                    if payload is not None and len(payload):
+                        parts.append(memoryview(payload).cast("B"))
+                    self.bytes_out += size + LENGTH.size
+                else:
+                    prefix = LENGTH.pack(size + TAG_BYTES)
+                    body = bytes(head) + bytes(payload) if payload is not None else head
+                    parts.append(memoryview(prefix + self._sealer.seal(prefix, body)))
+                    self.bytes_out += size + TAG_BYTES + LENGTH.size
+            while parts:
+                try:
+                    sent = send_nowait(parts[:MANY_PARTS])
+                except OSError:          # send_rest, which may wait, finds out why
+                    return parts
+                if not sent:
+                    return parts
+                while parts and sent >= len(parts[0]):
+                    sent -= len(parts[0])
+                    parts.pop(0)
+                if parts and sent:
+                    parts[0] = parts[0][sent:]
+            return parts
+        finally:
+            self._send_lock.release()
+
+    def send_rest(self, parts: Sequence[Buffer]) -> None:
+        """What ``try_send_many`` left, as it is (framed and sealed already)."""
+        with self._send_lock:
+            try:
+                for start in range(0, len(parts), MANY_PARTS):
+                    self.stream.send(parts[start:start + MANY_PARTS])
             except OSError as exc:
                 raise UnreachableError(f"lost {self.description}: "
                                        f"{exc.strerror or exc}") from None

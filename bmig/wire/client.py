@@ -91,8 +91,18 @@ class WireTarget:
     def _frame(self, head: bytes, payload: Any = None) -> None:
         """Send one frame. When the connection broke, the receiver's own reason (an ERROR
         it sent before closing, read by the reader thread) wins over the broken pipe."""
+        self._frames([(head, payload)])
+
+    def _frames(self, frames: list[tuple[bytes, Any]], rest: list | None = None) -> None:
+        """Send frames in order, the small ones in one write (``Channel.send_many``);
+        ``rest``: what ``try_send_batch`` left instead."""
         try:
-            self.channel.send(head, payload)
+            if rest is not None:
+                self.channel.send_rest(rest)
+            elif len(frames) == 1:
+                self.channel.send(*frames[0])
+            else:
+                self.channel.send_many(frames)
         except UnreachableError:
             reader = self._reader
             if reader is not None and reader is not threading.current_thread():
@@ -150,6 +160,33 @@ class WireTarget:
 
     def request_durable(self, seq: int) -> None:
         self._frame(pack_seq(T.FLUSH, seq))
+
+    def send_batch(self, frames: list[tuple[bytes, Any]]) -> None:
+        """Frames built by ``data_frame``, ``zero_frame`` and ``durable_frame``, sent in
+        order in as few writes as the channel can (a replica's frames of one loop turn)."""
+        self._frames(frames)
+
+    def try_send_batch(self, frames: list[tuple[bytes, Any]]) -> list[memoryview] | None:
+        """``send_batch`` without waiting (``Channel.try_send_many``): None when not
+        tried, else what is left for ``send_rest``."""
+        return self.channel.try_send_many(frames)
+
+    def send_rest(self, parts: list[memoryview]) -> None:
+        """What ``try_send_batch`` left, before any other frame."""
+        self._frames([], rest=parts)
+
+    @staticmethod
+    def data_frame(seq: int, offset: int, codec: int, payload: Any, raw_length: int,
+                   digest: int, flags: int = 0) -> tuple[bytes, Any]:
+        return pack_data(codec, flags, raw_length, seq, offset, digest), payload
+
+    @staticmethod
+    def zero_frame(seq: int, offset: int, length: int, flags: int = 0) -> tuple[bytes, Any]:
+        return pack_zero(seq, offset, length, flags), None
+
+    @staticmethod
+    def durable_frame(seq: int) -> tuple[bytes, Any]:
+        return pack_seq(T.FLUSH, seq), None
 
     def end_pass(self, complete: bool, consistent: bool | None = None) -> dict:
         """``consistent``: nothing is dirty on the source now but what a replication

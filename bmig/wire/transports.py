@@ -2,7 +2,8 @@
 
 A Stream moves bytes and knows nothing of frames. ``recv_into`` returns 0 at the end of
 the stream; ``send`` takes several buffers and sends them as one (sendmsg or writev),
-so a frame header and its payload are never concatenated. Errors are OSError; the
+so a frame header and its payload are never concatenated. A plain socket can also send
+without waiting (``nowait``, ``send_nowait``), for an event loop that must not block. Errors are OSError; the
 framing layer above turns them into the toolkit's errors.
 
 No frames and no authentication: bmig.wire.channel and bmig.wire.handshake sit above.
@@ -49,6 +50,20 @@ class SocketStream:
                 self.sock.sendall(part)
             return
         send_all(self.sock.sendmsg, parts)
+
+    @property
+    def nowait(self) -> bool:
+        """``send_nowait`` works: not TLS (SSLSocket takes no flags), and a blocking
+        socket (with a timeout, Python would wait for room before trying)."""
+        return not self._tls and self.sock.gettimeout() is None
+
+    def send_nowait(self, views: list[memoryview]) -> int:
+        """As much of ``views`` as the socket takes now, without waiting (only where
+        ``nowait``: not TLS): the bytes sent."""
+        try:
+            return self.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)

@@ -303,3 +303,34 @@ def test_kill9_keeps_in_flight_and_re_marked_chunks(tmp_path, daemons):
     must = chunks_of([(b, 1), (c_, 1), (d, 1), (e, 1)], CHUNK)
     assert must <= dirty, sorted(must - dirty)
     assert dirty <= must | chunks_of([(a, 1)], CHUNK)   # a: committed, cleared lazily
+
+
+def test_kill9_after_a_mark_answered_from_the_activity_log_keeps_the_chunk(tmp_path,
+                                                                         daemons):
+    """A chunk marked, shipped and committed stays dirty on disk (breqd's activity log),
+    so marking it again costs no bitmap write; after a kill -9 it is dirty all the same,
+    and the chunk that was only shipped, never marked again, is dirty too (the log's
+    cost: it ships once more)."""
+    daemon = daemons.start(breqd_daemon(str(tmp_path)))
+    control = daemon_control(daemon)
+    a, b = 1 * MiB, 2 * MiB
+    with client(control) as c:
+        c.add_device(DEVICE, SIZE, CHUNK)
+        c.clear_all(DEVICE, force=True)
+        c.mark(DEVICE, [(a, 4096), (b, 4096)])
+        runs = c.checkout(DEVICE, 1 << 40)
+        assert chunks_of(runs, CHUNK) == chunks_of([(a, 1), (b, 1)], CHUNK)
+        flushes = c.stats(DEVICE)["flushes"]
+        c.commit(DEVICE, runs)
+        assert c.stats(DEVICE)["dirty_bytes"] == 0
+        wait_until(lambda: c.stats(DEVICE)["flushes"] > flushes, 10.0,
+                   "the commit's lazy bitmap write")
+        flushes = c.stats(DEVICE)["flushes"]
+        c.mark(DEVICE, [(a, 4096)])                  # answered from memory: logged
+        stats = c.stats(DEVICE)
+    assert stats["flushes"] == flushes and stats["dirty_bytes"] == CHUNK, stats
+    daemon.kill9()
+    daemon = daemons.restart(daemon)
+    with client(control) as c:
+        dirty = dirty_chunks(c, DEVICE)
+    assert dirty == chunks_of([(a, 1), (b, 1)], CHUNK), sorted(dirty)

@@ -51,6 +51,24 @@ def test_a_held_chunk_stays_dirty_after_a_sender_commits_it(breqd, device):
     assert sender.stats(device)["dirty_bytes"] == 0
 
 
+def test_a_settled_checkout_leaves_held_chunks_until_the_writer_lets_go(breqd, device):
+    """The catch-up service's checkouts (settled): a held chunk would only ship again, so
+    it is not taken while held; once released it is, like any dirty chunk."""
+    writer, sender = breqd.client(), breqd.client()
+    writer.mark(device, [(CHUNK, 4096)], hold=True)
+    sender.mark(device, [(3 * CHUNK, 4096)])                 # dirty, not held
+    taken = sender.checkout(device, SIZE, settled=True)
+    assert taken == [(3 * CHUNK, CHUNK)]
+    sender.commit(device, taken)
+    assert sender.checkout(device, SIZE, settled=True) == []
+    stats = sender.stats(device)
+    assert stats["dirty_bytes"] == CHUNK and stats["held_bytes"] == CHUNK
+    writer.mark_completed(device, [(CHUNK, 4096)])
+    assert sender.checkout(device, SIZE, settled=True) == [(CHUNK, CHUNK)]
+    sender.commit(device, [(CHUNK, CHUNK)])
+    assert sender.stats(device)["dirty_bytes"] == 0
+
+
 def test_a_writer_that_dies_leaves_its_held_chunks_dirty(breqd, device):
     """kill -9 of the writer between its write and its release: the chunk still ships."""
     script = (

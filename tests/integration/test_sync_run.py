@@ -387,3 +387,73 @@ def test_run_refuses_a_threshold(breqd, tmp_path):
     line, = done.stderr.splitlines()
     assert line.startswith("bmigrate: no such option '--threshold'"), line
     assert line.endswith("(see bmigrate run --help)"), line
+
+
+def test_run_ships_a_held_chunk_once_its_writer_lets_go(breqd, tmp_path, receivers,
+                                                        migrations):
+    """A chunk a writer still holds is left for later (it would only be dirty again):
+    the pass that ships a chunk marked after it leaves it alone; the release brings it."""
+    size = 16 * CHUNK
+    source = make_image(str(tmp_path / "src.img"), size, "random")
+    track(breqd, "d1", source)
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    m = start_background(migrations, breqd, "run",
+                         *run_args("d1", source, r.url("d1"), r.secret_file,
+                                   "--hot-refresh", "86400"))
+    m.wait_event(lambda e: e["event"] == "pass" and e["passes"] == 1, timeout=30,
+                 what="the initial copy")
+    wait_until(identical(source, target), timeout=30, what="the initial copy")
+    writer, plain = breqd.client(), breqd.client()
+    # As bmig-nbd writes: the mark (with a hold) first, then the write.
+    writer.mark("d1", [(CHUNK, 4096)], hold=True)
+    with open(source, "r+b") as f:
+        f.seek(CHUNK)
+        f.write(b"\x11" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+        plain.mark("d1", [(5 * CHUNK, 4096)])                      # no hold
+        f.seek(5 * CHUNK)
+        f.write(b"\x55" * 4096)
+    passes = len(m.of("pass"))
+    # The pass that ships chunk 5 (marked after chunk 1 was written) leaves chunk 1.
+    m.wait_event(lambda e: e["event"] == "pass" and e["passes"] > passes
+                 and breqd.client().stats("d1")["dirty_bytes"] == CHUNK, timeout=30,
+                 what="a pass that ships the chunk nobody holds")
+    with open(target, "rb") as t:
+        t.seek(5 * CHUNK)
+        assert t.read(4096) == b"\x55" * 4096
+        t.seek(CHUNK)
+        assert t.read(4096) != b"\x11" * 4096                      # still held: not shipped
+    assert breqd.client().stats("d1")["held_bytes"] == CHUNK
+    writer.mark_completed("d1", [(CHUNK, 4096)])
+    wait_until(identical(source, target), timeout=30, what="the released chunk to ship")
+    summary = stopped_cleanly(m, breqd, "d1")
+    assert summary["dirty_bytes"] == 0
+
+
+def test_run_ships_a_chunk_written_without_pause_every_hot_refresh(breqd, tmp_path,
+                                                                   receivers, migrations):
+    """A chunk its writer never lets go still reaches the target, at most --hot-refresh
+    seconds late: the copy of a hot chunk has a bounded age."""
+    size = 16 * CHUNK
+    source = make_image(str(tmp_path / "src.img"), size, "random")
+    track(breqd, "d1", source)
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d1": target})
+    receivers.append(r)
+    m = start_background(migrations, breqd, "run",
+                         *run_args("d1", source, r.url("d1"), r.secret_file,
+                                   "--hot-refresh", "1"))
+    m.wait_event(lambda e: e["event"] == "pass" and e["passes"] == 1, timeout=30,
+                 what="the initial copy")
+    writer = breqd.client()
+    writer.mark("d1", [(2 * CHUNK, 4096)], hold=True)
+    with open(source, "r+b") as f:
+        f.seek(2 * CHUNK)
+        f.write(b"\x22" * 4096)
+    wait_until(identical(source, target), timeout=30, what="the held chunk to ship")
+    assert breqd.client().stats("d1")["held_bytes"] == CHUNK      # still held
+    writer.mark_completed("d1", [(2 * CHUNK, 4096)])
+    stopped_cleanly(m, breqd, "d1")

@@ -74,6 +74,9 @@ class FakeTracker:
         self.events.append(f"{'sync-hold' if sync else 'hold'} {ranges}")
         return self.session
 
+    async def mark_sync(self, device, ranges):
+        return await self.mark(device, ranges, hold=True, sync=True), []
+
     def release(self, device, ranges, synced=False):
         self.events.append(f"{'release-synced' if synced else 'release'} {ranges}")
         done = asyncio.get_running_loop().create_future()
@@ -108,6 +111,7 @@ class FakeTarget:
         self.entered = threading.Event()            # the sender is in a send
         self.answer_flush = True
         self.acks = None
+        self.batches: list[list[int]] = []          # the seqs of each send_batch
 
     def set_acks(self, acks) -> None:
         self.acks = acks
@@ -141,6 +145,26 @@ class FakeTarget:
         self._send("flush", seq)
         if self.answer_flush:
             self.acks.durable(seq)
+
+    # The frames of one loop turn come together, built by these (WireTarget's shape).
+    def data_frame(self, seq, offset, codec, payload, raw_length, digest, flags=0):
+        return ("data", seq, offset, flags)
+
+    def zero_frame(self, seq, offset, length, flags=0):
+        return ("zero", seq, offset, flags)
+
+    def durable_frame(self, seq):
+        return ("flush", seq, 0, 0)
+
+    def send_batch(self, frames) -> None:
+        self.batches.append([seq for _, seq, _, _ in frames])
+        for kind, seq, offset, flags in frames:
+            if kind == "flush":
+                self.request_durable(seq)
+            elif kind == "data":
+                self.send_data(seq, offset, None, None, 0, 0, flags)
+            else:
+                self.send_zero(seq, offset, 0, flags)
 
     def abort(self) -> None:
         self.gate.set()
@@ -374,3 +398,114 @@ def test_replication_stopped_and_started_again_is_a_new_generation():
     events = asyncio.run(main())
     assert sorted(releases(events)) == [f"release [(0, {CHUNK})]",
                                         f"release-synced [({CHUNK}, {CHUNK})]"], events
+
+
+# -- the frames of one loop turn leave together ----------------------------------------------
+
+def test_the_frames_of_one_loop_turn_leave_in_one_batch_in_seq_order():
+    """Three writes started in one turn: their frames reach the sender thread together
+    (one wake-up of it, one write to the socket), in seq order."""
+
+    async def main():
+        target = FakeTarget("C")
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            seqs = await asyncio.wait_for(asyncio.gather(
+                replica.write(0, b"a", False), replica.write(CHUNK, b"b", False),
+                replica.zero(2 * CHUNK, 10, False)), WAIT)
+        finally:
+            replica.close()
+        return seqs, target.batches
+
+    seqs, batches = asyncio.run(main())
+    assert seqs == [1, 2, 3]
+    assert batches[0] == [1, 2, 3], batches
+
+
+class DirectTarget(FakeTarget):
+    """A target whose socket takes a turn's frames at once (``try_send_batch``), unless
+    ``full``: then it takes none and leaves them all to the sender thread."""
+
+    def __init__(self, protocol: str):
+        super().__init__(protocol)
+        self.full = False
+        self.direct: list[list[int]] = []          # the seqs of each batch sent at once
+
+    def try_send_batch(self, frames):
+        if self.full:
+            return list(frames)
+        self.direct.append([seq for _, seq, _, _ in frames])
+        for kind, seq, offset, flags in frames:
+            self.wire.append((kind, seq))
+            if kind == "flush":
+                self.acks.durable(seq)
+            else:
+                self._answer(seq, offset, flags)
+        return []
+
+    def send_rest(self, parts) -> None:
+        self.send_batch(parts)
+
+
+def test_frames_go_out_at_once_when_the_socket_takes_them():
+    async def main():
+        target = DirectTarget("C")
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            await asyncio.wait_for(asyncio.gather(replica.write(0, b"a", False),
+                                                  replica.write(CHUNK, b"b", False)), WAIT)
+        finally:
+            replica.close()
+        return target
+
+    target = asyncio.run(main())
+    assert target.direct[0] == [1, 2] and not target.batches
+
+
+def test_a_turn_after_one_the_socket_did_not_take_waits_for_the_sender_thread():
+    """The socket takes nothing of turn 1 (left to the sender thread, stuck in its send);
+    turn 2 finds the socket free again but must not overtake: the wire order is the seq
+    order, or a DURABLE could cover a frame sent after it."""
+
+    async def main():
+        target = DirectTarget("C")
+        target.full = True
+        target.gate.clear()
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            first = asyncio.ensure_future(replica.write(0, b"a", False))
+            await asyncio.to_thread(target.entered.wait, WAIT)     # the thread has turn 1
+            target.full = False
+            second = asyncio.ensure_future(replica.write(CHUNK, b"b", False))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)                                  # turn 2 handed over
+            target.gate.set()
+            await asyncio.wait_for(asyncio.gather(first, second), WAIT)
+        finally:
+            replica.close()
+        return target
+
+    target = asyncio.run(main())
+    seqs = [seq for _, seq in target.wire]
+    assert seqs[:2] == [1, 2], target.wire
+    assert not target.direct, target.direct
+
+
+def test_protocol_a_gives_a_frames_room_back_once_even_when_written_comes_before_sent():
+    """The WRITTEN of a frame may reach the loop before its sender thread says the frame
+    left (two threads): the room (QUEUE_BYTES, invariant 8) comes back once, on WRITTEN,
+    never twice, or the queue could hold more than its cap."""
+    async def main():
+        target = FakeTarget("A")           # answers WRITTEN inside its send: before "sent"
+        replica = Replica(target, "A", asyncio.get_running_loop())
+        try:
+            for i in range(4):
+                await replica.write(i * CHUNK, b"x" * 1000, False)
+            await until(lambda: len(target.wire) == 4, "every frame on the wire")
+            await until(lambda: not replica._unwritten and not replica._in_thread,
+                        "every frame written there and reported sent")
+            return replica.lag_bytes
+        finally:
+            replica.close()
+
+    assert asyncio.run(main()) == 0

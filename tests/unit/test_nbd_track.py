@@ -55,6 +55,7 @@ class FakeTracker:
     def __init__(self, events: list[str], fail: bool = False):
         self.events = events
         self.fail = fail
+        self.mirrors = False
         self.session = 1
         self.connected = True
 
@@ -65,6 +66,12 @@ class FakeTracker:
         kind = ("sync-hold" if sync else "hold") if hold else "mark"
         self.events.append(f"{kind} {ranges}")
         return self.session
+
+    async def mark_sync(self, device, ranges):
+        """A synchronous hold; ``mirrors`` says whether breqd answers that the chunks
+        are mirrored (they were clean), else they were dirty already."""
+        session = await self.mark(device, ranges, hold=True, sync=True)
+        return session, (list(ranges) if self.mirrors else [])
 
     def release(self, device, ranges, synced=False):
         self.events.append(f"{'release-synced' if synced else 'release'} {ranges}")
@@ -440,3 +447,109 @@ def test_a_write_that_missed_the_target_never_releases_a_chunk_another_write_run
 
 def releases(events: list[str]) -> list[str]:
     return [e for e in events if e.startswith("release")]
+
+
+# -- holds of mirrored chunks are kept once settled, like holds of tracking only -----------
+
+def test_a_settled_mirrored_hold_is_kept_and_the_next_write_to_it_sends_no_mark():
+    """breqd answered that chunk 0 is mirrored (it was clean): no sender ships it, so the
+    hold stays after its write is durable on the target, and the next write to the chunk
+    needs no MARK. The idle sweep lets it go synced."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        mirror.durable(1)
+        await asyncio.sleep(0)
+        assert 0 in layer.held and not releases(events)
+        await layer.write(memoryview(b"b"), 0, False)            # seq 2: no MARK
+        mirror.durable(2)
+        sweep(layer)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith(("sync-hold", "release"))] == [
+        "sync-hold [(0, 1)]", f"release-synced [(0, {CHUNK})]"]
+
+
+def test_a_kept_mirrored_hold_is_never_let_go_before_a_durable_covers_its_last_write():
+    """The target stops answering (no DURABLE comes: a paused receiver) after the second
+    write to a kept chunk: however idle the chunk, the hold stays until a DURABLE covers
+    that write, then goes synced; had it gone before, breqd would keep the chunk clean
+    while the target may lose the write."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        mirror.durable(1)
+        await layer.write(memoryview(b"b"), 0, False)            # seq 2, not durable
+        for _ in range(3):
+            sweep(layer)
+        await asyncio.sleep(0)
+        assert 0 in layer.held and not releases(events), events
+        mirror.durable(2)
+        await asyncio.sleep(0)
+        assert 0 in layer.held                                   # settled, kept
+        sweep(layer)
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert releases(events) == [f"release-synced [(0, {CHUNK})]"]
+
+
+def test_only_the_chunks_breqd_calls_mirrored_are_kept():
+    """One MARK holds chunks 0 and 1; breqd answers that only chunk 1 is mirrored (chunk
+    0 was dirty): once settled, chunk 0 goes at once, so a sender can make it clean
+    between writes, and chunk 1 stays."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+
+    async def mark_sync(device, ranges):
+        session = await layer.tracker.mark(device, ranges, hold=True, sync=True)
+        return session, [(CHUNK, CHUNK)]
+
+    layer.tracker.mark_sync = mark_sync
+
+    async def main():
+        await layer.write(memoryview(b"a" * 2), CHUNK - 1, False)   # seq 1, chunks 0, 1
+        mirror.durable(1)
+        await asyncio.sleep(0)
+        assert set(layer.held) == {1}
+        await layer.close()
+
+    asyncio.run(main())
+    assert releases(events) == [f"release-synced [(0, {CHUNK})]"]
+
+
+def test_when_replication_ends_a_kept_hold_goes_synced_only_if_a_durable_covered_it():
+    """Chunk 0's write is durable on the target (kept, settled), chunk 1's is not; then
+    replication stops. Chunk 0 goes synced (the target has it: the next sync need not
+    ship it), chunk 1 plain (no DURABLE of any later replication will cover its write)."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # seq 1
+        mirror.durable(1)
+        await layer.write(memoryview(b"b"), CHUNK, False)        # seq 2, never durable
+        await asyncio.sleep(0)
+        assert set(layer.held) == {0, 1}
+        mirror.active, mirror.generation, mirror.durable_seq = False, 2, 0
+        for callback in mirror.listeners:                        # replication stopped
+            callback()
+        await asyncio.sleep(0)
+        assert not layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert sorted(releases(events)) == [f"release [({CHUNK}, {CHUNK})]",
+                                        f"release-synced [(0, {CHUNK})]"]

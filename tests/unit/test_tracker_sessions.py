@@ -3,6 +3,7 @@ and a session's end gives back its checkouts and lets go of its holds (invariant
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -71,3 +72,20 @@ def test_the_end_of_a_session_aborts_its_checkouts_and_lets_go_of_its_holds(room
     assert device.chunks.held[0]                            # the other writer still holds it
     sessions.end(other)
     assert not device.chunks.held[0] and device.chunks.dirty[0]   # let go of, still dirty
+
+
+
+def test_a_synchronous_mark_answers_which_of_its_chunks_are_mirrored(room):
+    """Chunks 0, 2 and 3 were clean, chunk 1 dirty: the reply names 0 and 2-3 (mirrored:
+    the writer may keep those holds), never 1 (a sender must be able to make it clean)."""
+    sessions, device = room
+    device.chunks.clear_all()
+    device.chunks.mark(1, 2)
+
+    async def main():
+        session = sessions.open("test")
+        reply = sessions.mark(session, request(Op.MARK, {"hold": True, "sync": True},
+                                               [(0, 4 * CHUNK)]))
+        return reply if isinstance(reply, Message) else await reply
+
+    assert list(asyncio.run(main()).ranges) == [(0, CHUNK), (2 * CHUNK, 2 * CHUNK)]

@@ -231,3 +231,33 @@ def test_authentication_keeps_what_was_already_buffered():
     assert bytes(receiver.read()) == b"second"
     left.close()
     right.close()
+
+
+# -- several frames in one write, and without waiting --------------------------------------
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_frames_sent_together_or_without_waiting_arrive_whole_and_in_order(sealed):
+    """send_many, then try_send_many of more than the socket holds: it never waits, and
+    what it leaves, sent by send_rest, arrives after what it sent and before the next
+    frame; a whole frame is buffered (has_frame) only once all of it arrived."""
+    a, b = socket.socketpair()
+    sender, receiver = Channel(SocketStream(a, "receiver")), Channel(SocketStream(b, "sender"))
+    if sealed:
+        sender.authenticated((KEYS.sender_to_receiver, KEYS.receiver_to_sender))
+        receiver.authenticated((KEYS.receiver_to_sender, KEYS.sender_to_receiver))
+    else:
+        sender.authenticated()
+        receiver.authenticated()
+    bodies = [struct.pack("<I", i) + os.urandom(4096) for i in range(600)]
+    sender.send_many([(body[:4], body[4:]) for body in bodies[:3]])
+    assert not receiver.has_frame()                   # nothing read yet
+    rest = sender.try_send_many([(body[:4], body[4:]) for body in bodies[3:599]])
+    assert rest, "a socket pair holds less than 2 MiB: something is left"
+    sending = threading.Thread(target=lambda: (sender.send_rest(rest),
+                                               sender.send(bodies[599])))
+    sending.start()
+    got = [bytes(receiver.read()) for _ in bodies]
+    sending.join(10)
+    assert got == bodies
+    a.close()
+    b.close()

@@ -34,10 +34,14 @@ A seq means something only to the replica that gave it (each counts from 1), so 
 replication layer moves its generation (``ReplicationGeneration``) on whenever
 replication starts, stops or fails, and tells the tracking layer at once. A hold waiting
 for a seq of another generation is tainted then: no DURABLE of the new replica covers a
-write it never carried (invariant 11). While replicating, holds are let go as soon as
-they settle (``synced``) or are tainted (plain), so the resync beside finds them free;
-the idle sweep never lets go plain a hold that still waits for the target, or the next
-pass would ship again what the target is about to have.
+write it never carried (invariant 11). While replicating, tainted holds are let go at
+once (plain), so the resync beside ships them. A hold that settled goes at once
+(``synced``) unless breqd said its chunk is mirrored (``Hold.mirrored``, from the MARK's
+reply): a chunk that was dirty when held must be free now and then for a sender to make
+it clean, while a mirrored one is left alone by senders anyway, so its hold is kept like
+a hold of tracking only (the next write to it needs no MARK) and the idle sweep lets it
+go, synced once settled. The idle sweep never lets go a hold that still waits for the
+target, or the next pass would ship again what the target is about to have.
 
 This module keeps that bookkeeping and decides; the tracking layer (bmig.nbd.layers.track)
 owns the holds, asks it, and sends the releases. It may not talk to breqd or to the
@@ -101,13 +105,14 @@ class Hold:
     """One held chunk: was every write under it replicated, and up to which seq; and when
     it was last written (``seen``, for the tracking layer's idle sweep)."""
 
-    __slots__ = ("tainted", "last_seq", "seq_generation", "seen")
+    __slots__ = ("tainted", "last_seq", "seq_generation", "seen", "mirrored")
 
-    def __init__(self, tainted: bool, seen: int):
+    def __init__(self, tainted: bool, seen: int, mirrored: bool = False):
         self.tainted = tainted       # a write under the hold did not reach the target
         self.last_seq = 0            # the replica seq of the last write under the hold
         self.seq_generation = -1     # the replication that gave ``last_seq``
         self.seen = seen             # sweeps done when the chunk was last written
+        self.mirrored = mirrored     # breqd said the chunk is mirrored under this hold
 
 
 class MirroredHolds:
@@ -123,6 +128,7 @@ class MirroredHolds:
         # A heap of (replica seq, chunk): holds that settle once a DURABLE reaches seq.
         self._awaiting_durable: list[tuple[int, int]] = []
         self._generation_seen = -1          # the replication the heap belongs to
+        self._durable_seen = 0              # its durable watermark, the last one seen
 
     def forget(self) -> None:
         """The holds are gone (breqd's connection changed)."""
@@ -168,29 +174,47 @@ class MirroredHolds:
 
     def settle(self) -> tuple[list[int], list[int]]:
         """What may go now, while replicating: (tainted, settled) chunks, the first to be
-        let go plain and then the second synced.
+        let go plain and then the second synced. A settled hold that breqd made
+        mirrored is kept, like a hold of tracking only: no sender ships it meanwhile,
+        and the next write to it needs no MARK; the idle sweep lets it go (synced once
+        settled). A settled hold of a chunk that was dirty when held goes at once, so
+        that a sender can make the chunk clean between writes.
 
         Called after every replicated write, every DURABLE and every change of
         generation, so it looks only at the chunks whose writes the new durable seq
         covers; a new generation looks at every hold once, and taints those still
-        waiting for a seq of another one."""
+        waiting for a seq of another one; a kept hold whose writes a DURABLE of the
+        replication that ended had covered goes synced then."""
         mirror = self.mirror
         held, busy = self._held, self._busy
         tainted: list[int] = []
+        settled: set[int] = set()
         if mirror.generation != self._generation_seen:
+            previous, durable_before = self._generation_seen, self._durable_seen
             self._generation_seen = mirror.generation
-            for hold in held.values():
+            for c, hold in held.items():
                 if hold.last_seq and hold.seq_generation != mirror.generation:
-                    hold.tainted = True
+                    if (not hold.tainted and hold.seq_generation == previous
+                            and hold.last_seq <= durable_before and c not in busy):
+                        # Settled by a DURABLE of the replication that carried every
+                        # write under it, before it ended (a kept hold): synced.
+                        settled.add(c)
+                        hold.last_seq = 0
+                    else:
+                        hold.tainted = True
             self._awaiting_durable = [(hold.last_seq, c) for c, hold in held.items()
                                       if hold.last_seq and not hold.tainted]
             heapq.heapify(self._awaiting_durable)
             tainted = [c for c, hold in held.items() if hold.tainted and c not in busy]
+        else:
+            self._durable_seen = mirror.durable_seq
         durable, awaiting = mirror.durable_seq, self._awaiting_durable
-        settled: set[int] = set()
         while awaiting and awaiting[0][0] <= durable:
             _, c = heapq.heappop(awaiting)
-            # A chunk still being written is seen again when that write is answered.
-            if c not in busy and c in held and self.settled(held[c]):
+            # A chunk still being written is seen again when that write is answered; a
+            # mirrored one is kept (``keeps``).
+            hold = held.get(c)
+            if c not in busy and hold is not None and self.settled(hold) \
+                    and not hold.mirrored:
                 settled.add(c)
         return tainted, sorted(settled)

@@ -132,9 +132,11 @@ class ReplicateLayer(Layer):
             return False
         return self.inner.write_now(data, offset, fua)
 
-    async def _both(self, local, remote) -> int | None:
+    async def _both(self, local, remote, local_now=None) -> int | None:
         """Run the local request and its replica side by side; the replica's seq, or
-        None when the write did not reach the target."""
+        None when the write did not reach the target. ``local_now``: the local request
+        done at once if it can be (True), before the replica's frame leaves with the
+        others of this loop turn: no task of its own."""
         self._refuse_if_blocked()
         replica = self.replica
         if replica is None:
@@ -143,13 +145,15 @@ class ReplicateLayer(Layer):
         self._running += 1
         self._idle.clear()
         try:
-            local_task = asyncio.ensure_future(local())
+            local_task = (None if local_now is not None and local_now()
+                          else asyncio.ensure_future(local()))
             try:
                 seq = await remote(replica)
             except BmigError as exc:
                 self._give_up(replica, exc)
                 seq = None
-            await local_task
+            if local_task is not None:
+                await local_task
             self._refuse_if_blocked()
             return seq
         finally:
@@ -159,7 +163,8 @@ class ReplicateLayer(Layer):
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> int | None:
         return await self._both(lambda: self._next().write(data, offset, fua),
-                                lambda r: r.write(offset, data, fua))
+                                lambda r: r.write(offset, data, fua),
+                                lambda: self._next().write_now(data, offset, fua))
 
     async def trim(self, offset: int, length: int, fua: bool) -> int | None:
         return await self._both(lambda: self._next().trim(offset, length, fua),

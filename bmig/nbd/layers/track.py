@@ -15,7 +15,9 @@ MARK_COMPLETED (a mark again, then the hold goes), never while a write to them r
 While the device is replicated synchronously (bmig.nbd.layers.replicate is active), a
 write takes its holds with ``sync`` and what it leaves in them decides how they are
 released: bmig.nbd.layers.mirror keeps that record and says when a hold may go as
-``synced`` (invariant 6); this layer asks it and sends the releases.
+``synced`` (invariant 6); this layer asks it and sends the releases. breqd's answer to
+such a MARK names the chunks it made mirrored; their holds are kept once settled, so a
+replicated write to a chunk written lately needs no message to breqd either.
 
 Holds belong to the breqd connection. When it is lost they are gone: the table is
 emptied, the next write marks again, and a write that was running while the connection
@@ -30,6 +32,7 @@ bmig.nbd.layers.mirror.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 from collections import Counter
@@ -63,10 +66,23 @@ class Tracker(Protocol):
 
     async def mark(self, device: str, ranges: Ranges, hold: bool = False,
                    sync: bool = False) -> int: ...
+    async def mark_sync(self, device: str, ranges: Ranges) -> tuple[int, Ranges]: ...
     def release(self, device: str, ranges: Ranges,
                 synced: bool = False) -> "asyncio.Future[None]": ...
     async def query(self, device: str, offset: int,
                     length: int) -> tuple[Ranges, int]: ...
+
+
+class _ChunkRuns:
+    """Sorted, disjoint byte ranges (a MARK reply's) asked chunk by chunk."""
+
+    def __init__(self, ranges: Ranges, chunk_size: int):
+        self._starts = [offset // chunk_size for offset, _ in ranges]
+        self._ends = [-(-(offset + length) // chunk_size) for offset, length in ranges]
+
+    def __contains__(self, chunk: int) -> bool:
+        i = bisect.bisect_right(self._starts, chunk) - 1
+        return i >= 0 and chunk < self._ends[i]
 
 
 class TrackingFailed(Exception):
@@ -150,7 +166,11 @@ class TrackLayer(Layer):
         earlier = len(self._unrecorded)
         ranges = self._unrecorded[:earlier] + [(offset, length)]
         try:
-            session = await self.tracker.mark(self.device, ranges, hold=True, sync=mirrored)
+            if mirrored:
+                session, in_mirror = await self.tracker.mark_sync(self.device, ranges)
+            else:
+                session = await self.tracker.mark(self.device, ranges, hold=True)
+                in_mirror = []
         except BmigError as exc:
             raise TrackingFailed(f"{self.device}: cannot mark {offset}+{length} dirty: "
                                  f"{exc.message}") from None
@@ -159,10 +179,12 @@ class TrackLayer(Layer):
         if session != self._session:     # ... and has been lost since: hold nothing
             return session
         held = self.held
+        mirrored_runs = _ChunkRuns(in_mirror, self.chunk_size)
         for range_offset, range_length in ranges:
             for c in self._span(range_offset, range_length):
                 if c not in held:
-                    held[c] = Hold(tainted=not mirrored, seen=self._sweeps)
+                    held[c] = Hold(tainted=not mirrored, seen=self._sweeps,
+                                   mirrored=c in mirrored_runs)
         self._saw(chunks)
         if len(held) > self.hold_limit:
             self._let_go_oldest(keep=chunks)

@@ -1,0 +1,70 @@
+"""Replicated frames in batches, against a real breceive.
+
+bmig-nbd sends the frames of one event-loop turn together (one write), and breceive
+handles what one read brought as a batch, holding its RECEIVED and WRITTEN back to send
+them together. What a batch must not change:
+
+- each frame is still checked on its own: one bad frame in a batch is refused (ERROR
+  with its seq, nothing of it written) and the frames around it are written;
+- acknowledgements keep the order of the frames: the WRITTEN of a frame before the bad
+  one arrives before the ERROR, so the sender, which fails the whole replica on that
+  ERROR, never takes a write the target has for one it lacks, nor the reverse.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bmig.wire import codec
+from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, T, decode_json,
+                                pack_data, pack_seq, type_of, unpack_seq)
+from tests.integration.sync_helpers import receivers, start_receiver  # noqa: F401
+from tests.integration.test_sync_primary import A, read_at, replicating
+
+BLOCK = 4096
+
+
+def data_frame(seq: int, offset: int, data: bytes, flags: int,
+               checksum: int | None = None) -> tuple[bytes, bytes]:
+    digest = codec.checksum(data) if checksum is None else checksum
+    return pack_data(codec.RAW, flags, len(data), seq, offset, digest), data
+
+
+def answers(raw, n: int) -> list[tuple[str, int]]:
+    """The next ``n`` frames breceive sends, as (kind, seq)."""
+    out = []
+    for _ in range(n):
+        body = raw.read()
+        kind = type_of(body)
+        if kind == T.ERROR:
+            fields = decode_json(body).fields
+            assert not fields.get("fatal"), fields
+            out.append(("ERROR", fields["seq"]))
+        else:
+            out.append((kind.name, unpack_seq(body)))
+    return out
+
+
+def test_a_bad_frame_in_a_batch_is_refused_alone_and_acknowledgements_keep_their_order(
+        tmp_path, receivers):
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    raw = replicating(r, A)
+    good = [os.urandom(BLOCK) for _ in range(4)]
+    bad = os.urandom(BLOCK)
+    raw.channel.send_many([                              # one write: one batch
+        data_frame(1, 0, good[0], FLAG_ACK_WRITTEN),
+        data_frame(2, BLOCK, good[1], FLAG_ACK_RECEIVED),
+        data_frame(3, 2 * BLOCK, bad, FLAG_ACK_WRITTEN, checksum=codec.checksum(bad) ^ 1),
+        data_frame(4, 3 * BLOCK, good[2], FLAG_ACK_WRITTEN),
+        data_frame(5, 4 * BLOCK, good[3], FLAG_ACK_WRITTEN),
+        (pack_seq(T.FLUSH, 6), None),
+    ])
+    got = answers(raw, 6)
+    assert got[:3] == [("WRITTEN", 1), ("RECEIVED", 2), ("ERROR", 3)], got
+    assert sorted(got[3:]) == [("DURABLE", 6), ("WRITTEN", 4), ("WRITTEN", 5)], got
+    assert read_at(target, 0, 2 * BLOCK) == good[0] + good[1]
+    assert read_at(target, 2 * BLOCK, BLOCK) != bad              # nothing of it written
+    assert read_at(target, 3 * BLOCK, 2 * BLOCK) == good[2] + good[3]
+    raw.close()
