@@ -222,7 +222,10 @@ class TargetDevice:
                 done = 0
                 while done < len(view):
                     end = min(len(view), done + WRITE_PIECE)
-                    done += os.pwrite(self.fd, view[done:end], offset + done)
+                    wrote = os.pwrite(self.fd, view[done:end], offset + done)
+                    if wrote <= 0:          # the end of a device: never loop on it
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += wrote
             except OSError as exc:
                 raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
                                     f"{self.path}") from None

@@ -133,8 +133,14 @@ class ChunkMap:
         """
         runs: list[tuple[int, int]] = []
         budget = max_chunks
-        skip = self.mirrored | self.held if settled else self.mirrored
-        mirrored = skip if skip.any() else None
+        # Runs are cut short at, and skipped from, the chunks in flight (re-marked ones
+        # too), the mirrored ones (written synchronously: not ours to ship) and, with
+        # ``settled``, the held ones: found run by run, never by combining whole arrays.
+        skips = [self.inflight]
+        if self.mirrored.any():
+            skips.append(self.mirrored)
+        if settled and self.held.any():
+            skips.append(self.held)
         start = self._cursor if self._cursor < self.nchunks else 0
         for lo, hi in ((start, self.nchunks), (0, start)):
             pos = lo
@@ -145,21 +151,18 @@ class ChunkMap:
                 end = self.dirty.find(0, first, hi)
                 if end < 0:
                     end = hi
-                busy = self.inflight.find(1, first, end)
-                if busy == first:  # re-marked chunks still in flight: skip them
-                    free = self.inflight.find(0, first, end)
-                    pos = end if free < 0 else free
-                    continue
-                if busy >= 0:
-                    end = busy
-                if mirrored is not None:       # written synchronously (or held, settled)
-                    m = mirrored.find(1, first, end)
-                    if m == first:
-                        free = mirrored.find(0, first, end)
+                skipped = False
+                for bits in skips:
+                    at = bits.find(1, first, end)
+                    if at == first:
+                        free = bits.find(0, first, end)
                         pos = end if free < 0 else free
-                        continue
-                    if m >= 0:
-                        end = m
+                        skipped = True
+                        break
+                    if at >= 0:
+                        end = at
+                if skipped:
+                    continue
                 end = min(end, first + budget)
                 self.dirty[first:end] = self.held[first:end]   # held chunks stay re-marked
                 self.inflight[first:end] = 1

@@ -84,3 +84,25 @@ def test_checkout_caps_the_number_of_runs():
     runs = m.checkout(1000, max_runs=3)
     assert runs == [(0, 1), (2, 3), (4, 5)]
     assert m.checkout(1000, max_runs=2) == [(6, 7), (8, 9)]
+
+
+def test_a_settled_checkout_allocates_nothing_the_size_of_the_device():
+    """breqd answers writers' MARKs on the loop that serves checkouts: a checkout of the
+    catch-up service (settled) finds held chunks run by run, as it finds mirrored and in
+    flight ones, and builds no array as large as the device (invariant 8)."""
+    import tracemalloc
+
+    from bmig.tracker.chunks import ChunkMap
+
+    chunks = 1 << 24                                  # 2 MiB per bit array
+    m = ChunkMap(chunks * 4096, 4096)
+    m.mark(0, chunks)
+    m.hold(10, 20)
+    tracemalloc.start()
+    try:
+        runs = m.checkout(1000, settled=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert runs == [(0, 10), (20, 1010)]
+    assert peak < (chunks // 8) // 4, peak

@@ -553,3 +553,63 @@ def test_when_replication_ends_a_kept_hold_goes_synced_only_if_a_durable_covered
     asyncio.run(main())
     assert sorted(releases(events)) == [f"release [({CHUNK}, {CHUNK})]",
                                         f"release-synced [(0, {CHUNK})]"]
+
+
+def announce(mirror) -> None:
+    for callback in mirror.listeners:
+        callback()
+
+
+def test_a_hold_is_never_settled_by_the_durable_watermark_of_an_earlier_replication():
+    """Each replica counts seqs from 1. R1 reached DURABLE(3) and ended with nothing
+    held; R2's seq 1 to a clean chunk never became durable when R2 failed: its hold must
+    go plain, not synced (which would make breqd call the chunk clean)."""
+    events: list[str] = []
+    layer, inner, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        for _ in range(3):
+            await layer.write(memoryview(b"a"), 0, False)
+        mirror.durable(3)
+        await asyncio.sleep(0)
+        sweep(layer)
+        await asyncio.sleep(0)
+        assert not layer.held
+        mirror.active, mirror.generation, mirror.durable_seq = False, 2, 0   # R1 stops
+        announce(mirror)
+        mirror.active, mirror.generation, mirror.durable_seq = True, 3, 0    # R2 starts
+        inner.seq = 0
+        announce(mirror)
+        await layer.write(memoryview(b"b"), 5 * CHUNK, False)               # R2's seq 1
+        await asyncio.sleep(0)
+        assert 5 in layer.held
+        mirror.active, mirror.generation, mirror.durable_seq = False, 4, 0   # R2 fails
+        announce(mirror)
+        await asyncio.sleep(0)
+        await layer.close()
+
+    asyncio.run(main())
+    assert f"release-synced [({5 * CHUNK}, {CHUNK})]" not in releases(events)
+    assert f"release [({5 * CHUNK}, {CHUNK})]" in releases(events), releases(events)
+
+
+def test_a_kept_mirrored_hold_goes_after_an_idle_time_even_while_written():
+    """breqd may make a kept chunk plain dirty (a plain mark, set-dirty); held for ever
+    by a chunk written in every idle period, it could never be made clean and a cutover
+    would not converge. A kept hold goes (synced, once settled) an idle time after it
+    was taken, written or not."""
+    events: list[str] = []
+    layer, inner, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        for _ in range(3 * IDLE_SWEEPS):
+            await layer.write(memoryview(b"a"), 0, False)
+            mirror.durable(inner.seq)
+            await asyncio.sleep(0)
+            layer._release()               # one sweep per write: never idle
+        await layer.close()
+
+    asyncio.run(main())
+    assert f"release-synced [(0, {CHUNK})]" in releases(events), releases(events)

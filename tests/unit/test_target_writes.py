@@ -43,3 +43,15 @@ def test_a_short_write_is_continued_where_it_stopped(tmp_path, monkeypatch):
     with open(path, "rb") as f:
         f.seek(4096)
         assert f.read(len(data)) == data
+
+
+def test_a_write_that_makes_no_progress_is_an_error_not_a_loop(tmp_path, monkeypatch):
+    import pytest
+
+    from bmig.errors import BmigError
+
+    path = str(tmp_path / "t.img")
+    device = TargetDevice.create(path, 1 << 20, None)
+    monkeypatch.setattr(target_module.os, "pwrite", lambda fd, buf, offset: 0)
+    with pytest.raises(BmigError, match="write of 4096 bytes at 0"):
+        device.write(0, b"x" * 4096)

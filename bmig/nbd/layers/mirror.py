@@ -105,13 +105,14 @@ class Hold:
     """One held chunk: was every write under it replicated, and up to which seq; and when
     it was last written (``seen``, for the tracking layer's idle sweep)."""
 
-    __slots__ = ("tainted", "last_seq", "seq_generation", "seen", "mirrored")
+    __slots__ = ("tainted", "last_seq", "seq_generation", "seen", "taken", "mirrored")
 
     def __init__(self, tainted: bool, seen: int, mirrored: bool = False):
         self.tainted = tainted       # a write under the hold did not reach the target
         self.last_seq = 0            # the replica seq of the last write under the hold
         self.seq_generation = -1     # the replication that gave ``last_seq``
         self.seen = seen             # sweeps done when the chunk was last written
+        self.taken = seen            # sweeps done when the hold was taken
         self.mirrored = mirrored     # breqd said the chunk is mirrored under this hold
 
 
@@ -206,8 +207,10 @@ class MirroredHolds:
                                       if hold.last_seq and not hold.tainted]
             heapq.heapify(self._awaiting_durable)
             tainted = [c for c, hold in held.items() if hold.tainted and c not in busy]
-        else:
-            self._durable_seen = mirror.durable_seq
+        # The watermark always belongs to ``_generation_seen``: each replica counts its
+        # seqs from 1, so one of another replication could cover seqs it never saw. When
+        # a change went unseen (nothing was held), it is at most lower than the truth.
+        self._durable_seen = mirror.durable_seq
         durable, awaiting = mirror.durable_seq, self._awaiting_durable
         while awaiting and awaiting[0][0] <= durable:
             _, c = heapq.heappop(awaiting)

@@ -291,11 +291,16 @@ class TrackLayer(Layer):
         mirrored = self._mirrored
         if mirrored is not None and not mirrored.mirror.active:
             mirrored = None
-        # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time.
+        # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time. A
+        # hold kept because breqd called its chunk mirrored goes after an idle time even
+        # if still written: breqd may have made the chunk plain dirty since (a plain
+        # mark, set-dirty), and a sender can make it clean only between holds.
         oldest = self._sweeps - IDLE_SWEEPS
         self._let_go_settled_or_plain(
             [c for c, hold in held.items()
-             if hold.seen < oldest and c not in busy
+             if (hold.seen < oldest or (mirrored is not None and hold.mirrored
+                                        and hold.taken < oldest))
+             and c not in busy
              and not (mirrored is not None and mirrored.awaits_target(hold))])
 
     # The name the tests drive the sweeper by, one sweep per call.
