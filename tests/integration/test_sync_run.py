@@ -389,21 +389,27 @@ def test_run_refuses_a_threshold(breqd, tmp_path):
     assert line.endswith("(see bmigrate run --help)"), line
 
 
-def test_run_ships_a_held_chunk_once_its_writer_lets_go(breqd, tmp_path, receivers,
-                                                        migrations):
-    """A chunk a writer still holds is left for later (it would only be dirty again):
-    the pass that ships a chunk marked after it leaves it alone; the release brings it."""
-    size = 16 * CHUNK
-    source = make_image(str(tmp_path / "src.img"), size, "random")
+def run_on_an_image(breqd, tmp_path, receivers, migrations, hot_refresh: str):
+    """A 16-chunk random image tracked as d1 and `bmigrate run` of it to a breceive,
+    past its initial copy: (source, target, run)."""
+    source = make_image(str(tmp_path / "src.img"), 16 * CHUNK, "random")
     track(breqd, "d1", source)
     target = str(tmp_path / "tgt.img")
     r = start_receiver(tmp_path, {"d1": target})
     receivers.append(r)
     m = start_background(migrations, breqd, "run",
                          *run_args("d1", source, r.url("d1"), r.secret_file,
-                                   "--hot-refresh", "86400"))
+                                   "--hot-refresh", hot_refresh))
     m.wait_event(lambda e: e["event"] == "pass" and e["passes"] == 1, timeout=30,
                  what="the initial copy")
+    return source, target, m
+
+
+def test_run_ships_a_held_chunk_once_its_writer_lets_go(breqd, tmp_path, receivers,
+                                                        migrations):
+    """A chunk a writer still holds is left for later (it would only be dirty again):
+    the pass that ships a chunk marked after it leaves it alone; the release brings it."""
+    source, target, m = run_on_an_image(breqd, tmp_path, receivers, migrations, "86400")
     wait_until(identical(source, target), timeout=30, what="the initial copy")
     writer, plain = breqd.client(), breqd.client()
     # As bmig-nbd writes: the mark (with a hold) first, then the write.
@@ -437,17 +443,7 @@ def test_run_ships_a_chunk_written_without_pause_every_hot_refresh(breqd, tmp_pa
                                                                    receivers, migrations):
     """A chunk its writer never lets go still reaches the target, at most --hot-refresh
     seconds late: the copy of a hot chunk has a bounded age."""
-    size = 16 * CHUNK
-    source = make_image(str(tmp_path / "src.img"), size, "random")
-    track(breqd, "d1", source)
-    target = str(tmp_path / "tgt.img")
-    r = start_receiver(tmp_path, {"d1": target})
-    receivers.append(r)
-    m = start_background(migrations, breqd, "run",
-                         *run_args("d1", source, r.url("d1"), r.secret_file,
-                                   "--hot-refresh", "1"))
-    m.wait_event(lambda e: e["event"] == "pass" and e["passes"] == 1, timeout=30,
-                 what="the initial copy")
+    source, target, m = run_on_an_image(breqd, tmp_path, receivers, migrations, "1")
     writer = breqd.client()
     writer.mark("d1", [(2 * CHUNK, 4096)], hold=True)
     with open(source, "r+b") as f:
