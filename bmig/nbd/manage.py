@@ -67,6 +67,7 @@ from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
+from bmig.nbd.layers.track import TrackLayer
 from bmig.nbd.replica import ACK_TIMEOUT, open_replica
 from bmig.wire.client import SourceInfo
 from bmig.wire.options import ConnectOptions
@@ -94,6 +95,7 @@ class Managed:
     ha: dict | None = None  # the HA replication's last word, while its connection lasts
     ha_client: Any = None
     role: Callable[[], Awaitable[str]] | None = None   # breqd's role of the device, now
+    track: TrackLayer | None = None   # its holds: a flush lets go of the settled ones
 
 
 class _Client:
@@ -348,6 +350,8 @@ class ManageServer:
                 await m.control.flush()
             except OSError as exc:
                 raise RequestError(f"{m.device}: flush failed: {exc.strerror}") from None
+            if m.track is not None:
+                m.track.let_go_settled()    # durable there now: a cutover waits for them
             return {**self.status(m), "durable_seq": m.replicate.durable_seq}
         if op == "confirm":
             await self._confirm(m)

@@ -217,7 +217,8 @@ async def _chains(opened: list[tuple[ExportSettings, FileLayer]],
                               tuple(str(g) for g in stats.get("previous", [])))
             managed.append(Managed(device, spec.name, top, replicate, info,
                                    awaiting_confirmation=awaiting,
-                                   role=functools.partial(_role, tracker, device)))
+                                   role=functools.partial(_role, tracker, device),
+                                   track=track))
         exports.append(Export(spec.name, top, spec.description))
     return exports
 

@@ -613,3 +613,27 @@ def test_a_kept_mirrored_hold_goes_after_an_idle_time_even_while_written():
 
     asyncio.run(main())
     assert f"release-synced [(0, {CHUNK})]" in releases(events), releases(events)
+
+
+def test_a_flush_through_the_control_socket_lets_go_of_the_kept_settled_holds():
+    """A cutover freezes, flushes, then waits until nothing is held: kept mirrored holds
+    whose writes are durable go at once (synced), not an idle time later; one whose
+    write is not durable yet stays."""
+    events: list[str] = []
+    layer, inner, mirror = make_replicated(events)
+    layer.tracker.mirrors = True
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)
+        mirror.durable(inner.seq)
+        await asyncio.sleep(0)
+        await layer.write(memoryview(b"b"), 3 * CHUNK, False)     # not durable yet
+        await asyncio.sleep(0)
+        assert 0 in layer.held and 3 in layer.held                # kept / waiting
+        layer.let_go_settled()
+        assert 0 not in layer.held and 3 in layer.held
+        await layer.close()
+
+    asyncio.run(main())
+    assert f"release-synced [(0, {CHUNK})]" in releases(events), releases(events)
+    assert f"release-synced [({3 * CHUNK}, {CHUNK})]" not in releases(events)

@@ -329,6 +329,18 @@ class TrackLayer(Layer):
         self._let_go(tainted, False)
         self._let_go(settled, True)
 
+    def let_go_settled(self) -> None:
+        """While replicating: let go now of every hold whose writes are all durable on
+        the target (synced), the kept ones too. After a freeze and a flush nothing more
+        comes to them, and a cutover waits until nothing is held."""
+        mirrored = self._mirrored
+        if not self.held or not self._holds_valid() or mirrored is None \
+                or not mirrored.mirror.active:
+            return
+        held, busy = self.held, self._busy
+        self._let_go([c for c, hold in held.items()
+                      if c not in busy and mirrored.settled(hold)], True)
+
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._run_sweeper())
