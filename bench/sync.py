@@ -1277,6 +1277,8 @@ def targets(out: dict) -> list[Target]:
                 "seconds", ">=", 0.9),
          Target("1 disk, target pages cached: bmig / socat throughput", "1",
                 ("disk-existing", "socat"), ("disk-existing", "bmig"), "seconds", ">=", 0.9),
+         Target("1 disk: breceive CPU, fresh / existing target file", "1",
+                ("disk", "bmig"), ("disk-existing", "bmig"), "receiver_cpu", "<=", 1.5),
          Target("1 tmpfs: bmig tcp:// (AEAD) / socat throughput", "1", ("shm", "socat"),
                 ("shm", "bmig"), "seconds", ">=", 0.8),
          Target("1 tmpfs: bmig tls:// (client certificate, no AEAD) / socat throughput", "1",
