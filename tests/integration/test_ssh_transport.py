@@ -9,11 +9,13 @@ and explain a remote command that ends at once.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shlex
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -346,6 +348,36 @@ def test_ssh_child_is_out_of_reach_of_the_terminals_ctrl_c(sshd: Sshd, streams):
     """Its own process group: the Ctrl-C the terminal sends to ours does not reach it."""
     stream = streams(open_openssh, sshd.target(), "cat")
     assert os.getpgid(stream.proc.pid) == stream.proc.pid != os.getpgrp()
+
+
+def test_ssh_reads_its_input_from_a_socket_pair(sshd: Sshd, streams):
+    """Not a pipe: a writer blocked on a full pipe wakes for every 32 KiB ssh reads; a
+    socket's writer waits until most of its send buffer is taken (bmig.wire.ssh.openssh)."""
+    stream = streams(open_openssh, sshd.target(), "cat")
+    assert os.readlink(f"/proc/{stream.proc.pid}/fd/0").startswith("socket:")
+    assert stat.S_ISSOCK(os.fstat(stream.write_fd).st_mode)
+    assert os.read(stream.write_fd, 1) == b""     # one way only: shut for reading
+
+
+def test_one_large_buffer_into_ssh_arrives_whole(sshd: Sshd, streams):
+    """8 MiB in one send, many times the socket's buffer: the rest of every partial
+    write follows, and ``head -c`` sees the last byte."""
+    data = os.urandom(8 * MiB)
+    stream = streams(open_openssh, sshd.target(),
+                     f"head -c {len(data)} | {PYTHON} -c "
+                     f"'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read())"
+                     f".hexdigest())'")
+    stream.send([memoryview(data)])
+    assert recv_to_end(stream).decode().strip() == hashlib.sha256(data).hexdigest()
+    assert stream.exit_status() == 0
+
+
+def test_sending_to_an_ssh_that_has_exited_is_an_error(sshd: Sshd, streams):
+    stream = streams(open_openssh, sshd.target(), "true")
+    assert recv_to_end(stream) == b""
+    assert stream.exit_status() == 0
+    with pytest.raises(BrokenPipeError):
+        stream.send([b"x" * MiB])
 
 
 def release_fifo_reader(path: str) -> None:
