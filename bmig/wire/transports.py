@@ -11,6 +11,7 @@ No frames and no authentication: bmig.wire.channel and bmig.wire.handshake sit a
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
@@ -123,6 +124,23 @@ class FdStream:
                 os.close(fd)
             except OSError:
                 pass
+
+
+STDIN_PIPE_SIZE = 1 << 20     # the most an unprivileged process may ask (fs.pipe-max-size)
+
+
+def enlarge_pipe(fd: int, size: int = STDIN_PIPE_SIZE) -> int | None:
+    """Make the pipe ``fd`` is an end of hold ``size`` bytes, if the kernel lets us: its
+    new size, or None (not a pipe, or refused: over fs.pipe-max-size or the user's pipe
+    allowance). Either end may ask.
+
+    ``breceive --stdio`` asks for its stdin: sshd writes what it has deciphered as far as
+    the pipe takes it, so with 64 KiB (the default) it writes, and wakes the reader, for
+    every 64 KiB, and waits whenever breceive is busy writing to the target."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        return None
 
 
 def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:

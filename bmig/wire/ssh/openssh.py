@@ -8,7 +8,6 @@ in; what ssh printed before that becomes one error (``ssh_failure``).
 from __future__ import annotations
 
 import collections
-import fcntl
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ from bmig.wire.ssh.hostkeys import known_host_fingerprint, warn_accepted_key
 from bmig.wire.ssh.remotelog import (STDERR_READ_SIZE, STDERR_TAIL_LINES, RemoteLog,
                                      last_line, start_daemon)
 from bmig.wire.ssh.target import CLOSE_TIMEOUT, EXIT_STATUS_WAIT, SshTarget
-from bmig.wire.transports import FdStream
+from bmig.wire.transports import FdStream, enlarge_pipe
 
 log = logging.getLogger("bmig.wire.ssh")       # one name for the whole package
 PIPE_SIZE = 1 << 20           # pipes from ssh (Linux default 64 KiB; max for users 1 MiB)
@@ -144,10 +143,7 @@ def ssh_failure(target: SshTarget, stderr: OpensshStderr, status: int | None) ->
 def make_pipe() -> tuple[int, int]:
     """A pipe with room for bulk data, if the kernel allows it."""
     read_fd, write_fd = os.pipe()
-    try:
-        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
+    enlarge_pipe(write_fd, PIPE_SIZE)
     return read_fd, write_fd
 
 
