@@ -16,8 +16,8 @@ import paramiko
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
 from bmig.wire.ssh.hints import (changed_host_key_message, check_identity, identity_error,
-                                 login_refused_message)
-from bmig.wire.ssh.hostkeys import KnownHostsPolicy
+                                 login_refused_message, unknown_host_key_message)
+from bmig.wire.ssh.hostkeys import append_known_host, warn_accepted_key
 from bmig.wire.ssh.remotelog import STDERR_READ_SIZE, RemoteLog, start_daemon
 from bmig.limits import SSH_MAX_PACKET_SIZE as MAX_PACKET_SIZE
 from bmig.limits import SSH_WINDOW_SIZE as WINDOW_SIZE
@@ -40,6 +40,26 @@ class _DemoteErrors(logging.Filter):
 
 logging.getLogger(PARAMIKO_LOG).addFilter(_DemoteErrors())
 
+
+class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """Called by paramiko for a host known_hosts does not list (a changed key never gets
+    here: SSHClient raises BadHostKeyException). Refuses, or accepts and appends it.
+
+    Like OpenSSH, a host on a port other than 22 is also known if known_hosts has this
+    very key under the bare host name (another key there does not count either way)."""
+
+    def __init__(self, target: SshTarget):
+        self.target = target
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        if hostname != self.target.host and \
+                client.get_host_keys().check(self.target.host, key):
+            return
+        if not self.target.accept_new_host_key:
+            raise AuthError(unknown_host_key_message(self.target))
+        append_known_host(self.target.known_hosts_file, hostname, key)
+        warn_accepted_key(self.target, f"{key.get_name()} {key.fingerprint}")
 
 
 def paramiko_ciphers() -> tuple[str, ...]:

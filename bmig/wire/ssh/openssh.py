@@ -184,7 +184,7 @@ def spawn_ssh(argv: list[str]) -> tuple[subprocess.Popen, int, int, int]:
 def open_openssh(target: SshTarget, command: str, ssh: str = "ssh") -> "OpensshStream":
     """Run ``ssh HOST command``; a Stream over its pipes once ssh has logged in."""
     check_identity(target)
-    known_before = known_host_fingerprint(target)
+    known_before = known_host_fingerprint(target) if target.accept_new_host_key else None
     if target.accept_new_host_key:        # ssh saves the key, but makes no directory
         os.makedirs(os.path.dirname(target.known_hosts_file) or ".", mode=0o700,
                     exist_ok=True)
