@@ -29,8 +29,9 @@ directory, rounds interleaved (the first peer of a round rotates), medians repor
      both files (xxh3-64 and blake2b per 64 KiB chunk, single-threaded, as blocksync or
      bdsync must do; target: bmig >= 20x faster).
   4  SSH to a throw-away sshd on 127.0.0.1: bmigrate with paramiko and with openssh
-     (aes128-gcm@openssh.com) against `ssh -c aes128-gcm@openssh.com HOST 'cat > FILE'`.
-     Target: >= 0.8x.
+     (aes128-gcm@openssh.com) against `ssh -c aes128-gcm@openssh.com HOST 'cat > FILE'`;
+     the client's CPU (bmigrate with its ssh child, or ssh) and the server's (sshd's
+     sessions with breceive or cat). Targets: openssh >= 0.9x, paramiko >= 0.6x.
   5  memory: peak RSS of bmigrate (wait4's ru_maxrss) and breceive (VmHWM, reset through
      /proc/PID/clear_refs before each sync) for a 1 GiB random file and a 64 GiB sparse
      file holding the same 1 GiB, with the default --window (256M) and --window 64M.
@@ -1311,9 +1312,9 @@ def targets(out: dict) -> list[Target]:
                 ("random", "scan xxh3 (cold cache)"),
                 ("random", "bmig incremental (cold cache)"), "seconds", ">=", 20),
          Target("4 SSH: bmig paramiko / ssh cat throughput", "4", ("ssh", "ssh cat"),
-                ("ssh", "bmig paramiko"), "seconds", ">=", 0.8),
+                ("ssh", "bmig paramiko"), "seconds", ">=", 0.6),
          Target("4 SSH: bmig openssh / ssh cat throughput", "4", ("ssh", "ssh cat"),
-                ("ssh", "bmig openssh"), "seconds", ">=", 0.8)]
+                ("ssh", "bmig openssh"), "seconds", ">=", 0.9)]
     for window in ("256M", "64M"):
         for metric, who in (("rss", "bmigrate"), ("receiver_hwm", "breceive")):
             t.append(Target(f"5 {who} peak RSS, {sparse} sparse / 1 GiB, window {window}",
