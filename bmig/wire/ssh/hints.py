@@ -49,8 +49,8 @@ def login_refused_message(target: SshTarget, detail: str) -> str:
 
 
 def identity_error(target: SshTarget, exc: BaseException) -> ConfigError:
-    import paramiko      # here: only paramiko's errors come here, and the ssh child's
-    text = str(exc) or exc.__class__.__name__   # path never loads it
+    import paramiko      # here, not at the top: the ssh child's path never loads it
+    text = str(exc) or exc.__class__.__name__
     if isinstance(exc, paramiko.PasswordRequiredException) or "password" in text.lower():
         return ConfigError(f"the identity file {target.identity} is encrypted; load it into "
                            f"ssh-agent and leave the identity unset")
