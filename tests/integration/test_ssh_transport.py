@@ -28,6 +28,7 @@ import pytest
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
 from bmig.wire.ssh import SshTarget, failure_hint, open_openssh, open_paramiko
+from bmig.wire.ssh.ciphers import aes_in_hardware
 from bmig.wire.ssh.inprocess import paramiko_ciphers
 from bmig.wire.ssh.openssh import openssh_argv
 from bmig.wire.transports import FdStream, Stream
@@ -273,6 +274,42 @@ def test_paramiko_uses_the_cipher_asked_for(sshd: Sshd, streams, cipher):
     stream.send([b"x" * 100_000])
     assert recv_exactly(stream, 100_000) == b"x" * 100_000
     assert (stream.transport.local_cipher, stream.transport.remote_cipher) == (cipher, cipher)
+
+
+needs_aes = pytest.mark.skipif(not aes_in_hardware(), reason="no AES instructions here")
+
+
+@needs_aes
+def test_paramiko_prefers_aes_gcm_when_no_cipher_is_asked_for(sshd: Sshd, streams):
+    """paramiko's own first choice is aes128-ctr with a MAC computed in Python."""
+    stream = streams(open_paramiko, sshd.target(), "cat")
+    stream.send([b"x" * 100_000])
+    assert recv_exactly(stream, 100_000) == b"x" * 100_000
+    assert stream.transport.local_cipher == "aes128-gcm@openssh.com"
+
+
+@needs_aes
+def test_ssh_offers_its_own_ciphers_with_aes_gcm_first_when_none_is_asked_for(
+        sshd: Sshd, streams):
+    """ssh's own first choice is chacha20-poly1305; its list comes from ``ssh -G``, so
+    the user's ssh_config keeps deciding what is offered."""
+    stream = streams(open_openssh, sshd.target(), "cat")
+    argv = stream.proc.args
+    offered = argv[argv.index("-c") + 1].split(",")
+    ssh_g = subprocess.run(["ssh", "-G", "-p", str(sshd.port), "127.0.0.1"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    own = next(line.split()[1] for line in ssh_g.splitlines() if line.startswith("ciphers "))
+    assert offered[0] == "aes128-gcm@openssh.com"
+    assert sorted(offered) == sorted(own.split(","))
+    stream.send([b"x" * 100_000])
+    assert recv_exactly(stream, 100_000) == b"x" * 100_000
+
+
+def test_with_no_cipher_asked_for_a_server_without_aes_gcm_is_still_reached(
+        ctr_only_sshd: Sshd, opener: Opener, streams):
+    stream = streams(opener, ctr_only_sshd.target(), "cat")
+    stream.send([b"x" * 100_000])
+    assert recv_exactly(stream, 100_000) == b"x" * 100_000
 
 
 def test_paramiko_refuses_a_cipher_it_does_not_have(sshd: Sshd):

@@ -6,6 +6,7 @@ Stream over its stdin and stdout (``ParamikoStream``) once the session is authen
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ from typing import Sequence
 import paramiko
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
+from bmig.wire.ssh.ciphers import aes_in_hardware, gcm_first
 from bmig.wire.ssh.hints import (changed_host_key_message, check_identity, identity_error,
                                  login_refused_message, unknown_host_key_message)
 from bmig.wire.ssh.hostkeys import append_known_host, warn_accepted_key
@@ -79,11 +81,18 @@ def disabled_ciphers(cipher: str | None) -> dict[str, list[str]]:
     return {"ciphers": [c for c in known if c != cipher]}
 
 
-def tuned_transport(sock: socket.socket, **kwargs: object) -> paramiko.Transport:
-    """paramiko's Transport with TCP tuning and a window large enough for bulk data."""
+def tuned_transport(sock: socket.socket, prefer_gcm: bool = False,
+                    **kwargs: object) -> paramiko.Transport:
+    """paramiko's Transport with TCP tuning and a window large enough for bulk data;
+    with ``prefer_gcm``, its ciphers in its own set with AES-GCM first
+    (bmig.wire.ssh.ciphers says why)."""
     tune(sock)
-    return paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
-                              default_max_packet_size=MAX_PACKET_SIZE, **kwargs)
+    transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
+                                   default_max_packet_size=MAX_PACKET_SIZE, **kwargs)
+    if prefer_gcm:
+        options = transport.get_security_options()
+        options.ciphers = tuple(gcm_first(options.ciphers))
+    return transport
 
 
 def paramiko_client(target: SshTarget) -> paramiko.SSHClient:
@@ -119,7 +128,9 @@ def connect_paramiko(client: paramiko.SSHClient, target: SshTarget,
                        auth_timeout=target.connect_timeout,
                        channel_timeout=target.connect_timeout,
                        disabled_algorithms=disabled_ciphers(target.cipher),
-                       transport_factory=tuned_transport)
+                       transport_factory=functools.partial(
+                           tuned_transport,
+                           prefer_gcm=target.cipher is None and aes_in_hardware()))
     except paramiko.BadHostKeyException as exc:
         raise AuthError(changed_host_key_message(target, exc.key.fingerprint)) from None
     except paramiko.PasswordRequiredException as exc:
