@@ -20,7 +20,9 @@ from bmig.cli.main import COMMANDS, cli
 # Not needed to sync a device with no dm intercept; each was measured at 5-20 ms.
 NOT_FOR_SYNC = ("bmig.cli.cutover", "bmig.cli.replicate", "bmig.cli.promote",
                 "bmig.cli.rejoin", "bmig.cli.track", "bmig.sender.dm_cutover",
-                "bmig.dm.intercept", "bmig.dm.era", "asyncio", "paramiko")
+                "bmig.dm.intercept", "bmig.dm.era", "asyncio", "paramiko",
+                # only for tls://, an NBD target, a TOML file, punching holes, a dm leg
+                "ssl", "bmig.nbdclient", "tomllib", "ctypes", "bmig.dm.nbd_leg")
 
 PROBE = """
 import json, sys
