@@ -50,3 +50,30 @@ def test_every_command_loads_under_its_own_name():
         command = cli.get_command(ctx, name)
         assert command is not None and command.name == name
     assert cli.get_command(ctx, "no-such-command") is None
+
+
+ENTRY = """
+import gc, sys
+import bmig.cli.main as group
+group.run = lambda command, prog: print(gc.isenabled(), "bmig.cli.sync" in sys.modules,
+                                        "bmig.cli.sync" in seen_while_paused)
+seen_while_paused = set()
+real_load = group.load_named_command
+def load(args):
+    real_load(args)
+    if not gc.isenabled():
+        seen_while_paused.update(sys.modules)
+group.load_named_command = load
+sys.argv = ["bmigrate", "sync", "--help"]
+from bmig.cli.bmigrate import main
+main()
+"""
+
+
+def test_the_command_loads_while_the_collector_sleeps_and_runs_with_it_awake():
+    # The installed bmigrate pauses the garbage collector while it imports (nothing to
+    # collect there); a command that ran with it paused (bmigrate run, for months) would
+    # never free a reference cycle.
+    out = subprocess.run([sys.executable, "-c", ENTRY], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["True", "True", "True"], out
