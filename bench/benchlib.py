@@ -33,6 +33,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
 BMIGRATE = [sys.executable, "-c", "from bmig.cli.bmigrate import main; main()"]   # as installed
+BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 
 PATHS: list[str] = []        # files and directories to remove at the end
 
