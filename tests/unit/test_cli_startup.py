@@ -10,6 +10,7 @@ asyncio again.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,32 @@ def test_the_command_loads_while_the_collector_sleeps_and_runs_with_it_awake():
     out = subprocess.run([sys.executable, "-c", ENTRY], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["True", "True", "True"], out
+
+
+EXIT = """
+import atexit, sys
+import bmig.cli.main as group
+marker = sys.argv[1]
+def command(cli, prog):
+    atexit.register(lambda: open(marker, "w").write("ran"))
+    sys.stdout.write("x" * 1_000_000)      # written through at once
+    sys.stdout.write("end")                # left in the buffer
+    sys.stderr.write("said")
+    sys.exit(7)
+group.run = command
+sys.argv = ["bmigrate", "status"]
+from bmig.cli.bmigrate import main
+main()
+"""
+
+
+def test_the_quick_exit_flushes_the_output_runs_the_exit_handlers_and_keeps_the_status(
+        tmp_path):
+    marker = tmp_path / "atexit"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", EXIT, str(marker)], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode == 7, done.stderr
+    assert done.stdout == "x" * 1_000_000 + "end"
+    assert done.stderr == "said"
+    assert marker.read_text() == "ran"
