@@ -15,12 +15,15 @@ import fcntl
 import os
 import select
 import socket
+import sys
 import time
-import ssl
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from bmig.errors import ConfigError, UnreachableError
 from bmig.vectored import Buffer, send_all
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class Stream(Protocol):
@@ -37,13 +40,18 @@ class SocketStream:
     def __init__(self, sock: socket.socket, description: str):
         self.sock = sock
         self.description = description
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        # ssl is imported only for tls:// (a few ms of every start): a socket can be an
+        # SSLSocket only once it has been.
+        ssl = sys.modules.get("ssl")
+        self._tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
 
     def recv_into(self, buf: memoryview) -> int:
         try:
             return self.sock.recv_into(buf)
-        except ssl.SSLZeroReturnError:
-            return 0
+        except OSError as exc:
+            if self._tls and isinstance(exc, sys.modules["ssl"].SSLZeroReturnError):
+                return 0
+            raise
 
     def send(self, parts: Sequence[Buffer]) -> None:
         if self._tls or len(parts) == 1:     # SSLSocket has no sendmsg
@@ -182,6 +190,7 @@ def client_tls_context(ca: str | None, cert: str | None, key: str | None,
                        verify: bool = True) -> ssl.SSLContext:
     """The sender's TLS context: the receiver's certificate checked against ``ca`` (or
     the system's CAs), and an optional client certificate."""
+    import ssl
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
@@ -198,6 +207,7 @@ def client_tls_context(ca: str | None, cert: str | None, key: str | None,
 def server_tls_context(cert: str, key: str | None, client_ca: str | None) -> ssl.SSLContext:
     """The receiver's TLS context; with ``client_ca``, clients must show a certificate
     signed by it (which authenticates them)."""
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
