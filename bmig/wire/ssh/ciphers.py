@@ -10,8 +10,9 @@ seconds, aes128-gcm 0.9 and 1.1-1.4; paramiko sent at 210 MB/s with 2.2-2.5 s of
 Why it is as safe: AES-GCM is an AEAD cipher in OpenSSH's and paramiko's default sets,
 like chacha20-poly1305 and unlike aes-ctr with a separate MAC. OpenSSH lists chacha20
 first because it is fast and constant-time in software; with AES and carry-less multiply
-instructions AES-GCM is constant-time in hardware, so this is only done where the CPU has
-them. Only the order changes: a cipher the client would not offer (the user's ssh_config
+instructions AES-GCM is constant-time in hardware, so this is only done where this CPU has
+them (the server's is not known here; its sshd offers AES-GCM to every client by
+default). Only the order changes: a cipher the client would not offer (the user's ssh_config
 ``Ciphers``, paramiko's set) is never added, and ``--ssh-cipher`` overrides it all.
 """
 
