@@ -11,6 +11,7 @@ nothing itself and touches nothing outside the paths a script gives it.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import hashlib
 import json
@@ -162,7 +163,10 @@ def cleanup() -> None:
 def provenance(**tools: list[str]) -> dict[str, Any]:
     """The facts of a run, taken at its start, for the top of its JSON: the date, the CPUs,
     Python, bmig's version, the commit and a digest of bmig/ as run, the version of each
-    tool (``name=argv`` that prints it: ``fio=["fio", "--version"]``), the load average."""
+    tool (``name=argv`` that prints it: ``fio=["fio", "--version"]``), the load average.
+    First, bmig/ is compiled to bytecode, as ``make install`` does: with
+    PYTHONDONTWRITEBYTECODE set, every start of a command would compile its modules."""
+    compileall.compile_dir(os.path.join(ROOT, "bmig"), quiet=1, workers=0)
     facts: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(),
         "python": sys.version.split()[0], "bmig": BMIG_VERSION, "git": git_head(),
