@@ -25,7 +25,7 @@ import asyncio
 import errno
 import logging
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bmig.errors import ProtocolError
 from bmig.limits import INLINE_PAYLOAD
@@ -56,6 +56,7 @@ _WRITE = int(p.Cmd.WRITE)
 _READ = int(p.Cmd.READ)
 _DISC = int(p.Cmd.DISC)
 _FUA = p.CMD_FLAG_FUA
+_NOT_WRITE_FLAGS = ~p.ALLOWED_CMD_FLAGS[p.Cmd.WRITE]
 
 
 class RequestFailed(Exception):
@@ -85,8 +86,7 @@ def nbd_error(exc: BaseException, what: str) -> p.Err:
     return p.Err.EIO
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     flags: int
     cmd: int
     cookie: int
@@ -258,7 +258,11 @@ class Transmission:
     def _write(self, r: Request, data: memoryview, owned: bool) -> None:
         if self._trace:
             requests_log.debug("%s: %s", self._peer, r.describe())
-        if self._refuse(r, 0):
+        # What _validate checks of a WRITE, written out for the common case; anything
+        # else goes through it for its error.
+        if not (self._caps.writable and not r.flags & _NOT_WRITE_FLAGS
+                and 0 < r.length <= p.MAX_PAYLOAD and r.offset + r.length <= self._size) \
+                and self._refuse(r, 0):
             return
         try:
             if self._layer.write_now(data, r.offset, bool(r.flags & _FUA)):

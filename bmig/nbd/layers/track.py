@@ -252,6 +252,8 @@ class TrackLayer(Layer):
         never drops a hold this layer still writes under (its fast path sends no
         message). ``settled``: every write under them is durable on the target (the
         release's ``synced`` field); if not, breqd marks the chunks again."""
+        if not chunks:
+            return
         for c in chunks:
             del self.held[c]
         ranges = self._byte_ranges(chunks)
@@ -419,7 +421,8 @@ class TrackLayer(Layer):
                 if mirrored.mirror.active:
                     if self._holds_valid():
                         self._let_go(mirrored.tainted(chunks), False)
-                    self._settle_mirrored()
+                    if mirrored.may_settle():
+                        self._settle_mirrored()
                 done(None, None)
 
         started = False
