@@ -17,7 +17,8 @@ write takes its holds with ``sync`` and what it leaves in them decides how they 
 released: bmig.nbd.layers.mirror keeps that record and says when a hold may go as
 ``synced`` (invariant 6); this layer asks it and sends the releases. breqd's answer to
 such a MARK names the chunks it made mirrored; their holds are kept once settled, so a
-replicated write to a chunk written lately needs no message to breqd either.
+replicated write to a chunk written lately needs no message to breqd either, and runs
+with no task (``write_later``: the reply comes with the target's answer).
 
 Holds belong to the breqd connection. When it is lost they are gone: the table is
 emptied, the next write marks again, and a write that was running while the connection
