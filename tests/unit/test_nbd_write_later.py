@@ -9,7 +9,8 @@ the fake target's gate (its sender thread held before the frame is on the wire):
   the frame is queued with room, and never ahead of a writer waiting for room;
 - a hold is let go synced only once a DURABLE covers the write, and never after a
   refused write;
-- a freeze (cutover) and a stop of replication wait for such a write as for any other.
+- a freeze (cutover) and a stop of replication wait for such a write as for any other,
+  and so does the end of the NBD connection it came on (its transmission drains it).
 """
 
 from __future__ import annotations
@@ -237,3 +238,71 @@ def test_a_freeze_and_a_stop_wait_for_a_write_later():
     early, got = asyncio.run(main())
     assert early == (False, False, True), early
     assert got == [(None, None)]
+
+
+class FakeTransport:
+    """The NBD client's socket as bmig-nbd's connection sees it: what was written."""
+
+    def __init__(self):
+        self.written = bytearray()
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def test_a_connection_that_ends_is_finished_only_once_its_writes_later_are_answered():
+    """The client sends a WRITE to a held chunk and closes. The write waits for the
+    target (held back): the transmission must not call itself finished (bmig-nbd would
+    close the connection, and at a stop flush the export) before it is answered."""
+    from bmig.nbd import protocol as p
+    from bmig.nbd.connection import Connection
+    from bmig.nbd.handshake import ExportInfo, Negotiated
+    from bmig.nbd.transmission import Transmission
+
+    async def main():
+        control, track, replicate, target, events = chain("C")
+        await held_and_settled(control, track, target)
+        target.gate.clear()
+        target.entered.clear()
+        conn = Connection()
+        transport = FakeTransport()
+        conn.transport = transport
+        request = p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.Cmd.WRITE, 7, 0, 512) + b"w" * 512
+        conn.buf[:len(request)] = request
+        conn.end = len(request)
+        t = Transmission(conn, control, Negotiated(ExportInfo("d1", 1 << 20, 1)), "test")
+        conn.transmission = t
+        t.process()
+        t.end_of_stream()
+        drained = asyncio.ensure_future(t.drain())
+        await asyncio.to_thread(target.entered.wait, WAIT)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        early = (t.finished.done(), drained.done(), bytes(transport.written))
+        target.gate.set()
+        await asyncio.wait_for(asyncio.gather(t.finished, drained), WAIT)
+        await control.close()
+        return early, bytes(transport.written)
+
+    early, written = asyncio.run(main())
+    from bmig.nbd import protocol as p
+    assert early == (False, False, b""), early
+    assert p.SIMPLE_REPLY.unpack(written) == (p.SIMPLE_REPLY_MAGIC, 0, 7)
