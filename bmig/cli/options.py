@@ -90,10 +90,6 @@ def _migration_options(f: Callable, threshold: bool) -> Callable:
                              "shipping [default: 1s].")] if threshold else []),
         click.option("--discard-target-data", metavar="EXPORT",
                      help="Overwrite EXPORT even if it holds another lineage's data."),
-        click.option("--nice", type=click.IntRange(0, 19), metavar="N",
-                     help="Ship at this CPU nice value or lower priority, so the "
-                          "application's writes come first; 0 competes as equals "
-                          "[default: 10]."),
         click.option("--manage-dir", metavar="DIR", envvar="BMIG_NBD_DIR",
                      help="Where bmig-nbd's control sockets are, to learn the write rate "
                           "[default: /run/bmig/nbd, or BMIG_NBD_DIR]."),

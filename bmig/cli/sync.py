@@ -30,7 +30,6 @@ from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.sender import settings
 from bmig.sender.catchup import run_forever
 from bmig.sender.converge import Migration
-from bmig.sender.priority import lower_priority
 from bmig.sender.runstate import ServiceState
 from bmig.sender.statusfile import Publisher
 
@@ -87,7 +86,6 @@ def prepare(command: str, config_file: str | None, flags: dict[str, Any], as_jso
             text_reporter: type[TextReporter] = TextReporter):
     values = settings.settings_from(config_file, flags)
     bmig_log.setup(str(values.get("log_level", "warning")))
-    lower_priority(int(values["nice"]))          # checked by the schema
     reporter_class = JsonReporter if as_json else text_reporter
     migration = settings.build(values, reporter_class)
     migration.client_name = f"bmigrate {command}"      # how breqd names this sender

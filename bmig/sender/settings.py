@@ -22,7 +22,6 @@ from bmig.errors import ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, Reporter, SyncSettings
 from bmig.sender.passes import PassSettings
-from bmig.sender.priority import DEFAULT_NICE
 from bmig.tracker.definitions import DEVICE_NAMES, device_name
 from bmig.wire import codec
 from bmig.wire.options import CONNECTION_KEYS, ConnectOptions
@@ -109,7 +108,6 @@ SCHEMA = Schema(
     Key.string("discard_target_data", "an export name (a non-empty string)", _nonempty),
     Key.number("interval", 0.05, 3600, default=1.0),
     Key.number("hot_refresh", 1, 86400, default=30.0),
-    Key.integer("nice", 0, 19, default=DEFAULT_NICE),
     Key.choice("log_level", bmig_log.LEVELS, default="warning"),
     Key.path("manage_dir", default=DEFAULT_MANAGE_DIR),
     Key.path("status_dir", default=DEFAULT_STATUS_DIR),

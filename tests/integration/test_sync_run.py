@@ -453,36 +453,3 @@ def test_run_ships_a_chunk_written_without_pause_every_hot_refresh(breqd, tmp_pa
     assert breqd.client().stats("d1")["held_bytes"] == CHUNK      # still held
     writer.mark_completed("d1", [(2 * CHUNK, 4096)])
     stopped_cleanly(m, breqd, "d1")
-
-
-def nice_values(pid: int) -> set[int]:
-    """The nice value of each of the process's threads (field 19 of its stat)."""
-    values = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
-        except FileNotFoundError:               # a thread that ended meanwhile
-            continue
-        values.add(int(stat[stat.rfind(")") + 2:].split()[16]))
-    return values
-
-
-@pytest.mark.parametrize("given, expected", [((), 10), (("--nice", "0"), 0),
-                                             (("--config", "FILE"), 15)])
-def test_run_ships_at_a_lower_cpu_priority_unless_told(breqd, tmp_path, receivers,
-                                                       migrations, given, expected):
-    # The application the copy is made of comes first for the CPU (nice 10 by default);
-    # --nice 0 competes as an equal; nice = in the migration file is honoured.
-    source = make_image(str(tmp_path / "src.img"), 2 * MiB, "random")
-    track(breqd, "d1", source)
-    r = start_receiver(tmp_path, {"d1": str(tmp_path / "tgt.img")})
-    receivers.append(r)
-    if given == ("--config", "FILE"):
-        given = ("--config", write_migration_file(str(tmp_path / "m.toml"), nice=15))
-    m = start_background(migrations, breqd, "run",
-                         *run_args("d1", source, r.url("d1"), r.secret_file, *given))
-    m.wait_event(lambda e: e["event"] == "pass" and e["passes"] == 1, timeout=30,
-                 what="the initial copy")
-    assert nice_values(m.proc.pid) == {expected}
-    stopped_cleanly(m, breqd, "d1")
