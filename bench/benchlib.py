@@ -32,7 +32,8 @@ STOP_TIMEOUT = 15.0          # seconds a process gets after SIGTERM, then SIGKIL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BREQD = [sys.executable, "-c", "from bmig.cli.breqd import main; main()"]
-BMIGRATE = [sys.executable, "-c", "from bmig.cli.main import main; main()"]
+BMIGRATE = [sys.executable, "-c", "from bmig.cli.bmigrate import main; main()"]   # as installed
+BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 
 PATHS: list[str] = []        # files and directories to remove at the end
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import stat
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -92,6 +91,7 @@ def load_toml(path: str) -> dict[str, Any]:
     if _DEEP_KEY.search(text):
         raise ConfigError(f"{path}: a dotted key (or a string that reads like one) of more "
                           f"than {MAX_KEY_PARTS} parts")
+    import tomllib      # here: a command given no file does not need it
     try:
         return tomllib.loads(text)
     except ValueError as exc:   # TOMLDecodeError, or an integer of more than 4300 digits

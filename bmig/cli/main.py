@@ -61,5 +61,14 @@ def cli() -> None:
     """Move a live block device to another host with seconds of downtime."""
 
 
+def load_named_command(args: list[str]) -> None:
+    """Import the module of the command ``args`` name (the first word that is not an
+    option), so that ``bmig.cli.bmigrate`` can load it while the garbage collector
+    sleeps; click finds it loaded. Nothing for help, --version or an unknown name."""
+    name = next((a for a in args if not a.startswith("-")), None)
+    if name in COMMANDS:
+        cli.get_command(click.Context(cli), name)
+
+
 def main() -> None:
     run(cli, "bmigrate")

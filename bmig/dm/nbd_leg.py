@@ -33,6 +33,7 @@ from typing import Callable
 
 from bmig.dm import dmsetup
 from bmig.errors import InterceptError
+from bmig.procinfo import start_time
 
 START_TIMEOUT = 30.0         # seconds for bmig-nbd's READY=1
 STOP_TIMEOUT = 30.0          # seconds between SIGTERM and SIGKILL
@@ -84,15 +85,6 @@ def _read(path: str) -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def start_time(pid: int) -> int:
-    """The process's start time (clock ticks after boot), or 0 if there is no such process."""
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return 0
-    fields = stat[stat.rfind(")") + 2:].split()
-    return int(fields[19]) if len(fields) > 19 else 0
 
 
 def start_server(name: str, backing: str, directory: str, control: str,

@@ -35,7 +35,7 @@ from bmig.limits import MAX_UNAUTHENTICATED
 from bmig.receiver.policy import Policy
 from bmig.receiver.session import Session
 from bmig.wire.channel import Channel
-from bmig.wire.transports import FdStream, SocketStream, keepalive, tune
+from bmig.wire.transports import FdStream, SocketStream, enlarge_pipe, keepalive, tune
 
 log = logging.getLogger("breceive")
 
@@ -125,6 +125,7 @@ class Receiver:
 
     def serve_stdio(self) -> None:
         """One session on stdin/stdout: what SSH runs. The transport authenticated the peer."""
+        enlarge_pipe(0)
         stream = FdStream(0, 1, "the sender on stdin", close_fds=False)
         Session(Channel(stream), self.settings.policy, True, "stdio").run()
 

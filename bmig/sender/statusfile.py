@@ -36,8 +36,8 @@ import tempfile
 from typing import Any
 
 from bmig.config import read_json_state
-from bmig.dm.nbd_leg import start_time
 from bmig.errors import ConfigError
+from bmig.procinfo import start_time
 
 log = logging.getLogger("bmigrate")
 

@@ -14,7 +14,6 @@ import threading
 from typing import Any, Protocol
 
 from bmig.errors import BmigError, ConfigError, TargetError
-from bmig.nbdclient import NbdClient, NbdError
 from bmig.wire.client import Acks, SourceInfo, WireTarget
 from bmig.wire.codec import checksum as xxh3
 from bmig.wire.connect import connect
@@ -50,6 +49,7 @@ class NbdTarget:
     lineage = False
 
     def __init__(self, url: TargetUrl, options: ConnectOptions):
+        from bmig.nbdclient import NbdClient    # only for an NBD target: a sync's start
         self.description = url.nbd_uri
         context = None
         if url.nbd_uri.startswith("nbds"):
@@ -94,6 +94,7 @@ class NbdTarget:
                 self._cookies.append((self.client.submit_write(zeros[:n], start), seq))
 
     def request_durable(self, seq: int) -> None:
+        from bmig.nbdclient import NbdError
         assert self._acks is not None
         with self._lock:
             cookies, self._cookies = self._cookies, []

@@ -9,7 +9,6 @@ are not breceive: bmig.sender.targets opens those.
 
 from __future__ import annotations
 
-import ssl
 from typing import Callable
 
 from bmig.errors import AuthError, ConfigError, ProtocolError, UnreachableError
@@ -33,6 +32,7 @@ def connect(url: TargetUrl, options: ConnectOptions) -> WireTarget:
     sock = connect_tcp(url.host, url.port, options.timeout)
     try:
         if url.kind == "tls":
+            import ssl      # here: only tls:// needs it, and it is a few ms of a start
             context = client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
             try:
                 sock = context.wrap_socket(sock, server_hostname=url.host)
@@ -67,6 +67,7 @@ def check_settings(url: TargetUrl, options: ConnectOptions) -> None:
         raise AuthError(f"{url}: only the shared secret can authenticate the receiver here: "
                         f"give --secret-file FILE{hint}")
     if url.kind == "tls" or url.nbd_uri.startswith("nbds"):
+        import ssl
         try:
             client_tls_context(options.tls_ca, options.tls_cert, options.tls_key)
         except (OSError, ssl.SSLError) as exc:       # the CA file

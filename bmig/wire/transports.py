@@ -11,15 +11,19 @@ No frames and no authentication: bmig.wire.channel and bmig.wire.handshake sit a
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
+import sys
 import time
-import ssl
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from bmig.errors import ConfigError, UnreachableError
 from bmig.vectored import Buffer, send_all
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class Stream(Protocol):
@@ -36,13 +40,18 @@ class SocketStream:
     def __init__(self, sock: socket.socket, description: str):
         self.sock = sock
         self.description = description
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        # ssl is imported only for tls:// (a few ms of every start): a socket can be an
+        # SSLSocket only once it has been.
+        ssl = sys.modules.get("ssl")
+        self._tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
 
     def recv_into(self, buf: memoryview) -> int:
         try:
             return self.sock.recv_into(buf)
-        except ssl.SSLZeroReturnError:
-            return 0
+        except OSError as exc:
+            if self._tls and isinstance(exc, sys.modules["ssl"].SSLZeroReturnError):
+                return 0
+            raise
 
     def send(self, parts: Sequence[Buffer]) -> None:
         if self._tls or len(parts) == 1:     # SSLSocket has no sendmsg
@@ -125,6 +134,23 @@ class FdStream:
                 pass
 
 
+STDIN_PIPE_SIZE = 1 << 20     # the most an unprivileged process may ask (fs.pipe-max-size)
+
+
+def enlarge_pipe(fd: int, size: int = STDIN_PIPE_SIZE) -> int | None:
+    """Make the pipe ``fd`` is an end of hold ``size`` bytes, if the kernel lets us: its
+    new size, or None (not a pipe, or refused: over fs.pipe-max-size or the user's pipe
+    allowance). Either end may ask.
+
+    ``breceive --stdio`` asks for its stdin: sshd writes what it has deciphered as far as
+    the pipe takes it, so with 64 KiB (the default) it writes, and wakes the reader, for
+    every 64 KiB, and waits whenever breceive is busy writing to the target."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        return None
+
+
 def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
     """A TCP connection with the options bulk transfer wants; UnreachableError if not."""
     try:
@@ -164,6 +190,7 @@ def client_tls_context(ca: str | None, cert: str | None, key: str | None,
                        verify: bool = True) -> ssl.SSLContext:
     """The sender's TLS context: the receiver's certificate checked against ``ca`` (or
     the system's CAs), and an optional client certificate."""
+    import ssl
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
@@ -180,6 +207,7 @@ def client_tls_context(ca: str | None, cert: str | None, key: str | None,
 def server_tls_context(cert: str, key: str | None, client_ca: str | None) -> ssl.SSLContext:
     """The receiver's TLS context; with ``client_ca``, clients must show a certificate
     signed by it (which authenticates them)."""
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -9,11 +9,13 @@ and explain a remote command that ends at once.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shlex
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,7 @@ import pytest
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
 from bmig.wire.ssh import SshTarget, failure_hint, open_openssh, open_paramiko
+from bmig.wire.ssh.ciphers import aes_in_hardware
 from bmig.wire.ssh.inprocess import paramiko_ciphers
 from bmig.wire.ssh.openssh import openssh_argv
 from bmig.wire.transports import FdStream, Stream
@@ -273,6 +276,42 @@ def test_paramiko_uses_the_cipher_asked_for(sshd: Sshd, streams, cipher):
     assert (stream.transport.local_cipher, stream.transport.remote_cipher) == (cipher, cipher)
 
 
+needs_aes = pytest.mark.skipif(not aes_in_hardware(), reason="no AES instructions here")
+
+
+@needs_aes
+def test_paramiko_prefers_aes_gcm_when_no_cipher_is_asked_for(sshd: Sshd, streams):
+    """paramiko's own first choice is aes128-ctr with a MAC computed in Python."""
+    stream = streams(open_paramiko, sshd.target(), "cat")
+    stream.send([b"x" * 100_000])
+    assert recv_exactly(stream, 100_000) == b"x" * 100_000
+    assert stream.transport.local_cipher == "aes128-gcm@openssh.com"
+
+
+@needs_aes
+def test_ssh_offers_its_own_ciphers_with_aes_gcm_first_when_none_is_asked_for(
+        sshd: Sshd, streams):
+    """ssh's own first choice is chacha20-poly1305; its list comes from ``ssh -G``, so
+    the user's ssh_config keeps deciding what is offered."""
+    stream = streams(open_openssh, sshd.target(), "cat")
+    argv = stream.proc.args
+    offered = argv[argv.index("-c") + 1].split(",")
+    ssh_g = subprocess.run(["ssh", "-G", "-p", str(sshd.port), "127.0.0.1"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    own = next(line.split()[1] for line in ssh_g.splitlines() if line.startswith("ciphers "))
+    assert offered[0] == "aes128-gcm@openssh.com"
+    assert sorted(offered) == sorted(own.split(","))
+    stream.send([b"x" * 100_000])
+    assert recv_exactly(stream, 100_000) == b"x" * 100_000
+
+
+def test_with_no_cipher_asked_for_a_server_without_aes_gcm_is_still_reached(
+        ctr_only_sshd: Sshd, opener: Opener, streams):
+    stream = streams(opener, ctr_only_sshd.target(), "cat")
+    stream.send([b"x" * 100_000])
+    assert recv_exactly(stream, 100_000) == b"x" * 100_000
+
+
 def test_paramiko_refuses_a_cipher_it_does_not_have(sshd: Sshd):
     assert "chacha20-poly1305@openssh.com" not in paramiko_ciphers()
     with pytest.raises(ConfigError, match="aes128-gcm@openssh.com"):
@@ -346,6 +385,36 @@ def test_ssh_child_is_out_of_reach_of_the_terminals_ctrl_c(sshd: Sshd, streams):
     """Its own process group: the Ctrl-C the terminal sends to ours does not reach it."""
     stream = streams(open_openssh, sshd.target(), "cat")
     assert os.getpgid(stream.proc.pid) == stream.proc.pid != os.getpgrp()
+
+
+def test_ssh_reads_its_input_from_a_socket_pair(sshd: Sshd, streams):
+    """Not a pipe: a writer blocked on a full pipe wakes for every 32 KiB ssh reads; a
+    socket's writer waits until most of its send buffer is taken (bmig.wire.ssh.openssh)."""
+    stream = streams(open_openssh, sshd.target(), "cat")
+    assert os.readlink(f"/proc/{stream.proc.pid}/fd/0").startswith("socket:")
+    assert stat.S_ISSOCK(os.fstat(stream.write_fd).st_mode)
+    assert os.read(stream.write_fd, 1) == b""     # one way only: shut for reading
+
+
+def test_one_large_buffer_into_ssh_arrives_whole(sshd: Sshd, streams):
+    """8 MiB in one send, many times the socket's buffer: the rest of every partial
+    write follows, and ``head -c`` sees the last byte."""
+    data = os.urandom(8 * MiB)
+    stream = streams(open_openssh, sshd.target(),
+                     f"head -c {len(data)} | {PYTHON} -c "
+                     f"'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read())"
+                     f".hexdigest())'")
+    stream.send([memoryview(data)])
+    assert recv_to_end(stream).decode().strip() == hashlib.sha256(data).hexdigest()
+    assert stream.exit_status() == 0
+
+
+def test_sending_to_an_ssh_that_has_exited_is_an_error(sshd: Sshd, streams):
+    stream = streams(open_openssh, sshd.target(), "true")
+    assert recv_to_end(stream) == b""
+    assert stream.exit_status() == 0
+    with pytest.raises(BrokenPipeError):
+        stream.send([b"x" * MiB])
 
 
 def release_fifo_reader(path: str) -> None:

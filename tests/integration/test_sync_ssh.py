@@ -224,3 +224,73 @@ def test_a_refused_host_key_exits_with_the_authentication_status(breqd, tmp_path
     nothing_written(target, state)
     assert not retried, f"run retries a changed host key: {m.of('note')}"
     assert m.proc.returncode == 8
+
+
+def connect_over_ssh(tmp_path, sshd: Sshd, program: str):
+    """A WireTarget to breceive --stdio over SSH, handshake done."""
+    from bmig.wire.connect import connect
+    from bmig.wire.options import ConnectOptions
+    from bmig.wire.urls import parse_target_url
+
+    target, state = str(tmp_path / "tgt.img"), str(tmp_path / "targets")
+    url = parse_target_url(f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/{EXPORT}")
+    return connect(url, ConnectOptions(ssh_command=remote_command(target, state),
+                                       ssh_program=program, known_hosts=sshd.known_hosts,
+                                       identity=sshd.identity))
+
+
+def test_breceive_stdio_reads_through_a_one_mib_pipe(tmp_path, sshd, program):
+    """sshd's pipe into breceive --stdio holds 1 MiB, not 64 KiB: sshd writes, and
+    wakes breceive, in larger pieces and stalls less while breceive writes the target.
+    Looked at once the handshake is done (breceive sized it before reading anything)."""
+    import fcntl
+
+    wire = connect_over_ssh(tmp_path, sshd, program)
+    try:
+        receivers = [pid for pid in descendants(sshd.proc.pid)
+                     if "bmig.cli.breceive" in open(f"/proc/{pid}/cmdline").read()]
+        assert len(receivers) == 1
+        fd = os.open(f"/proc/{receivers[0]}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            assert fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) == MiB
+        finally:
+            os.close(fd)
+    finally:
+        wire.close()
+    sessions_gone(sshd)
+
+
+def test_frames_over_ssh_are_not_sealed_again(tmp_path, sshd, program):
+    """SSH authenticated breceive (its host key) and encrypts: no second AEAD."""
+    wire = connect_over_ssh(tmp_path, sshd, program)
+    try:
+        assert not wire.sealed and not wire.channel.sealed
+    finally:
+        wire.close()
+    sessions_gone(sshd)
+
+
+def test_the_ssh_child_path_never_imports_paramiko(tmp_path, sshd):
+    """paramiko costs 0.13 s of CPU to import: a sync through the system ssh connects,
+    authenticates and closes without it."""
+    import subprocess
+    import sys
+
+    target, state = str(tmp_path / "tgt.img"), str(tmp_path / "targets")
+    script = (
+        "import sys\n"
+        "from bmig.wire.connect import connect\n"
+        "from bmig.wire.options import ConnectOptions\n"
+        "from bmig.wire.urls import parse_target_url\n"
+        "url, command, known, identity = sys.argv[1:]\n"
+        "wire = connect(parse_target_url(url), ConnectOptions(ssh_command=command, "
+        "ssh_program='openssh', known_hosts=known, identity=identity))\n"
+        "wire.close()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('paramiko')))\n")
+    done = subprocess.run([sys.executable, "-c", script,
+                           f"ssh://{sshd.user}@127.0.0.1:{sshd.port}/{EXPORT}",
+                           remote_command(target, state), sshd.known_hosts, sshd.identity],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    sessions_gone(sshd)

@@ -249,3 +249,20 @@ def test_a_stream_that_ends_inside_a_frame_is_a_protocol_error():
     with pytest.raises(ProtocolError, match="inside a frame"):
         right.read()
     right.close()
+
+
+def test_enlarge_pipe_sizes_a_pipe_from_either_end_and_leaves_other_files_alone():
+    import fcntl
+
+    from bmig.wire.transports import enlarge_pipe
+
+    r, w = os.pipe()
+    try:
+        assert enlarge_pipe(r, 1 << 20) == 1 << 20
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == 1 << 20
+    finally:
+        os.close(r)
+        os.close(w)
+    a, b = socket.socketpair()
+    with a, b:
+        assert enlarge_pipe(a.fileno()) is None

@@ -17,13 +17,22 @@ error at open time. The rest, one job per module:
     hints.py      the one-line messages, and ``failure_hint(stream)``: why a remote
                   command that ended at once ended
 
-Importing this package imports paramiko, which is slow: bmig.wire.connect does it only
+paramiko is slow to import (0.13 s of CPU): ``open_paramiko`` loads it when first asked
+for, so the system ssh's path never does, and bmig.wire.connect imports this package only
 for ssh:// targets.
 """
 
+from typing import Any
+
 from bmig.wire.ssh.hints import failure_hint
-from bmig.wire.ssh.inprocess import open_paramiko
 from bmig.wire.ssh.openssh import open_openssh
 from bmig.wire.ssh.target import SshTarget
 
 __all__ = ["SshTarget", "failure_hint", "open_openssh", "open_paramiko"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "open_paramiko":
+        from bmig.wire.ssh.inprocess import open_paramiko
+        return open_paramiko
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from typing import Protocol, runtime_checkable
 
-import paramiko
-
 from bmig.errors import ConfigError
 from bmig.wire.ssh.remotelog import last_line
 from bmig.wire.ssh.target import EXIT_STATUS_WAIT, SshTarget
@@ -51,6 +49,7 @@ def login_refused_message(target: SshTarget, detail: str) -> str:
 
 
 def identity_error(target: SshTarget, exc: BaseException) -> ConfigError:
+    import paramiko      # here, not at the top: the ssh child's path never loads it
     text = str(exc) or exc.__class__.__name__
     if isinstance(exc, paramiko.PasswordRequiredException) or "password" in text.lower():
         return ConfigError(f"the identity file {target.identity} is encrypted; load it into "

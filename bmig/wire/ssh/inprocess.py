@@ -6,6 +6,7 @@ Stream over its stdin and stdout (``ParamikoStream``) once the session is authen
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -15,9 +16,10 @@ from typing import Sequence
 import paramiko
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
+from bmig.wire.ssh.ciphers import aes_in_hardware, gcm_first
 from bmig.wire.ssh.hints import (changed_host_key_message, check_identity, identity_error,
-                                 login_refused_message)
-from bmig.wire.ssh.hostkeys import KnownHostsPolicy
+                                 login_refused_message, unknown_host_key_message)
+from bmig.wire.ssh.hostkeys import append_known_host, warn_accepted_key
 from bmig.wire.ssh.remotelog import STDERR_READ_SIZE, RemoteLog, start_daemon
 from bmig.limits import SSH_MAX_PACKET_SIZE as MAX_PACKET_SIZE
 from bmig.limits import SSH_WINDOW_SIZE as WINDOW_SIZE
@@ -41,6 +43,26 @@ class _DemoteErrors(logging.Filter):
 logging.getLogger(PARAMIKO_LOG).addFilter(_DemoteErrors())
 
 
+class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """Called by paramiko for a host known_hosts does not list (a changed key never gets
+    here: SSHClient raises BadHostKeyException). Refuses, or accepts and appends it.
+
+    Like OpenSSH, a host on a port other than 22 is also known if known_hosts has this
+    very key under the bare host name (another key there does not count either way)."""
+
+    def __init__(self, target: SshTarget):
+        self.target = target
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        if hostname != self.target.host and \
+                client.get_host_keys().check(self.target.host, key):
+            return
+        if not self.target.accept_new_host_key:
+            raise AuthError(unknown_host_key_message(self.target))
+        append_known_host(self.target.known_hosts_file, hostname, key)
+        warn_accepted_key(self.target, f"{key.get_name()} {key.fingerprint}")
+
 
 def paramiko_ciphers() -> tuple[str, ...]:
     """The ciphers paramiko can use (no chacha20-poly1305@openssh.com)."""
@@ -59,11 +81,18 @@ def disabled_ciphers(cipher: str | None) -> dict[str, list[str]]:
     return {"ciphers": [c for c in known if c != cipher]}
 
 
-def tuned_transport(sock: socket.socket, **kwargs: object) -> paramiko.Transport:
-    """paramiko's Transport with TCP tuning and a window large enough for bulk data."""
+def tuned_transport(sock: socket.socket, prefer_gcm: bool = False,
+                    **kwargs: object) -> paramiko.Transport:
+    """paramiko's Transport with TCP tuning and a window large enough for bulk data;
+    with ``prefer_gcm``, its ciphers in its own set with AES-GCM first
+    (bmig.wire.ssh.ciphers says why)."""
     tune(sock)
-    return paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
-                              default_max_packet_size=MAX_PACKET_SIZE, **kwargs)
+    transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
+                                   default_max_packet_size=MAX_PACKET_SIZE, **kwargs)
+    if prefer_gcm:
+        options = transport.get_security_options()
+        options.ciphers = tuple(gcm_first(options.ciphers))
+    return transport
 
 
 def paramiko_client(target: SshTarget) -> paramiko.SSHClient:
@@ -99,7 +128,9 @@ def connect_paramiko(client: paramiko.SSHClient, target: SshTarget,
                        auth_timeout=target.connect_timeout,
                        channel_timeout=target.connect_timeout,
                        disabled_algorithms=disabled_ciphers(target.cipher),
-                       transport_factory=tuned_transport)
+                       transport_factory=functools.partial(
+                           tuned_transport,
+                           prefer_gcm=target.cipher is None and aes_in_hardware()))
     except paramiko.BadHostKeyException as exc:
         raise AuthError(changed_host_key_message(target, exc.key.fingerprint)) from None
     except paramiko.PasswordRequiredException as exc:

@@ -8,25 +8,35 @@ in; what ssh printed before that becomes one error (``ssh_failure``).
 from __future__ import annotations
 
 import collections
-import fcntl
 import logging
 import math
 import os
+import socket
 import subprocess
 import threading
 import time
+from dataclasses import replace
 
 from bmig.errors import AuthError, ConfigError, UnreachableError
+from bmig.wire.ssh.ciphers import aes_in_hardware, configured_ciphers, gcm_first
 from bmig.wire.ssh.hints import (changed_host_key_message, check_identity,
                                  login_refused_message, unknown_host_key_message)
 from bmig.wire.ssh.hostkeys import known_host_fingerprint, warn_accepted_key
 from bmig.wire.ssh.remotelog import (STDERR_READ_SIZE, STDERR_TAIL_LINES, RemoteLog,
                                      last_line, start_daemon)
 from bmig.wire.ssh.target import CLOSE_TIMEOUT, EXIT_STATUS_WAIT, SshTarget
-from bmig.wire.transports import FdStream
+from bmig.wire.transports import FdStream, enlarge_pipe
 
 log = logging.getLogger("bmig.wire.ssh")       # one name for the whole package
-PIPE_SIZE = 1 << 20           # pipes to and from ssh (Linux default 64 KiB; max for users 1 MiB)
+PIPE_SIZE = 1 << 20           # pipes from ssh (Linux default 64 KiB; max for users 1 MiB)
+# The data into ssh goes through a Unix stream socket, not a pipe: a writer blocked on a
+# full pipe wakes as soon as ssh's read (32 KiB) frees a page, so every 32 KiB cost this
+# process and ssh a context switch each; a socket's writer wakes only once the reader
+# has taken three quarters of the send buffer (unix_writable). Measured on a 1 GiB sync:
+# 4x fewer voluntary switches in the writer, ssh's CPU per GiB 1.10 -> 0.96 s (ssh fed
+# from a file: 0.9 s).
+SOCKET_SEND_BUFFER = 1 << 20  # asked for; the kernel caps it at net.core.wmem_max
+CONFIG_TIMEOUT = 10.0         # for ``ssh -G`` (reads the config, connects nowhere)
 
 # ssh runs LocalCommand once logged in, before the remote command can say anything: the
 # line it prints parts ssh's own stderr from the remote command's.
@@ -136,17 +146,29 @@ def ssh_failure(target: SshTarget, stderr: OpensshStderr, status: int | None) ->
 def make_pipe() -> tuple[int, int]:
     """A pipe with room for bulk data, if the kernel allows it."""
     read_fd, write_fd = os.pipe()
-    try:
-        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
+    enlarge_pipe(write_fd, PIPE_SIZE)
     return read_fd, write_fd
+
+
+def make_socket_pipe() -> tuple[int, int]:
+    """A one-way Unix stream socket pair, used as a pipe: (read fd, write fd). Each end
+    is shut down for the other direction, so neither can be used the wrong way."""
+    writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with writer, reader:
+        writer.shutdown(socket.SHUT_RD)
+        reader.shutdown(socket.SHUT_WR)
+        try:
+            writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+        except OSError:
+            pass
+        return reader.detach(), writer.detach()
 
 
 def spawn_ssh(argv: list[str]) -> tuple[subprocess.Popen, int, int, int]:
     """ssh with fresh pipes owned by us (not by Popen, whose file objects would close the
-    fds a second time); in its own process group, out of reach of the terminal's Ctrl-C."""
-    to_ssh_r, to_ssh_w = make_pipe()
+    fds a second time); in its own process group, out of reach of the terminal's Ctrl-C.
+    Its stdin is a socket pair (``make_socket_pipe``), its stdout and stderr pipes."""
+    to_ssh_r, to_ssh_w = make_socket_pipe()
     from_ssh_r, from_ssh_w = make_pipe()
     err_r, err_w = os.pipe()
     try:
@@ -165,11 +187,13 @@ def spawn_ssh(argv: list[str]) -> tuple[subprocess.Popen, int, int, int]:
 def open_openssh(target: SshTarget, command: str, ssh: str = "ssh") -> "OpensshStream":
     """Run ``ssh HOST command``; a Stream over its pipes once ssh has logged in."""
     check_identity(target)
-    known_before = known_host_fingerprint(target)
+    known_before = known_host_fingerprint(target) if target.accept_new_host_key else None
     if target.accept_new_host_key:        # ssh saves the key, but makes no directory
         os.makedirs(os.path.dirname(target.known_hosts_file) or ".", mode=0o700,
                     exist_ok=True)
-    proc, read_fd, write_fd, err_fd = spawn_ssh(openssh_argv(target, command, ssh))
+    order = default_cipher_order(target, ssh)
+    argv = openssh_argv(replace(target, cipher=order) if order else target, command, ssh)
+    proc, read_fd, write_fd, err_fd = spawn_ssh(argv)
     stream = OpensshStream(proc, read_fd, write_fd, OpensshStderr(err_fd), target, command)
     try:
         stream.wait_logged_in(deadline=time.monotonic() + login_timeout(target))
@@ -182,6 +206,26 @@ def open_openssh(target: SshTarget, command: str, ssh: str = "ssh") -> "OpensshS
         if (saved := known_host_fingerprint(target)) is not None:
             warn_accepted_key(target, saved)
     return stream
+
+
+def default_cipher_order(target: SshTarget, ssh: str = "ssh") -> str | None:
+    """For ``-c`` when the user chose no cipher: the ciphers ssh would offer this host
+    (``ssh -G``: its config applied), AES-GCM first, where the CPU has AES instructions
+    (bmig.wire.ssh.ciphers says why); None to leave ssh's own order."""
+    if target.cipher is not None or not aes_in_hardware():
+        return None
+    argv = [ssh, "-G", "-p", str(target.port)]
+    if target.user:
+        argv += ["-l", target.user]
+    try:
+        done = subprocess.run([*argv, "--", target.host], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=CONFIG_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ciphers = configured_ciphers(done.stdout) if done.returncode == 0 else None
+    if not ciphers or gcm_first(ciphers) == ciphers:
+        return None
+    return ",".join(gcm_first(ciphers))
 
 
 def login_timeout(target: SshTarget) -> float:
