@@ -1,35 +1,37 @@
 #!/usr/bin/env python3
 """An application's writes through bmig-nbd while a full sync runs, against none.
 
-    .venv/bin/python bench/contention.py              # 3 rounds x 3 settings x 10 s
+    .venv/bin/python bench/contention.py              # 3 rounds x 2 settings x 10 s
     .venv/bin/python bench/contention.py --quick      # 1 round of 5 s runs
 
 fio's nbd engine writes 4 KiB at random, iodepth 32, over the first --working-set
 (256 MiB) of a 1 GiB export that bmig-nbd serves from /dev/shm, tracked by a breqd with
-its state on a real disk (--disk-dir, /var/tmp). In three settings, taking turns each
+its state on a real disk (--disk-dir, /var/tmp). In two settings, taking turns each
 round (the first one rotating):
 
   alone      no sync runs;
   sync       `bmigrate track set-dirty`, then a full `bmigrate sync --threshold 0` to a
-             breceive on 127.0.0.1 (target on /dev/shm), over and over while fio runs,
-             at bmigrate's default CPU priority (nice 10);
-  sync-nice0 the same with --nice 0: the copy competes with the application as an equal.
+             breceive on 127.0.0.1 (target on /dev/shm), over and over while fio runs;
+             the sync running when fio ends is stopped with SIGTERM.
 
 Before each run every chunk is dirty (set-dirty), as at the start of a sync. Reported:
-IOPS and fio's p99 per setting, the ratio of each sync setting to alone (the target:
-at least 0.8), and the sync's MB/s over the loop. fio, bmig-nbd, breqd, bmigrate and
-breceive share the machine's cores here; in production breceive runs on the target
-host. Every process is stopped and every file removed at the end, also on Ctrl-C.
+IOPS and fio's p99 per setting, the ratio sync / alone (the target: at least 0.8, with
+no --bwlimit), and the sync's MB/s while fio ran. fio, bmig-nbd, breqd, bmigrate and
+breceive share the machine's cores here (each in a session of its own, as services
+are); in production breceive runs on the target host. Every process is stopped and
+every file removed at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import json
 import os
+import re
 import statistics
 import sys
+import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -44,38 +46,51 @@ from benchlib import (BRECEIVE, PATHS, Proc, child_env, cleanup,  # noqa: E402
                       provenance_line, save_json, start_notified, table)
 from bmig.config import parse_size  # noqa: E402
 from bmig.constants import GiB, MiB  # noqa: E402
-from bmig.processes import Stopped  # noqa: E402
+from bmig.processes import Child, Group, Stopped  # noqa: E402
 from nbd import (DEVICE, Setup, _stats, _wait, fill_random, hot_fio,  # noqa: E402
                  start_breqd_with, start_server)
 
-SETTINGS = {"alone": None, "sync": [], "sync-nice0": ["--nice", "0"]}
+SETTINGS = ("alone", "sync")
 TARGET = 0.8
 
 
 class SyncLoop(threading.Thread):
-    """Full syncs one after another (set-dirty, sync) until ``stop``; bytes and time."""
+    """Full syncs one after another (set-dirty, then sync) until ``stop``; the sync
+    running then is stopped with SIGTERM (it ends cleanly and says what it sent). Its
+    bytes and seconds cover the loop up to that stop, the window fio ran in."""
 
-    def __init__(self, env: dict[str, str], common: list[str], extra: list[str]):
+    def __init__(self, env: dict[str, str], common: list[str]):
         super().__init__(daemon=True)
-        self.env, self.common, self.extra = env, common, extra
+        self.env, self.common = env, common
         self.stop = threading.Event()
         self.bytes = 0
         self.seconds = 0.0
         self.syncs = 0
-        self.error: BaseException | None = None
+        self.error: str | None = None
 
     def run(self) -> None:
         t0 = time.monotonic()
-        try:
-            while not self.stop.is_set():
-                benchlib.run_bmigrate(self.env, "track", "set-dirty", DEVICE)
-                out = benchlib.run_bmigrate(self.env, "sync", *self.common, "--threshold",
-                                            "0", "--json", *self.extra, timeout=600.0)
-                summary = json.loads(out.splitlines()[-1])
-                self.bytes += int(summary["bytes_sent"]) + int(summary.get("bytes_zero", 0))
-                self.syncs += 1
-        except BaseException as exc:        # reported by the caller
-            self.error = exc
+        while not self.stop.is_set() and self.error is None:
+            benchlib.run_bmigrate(self.env, "track", "set-dirty", DEVICE)
+            child = Child([*benchlib.BMIGRATE, "sync", *self.common, "--threshold", "0",
+                           "--json"], name="bmigrate sync", group=Group.SESSION)
+            child.start(self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert child.proc is not None
+            try:
+                while child.proc.poll() is None and not self.stop.wait(0.05):
+                    pass
+                if self.stop.is_set():
+                    child.signal(signal.SIGTERM)
+                out, err = child.proc.communicate(timeout=600)
+            finally:
+                child.stop()
+            # 0 identical, 10 not converging, 15 converged while written, 130 stopped
+            if child.proc.returncode not in (0, 10, 15, 130) or not out.strip():
+                self.error = f"sync exited {child.proc.returncode}: {err.strip()[-500:]}"
+                break
+            summary = json.loads(out.splitlines()[-1])
+            self.bytes += int(summary["bytes_sent"]) + int(summary.get("bytes_zero", 0))
+            self.syncs += 1
         self.seconds = time.monotonic() - t0
 
 
@@ -103,9 +118,8 @@ def one_run(setup: Setup, server, args, env: dict[str, str], common: list[str],
     with setup.tracker() as c:
         c.set_all_dirty(DEVICE)
     loop = None
-    extra = SETTINGS[setting]
-    if extra is not None:
-        loop = SyncLoop(env, common, extra)
+    if setting == "sync":
+        loop = SyncLoop(env, common)
         loop.start()
         _wait("the sync to check chunks out",
               lambda: int(_stats(setup)["inflight_bytes"]) > 0 or loop.error is not None)
@@ -118,6 +132,8 @@ def one_run(setup: Setup, server, args, env: dict[str, str], common: list[str],
     if loop is not None:
         if loop.error is not None:
             raise RuntimeError(f"the sync loop failed: {loop.error}")
+        if loop.syncs == 0:
+            raise RuntimeError("no sync ended while fio ran")
         r["sync_mb_s"] = round(loop.bytes / max(loop.seconds, 1e-9) / 1e6, 1)
         r["syncs"] = loop.syncs
     r.update(setting=setting, round=rnd)
@@ -143,7 +159,7 @@ def report(out: dict) -> str:
              f"{out['repeat']} round(s))",
              table(["setting", "IOPS", "min-max", "p99 ms", "sync MB/s"], rows)]
     ratio_rows = []
-    for setting in ("sync", "sync-nice0"):
+    for setting in SETTINGS[1:]:
         per_round = [next(r["iops"] for r in runs if r["setting"] == setting
                           and r["round"] == n) /
                      next(r["iops"] for r in runs if r["setting"] == "alone"

@@ -22,8 +22,8 @@ from bmig.cli.main import COMMANDS, cli
 NOT_FOR_SYNC = ("bmig.cli.cutover", "bmig.cli.replicate", "bmig.cli.promote",
                 "bmig.cli.rejoin", "bmig.cli.track", "bmig.sender.dm_cutover",
                 "bmig.dm.intercept", "bmig.dm.era", "asyncio", "paramiko",
-                # only for tls://, an NBD target, a TOML file, punching holes, a dm leg
-                "ssl", "bmig.nbdclient", "tomllib", "ctypes", "bmig.dm.nbd_leg")
+                # only for tls://, an NBD target, a TOML file, a dm leg
+                "ssl", "bmig.nbdclient", "tomllib", "bmig.dm.nbd_leg")
 
 PROBE = """
 import json, sys
@@ -107,3 +107,25 @@ def test_the_quick_exit_flushes_the_output_runs_the_exit_handlers_and_keeps_the_
     assert done.stdout == "x" * 1_000_000 + "end"
     assert done.stderr == "said"
     assert marker.read_text() == "ran"
+
+
+LEAVE_WITH_A_THREAD = """
+import threading
+from bmig.cli.bmigrate import leave
+go = threading.Event()
+worker = threading.Thread(target=go.wait, args=(30,))
+worker.start()
+try:
+    leave(0)
+except SystemExit:
+    print("the usual exit")
+go.set()
+worker.join(30)
+"""
+
+
+def test_the_quick_exit_is_not_taken_while_a_thread_still_runs():
+    # os._exit would kill a thread that has work to finish; Python's exit waits for it.
+    done = subprocess.run([sys.executable, "-c", LEAVE_WITH_A_THREAD], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout == "the usual exit\n", (done.returncode, done.stderr)
