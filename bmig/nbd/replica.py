@@ -25,6 +25,12 @@ that crashes and loses what it had not flushed never leaves a chunk marked clean
 does not have. A FLUSH follows the last frame by FLUSH_DELAY at most, so writes settle
 even when the application never flushes.
 
+A write of one frame that may be queued at once (``takes_now``: in protocol A, room in
+the queue and nobody waiting for it) can go by ``write_now``, with no task and no
+future: the writer's callback is called from the acknowledgement's handler (or at once,
+protocol A), with the seq or the error. Both kinds of waiters sit in one table and are
+answered by the same acknowledgements, so the rules above hold for both.
+
 Seqs are taken when a frame is queued, and frames leave in queue order: the wire order is
 the seq order, so a DURABLE(seq) never covers a frame sent after the FLUSH it answers.
 
@@ -52,7 +58,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Union
 
 from bmig.constants import REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, UnreachableError
@@ -71,6 +77,10 @@ ACK_TIMEOUT = 10.0                    # seconds a DURABLE may keep us waiting (p
 # What a writer waits for; _QUEUED: nothing past the queue (protocol A).
 _DURABLE, _WRITTEN, _RECEIVED, _QUEUED = "durable", "written", "received", "queued"
 
+# ``write_now``'s callback: (the frame's seq, None) once answered, or (seq, the error).
+Answered = Callable[[int, "BmigError | None"], None]
+Waiter = Union[asyncio.Future, Answered]
+
 
 class Replica:
     def __init__(self, target: WireTarget, protocol: str, loop: asyncio.AbstractEventLoop,
@@ -83,7 +93,7 @@ class Replica:
         self.ack_timeout = ack_timeout
         self._loop = loop
         self._seq = itertools.count(1)
-        self._waiting: dict[int, tuple[str, asyncio.Future]] = {}
+        self._waiting: dict[int, tuple[str, Waiter]] = {}
         self._outbox: queue.Queue = queue.Queue()
         self._turn: list[tuple] = []      # frames queued in this loop turn, not yet handed over
         self._in_thread = 0               # batches handed to the sender thread, not yet sent
@@ -93,6 +103,7 @@ class Replica:
         self._unwritten: dict[int, int] = {}   # protocol A: seq -> bytes not yet WRITTEN
         self._progress = time.monotonic()  # the last DURABLE that moved, or idle since
         self._room = asyncio.Condition()
+        self._room_waiters = 0            # protocol A writers waiting for room
         self.error: BmigError | None = None
         self._closed = False
         self.durable_seq = 0                  # every frame up to it is durable there
@@ -134,28 +145,36 @@ class Replica:
         if self.error is not None:
             raise self.error
         if self.protocol == "A":
-            async with self._room:
-                await self._room.wait_for(lambda: self._queued < QUEUE_BYTES
-                                          or self.error is not None)
-                seq, future = self._enqueue(frame, nbytes, wait_for)
+            self._room_waiters += 1
+            try:
+                async with self._room:
+                    await self._room.wait_for(lambda: self._queued < QUEUE_BYTES
+                                              or self.error is not None)
+                    seq, future = self._enqueue(frame, nbytes, wait_for)
+            finally:
+                self._room_waiters -= 1
         else:
             seq, future = self._enqueue(frame, nbytes, wait_for)
         if future is not None:
             await future
         return seq
 
-    def _enqueue(self, frame: Callable[[int], tuple], nbytes: int,
-                 wait_for: str) -> tuple[int, asyncio.Future | None]:
+    def _enqueue(self, frame: Callable[[int], tuple], nbytes: int, wait_for: str,
+                 answered: Answered | None = None) -> tuple[int, asyncio.Future | None]:
         """Take the next seq and queue the frame, with no wait in between: the seq order
-        is the queue order, which is the wire order."""
+        is the queue order, which is the wire order. ``answered``: the writer waits with
+        this callback rather than a future (``write_now``)."""
         if self.error is not None:
             raise self.error
         seq = next(self._seq)
         item = frame(seq)
         future = None
         if wait_for != _QUEUED:
-            future = self._loop.create_future()
-            self._waiting[seq] = (wait_for, future)
+            if answered is None:
+                future = self._loop.create_future()
+                self._waiting[seq] = (wait_for, future)
+            else:
+                self._waiting[seq] = (wait_for, answered)
         if self.queued_seq <= self.durable_seq:
             self._progress = time.monotonic()     # something outstanding from now on
         self._queued += nbytes
@@ -209,6 +228,27 @@ class Replica:
             seq = await self._submit(
                 lambda s, at=at, piece=piece, flags=flags: ("data", s, at, piece, flags),
                 len(piece), wait_for)
+        return seq
+
+    def takes_now(self, nbytes: int) -> bool:
+        """A write of ``nbytes`` may go by ``write_now``: one frame, and (protocol A)
+        room in the queue with no writer waiting for it, so none is overtaken."""
+        if self.error is not None or self._closed or nbytes > MAX_DATA:
+            return False
+        return self.protocol != "A" or (self._queued < QUEUE_BYTES
+                                        and not self._room_waiters)
+
+    def write_now(self, offset: int, data: memoryview | bytes, fua: bool,
+                  answered: Answered) -> int:
+        """Queue a write that ``takes_now`` allowed, with no task and no future; its
+        seq. ``answered(seq, error)`` is called once, when the write is as far as the
+        protocol says (protocol A: at once, before this returns), or failed."""
+        payload = bytes(data)
+        flags, wait_for = self._flags(fua)
+        seq, _ = self._enqueue(lambda s: ("data", s, offset, payload, flags),
+                               len(payload), wait_for, answered)
+        if wait_for == _QUEUED:
+            self._wake(seq, answered, None)
         return seq
 
     async def zero(self, offset: int, length: int, fua: bool) -> int:
@@ -342,8 +382,24 @@ class Replica:
 
     def _resolve(self, seq: int) -> None:
         entry = self._waiting.pop(seq, None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_result(None)
+        if entry is not None:
+            self._wake(seq, entry[1], None)
+
+    def _wake(self, seq: int, waiter: Waiter, error: BmigError | None) -> None:
+        """Answer one writer: its future, or its ``write_now`` callback (which may not
+        break the handling of the acknowledgements that came with its own)."""
+        if isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+            return
+        try:
+            waiter(seq, error)
+        except Exception:
+            log.exception("replication to %s: answering the writer of seq %d failed",
+                          self.description, seq)
 
     def _acked(self, seq: int, kind: str) -> None:
         if self.protocol == "A" and kind == _WRITTEN:
@@ -381,9 +437,8 @@ class Replica:
             log.error("replication to %s failed: %s", self.description, error.message)
             self.error = error
         waiting, self._waiting = self._waiting, {}
-        for _, future in waiting.values():
-            if not future.done():
-                future.set_exception(self.error or error)
+        for seq, (_, waiter) in waiting.items():
+            self._wake(seq, waiter, self.error or error)
         self._loop.create_task(self._notify_room())
         if first and self.on_failed is not None:
             self.on_failed(error)

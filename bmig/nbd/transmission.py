@@ -3,7 +3,10 @@
 Requests are parsed straight out of the connection's receive buffer. A request the layers
 can finish at once (a read, a write to chunks already held in breqd) is executed and
 answered in the same event-loop turn, and the replies of one turn leave in one write.
-Anything that must wait (a mark in breqd, a flush, a trim) runs as a task and is answered
+A write that waits only for an answer from outside (a replicated write to chunks already
+held) is started at once with no task either (``write_later``) and answered from the
+callback the layers call when that answer comes, with the replies of that turn.
+Anything else that must wait (a mark in breqd, a flush, a trim) runs as a task and is answered
 when done, the replies of the tasks that end in one turn in one write: NBD allows replies
 in any order, and each reply is written in one piece, so replies never interleave.
 Payload bytes held by waiting requests are capped per connection; past the cap the
@@ -22,7 +25,7 @@ import asyncio
 import errno
 import logging
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bmig.errors import ProtocolError
 from bmig.limits import INLINE_PAYLOAD
@@ -53,6 +56,7 @@ _WRITE = int(p.Cmd.WRITE)
 _READ = int(p.Cmd.READ)
 _DISC = int(p.Cmd.DISC)
 _FUA = p.CMD_FLAG_FUA
+_NOT_WRITE_FLAGS = ~p.ALLOWED_CMD_FLAGS[p.Cmd.WRITE]
 
 
 class RequestFailed(Exception):
@@ -82,8 +86,7 @@ def nbd_error(exc: BaseException, what: str) -> p.Err:
     return p.Err.EIO
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     flags: int
     cmd: int
     cookie: int
@@ -104,6 +107,8 @@ class Transmission:
         self._structured = negotiated.structured
         self._peer = peer
         self._tasks: set[asyncio.Task] = set()
+        self._later = 0                     # writes started by write_later, unanswered
+        self._later_idle: asyncio.Future | None = None   # drain's wait for them
         self._held = 0                      # payload bytes of requests still running
         self._discard = 0                   # payload bytes of a refused write to drop
         self._pending: tuple[Request, bytearray] | None = None   # payload being received
@@ -253,7 +258,11 @@ class Transmission:
     def _write(self, r: Request, data: memoryview, owned: bool) -> None:
         if self._trace:
             requests_log.debug("%s: %s", self._peer, r.describe())
-        if self._refuse(r, 0):
+        # What _validate checks of a WRITE, written out for the common case; anything
+        # else goes through it for its error.
+        if not (self._caps.writable and not r.flags & _NOT_WRITE_FLAGS
+                and 0 < r.length <= p.MAX_PAYLOAD and r.offset + r.length <= self._size) \
+                and self._refuse(r, 0):
             return
         try:
             if self._layer.write_now(data, r.offset, bool(r.flags & _FUA)):
@@ -262,8 +271,42 @@ class Transmission:
         except Exception as exc:    # every failure becomes an NBD error reply
             self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
             return
+        length = len(data)
+        self._hold(length)
+        self._later += 1
+        started = False
+        try:
+            started = self._layer.write_later(
+                data, r.offset, bool(r.flags & _FUA),
+                lambda result, error: self._answered(r, length, error))
+        except Exception as exc:
+            self._reply_error(r, nbd_error(exc, f"{self._peer}: {r.describe()}"))
+            self._later_done(length)
+            return
+        if started:
+            return
+        self._later_done(length)
         payload = data if owned else memoryview(bytearray(data))  # the buffer moves on
         self._start(r, payload, len(payload))
+
+    def _answered(self, r: Request, held: int, error: BaseException | None) -> None:
+        """A write started by ``write_later`` is over: its reply leaves with the turn."""
+        if error is None:
+            self._reply_ok(r)
+        else:
+            self._reply_error(r, nbd_error(error, f"{self._peer}: {r.describe()}"))
+        self._send_out_soon()
+        self._later_done(held)
+
+    def _later_done(self, held: int) -> None:
+        self._later -= 1
+        self._release(held)
+        if not self._later:
+            waiter, self._later_idle = self._later_idle, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if self._done and not self._tasks:
+                self._settle()
 
     def _dispatch(self, r: Request) -> None:
         if r.cmd == _READ:
@@ -300,7 +343,7 @@ class Transmission:
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if self._done and not self._tasks:
+        if self._done and not self._tasks and not self._later:
             self._settle()
 
     async def _run(self, r: Request, data: memoryview | None, holds: int) -> None:
@@ -367,7 +410,7 @@ class Transmission:
         self._done = True
         if abort:
             self._conn.abort()
-        if not self._tasks:
+        if not self._tasks and not self._later:
             self._settle()
 
     def _settle(self) -> None:
@@ -377,8 +420,13 @@ class Transmission:
 
     async def drain(self) -> None:
         """Wait for every request in flight to finish and be answered."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._tasks or self._later:
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                continue
+            if self._later_idle is None:
+                self._later_idle = asyncio.get_running_loop().create_future()
+            await self._later_idle
 
     # -- replies ---------------------------------------------------------------------
 

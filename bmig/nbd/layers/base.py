@@ -10,6 +10,12 @@ method. ``write_now`` defaults to False, so a layer that does not know it still 
 write through its own ``write``. The fast path is what keeps small requests cheap: no
 task, no await, the reply written in the same event-loop turn as the request was read.
 
+A write that must wait for something outside the process (a replicated write's answer
+from the target) but needs nothing else first has a third path, ``write_later``: it is
+started at once, with no task, and ``done(result, error)`` is called once it is over,
+from the event loop (perhaps before ``write_later`` returns). False: nothing was done,
+use ``write``. It defaults to False too.
+
 The contract holds no state and does no I/O. A layer knows the one below it (``inner``)
 and may not reach past it into the chain.
 """
@@ -19,6 +25,10 @@ from __future__ import annotations
 import abc
 import errno
 from dataclasses import dataclass
+from typing import Any, Callable
+
+# ``write_later``'s completion: (what ``write`` returns, or None; the error, or None).
+WriteDone = Callable[[Any, "BaseException | None"], None]
 
 
 class ExportFailed(OSError):
@@ -73,6 +83,14 @@ class Layer(abc.ABC):
     def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
         """Write at once if this layer can; False means: use ``write``. ``data`` is only
         valid during the call."""
+        return False
+
+    def write_later(self, data: memoryview, offset: int, fua: bool,
+                    done: "WriteDone") -> bool:
+        """Start the write at once, with no task, if this layer can: True, and ``done``
+        is called exactly once when it is over (with what ``write`` would have returned,
+        or the error it would have raised); False: nothing was done, use ``write``.
+        ``data`` is only valid during the call."""
         return False
 
     async def flush(self) -> None:

@@ -17,7 +17,9 @@ import asyncio
 import errno
 import logging
 
-from bmig.nbd.layers.base import ExportFailed, Layer
+from typing import Any
+
+from bmig.nbd.layers.base import ExportFailed, Layer, WriteDone
 
 log = logging.getLogger("bmig-nbd")
 
@@ -71,6 +73,37 @@ class ControlLayer(Layer):
             self.bytes_written += len(data)
             return True
         return False
+
+    def write_later(self, data: memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        """Counted as running until answered, so a freeze waits for it as for a write
+        through ``_guarded``."""
+        if not self._writable:
+            return False
+        length = len(data)
+        self._writing += 1
+        self._quiet.clear()
+        answered_at_once = False
+
+        def answered(result: Any, error: BaseException | None) -> None:
+            nonlocal answered_at_once
+            answered_at_once = True
+            self._writing -= 1
+            if not self._writing:
+                self._quiet.set()
+            if error is None:
+                self.bytes_written += length
+            done(result, error)
+
+        started = False
+        try:
+            started = self.inner.write_later(data, offset, fua, answered)
+        finally:
+            if not started and not answered_at_once:
+                self._writing -= 1
+                if not self._writing:
+                    self._quiet.set()
+        return started
 
     async def _guarded(self, action):
         await self._open.wait()

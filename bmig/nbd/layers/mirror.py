@@ -173,6 +173,16 @@ class MirroredHolds:
         held, busy = self._held, self._busy
         return [c for c in chunks if c in held and held[c].tainted and c not in busy]
 
+    def may_settle(self) -> bool:
+        """``settle`` would find something to do: the generation changed, or a DURABLE
+        reached the lowest seq waiting. Cheap, for the hot path: False means ``settle``
+        would return nothing."""
+        mirror = self.mirror
+        if mirror.generation != self._generation_seen:
+            return True
+        awaiting = self._awaiting_durable
+        return bool(awaiting) and awaiting[0][0] <= mirror.durable_seq
+
     def settle(self) -> tuple[list[int], list[int]]:
         """What may go now, while replicating: (tainted, settled) chunks, the first to be
         let go plain and then the second synced. A settled hold that breqd made

@@ -27,7 +27,7 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
-from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.base import Layer, WriteDone
 from bmig.nbd.layers.mirror import ReplicationGeneration
 from bmig.nbd.replica import Replica
 
@@ -165,6 +165,37 @@ class ReplicateLayer(Layer):
         return await self._both(lambda: self._next().write(data, offset, fua),
                                 lambda r: r.write(offset, data, fua),
                                 lambda: self._next().write_now(data, offset, fua))
+
+    def write_later(self, data: memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        """A write of one frame the replica can queue now: written locally at once,
+        queued for the target in the same step (as ``_both`` does with a local write
+        done at once), and answered through ``done`` when the replica answers, with the
+        seq; no task, no future. A write the target did not get is handled as in
+        ``_both``: the replica is given up, and the write fails only under ``block``."""
+        replica = self.replica
+        if replica is None or self.blocked or not replica.takes_now(len(data)):
+            return False
+        if not self._next().write_now(data, offset, fua):
+            return False
+        self._running += 1
+        self._idle.clear()
+
+        def answered(seq: int, error: BmigError | None) -> None:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+            if error is not None:
+                self._give_up(replica, error)
+            try:
+                self._refuse_if_blocked()
+            except OSError as exc:
+                done(None, exc)
+                return
+            done(seq if error is None else None, None)
+
+        replica.write_now(offset, data, fua, answered)
+        return True
 
     async def trim(self, offset: int, length: int, fua: bool) -> int | None:
         return await self._both(lambda: self._next().trim(offset, length, fua),

@@ -17,7 +17,8 @@ write takes its holds with ``sync`` and what it leaves in them decides how they 
 released: bmig.nbd.layers.mirror keeps that record and says when a hold may go as
 ``synced`` (invariant 6); this layer asks it and sends the releases. breqd's answer to
 such a MARK names the chunks it made mirrored; their holds are kept once settled, so a
-replicated write to a chunk written lately needs no message to breqd either.
+replicated write to a chunk written lately needs no message to breqd either, and runs
+with no task (``write_later``: the reply comes with the target's answer).
 
 Holds belong to the breqd connection. When it is lost they are gone: the table is
 emptied, the next write marks again, and a write that was running while the connection
@@ -43,7 +44,7 @@ from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
 from bmig.limits import DEFAULT_HOLD_LIMIT
 from bmig.nbd import protocol as p
-from bmig.nbd.layers.base import Layer
+from bmig.nbd.layers.base import Layer, WriteDone
 from bmig.nbd.layers.mirror import Hold, Mirror, MirroredHolds
 
 log = logging.getLogger("bmig-nbd")
@@ -252,6 +253,8 @@ class TrackLayer(Layer):
         never drops a hold this layer still writes under (its fast path sends no
         message). ``settled``: every write under them is durable on the target (the
         release's ``synced`` field); if not, breqd marks the chunks again."""
+        if not chunks:
+            return
         for c in chunks:
             del self.held[c]
         ranges = self._byte_ranges(chunks)
@@ -378,6 +381,73 @@ class TrackLayer(Layer):
             hold.tainted = True
             hold.seen = now
         return True
+
+    def write_later(self, data: memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        """While replicating, a write to chunks held on the current breqd connection
+        goes on at once, with no mark and no task (the replicated twin of ``write_now``):
+        the chunks are busy until the layer below answers, and what that answer leaves
+        in the holds is recorded as ``_tracked`` records it, before ``done``."""
+        if self.tracker.session != self._session:
+            return False
+        mirror = self.mirror
+        if mirror is None or not mirror.active:
+            return False
+        length = len(data)
+        chunks = self._span(offset, length)
+        if not self._holds_all(chunks):
+            return False
+        generation, session = mirror.generation, self._session
+        busy = self._busy
+        for c in chunks:
+            busy[c] += 1
+        answered_at_once = False
+
+        def answered(result: Any, error: BaseException | None) -> None:
+            nonlocal answered_at_once
+            answered_at_once = True
+            for c in chunks:
+                busy[c] -= 1
+                if not busy[c]:
+                    del busy[c]
+            self._saw(chunks)
+            mirrored = self._mirrored
+            assert mirrored is not None
+            mirrored.note(chunks, generation, None if error is not None else result)
+            if error is not None:
+                done(None, error)
+            elif session != self.tracker.session:
+                self._mark_again_then(offset, length, done)
+            else:
+                if mirrored.mirror.active:
+                    if self._holds_valid():
+                        self._let_go(mirrored.tainted(chunks), False)
+                    if mirrored.may_settle():
+                        self._settle_mirrored()
+                done(None, None)
+
+        started = False
+        try:
+            started = self.inner.write_later(data, offset, fua, answered)
+        finally:
+            if not started and not answered_at_once:
+                for c in chunks:
+                    busy[c] -= 1
+                    if not busy[c]:
+                        del busy[c]
+        if started:
+            self._saw(chunks)
+        return started
+
+    def _mark_again_then(self, offset: int, length: int, done: WriteDone) -> None:
+        """``_mark_again`` for a write that ran without a task, then its answer."""
+        def finished(task: asyncio.Task) -> None:
+            exc = task.exception() if not task.cancelled() else TrackingFailed(
+                f"{self.device}: mark again of {offset}+{length} cancelled")
+            done(None, exc)
+
+        asyncio.get_running_loop().create_task(
+            self._mark_again(offset, length)).add_done_callback(finished)
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> None:
         await self._tracked(offset, len(data), lambda: self._next().write(data, offset, fua))
