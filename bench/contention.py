@@ -10,9 +10,10 @@ its state on a real disk (--disk-dir, /var/tmp). In two settings, taking turns e
 round (the first one rotating):
 
   alone      no sync runs;
-  sync       `bmigrate track set-dirty`, then a full `bmigrate sync --threshold 0` to a
-             breceive on 127.0.0.1 (target on /dev/shm), over and over while fio runs;
-             the sync running when fio ends is stopped with SIGTERM.
+  sync       `bmigrate track set-dirty`, then a full `bmigrate sync` to a breceive on
+             127.0.0.1 (target on /dev/shm) that ends after its full pass (a threshold
+             of the device's size), over and over while fio runs; the sync running
+             when fio ends is stopped with SIGTERM.
 
 Before each run every chunk is dirty (set-dirty), as at the start of a sync. Reported:
 IOPS and fio's p99 per setting, the ratio sync / alone (the target: at least 0.8, with
@@ -59,9 +60,9 @@ class SyncLoop(threading.Thread):
     running then is stopped with SIGTERM (it ends cleanly and says what it sent). Its
     bytes and seconds cover the loop up to that stop, the window fio ran in."""
 
-    def __init__(self, env: dict[str, str], common: list[str]):
+    def __init__(self, env: dict[str, str], common: list[str], size: int):
         super().__init__(daemon=True)
-        self.env, self.common = env, common
+        self.env, self.common, self.size = env, common, size
         self.stop = threading.Event()
         self.bytes = 0
         self.seconds = 0.0
@@ -72,8 +73,11 @@ class SyncLoop(threading.Thread):
         t0 = time.monotonic()
         while not self.stop.is_set() and self.error is None:
             benchlib.run_bmigrate(self.env, "track", "set-dirty", DEVICE)
-            child = Child([*benchlib.BMIGRATE, "sync", *self.common, "--threshold", "0",
-                           "--json"], name="bmigrate sync", group=Group.SESSION)
+            # A threshold of the device's size: the sync ends after its full pass, and
+            # the next one starts, so a full copy runs the whole time fio does.
+            child = Child([*benchlib.BMIGRATE, "sync", *self.common, "--threshold",
+                           str(self.size), "--json"], name="bmigrate sync",
+                          group=Group.SESSION)
             child.start(self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert child.proc is not None
             try:
@@ -85,13 +89,23 @@ class SyncLoop(threading.Thread):
             finally:
                 child.stop()
             # 0 identical, 10 not converging, 15 converged while written, 130 stopped
-            if child.proc.returncode not in (0, 10, 15, 130) or not out.strip():
+            if child.proc.returncode not in (0, 10, 15, 130):
                 self.error = f"sync exited {child.proc.returncode}: {err.strip()[-500:]}"
                 break
-            summary = json.loads(out.splitlines()[-1])
-            self.bytes += int(summary["bytes_sent"]) + int(summary.get("bytes_zero", 0))
+            # What each pass shipped (a sync that ends "not converging" says no summary:
+            # the chunks fio keeps writing are held, and it stops after a few passes).
+            passes = [e for e in map(_json_or_none, out.splitlines())
+                      if isinstance(e, dict) and e.get("event") == "pass"]
+            self.bytes += sum(int(e["bytes_sent"]) + int(e["bytes_zero"]) for e in passes)
             self.syncs += 1
         self.seconds = time.monotonic() - t0
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def start_receiver(setup: Setup, state: str) -> tuple[Proc, list[str]]:
@@ -119,7 +133,7 @@ def one_run(setup: Setup, server, args, env: dict[str, str], common: list[str],
         c.set_all_dirty(DEVICE)
     loop = None
     if setting == "sync":
-        loop = SyncLoop(env, common)
+        loop = SyncLoop(env, common, setup.size)
         loop.start()
         _wait("the sync to check chunks out",
               lambda: int(_stats(setup)["inflight_bytes"]) > 0 or loop.error is not None)
