@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
-from benchlib import (BMIGRATE, PATHS, child_env, cleanup, fs_type,  # noqa: E402
+from benchlib import (BMIGRATE, BRECEIVE, PATHS, child_env, cleanup, fs_type,  # noqa: E402
                       fio_nbd_problem, install_signal_handlers, provenance,
                       provenance_end, provenance_line, remove, run_bmigrate, save_json,
                       start_breqd, start_notified)
@@ -66,7 +66,6 @@ from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
 from bmig.tracker.blocking_client import TrackerClient  # noqa: E402
 
-BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 BMIG_NBD = [sys.executable, "-c", "from bmig.cli.nbd import main; main()"]
 
 CHUNK = 64 * KiB

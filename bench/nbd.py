@@ -61,7 +61,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import benchlib  # noqa: E402
-from benchlib import (PATHS, START_TIMEOUT, child_env, cleanup,  # noqa: E402
+from benchlib import (BRECEIVE, PATHS, START_TIMEOUT, child_env, cleanup,  # noqa: E402
                       fio_nbd_problem, install_signal_handlers, Proc, provenance,
                       provenance_end, provenance_line, save_json, source_digest,
                       start_notified)
@@ -455,7 +455,6 @@ def report(out: dict) -> str:
 
 # -- the hot-chunks case (--hot) ---------------------------------------------------------
 
-BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 HOT_LOGS = (0, None)       # activity_log_chunks: off, then breqd's default (None: unset)
 HOT_SETTLE = 15.0          # seconds to wait for bmig-nbd's holds to go, or a lazy write
 

@@ -77,8 +77,8 @@ sys.path.insert(0, ROOT)
 import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
-from benchlib import (BMIGRATE, PATHS, START_TIMEOUT, STOP_TIMEOUT, child_env,  # noqa: E402
-                      cleanup, evict, fs_type, install_signal_handlers, provenance,
+from benchlib import (BMIGRATE, BRECEIVE, PATHS, START_TIMEOUT,  # noqa: E402
+                      STOP_TIMEOUT, child_env, cleanup, evict, fs_type, install_signal_handlers, provenance,
                       provenance_end, provenance_line, remove, run_bmigrate, save_json,
                       start_breqd, start_notified)
 from bmig.config import parse_size  # noqa: E402
@@ -112,7 +112,6 @@ def _tool(name: str) -> str | None:
     return shutil.which(name) or (here if os.access(here, os.X_OK) else None)
 
 
-BRECEIVE = [sys.executable, "-c", "from bmig.cli.breceive import main; main()"]
 
 CASES = {
     "1": "full sync, random data, loopback TCP, vs socat",
