@@ -78,9 +78,10 @@ import xxhash  # noqa: E402
 
 import benchlib  # noqa: E402
 from benchlib import (BMIGRATE, BRECEIVE, PATHS, START_TIMEOUT,  # noqa: E402
-                      STOP_TIMEOUT, child_env, cleanup, evict, fs_type, install_signal_handlers, provenance,
-                      provenance_end, provenance_line, remove, run_bmigrate, save_json,
-                      start_breqd, start_notified)
+                      STOP_TIMEOUT, child_env, cleanup, evict, fs_type,
+                      install_signal_handlers, provenance, provenance_end,
+                      provenance_line, remove, run_bmigrate, save_json, start_breqd,
+                      start_notified)
 from bmig.config import parse_size  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 from bmig.constants import GiB, KiB, MiB  # noqa: E402
