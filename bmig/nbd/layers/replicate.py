@@ -27,6 +27,7 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
+from bmig.limits import MAX_DATA
 from bmig.nbd.layers.base import Layer, WriteDone
 from bmig.nbd.layers.mirror import ReplicationGeneration
 from bmig.nbd.replica import Replica
@@ -75,8 +76,9 @@ class ReplicateLayer(Layer):
     def start(self, replica: Replica, policy: str) -> None:
         if policy not in REPLICATION_POLICIES:
             raise ValueError(policy)
-        if self.replica is not None:
-            self.replica.close()
+        old, self.replica = self.replica, None
+        if old is not None:                 # detached first: its failing writes are not
+            old.close()                     # taken for a failure of the replication
         self.replica, self.policy = replica, policy
         self.failed, self.blocked = None, False
         self._generation.advance()
@@ -162,9 +164,24 @@ class ReplicateLayer(Layer):
                 self._idle.set()
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> int | None:
-        return await self._both(lambda: self._next().write(data, offset, fua),
-                                lambda r: r.write(offset, data, fua),
-                                lambda: self._next().write_now(data, offset, fua))
+        """Written locally at once, before its frames leave (a FUA write too, flushed
+        after), so that overlapping writes reach the source and the target in one order.
+        A write of more than one frame gives no seq: other writes' frames may go between
+        its frames, so the target may end with another order of an overlapping write
+        than the source; its chunks stay dirty (tainted) and are shipped again."""
+        flush_owed = False
+
+        def local_now() -> bool:
+            nonlocal flush_owed
+            done = self._next().write_now(data, offset, False)
+            flush_owed = fua and done
+            return done
+
+        seq = await self._both(lambda: self._next().write(data, offset, fua),
+                               lambda r: r.write(offset, data, fua), local_now)
+        if flush_owed:
+            await self._next().flush()
+        return None if len(data) > MAX_DATA else seq
 
     def write_later(self, data: memoryview, offset: int, fua: bool,
                     done: WriteDone) -> bool:
@@ -197,14 +214,20 @@ class ReplicateLayer(Layer):
         replica.write_now(offset, data, fua, answered)
         return True
 
-    async def trim(self, offset: int, length: int, fua: bool) -> int | None:
-        return await self._both(lambda: self._next().trim(offset, length, fua),
-                                lambda r: r.zero(offset, length, fua))
+    # A trim or zero gives no seq: its local part runs beside its frame (a task, perhaps
+    # a thread), so an overlapping write may land before it locally and after it on the
+    # target. Its chunks stay dirty (tainted) and are shipped again.
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        await self._both(lambda: self._next().trim(offset, length, fua),
+                         lambda r: r.zero(offset, length, fua))
+        return None
 
     async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
-                   fast: bool) -> int | None:
-        return await self._both(lambda: self._next().zero(offset, length, fua, may_trim, fast),
-                                lambda r: r.zero(offset, length, fua))
+                   fast: bool) -> None:
+        await self._both(lambda: self._next().zero(offset, length, fua, may_trim, fast),
+                         lambda r: r.zero(offset, length, fua))
+        return None
 
     async def flush(self) -> None:
         async def remote(r: Replica) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import heapq
 import logging
 from collections import Counter
@@ -204,6 +205,13 @@ class TrackLayer(Layer):
         result = None
         try:
             result = await action()
+        except Exception:
+            # Failed, perhaps after the local write landed; if the hold was lost
+            # meanwhile, breqd must hear of the range again all the same.
+            if session != self.tracker.session:
+                with contextlib.suppress(BmigError):
+                    await self._mark_again(offset, length)
+            raise
         finally:
             for c in chunks:
                 busy[c] -= 1
@@ -415,7 +423,10 @@ class TrackLayer(Layer):
             assert mirrored is not None
             mirrored.note(chunks, generation, None if error is not None else result)
             if error is not None:
-                done(None, error)
+                if session != self.tracker.session:   # written locally, perhaps: mark
+                    self._mark_again_then(offset, length, lambda _, __: done(None, error))
+                else:
+                    done(None, error)
             elif session != self.tracker.session:
                 self._mark_again_then(offset, length, done)
             else:
@@ -429,6 +440,12 @@ class TrackLayer(Layer):
         started = False
         try:
             started = self.inner.write_later(data, offset, fua, answered)
+        except BaseException:
+            # The local pwrite failed, perhaps after part of it landed: the target has
+            # none of it, so the holds are tainted, as the task path taints them.
+            if not answered_at_once and self._mirrored is not None:
+                self._mirrored.note(chunks, generation, None)
+            raise
         finally:
             if not started and not answered_at_once:
                 for c in chunks:
