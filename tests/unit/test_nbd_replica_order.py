@@ -294,3 +294,26 @@ def test_a_zero_under_replication_leaves_its_chunk_dirty():
 
     rel = asyncio.run(main())
     assert rel and not any("synced" in r for r in rel), rel
+
+
+def test_a_write_later_is_answered_even_when_its_bookkeeping_fails():
+    # A bug in a layer's bookkeeping after the target answered must not leave the
+    # writer unanswered and the write counted as running: a freeze would never end.
+    async def main():
+        control, track, replicate, target, events = chain("C")
+        await held_and_settled(control, track, target)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("bookkeeping bug")
+
+        track._mirrored.note = broken
+        answers = Answers()
+        assert control.write_later(memoryview(b"b" * 512), 0, False, answers)
+        await until(lambda: answers.got, "the answer")
+        await asyncio.wait_for(control.freeze(), WAIT)
+        control.thaw()
+        await control.close()
+        return answers.got
+
+    got = asyncio.run(main())
+    assert len(got) == 1 and isinstance(got[0][1], RuntimeError), got

@@ -202,14 +202,18 @@ class ReplicateLayer(Layer):
             self._running -= 1
             if not self._running:
                 self._idle.set()
-            if error is not None:
-                self._give_up(replica, error)
+            outcome: tuple[int | None, BaseException | None]
             try:
+                if error is not None:
+                    self._give_up(replica, error)
                 self._refuse_if_blocked()
-            except OSError as exc:
-                done(None, exc)
-                return
-            done(seq if error is None else None, None)
+                outcome = (seq if error is None else None, None)
+            except OSError as exc:          # blocked: the write fails
+                outcome = (None, exc)
+            except Exception as exc:        # a bug: the writer is answered all the same
+                log.exception("%s: after a replicated write", self.name)
+                outcome = (None, exc)
+            done(*outcome)
 
         replica.write_now(offset, data, fua, answered)
         return True

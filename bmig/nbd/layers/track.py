@@ -418,24 +418,27 @@ class TrackLayer(Layer):
                 busy[c] -= 1
                 if not busy[c]:
                     del busy[c]
-            self._saw(chunks)
-            mirrored = self._mirrored
-            assert mirrored is not None
-            mirrored.note(chunks, generation, None if error is not None else result)
-            if error is not None:
-                if session != self.tracker.session:   # written locally, perhaps: mark
-                    self._mark_again_then(offset, length, lambda _, __: done(None, error))
-                else:
-                    done(None, error)
-            elif session != self.tracker.session:
-                self._mark_again_then(offset, length, done)
-            else:
-                if mirrored.mirror.active:
+            try:
+                self._saw(chunks)
+                mirrored = self._mirrored
+                assert mirrored is not None
+                mirrored.note(chunks, generation, None if error is not None else result)
+                if session != self.tracker.session:     # written locally: mark again
+                    self._mark_again_then(offset, length,
+                                          done if error is None else
+                                          lambda _, __: done(None, error))
+                    return
+                if error is None and mirrored.mirror.active:
                     if self._holds_valid():
                         self._let_go(mirrored.tainted(chunks), False)
                     if mirrored.may_settle():
                         self._settle_mirrored()
-                done(None, None)
+                outcome: tuple[Any, BaseException | None] = (None, error)
+            except Exception as exc:    # a bug: the writer is answered all the same
+                log.exception("%s: after a replicated write of %d+%d", self.device, offset,
+                              length)
+                outcome = (None, exc)
+            done(*outcome)
 
         started = False
         try:
