@@ -25,7 +25,8 @@ def breceive_argv(*args: str) -> list[str]:
 
 
 def bmigrate_argv(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from bmig.cli.main import main; main()", *args]
+    """bmigrate as installed: its entry pauses the collector and ends with os._exit."""
+    return [sys.executable, "-c", "from bmig.cli.bmigrate import main; main()", *args]
 
 
 @dataclass

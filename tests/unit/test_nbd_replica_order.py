@@ -16,7 +16,7 @@ import pytest
 
 from bmig.errors import TargetError
 from bmig.nbd import replica as replica_module
-from bmig.nbd.layers import replicate as replicate_module
+from bmig.nbd.layers import track as track_module
 from bmig.nbd.layers.control import ControlLayer
 from bmig.nbd.layers.replicate import ReplicateLayer
 from bmig.nbd.layers.track import TrackLayer
@@ -58,7 +58,7 @@ def test_a_write_of_more_than_one_frame_is_never_released_synced(monkeypatch):
     Locally W2 lands last. On the wire, W2's frame goes between W1's frames, so the
     target ends with W1's bytes. The chunk must not then be released synced (clean)."""
     monkeypatch.setattr(replica_module, "MAX_DATA", 1024)
-    monkeypatch.setattr(replicate_module, "MAX_DATA", 1024)
+    monkeypatch.setattr(track_module, "MAX_DATA", 1024)
     monkeypatch.setattr(replica_module, "FLUSH_DELAY", 3600)
 
     async def main():
@@ -257,14 +257,24 @@ def test_a_fua_write_and_an_overlapping_write_land_in_one_order_on_both_sides(mo
     assert [e.split()[1] for e in local] == [repr(f) for f in frames], (local, frames)
 
 
-def test_a_zero_under_replication_leaves_its_chunk_dirty():
-    # Its local part runs beside its frame: an overlapping write may land in another
-    # order on each side, so its chunk is never released synced.
+def test_a_zero_overlapping_a_write_in_flight_leaves_its_chunk_dirty():
+    # Its local part runs beside its frame: with a write in flight on the same chunk, the
+    # two may land in another order on each side, so the chunk is never released
+    # synced; a zero alone settles as a write does (test_replicate.py).
     async def main():
         control, track, replicate, target, events = chain("C")
         await held_and_settled(control, track, target)
+        target.gate.clear()
+        target.entered.clear()
+        answers = Answers()
+        assert control.write_later(memoryview(b"b" * 512), 0, False, answers)
+        await asyncio.to_thread(target.entered.wait, WAIT)
+        zero = asyncio.ensure_future(control.zero(0, 4096, False, False, False))
+        await until(lambda: track._unordered, "the zero to start")
         del events[:]
-        await control.zero(0, 4096, False, False, False)
+        target.gate.set()
+        await asyncio.wait_for(zero, WAIT)
+        await until(lambda: answers.got, "the write's answer")
         await control.flush()
         track.let_go_settled()
         rel = releases(events)

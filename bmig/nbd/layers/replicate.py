@@ -27,7 +27,6 @@ from typing import Callable
 
 from bmig.constants import REPLICATION_POLICIES
 from bmig.errors import BmigError
-from bmig.limits import MAX_DATA
 from bmig.nbd.layers.base import Layer, WriteDone
 from bmig.nbd.layers.mirror import ReplicationGeneration
 from bmig.nbd.replica import Replica
@@ -166,9 +165,9 @@ class ReplicateLayer(Layer):
     async def write(self, data: memoryview, offset: int, fua: bool) -> int | None:
         """Written locally at once, before its frames leave (a FUA write too, flushed
         after), so that overlapping writes reach the source and the target in one order.
-        A write of more than one frame gives no seq: other writes' frames may go between
-        its frames, so the target may end with another order of an overlapping write
-        than the source; its chunks stay dirty (tainted) and are shipped again."""
+        A write of more than one frame cannot promise that (another write's frame may go
+        between its frames): the tracking layer taints the holds of such a write that
+        overlaps another in flight."""
         flush_owed = False
 
         def local_now() -> bool:
@@ -181,7 +180,7 @@ class ReplicateLayer(Layer):
                                lambda r: r.write(offset, data, fua), local_now)
         if flush_owed:
             await self._next().flush()
-        return None if len(data) > MAX_DATA else seq
+        return seq
 
     def write_later(self, data: memoryview, offset: int, fua: bool,
                     done: WriteDone) -> bool:
@@ -218,20 +217,18 @@ class ReplicateLayer(Layer):
         replica.write_now(offset, data, fua, answered)
         return True
 
-    # A trim or zero gives no seq: its local part runs beside its frame (a task, perhaps
-    # a thread), so an overlapping write may land before it locally and after it on the
-    # target. Its chunks stay dirty (tainted) and are shipped again.
+    # A trim or zero runs its local part beside its frame (a task, perhaps a thread), so
+    # an overlapping write may land before it locally and after it on the target: the
+    # tracking layer taints the holds of one that overlaps another request in flight.
 
-    async def trim(self, offset: int, length: int, fua: bool) -> None:
-        await self._both(lambda: self._next().trim(offset, length, fua),
-                         lambda r: r.zero(offset, length, fua))
-        return None
+    async def trim(self, offset: int, length: int, fua: bool) -> int | None:
+        return await self._both(lambda: self._next().trim(offset, length, fua),
+                                lambda r: r.zero(offset, length, fua))
 
     async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
-                   fast: bool) -> None:
-        await self._both(lambda: self._next().zero(offset, length, fua, may_trim, fast),
-                         lambda r: r.zero(offset, length, fua))
-        return None
+                   fast: bool) -> int | None:
+        return await self._both(lambda: self._next().zero(offset, length, fua, may_trim, fast),
+                                lambda r: r.zero(offset, length, fua))
 
     async def flush(self) -> None:
         async def remote(r: Replica) -> int:

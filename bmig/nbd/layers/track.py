@@ -43,7 +43,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from bmig.chunkmath import chunk_span
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
-from bmig.limits import DEFAULT_HOLD_LIMIT
+from bmig.limits import DEFAULT_HOLD_LIMIT, MAX_DATA
 from bmig.nbd import protocol as p
 from bmig.nbd.layers.base import Layer, WriteDone
 from bmig.nbd.layers.mirror import Hold, Mirror, MirroredHolds
@@ -115,6 +115,10 @@ class TrackLayer(Layer):
         self.mirror = mirror
         self.held: dict[int, Hold] = {}      # chunks held under ``self._session``
         self._busy: Counter[int] = Counter()  # chunks with a slow-path request running
+        # ... of which a request whose local part and frames may interleave with another
+        # request's in another order on each side (a trim, a zero, a write of several
+        # frames): an overlap with one taints the holds (the chunk ships again).
+        self._unordered: Counter[int] = Counter()
         self._session = -1
         self._sweeps = 0                      # sweeps done; ``Hold.seen`` counts in them
         self._unrecorded: Ranges = []         # written, but the mark again failed
@@ -193,15 +197,24 @@ class TrackLayer(Layer):
         self._ensure_sweeper()
         return session
 
+    def _overlaps(self, chunks: range, unordered: bool) -> bool:
+        """A request starting on ``chunks`` meets one in flight whose order on the source
+        and on the target may differ from its own (``unordered``: this one is such)."""
+        unordered_busy, busy = self._unordered, self._busy
+        return any(c in unordered_busy or (unordered and c in busy) for c in chunks)
+
     async def _tracked(self, offset: int, length: int,
-                       action: Callable[[], Awaitable[Any]]) -> None:
+                       action: Callable[[], Awaitable[Any]], unordered: bool = False) -> None:
         mirror = self.mirror if self.mirror is not None and self.mirror.active else None
         generation = mirror.generation if mirror is not None else None
         session = await self._acquire(offset, length, mirrored=mirror is not None)
         chunks = self._span(offset, length)
         busy = self._busy
+        overlapped = self._overlaps(chunks, unordered)
         for c in chunks:
             busy[c] += 1
+            if unordered:
+                self._unordered[c] += 1
         result = None
         try:
             result = await action()
@@ -217,9 +230,13 @@ class TrackLayer(Layer):
                 busy[c] -= 1
                 if not busy[c]:
                     del busy[c]
+                if unordered:
+                    self._unordered[c] -= 1
+                    if not self._unordered[c]:
+                        del self._unordered[c]
             self._saw(chunks)
             if self._mirrored is not None:
-                self._mirrored.note(chunks, generation, result)
+                self._mirrored.note(chunks, generation, None if overlapped else result)
         if session != self.tracker.session:
             await self._mark_again(offset, length)
         elif self._mirrored is not None and self._mirrored.mirror.active:
@@ -407,6 +424,7 @@ class TrackLayer(Layer):
             return False
         generation, session = mirror.generation, self._session
         busy = self._busy
+        overlapped = self._overlaps(chunks, False)
         for c in chunks:
             busy[c] += 1
         answered_at_once = False
@@ -422,7 +440,8 @@ class TrackLayer(Layer):
                 self._saw(chunks)
                 mirrored = self._mirrored
                 assert mirrored is not None
-                mirrored.note(chunks, generation, None if error is not None else result)
+                mirrored.note(chunks, generation,
+                              None if error is not None or overlapped else result)
                 if session != self.tracker.session:     # written locally: mark again
                     self._mark_again_then(offset, length,
                                           done if error is None else
@@ -470,15 +489,18 @@ class TrackLayer(Layer):
             self._mark_again(offset, length)).add_done_callback(finished)
 
     async def write(self, data: memoryview, offset: int, fua: bool) -> None:
-        await self._tracked(offset, len(data), lambda: self._next().write(data, offset, fua))
+        await self._tracked(offset, len(data), lambda: self._next().write(data, offset, fua),
+                            unordered=len(data) > MAX_DATA)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
-        await self._tracked(offset, length, lambda: self._next().trim(offset, length, fua))
+        await self._tracked(offset, length, lambda: self._next().trim(offset, length, fua),
+                            unordered=True)
 
     async def zero(self, offset: int, length: int, fua: bool, may_trim: bool,
                    fast: bool) -> None:
         await self._tracked(offset, length,
-                            lambda: self._next().zero(offset, length, fua, may_trim, fast))
+                            lambda: self._next().zero(offset, length, fua, may_trim, fast),
+                            unordered=True)
 
     # -- the dirty bitmap as a meta context --------------------------------------------
 
