@@ -2,12 +2,14 @@
 dirty; failures and breqd reconnects never leave a written range clean.
 
 A write is written locally at once, before its frame leaves (a FUA write too, flushed
-after); a write of more than one frame, a trim or a zero, whose frames or local part may
-interleave with an overlapping write's, gives no seq and taints its holds, so the chunk
-ships again. A local write that fails taints the holds on either path; a write that fails
-after breqd's connection changed is marked again; a replication started over another one
-answers the old one's writes as a plain failure of that replica, not of replication.
+after). A trim, a zero or a write of more than one frame, whose local part and frames may
+interleave with another request's in another order on each side, taints the holds when
+it overlaps a request in flight, so the chunk ships again. A local write that fails
+taints the holds on either path; a write that fails after breqd's connection changed is
+marked again; a replication started over another one answers the old one's writes as a
+failure of that replica, not of replication.
 """
+
 from __future__ import annotations
 
 import asyncio
