@@ -308,3 +308,25 @@ def test_a_write_later_is_answered_even_when_its_bookkeeping_fails():
 
     got = asyncio.run(main())
     assert len(got) == 1 and isinstance(got[0][1], RuntimeError), got
+
+
+def test_a_replicated_fua_write_is_flushed_locally_before_it_is_answered(monkeypatch):
+    # Written at once like a plain write (one order on both sides), a FUA write still
+    # owes its client a durable local copy: the flush runs beside the target's answer.
+    monkeypatch.setattr(replica_module, "FLUSH_DELAY", 3600)
+
+    async def main():
+        events = []
+        replicate = ReplicateLayer(LocalOrder(events), "d1")
+        track = TrackLayer(replicate, MirroringTracker(events), "d1", CHUNK, idle=3600,
+                           mirror=replicate)
+        control = ControlLayer(track, "d1")
+        replicate.start(Replica(FakeTarget("C"), "C", asyncio.get_running_loop()),
+                        "degrade")
+        del events[:]
+        await control.write(memoryview(b"1" * 512), 0, True)
+        seen = [e for e in events if e.startswith("local") or e == "flush"]
+        await control.close()
+        return seen
+
+    assert asyncio.run(main()) == ["local b'1'", "flush"]

@@ -168,19 +168,21 @@ class ReplicateLayer(Layer):
         A write of more than one frame cannot promise that (another write's frame may go
         between its frames): the tracking layer taints the holds of such a write that
         overlaps another in flight."""
-        flush_owed = False
+        flush: asyncio.Future | None = None
 
         def local_now() -> bool:
-            nonlocal flush_owed
+            nonlocal flush
             done = self._next().write_now(data, offset, False)
-            flush_owed = fua and done
+            if done and fua:                # its flush runs beside the target's answer
+                flush = asyncio.ensure_future(self._next().flush())
             return done
 
-        seq = await self._both(lambda: self._next().write(data, offset, fua),
-                               lambda r: r.write(offset, data, fua), local_now)
-        if flush_owed:
-            await self._next().flush()
-        return seq
+        try:
+            return await self._both(lambda: self._next().write(data, offset, fua),
+                                    lambda r: r.write(offset, data, fua), local_now)
+        finally:
+            if flush is not None:
+                await flush
 
     def write_later(self, data: memoryview, offset: int, fua: bool,
                     done: WriteDone) -> bool:
