@@ -25,7 +25,8 @@ from bmig.nbd.layers.track import TrackLayer
 from bmig.nbd.replica import Replica
 from tests.unit.test_nbd_replica import CHUNK, WAIT, FakeTarget, Recorder, releases, until
 from tests.unit.test_nbd_write_later import (Answers, MirroringTracker, chain,
-                                             held_and_settled)
+                                             held_and_settled,
+                                             write_later_held_at_the_target)
 
 
 @pytest.mark.parametrize("path", ["without a task", "through the task path"])
@@ -98,11 +99,7 @@ def test_a_breqd_reconnect_during_a_write_later_marks_again_before_the_answer():
     async def main():
         control, track, replicate, target, events = chain("C")
         await held_and_settled(control, track, target)
-        target.gate.clear()
-        target.entered.clear()
-        answers = Answers()
-        assert control.write_later(memoryview(b"b" * 512), 0, False, answers)
-        await asyncio.to_thread(target.entered.wait, WAIT)
+        answers = await write_later_held_at_the_target(control, target)
         del events[:]
         track.tracker.session = 2          # breqd reconnected: the hold is gone
         marks_at_answer = []
@@ -266,11 +263,7 @@ def test_a_zero_overlapping_a_write_in_flight_leaves_its_chunk_dirty():
     async def main():
         control, track, replicate, target, events = chain("C")
         await held_and_settled(control, track, target)
-        target.gate.clear()
-        target.entered.clear()
-        answers = Answers()
-        assert control.write_later(memoryview(b"b" * 512), 0, False, answers)
-        await asyncio.to_thread(target.entered.wait, WAIT)
+        answers = await write_later_held_at_the_target(control, target)
         zero = asyncio.ensure_future(control.zero(0, 4096, False, False, False))
         await until(lambda: track._unordered, "the zero to start")
         del events[:]

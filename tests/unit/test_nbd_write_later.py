@@ -75,6 +75,18 @@ async def held_and_settled(control, track, target, chunk: int = 0) -> None:
     assert chunk in track.held, "the mirrored hold should be kept once settled"
 
 
+async def write_later_held_at_the_target(control, target, data: bytes = b"b" * 512,
+                                         offset: int = 0) -> Answers:
+    """A task-less write started while the target holds back what reaches it; returns
+    once its frame is at the target (and unanswered): its answers."""
+    target.gate.clear()
+    target.entered.clear()
+    answers = Answers()
+    assert control.write_later(memoryview(data), offset, False, answers)
+    await asyncio.to_thread(target.entered.wait, WAIT)
+    return answers
+
+
 @pytest.mark.parametrize("protocol", ["B", "C"])
 def test_a_write_later_is_answered_only_once_the_target_answered(protocol):
     """The target is held before the frame reaches it: no answer yet. Once let through,
@@ -219,11 +231,7 @@ def test_a_freeze_and_a_stop_wait_for_a_write_later():
     async def main():
         control, track, replicate, target, events = chain("C")
         await held_and_settled(control, track, target)
-        target.gate.clear()
-        target.entered.clear()
-        answers = Answers()
-        assert control.write_later(memoryview(b"b" * 512), 0, False, answers)
-        await asyncio.to_thread(target.entered.wait, WAIT)
+        answers = await write_later_held_at_the_target(control, target)
         freeze = asyncio.ensure_future(control.freeze())
         stop = asyncio.ensure_future(replicate.stop())
         for _ in range(5):

@@ -201,6 +201,8 @@ class TrackLayer(Layer):
         """A request starting on ``chunks`` meets one in flight whose order on the source
         and on the target may differ from its own (``unordered``: this one is such)."""
         unordered_busy, busy = self._unordered, self._busy
+        if not unordered and not unordered_busy:    # a replicated write's usual case
+            return False
         return any(c in unordered_busy or (unordered and c in busy) for c in chunks)
 
     async def _tracked(self, offset: int, length: int,
