@@ -36,6 +36,16 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0,
         delay = min(delay * 2, 0.1)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie waiting for its reaper does not. A SIGKILL takes
+    effect after kill() returns, so a test that killed ``pid`` waits for ``not alive``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # Daemons started and not stopped (or killed) yet: tests/conftest.py stops what a test
 # left running, also when it failed half-way.
 RUNNING: list[Child] = CHILDREN.running

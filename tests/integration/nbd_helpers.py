@@ -85,6 +85,19 @@ def logged_requests(log: str) -> list[tuple[str, int, int]]:
             for m in _REQUEST_LINE.finditer(log)]
 
 
+def fuse_mounted(path: str) -> bool:
+    """Whether a FUSE file system is mounted on ``path``, also one whose server ended
+    (``os.path.ismount`` says no to those: their stat fails)."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mountpoint = fields[4].encode().decode("unicode_escape")
+            if mountpoint == path and "fuse" in fields[fields.index("-") + 1]:
+                return True
+    return False
+
+
 class NbdFuse:
     """An export as a file through nbdfuse, on a loop device: a real kernel client."""
 
@@ -123,6 +136,10 @@ class NbdFuse:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=TOOL_TIMEOUT)
+        if fuse_mounted(self.mountpoint):
+            # nbdfuse ended first (its server went away): the kernel keeps the mount,
+            # answering ENOTCONN, until it is taken down.
+            tool("fusermount3", "-u", "-z", self.mountpoint, check=False)
         if self.proc.stderr:
             self.proc.stderr.close()
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon
+from tests.daemon import Daemon, alive
 
 SYNC_TIMEOUT = 300
 MiB = 1 << 20
@@ -284,15 +284,7 @@ class Background:
 
 def _alive(pids: list[int]) -> list[int]:
     """The pids still running (zombies count as gone)."""
-    alive = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    alive.append(pid)
-        except OSError:
-            pass
-    return alive
+    return [pid for pid in pids if alive(pid)]
 
 
 def _kill_all(pids: list[int]) -> None:

@@ -20,6 +20,7 @@ import pytest
 from bmig.nbdclient import NbdClient, NbdError
 from tests.integration.failover_helpers import (dirty_chunks, keep_replicating, second_host,
                                                 serve, wait_state)
+from tests.daemon import alive, wait_until
 from tests.integration.nbd_helpers import start_nbd
 from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate, migrations,  # noqa: F401
                                             receivers, start_receiver, sync)
@@ -249,14 +250,7 @@ def test_a_fence_past_its_timeout_is_killed_with_its_process_group(copy, tmp_pat
     with pytest.raises(HookFailed, match="did not finish within"):
         promote_copy(settings, lambda c, e, t: run_hook(c, e, t, lambda s, line: None))
     child = int(pidfile.read_text())
-    assert not running(child), "the fence's background child outlived its timeout"
+    wait_until(lambda: not alive(child), timeout=10,
+               what="the fence's background child to be killed with its group")
     assert r.record("d1") == before
 
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -20,6 +20,7 @@ import pytest
 from bmig.errors import HookFailed
 from bmig.limits import MAX_HOOK_LINE
 from bmig.sender.hooks import OUTPUT_GRACE, problem, run_hook
+from tests.daemon import alive, wait_until
 
 ENV = dict(os.environ)
 
@@ -55,10 +56,8 @@ def test_a_hook_past_its_timeout_is_killed_with_its_children(tmp_path):
         collect(f"sleep 300 & echo $! > {pids}; sleep 300", timeout=1)
     assert time.monotonic() - started < 10
     child = int(pids.read_text())
-    deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child), "the hook's background child outlived the timeout"
+    wait_until(lambda: not alive(child), timeout=10,
+               what="the hook's background child to be killed with its group")
 
 
 def test_a_background_process_holding_the_pipes_does_not_hold_the_cutover_up(tmp_path):
@@ -74,14 +73,6 @@ def test_a_background_process_holding_the_pipes_does_not_hold_the_cutover_up(tmp
                 os.kill(int(pids.read_text()), 9)
             except ProcessLookupError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_problem_finds_what_would_not_run(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from bmig import processes
 from bmig.processes import Child, Children, Group, NotReady, Stopped, child_env
-from tests.daemon import wait_until
+from tests.daemon import alive, wait_until
 
 NOTIFY = ("import os, socket, sys\n"
           "def notify(text):\n"
@@ -32,15 +32,6 @@ def children():
     mine = Children()
     yield mine
     mine.stop_all(timeout=10)
-
-
-def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for its parent)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_notifications_are_read_after_ready_so_a_blocking_sender_never_waits(children):
