@@ -15,6 +15,7 @@ from bmig import log as bmig_log
 from bmig.cli.common import SIZE, json_option
 from bmig.constants import DEFAULT_CONTROL_SOCKET, DEFAULT_STATUS_DIR
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
+from bmig.sender.pacing import COMPRESS_CHOICES
 from bmig.wire import codec
 
 
@@ -79,6 +80,9 @@ def _migration_options(f: Callable, threshold: bool) -> Callable:
                           "[default: none]."),
         click.option("--level", type=click.IntRange(0, 22), metavar="N",
                      help=f"zstd level; 0 sends raw [default: {codec.DEFAULT_LEVEL}]."),
+        click.option("--compress", type=click.Choice(COMPRESS_CHOICES),
+                     help="auto: compress as much as pays in time; always: every frame "
+                          "that shrinks (a metered link) [default: auto]."),
         click.option("--window", type=SIZE, metavar="SIZE",
                      help="Checked out and not yet durable at once [default: 256M]."),
         click.option("--direct", is_flag=True, default=None,

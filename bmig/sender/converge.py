@@ -51,7 +51,7 @@ from bmig.identity import TargetIdentity, identify
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import ManageClient
 from bmig.sender.lockedtracker import LockedTracker
-from bmig.sender.pacing import RateLimit
+from bmig.sender.pacing import CompressionPacer, RateLimit
 from bmig.sender.passes import Pass, PassResult, PassSettings
 from bmig.sender.source import Source
 from bmig.sender.targets import NbdTarget, open_target
@@ -190,6 +190,7 @@ class Migration:
         self.stop = stop or threading.Event()
         self.heartbeat = systemd.Heartbeat()     # WATCHDOG=1 of `bmigrate run`
         self.limit = RateLimit(settings.bwlimit)
+        self.pacer = CompressionPacer()      # what it learnt lasts from pass to pass
         self.summary = Summary(name, str(url))
         self.rate = 0.0                      # bytes per second, the last passes
         self._tracker: LockedTracker | None = None
@@ -377,7 +378,7 @@ class Migration:
         # watchdog of `bmigrate run` (none for sync, which has no WATCHDOG_USEC).
         stop = self.heartbeat.watch(stop)
         result = Pass(self._number, self._tracker, self._source, self._target, self._info,
-                      settings, self.limit, self.reporter.progress, stop).run(budget)
+                      settings, self.limit, self.reporter.progress, stop, self.pacer).run(budget)
         self.summary.add(result)
         measured = result.data_rate()
         if measured:

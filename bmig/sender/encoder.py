@@ -11,6 +11,7 @@ Its memory is the buffer pool's: a fixed number of frame-sized buffers.
 from __future__ import annotations
 
 import mmap
+import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -54,11 +55,13 @@ class Frame:
     digest: int = 0
     buffer: object = None            # the pooled buffer the payload may point into
     seq: int = 0
+    zstd_seconds: float | None = None    # spent compressing it; None: not tried
 
 
 class EncodeSettings(Protocol):
     frame_size: int              # raw bytes per DATA frame
     level: int | None            # zstd level; None: never compress
+    compress_all: bool           # every frame; else as many as the pacer says pay
     checksum: bool               # compare per-chunk hashes, send what differs
     skip_holes: bool             # SEEK_DATA/SEEK_HOLE on the source
 
@@ -122,10 +125,13 @@ class Encoder:
         yield self._data(run, offset, view, buf)
 
     def _data(self, run: Run, offset: int, view: memoryview, buf: mmap.mmap) -> Frame:
-        level = self._settings.level if self._target.compresses and self._pacer.compress() \
-            else None
+        level = self._settings.level if self._target.compresses and (
+            self._settings.compress_all or self._pacer.compress()) else None
+        began = time.monotonic()
         kind, payload = codec.encode(view, level)
-        frame = Frame(run, offset, len(view), "data", kind, payload, codec.checksum(view), buf)
+        took = None if level is None else time.monotonic() - began
+        frame = Frame(run, offset, len(view), "data", kind, payload, codec.checksum(view), buf,
+                      zstd_seconds=took)
         if kind != codec.RAW:                 # the buffer is free again
             view.release()
             self._pool.put(buf)

@@ -1,17 +1,22 @@
 """How fast a pass sends and how much of it is compressed.
 
 ``RateLimit`` is the bandwidth limit (``--bwlimit``, changed by SIGHUP at any time);
-``CompressionPacer`` compresses only as much as pays in time. Both are told what
-happens (bytes sent, how full the sender's queue is) and answer; neither sends,
-reads or sleeps on anything but the stop event it is given.
+``CompressionPacer`` compresses the share of frames that gets the data there soonest,
+told what each frame cost the encoder and the sender and, by ``CpuWaits``, whether the
+CPUs are all taken. They are told what happens and answer; none sends, or sleeps on
+anything but the stop event it is given.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 
+# --compress: auto, as much as pays in time (CompressionPacer); always, every frame that
+# shrinks (a link whose bytes cost more than the time).
+COMPRESS_CHOICES = ("auto", "always")
 RATE_RECHECK = 1.0      # seconds: a new rate (SIGHUP) applies this soon, even mid-frame
 
 
@@ -41,24 +46,88 @@ class RateLimit:
 
 
 class CompressionPacer:
-    """Compress only as much as pays in time: when the sender waits for the encoder
-    (its queue runs empty), compression is the bottleneck and fewer frames are
-    compressed; when the encoder waits for the sender (the queue is full), the link is,
-    and more are. On a fast link most data goes raw; on a slow one, all is compressed."""
+    """Compress the share of frames that gets the data there soonest.
 
-    STEP = 0.1
-    FLOOR = 0.05           # keep trying a little: the data or the link may change
+    The encoder and the sender work side by side, so a pass goes at the pace of the
+    slower one. Per raw byte, the encoder spends ``base`` (reading, hashing) and
+    ``zstd`` more on a frame it compresses; the sender spends ``send`` per byte on the
+    wire, and a compressed frame puts ``ratio`` of its bytes there. Compressing a share
+    p of the frames costs the encoder base + p * zstd and the sender
+    send * (1 - p * (1 - ratio)): the first grows with p, the second shrinks, and the
+    pass is fastest where they meet (all frames when the sender is still the slower one
+    then, none when the encoder is already the slower one without compressing). The four
+    figures are measured on every frame, each new frame weighing WEIGHT, so the share
+    follows the link, the data and the load.
 
-    def __init__(self, depth: int):
-        self.depth = depth     # the queue's length: full at this many frames
-        self.share = 1.0
-        self._credit = 0.0
+    That model holds while the two sides do not share a CPU. While the encoder or the
+    sender waits for a CPU (``cpu_wait``, the share of the time it was runnable and
+    waited, from ``CpuWaits``), the sender and the receiver are slow for want of the CPU
+    compression would take: zstd costs several times the CPU it saves in sending, sealing and
+    receiving, so the share drops to FLOOR, which also leaves the CPU to the
+    applications. FLOOR keeps a few frames compressed, so ``zstd`` and ``ratio`` stay
+    measured."""
 
-    def observe(self, queued: int) -> None:
-        if queued == 0:
-            self.share = max(self.FLOOR, self.share - self.STEP)
-        elif queued >= self.depth:
-            self.share = min(1.0, self.share + self.STEP)
+    FLOOR = 0.02
+    WEIGHT = 0.25          # of each new frame in the running figures
+    CONTENDED = 0.2        # cpu_wait above which the CPUs count as all taken
+
+    def __init__(self) -> None:
+        # FLOOR until there are figures, but the first data frame is compressed to
+        # measure. One pacer serves a migration's passes, so what it learnt lasts.
+        self.share = self.FLOOR
+        self._credit = 1.0
+        self._encoder_waits = self._sender_waits = 0.0
+        self._first_sent = False
+        self.base: float | None = None      # encoder seconds per raw byte, not compressing
+        self.zstd: float | None = None      # more seconds per raw byte, compressing
+        self.ratio: float | None = None     # wire bytes per raw byte of a compressed frame
+        self.send: float | None = None      # sender seconds per wire byte
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.WEIGHT * (new - old)
+
+    def encoded(self, raw: int, seconds: float, zstd_seconds: float | None, wire: int,
+                cpu_wait: float = 0.0) -> None:
+        """A data frame of ``raw`` bytes took the encoder ``seconds``, of which
+        ``zstd_seconds`` compressing (None: not tried), and is ``wire`` bytes to send.
+        The encoder's thread."""
+        if raw <= 0:
+            return
+        self.base = self._mix(self.base, max(0.0, seconds - (zstd_seconds or 0.0)) / raw)
+        if zstd_seconds is not None:
+            self.zstd = self._mix(self.zstd, zstd_seconds / raw)
+            self.ratio = self._mix(self.ratio, min(1.0, wire / raw))
+        self._encoder_waits = cpu_wait
+        if max(self._encoder_waits, self._sender_waits) > self.CONTENDED:
+            self.share = self.FLOOR
+        elif None not in (self.zstd, self.ratio, self.send):
+            self.share = max(self.FLOOR, min(1.0, self.best()))
+
+    def sent(self, wire: int, seconds: float, cpu_wait: float = 0.0) -> None:
+        """``wire`` bytes of a data frame took the sender ``seconds`` (the bandwidth
+        limit's wait and a full socket included); the sender's ``cpu_wait``. The
+        sender's thread. A pass's first frame also waits for the receiver to start, so
+        it is not taken as the link's pace."""
+        self._sender_waits = cpu_wait
+        if wire > 0 and not self._first_sent:
+            self._first_sent = True
+        elif wire > 0:
+            self.send = self._mix(self.send, seconds / wire)
+
+    def begin_pass(self) -> None:
+        self._first_sent = False
+
+    def best(self) -> float:
+        """The share at which the encoder and the sender take as long (0 to 1)."""
+        assert self.base is not None and self.zstd is not None and \
+            self.ratio is not None and self.send is not None
+        slower_raw = self.base - self.send                 # encoder over sender at p = 0
+        slower_all = self.base + self.zstd - self.send * self.ratio      # at p = 1
+        if slower_all <= 0:
+            return 1.0
+        if slower_raw >= 0:
+            return 0.0
+        return -slower_raw / (slower_all - slower_raw)
 
     def compress(self) -> bool:
         """Whether the next frame is compressed: ``share`` of them, evenly spread."""
@@ -67,3 +136,46 @@ class CompressionPacer:
             self._credit -= 1.0
             return True
         return False
+
+
+SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+class CpuWaits:
+    """How much of the time a thread spent waiting for a CPU while it could have run:
+    Linux's schedstat of the thread (nanoseconds runnable on a run queue), over the
+    wall-clock time since the last readings, each older reading weighing half as much
+    as the one after it, so one busy moment does not decide. Of the wall-clock time,
+    not of the time the thread wanted a CPU: a thread that mostly sleeps waits a little
+    at each wake-up, and that says nothing of a CPU being short. Made and asked by the
+    thread it measures; 0.0 where the kernel does not keep the figures."""
+
+    def __init__(self, interval: float = 0.05, path: str = SCHEDSTAT,
+                 clock: Callable[[], float] = time.monotonic):
+        self._interval = interval
+        self._path = path
+        self._clock = clock
+        self._at = clock()
+        self._last = self._read()
+        self._elapsed = self._waited = 0.0   # seconds, older readings halved
+        self.share = 0.0
+
+    def _read(self) -> int | None:
+        try:
+            with open(self._path, "rb") as f:
+                return int(f.read(128).split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def update(self) -> float:
+        """The share, read again once ``interval`` has passed since the last reading."""
+        now = self._clock()
+        if self._last is None or now - self._at < self._interval:
+            return self.share
+        waited = self._read()
+        if waited is not None:
+            self._elapsed = self._elapsed / 2 + (now - self._at)
+            self._waited = self._waited / 2 + (waited - self._last) / 1e9
+            self.share = min(1.0, self._waited / self._elapsed)
+        self._at, self._last = now, waited
+        return self.share

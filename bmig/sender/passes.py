@@ -33,7 +33,7 @@ from bmig.limits import MAX_DATA, MAX_RANGES_PER_FRAME
 from bmig.sender.buffers import BufferPool
 from bmig.sender.encoder import HOLE_WEIGHT, Encoder, Frame, Run
 from bmig.sender.lockedtracker import LockedTracker
-from bmig.sender.pacing import CompressionPacer, RateLimit
+from bmig.sender.pacing import CompressionPacer, CpuWaits, RateLimit
 from bmig.sender.source import Source
 from bmig.wire import codec
 from bmig.wire.client import SourceInfo
@@ -51,6 +51,7 @@ class PassSettings:
     window: int = 256 * MiB          # checked out and not yet committed
     frame_size: int = MAX_DATA       # raw bytes per DATA frame
     level: int | None = codec.DEFAULT_LEVEL   # zstd level; None: never compress
+    compress_all: bool = False       # every frame, not as much as pays in time
     direct: bool = False             # O_DIRECT reads of the source
     checksum: bool = False           # compare per-chunk hashes and send what differs
     skip_holes: bool = True          # SEEK_DATA/SEEK_HOLE on the source
@@ -92,7 +93,8 @@ class Pass:
     def __init__(self, number: int, tracker: LockedTracker, source: Source, target,
                  info: SourceInfo, settings: PassSettings, limit: RateLimit,
                  progress: Callable[[PassResult], None] | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 pacer: CompressionPacer | None = None):
         self.result = PassResult(number)
         self._tracker = tracker
         self._source = source
@@ -113,7 +115,7 @@ class Pass:
         self._failure: BmigError | None = None       # the first frame the target refused
         self._incomplete = False                     # frames dropped: not all was sent
         self._cut_short = False                      # planning stopped before the end
-        self._pacer = CompressionPacer(QUEUE_DEPTH)
+        self._pacer = pacer or CompressionPacer()
         self._encoder = Encoder(source, target, info.chunk_size, settings,
                                 BufferPool(settings.frame_size, 2 * QUEUE_DEPTH + 3),
                                 self._pacer, self.result)
@@ -128,6 +130,7 @@ class Pass:
         """Ship up to ``budget`` bytes of dirty chunks (all that is dirty, usually)."""
         started = time.monotonic()
         self._target.begin_pass()
+        self._pacer.begin_pass()
         encoder = threading.Thread(target=self._guard(self._encode), name="encoder",
                                    daemon=True)
         sender = threading.Thread(target=self._guard(self._send), name="sender", daemon=True)
@@ -251,6 +254,7 @@ class Pass:
     def _encode(self) -> None:
         """Jobs to frames. After a failure it keeps taking jobs (and drops them), so the
         planner never waits on a full queue."""
+        cpu = CpuWaits()                     # this thread's, so made here
         try:
             while True:
                 job = self._jobs.get()
@@ -266,11 +270,16 @@ class Pass:
                         self._settle(run)
                     continue
                 try:
+                    began = time.monotonic()
                     for frame in self._encoder.frames(run, offset, length):
                         with self._lock:
                             run.frames += 1
-                        self._pacer.observe(self._frames.qsize())
+                        if frame.kind == "data":     # the others cost next to nothing
+                            self._pacer.encoded(frame.length, time.monotonic() - began,
+                                                frame.zstd_seconds, len(frame.payload),
+                                                cpu.update())
                         self._frames.put(frame)
+                        began = time.monotonic()      # waiting for room is not work
                 except BmigError as exc:
                     self._set_fatal(exc)
                     continue
@@ -290,6 +299,7 @@ class Pass:
     # -- sender ------------------------------------------------------------------------
 
     def _send(self) -> None:
+        cpu = CpuWaits()                          # this thread's, so made here
         flush_every = max(self._s.window // 4, self._s.frame_size)
         since_flush = 0           # device bytes sent since the last FLUSH
         seq = 0
@@ -305,7 +315,7 @@ class Pass:
             with self._lock:
                 self._pending[seq] = frame
             try:
-                self._send_frame(frame)
+                self._send_frame(frame, cpu)
                 since_flush += frame.length if frame.kind == "data" else \
                     min(frame.length, HOLE_WEIGHT)
                 if since_flush >= flush_every:
@@ -339,13 +349,15 @@ class Pass:
             self._set_fatal(exc)
         self._flushed = seq
 
-    def _send_frame(self, frame: Frame) -> None:
-        """Put one frame on the wire."""
+    def _send_frame(self, frame: Frame, cpu: CpuWaits) -> None:
+        """Put one frame on the wire; the pacer hears what a data frame took."""
         if frame.kind == "data":
             wire = len(frame.payload)
+            began = time.monotonic()
             self._limit.consume(wire, self._stop)
             self._target.send_data(frame.seq, frame.offset, frame.codec, frame.payload,
                                    frame.length, frame.digest)
+            self._pacer.sent(wire, time.monotonic() - began, cpu.update())
             self.result.bytes_sent += wire
             self.result.bytes_raw_sent += frame.length
         elif frame.kind == "zero":

@@ -21,6 +21,7 @@ from bmig.dm import state as dm_state
 from bmig.errors import ConfigError
 from bmig.nbd.manage_client import DEFAULT_MANAGE_DIR
 from bmig.sender.converge import Migration, Reporter, SyncSettings
+from bmig.sender.pacing import COMPRESS_CHOICES
 from bmig.sender.passes import PassSettings
 from bmig.tracker.definitions import DEVICE_NAMES, device_name
 from bmig.wire import codec
@@ -28,7 +29,7 @@ from bmig.wire.options import CONNECTION_KEYS, ConnectOptions
 from bmig.limits import MAX_DATA
 from bmig.wire.urls import parse_target_url
 
-RELOADABLE = ("bwlimit", "level", "threshold", "interval", "hot_refresh")
+RELOADABLE = ("bwlimit", "level", "compress", "threshold", "interval", "hot_refresh")
 # Connection settings that name files: made absolute before they go to bmig-nbd.
 PATH_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "known_hosts", "identity")
 _SECONDS = re.compile(r"(\d+\.?\d*|\.\d+)s", re.ASCII)
@@ -100,6 +101,7 @@ SCHEMA = Schema(
     Key("bwlimit", 'a rate in bytes per second (an integer, or a string such as "100M"; '
                    '0 for no limit)', _parsed_by(parse_rate)),
     Key.integer("level", 0, 22, default=codec.DEFAULT_LEVEL),
+    Key.choice("compress", COMPRESS_CHOICES, default="auto"),
     Key.size("window", MAX_DATA, default=256 * MiB),
     Key.boolean("direct", default=False),
     Key.boolean("checksum", default=False),
@@ -166,6 +168,10 @@ def apply_reloadable(settings: SyncSettings, values: Mapping[str, Any]) -> None:
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 22:
         raise ConfigError(f"level = {level!r}: a zstd level from 0 (raw) to 22")
     settings.passes.level = level or None
+    compress = values.get("compress", "auto")
+    if compress not in COMPRESS_CHOICES:
+        raise ConfigError(f"compress = {compress!r}: one of {', '.join(COMPRESS_CHOICES)}")
+    settings.passes.compress_all = compress == "always"
     settings.bwlimit = parse_rate(values.get("bwlimit"))
     settings.threshold_bytes, settings.threshold_seconds = parse_threshold(
         values.get("threshold", "1s"))
