@@ -63,13 +63,13 @@ class CompressionPacer:
     sender waits for a CPU (``cpu_wait``, the share of the time it was runnable and
     waited, from ``CpuWaits``), the sender and the receiver are slow for want of the CPU
     compression would take: zstd costs several times the CPU it saves in sending, sealing and
-    receiving, so the share drops to FLOOR, which also leaves the CPU to the
-    applications. FLOOR keeps a few frames compressed, so ``zstd`` and ``ratio`` stay
-    measured."""
+    receiving, so none is compressed, which also leaves the CPU to the applications
+    (``--compress always`` is for a link whose bytes matter more). Otherwise FLOOR keeps
+    a few frames compressed, so ``zstd`` and ``ratio`` stay measured."""
 
     FLOOR = 0.02
     WEIGHT = 0.25          # of each new frame in the running figures
-    CONTENDED = 0.2        # cpu_wait above which the CPUs count as all taken
+    CONTENDED = 0.1        # cpu_wait above which the CPUs count as all taken
 
     def __init__(self) -> None:
         # FLOOR until there are figures, but the first data frame is compressed to
@@ -99,7 +99,7 @@ class CompressionPacer:
             self.ratio = self._mix(self.ratio, min(1.0, wire / raw))
         self._encoder_waits = cpu_wait
         if max(self._encoder_waits, self._sender_waits) > self.CONTENDED:
-            self.share = self.FLOOR
+            self.share = 0.0
         elif None not in (self.zstd, self.ratio, self.send):
             self.share = max(self.FLOOR, min(1.0, self.best()))
 
