@@ -1,8 +1,8 @@
 """bmigrate sync and bmigrate run: ship a device's dirty chunks to a target.
 
 Both take the same options, from flags or a TOML file (``--config``, one migration per
-file; flags win). SIGHUP reloads the file: the bandwidth limit, compression level,
-threshold, interval and hot_refresh change at once. SIGTERM stops cleanly: what is in flight gets its
+file; flags win). SIGHUP reloads the file: the bandwidth limit, compression level and
+mode, threshold, interval and hot_refresh change at once. SIGTERM stops cleanly: what is in flight gets its
 acknowledgement, what is not goes back to dirty. The first Ctrl-C does the same; a second
 one stops at once.
 

@@ -124,12 +124,26 @@ class Encoder:
             return
         yield self._data(run, offset, view, buf)
 
-    def _data(self, run: Run, offset: int, view: memoryview, buf: mmap.mmap) -> Frame:
-        level = self._settings.level if self._target.compresses and (
-            self._settings.compress_all or self._pacer.compress()) else None
+    def _level(self) -> int | None:
+        """The zstd level for the next data frame; None: sent raw."""
+        if not self._target.compresses or self._settings.level is None:
+            return None
+        if self._settings.compress_all or self._pacer.compress():
+            return self._settings.level
+        return None
+
+    def _encoded(self, data: memoryview | bytes) -> tuple[int, bytes | memoryview,
+                                                          float | None]:
+        """(codec, payload, seconds zstd took or None when not tried)."""
+        level = self._level()
+        if level is None:
+            return codec.RAW, data, None
         began = time.monotonic()
-        kind, payload = codec.encode(view, level)
-        took = None if level is None else time.monotonic() - began
+        kind, payload = codec.encode(data, level)
+        return kind, payload, time.monotonic() - began
+
+    def _data(self, run: Run, offset: int, view: memoryview, buf: mmap.mmap) -> Frame:
+        kind, payload, took = self._encoded(view)
         frame = Frame(run, offset, len(view), "data", kind, payload, codec.checksum(view), buf,
                       zstd_seconds=took)
         if kind != codec.RAW:                 # the buffer is free again
@@ -167,9 +181,9 @@ class Encoder:
             return
         for a, b in pieces:
             part = bytes(view[a:b])          # the pooled buffer goes back below
-            level = self._settings.level if self._target.compresses else None
-            kind, payload = codec.encode(part, level)
-            yield Frame(run, offset + a, b - a, "data", kind, payload, codec.checksum(part))
+            kind, payload, took = self._encoded(part)
+            yield Frame(run, offset + a, b - a, "data", kind, payload, codec.checksum(part),
+                        zstd_seconds=took)
         view.release()
         self._pool.put(buf)
 

@@ -65,7 +65,10 @@ class CompressionPacer:
     compression would take: zstd costs several times the CPU it saves in sending, sealing and
     receiving, so none is compressed, which also leaves the CPU to the applications
     (``--compress always`` is for a link whose bytes matter more). Otherwise FLOOR keeps
-    a few frames compressed, so ``zstd`` and ``ratio`` stay measured."""
+    a few frames compressed, so ``zstd`` and ``ratio`` stay measured.
+
+    What the sender's time cannot tell: a receiver held back by its disk looks like a
+    slow link, and then frames are compressed that get there no sooner."""
 
     FLOOR = 0.02
     WEIGHT = 0.25          # of each new frame in the running figures
@@ -77,6 +80,7 @@ class CompressionPacer:
         self.share = self.FLOOR
         self._credit = 1.0
         self._encoder_waits = self._sender_waits = 0.0
+        self._short = False                 # a CPU short: nothing compressed
         self._first_sent = False
         self.base: float | None = None      # encoder seconds per raw byte, not compressing
         self.zstd: float | None = None      # more seconds per raw byte, compressing
@@ -98,7 +102,11 @@ class CompressionPacer:
             self.zstd = self._mix(self.zstd, zstd_seconds / raw)
             self.ratio = self._mix(self.ratio, min(1.0, wire / raw))
         self._encoder_waits = cpu_wait
-        if max(self._encoder_waits, self._sender_waits) > self.CONTENDED:
+        waits = max(self._encoder_waits, self._sender_waits)
+        # Short from above CONTENDED until below half of it: a share that flips with
+        # every reading near the line would help no one.
+        self._short = waits > self.CONTENDED or (self._short and waits > self.CONTENDED / 2)
+        if self._short:
             self.share = 0.0
         elif None not in (self.zstd, self.ratio, self.send):
             self.share = max(self.FLOOR, min(1.0, self.best()))
@@ -116,6 +124,7 @@ class CompressionPacer:
 
     def begin_pass(self) -> None:
         self._first_sent = False
+        self._sender_waits = 0.0            # the last pass's sender is gone
 
     def best(self) -> float:
         """The share at which the encoder and the sender take as long (0 to 1)."""
@@ -170,12 +179,14 @@ class CpuWaits:
     def update(self) -> float:
         """The share, read again once ``interval`` has passed since the last reading."""
         now = self._clock()
-        if self._last is None or now - self._at < self._interval:
+        if now - self._at < self._interval or now <= self._at:
             return self.share
         waited = self._read()
-        if waited is not None:
+        if waited is None:                   # this time: the next reading spans it
+            return self.share
+        if self._last is not None:
             self._elapsed = self._elapsed / 2 + (now - self._at)
-            self._waited = self._waited / 2 + (waited - self._last) / 1e9
+            self._waited = self._waited / 2 + max(0, waited - self._last) / 1e9
             self.share = min(1.0, self._waited / self._elapsed)
         self._at, self._last = now, waited
         return self.share

@@ -167,10 +167,10 @@ def apply_reloadable(settings: SyncSettings, values: Mapping[str, Any]) -> None:
     level = values.get("level", codec.DEFAULT_LEVEL)
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 22:
         raise ConfigError(f"level = {level!r}: a zstd level from 0 (raw) to 22")
-    settings.passes.level = level or None
     compress = values.get("compress", "auto")
     if compress not in COMPRESS_CHOICES:
         raise ConfigError(f"compress = {compress!r}: one of {', '.join(COMPRESS_CHOICES)}")
+    settings.passes.level = level or None
     settings.passes.compress_all = compress == "always"
     settings.bwlimit = parse_rate(values.get("bwlimit"))
     settings.threshold_bytes, settings.threshold_seconds = parse_threshold(

@@ -1,9 +1,10 @@
 """bmig/sender/encoder.py: which frames are compressed.
 
 A real source file and the real codec; the pacer and the target are small stand-ins (a
-pacer that always says no, a target that takes compressed frames). By default a frame is
-compressed when the pacer says it pays; --compress always compresses every frame that
-shrinks, whatever the pacer says; --level 0 none; and the pacer hears how long zstd took.
+pacer that says yes or no, a target that takes compressed frames and whose hashes never
+match). By default a frame is compressed when the pacer says it pays; --compress always
+compresses every frame that shrinks, whatever the pacer says; --level 0 none; with
+--checksum, what differs by the same rule; and the pacer hears how long zstd took.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Settings:
 class Target:
     compresses = True
 
+    def hashes(self, offset: int, length: int, chunk: int) -> list[int]:
+        return [0] * (length // chunk)        # --checksum: every chunk differs
+
 
 @dataclass
 class Counts:
@@ -49,7 +53,7 @@ class Pacer:
         return self.says
 
 
-def frames(tmp_path, settings: Settings, pacer_says: bool) -> list:
+def frames(tmp_path, settings: Settings, pacer_says: bool) -> list[tuple[int, float | None]]:
     path = tmp_path / "source"
     data = (TEXT * 5)[:4 * FRAME]
     path.write_bytes(data)
@@ -83,3 +87,12 @@ def test_compress_always_compresses_every_frame_whatever_the_pacer_says(tmp_path
 def test_level_0_compresses_nothing_even_always(tmp_path):
     got = frames(tmp_path, Settings(level=None, compress_all=True), True)
     assert got == [(codec.RAW, None)] * 4
+
+
+@pytest.mark.parametrize("always,says,compressed", [(False, False, False), (False, True, True),
+                                                  (True, False, True)])
+def test_checksum_sends_what_differs_by_the_same_rule(tmp_path, always, says, compressed):
+    got = frames(tmp_path, Settings(checksum=True, compress_all=always), says)
+    assert len(got) == 4
+    assert all((c == codec.ZSTD) == compressed for c, _ in got)
+    assert all((took is not None) == compressed for _, took in got)

@@ -17,7 +17,8 @@ import threading
 
 import pytest
 
-from bmig.sender.pacing import RATE_RECHECK, CompressionPacer, CpuWaits, RateLimit
+from bmig.sender.pacing import (RATE_RECHECK, SCHEDSTAT, CompressionPacer, CpuWaits,
+                                RateLimit)
 
 
 def test_a_frame_waiting_at_a_low_rate_goes_once_the_limit_is_lifted():
@@ -182,7 +183,56 @@ def test_without_the_kernels_figures_cpu_waits_are_none(tmp_path):
     assert CpuWaits(path=str(garbled), clock=clock).update() == 0.0
 
 
-def test_this_threads_cpu_waits_are_read_from_the_kernel():
-    # the real file: a figure, whatever it is (0.0 where the kernel has no schedstat)
-    waits = CpuWaits(interval=0.0)
-    assert 0.0 <= waits.update() <= 1.0
+def test_a_failed_reading_is_skipped_not_kept(tmp_path):
+    stat, clock = tmp_path / "schedstat", Clock()
+    schedstat(stat, 0)
+    waits = CpuWaits(interval=0.05, path=str(stat), clock=clock)
+    clock.now += 0.1
+    schedstat(stat, 50_000_000)
+    assert waits.update() == pytest.approx(0.5)
+    stat.unlink()                             # once: too many open files, say
+    clock.now += 0.1
+    assert waits.update() == pytest.approx(0.5)
+    schedstat(stat, 50_000_000)               # then no more waiting
+    for _ in range(6):
+        clock.now += 0.1
+        waits.update()
+    assert waits.share < 0.02
+
+
+def test_a_clock_that_has_not_moved_reads_nothing(tmp_path):
+    stat, clock = tmp_path / "schedstat", Clock()
+    schedstat(stat, 0)
+    waits = CpuWaits(interval=0.0, path=str(stat), clock=clock)
+    schedstat(stat, 10_000_000)
+    assert waits.update() == 0.0
+
+
+def test_this_threads_cpu_waits_are_the_kernels_run_queue_figure():
+    with open(SCHEDSTAT) as f:
+        before = int(f.read().split()[1])
+    reading = CpuWaits()._read()
+    with open(SCHEDSTAT) as f:
+        after = int(f.read().split()[1])
+    assert reading is not None and before <= reading <= after
+
+
+def test_a_cpu_stays_short_until_the_waits_are_well_below_the_line():
+    line = CompressionPacer.CONTENDED
+    pacer = fed(send_ns=10)
+    assert pacer.share == 1.0
+    frame = (FRAME, 1.8 * NS * FRAME, 1.5 * NS * FRAME, int(FRAME * 0.4))
+    pacer.encoded(*frame, line * 1.5)
+    assert pacer.share == 0.0
+    pacer.encoded(*frame, line * 0.7)         # below the line, not well below
+    assert pacer.share == 0.0
+    pacer.encoded(*frame, line * 0.4)
+    assert pacer.share == 1.0
+
+
+def test_a_new_pass_forgets_the_last_senders_waits():
+    pacer = fed(send_ns=10)
+    pacer.sent(FRAME, 10 * NS * FRAME, 0.9)   # the last frame of a pass on a busy CPU
+    pacer.begin_pass()
+    pacer.encoded(FRAME, 1.8 * NS * FRAME, 1.5 * NS * FRAME, int(FRAME * 0.4), 0.0)
+    assert pacer.share == 1.0
