@@ -1,4 +1,5 @@
-"""A real breceive on 127.0.0.1 and the images and commands the sync tests use."""
+"""A real breceive on 127.0.0.1 and the images and commands the sync tests use; a
+stand-in target for tests of a pass itself (``HeldTarget``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -165,7 +167,6 @@ class Background:
     (``wait_event``) instead of sleeping."""
 
     def __init__(self, breqd, command: str, *args: str, env: dict | None = None):
-        import threading
         # bmigrate run publishes its state beside the test's breqd, not in /run.
         status_dir = os.path.join(os.path.dirname(breqd.control), "status")
         full_env = dict(os.environ, BMIG_CONTROL=breqd.control, PYTHONUNBUFFERED="1",
@@ -343,3 +344,40 @@ def json_lines(stdout: str) -> list:
 def error_lines(stderr: str, prog: str = "bmigrate") -> list[str]:
     """The one-line error messages (``bmigrate: ...``) of a finished command."""
     return [line for line in stderr.splitlines() if line.startswith(f"{prog}: ")]
+
+
+class HeldTarget:
+    """A target that records everything and acknowledges only on the test's word."""
+
+    compresses = False
+    lineage = True
+    description = "held target"
+
+    def __init__(self):
+        self.frames: list[tuple[int, int, int]] = []       # (seq, offset, length)
+        self.flushes: list[int] = []
+        self.ended: list[bool] = []                        # end_pass(complete) calls
+        self.acks = None
+        self.lock = threading.Lock()
+
+    def set_acks(self, acks) -> None:
+        self.acks = acks
+
+    def begin_pass(self) -> None:
+        pass
+
+    def send_data(self, seq, offset, codec_id, payload, raw_length, digest) -> None:
+        with self.lock:
+            self.frames.append((seq, offset, raw_length))
+
+    def send_zero(self, seq, offset, length) -> None:
+        with self.lock:
+            self.frames.append((seq, offset, length))
+
+    def request_durable(self, seq: int) -> None:
+        with self.lock:
+            self.flushes.append(seq)
+
+    def end_pass(self, complete: bool, consistent: bool | None = None) -> dict:
+        self.ended.append(complete)
+        return {}

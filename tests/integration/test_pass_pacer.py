@@ -18,40 +18,29 @@ from bmig.sender.passes import Pass, PassSettings
 from bmig.sender.source import Source
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire.client import SourceInfo
+from tests.integration.sync_helpers import HeldTarget
 
 MiB = 1 << 20
 SIZE = 4 * MiB
 TEXT = b"the quick brown fox jumps over the lazy dog, and again; " * 20000
 
 
-class AnsweringTarget:
+class AnsweringTarget(HeldTarget):
+    """Compresses, answers every FLUSH at once and keeps each frame's wire size."""
+
     compresses = True
-    lineage = True
-    description = "answering target"
 
     def __init__(self) -> None:
+        super().__init__()
         self.sent: dict[int, int] = {}          # offset: bytes on the wire
-        self.acks = None
-        self.lock = threading.Lock()
-
-    def set_acks(self, acks) -> None:
-        self.acks = acks
-
-    def begin_pass(self) -> None:
-        pass
 
     def send_data(self, seq, offset, codec_id, payload, raw_length, digest) -> None:
-        with self.lock:
-            self.sent[offset] = len(payload)
-
-    def send_zero(self, seq, offset, length) -> None:
-        pass
+        super().send_data(seq, offset, codec_id, payload, raw_length, digest)
+        self.sent[offset] = len(payload)
 
     def request_durable(self, seq: int) -> None:
+        super().request_durable(seq)
         self.acks.durable(seq)
-
-    def end_pass(self, complete: bool, consistent: bool | None = None) -> dict:
-        return {}
 
 
 class RecordingPacer(CompressionPacer):

@@ -35,46 +35,10 @@ from bmig.wire.channel import Channel
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
 from bmig.wire.transports import SocketStream
 from tests.daemon import wait_until
+from tests.integration.sync_helpers import HeldTarget
 
 MiB = 1 << 20
 CHUNK = 64 << 10
-
-
-class HeldTarget:
-    """A target that records everything and acknowledges only on the test's word."""
-
-    compresses = False
-    lineage = True
-    description = "held target"
-
-    def __init__(self):
-        self.frames: list[tuple[int, int, int]] = []       # (seq, offset, length)
-        self.flushes: list[int] = []
-        self.ended: list[bool] = []                        # end_pass(complete) calls
-        self.acks = None
-        self.lock = threading.Lock()
-
-    def set_acks(self, acks) -> None:
-        self.acks = acks
-
-    def begin_pass(self) -> None:
-        pass
-
-    def send_data(self, seq, offset, codec_id, payload, raw_length, digest) -> None:
-        with self.lock:
-            self.frames.append((seq, offset, raw_length))
-
-    def send_zero(self, seq, offset, length) -> None:
-        with self.lock:
-            self.frames.append((seq, offset, length))
-
-    def request_durable(self, seq: int) -> None:
-        with self.lock:
-            self.flushes.append(seq)
-
-    def end_pass(self, complete: bool, consistent: bool | None = None) -> dict:
-        self.ended.append(complete)
-        return {}
 
 
 @pytest.fixture

@@ -143,19 +143,22 @@ def schedstat(path, waited_ns: int) -> None:
     path.write_text(f"123456789 {waited_ns} 42\n")
 
 
-def test_cpu_waits_are_a_share_of_the_wall_clock_time(tmp_path):
+def fake_waits(tmp_path, interval: float = 0.05):
+    """(the fake schedstat file, its clock, a CpuWaits reading them), at 0 ns waited."""
     stat, clock = tmp_path / "schedstat", Clock()
     schedstat(stat, 0)
-    waits = CpuWaits(interval=0.05, path=str(stat), clock=clock)
+    return stat, clock, CpuWaits(interval=interval, path=str(stat), clock=clock)
+
+
+def test_cpu_waits_are_a_share_of_the_wall_clock_time(tmp_path):
+    stat, clock, waits = fake_waits(tmp_path)
     clock.now += 0.1
     schedstat(stat, 25_000_000)               # 25 ms of 100 runnable and waiting
     assert waits.update() == pytest.approx(0.25)
 
 
 def test_cpu_waits_are_read_again_only_after_the_interval(tmp_path):
-    stat, clock = tmp_path / "schedstat", Clock()
-    schedstat(stat, 0)
-    waits = CpuWaits(interval=0.05, path=str(stat), clock=clock)
+    stat, clock, waits = fake_waits(tmp_path)
     clock.now += 0.01
     schedstat(stat, 10_000_000)
     assert waits.update() == 0.0              # too soon: the last share
@@ -164,9 +167,7 @@ def test_cpu_waits_are_read_again_only_after_the_interval(tmp_path):
 
 
 def test_an_older_reading_weighs_half_as_much(tmp_path):
-    stat, clock = tmp_path / "schedstat", Clock()
-    schedstat(stat, 0)
-    waits = CpuWaits(interval=0.05, path=str(stat), clock=clock)
+    stat, clock, waits = fake_waits(tmp_path)
     clock.now += 0.1
     schedstat(stat, 100_000_000)              # all of it waiting
     assert waits.update() == pytest.approx(1.0)
@@ -185,9 +186,7 @@ def test_without_the_kernels_figures_cpu_waits_are_none(tmp_path):
 
 
 def test_a_failed_reading_is_skipped_not_kept(tmp_path):
-    stat, clock = tmp_path / "schedstat", Clock()
-    schedstat(stat, 0)
-    waits = CpuWaits(interval=0.05, path=str(stat), clock=clock)
+    stat, clock, waits = fake_waits(tmp_path)
     clock.now += 0.1
     schedstat(stat, 50_000_000)
     assert waits.update() == pytest.approx(0.5)
@@ -202,9 +201,7 @@ def test_a_failed_reading_is_skipped_not_kept(tmp_path):
 
 
 def test_a_clock_that_has_not_moved_reads_nothing(tmp_path):
-    stat, clock = tmp_path / "schedstat", Clock()
-    schedstat(stat, 0)
-    waits = CpuWaits(interval=0.0, path=str(stat), clock=clock)
+    stat, clock, waits = fake_waits(tmp_path, interval=0.0)
     schedstat(stat, 10_000_000)
     assert waits.update() == 0.0
 
