@@ -60,12 +60,13 @@ class CompressionPacer:
     follows the link, the data and the load.
 
     That model holds while the two sides do not share a CPU. While the encoder or the
-    sender waits for a CPU (``cpu_wait``, the share of the time it was runnable and
-    waited, from ``CpuWaits``), the sender and the receiver are slow for want of the CPU
-    compression would take: zstd costs several times the CPU it saves in sending, sealing and
-    receiving, so none is compressed, which also leaves the CPU to the applications
-    (``--compress always`` is for a link whose bytes matter more). Otherwise FLOOR keeps
-    a few frames compressed, so ``zstd`` and ``ratio`` stay measured.
+    sender waits for a CPU (``cpu_wait``: the share of the wall-clock time it spent
+    runnable and waiting, from ``CpuWaits``), the sender and the receiver are slow for
+    want of the CPU compression would take: zstd costs several times the CPU it saves in
+    sending, sealing and receiving, so none is compressed, which also leaves the CPU to
+    the applications (``--compress always`` is for a link whose bytes matter more).
+    Otherwise FLOOR keeps a few frames compressed, so ``zstd`` and ``ratio`` stay
+    measured.
 
     What the sender's time cannot tell: a receiver held back by its disk looks like a
     slow link, and then frames are compressed that get there no sooner."""
