@@ -19,14 +19,22 @@ import pytest
 from bmig.errors import TargetError
 from bmig.nbd import replica as replica_module
 from bmig.nbd.layers import track as track_module
-from bmig.nbd.layers.control import ControlLayer
-from bmig.nbd.layers.replicate import ReplicateLayer
-from bmig.nbd.layers.track import TrackLayer
 from bmig.nbd.replica import Replica
-from tests.unit.test_nbd_replica import CHUNK, WAIT, FakeTarget, Recorder, releases, until
-from tests.unit.test_nbd_write_later import (Answers, MirroringTracker, chain,
-                                             held_and_settled,
+from tests.unit.test_nbd_replica import WAIT, FakeTarget, Recorder, releases, until
+from tests.unit.test_nbd_write_later import (Answers, chain, held_and_settled,
                                              write_later_held_at_the_target)
+
+
+def recorded_frames(target: FakeTarget) -> list[tuple[int, int, bytes]]:
+    """(seq, offset, first byte) of each DATA frame ``target`` is given from now on."""
+    frames: list[tuple[int, int, bytes]] = []
+    orig = target.data_frame
+
+    def data_frame(seq, offset, codec, payload, raw_length, digest, flags=0):
+        frames.append((seq, offset, bytes(payload)[:1]))
+        return orig(seq, offset, codec, payload, raw_length, digest, flags)
+    target.data_frame = data_frame
+    return frames
 
 
 @pytest.mark.parametrize("path", ["without a task", "through the task path"])
@@ -67,12 +75,7 @@ def test_a_write_of_more_than_one_frame_is_never_released_synced(monkeypatch):
     async def main():
         control, track, replicate, target, events = chain("C")
         await held_and_settled(control, track, target)
-        frames = []
-        orig = target.data_frame
-        def data_frame(seq, offset, codec, payload, raw_length, digest, flags=0):
-            frames.append((seq, offset, bytes(payload)[:1]))
-            return orig(seq, offset, codec, payload, raw_length, digest, flags)
-        target.data_frame = data_frame
+        frames = recorded_frames(target)
         target.gate.clear()
         target.entered.clear()
         w1 = asyncio.ensure_future(control.write(memoryview(b"1" * 2048), 0, False))
@@ -224,22 +227,9 @@ def test_a_fua_write_and_an_overlapping_write_land_in_one_order_on_both_sides(mo
     monkeypatch.setattr(replica_module, "FLUSH_DELAY", 3600)
 
     async def main():
-        events = []
-        replicate = ReplicateLayer(LocalOrder(events), "d1")
-        track = TrackLayer(replicate, MirroringTracker(events), "d1", CHUNK, idle=3600,
-                           mirror=replicate)
-        control = ControlLayer(track, "d1")
-        target = FakeTarget("C")
-        replicate.start(Replica(target, "C", asyncio.get_running_loop()), "degrade")
-        await control.write(memoryview(b"a" * 512), 0, False)
-        await control.flush()
-        assert 0 in track.held
-        frames = []
-        orig = target.data_frame
-        def data_frame(seq, offset, codec, payload, raw_length, digest, flags=0):
-            frames.append(bytes(payload)[:1])
-            return orig(seq, offset, codec, payload, raw_length, digest, flags)
-        target.data_frame = data_frame
+        control, track, replicate, target, events = chain("C", bottom=LocalOrder)
+        await held_and_settled(control, track, target)
+        sent = recorded_frames(target)
         del events[:]
         w1 = asyncio.ensure_future(control.write(memoryview(b"1" * 512), 0, True))   # FUA
         w2 = asyncio.ensure_future(control.write(memoryview(b"2" * 512), 0, False))
@@ -250,7 +240,7 @@ def test_a_fua_write_and_an_overlapping_write_land_in_one_order_on_both_sides(mo
         track.let_go_settled()
         rel = releases(events)
         await control.close()
-        return local, frames, rel
+        return local, [first for _, _, first in sent], rel
 
     local, frames, rel = asyncio.run(main())
     assert [e.split()[1] for e in local] == [repr(f) for f in frames], (local, frames)
@@ -309,13 +299,7 @@ def test_a_replicated_fua_write_is_flushed_locally_before_it_is_answered(monkeyp
     monkeypatch.setattr(replica_module, "FLUSH_DELAY", 3600)
 
     async def main():
-        events = []
-        replicate = ReplicateLayer(LocalOrder(events), "d1")
-        track = TrackLayer(replicate, MirroringTracker(events), "d1", CHUNK, idle=3600,
-                           mirror=replicate)
-        control = ControlLayer(track, "d1")
-        replicate.start(Replica(FakeTarget("C"), "C", asyncio.get_running_loop()),
-                        "degrade")
+        control, track, replicate, target, events = chain("C", bottom=LocalOrder)
         del events[:]
         await control.write(memoryview(b"1" * 512), 0, True)
         seen = [e for e in events if e.startswith("local") or e == "flush"]

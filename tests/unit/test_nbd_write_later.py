@@ -55,10 +55,11 @@ class Answers:
         self.got.append((result, error))
 
 
-def chain(protocol: str, policy: str = "degrade"):
-    """Control over tracking over replication over a layer with a fast path."""
+def chain(protocol: str, policy: str = "degrade", bottom: type[Recorder] | None = None):
+    """Control over tracking over replication over ``bottom`` (a layer with a fast
+    path by default)."""
     events: list[str] = []
-    replicate = ReplicateLayer(Direct(events), "d1")
+    replicate = ReplicateLayer((bottom or Direct)(events), "d1")
     track = TrackLayer(replicate, MirroringTracker(events), "d1", CHUNK, idle=3600,
                        mirror=replicate)
     control = ControlLayer(track, "d1")
