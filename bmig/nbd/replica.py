@@ -5,12 +5,13 @@ durable seq settles is the tracking layer's business (bmig.nbd.layers.mirror).
 
 The connection is a WireTarget (bmig.wire.client: the same transports, handshake and
 lineage check as a sync), opened in "replicate" mode. The frames queued in one turn of
-the event loop leave together, in one write: from the loop when the socket takes them at
-once (``WireTarget.try_send_batch``), else through a sender thread (``send_batch``, and
-``send_rest`` for what the socket did not take). The WireTarget's reader thread hears the
-acknowledgements. Both threads hand their news to the loop through one inbox, and only
-the first item of a batch wakes the loop (call_soon_threadsafe). What a write waits for
-depends on the protocol:
+the event loop leave together, HAND_OVER_EVERY at a time: from the loop when the socket
+takes them at once (``WireTarget.try_send_batch``), else through a sender thread
+(``send_batch``, and ``send_rest`` for what the socket did not take). The WireTarget's
+reader thread hears the acknowledgements; an acknowledgement covers every frame before
+it that waits for the same kind (OPEN asks breceive for one per batch). Both threads
+hand their news to the loop through one inbox, and only the first item of a batch wakes
+the loop (call_soon_threadsafe). What a write waits for depends on the protocol:
 
     C   written on the target (WRITTEN), and with FUA durable there (DURABLE)
     B   received by the target (RECEIVED), with FUA durable
@@ -58,7 +59,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Union
+from typing import Callable, TypeVar, Union
 
 from bmig.constants import REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, UnreachableError
@@ -74,12 +75,18 @@ log = logging.getLogger("bmig-nbd")
 
 FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
 ACK_TIMEOUT = 10.0                    # seconds a DURABLE may keep us waiting (ping: half)
+# Frames queued in one loop turn leave every HAND_OVER_EVERY frames, not only at its end:
+# breceive starts on them while the loop goes on with the turn's other requests, and on
+# two cores the two overlap (bench/cutover.py, protocol C at iodepth 32: ~15 % more
+# writes per second than one write per turn; 4 or 8 cost more sends than they gain).
+HAND_OVER_EVERY = 16
 # What a writer waits for; _QUEUED: nothing past the queue (protocol A).
 _DURABLE, _WRITTEN, _RECEIVED, _QUEUED = "durable", "written", "received", "queued"
 
 # ``write_now``'s callback: (the frame's seq, None) once answered, or (seq, the error).
 Answered = Callable[[int, "BmigError | None"], None]
 Waiter = Union[asyncio.Future, Answered]
+_T = TypeVar("_T")
 
 
 class Replica:
@@ -186,6 +193,8 @@ class Replica:
         if not self._turn:
             self._loop.call_soon(self._hand_over)
         self._turn.append((item, back_when_sent, seq))
+        if len(self._turn) >= HAND_OVER_EVERY:
+            self._hand_over()
         if item[0] != "flush":
             self._flush_later()
         return seq, future
@@ -325,12 +334,10 @@ class Replica:
         for _, nbytes in frames:
             self._queued -= nbytes
 
-    def _written_there(self, up_to: int, only: bool) -> None:
-        """Protocol A: frame ``up_to`` (``only``) or every frame up to it is written on
-        the target: its room comes back."""
-        unwritten = self._unwritten
-        seqs = [up_to] if only else [s for s in unwritten if s <= up_to]
-        freed = sum(unwritten.pop(s, 0) for s in seqs)
+    def _written_there(self, up_to: int) -> None:
+        """Protocol A: every frame up to ``up_to`` is written on the target: their room
+        comes back."""
+        freed = sum(_pop_up_to(self._unwritten, up_to).values())
         if freed:
             self._queued -= freed
             self._loop.create_task(self._notify_room())
@@ -380,11 +387,6 @@ class Replica:
             else:
                 self._fail_all(extra)
 
-    def _resolve(self, seq: int) -> None:
-        entry = self._waiting.pop(seq, None)
-        if entry is not None:
-            self._wake(seq, entry[1], None)
-
     def _wake(self, seq: int, waiter: Waiter, error: BmigError | None) -> None:
         """Answer one writer: its future, or its ``write_now`` callback (which may not
         break the handling of the acknowledgements that came with its own)."""
@@ -402,11 +404,23 @@ class Replica:
                           self.description, seq)
 
     def _acked(self, seq: int, kind: str) -> None:
+        """RECEIVED or WRITTEN(seq) covers every frame up to seq: breceive handles frames
+        in order, answers a refused one with an ERROR before any later acknowledgement,
+        and sends one acknowledgement of each kind per batch of frames (OPEN's
+        ``acks: "cumulative"``; a receiver that ignores it acknowledges each frame, which
+        reads the same). A writer waiting for another kind (a FUA's DURABLE) waits on."""
         if self.protocol == "A" and kind == _WRITTEN:
-            self._written_there(seq, only=True)
-        entry = self._waiting.get(seq)
-        if entry is not None and entry[0] == kind:
-            self._resolve(seq)
+            self._written_there(seq)
+        answered = []
+        for s, (wait_for, waiter) in self._waiting.items():   # in seq order
+            if s > seq:
+                break
+            if wait_for == kind:
+                answered.append((s, waiter))
+        waiting = self._waiting
+        for s, waiter in answered:
+            del waiting[s]
+            self._wake(s, waiter, None)
 
     def _durable(self, seq: int) -> None:
         """DURABLE(seq) covers everything up to seq, whatever it waited for; after a
@@ -414,10 +428,10 @@ class Replica:
         refusal arrives before any DURABLE that would have covered it)."""
         if self.error is not None or self._closed:
             return
-        for s in [s for s in self._waiting if s <= seq]:
-            self._resolve(s)
+        for s, (_, waiter) in _pop_up_to(self._waiting, seq).items():
+            self._wake(s, waiter, None)
         if self._unwritten:
-            self._written_there(seq, only=False)
+            self._written_there(seq)
         if seq > self.durable_seq:
             self._progress = time.monotonic()
             self.durable_seq = seq
@@ -478,6 +492,18 @@ class Replica:
         self._fail_all(UnreachableError("replication stopped"))
 
 
+def _pop_up_to(table: dict[int, _T], seq: int) -> dict[int, _T]:
+    """Take the entries of ``table`` (keyed by seq, inserted in seq order) up to ``seq``."""
+    taken: dict[int, _T] = {}
+    for s in table:
+        if s > seq:
+            break
+        taken[s] = table[s]
+    for s in taken:
+        del table[s]
+    return taken
+
+
 def open_replica(url: str, options: ConnectOptions, source: SourceInfo, protocol: str,
                  loop: asyncio.AbstractEventLoop, ack_timeout: float = ACK_TIMEOUT) -> Replica:
     """Blocking: connect, authenticate, OPEN in replicate mode (run it in a thread). OPEN
@@ -490,7 +516,7 @@ def open_replica(url: str, options: ConnectOptions, source: SourceInfo, protocol
     target = connect(parsed, options)
     try:
         relation = target.open(source, False, mode="replicate",
-                               extra={"protocol": protocol,
+                               extra={"protocol": protocol, "acks": "cumulative",
                                       "window": QUEUE_BYTES if protocol == "A" else 0})
     except BaseException:
         target.close()

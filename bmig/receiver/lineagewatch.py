@@ -2,6 +2,13 @@
 checked against the target's record under the record lock, and an idle session looks
 at the record every WATCH_INTERVAL seconds, so that a promotion, or a discard by another
 session, ends the replication of the old lineage. It reads records; it never writes one.
+
+The frames one read brought are written as a batch under one check (``hold`` ...
+``let_go``): the record lock stays taken, shared, from the check to the batch's last
+write, so the record cannot change in between (a session that changes it takes the lock
+exclusively). The session lets go before anything that may wait on its peer (a read of
+the socket, a send) and before any other message, so a promotion waits for one batch's
+writes at most.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class LineageWatch(threading.Thread):
         self._seen: tuple[int, int, int] | None | str = "not yet"   # read at the first check
         self._check_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._holding = False     # the session's thread holds the record lock, checked
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -65,9 +73,32 @@ class LineageWatch(threading.Thread):
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
+        """Around one write: checked under the lock, or inside a batch already checked."""
+        if self._holding:
+            yield
+            return
         with self._record_lock.held(exclusive=False):
             self.check()
             yield
+
+    def hold(self) -> None:
+        """The start of a batch of writes (the session's thread): the record lock taken
+        shared and the record checked, until ``let_go``."""
+        if self._holding:
+            return
+        self._record_lock.acquire(exclusive=False)
+        try:
+            self.check()
+        except BaseException:
+            self._record_lock.release()
+            raise
+        self._holding = True
+
+    def let_go(self) -> None:
+        """The end of a batch: the record lock released (nothing if not held)."""
+        if self._holding:
+            self._holding = False
+            self._record_lock.release()
 
     def run(self) -> None:
         while not self._stopping.wait(WATCH_INTERVAL):

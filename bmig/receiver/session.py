@@ -14,9 +14,12 @@ no longer be trusted, the session ends):
 A replication session (bmig-nbd forwarding the application's writes, protocol A/B/C)
 has a lock of its own, so it runs beside the pass session that resyncs the same target;
 each DATA says which acknowledgement its writer waits for (RECEIVED, WRITTEN, DURABLE).
-The frames one read brings are handled as a batch: their RECEIVED and WRITTEN leave
-together once no whole frame is left in the buffer (one write, one wake-up of the
-sender's reader), and before any ERROR, so acknowledgements keep the frames' order.
+The frames one read brings (ACK_BATCH at most) are handled as a batch: their RECEIVED and
+WRITTEN leave together once no whole frame is left in the buffer (one write, one wake-up
+of the sender's reader), and before any ERROR, so acknowledgements keep the frames'
+order; a sender that asks for it at OPEN (``acks: "cumulative"``) gets the last one of
+each kind only, which covers the frames before it. The target's record is checked once
+per batch, under the record lock held until the batch's last write (LineageWatch.hold).
 
 A DATA or ZERO is checked (offset and length inside the target, codec, size, checksum)
 before anything is written; a bad one is answered ERROR with its seq and nothing of it is
@@ -76,7 +79,7 @@ from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, K
 log = logging.getLogger("breceive")
 
 FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
-ACK_BATCH = 256          # RECEIVED and WRITTEN held back at most, then sent together
+ACK_BATCH = 256          # DATA and ZERO frames in one batch at most (acks held, record checked once)
 
 
 class Session:
@@ -106,6 +109,10 @@ class Session:
         self._syncer: Syncer | None = None
         self._sync_lock = threading.Lock()
         self._acks: list[tuple[bytes, None]] = []     # RECEIVED and WRITTEN held back
+        self._last_acks: dict[T, int] = {}    # the same, cumulative: the last seq of each
+        self._acks_held = 0                   # acknowledgements held back (both ways)
+        self._cumulative = False              # OPEN asked for cumulative acknowledgements
+        self._batch_frames = 0                # DATA and ZERO frames of this batch
         self._acks_lock = threading.Lock()
         self._closed = False
         self.bytes_written = 0
@@ -121,18 +128,38 @@ class Session:
         self.channel.send(pack_seq(kind, seq))
 
     def _ack_later(self, kind: T, seq: int) -> None:
-        """RECEIVED or WRITTEN, sent with the others of this batch of frames (``_send_acks``)."""
+        """RECEIVED or WRITTEN, sent with the others of this batch of frames
+        (``_send_acks``); a sender that asked for cumulative acknowledgements gets the
+        last one of each kind only, which covers every frame before it (frames are
+        handled in order, and a refused one is answered ERROR before any later one)."""
         with self._acks_lock:
-            self._acks.append((pack_seq(kind, seq), None))
-            full = len(self._acks) >= ACK_BATCH
-        if full:
-            self._send_acks()
+            if self._cumulative:
+                self._last_acks[kind] = seq
+            else:
+                self._acks.append((pack_seq(kind, seq), None))
+            self._acks_held += 1
+
+    def _end_batch(self) -> None:
+        """The frames of a batch are written: the record lock goes (LineageWatch.hold),
+        then their acknowledgements leave, in one write. The session's thread only."""
+        self._batch_frames = 0
+        self._let_go_record()
+        self._send_acks()
+
+    def _let_go_record(self) -> None:
+        """Before anything that may wait on the peer or change the record (the session's
+        thread only: the lock is its batch's)."""
+        if self._watch is not None:
+            self._watch.let_go()
 
     def _send_acks(self) -> None:
-        """The acknowledgements held back, in one write: once no whole frame is buffered
-        (before the next read waits), before an ERROR, and at the end."""
+        """The acknowledgements held back, in one write: at the end of a batch (before
+        the next read may wait), before an ERROR, and at the end."""
         with self._acks_lock:
             acks, self._acks = self._acks, []
+            acks += [(pack_seq(kind, seq), None) for kind, seq in self._last_acks.items()]
+            self._last_acks.clear()
+            self._acks_held = 0
         if acks:
             self.channel.send_many(acks)
 
@@ -163,20 +190,21 @@ class Session:
                 self._refuse(exc)
                 return
             while not self._closed:
-                if self._acks and not self.channel.has_frame():
-                    self._send_acks()    # the batch the last read brought is done
+                # A batch: the frames one read brought, ACK_BATCH at most.
+                if (self._batch_frames or self._acks_held) and (
+                        self._batch_frames >= ACK_BATCH or not self.channel.has_frame()):
+                    self._end_batch()
                 body = self.channel.read()
                 if not self._dispatch(body):
                     break
         except ConnectionClosed:
             log.debug("%s: connection closed", self.peer)
-        except ProtocolError as exc:
-            if not self._closed:
-                self.fail(exc)
         except BmigError as exc:
+            self._let_go_record()
             if not self._closed:
                 self.fail(exc)
         finally:
+            self._let_go_record()
             self._finish()
 
     def _handshake(self) -> None:
@@ -209,11 +237,14 @@ class Session:
 
     def _dispatch(self, body: memoryview) -> bool:
         kind = type_of(body)
-        if kind == T.DATA:
-            self._data(body)
-        elif kind == T.ZERO:
-            self._zero(body)
-        elif kind == T.FLUSH:
+        if kind == T.DATA or kind == T.ZERO:
+            if self._watch is not None:
+                self._watch.hold()       # one check of the record for the batch
+            self._batch_frames += 1
+            (self._data if kind == T.DATA else self._zero)(body)
+            return True
+        self._let_go_record()            # the other messages may change the record
+        if kind == T.FLUSH:
             self._flush(unpack_seq(body))
         else:
             message = decode_json(body) if kind in _JSON_HANDLERS else None
@@ -251,6 +282,7 @@ class Session:
         window = msg.int("window", 0) if request.replicate else 0
         if request.replicate and protocol not in REPLICATION_PROTOCOLS_SEEN:
             protocol = None
+        cumulative = request.replicate and msg.fields.get("acks") == "cumulative"
         opened = open_export(self.policy, self.peer, config, request)
         record, target = opened.record, opened.target
         self.config, self.target, self.lock = config, target, opened.lock
@@ -259,6 +291,7 @@ class Session:
         self.source_previous = [hex_id(g) for g in previous]
         self._previous_ids = previous
         self.mode, self.relation = mode, opened.relation
+        self._cumulative = cumulative
         reply_extra: dict = {}
         if opened.relation == "rejoin":
             self._resync = (load_resync(self.policy.state_dir, export)
@@ -408,6 +441,7 @@ class Session:
                 self._ack_later(T.RECEIVED, head.seq)
             self.target.write(head.offset, raw)
         except (ProtocolError, TargetError) as exc:
+            self._let_go_record()
             self.fail(exc, head.seq, fatal=False)
             return
         self.bytes_written += head.raw_length
@@ -424,6 +458,7 @@ class Session:
                 self._ack_later(T.RECEIVED, seq)
             self.target.zero(offset, length)
         except (ProtocolError, TargetError) as exc:
+            self._let_go_record()
             self.fail(exc, seq, fatal=False)
             return
         self._acknowledge(seq, flags)

@@ -112,13 +112,19 @@ class RecordLock:
         self.path = _lock_path(state_dir, export, "record")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
+    def acquire(self, exclusive: bool) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     @contextlib.contextmanager
     def held(self, exclusive: bool):
-        fcntl.flock(self._fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        self.acquire(exclusive)
         try:
             yield
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.release()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -8,11 +8,17 @@ them together. What a batch must not change:
   with its seq, nothing of it written) and the frames around it are written;
 - acknowledgements keep the order of the frames: the WRITTEN of a frame before the bad
   one arrives before the ERROR, so the sender, which fails the whole replica on that
-  ERROR, never takes a write the target has for one it lacks, nor the reverse.
+  ERROR, never takes a write the target has for one it lacks, nor the reverse; with
+  cumulative acknowledgements (OPEN's ``acks``) one of each kind per batch, still before
+  the ERROR;
+- the record is checked once per batch under the record lock (invariant 7), and the
+  lock is free again once the batch is written: a promotion never waits for an idle
+  session.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 from bmig.wire import codec
@@ -67,4 +73,51 @@ def test_a_bad_frame_in_a_batch_is_refused_alone_and_acknowledgements_keep_their
     assert read_at(target, 0, 2 * BLOCK) == good[0] + good[1]
     assert read_at(target, 2 * BLOCK, BLOCK) != bad              # nothing of it written
     assert read_at(target, 3 * BLOCK, 2 * BLOCK) == good[2] + good[3]
+    raw.close()
+
+
+def test_cumulative_acknowledgements_are_one_of_each_kind_per_batch_and_still_before_an_error(
+        tmp_path, receivers):
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    raw = replicating(r, A, acks="cumulative")
+    blocks = [os.urandom(BLOCK) for _ in range(7)]
+    bad = blocks[4]
+    raw.channel.send_many([                              # one write: one batch
+        data_frame(1, 0, blocks[0], FLAG_ACK_WRITTEN),
+        data_frame(2, BLOCK, blocks[1], FLAG_ACK_WRITTEN),
+        data_frame(3, 2 * BLOCK, blocks[2], FLAG_ACK_RECEIVED),
+        data_frame(4, 3 * BLOCK, blocks[3], FLAG_ACK_RECEIVED),
+        data_frame(5, 4 * BLOCK, bad, FLAG_ACK_WRITTEN, checksum=codec.checksum(bad) ^ 1),
+        data_frame(6, 5 * BLOCK, blocks[5], FLAG_ACK_WRITTEN),
+        data_frame(7, 6 * BLOCK, blocks[6], FLAG_ACK_WRITTEN),
+        (pack_seq(T.FLUSH, 8), None),
+    ])
+    got = answers(raw, 5)
+    assert got[:3] == [("WRITTEN", 2), ("RECEIVED", 4), ("ERROR", 5)], got
+    assert sorted(got[3:]) == [("DURABLE", 8), ("WRITTEN", 7)], got
+    assert read_at(target, 0, 4 * BLOCK) == b"".join(blocks[:4])
+    assert read_at(target, 4 * BLOCK, BLOCK) != bad              # nothing of it written
+    assert read_at(target, 5 * BLOCK, 2 * BLOCK) == blocks[5] + blocks[6]
+    raw.close()
+
+
+def test_the_record_lock_is_free_once_a_batch_is_written(tmp_path, receivers):
+    """A batch holds the record lock (shared) from its one check to its last write; it
+    lets go before it acknowledges, so a session that changes the record (a promotion
+    takes the lock exclusively) is never kept waiting by an idle replication session."""
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    raw = replicating(r, A)
+    raw.channel.send_many([data_frame(seq, seq * BLOCK, os.urandom(BLOCK), FLAG_ACK_WRITTEN)
+                           for seq in (1, 2, 3)])
+    assert answers(raw, 3) == [("WRITTEN", 1), ("WRITTEN", 2), ("WRITTEN", 3)]
+    fd = os.open(os.path.join(r.state_dir, "d.record.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # BlockingIOError if still held
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
     raw.close()

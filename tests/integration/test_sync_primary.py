@@ -102,9 +102,10 @@ def send_data(raw: Raw, seq: int, offset: int, data: bytes) -> None:
     raw.send_body(pack_data(codec.RAW, 0, len(data), seq, offset, codec.checksum(data)) + data)
 
 
-def replicating(r, lineage: tuple[str, str]) -> Raw:
+def replicating(r, lineage: tuple[str, str], **fields) -> Raw:
+    """A replication session opened with OPEN's ``fields`` besides the lineage."""
     raw = authenticated_with(r)
-    reply = opened(raw, lineage, mode="replicate")
+    reply = opened(raw, lineage, mode="replicate", **fields)
     assert reply.type == T.OPENED, reply
     return raw
 

@@ -509,3 +509,115 @@ def test_protocol_a_gives_a_frames_room_back_once_even_when_written_comes_before
             replica.close()
 
     assert asyncio.run(main()) == 0
+
+
+# -- an acknowledgement covers the frames before it ------------------------------------------
+
+class CumulativeTarget(FakeTarget):
+    """breceive after OPEN's ``acks: "cumulative"``: one RECEIVED and one WRITTEN per
+    batch, the last seq of each kind, once the batch is written (a FUA frame still
+    waits for its DURABLE, which comes only when ``answer_flush``)."""
+
+    def send_batch(self, frames) -> None:
+        from bmig.wire.protocol import FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA
+        self.batches.append([seq for _, seq, _, _ in frames])
+        last: dict[str, int] = {}
+        for kind, seq, offset, flags in frames:
+            self._send(kind, seq)
+            if flags & FLAG_ACK_RECEIVED:
+                last["received"] = seq
+            elif flags & FLAG_ACK_WRITTEN:
+                last["written"] = seq
+            elif flags & FLAG_FUA and self.answer_flush:
+                self.acks.durable(seq)
+        for kind, seq in last.items():
+            getattr(self.acks, kind)(seq)
+
+
+@pytest.mark.parametrize("protocol", ["B", "C"])
+def test_one_acknowledgement_answers_every_earlier_write_of_its_kind_but_not_a_fua(protocol):
+    """Four writes in one turn, the third with FUA: the batch's one WRITTEN (C) or
+    RECEIVED (B), for seq 4, answers writes 1, 2 and 4; write 3 waits for its DURABLE."""
+
+    async def main():
+        target = CumulativeTarget(protocol)
+        target.answer_flush = False
+        replica = Replica(target, protocol, asyncio.get_running_loop())
+        try:
+            writes = [asyncio.ensure_future(replica.write(i * CHUNK, b"x", i == 2))
+                      for i in range(4)]
+            await until(lambda: sum(w.done() for w in writes) == 3, "three writes answered")
+            answered = [w.done() for w in writes]
+            replica._durable(4)                   # the DURABLE of a FLUSH after them
+            await asyncio.wait_for(writes[2], WAIT)
+        finally:
+            replica.close()
+        return answered, target.batches
+
+    answered, batches = asyncio.run(main())
+    assert batches[0] == [1, 2, 3, 4], batches
+    assert answered == [True, True, False, True], answered
+
+
+def test_protocol_a_gets_the_room_of_every_frame_before_one_written_back():
+    """Protocol A: one WRITTEN for a batch's last frame gives back the room of every
+    frame of the batch (QUEUE_BYTES, invariant 8), not of that frame alone."""
+
+    async def main():
+        target = CumulativeTarget("A")
+        replica = Replica(target, "A", asyncio.get_running_loop())
+        try:
+            await asyncio.gather(*(replica.write(i * CHUNK, b"x" * 1000, False)
+                                   for i in range(3)))
+            await until(lambda: len(target.wire) == 3, "every frame on the wire")
+            await until(lambda: not replica._in_thread, "the batch reported sent")
+            return target.batches, replica.lag_bytes
+        finally:
+            replica.close()
+
+    batches, lag = asyncio.run(main())
+    assert batches[0] == [1, 2, 3], batches
+    assert lag == 0
+
+
+def test_a_long_turn_hands_its_frames_over_every_few_writes():
+    """More writes in one turn than HAND_OVER_EVERY: the frames leave in pieces of
+    HAND_OVER_EVERY, in seq order, so breceive starts on them while the turn goes on."""
+    n = 2 * replica_module.HAND_OVER_EVERY + 3
+
+    async def main():
+        target = FakeTarget("C")
+        replica = Replica(target, "C", asyncio.get_running_loop())
+        try:
+            await asyncio.wait_for(asyncio.gather(*(replica.write(i * CHUNK, b"x", False)
+                                                    for i in range(n))), WAIT)
+        finally:
+            replica.close()
+        return target.batches
+
+    batches = asyncio.run(main())
+    every = replica_module.HAND_OVER_EVERY
+    assert [len(b) for b in batches] == [every, every, 3], batches
+    assert [s for b in batches for s in b] == list(range(1, n + 1))
+
+
+def test_a_replica_asks_breceive_for_cumulative_acknowledgements(monkeypatch):
+    """OPEN carries ``acks: "cumulative"`` (a receiver that does not know it acknowledges
+    every frame, which the replica reads the same way)."""
+    opened: dict = {}
+
+    class Opening(FakeTarget):
+        def open(self, source, discard, mode="pass", extra=None):
+            opened.update(mode=mode, **(extra or {}))
+            return "same"
+
+    monkeypatch.setattr(replica_module, "connect", lambda parsed, options: Opening("C"))
+
+    async def main():
+        replica = replica_module.open_replica("tcp://127.0.0.1:1/d1", None, None, "C",
+                                              asyncio.get_running_loop())
+        replica.close()
+
+    asyncio.run(main())
+    assert opened == {"mode": "replicate", "protocol": "C", "acks": "cumulative",
+                      "window": 0}, opened
