@@ -409,17 +409,20 @@ class Replica:
         and sends one acknowledgement of each kind per batch of frames (OPEN's
         ``acks: "cumulative"``; a receiver that ignores it acknowledges each frame, which
         reads the same). A writer waiting for another kind (a FUA's DURABLE) waits on."""
+        if self.error is not None or self._closed:    # as for a DURABLE: nothing more
+            return
         if self.protocol == "A" and kind == _WRITTEN:
             self._written_there(seq)
+        waiting = self._waiting
         answered = []
-        for s, (wait_for, waiter) in self._waiting.items():   # in seq order
+        for s, (wait_for, waiter) in waiting.items():   # in seq order
             if s > seq:
                 break
             if wait_for == kind:
                 answered.append((s, waiter))
-        waiting = self._waiting
-        for s, waiter in answered:
+        for s, _ in answered:          # every one taken before any is answered
             del waiting[s]
+        for s, waiter in answered:
             self._wake(s, waiter, None)
 
     def _durable(self, seq: int) -> None:

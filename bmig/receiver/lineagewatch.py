@@ -3,20 +3,21 @@ checked against the target's record under the record lock, and an idle session l
 at the record every WATCH_INTERVAL seconds, so that a promotion, or a discard by another
 session, ends the replication of the old lineage. It reads records; it never writes one.
 
-The frames one read brought are written as a batch under one check (``hold`` ...
-``let_go``): the record lock stays taken, shared, from the check to the batch's last
-write, so the record cannot change in between (a session that changes it takes the lock
-exclusively). The session lets go before anything that may wait on its peer (a read of
-the socket, a send) and before any other message, so a promotion waits for one batch's
-writes at most.
+The frames one read brought are written as a batch under one check: the batch's first
+write takes the record lock, shared, and checks the record (``hold``); the lock stays
+taken to the batch's last write, so the record cannot change in between (a session that
+changes it takes the lock exclusively), and the session lets go (``let_go``) before
+anything that may wait on its peer (a read from the socket, a send) and before any other
+message. A session that changes the record goes before batches not yet begun
+(RecordLock), so it waits for the batches under way only, each bounded by the session
+(bmig.receiver.session: BATCH_FRAMES, BATCH_BYTES).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 from bmig.errors import BmigError, LineageError
 from bmig.lineage import ROLE_PRIMARY, hex_id, load_target, target_path
@@ -71,19 +72,10 @@ class LineageWatch(threading.Thread):
                                    f"{hex_id(self._source[1])} ends")
             self._seen = seen
 
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
-        """Around one write: checked under the lock, or inside a batch already checked."""
-        if self._holding:
-            yield
-            return
-        with self._record_lock.held(exclusive=False):
-            self.check()
-            yield
-
     def hold(self) -> None:
-        """The start of a batch of writes (the session's thread): the record lock taken
-        shared and the record checked, until ``let_go``."""
+        """Before each write (TargetDevice.before_write, the session's thread): at a
+        batch's first write the record lock is taken shared and the record checked, and
+        kept until ``let_go``; nothing more at the batch's other writes."""
         if self._holding:
             return
         self._record_lock.acquire(exclusive=False)

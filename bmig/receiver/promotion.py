@@ -18,8 +18,8 @@ or not:
    stops, unless ``no_fence``;
 5. under the record lock: the record is still the one checked, the target still the one
    it describes, fdatasync, a new generation (the old one first in ``previous``), role
-   primary. A session of the old source still open ends at its next write (its lineage
-   is checked under the same lock) or within a second;
+   primary. A session of the old source still open ends at its next batch of writes
+   (its lineage is checked under the same lock) or within a second;
 6. the report says what may have been lost (``loss``).
 
 So a refusal (a typo in the target, a copy in use) never leaves a fenced old primary and

@@ -14,12 +14,13 @@ no longer be trusted, the session ends):
 A replication session (bmig-nbd forwarding the application's writes, protocol A/B/C)
 has a lock of its own, so it runs beside the pass session that resyncs the same target;
 each DATA says which acknowledgement its writer waits for (RECEIVED, WRITTEN, DURABLE).
-The frames one read brings (ACK_BATCH at most) are handled as a batch: their RECEIVED and
-WRITTEN leave together once no whole frame is left in the buffer (one write, one wake-up
-of the sender's reader), and before any ERROR, so acknowledgements keep the frames'
-order; a sender that asks for it at OPEN (``acks: "cumulative"``) gets the last one of
-each kind only, which covers the frames before it. The target's record is checked once
-per batch, under the record lock held until the batch's last write (LineageWatch.hold).
+The frames one read brings (BATCH_FRAMES and BATCH_BYTES at most) are handled as a
+batch: their RECEIVED and WRITTEN leave together once no whole frame is left in the
+buffer (one write, one wake-up of the sender's reader), and before any ERROR, so
+acknowledgements keep the frames' order; a sender that asks for it at OPEN (``acks:
+"cumulative"``) gets the last one of each kind only, which covers the frames before it.
+The target's record is checked once per batch, under the record lock held from the
+batch's first write to its last (LineageWatch.hold).
 
 A DATA or ZERO is checked (offset and length inside the target, codec, size, checksum)
 before anything is written; a bad one is answered ERROR with its seq and nothing of it is
@@ -79,7 +80,11 @@ from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, FLAG_FUA, K
 log = logging.getLogger("breceive")
 
 FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
-ACK_BATCH = 256          # DATA and ZERO frames in one batch at most (acks held, record checked once)
+# A batch (acknowledgements held back, the record checked once and locked to its last
+# write) ends when no whole frame is buffered, or after this many DATA and ZERO frames,
+# or this many bytes written or zeroed: what a promotion may have to wait for.
+BATCH_FRAMES = 256
+BATCH_BYTES = 8 * 1024 * 1024
 
 
 class Session:
@@ -113,6 +118,7 @@ class Session:
         self._acks_held = 0                   # acknowledgements held back (both ways)
         self._cumulative = False              # OPEN asked for cumulative acknowledgements
         self._batch_frames = 0                # DATA and ZERO frames of this batch
+        self._batch_bytes = 0                 # bytes they write or zero
         self._acks_lock = threading.Lock()
         self._closed = False
         self.bytes_written = 0
@@ -142,7 +148,7 @@ class Session:
     def _end_batch(self) -> None:
         """The frames of a batch are written: the record lock goes (LineageWatch.hold),
         then their acknowledgements leave, in one write. The session's thread only."""
-        self._batch_frames = 0
+        self._batch_frames = self._batch_bytes = 0
         self._let_go_record()
         self._send_acks()
 
@@ -190,9 +196,10 @@ class Session:
                 self._refuse(exc)
                 return
             while not self._closed:
-                # A batch: the frames one read brought, ACK_BATCH at most.
+                # A batch: the frames one read brought, within BATCH_FRAMES and BATCH_BYTES.
                 if (self._batch_frames or self._acks_held) and (
-                        self._batch_frames >= ACK_BATCH or not self.channel.has_frame()):
+                        self._batch_frames >= BATCH_FRAMES or self._batch_bytes >= BATCH_BYTES
+                        or not self.channel.has_frame()):
                     self._end_batch()
                 body = self.channel.read()
                 if not self._dispatch(body):
@@ -238,8 +245,8 @@ class Session:
     def _dispatch(self, body: memoryview) -> bool:
         kind = type_of(body)
         if kind == T.DATA or kind == T.ZERO:
-            if self._watch is not None:
-                self._watch.hold()       # one check of the record for the batch
+            # The batch's first write takes the record lock and checks the record
+            # (TargetDevice.before_write, LineageWatch.hold).
             self._batch_frames += 1
             (self._data if kind == T.DATA else self._zero)(body)
             return True
@@ -329,7 +336,7 @@ class Session:
         self._watch = LineageWatch(self.policy.state_dir, self.config.export,
                                    self.record_lock, self.source_id, self.source_generation,
                                    self._previous_ids, self.fail)
-        self.target.guard = self._watch.guard
+        self.target.before_write = self._watch.hold
         self._watch.start()
 
     def _pass_begin(self, msg: Message) -> bool:
@@ -358,7 +365,7 @@ class Session:
     def _promote(self, msg: Message) -> bool:
         """Cutover, step 6: the target gets a new generation and becomes the primary;
         the source it came from can never write to it again (invariant 7), and a
-        replication session of it ends at its next write."""
+        replication session of it ends at its next batch of writes."""
         self._require("open")
         assert self.keeper is not None and self.target is not None
         new = parse_id(msg.fields.get("generation"), "generation")
@@ -376,7 +383,7 @@ class Session:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-            self.target.guard = None
+            self.target.before_write = None
         self.sync_now()
 
     def _pass_end(self, msg: Message) -> bool:
@@ -430,6 +437,7 @@ class Session:
         self._require("pass", "replicate")
         assert self.target is not None
         head, payload = unpack_data(body)
+        self._batch_bytes += head.raw_length
         try:
             self._check_flags(head.seq, head.flags)
             self._check_range(head.seq, head.offset, head.raw_length)
@@ -451,6 +459,7 @@ class Session:
         self._require("pass", "replicate")
         assert self.target is not None
         seq, offset, length, flags = unpack_zero(body)
+        self._batch_bytes += length
         try:
             self._check_flags(seq, flags)
             self._check_range(seq, offset, length)

@@ -23,7 +23,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from typing import Callable, ContextManager
+from typing import Callable
 
 import xxhash
 
@@ -102,20 +102,45 @@ def _lock_path(state_dir: str, export: str, kind: str) -> str:
 
 
 class RecordLock:
-    """Orders changes of a target's lineage against the writes of replication sessions:
-    a session that changes the record (a pass beginning, a promotion) holds it
-    exclusively while it does, a replication session holds it shared while it checks
-    the record and writes one frame. So no replicated write lands after the record
-    it was checked against has changed (``EXPORT.record.lock``)."""
+    """Orders changes of a target's lineage against the writes of sessions that check it:
+    a session that changes the record (a pass beginning, a promotion, a rejoin) holds it
+    exclusively while it does; a session writing data holds it shared from its check of
+    the record to the last write of a batch of frames (bmig.receiver.lineagewatch). So
+    no write lands after the record it was checked against has changed
+    (``EXPORT.record.lock``).
+
+    flock gives an exclusive taker that waits no priority over new shared ones, so two
+    sessions streaming batches could keep it out for good. Every taker therefore passes
+    through a second lock first (``EXPORT.record-intent.lock``): an exclusive taker holds
+    it exclusively until it has the record lock, a shared taker takes it shared only to
+    get in. Once an exclusive taker waits, no new shared holder gets in, and it waits for
+    the batches under way only. One hold at a time per object: taking it again (a
+    shared hold turned exclusive, then dropped by its release) is refused."""
 
     def __init__(self, state_dir: str, export: str):
         self.path = _lock_path(state_dir, export, "record")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._intent_fd = os.open(_lock_path(state_dir, export, "record-intent"),
+                                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._held = False
 
     def acquire(self, exclusive: bool) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if self._held:
+            raise RuntimeError(f"{self.path} is held already by this session")
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        fcntl.flock(self._intent_fd, mode)
+        try:
+            fcntl.flock(self._fd, mode)
+        finally:
+            fcntl.flock(self._intent_fd, fcntl.LOCK_UN)
+        self._held = True
 
     def release(self) -> None:
+        self._held = False
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
@@ -129,7 +154,8 @@ class RecordLock:
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
+            os.close(self._intent_fd)
+            self._fd = self._intent_fd = -1
 
 
 def file_system_size(path: str) -> int:
@@ -144,8 +170,9 @@ class TargetDevice:
     def __init__(self, path: str, fd: int):
         self.path = path
         self.fd = fd
-        # Set by a replication session: held around each write (bmig.receiver.session).
-        self.guard: Callable[[], ContextManager[None]] | None = None
+        # Set by a session whose writes are checked against the record: called before
+        # each write (LineageWatch.hold; the session lets go at the end of its batch).
+        self.before_write: Callable[[], None] | None = None
         try:
             try:
                 self.identity: TargetIdentity = identify(fd)
@@ -223,26 +250,28 @@ class TargetDevice:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` in pieces of at most WRITE_PIECE bytes."""
         view = memoryview(data)
-        with self.guard() if self.guard is not None else contextlib.nullcontext():
-            try:
-                done = 0
-                while done < len(view):
-                    end = min(len(view), done + WRITE_PIECE)
-                    wrote = os.pwrite(self.fd, view[done:end], offset + done)
-                    if wrote <= 0:          # the end of a device: never loop on it
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                    done += wrote
-            except OSError as exc:
-                raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
-                                    f"{self.path}") from None
+        if self.before_write is not None:
+            self.before_write()
+        try:
+            done = 0
+            while done < len(view):
+                end = min(len(view), done + WRITE_PIECE)
+                wrote = os.pwrite(self.fd, view[done:end], offset + done)
+                if wrote <= 0:          # the end of a device: never loop on it
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += wrote
+        except OSError as exc:
+            raise io_error(exc, f"write of {len(view)} bytes at {offset} to "
+                                f"{self.path}") from None
 
     def zero(self, offset: int, length: int) -> None:
-        with self.guard() if self.guard is not None else contextlib.nullcontext():
-            try:
-                zero_range(self.fd, offset, length)
-            except OSError as exc:
-                raise io_error(exc, f"zeroing {length} bytes at {offset} of "
-                                    f"{self.path}") from None
+        if self.before_write is not None:
+            self.before_write()
+        try:
+            zero_range(self.fd, offset, length)
+        except OSError as exc:
+            raise io_error(exc, f"zeroing {length} bytes at {offset} of "
+                                f"{self.path}") from None
 
     def sync(self) -> None:
         try:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 
 from bmig.wire import codec
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, T, decode_json,
                                 pack_data, pack_seq, type_of, unpack_seq)
+from bmig.lineage import ROLE_PRIMARY, STATE_CONSISTENT, load_target, save_target
+from bmig.receiver.target import RecordLock
 from tests.integration.sync_helpers import receivers, start_receiver  # noqa: F401
-from tests.integration.test_sync_primary import A, read_at, replicating
+from tests.integration.test_sync_primary import A, read_at, refused_and_closed, replicating
 
 BLOCK = 4096
 
@@ -121,3 +124,29 @@ def test_the_record_lock_is_free_once_a_batch_is_written(tmp_path, receivers):
     finally:
         os.close(fd)
     raw.close()
+
+
+def test_a_batch_waits_for_the_record_lock_and_checks_the_record_once_it_has_it(
+        tmp_path, receivers):
+    """A change of the record under way (the lock held exclusively, as a promotion holds
+    it): a batch that arrives meanwhile writes nothing until the change is done, then
+    finds the new record and ends the session, with nothing of it written."""
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    raw = replicating(r, A)
+    changing = RecordLock(r.state_dir, "d")
+    changing.acquire(exclusive=True)
+    try:
+        block = os.urandom(BLOCK)
+        raw.channel.send_many([data_frame(1, 0, block, FLAG_ACK_WRITTEN)])
+        answered, _, _ = select.select([raw.sock], [], [], 0.5)
+        assert not answered, "the batch was written while the record was being changed"
+        record = load_target(r.state_dir, "d")
+        record.state, record.role, record.generation = STATE_CONSISTENT, ROLE_PRIMARY, 0xee
+        save_target(r.state_dir, record)                # promoted meanwhile
+    finally:
+        changing.release()
+        changing.close()
+    refused_and_closed(raw, "is the primary now")
+    assert read_at(target, 0, BLOCK) == bytes(BLOCK)

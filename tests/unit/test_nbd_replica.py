@@ -559,9 +559,10 @@ def test_one_acknowledgement_answers_every_earlier_write_of_its_kind_but_not_a_f
     assert answered == [True, True, False, True], answered
 
 
-def test_protocol_a_gets_the_room_of_every_frame_before_one_written_back():
+def test_protocol_a_gets_the_room_of_every_frame_before_one_written_back(monkeypatch):
     """Protocol A: one WRITTEN for a batch's last frame gives back the room of every
     frame of the batch (QUEUE_BYTES, invariant 8), not of that frame alone."""
+    monkeypatch.setattr(replica_module, "FLUSH_DELAY", 3600)   # no timed FLUSH between
 
     async def main():
         target = CumulativeTarget("A")

@@ -1,0 +1,96 @@
+"""How long a batch of frames holds the target's record lock in breceive.
+
+A batch (the frames one read brought) takes the record lock, shared, at its first
+write and keeps it to its last, so that the record is checked once (invariant 7). A
+session that changes the record waits for the batches under way, so each batch is
+bounded in frames and in bytes written or zeroed (session.BATCH_FRAMES, BATCH_BYTES):
+a few large frames end a batch as a full socket buffer of small ones does.
+
+The session runs in-process over a socket pair; the record lock's takes and releases
+and the target's writes are recorded in order.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from bmig.receiver import session as session_module
+from bmig.receiver import target as target_module
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import Session
+from bmig.wire import codec, handshake
+from bmig.wire.channel import Channel
+from bmig.wire.protocol import (FLAG_ACK_WRITTEN, Message, T, decode_json, pack_data,
+                                type_of, unpack_seq)
+from bmig.wire.transports import SocketStream
+
+MiB = 1 << 20
+BLOCK = 4096
+SECRET = b"an in-process secret, 32 bytes!!"
+WAIT = 30.0
+
+
+def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_write = target_module.TargetDevice.write
+    real_acquire = target_module.RecordLock.acquire
+    real_release = target_module.RecordLock.release
+
+    def write(self, offset, payload):
+        real_write(self, offset, payload)
+        events.append("write")
+
+    def acquire(self, exclusive):
+        real_acquire(self, exclusive)
+        events.append("exclusive" if exclusive else "take")
+
+    def release(self):
+        events.append("release")
+        real_release(self)
+
+    monkeypatch.setattr(target_module.TargetDevice, "write", write)
+    monkeypatch.setattr(target_module.RecordLock, "acquire", acquire)
+    monkeypatch.setattr(target_module.RecordLock, "release", release)
+    monkeypatch.setattr(session_module, "BATCH_BYTES", 3 * BLOCK)
+    target = str(tmp_path / "t.img")
+    with open(target, "wb") as f:
+        f.truncate(4 * MiB)
+    policy = Policy({"t": TargetConfig("t", target)}, str(tmp_path), SECRET)
+
+    a, b = socket.socketpair()
+    receiver = Session(Channel(SocketStream(a, "sender")), policy, False, "s")
+    thread = threading.Thread(target=receiver.run, daemon=True)
+    thread.start()
+    sender = Channel(SocketStream(b, "receiver"))
+    sender.stream.settimeout(WAIT)
+    try:
+        handshake.sender(sender, SECRET, receiver_verified=False)
+        sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
+                                     "generation": "00000000000000bb", "size": 4 * MiB,
+                                     "mode": "replicate"}).encode())
+        assert decode_json(sender.read()).type == T.OPENED
+        frames = []
+        for seq in range(1, 9):                      # 8 frames in one write: one read
+            payload = bytes([seq]) * BLOCK
+            frames.append((pack_data(codec.RAW, FLAG_ACK_WRITTEN, BLOCK, seq, seq * BLOCK,
+                                     codec.checksum(payload)), payload))
+        sender.send_many(frames)
+        written = []
+        while len(written) < 8:
+            body = sender.read()
+            assert type_of(body) == T.WRITTEN, decode_json(body)
+            written.append(unpack_seq(body))
+        assert written == list(range(1, 9))
+        sender.send(Message(T.BYE, {}).encode())
+        thread.join(WAIT)
+    finally:
+        sender.close()
+    assert not thread.is_alive()
+    batches: list[int] = []
+    for event in events[events.index("take"):]:
+        if event == "take":
+            batches.append(0)
+        elif event == "write":
+            batches[-1] += 1
+    assert sum(batches) == 8 and max(batches) <= 3, (batches, events)
