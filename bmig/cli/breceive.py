@@ -19,17 +19,25 @@ from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.limits import MAX_UNAUTHENTICATED
 from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.target import clashes_with_lock_files
 from bmig.receiver.service import HANDSHAKE_TIMEOUT, Receiver, ReceiverSettings
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
 
 _EXPORT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-EXPORT_NAMES = 'of up to 64 letters, digits, "_", ".", "-", not starting with "." or "-"'
+EXPORT_NAMES = ('of up to 64 letters, digits, "_", ".", "-", not starting with "." or "-" '
+                'and not ending in ".replica", ".record" or ".record-intent"')
 DEFAULT_PORT = 10810
 
 
+def _valid_export(name: str) -> bool:
+    """The name rule (EXPORT_NAMES): the endings are those of another export's lock
+    files (bmig.receiver.target.LOCK_KINDS)."""
+    return bool(_EXPORT.fullmatch(name)) and not clashes_with_lock_files(name)
+
+
 def _export_name(name: str) -> str:
-    if not _EXPORT.fullmatch(name):
+    if not _valid_export(name):
         raise ValueError(name)
     return name
 
@@ -81,9 +89,8 @@ def _targets(values: dict[str, Any], flags: tuple[str, ...],
             raise ConfigError(f"--target {item!r}: expected EXPORT=PATH")
         targets[export] = TargetConfig(export, path, allow_discard)
     for export in targets:
-        if not _EXPORT.fullmatch(export):
-            raise ConfigError(f"export name {export!r} is invalid: use up to 64 letters, "
-                              "digits, '_', '.', '-', not starting with '.' or '-'")
+        if not _valid_export(export):
+            raise ConfigError(f"export name {export!r} is invalid: use names {EXPORT_NAMES}")
     if not targets:
         raise ConfigError("no targets: give --target EXPORT=PATH or [targets] in --config")
     return targets

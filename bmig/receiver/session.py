@@ -85,6 +85,10 @@ FEATURES = ["zstd", "xxh3", "hashes", "zero-ranges"]
 # or this many bytes written or zeroed: what a promotion may have to wait for.
 BATCH_FRAMES = 256
 BATCH_BYTES = 8 * 1024 * 1024
+# One ZERO is zeroed in pieces of this size, the record lock let go between them: about
+# a second of writing zeros where the device cannot punch or offload, and a few thousand
+# pieces for a whole 1 TiB hole.
+ZERO_PIECE = 256 * 1024 * 1024
 
 
 class Session:
@@ -465,7 +469,13 @@ class Session:
             self._check_range(seq, offset, length)
             if flags & FLAG_ACK_RECEIVED:
                 self._ack_later(T.RECEIVED, seq)
-            self.target.zero(offset, length)
+            # In pieces, letting go of the record lock between them: a long zeroing
+            # (BLKZEROOUT of a device that cannot offload it) keeps a change of the
+            # record waiting for one piece at most.
+            for start in range(offset, offset + length, ZERO_PIECE):
+                if start != offset:
+                    self._let_go_record()
+                self.target.zero(start, min(ZERO_PIECE, offset + length - start))
         except (ProtocolError, TargetError) as exc:
             self._let_go_record()
             self.fail(exc, seq, fatal=False)

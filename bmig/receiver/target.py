@@ -97,14 +97,24 @@ def is_locked(path: str) -> bool:
         os.close(fd)           # closing drops the probe's own shared lock
 
 
+# What a target's lock files add to its export name (EXPORT.KIND.lock): an export named
+# "X.record" would share X's record lock, so no export name may end in one of them.
+LOCK_KINDS = ("replica", "record", "record-intent")
+
+
 def _lock_path(state_dir: str, export: str, kind: str) -> str:
     return os.path.join(state_dir, export + (f".{kind}" if kind else "") + ".lock")
 
 
+def clashes_with_lock_files(export: str) -> bool:
+    """An export name that another export's lock files would share (``LOCK_KINDS``)."""
+    return export.endswith(tuple(f".{kind}" for kind in LOCK_KINDS))
+
+
 class RecordLock:
     """Orders changes of a target's lineage against the writes of sessions that check it:
-    a session that changes the record (a pass beginning, a promotion, a rejoin) holds it
-    exclusively while it does; a session writing data holds it shared from its check of
+    a session that changes the record (replication or a pass beginning or ending, a
+    promotion, a rejoin) holds it exclusively while it does; a session writing data holds it shared from its check of
     the record to the last write of a batch of frames (bmig.receiver.lineagewatch). So
     no write lands after the record it was checked against has changed
     (``EXPORT.record.lock``).
@@ -113,8 +123,8 @@ class RecordLock:
     sessions streaming batches could keep it out for good. Every taker therefore passes
     through a second lock first (``EXPORT.record-intent.lock``): an exclusive taker holds
     it exclusively until it has the record lock, a shared taker takes it shared only to
-    get in. Once an exclusive taker waits, no new shared holder gets in, and it waits for
-    the batches under way only. One hold at a time per object: taking it again (a
+    get in. Once an exclusive taker holds the intent lock, no new shared holder gets in,
+    and it waits for the batches under way only. One hold at a time per object: taking it again (a
     shared hold turned exclusive, then dropped by its release) is refused."""
 
     def __init__(self, state_dir: str, export: str):

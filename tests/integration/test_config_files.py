@@ -117,6 +117,8 @@ BRECEIVE = [
      "expected a table of [targets.NAME] tables, got an array"),
     ("target-bad-name", '[targets."a b"]\npath = "/dev/null"\n', "targets",
      'expected names of up to 64 letters'),
+    ("target-name-of-a-lock-file", '[targets."vm1.record"]\npath = "/dev/null"\n',
+     "targets", 'not ending in ".replica", ".record" or ".record-intent"'),
     ("target-without-path", "[targets.vm1]\nallow_discard = true\n", "targets.vm1",
      "missing key 'path'"),
     ("target-unknown-key", TARGET + "size = 5\n", "targets.vm1", "unknown setting(s): size"),
@@ -137,6 +139,17 @@ def test_breceive_refuses_a_bad_value_in_its_config(tmp_path, text, key, words):
                str(tmp_path))
     refused(done, "breceive", config, key, words)
     only(tmp_path, "breceive.toml")
+
+
+def test_breceive_refuses_a_target_flag_named_like_another_exports_lock_file(tmp_path):
+    """"vm1.record" would share vm1's record lock (EXPORT.record.lock): refused."""
+    done = run(breceive_argv("--state-dir", str(tmp_path / "state"),
+                             "--secret-file", str(tmp_path / "secret"),
+                             "--target", "vm1.record=/dev/null", "--listen", "127.0.0.1:0"),
+               str(tmp_path))
+    assert done.returncode != 0
+    assert "export name 'vm1.record' is invalid" in done.stderr, done.stderr
+    assert ".record-intent" in done.stderr
 
 
 # -- bmig-nbd -----------------------------------------------------------------------

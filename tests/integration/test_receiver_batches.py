@@ -22,7 +22,7 @@ from bmig.receiver.session import Session
 from bmig.wire import codec, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (FLAG_ACK_WRITTEN, Message, T, decode_json, pack_data,
-                                type_of, unpack_seq)
+                                pack_zero, type_of, unpack_seq)
 from bmig.wire.transports import SocketStream
 
 MiB = 1 << 20
@@ -31,15 +31,22 @@ SECRET = b"an in-process secret, 32 bytes!!"
 WAIT = 30.0
 
 
-def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
+def recorded(monkeypatch) -> list[str]:
+    """The target's writes and zeroings and the record lock's takes and releases, in
+    order."""
     events: list[str] = []
     real_write = target_module.TargetDevice.write
+    real_zero = target_module.TargetDevice.zero
     real_acquire = target_module.RecordLock.acquire
     real_release = target_module.RecordLock.release
 
     def write(self, offset, payload):
         real_write(self, offset, payload)
         events.append("write")
+
+    def zero(self, offset, length):
+        real_zero(self, offset, length)
+        events.append(f"zero {length}")
 
     def acquire(self, exclusive):
         real_acquire(self, exclusive)
@@ -50,43 +57,64 @@ def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
         real_release(self)
 
     monkeypatch.setattr(target_module.TargetDevice, "write", write)
+    monkeypatch.setattr(target_module.TargetDevice, "zero", zero)
     monkeypatch.setattr(target_module.RecordLock, "acquire", acquire)
     monkeypatch.setattr(target_module.RecordLock, "release", release)
-    monkeypatch.setattr(session_module, "BATCH_BYTES", 3 * BLOCK)
+    return events
+
+
+def replicating(tmp_path) -> tuple[Channel, threading.Thread]:
+    """A replication session in-process, opened; the sender's end of it."""
     target = str(tmp_path / "t.img")
     with open(target, "wb") as f:
         f.truncate(4 * MiB)
     policy = Policy({"t": TargetConfig("t", target)}, str(tmp_path), SECRET)
-
     a, b = socket.socketpair()
     receiver = Session(Channel(SocketStream(a, "sender")), policy, False, "s")
     thread = threading.Thread(target=receiver.run, daemon=True)
     thread.start()
     sender = Channel(SocketStream(b, "receiver"))
     sender.stream.settimeout(WAIT)
+    handshake.sender(sender, SECRET, receiver_verified=False)
+    sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
+                                 "generation": "00000000000000bb", "size": 4 * MiB,
+                                 "mode": "replicate"}).encode())
+    assert decode_json(sender.read()).type == T.OPENED
+    return sender, thread
+
+
+def written(sender: Channel, n: int) -> list[int]:
+    seqs = []
+    while len(seqs) < n:
+        body = sender.read()
+        assert type_of(body) == T.WRITTEN, decode_json(body)
+        seqs.append(unpack_seq(body))
+    return seqs
+
+
+def bye(sender: Channel, thread: threading.Thread) -> None:
     try:
-        handshake.sender(sender, SECRET, receiver_verified=False)
-        sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
-                                     "generation": "00000000000000bb", "size": 4 * MiB,
-                                     "mode": "replicate"}).encode())
-        assert decode_json(sender.read()).type == T.OPENED
+        sender.send(Message(T.BYE, {}).encode())
+        thread.join(WAIT)
+    finally:
+        sender.close()
+    assert not thread.is_alive()
+
+
+def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
+    events = recorded(monkeypatch)
+    monkeypatch.setattr(session_module, "BATCH_BYTES", 3 * BLOCK)
+    sender, thread = replicating(tmp_path)
+    try:
         frames = []
         for seq in range(1, 9):                      # 8 frames in one write: one read
             payload = bytes([seq]) * BLOCK
             frames.append((pack_data(codec.RAW, FLAG_ACK_WRITTEN, BLOCK, seq, seq * BLOCK,
                                      codec.checksum(payload)), payload))
         sender.send_many(frames)
-        written = []
-        while len(written) < 8:
-            body = sender.read()
-            assert type_of(body) == T.WRITTEN, decode_json(body)
-            written.append(unpack_seq(body))
-        assert written == list(range(1, 9))
-        sender.send(Message(T.BYE, {}).encode())
-        thread.join(WAIT)
+        assert written(sender, 8) == list(range(1, 9))
     finally:
-        sender.close()
-    assert not thread.is_alive()
+        bye(sender, thread)
     batches: list[int] = []
     for event in events[events.index("take"):]:
         if event == "take":
@@ -94,3 +122,20 @@ def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
         elif event == "write":
             batches[-1] += 1
     assert sum(batches) == 8 and max(batches) <= 3, (batches, events)
+
+
+def test_a_long_zero_lets_go_of_the_record_lock_between_its_pieces(tmp_path, monkeypatch):
+    """One ZERO of 2.5 pieces: zeroed in three, the lock taken again (and the record
+    checked) for each, so a change of the record waits for one piece at most."""
+    events = recorded(monkeypatch)
+    monkeypatch.setattr(session_module, "ZERO_PIECE", 2 * BLOCK)
+    sender, thread = replicating(tmp_path)
+    try:
+        sender.send(pack_zero(1, 0, 5 * BLOCK, FLAG_ACK_WRITTEN))
+        assert written(sender, 1) == [1]
+    finally:
+        bye(sender, thread)
+    zeroing = events[events.index("take"):]
+    zeroing = zeroing[:zeroing.index(f"zero {BLOCK}") + 2]
+    assert zeroing == ["take", f"zero {2 * BLOCK}", "release", "take", f"zero {2 * BLOCK}",
+                       "release", "take", f"zero {BLOCK}", "release"], events

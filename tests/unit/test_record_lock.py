@@ -10,11 +10,13 @@ wait only for the batches under way.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import pytest
 
-from bmig.receiver.target import RecordLock
+from bmig.receiver.target import RecordLock, is_locked
 
 WAIT = 10.0       # seconds before a thing that should happen soon fails the test
 STILL = 0.3       # how long a taker that must be waiting is watched
@@ -43,7 +45,12 @@ def test_an_exclusive_taker_goes_before_shared_ones_that_come_after_it(tmp_path)
 
     threads = [threading.Thread(target=change, daemon=True)]
     threads[0].start()
-    assert not exclusive_in.wait(STILL)             # it waits for the batch under way
+    intent = os.path.join(state, "t.record-intent.lock")
+    deadline = time.monotonic() + WAIT
+    while not is_locked(intent):                    # the change is waiting now
+        assert time.monotonic() < deadline, "the change never came to wait"
+        time.sleep(0.001)
+    assert not exclusive_in.is_set()                # for the batch under way
     threads.append(threading.Thread(target=write, daemon=True))
     threads[1].start()
     try:
