@@ -37,6 +37,7 @@ log = logging.getLogger("bmigrate")
 
 REPLY_TIMEOUT = 300.0      # a control reply (OPENED, PASS_DONE, HASHES) may wait for a sync
 REASON_WAIT = 10.0         # for the reader to read why the receiver closed the connection
+BYE_WAIT = 10.0            # for the receiver to end the session after BYE (its final sync)
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,10 @@ class WireTarget:
         self.channel.close()
 
     def close(self) -> None:
+        """BYE, then wait (BYE_WAIT at most) for the receiver to end the session: it
+        closes the connection only once the target is synced and its locks are free, so
+        when a sync has returned no session of it is left on the receiver (``bmigrate
+        promote`` there right after finds the copy free)."""
         if self._closed:
             return
         self._closed = True
@@ -287,6 +292,10 @@ class WireTarget:
             self._send(Message(T.BYE, {}))
         except BmigError:
             pass
+        else:
+            reader = self._reader
+            if reader is not None and reader is not threading.current_thread():
+                reader.join(timeout=BYE_WAIT)      # it ends at the receiver's close
         self.channel.close()
         if self._reader is not None:
             self._reader.join(timeout=10)

@@ -16,6 +16,8 @@ FAULTS is a comma-separated list (or "none"); ARGS are breceive's own:
                     holding the target and carries PROMOTE out only after a STATUS_REQ
                     (of another connection) was answered: the sender that asks finds the
                     target not promoted yet, but still held by that session
+    finish-slow     a session's end (the final sync, the locks let go, the connection
+                    closed) waits FINISH_DELAY seconds first, as on a slow disk
 """
 
 from __future__ import annotations
@@ -96,8 +98,24 @@ FAULTS = {"promoted-lost": (T.PROMOTE, _promoted_lost), "promote-lost": (T.PROMO
           "status-answered": (T.STATUS_REQ, _answered)}
 
 
+FINISH_DELAY = 3.0
+
+
+def _finish_slow() -> None:
+    original = Session._finish
+
+    def finish(self: Session) -> None:
+        import time
+        time.sleep(FINISH_DELAY)
+        original(self)
+    Session._finish = finish                   # type: ignore[method-assign]
+
+
 def install(names: list[str]) -> None:
     for name in names:
+        if name == "finish-slow":
+            _finish_slow()
+            continue
         kind, make = FAULTS[name]
         handlers = session_module._JSON_HANDLERS
         handlers[kind] = make(handlers[kind])

@@ -254,3 +254,24 @@ def test_a_fence_past_its_timeout_is_killed_with_its_process_group(copy, tmp_pat
                what="the fence's background child to be killed with its group")
     assert r.record("d1") == before
 
+
+
+def test_when_a_sync_has_returned_its_session_on_the_receiver_is_over(breqd, tmp_path,
+                                                                        receivers):
+    """bmigrate waits for breceive to end the session after BYE (its final sync, its
+    locks let go), so a promotion right after a sync never finds the copy still held;
+    the receiver here takes FINISH_DELAY seconds to end it."""
+    from bmig.receiver.target import is_locked
+    from tests.integration import breceive_faults
+
+    server = start_nbd(breqd, tmp_path, SIZE)
+    target = str(tmp_path / "target.img")
+    r = start_receiver(tmp_path, {"d1": target}, program=breceive_faults.argv("finish-slow"))
+    receivers.append(r)
+    try:
+        sync(breqd, "d1", "--source", server.backing, "--to", r.url("d1"), "--secret-file",
+             r.secret_file, "--threshold", "0")
+        assert not is_locked(os.path.join(r.state_dir, "d1.lock")), \
+            "bmigrate sync returned while its session still held the target"
+    finally:
+        server.daemon.stop()
