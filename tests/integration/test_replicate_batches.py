@@ -22,11 +22,11 @@ import fcntl
 import os
 import select
 
+from bmig.lineage import ROLE_PRIMARY, STATE_CONSISTENT, load_target, save_target
+from bmig.receiver.target import RecordLock
 from bmig.wire import codec
 from bmig.wire.protocol import (FLAG_ACK_RECEIVED, FLAG_ACK_WRITTEN, T, decode_json,
                                 pack_data, pack_seq, type_of, unpack_seq)
-from bmig.lineage import ROLE_PRIMARY, STATE_CONSISTENT, load_target, save_target
-from bmig.receiver.target import RecordLock
 from tests.integration.sync_helpers import receivers, start_receiver  # noqa: F401
 from tests.integration.test_sync_primary import A, read_at, refused_and_closed, replicating
 
@@ -37,6 +37,15 @@ def data_frame(seq: int, offset: int, data: bytes, flags: int,
                checksum: int | None = None) -> tuple[bytes, bytes]:
     digest = codec.checksum(data) if checksum is None else checksum
     return pack_data(codec.RAW, flags, len(data), seq, offset, digest), data
+
+
+def replication_session(tmp_path, receivers, **fields):
+    """A breceive with one target, and a replication session of lineage A opened on it
+    with OPEN's ``fields``: (the receiver, the session, the target's path)."""
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d": target})
+    receivers.append(r)
+    return r, replicating(r, A, **fields), target
 
 
 def answers(raw, n: int) -> list[tuple[str, int]]:
@@ -56,10 +65,7 @@ def answers(raw, n: int) -> list[tuple[str, int]]:
 
 def test_a_bad_frame_in_a_batch_is_refused_alone_and_acknowledgements_keep_their_order(
         tmp_path, receivers):
-    target = str(tmp_path / "tgt.img")
-    r = start_receiver(tmp_path, {"d": target})
-    receivers.append(r)
-    raw = replicating(r, A)
+    _, raw, target = replication_session(tmp_path, receivers)
     good = [os.urandom(BLOCK) for _ in range(4)]
     bad = os.urandom(BLOCK)
     raw.channel.send_many([                              # one write: one batch
@@ -81,10 +87,7 @@ def test_a_bad_frame_in_a_batch_is_refused_alone_and_acknowledgements_keep_their
 
 def test_cumulative_acknowledgements_are_one_of_each_kind_per_batch_and_still_before_an_error(
         tmp_path, receivers):
-    target = str(tmp_path / "tgt.img")
-    r = start_receiver(tmp_path, {"d": target})
-    receivers.append(r)
-    raw = replicating(r, A, acks="cumulative")
+    _, raw, target = replication_session(tmp_path, receivers, acks="cumulative")
     blocks = [os.urandom(BLOCK) for _ in range(7)]
     bad = blocks[4]
     raw.channel.send_many([                              # one write: one batch
@@ -110,10 +113,7 @@ def test_the_record_lock_is_free_once_a_batch_is_written(tmp_path, receivers):
     """A batch holds the record lock (shared) from its one check to its last write; it
     lets go before it acknowledges, so a session that changes the record (a promotion
     takes the lock exclusively) is never kept waiting by an idle replication session."""
-    target = str(tmp_path / "tgt.img")
-    r = start_receiver(tmp_path, {"d": target})
-    receivers.append(r)
-    raw = replicating(r, A)
+    r, raw, target = replication_session(tmp_path, receivers)
     raw.channel.send_many([data_frame(seq, seq * BLOCK, os.urandom(BLOCK), FLAG_ACK_WRITTEN)
                            for seq in (1, 2, 3)])
     assert answers(raw, 3) == [("WRITTEN", 1), ("WRITTEN", 2), ("WRITTEN", 3)]
@@ -131,10 +131,7 @@ def test_a_batch_waits_for_the_record_lock_and_checks_the_record_once_it_has_it(
     """A change of the record under way (the lock held exclusively, as a promotion holds
     it): a batch that arrives meanwhile writes nothing until the change is done, then
     finds the new record and ends the session, with nothing of it written."""
-    target = str(tmp_path / "tgt.img")
-    r = start_receiver(tmp_path, {"d": target})
-    receivers.append(r)
-    raw = replicating(r, A)
+    r, raw, target = replication_session(tmp_path, receivers)
     changing = RecordLock(r.state_dir, "d")
     changing.acquire(exclusive=True)
     try:
