@@ -19,8 +19,8 @@ from bmig.constants import DEFAULT_RECEIVER_STATE_DIR
 from bmig.errors import ConfigError
 from bmig.limits import MAX_UNAUTHENTICATED
 from bmig.receiver.policy import Policy, TargetConfig
-from bmig.receiver.target import clashes_with_lock_files
 from bmig.receiver.service import HANDSHAKE_TIMEOUT, Receiver, ReceiverSettings
+from bmig.receiver.target import clashes_with_lock_files
 from bmig.wire.auth import load_secret
 from bmig.wire.transports import server_tls_context
 

@@ -413,16 +413,8 @@ class Replica:
             return
         if self.protocol == "A" and kind == _WRITTEN:
             self._written_there(seq)
-        waiting = self._waiting
-        answered = []
-        for s, (wait_for, waiter) in waiting.items():   # in seq order
-            if s > seq:
-                break
-            if wait_for == kind:
-                answered.append((s, waiter))
-        for s, _ in answered:          # every one taken before any is answered
-            del waiting[s]
-        for s, waiter in answered:
+        answered = _pop_up_to(self._waiting, seq, lambda entry: entry[0] == kind)
+        for s, (_, waiter) in answered.items():   # every one taken before any is answered
             self._wake(s, waiter, None)
 
     def _durable(self, seq: int) -> None:
@@ -495,13 +487,16 @@ class Replica:
         self._fail_all(UnreachableError("replication stopped"))
 
 
-def _pop_up_to(table: dict[int, _T], seq: int) -> dict[int, _T]:
-    """Take the entries of ``table`` (keyed by seq, inserted in seq order) up to ``seq``."""
+def _pop_up_to(table: dict[int, _T], seq: int,
+               which: Callable[[_T], bool] | None = None) -> dict[int, _T]:
+    """Take the entries of ``table`` (keyed by seq, inserted in seq order) up to ``seq``;
+    only those ``which`` accepts, when given."""
     taken: dict[int, _T] = {}
-    for s in table:
+    for s, entry in table.items():
         if s > seq:
             break
-        taken[s] = table[s]
+        if which is None or which(entry):
+            taken[s] = entry
     for s in taken:
         del table[s]
     return taken
