@@ -3,12 +3,13 @@ sender (which skips holes) and the receiver (which zeroes ranges)."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
+from typing import Any
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -17,13 +18,22 @@ _BLKDISCARDZEROES = 0x127C
 ZERO_BUFFER = bytes(1024 * 1024)
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """libc's fallocate(2), which os lacks with flags; loaded on first use (ctypes is a
+    millisecond of every command's start, and most never punch a hole)."""
+    import ctypes
+    function = ctypes.CDLL(None, use_errno=True).fallocate
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return function
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a range of a file; it reads back as zeros. OSError if unsupported."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+    if _fallocate()(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length):
+        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -19,7 +19,7 @@ from bmig.cli.common import add_verbosity, run
 COMMANDS: dict[str, str] = {
     "track": "bmig.cli.track:track",
     "sync": "bmig.cli.sync:sync",
-    "run": "bmig.cli.sync:run_service",
+    "run": "bmig.cli.run:run_service",
     "replicate": "bmig.cli.replicate:replicate",
     "cutover": "bmig.cli.cutover:cutover",
     "status": "bmig.cli.status:status",

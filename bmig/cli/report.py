@@ -24,7 +24,6 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bmig.cli.common import human_bytes
-from bmig.cli.statustext import event_line
 from bmig.log import NOTICE
 from bmig.sender.converge import Reporter, Summary
 from bmig.sender.passes import PassResult
@@ -123,6 +122,7 @@ class TextReporter(Reporter):
 
     def service_event(self, event: dict[str, Any], severity: str) -> None:
         """A change of the service's state, or its periodic summary (bmigrate run)."""
+        from bmig.cli.statustext import event_line     # bmigrate run's only: sync starts sooner
         self.stream.write(event_line(event) + "\n")
         self.stream.flush()
 
@@ -139,6 +139,7 @@ class ServiceTextReporter(TextReporter):
             log.log(NOTICE, "%s", message)
 
     def service_event(self, event: dict[str, Any], severity: str) -> None:
+        from bmig.cli.statustext import event_line     # as above
         log.log(LEVELS.get(severity, logging.INFO), "%s", event_line(event))
 
     def summary(self, summary: Summary) -> None:

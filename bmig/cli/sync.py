@@ -1,6 +1,7 @@
-"""bmigrate sync and bmigrate run: ship a device's dirty chunks to a target.
+"""bmigrate sync: ship a device's dirty chunks to a target until the copy has converged.
 
-Both take the same options, from flags or a TOML file (``--config``, one migration per
+It and ``bmigrate run`` (bmig.cli.run, which builds on ``prepare`` and ``Signals`` here)
+take the same options, from flags or a TOML file (``--config``, one migration per
 file; flags win). SIGHUP reloads the file: the bandwidth limit, compression level and
 mode, threshold, interval and hot_refresh change at once. SIGTERM stops cleanly: what is in flight gets its
 acknowledgement, what is not goes back to dirty. The first Ctrl-C does the same; a second
@@ -21,17 +22,12 @@ from typing import Any, Callable
 import click
 
 from bmig import log as bmig_log
-from bmig import systemd
 from bmig.cli.common import human_bytes
-from bmig.cli.options import migration_options, service_options, status_dir_option
-from bmig.cli.report import JsonReporter, ServiceTextReporter, TextReporter
-from bmig.cli.statustext import status_line
+from bmig.cli.options import migration_options
+from bmig.cli.report import JsonReporter, TextReporter
 from bmig.errors import EXIT_LIVE, EXIT_OK, ConfigError
 from bmig.sender import settings
-from bmig.sender.catchup import run_forever
 from bmig.sender.converge import Migration
-from bmig.sender.runstate import ServiceState
-from bmig.sender.statusfile import Publisher
 
 log = logging.getLogger("bmigrate")
 
@@ -123,41 +119,3 @@ def sync(name: str | None, config_file: str | None, as_json: bool, **flags: Any)
     if signals.interrupted or (migration.stop.is_set() and not summary.converged):
         return EXIT_INTERRUPTED
     return EXIT_OK if summary.identical else EXIT_LIVE
-
-
-@click.command("run")
-@service_options
-@click.option("--interval", type=click.FloatRange(0.05, 3600), metavar="SECONDS",
-              help="How often to look for new writes when idle [default: 1].")
-@click.option("--hot-refresh", type=click.FloatRange(1, 86400), metavar="SECONDS",
-              help="Ship chunks still being written at most this often; others go once "
-                   "their writes settle [default: 30].")
-@status_dir_option(default=None)
-def run_service(name: str | None, config_file: str | None, as_json: bool,
-                **flags: Any) -> int:
-    """Keep the target up to date until stopped (the catch-up service).
-
-    Ships writes as they come, reconnects with backoff, reports its lag; SIGHUP reloads
-    --config, SIGTERM stops cleanly.
-    """
-    migration, reporter, signals, values = prepare(
-        "run", config_file, {"name": name, **flags}, as_json, ServiceTextReporter)
-    publisher = Publisher(str(values["status_dir"]), migration.name)
-    publisher.open()
-
-    def publish(part: dict) -> None:
-        publisher.write(part)
-        systemd.notify("STATUS=" + status_line(migration.name, "service", part))
-
-    state = ServiceState(migration.name, str(migration.url), on_event=reporter.service_event,
-                         on_publish=publish)
-    systemd.notify("READY=1")
-    try:
-        summary = run_forever(migration, state)
-    finally:
-        systemd.notify("STOPPING=1")
-        migration.close()
-        publisher.close()
-    reporter.summary(summary)
-    return EXIT_INTERRUPTED if signals.interrupted else EXIT_OK
-

@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from bmig import systemd
 from bmig.blockdev import size_of_fd
@@ -55,11 +56,13 @@ from bmig.sender.pacing import CompressionPacer, RateLimit
 from bmig.sender.passes import Pass, PassResult, PassSettings
 from bmig.sender.source import Source
 from bmig.sender.targets import NbdTarget, open_target
-from bmig.sender.verify import VerifyResult, verify
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire.client import SourceInfo, WireTarget
 from bmig.wire.options import ConnectOptions
 from bmig.wire.urls import TargetUrl
+
+if TYPE_CHECKING:
+    from bmig.sender.verify import VerifyResult
 
 log = logging.getLogger("bmigrate")
 
@@ -323,6 +326,7 @@ class Migration:
 
     def verify(self, sample: float | None = None, repair: bool = False) -> VerifyResult:
         """Online verify of source against target (bmig.sender.verify)."""
+        from bmig.sender.verify import verify   # here: a sync never loads it
         source, target, tracker = self._connected()
         return verify(tracker, source, target, self.name, self.info.size,
                       self.info.chunk_size, sample, repair)

@@ -23,7 +23,11 @@ NOT_FOR_SYNC = ("bmig.cli.cutover", "bmig.cli.replicate", "bmig.cli.promote",
                 "bmig.cli.rejoin", "bmig.cli.track", "bmig.sender.dm_cutover",
                 "bmig.dm.intercept", "bmig.dm.era", "asyncio", "paramiko",
                 # only for tls://, an NBD target, a TOML file, a dm leg
-                "ssl", "bmig.nbdclient", "tomllib", "bmig.dm.nbd_leg")
+                "ssl", "bmig.nbdclient", "tomllib", "bmig.dm.nbd_leg",
+                # only for bmigrate run (its status file, state events), verify, a hole
+                "bmig.cli.run", "bmig.sender.catchup", "bmig.sender.runstate",
+                "bmig.sender.statusfile", "bmig.cli.statustext", "bmig.devicestate",
+                "tempfile", "bmig.sender.verify", "ctypes")
 
 PROBE = """
 import json, sys
