@@ -153,8 +153,12 @@ def enlarge_pipe(fd: int, size: int = STDIN_PIPE_SIZE) -> int | None:
 
 def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
     """A TCP connection with the options bulk transfer wants; UnreachableError if not."""
+    # An ASCII name goes to getaddrinfo as bytes: as text, Python passes every name
+    # through the idna codec, whose import (stringprep, unicodedata) costs a command
+    # about a millisecond; a name that is not ASCII still goes the idna way.
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((name, port), timeout=timeout)
     except socket.gaierror as exc:
         raise UnreachableError(f"cannot resolve {host}: {exc.strerror}") from None
     except OSError as exc:
