@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, cast
 
 from bmig.errors import ProtocolError
 from bmig.limits import RECV_BUFFER
@@ -63,8 +63,8 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, though uvloop's do not derive from asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         name = transport.get_extra_info("peername")
         if isinstance(name, tuple):
             self.peer = f"{name[0]}:{name[1]}"

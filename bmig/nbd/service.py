@@ -31,6 +31,8 @@ import os
 import ssl
 from dataclasses import dataclass
 
+import uvloop
+
 from bmig import systemd
 from bmig.errors import BmigError, ConfigError, UnknownDevice
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, parse_id
@@ -92,12 +94,18 @@ def activated_listeners() -> list[Listen]:
 
 
 def run(settings: Settings) -> None:
-    """Check, assemble and serve until SIGTERM or SIGINT (blocking)."""
+    """Check, assemble and serve until SIGTERM or SIGINT (blocking).
+
+    The event loop is uvloop's (libuv): the same asyncio interface, with the transports'
+    reads and writes and the wake-ups from other threads (the replica's acknowledgements)
+    in C. Measured under 4 KiB random writes at iodepth 32 with protocol C (bench/
+    cutover.py): about a sixth more writes per second for a little less of bmig-nbd's
+    CPU; tracking only, no change."""
     tracker = (AsyncTrackerClient(settings.control, client="bmig-nbd")
                if settings.control is not None else None)
     tls = server_tls(settings.tls)
     opened = open_backings(settings.exports, settings.read_only)
-    asyncio.run(_serve(opened, settings, tracker, tls))
+    uvloop.run(_serve(opened, settings, tracker, tls))
 
 
 def server_tls(settings: TlsSettings) -> Tls | None:
