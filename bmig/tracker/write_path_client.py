@@ -114,6 +114,23 @@ class AsyncTrackerClient:
             if not future.done():
                 future.set_exception(why)
 
+    def _send(self, frame: bytes) -> None:
+        """Write on the connection, or drop it as lost (UnreachableError). A connection
+        breqd reset is closed by the loop before the reader hears of it; a write in
+        between would raise RuntimeError on uvloop's transport (bmig-nbd's loop) and
+        vanish on asyncio's."""
+        writer = self._writer
+        assert writer is not None
+        if not writer.transport.is_closing():
+            try:
+                writer.write(frame)
+                return
+            except RuntimeError:
+                pass
+        why = UnreachableError(f"lost breqd at {self.path}")
+        self._drop(why)
+        raise why
+
     async def close(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
@@ -133,9 +150,8 @@ class AsyncTrackerClient:
             assert self._writer is not None
             request_id = next(self._ids)
             future = asyncio.get_running_loop().create_future()
-            self._waiting[request_id] = future
-            self._writer.write(pack_frame(Message(op, request_id, fields or {},
-                                                  ranges).encode()))
+            self._send(pack_frame(Message(op, request_id, fields or {}, ranges).encode()))
+            self._waiting[request_id] = future      # no reply can come before we wait
             session = self.session
         reply = await future
         _raise_if_error(reply)
@@ -204,7 +220,7 @@ class AsyncTrackerClient:
         ranges = [r for rs, _ in group for r in rs]
         try:
             reply = await self.call(op, fields, ranges)
-        except BmigError as exc:
+        except Exception as exc:            # whatever it was, each waiter hears it
             for _, future in group:
                 if not future.done():
                     future.set_exception(exc)
