@@ -109,6 +109,19 @@ class _Client:
         self.ended = False                        # a lease ran out: nothing more is done
 
 
+def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
+    """One reply frame; ConnectionResetError when the client's connection is closed
+    already (uvloop's transport raises RuntimeError on a write after that, asyncio's
+    drops it)."""
+    if not writer.is_closing():
+        try:
+            writer.write(pack_frame(json.dumps(reply).encode()))
+            return
+        except RuntimeError:
+            pass
+    raise ConnectionResetError("the client's connection is closed")
+
+
 class ManageServer:
     def __init__(self, directory: str, devices: list[Managed]):
         self.directory = directory
@@ -172,11 +185,13 @@ class ManageServer:
                 greeted = True
                 if client.ended:
                     return
-                writer.write(pack_frame(json.dumps(reply).encode()))
+                _reply(writer, reply)
                 await writer.drain()
         except ProtocolError as exc:
-            writer.write(pack_frame(json.dumps({"ok": False, "code": exc.wire_code,
-                                                "message": exc.message}).encode()))
+            try:
+                _reply(writer, {"ok": False, "code": exc.wire_code, "message": exc.message})
+            except ConnectionError:
+                pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -228,10 +243,9 @@ class ManageServer:
         self._end_freeze(m, client, why)
         client.ended = True
         try:
-            client.writer.write(pack_frame(json.dumps({
-                "ok": False, "code": RequestError.wire_code,
-                "message": f"{m.device}: {why}; writes were thawed"}).encode()))
-        except (ConnectionError, RuntimeError):
+            _reply(client.writer, {"ok": False, "code": RequestError.wire_code,
+                                   "message": f"{m.device}: {why}; writes were thawed"})
+        except ConnectionError:
             pass
         client.writer.close()
 
