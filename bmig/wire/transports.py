@@ -161,6 +161,8 @@ def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
         sock = socket.create_connection((name, port), timeout=timeout)
     except socket.gaierror as exc:
         raise UnreachableError(f"cannot resolve {host}: {exc.strerror}") from None
+    except UnicodeError as exc:         # a name idna cannot take: an empty label, say
+        raise UnreachableError(f"cannot resolve {host}: {exc}") from None
     except OSError as exc:
         raise UnreachableError(f"cannot connect to {host}:{port}: "
                                f"{exc.strerror or exc}") from None

@@ -169,3 +169,10 @@ def test_a_name_that_is_not_ascii_still_goes_through_idna(monkeypatch):
         with pytest.raises(UnreachableError, match=f"cannot resolve {name}: Name"):
             transports.connect_tcp(name, 10810, timeout=1)
     assert given == ["b\u00fccher.example", b"backup.example"]
+
+
+def test_a_name_idna_cannot_take_is_a_one_line_error():
+    # An empty label: the idna codec refuses it before any name service is asked.
+    from bmig.wire import transports
+    with pytest.raises(UnreachableError, match="cannot resolve b\u00fccher..example: "):
+        transports.connect_tcp("b\u00fccher..example", 10810, timeout=1)
