@@ -19,7 +19,6 @@ ZERO_BUFFER = bytes(1024 * 1024)
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENODEV, errno.EINVAL)
 
 
-
 @functools.cache
 def _fallocate() -> Any:
     """libc's fallocate(2), which os lacks with flags; loaded on first use (ctypes is a

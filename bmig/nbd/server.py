@@ -94,7 +94,7 @@ class Server:
         self._max = max_connections
         self._on_close = on_close
         self._tls = tls
-        self._servers: list[asyncio.base_events.Server] = []
+        self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[Connection] = set()
         self._lives: set[asyncio.Task] = set()
         self._transmissions: set[Transmission] = set()

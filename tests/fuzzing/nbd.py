@@ -17,6 +17,8 @@ import struct
 import threading
 import zlib
 
+import uvloop
+
 from bmig.errors import BmigError, ProtocolError
 from bmig.nbd import protocol as p
 from bmig.nbdclient import NbdAddress, NbdClient, NbdError
@@ -502,7 +504,7 @@ class NbdClientReplies(Driver):
             f.truncate(SIZE)
         os.pwrite(os.open(path, os.O_WRONLY), b"data" * 4096, 8192)
         sock_path = os.path.join(self.workdir, "nbd.sock")
-        loop = asyncio.new_event_loop()
+        loop = uvloop.new_event_loop()          # bmig-nbd's loop, as it serves
         layer = ContractLayer(FileLayer(path))
         server = Server([Export("a", layer, "disk a")], [Listen(unix=sock_path)])
         started = threading.Event()
