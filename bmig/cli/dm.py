@@ -15,6 +15,7 @@ import click
 
 from bmig import __version__
 from bmig import log as bmig_log
+from bmig import signalrelay
 from bmig import systemd
 from bmig.cli.common import add_verbosity, control_option, run
 from bmig.cli.track_dm import dm_state_option
@@ -41,9 +42,8 @@ def dm(names: tuple[str, ...], interval: float, once: bool, dm_state: str, contr
     bmig_log.setup(log_level or "info")
     log = logging.getLogger("bmig-dm")
     stop = threading.Event()
-    if not once:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+    if not once:        # set by a thread: a handler setting it could wait for ever
+        signalrelay.relay({signal.SIGTERM: stop.set, signal.SIGINT: stop.set})
     intercepts = [DmIntercept(name, control, dm_state) for name in names]
     failed: set[str] = set()
     ready = False

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import click
 
 from bmig import log as bmig_log
+from bmig import signalrelay
 from bmig.cli.common import human_bytes
 from bmig.cli.options import migration_options
 from bmig.cli.report import JsonReporter, TextReporter
@@ -36,7 +37,8 @@ EXIT_INTERRUPTED = 130
 
 class Signals:
     """SIGTERM and the first Ctrl-C stop cleanly; the second Ctrl-C stops at once;
-    SIGHUP reloads the migration file."""
+    SIGHUP reloads the migration file. Acted on in bmig.signalrelay's thread: a handler
+    that set the stop event itself could wait for the main thread for ever."""
 
     def __init__(self, migration: Migration, reload: Callable[[], None] | None,
                  as_json: bool = False):
@@ -46,22 +48,27 @@ class Signals:
         self.interrupted = False
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._interrupt)
-        signal.signal(signal.SIGHUP, self._hup)
+        signalrelay.relay({signal.SIGTERM: self._stop, signal.SIGINT: self._interrupt,
+                           signal.SIGHUP: self._hup},
+                          in_main={signal.SIGINT: self._interrupt_at_once})
 
-    def _stop(self, signum: int, frame: Any) -> None:
+    def _stop(self) -> None:
         self.migration.stop.set()
 
-    def _interrupt(self, signum: int, frame: Any) -> None:
+    def _interrupt_at_once(self) -> None:
+        """In the main thread, in the handler: only reads (``is_set`` takes no lock)."""
         if self.migration.stop.is_set():
             raise KeyboardInterrupt
+
+    def _interrupt(self) -> None:
+        if self.migration.stop.is_set():
+            return                      # the handler has stopped it at once already
         self.interrupted = True
         sys.stderr.write("bmigrate: stopping after what is in flight (Ctrl-C again to stop "
                          "at once)\n")
         self.migration.stop.set()
 
-    def _hup(self, signum: int, frame: Any) -> None:
+    def _hup(self) -> None:
         threading.Thread(target=self._reload, daemon=True).start()
 
     def _reload(self) -> None:
