@@ -8,8 +8,9 @@ Two costs of a short command that are the interpreter's, not bmig's, are skipped
   to ship), then runs as usual for the command's work.
 - At exit, the interpreter frees every module's objects one by one (15-40 ms measured),
   which the kernel does at once. Once the command has returned and no thread is left to
-  finish, the exit handlers run (logging's flush), standard output and error are flushed,
-  and the process ends with ``os._exit``. Anything else (a thread still running, an
+  finish (daemon threads, which Python's exit does not wait for either, do not count),
+  the exit handlers run (logging's flush), standard output and error are flushed, and
+  the process ends with ``os._exit``. Anything else (a thread still running, an
   exit status that is not a number, a flush that fails) takes Python's usual way out.
 """
 
@@ -42,7 +43,7 @@ def leave(code: object) -> NoReturn:
     safe; otherwise as ``sys.exit`` would."""
     if code is None:
         code = 0
-    if not isinstance(code, int) or threading.active_count() > 1:
+    if not isinstance(code, int) or _threads_with_work():
         raise SystemExit(code)
     atexit._run_exitfuncs()         # what the interpreter's exit would run first
     try:
@@ -51,3 +52,10 @@ def leave(code: object) -> NoReturn:
     except Exception:               # a closed pipe, say: Python reports it as it would
         raise SystemExit(code) from None
     os._exit(code & 0xFF)
+
+
+def _threads_with_work() -> bool:
+    """Threads Python's exit would wait for: any but the main one and daemon threads
+    (which it does not wait for: bmig.signalrelay's, a connection's reader)."""
+    main = threading.main_thread()
+    return any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate())

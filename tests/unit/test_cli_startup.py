@@ -176,3 +176,21 @@ def test_a_name_idna_cannot_take_is_a_one_line_error():
     from bmig.wire import transports
     with pytest.raises(UnreachableError, match="cannot resolve b\u00fccher..example: "):
         transports.connect_tcp("b\u00fccher..example", 10810, timeout=1)
+
+
+LEAVE_WITH_A_DAEMON_THREAD = """
+import threading
+from bmig.cli.bmigrate import leave
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+try:
+    leave(0)
+except SystemExit:
+    print("the usual exit")
+"""
+
+
+def test_the_quick_exit_is_taken_while_only_daemon_threads_run():
+    # Python's exit does not wait for them either (bmig.signalrelay's thread is one).
+    done = subprocess.run([sys.executable, "-c", LEAVE_WITH_A_DAEMON_THREAD],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr
