@@ -502,29 +502,57 @@ class Session:
         self._syncer.request(seq)
 
     def _finish(self) -> None:
+        """End the session, in this order. Every step runs even when one before it
+        failed: the export's locks and the connection may not outlive the session (the
+        export would be refused to every sender until breceive restarts); what failed
+        first is raised after the last step."""
+        failed: BaseException | None = None
+        for step in (self._send_last_acks, self._stop_watch, self._end_replication,
+                     self._stop_syncer, self._close_target, self._close_locks,
+                     self.channel.close):
+            try:
+                step()
+            except BaseException as exc:       # noqa: BLE001 - raised after the rest
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _send_last_acks(self) -> None:
         try:
             self._send_acks()
         except BmigError:
             pass
+
+    def _stop_watch(self) -> None:
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+
+    def _end_replication(self) -> None:
         if self.mode == "replicate" and self.keeper is not None:
             self.keeper.replication_ended(self.peer)
+
+    def _stop_syncer(self) -> None:
         if self._syncer is not None:
             self._syncer.stop()
             self._syncer = None          # it refers back to us: free the buffers now
+
+    def _close_target(self) -> None:
         if self.target is not None:
             try:
                 self.target.sync()
             except BmigError as exc:
                 log.error("%s: final sync failed: %s", self.peer, exc.message)
-            self.target.close()
-        if self.record_lock is not None:
-            self.record_lock.close()
-        if self.lock is not None:
-            self.lock.release()
-        self.channel.close()
+            finally:
+                self.target.close()
+
+    def _close_locks(self) -> None:
+        try:
+            if self.record_lock is not None:
+                self.record_lock.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 _JSON_HANDLERS = {

@@ -12,23 +12,15 @@ and the target's writes are recorded in order.
 
 from __future__ import annotations
 
-import socket
-import threading
-
 from bmig.receiver import session as session_module
 from bmig.receiver import target as target_module
-from bmig.receiver.policy import Policy, TargetConfig
-from bmig.receiver.session import Session
-from bmig.wire import codec, handshake
+from bmig.wire import codec
 from bmig.wire.channel import Channel
-from bmig.wire.protocol import (FLAG_ACK_WRITTEN, Message, T, decode_json, pack_data,
-                                pack_zero, type_of, unpack_seq)
-from bmig.wire.transports import SocketStream
+from bmig.wire.protocol import (FLAG_ACK_WRITTEN, T, decode_json, pack_data, pack_zero,
+                                type_of, unpack_seq)
+from tests.integration.wire_helpers import bye_in_process, replicating_in_process
 
-MiB = 1 << 20
 BLOCK = 4096
-SECRET = b"an in-process secret, 32 bytes!!"
-WAIT = 30.0
 
 
 def recorded(monkeypatch) -> list[str]:
@@ -63,26 +55,6 @@ def recorded(monkeypatch) -> list[str]:
     return events
 
 
-def replicating(tmp_path) -> tuple[Channel, threading.Thread]:
-    """A replication session in-process, opened; the sender's end of it."""
-    target = str(tmp_path / "t.img")
-    with open(target, "wb") as f:
-        f.truncate(4 * MiB)
-    policy = Policy({"t": TargetConfig("t", target)}, str(tmp_path), SECRET)
-    a, b = socket.socketpair()
-    receiver = Session(Channel(SocketStream(a, "sender")), policy, False, "s")
-    thread = threading.Thread(target=receiver.run, daemon=True)
-    thread.start()
-    sender = Channel(SocketStream(b, "receiver"))
-    sender.stream.settimeout(WAIT)
-    handshake.sender(sender, SECRET, receiver_verified=False)
-    sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
-                                 "generation": "00000000000000bb", "size": 4 * MiB,
-                                 "mode": "replicate"}).encode())
-    assert decode_json(sender.read()).type == T.OPENED
-    return sender, thread
-
-
 def written(sender: Channel, n: int) -> list[int]:
     seqs = []
     while len(seqs) < n:
@@ -92,19 +64,10 @@ def written(sender: Channel, n: int) -> list[int]:
     return seqs
 
 
-def bye(sender: Channel, thread: threading.Thread) -> None:
-    try:
-        sender.send(Message(T.BYE, {}).encode())
-        thread.join(WAIT)
-    finally:
-        sender.close()
-    assert not thread.is_alive()
-
-
 def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
     events = recorded(monkeypatch)
     monkeypatch.setattr(session_module, "BATCH_BYTES", 3 * BLOCK)
-    sender, thread = replicating(tmp_path)
+    sender, thread = replicating_in_process(tmp_path)
     try:
         frames = []
         for seq in range(1, 9):                      # 8 frames in one write: one read
@@ -114,7 +77,7 @@ def test_a_batch_ends_after_its_byte_budget(tmp_path, monkeypatch):
         sender.send_many(frames)
         assert written(sender, 8) == list(range(1, 9))
     finally:
-        bye(sender, thread)
+        bye_in_process(sender, thread)
     batches: list[int] = []
     for event in events[events.index("take"):]:
         if event == "take":
@@ -129,12 +92,12 @@ def test_a_long_zero_lets_go_of_the_record_lock_between_its_pieces(tmp_path, mon
     checked) for each, so a change of the record waits for one piece at most."""
     events = recorded(monkeypatch)
     monkeypatch.setattr(session_module, "ZERO_PIECE", 2 * BLOCK)
-    sender, thread = replicating(tmp_path)
+    sender, thread = replicating_in_process(tmp_path)
     try:
         sender.send(pack_zero(1, 0, 5 * BLOCK, FLAG_ACK_WRITTEN))
         assert written(sender, 1) == [1]
     finally:
-        bye(sender, thread)
+        bye_in_process(sender, thread)
     zeroing = events[events.index("take"):]
     zeroing = zeroing[:zeroing.index(f"zero {BLOCK}") + 2]
     assert zeroing == ["take", f"zero {2 * BLOCK}", "release", "take", f"zero {2 * BLOCK}",

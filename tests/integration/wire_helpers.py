@@ -5,7 +5,8 @@ well-behaved sender or receiver never would.
 (each step can be bent: another version, a wrong proof, a malformed field); once
 ``accept`` has checked AUTH_OK, its frames are sealed like the real sender's, so the
 tests after it speak the real protocol. ``FakeReceiver`` listens on 127.0.0.1 and plays
-a receiver with a script: an impostor, an old version.
+a receiver with a script: an impostor, an old version. ``replicating_in_process`` opens
+a replication session of breceive's own Session in this process, over a socket pair.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any, Callable
 
 from bmig.errors import BmigError, UnreachableError
 from bmig.framing import ConnectionClosed
-from bmig.wire import auth
+from bmig.receiver.policy import Policy, TargetConfig
+from bmig.receiver.session import Session
+from bmig.wire import auth, handshake
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import WIRE_VERSION, Message, T, decode_json, pack_seq, type_of
 from bmig.wire.seal import derive_keys, transcript
 from bmig.wire.transports import SocketStream
 
 SECRET = b"a shared secret of thirty-two bytes!"
+WAIT = 30.0
+IN_PROCESS_SIZE = 4 << 20
 
 
 class HandSender:
@@ -232,3 +237,49 @@ def assert_clean_chunks_are_on_the_target(breqd, name: str, source: str, target:
             n = min(chunk, size - index * chunk)
             assert b.read(n) == a.read(n), f"chunk {index} is clean in breqd but differs"
     return dirty
+
+
+class SessionThread(threading.Thread):
+    """A receiver Session's ``run`` in a thread; what it raised is in ``raised``."""
+
+    def __init__(self, session: Session):
+        super().__init__(daemon=True)
+        self.session = session
+        self.raised: list[BaseException] = []
+
+    def run(self) -> None:
+        try:
+            self.session.run()
+        except BaseException as exc:        # noqa: BLE001 - the test looks at it
+            self.raised.append(exc)
+
+
+def replicating_in_process(tmp_path) -> tuple[Channel, SessionThread]:
+    """A replication session of export "t" (a 4 MiB file in ``tmp_path``, breceive's
+    state there too), opened; the sender's end of it and the session's thread."""
+    target = str(tmp_path / "t.img")
+    with open(target, "wb") as f:
+        f.truncate(IN_PROCESS_SIZE)
+    policy = Policy({"t": TargetConfig("t", target)}, str(tmp_path), SECRET)
+    a, b = socket.socketpair()
+    thread = SessionThread(Session(Channel(SocketStream(a, "sender")), policy, False, "s"))
+    thread.start()
+    sender = Channel(SocketStream(b, "receiver"))
+    sender.stream.settimeout(WAIT)
+    handshake.sender(sender, SECRET, receiver_verified=False)
+    sender.send(Message(T.OPEN, {"export": "t", "device_id": "00000000000000aa",
+                                 "generation": "00000000000000bb", "size": IN_PROCESS_SIZE,
+                                 "mode": "replicate"}).encode())
+    assert decode_json(sender.read()).type == T.OPENED
+    return sender, thread
+
+
+def bye_in_process(sender: Channel, thread: SessionThread) -> None:
+    """BYE, and the session's end (its thread joined, nothing raised)."""
+    try:
+        sender.send(Message(T.BYE, {}).encode())
+        thread.join(WAIT)
+    finally:
+        sender.close()
+    assert not thread.is_alive()
+    assert not thread.raised, thread.raised
