@@ -73,3 +73,16 @@ def recv_frame(sock: socket.socket, cap: int) -> bytes:
 
 def pack_frame(body: bytes) -> bytes:
     return LENGTH.pack(len(body)) + body
+
+
+def write_frame(writer: "asyncio.StreamWriter", body: bytes) -> bool:
+    """Queue one frame on an asyncio stream; False when its connection is closed
+    already (the peer reset it and the reader has not heard yet): uvloop's transport
+    raises RuntimeError on such a write, asyncio's drops the bytes."""
+    if writer.is_closing():
+        return False
+    try:
+        writer.write(pack_frame(body))
+    except RuntimeError:
+        return False
+    return True

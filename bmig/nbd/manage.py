@@ -61,7 +61,7 @@ from typing import Any, Awaitable, Callable
 from bmig import __version__
 from bmig.constants import REPLICATION_POLICIES, REPLICATION_PROTOCOLS
 from bmig.errors import BmigError, ConfigError, ProtocolError, RequestError
-from bmig.framing import ConnectionClosed, pack_frame, read_frame
+from bmig.framing import ConnectionClosed, read_frame, write_frame
 from bmig.limits import MAX_MANAGE_FRAME
 from bmig.lineage import ROLE_HANDED_OVER, ROLE_PRIMARY, hex_id, parse_id
 from bmig.nbd.manage_client import MANAGE_VERSION, socket_path
@@ -113,13 +113,8 @@ def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
     """One reply frame; ConnectionResetError when the client's connection is closed
     already (uvloop's transport raises RuntimeError on a write after that, asyncio's
     drops it)."""
-    if not writer.is_closing():
-        try:
-            writer.write(pack_frame(json.dumps(reply).encode()))
-            return
-        except RuntimeError:
-            pass
-    raise ConnectionResetError("the client's connection is closed")
+    if not write_frame(writer, json.dumps(reply).encode()):
+        raise ConnectionResetError("the client's connection is closed")
 
 
 class ManageServer:

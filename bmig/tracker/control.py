@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 from bmig import __version__
 from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import BmigError, ConfigError, ProtocolError, StateError
-from bmig.framing import ConnectionClosed, pack_frame, read_frame
+from bmig.framing import ConnectionClosed, read_frame, write_frame
 from bmig.limits import MAX_CLIENT_NAME, MAX_CONTROL_FRAME
 from bmig.tracker.protocol import Message, Op, Reply, decode, field_int
 from bmig.tracker.sessions import Session, Sessions
@@ -97,7 +97,7 @@ class ControlServer:
         try:
             hello = decode(await read_frame(reader, MAX_CONTROL_FRAME))
             request_id = hello.request_id
-            writer.write(pack_frame(_hello(hello).encode()))
+            _send(writer, _hello(hello))
             session.peer = _client_name(hello, session.peer)
             while True:
                 request_id = 0
@@ -164,8 +164,7 @@ async def _reply_later(request_id: int, reply: Awaitable[Message],
 
 
 def _send(writer: asyncio.StreamWriter, msg: Message) -> None:
-    if not writer.is_closing():
-        writer.write(pack_frame(msg.encode()))
+    write_frame(writer, msg.encode())       # a client gone meanwhile: nobody to tell
 
 
 def _error_reply(request_id: int, exc: BmigError) -> Message:

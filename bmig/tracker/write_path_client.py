@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from bmig import __version__
 from bmig.constants import CONTROL_PROTOCOL_VERSION
 from bmig.errors import BmigError, ProtocolError, UnreachableError, from_wire
-from bmig.framing import pack_frame, read_frame
+from bmig.framing import read_frame, write_frame
 from bmig.limits import MAX_CONTROL_FRAME, MAX_RANGES_PER_FRAME
 from bmig.tracker.blocking_client import mark_fields, release_fields
 from bmig.tracker.protocol import Message, Op, decode
@@ -74,7 +74,7 @@ class AsyncTrackerClient:
         hello = Message(Op.HELLO, next(self._ids),
                         {"version": CONTROL_PROTOCOL_VERSION,
                          "client": f"{self._client} {__version__}"})
-        writer.write(pack_frame(hello.encode()))
+        write_frame(writer, hello.encode())     # if it is gone, the read below says so
         try:
             reply = decode(await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME),
                                                   self._timeout))
@@ -114,22 +114,14 @@ class AsyncTrackerClient:
             if not future.done():
                 future.set_exception(why)
 
-    def _send(self, frame: bytes) -> None:
-        """Write on the connection, or drop it as lost (UnreachableError). A connection
-        breqd reset is closed by the loop before the reader hears of it; a write in
-        between would raise RuntimeError on uvloop's transport (bmig-nbd's loop) and
-        vanish on asyncio's."""
-        writer = self._writer
-        assert writer is not None
-        if not writer.transport.is_closing():
-            try:
-                writer.write(frame)
-                return
-            except RuntimeError:
-                pass
-        why = UnreachableError(f"lost breqd at {self.path}")
-        self._drop(why)
-        raise why
+    def _send(self, msg: Message) -> None:
+        """Write on the connection, or drop it as lost (UnreachableError): a connection
+        breqd reset is closed by the loop before the reader hears of it."""
+        assert self._writer is not None
+        if not write_frame(self._writer, msg.encode()):
+            why = UnreachableError(f"lost breqd at {self.path}")
+            self._drop(why)
+            raise why
 
     async def close(self) -> None:
         if self._reader_task is not None:
@@ -150,7 +142,7 @@ class AsyncTrackerClient:
             assert self._writer is not None
             request_id = next(self._ids)
             future = asyncio.get_running_loop().create_future()
-            self._send(pack_frame(Message(op, request_id, fields or {}, ranges).encode()))
+            self._send(Message(op, request_id, fields or {}, ranges))
             self._waiting[request_id] = future      # no reply can come before we wait
             session = self.session
         reply = await future
