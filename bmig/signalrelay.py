@@ -16,10 +16,13 @@ runs in the handler and may only read plain attributes.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 from typing import Any, Callable
+
+log = logging.getLogger("bmig")
 
 
 def relay(actions: dict[int, Callable[[], None]],
@@ -47,5 +50,9 @@ def _run(reader: int, actions: dict[int, Callable[[], None]]) -> None:
     while True:
         for signum in os.read(reader, 64):
             action = actions.get(signum)
-            if action is not None:
+            if action is None:
+                continue
+            try:
                 action()
+            except Exception:       # noqa: BLE001 - the next signal must still be heard
+                log.exception("acting on signal %d failed", signum)

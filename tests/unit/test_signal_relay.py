@@ -97,3 +97,27 @@ def test_each_signal_runs_its_action_in_the_relay_thread():
     done = subprocess.run([sys.executable, "-c", RELAYED], capture_output=True, text=True,
                           timeout=WAIT)
     assert done.stdout.split() == ["True", "True"], (done.returncode, done.stderr)
+
+
+AFTER_A_FAILED_ACTION = """
+import os, signal, threading
+from bmig import signalrelay
+
+stopped = threading.Event()
+
+def broken():
+    raise OSError("standard error is closed, say")
+
+signalrelay.relay({signal.SIGHUP: broken, signal.SIGTERM: stopped.set})
+os.kill(os.getpid(), signal.SIGHUP)
+os.kill(os.getpid(), signal.SIGTERM)
+print(stopped.wait(10))
+"""
+
+
+def test_an_action_that_fails_does_not_end_the_relay():
+    # A SIGTERM after it must still stop the command.
+    done = subprocess.run([sys.executable, "-c", AFTER_A_FAILED_ACTION], capture_output=True,
+                          text=True, timeout=WAIT)
+    assert done.stdout.split() == ["True"], (done.returncode, done.stderr)
+    assert "standard error is closed, say" in done.stderr
