@@ -526,7 +526,7 @@ def latency(b: Bench, out: dict) -> None:
                             "runtime": args.runtime, "rounds": args.rounds, "runs": [],
                             "checks": []}
     print(f"\nlatency: {size / GiB:g} GiB device in {d} ({sec['fs']}); modes "
-          f"{', '.join(MODES)}; iodepth {', '.join(map(str, DEPTHS))}; {args.rounds} "
+          f"{', '.join(args.modes)}; iodepth {', '.join(map(str, args.depths))}; {args.rounds} "
           f"round(s) of {args.runtime} s runs", flush=True)
     write_file(src, size, True)
     write_file(dst, size, False)
@@ -536,10 +536,11 @@ def latency(b: Bench, out: dict) -> None:
     recv = b.start_receiver("breceive-lat", name, dst)
     url = recv.url(name)
     lat = Latency(b, name, src, dst, size, sock, url, nbd, recv, sec)
-    total = args.rounds * len(DEPTHS) * len(MODES)
+    modes = args.modes
+    total = args.rounds * len(args.depths) * len(modes)
     for rnd in range(args.rounds):
-        for depth in DEPTHS:
-            order = list(MODES[rnd % len(MODES):] + MODES[:rnd % len(MODES)])
+        for depth in args.depths:
+            order = list(modes[rnd % len(modes):] + modes[:rnd % len(modes)])
             for mode in order:
                 r = lat.run(mode, depth, rnd)
                 sec["runs"].append(r)
@@ -643,7 +644,7 @@ LAT_KEYS = ("iops", "clat_ms_p50", "clat_ms_p99", "clat_ms_p999", "clat_ms_mean"
 
 def summarize_latency(runs: list[dict]) -> list[dict]:
     rows = []
-    for depth in DEPTHS:
+    for depth in sorted({r["iodepth"] for r in runs}):
         for mode in MODES:
             rs = [r for r in runs if r["mode"] == mode and r["iodepth"] == depth]
             if not rs:
@@ -663,7 +664,7 @@ def latency_ratios(summary: list[dict], runs: list[dict]) -> list[dict]:
     med = {(s["mode"], s["iodepth"]): s for s in summary}
     out = []
     for baseline in BASELINES:
-        for depth in DEPTHS:
+        for depth in sorted({r["iodepth"] for r in runs}):
             base = med.get((baseline, depth))
             for mode in PROTOCOL_MODES:
                 row = med.get((mode, depth))
@@ -838,6 +839,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runtime", type=int, help="seconds per fio run of the latency section [15]")
     p.add_argument("--rounds", type=int, help="rounds of the latency section (each mode and "
                    "depth once per round) [3]")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="modes of the latency section, comma-separated [%(default)s]")
+    p.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+                   help="fio iodepths of the latency section [%(default)s]")
     p.add_argument("--latency-size", default="1G", help="device size for the latency section "
                    "[1G]")
     p.add_argument("--shm-dir", default="/dev/shm",
@@ -861,6 +866,15 @@ def parse_args() -> argparse.Namespace:
             p.error(f"{what} must be at least 64M and a multiple of 64K")
     if args.repeat < 1 or args.runtime < 1 or args.rounds < 1 or args.load_seconds < 0:
         p.error("--repeat, --runtime and --rounds must be positive, --load-seconds >= 0")
+    args.modes = tuple(m for m in args.modes.split(",") if m)
+    if not args.modes or set(args.modes) - set(MODES):
+        p.error(f"--modes takes some of {','.join(MODES)}")
+    try:
+        args.depths = tuple(int(d) for d in args.depths.split(","))
+    except ValueError:
+        p.error("--depths takes iodepths such as 1,32")
+    if not args.depths or min(args.depths) < 1:
+        p.error("--depths takes iodepths such as 1,32")
     args.sections = [args.only] if args.only else ["downtime", "latency"]
     args.dir_root = os.path.abspath(args.dir or "/var/tmp")
     args.shm = os.path.abspath(args.shm_dir)
