@@ -7,11 +7,14 @@ The connection is a WireTarget (bmig.wire.client: the same transports, handshake
 lineage check as a sync), opened in "replicate" mode. The frames queued in one turn of
 the event loop leave together, HAND_OVER_EVERY at a time: from the loop when the socket
 takes them at once (``WireTarget.try_send_batch``), else through a sender thread
-(``send_batch``, and ``send_rest`` for what the socket did not take). The WireTarget's
-reader thread hears the acknowledgements; an acknowledgement covers every frame before
-it that waits for the same kind (OPEN asks breceive for one per batch). Both threads
-hand their news to the loop through one inbox, and only the first item of a batch wakes
-the loop (call_soon_threadsafe). What a write waits for depends on the protocol:
+(``send_batch``, and ``send_rest`` for what the socket did not take). Over tcp:// the
+loop itself reads the acknowledgements (``WireTarget.read_on``: no thread to wake between
+breceive's answer and the writer's reply); over TLS and SSH the WireTarget's reader thread
+does. An acknowledgement covers every frame before it that waits for the same kind (OPEN
+asks breceive for one per batch). The threads hand their news to the loop through one
+inbox, and only the first item of a batch wakes the loop (call_soon_threadsafe); what
+the loop reads itself is taken at once, after what the threads told before it. What a
+write waits for depends on the protocol:
 
     C   written on the target (WRITTEN), and with FUA durable there (DURABLE)
     B   received by the target (RECEIVED), with FUA durable
@@ -119,11 +122,12 @@ class Replica:
         self.on_failed: Callable[[BmigError], None] | None = None  # the replica failed
         self._flush_timer: asyncio.TimerHandle | None = None
         self._watch_timer: asyncio.TimerHandle | None = None
+        self._loop_thread: int | None = None   # the loop's thread, once it has run here
         target.set_acks(self)
         self._sender = threading.Thread(target=self._send_loop, name="replica-sender",
                                         daemon=True)
         self._sender.start()
-        loop.call_soon_threadsafe(self._watch)
+        loop.call_soon_threadsafe(self._started)
 
     @property
     def window(self) -> int:
@@ -276,6 +280,10 @@ class Replica:
         if self.error is None and not self._closed and self.queued_seq > self.durable_seq:
             self._enqueue(lambda s: ("flush", s), 16, _QUEUED)
 
+    def _started(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self._watch()
+
     def _watch(self) -> None:
         """Every quarter of ``ack_timeout``: fail when a DURABLE keeps us waiting too
         long; ping (a FLUSH) when idle for half of it."""
@@ -346,7 +354,7 @@ class Replica:
         async with self._room:
             self._room.notify_all()
 
-    # -- acknowledgements (the WireTarget's reader thread) ---------------------------------
+    # -- acknowledgements (the loop over tcp://, else the WireTarget's reader thread) -----
 
     def durable(self, seq: int) -> None:
         self._post("durable", seq)
@@ -364,12 +372,16 @@ class Replica:
         self._post("fatal", 0, error)
 
     def _post(self, kind: str, seq: int, extra=None) -> None:
-        """From a thread: news for the loop, taken in the order told. Only the first of
-        a batch wakes the loop; what comes before it looks is taken with it."""
+        """News for the loop, taken in the order told. From a thread, only the first of
+        a batch wakes the loop; what comes before it looks is taken with it. On the
+        loop (acknowledgements read there: ``WireTarget.read_on``) it is taken at once,
+        after what the threads told before it."""
         with self._inbox_lock:
             first = not self._inbox
             self._inbox.append((kind, seq, extra))
-        if first:
+        if threading.get_ident() == self._loop_thread:
+            self._take_inbox()
+        elif first:
             self._loop.call_soon_threadsafe(self._take_inbox)
 
     def _take_inbox(self) -> None:
@@ -512,6 +524,7 @@ def open_replica(url: str, options: ConnectOptions, source: SourceInfo, protocol
         raise ConfigError("synchronous replication goes to breceive (tcp://, tls://, "
                           "ssh://), not to an NBD server")
     target = connect(parsed, options)
+    target.read_on(loop)       # tcp://: acknowledgements read by the loop, from OPENED on
     try:
         relation = target.open(source, False, mode="replicate",
                                extra={"protocol": protocol, "acks": "cumulative",

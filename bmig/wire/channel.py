@@ -8,7 +8,10 @@ frame from then on (bmig.wire.seal: the body becomes ciphertext and a 16-byte ta
 length counts both). The body a read returns is valid until the next read.
 
 Several small frames can leave in one write (``send_many``), and a reader can ask whether
-the next frame is already buffered (``has_frame``), to answer a batch at once.
+the next frame is already buffered (``has_frame``), to answer a batch at once. A reader on
+an event loop (a plain socket only) takes what the socket holds without waiting
+(``fill_nowait``) and then the frames that are whole (``buffered``); it takes small frames
+only (LOOP_FRAME: acknowledgements and replies, never data).
 
 Large frames (DATA) are never joined or copied whole: unsealed, the body is received
 straight into a body buffer; sealed, it is deciphered from the read buffer into the body
@@ -36,6 +39,7 @@ SEAL_PIECE = 256 * 1024          # a large frame is sealed and sent in pieces of
 SEAL_IN_ONE = 128 * 1024         # frames up to this size are sealed in one call
 SLACK = 32                       # room a cipher may want past its output
 MANY_PARTS = 512                 # buffers per sendmsg of send_many (IOV_MAX is 1024)
+LOOP_FRAME = 64 * 1024           # the largest frame a reader on an event loop takes
 
 
 class Channel:
@@ -131,6 +135,48 @@ class Channel:
             return False
         (length,) = LENGTH.unpack_from(self._buf, self._start)
         return have >= LENGTH.size + length
+
+    def fill_nowait(self) -> bool:
+        """Receive what the stream holds now, without waiting (a stream with
+        ``recv_nowait``: a plain socket), for a reader on an event loop: False when
+        there was nothing; ConnectionClosed at a clean end of stream."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < LOOP_FRAME + LENGTH.size + TAG_BYTES:
+            left = self._end - self._start
+            self._buf[:left] = self._view[self._start:self._end]
+            self._start, self._end = 0, left
+        try:
+            got = self.stream.recv_nowait(self._view[self._end:])  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise UnreachableError(f"lost {self.description}: "
+                                   f"{exc.strerror or exc}") from None
+        if got == 0:
+            if self._start == self._end:
+                raise ConnectionClosed(f"{self.description} closed the connection")
+            raise ProtocolError(f"{self.description} closed the connection inside a frame")
+        self.bytes_in += got
+        self._end += got
+        return True
+
+    def buffered(self) -> memoryview | None:
+        """The next frame's body if it is whole in the buffer (``fill_nowait`` brought
+        it), else None; a frame longer than LOOP_FRAME is refused before it is waited
+        for, so that a frame always fits in what ``fill_nowait`` fills."""
+        have = self._end - self._start
+        if have < LENGTH.size:
+            return None
+        (length,) = LENGTH.unpack_from(self._buf, self._start)
+        if length - (TAG_BYTES if self._opener is not None else 0) > min(LOOP_FRAME,
+                                                                            self.cap):
+            raise FrameTooLarge(f"frame of {length} bytes from {self.description} "
+                                f"exceeds the limit of {LOOP_FRAME} for an "
+                                "acknowledgement")
+        if have < LENGTH.size + length:
+            return None
+        return self.read()
 
     def _body(self, length: int) -> memoryview:
         if self._body_view is None:

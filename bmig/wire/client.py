@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bmig.chunkmath import chunk_count
 from bmig.errors import BmigError, ProtocolError, UnreachableError
@@ -32,6 +33,9 @@ from bmig.wire.protocol import (Message, T, decode_json, error_from, pack_data,
                                 pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
 from bmig.wire.transports import Stream
 from bmig.wire.urls import TargetUrl
+
+if TYPE_CHECKING:        # a sync never loads asyncio (bmigrate's start-up time)
+    import asyncio
 
 log = logging.getLogger("bmigrate")
 
@@ -63,7 +67,7 @@ class Acks(Protocol):
 
 class WireTarget:
     """breceive at the other end of a Stream: handshake, then a reader thread that sorts
-    acknowledgements from replies."""
+    acknowledgements from replies (or an event loop, once ``read_on`` handed it over)."""
 
     compresses = True
     lineage = True
@@ -78,6 +82,12 @@ class WireTarget:
         self._reader: threading.Thread | None = None
         self._closed = False
         self.error: BmigError | None = None     # why the connection ended, once it has
+        # Reading on an event loop (``read_on``): the loop, and whether it watches the
+        # socket; ``_read_ended`` is set once reading stopped for good, in either way.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched = False
+        self._unwatched = False
+        self._read_ended = threading.Event()
         agreed = handshake.sender(self.channel, options.secret, receiver_verified, hint)
         self.server = agreed.peer
         self.sealed = agreed.sealed
@@ -125,6 +135,108 @@ class WireTarget:
         if kind != expect:
             raise ProtocolError(f"{self.description}: expected {expect.name}, got {kind.name}")
         return reply
+
+    def read_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """From the next frame the reader thread reads, the frames are read by
+        ``loop`` instead, as the socket becomes readable: an acknowledgement then reaches
+        its Acks with no thread to wake on the way (Acks are called on the loop). Only
+        for a plain socket (tcp://); False, and the thread reads on, for others. Call
+        before the request whose reply is the last frame the thread should read (a
+        replica: before OPEN); once reading is on the loop, a request may not be made
+        from the loop's own thread."""
+        if not getattr(self.channel.stream, "nowait", False) \
+                or not hasattr(self.channel.stream, "recv_nowait"):
+            return False
+        self._loop = loop
+        return True
+
+    def _handed_over(self) -> bool:
+        """The reader thread, after a frame: whether the loop reads from now on."""
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._watch)
+        except RuntimeError:                # the loop is closed: the thread reads on
+            self._loop = None
+            return False
+        return True
+
+    def _watch(self) -> None:
+        """On the loop: take the frames the thread left in the buffer, then watch the
+        socket."""
+        assert self._loop is not None
+        if self._unwatched:                  # closed before the loop got here
+            self._read_ended.set()
+            return
+        try:
+            self._loop.add_reader(self.channel.stream.fileno(),  # type: ignore[attr-defined]
+                                  self._readable)
+        except (OSError, ValueError) as exc:      # closed under us: nothing to read
+            self._unwatch()
+            self._reader_stops(UnreachableError(f"lost {self.description}: {exc}"))
+            return
+        self._watched = True
+        self._readable(fill=False)       # what the thread's last receive brought
+
+    def _readable(self, fill: bool = True) -> None:
+        """On the loop: one receive (at most a buffer's worth, so that a peer that
+        floods us cannot keep the loop here), then every frame it made whole."""
+        why: BmigError
+        try:
+            if fill and not self.channel.fill_nowait():
+                return
+            while (body := self.channel.buffered()) is not None:
+                self._dispatch(body)
+            return
+        except ConnectionClosed:
+            why = UnreachableError(f"{self.description} closed the connection")
+        except BmigError as exc:
+            why = exc
+        self._unwatch()
+        self._reader_stops(why)
+
+    def _unwatch(self) -> None:
+        """On the loop: stop watching the socket (before it is closed: a loop must not
+        watch a descriptor that may be reused)."""
+        self._unwatched = True
+        if self._watched:
+            self._watched = False
+            assert self._loop is not None
+            self._loop.remove_reader(self.channel.stream.fileno())  # type: ignore[attr-defined]
+        self._read_ended.set()
+
+    def _on_loop(self) -> bool:
+        asyncio = sys.modules.get("asyncio")
+        if asyncio is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _stop_watching(self) -> None:
+        """Any thread: once this returns, the loop does not watch the socket and will
+        not (or the loop is closed, and watches nothing)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if self._on_loop():
+            self._unwatch()
+            return
+        done = threading.Event()
+
+        def unwatch() -> None:
+            self._unwatch()
+            done.set()
+
+        try:
+            loop.call_soon_threadsafe(unwatch)
+        except RuntimeError:                 # closed: it watches nothing any more
+            return
+        if not done.wait(REASON_WAIT):
+            log.warning("%s: the event loop did not let go of the connection in %g s",
+                        self.description, REASON_WAIT)
 
     def set_acks(self, acks: Acks) -> None:
         """Who hears the acknowledgements from now on; told at once if the connection
@@ -277,8 +389,13 @@ class WireTarget:
 
     def abort(self) -> None:
         """End the connection at once, without a BYE: for a link that stopped answering
-        (a send may be stuck on it; this wakes it). Any thread."""
-        self.channel.close()
+        (a send may be stuck on it; this wakes it). Any thread. Read on a loop, the
+        socket is shut down, and closed by ``close``, once the loop no longer watches
+        it."""
+        if self._loop is not None:
+            self.channel.stream.shutdown()       # type: ignore[attr-defined]
+        else:
+            self.channel.close()
 
     def close(self) -> None:
         """BYE, then wait (BYE_WAIT at most) for the receiver to end the session: it
@@ -296,43 +413,70 @@ class WireTarget:
             reader = self._reader
             if reader is not None and reader is not threading.current_thread():
                 reader.join(timeout=BYE_WAIT)      # it ends at the receiver's close
+            if self._loop is not None and reader is not None and not reader.is_alive():
+                if self._on_loop():                # the loop cannot wait for itself
+                    self._unwatch()
+                    self._read_here(BYE_WAIT)
+                else:
+                    self._read_ended.wait(BYE_WAIT)
+        self._stop_watching()
         self.channel.close()
         if self._reader is not None:
             self._reader.join(timeout=10)
+
+    def _read_here(self, timeout: float) -> None:
+        """Read, in this thread, until the receiver closes or ``timeout`` passes."""
+        self.channel.stream.settimeout(timeout)   # type: ignore[attr-defined]
+        try:
+            while True:
+                self._dispatch(self.channel.read())
+        except BmigError:
+            pass
 
     # -- the reader thread ---------------------------------------------------------------
 
     def _read_loop(self) -> None:
         why: BmigError = UnreachableError(f"lost {self.description}")
+        handed = False
         try:
             while True:
-                body = self.channel.read()
-                kind = type_of(body)
-                if kind == T.DURABLE:
-                    if self._acks is not None:
-                        self._acks.durable(unpack_seq(body))
-                elif kind in (T.RECEIVED, T.WRITTEN):
-                    hook = getattr(self._acks, "received" if kind == T.RECEIVED else "written",
-                                   None)
-                    if hook is not None:
-                        hook(unpack_seq(body))
-                elif kind == T.HASHES:
-                    self._replies.put(memoryview(bytes(body)))   # outlives the buffer
-                elif kind == T.ERROR:
-                    self._error(decode_json(body))
-                else:
-                    self._replies.put(decode_json(body))
+                self._dispatch(self.channel.read())
+                if self._handed_over():
+                    handed = True
+                    return
         except ConnectionClosed:
             why = UnreachableError(f"{self.description} closed the connection")
         except BmigError as exc:
             why = exc
         finally:
-            if not self._closed:
-                log.debug("%s: reader stops: %s", self.description, why.message)
-                why = self.error = self.error or why
-                if self._acks is not None:
-                    self._acks.fatal(why)
-                self._replies.put(why)
+            if not handed:
+                self._reader_stops(why)
+
+    def _dispatch(self, body: memoryview) -> None:
+        kind = type_of(body)
+        if kind == T.DURABLE:
+            if self._acks is not None:
+                self._acks.durable(unpack_seq(body))
+        elif kind in (T.RECEIVED, T.WRITTEN):
+            hook = getattr(self._acks, "received" if kind == T.RECEIVED else "written", None)
+            if hook is not None:
+                hook(unpack_seq(body))
+        elif kind == T.HASHES:
+            self._replies.put(memoryview(bytes(body)))   # outlives the buffer
+        elif kind == T.ERROR:
+            self._error(decode_json(body))
+        else:
+            self._replies.put(decode_json(body))
+
+    def _reader_stops(self, why: BmigError) -> None:
+        """Reading ended (the thread's, or the loop's): whoever waits hears why."""
+        self._read_ended.set()
+        if not self._closed:
+            log.debug("%s: reader stops: %s", self.description, why.message)
+            why = self.error = self.error or why
+            if self._acks is not None:
+                self._acks.fatal(why)
+            self._replies.put(why)
 
     def _error(self, message: Message) -> None:
         error = error_from(message)

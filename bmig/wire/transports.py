@@ -3,8 +3,9 @@
 A Stream moves bytes and knows nothing of frames. ``recv_into`` returns 0 at the end of
 the stream; ``send`` takes several buffers and sends them as one (sendmsg or writev),
 so a frame header and its payload are never concatenated. A plain socket can also send
-without waiting (``nowait``, ``send_nowait``), for an event loop that must not block. Errors are OSError; the
-framing layer above turns them into the toolkit's errors.
+and receive without waiting (``nowait``, ``send_nowait``, ``recv_nowait``), for an event
+loop that must not block. Errors are OSError; the framing layer above turns them into the
+toolkit's errors.
 
 No frames and no authentication: bmig.wire.channel and bmig.wire.handshake sit above.
 """
@@ -73,6 +74,23 @@ class SocketStream:
             return self.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return 0
+
+    def recv_nowait(self, buf: memoryview) -> int:
+        """What the socket holds now, without waiting (only where ``nowait``: not
+        TLS, whose records may sit in the TLS layer unseen by a poll of the socket);
+        BlockingIOError when nothing."""
+        return self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def shutdown(self) -> None:
+        """End both directions, waking whoever waits on the socket, without closing
+        it (an event loop may still watch its descriptor)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)

@@ -23,6 +23,7 @@ from bmig.sender.source import Source
 from bmig.tracker.blocking_client import TrackerClient
 from bmig.wire import codec, handshake
 from bmig.wire.protocol import Message, T, decode_json, pack_data, pack_seq, type_of
+from tests.certs import make_certificates
 from tests.daemon import wait_until
 from tests.integration.nbd_helpers import start_nbd
 from tests.integration.sync_helpers import (CHUNK, MiB, bmigrate, receivers,  # noqa: F401
@@ -76,6 +77,35 @@ def test_writes_while_replicating_land_on_the_target_and_stay_clean(breqd, setup
     assert stats(breqd)["dirty_bytes"] == 0          # nothing left for a sync to ship
     assert same_bytes(server.backing, target)
     assert not replicate_stop(breqd, server)["replicating"]
+
+
+def test_replication_over_tls_is_acknowledged_by_the_reader_thread(breqd, tmp_path,
+                                                                   receivers):
+    """tls:// keeps the reader thread (a TLS socket cannot be read on the event loop, as
+    tcp:// is): protocol C over it, with writes, a FUA and a flush."""
+    certs = make_certificates(str(tmp_path / "certs"))
+    server = start_nbd(breqd, tmp_path, SIZE)
+    target = str(tmp_path / "tgt.img")
+    r = start_receiver(tmp_path, {"d1": target}, "--tls-cert", certs.server_cert,
+                       "--tls-key", certs.server_key)
+    receivers.append(r)
+    tls = ("--to", r.url("d1", "tls"), "--tls-ca", certs.ca, "--secret-file", r.secret_file)
+    try:
+        sync(breqd, "d1", "--source", server.backing, *tls, "--threshold", "0")
+        done = bmigrate(breqd, "replicate", "d1", *tls, "--manage-dir", server.manage_dir,
+                        "--json", "--protocol", "C")
+        assert json.loads(done.stdout)["replicating"]
+        with NbdClient.connect(server.uri) as client:
+            for i in range(30):
+                client.pwrite(os.urandom(4096), (i * 37 % 200) * CHUNK)
+            client.pwrite(b"fua" * 1000, 3 * CHUNK, fua=True)
+            client.flush()
+        wait_until(lambda: settled(breqd), timeout=30, what="the holds to settle")
+        assert stats(breqd)["dirty_bytes"] == 0
+        assert same_bytes(server.backing, target)
+        assert not replicate_stop(breqd, server)["replicating"]
+    finally:
+        server.daemon.stop()
 
 
 def replicate_stop(breqd, server) -> dict:

@@ -116,6 +116,9 @@ class FakeTarget:
     def set_acks(self, acks) -> None:
         self.acks = acks
 
+    def read_on(self, loop) -> bool:              # its acknowledgements come from a thread
+        return False
+
     def _send(self, kind: str, seq: int) -> None:
         self.entered.set()
         assert self.gate.wait(WAIT), "the test never opened the gate"

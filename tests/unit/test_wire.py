@@ -4,6 +4,7 @@ target URLs, and frames over a stream."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 
@@ -248,6 +249,84 @@ def test_a_stream_that_ends_inside_a_frame_is_a_protocol_error():
     left.close()
     with pytest.raises(ProtocolError, match="inside a frame"):
         right.read()
+    right.close()
+
+
+def test_a_reader_that_may_not_wait_takes_frames_whole_however_the_bytes_come():
+    """fill_nowait and buffered (an event loop's reader): a frame is handed on only
+    once whole, whether its bytes come a few at a time or with the next frame's."""
+    left, right = channel_pair()
+    assert right.fill_nowait() is False            # nothing there: no wait, no error
+    frames = [b"first", b"second frame", b"3"]
+    wire = b"".join(len(f).to_bytes(4, "little") + f for f in frames)
+    got: list[bytes] = []
+    for cut in (3, 4, 5, 11, 20):                  # inside a length, at its end, inside a body
+        left.stream.sock.sendall(wire[:cut])
+        assert right.fill_nowait() is True
+        while (body := right.buffered()) is not None:
+            got.append(bytes(body))
+        left.stream.sock.sendall(wire[cut:])
+        assert right.fill_nowait() is True
+        while (body := right.buffered()) is not None:
+            got.append(bytes(body))
+        assert got == frames, cut
+        got.clear()
+    left.close()
+    with pytest.raises(ConnectionClosed):
+        right.fill_nowait()
+    right.close()
+
+
+def test_a_reader_that_may_not_wait_refuses_a_large_frame_before_its_body():
+    from bmig.wire.channel import LOOP_FRAME
+
+    left, right = channel_pair()
+    left.stream.sock.sendall((LOOP_FRAME + 1).to_bytes(4, "little"))
+    assert right.fill_nowait()
+    with pytest.raises(FrameTooLarge):
+        right.buffered()
+    other, far = channel_pair()
+    other.stream.sock.sendall((10).to_bytes(4, "little") + b"x" * 3)
+    other.close()
+    assert far.fill_nowait() and far.buffered() is None
+    with pytest.raises(ProtocolError, match="inside a frame"):
+        far.fill_nowait()
+    for c in (left, right, far):
+        c.close()
+
+
+def test_a_reader_that_may_not_wait_keeps_room_for_a_whole_frame(monkeypatch):
+    """A frame begun near the end of the buffer, then one of the largest kind: the
+    buffer is compacted so that the frame fits, and nothing is lost on the way."""
+    from bmig.wire import channel as channel_module
+    from bmig.wire.channel import LOOP_FRAME
+
+    monkeypatch.setattr(channel_module, "READ_AHEAD", LOOP_FRAME + 30_000)
+    left, right = channel_pair()
+    small = [os.urandom(1000) for _ in range(LOOP_FRAME // 1004 + 20)]
+    big = os.urandom(LOOP_FRAME)
+    wire = b"".join(len(f).to_bytes(4, "little") + f for f in [*small, big])
+    first = len(small) * 1004 - 500            # the last small frame cut in half
+
+    def take(until: int) -> None:
+        while right.bytes_in < until:
+            if right.fill_nowait() is False:
+                select.select([right.stream.sock], [], [], 10)
+                continue
+            while (body := right.buffered()) is not None:
+                got.append(bytes(body))
+
+    got: list[bytes] = []
+    sender = threading.Thread(target=left.stream.sock.sendall, args=(wire[:first],))
+    sender.start()
+    take(first)
+    sender.join(10)
+    sender = threading.Thread(target=left.stream.sock.sendall, args=(wire[first:],))
+    sender.start()
+    take(len(wire))
+    sender.join(10)
+    assert got == [*small, big]
+    left.close()
     right.close()
 
 
