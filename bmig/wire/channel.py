@@ -28,7 +28,7 @@ from typing import Sequence
 
 from bmig.errors import FrameTooLarge, ProtocolError, UnreachableError
 from bmig.framing import ConnectionClosed
-from bmig.limits import MAX_FRAME, MAX_PREAUTH_FRAME, PREAUTH_BUFFER
+from bmig.limits import MAX_FRAME, MAX_JSON, MAX_PREAUTH_FRAME, PREAUTH_BUFFER
 from bmig.wire.seal import TAG_BYTES, Opener, Sealer
 from bmig.wire.transports import Buffer, Stream
 
@@ -39,7 +39,8 @@ SEAL_PIECE = 256 * 1024          # a large frame is sealed and sent in pieces of
 SEAL_IN_ONE = 128 * 1024         # frames up to this size are sealed in one call
 SLACK = 32                       # room a cipher may want past its output
 MANY_PARTS = 512                 # buffers per sendmsg of send_many (IOV_MAX is 1024)
-LOOP_FRAME = 64 * 1024           # the largest frame a reader on an event loop takes
+LOOP_FRAME = MAX_JSON + 1024     # the largest frame a reader on an event loop takes:
+                                 # any message but DATA and HASHES
 
 
 class Channel:

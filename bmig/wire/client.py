@@ -15,9 +15,11 @@ bmig.wire.connect's. This module knows messages and threads, not sockets or URLs
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,7 +29,7 @@ from bmig.framing import ConnectionClosed
 from bmig.limits import MAX_HASHES, MAX_RESYNC_RANGES
 from bmig.lineage import hex_id
 from bmig.wire import handshake
-from bmig.wire.channel import Channel
+from bmig.wire.channel import LOOP_FRAME, Channel
 from bmig.wire.options import ConnectOptions
 from bmig.wire.protocol import (Message, T, decode_json, error_from, pack_data,
                                 pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
@@ -87,6 +89,9 @@ class WireTarget:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched = False
         self._unwatched = False
+        self._close_when_unwatched = False      # close could not wait: the loop closes
+        self._let_go = False                    # the loop no longer watches the socket
+        self._letting_go = threading.Lock()     # between those two
         self._read_ended = threading.Event()
         agreed = handshake.sender(self.channel, options.secret, receiver_verified, hint)
         self.server = agreed.peer
@@ -115,12 +120,20 @@ class WireTarget:
             else:
                 self.channel.send_many(frames)
         except UnreachableError:
-            reader = self._reader
-            if reader is not None and reader is not threading.current_thread():
-                reader.join(timeout=REASON_WAIT)
+            self._wait_for_reason()
             if self.error is not None and not isinstance(self.error, UnreachableError):
                 raise self.error from None
             raise
+
+    def _wait_for_reason(self) -> None:
+        """A send failed: give the reader (the thread, or the loop) REASON_WAIT to read
+        the ERROR the receiver may have sent before it closed."""
+        reader = self._reader
+        if reader is None or reader is threading.current_thread():
+            return
+        reader.join(timeout=REASON_WAIT)
+        if self._loop is not None and not reader.is_alive() and not self._on_loop():
+            self._read_ended.wait(REASON_WAIT)
 
     def _request(self, message: Message, expect: T) -> Message | memoryview:
         self._send(message)
@@ -169,9 +182,13 @@ class WireTarget:
         if self._unwatched:                  # closed before the loop got here
             self._read_ended.set()
             return
+        fd = self.channel.stream.fileno()        # type: ignore[attr-defined]
         try:
-            self._loop.add_reader(self.channel.stream.fileno(),  # type: ignore[attr-defined]
-                                  self._readable)
+            self._loop.add_reader(fd, self._readable)
+            # libuv (uvloop) makes the descriptor non-blocking, for every user of it:
+            # the sender thread's sends must still wait for room, so it is made
+            # blocking again; the loop's own reads never wait (MSG_DONTWAIT).
+            os.set_blocking(fd, True)
         except (OSError, ValueError) as exc:      # closed under us: nothing to read
             self._unwatch()
             self._reader_stops(UnreachableError(f"lost {self.description}: {exc}"))
@@ -193,18 +210,27 @@ class WireTarget:
             why = UnreachableError(f"{self.description} closed the connection")
         except BmigError as exc:
             why = exc
+        except Exception:                        # a bug: the replica fails, not the loop
+            log.exception("%s: reading an acknowledgement failed", self.description)
+            why = UnreachableError(f"lost {self.description}: an internal error")
         self._unwatch()
         self._reader_stops(why)
 
     def _unwatch(self) -> None:
         """On the loop: stop watching the socket (before it is closed: a loop must not
-        watch a descriptor that may be reused)."""
+        watch a descriptor that may be reused), and close it if ``close`` could not
+        wait for this."""
         self._unwatched = True
         if self._watched:
             self._watched = False
             assert self._loop is not None
             self._loop.remove_reader(self.channel.stream.fileno())  # type: ignore[attr-defined]
         self._read_ended.set()
+        with self._letting_go:
+            self._let_go = True
+            close = self._close_when_unwatched
+        if close:
+            self.channel.close()
 
     def _on_loop(self) -> bool:
         asyncio = sys.modules.get("asyncio")
@@ -215,15 +241,16 @@ class WireTarget:
         except RuntimeError:
             return False
 
-    def _stop_watching(self) -> None:
-        """Any thread: once this returns, the loop does not watch the socket and will
-        not (or the loop is closed, and watches nothing)."""
+    def _stop_watching(self) -> bool:
+        """Any thread: True once the loop does not watch the socket and will not (or
+        the loop is closed, and watches nothing); False if the loop did not get to it
+        in REASON_WAIT (busy, or stopped)."""
         loop = self._loop
         if loop is None:
-            return
+            return True
         if self._on_loop():
             self._unwatch()
-            return
+            return True
         done = threading.Event()
 
         def unwatch() -> None:
@@ -233,10 +260,8 @@ class WireTarget:
         try:
             loop.call_soon_threadsafe(unwatch)
         except RuntimeError:                 # closed: it watches nothing any more
-            return
-        if not done.wait(REASON_WAIT):
-            log.warning("%s: the event loop did not let go of the connection in %g s",
-                        self.description, REASON_WAIT)
+            return True
+        return done.wait(REASON_WAIT)
 
     def set_acks(self, acks: Acks) -> None:
         """Who hears the acknowledgements from now on; told at once if the connection
@@ -419,17 +444,28 @@ class WireTarget:
                     self._read_here(BYE_WAIT)
                 else:
                     self._read_ended.wait(BYE_WAIT)
-        self._stop_watching()
-        self.channel.close()
+        if self._stop_watching():
+            self.channel.close()
+        else:                                      # the loop closes it once it lets go
+            log.warning("%s: the event loop did not let go of the connection in %g s; "
+                        "it closes the connection when it does", self.description,
+                        REASON_WAIT)
+            self.channel.stream.shutdown()         # type: ignore[attr-defined]
+            with self._letting_go:
+                self._close_when_unwatched = not self._let_go
+            if not self._close_when_unwatched:     # it did, just now
+                self.channel.close()
         if self._reader is not None:
             self._reader.join(timeout=10)
 
     def _read_here(self, timeout: float) -> None:
-        """Read, in this thread, until the receiver closes or ``timeout`` passes."""
-        self.channel.stream.settimeout(timeout)   # type: ignore[attr-defined]
+        """Read, in this thread, until the receiver closes or ``timeout`` has passed
+        (in all: a receiver that trickles frames does not keep us), small frames only."""
+        deadline = time.monotonic() + timeout
         try:
-            while True:
-                self._dispatch(self.channel.read())
+            while (left := deadline - time.monotonic()) > 0:
+                self.channel.stream.settimeout(left)   # type: ignore[attr-defined]
+                self._dispatch(self.channel.read(cap=LOOP_FRAME))
         except BmigError:
             pass
 

@@ -7,6 +7,7 @@ socket before it is closed. On asyncio's loop and on uvloop's (bmig-nbd's)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 
@@ -14,6 +15,7 @@ import pytest
 import uvloop
 
 from bmig.errors import BmigError, FrameTooLarge
+from bmig.nbd.replica import Replica
 from bmig.receiver.policy import Policy, TargetConfig
 from bmig.receiver.session import Session
 from bmig.wire import client as client_module
@@ -21,9 +23,12 @@ from bmig.wire import codec, handshake
 from bmig.wire.channel import LOOP_FRAME, Channel
 from bmig.wire.client import SourceInfo, WireTarget
 from bmig.wire.options import ConnectOptions
-from bmig.wire.protocol import FLAG_ACK_WRITTEN, Message, T, decode_json, type_of
+from bmig.wire.protocol import (DATA_HEAD, FLAG_ACK_WRITTEN, Message, T, decode_json,
+                                pack_seq, type_of, unpack_seq)
 from bmig.wire.transports import SocketStream
 from bmig.wire.urls import parse_target_url
+
+from tests.daemon import wait_until
 
 from .wire_helpers import IN_PROCESS_SIZE, SECRET, WAIT, FakeReceiver, SessionThread
 
@@ -201,3 +206,160 @@ def test_a_frame_too_large_for_an_acknowledgement_ends_the_replica(loop):
     finally:
         receiver.stop()
 
+
+
+class GatedReceiver:
+    """A receiver that answers OPEN at once, then reads nothing until ``go`` is set, and
+    from then on answers each DATA with WRITTEN and each FLUSH with DURABLE; or, with
+    ``trickle``, sends a DURABLE every ``trickle`` seconds after BYE until ``stop``."""
+
+    def __init__(self, trickle: float = 0.0):
+        self.go = threading.Event()
+        self.stop = threading.Event()
+        self.trickle = trickle
+        self.fake = FakeReceiver(self._script)
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.fake.port), timeout=WAIT)
+        sock.settimeout(None)
+        return sock
+
+    def _script(self, channel: Channel) -> None:
+        handshake.receiver(channel, SECRET, False, "gated", [])
+        assert decode_json(channel.read()).type == T.OPEN
+        channel.send(Message(T.OPENED, {"relation": "same", "target": {}}).encode())
+        assert self.go.wait(WAIT), "the test never let the receiver go"
+        while True:
+            body = channel.read()
+            kind = type_of(body)
+            if kind == T.BYE:
+                break
+            seq = unpack_seq(body) if kind == T.FLUSH else DATA_HEAD.unpack_from(body)[4]
+            channel.send(pack_seq(T.DURABLE if kind == T.FLUSH else T.WRITTEN, seq))
+        while self.trickle and not self.stop.wait(self.trickle):
+            channel.send(pack_seq(T.DURABLE, 1))
+
+    def close(self) -> None:
+        self.go.set()
+        self.stop.set()
+        self.fake.stop()
+
+
+def test_a_burst_larger_than_the_socket_waits_for_room_on_every_loop(loop):
+    """uvloop makes a descriptor it watches non-blocking; the replica's sender thread
+    must still wait for room, not fail with EAGAIN: the socket stays blocking once the
+    loop watches it, and 32 MiB queued while the receiver reads nothing all land."""
+    receiver = GatedReceiver()
+    sock = receiver.connect()
+    try:
+        target = target_over(sock)
+        assert target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        replica = Replica(target, "C", loop, ack_timeout=4 * WAIT)
+        on_loop(loop, lambda: None)            # the hand-over's _watch has run
+        assert target._watched and os.get_blocking(sock.fileno())
+
+        async def burst():
+            return await asyncio.gather(*(replica.write(i << 20, b"\x5a" * (1 << 20), False)
+                                          for i in range(32)), return_exceptions=True)
+
+        future = asyncio.run_coroutine_threadsafe(burst(), loop)
+        wait_until(lambda: replica.queued_seq >= 32, timeout=WAIT, what="the burst queued")
+        receiver.go.set()
+        results = future.result(WAIT)
+        assert replica.error is None, replica.error
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        replica.close()
+    finally:
+        receiver.close()
+
+
+def test_the_loops_close_is_bounded_when_the_receiver_trickles_frames(loop, monkeypatch):
+    """After BYE, a receiver that sends a frame now and then but never closes does not
+    keep the loop: the loop's own close reads for BYE_WAIT in all."""
+    monkeypatch.setattr(client_module, "BYE_WAIT", 1.0)
+    receiver = GatedReceiver(trickle=0.2)
+    receiver.go.set()
+    sock = receiver.connect()
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        on_loop(loop, lambda: None)
+        on_loop(loop, target.close)           # WAIT: an unbounded read would outlast it
+        assert sock.fileno() == -1
+    finally:
+        receiver.close()
+
+
+def test_a_loop_too_busy_to_let_go_closes_the_socket_itself(loop, monkeypatch):
+    """close() from a worker while the loop is busy: it does not close a descriptor the
+    loop still watches; the loop closes it once it lets go."""
+    monkeypatch.setattr(client_module, "REASON_WAIT", 0.5)
+    monkeypatch.setattr(client_module, "BYE_WAIT", 0.5)
+    receiver = GatedReceiver()
+    receiver.go.set()
+    sock = receiver.connect()
+    release = threading.Event()
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        on_loop(loop, lambda: None)
+        assert target._watched
+        loop.call_soon_threadsafe(lambda: release.wait(WAIT))   # the loop is busy
+        target.close()
+        assert sock.fileno() != -1             # not closed while watched
+        release.set()
+        on_loop(loop, lambda: None)
+        assert not target._watched and sock.fileno() == -1
+    finally:
+        release.set()
+        receiver.close()
+
+
+def test_acknowledgements_read_on_the_loop_answer_writers_without_a_wake_up(tmp_path):
+    """The replica takes what the loop read at once: no call_soon_threadsafe between
+    breceive's WRITTEN and the writer's answer."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sock, session = in_process_receiver(tmp_path)
+    scheduled: list[str] = []
+    threadsafe = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        scheduled.append(getattr(callback, "__name__", repr(callback)))
+        return threadsafe(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counting
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        replica = Replica(target, "C", loop)
+        on_loop(loop, lambda: None)
+        answered: list[int] = []
+        all_answered = threading.Event()
+
+        def answer(seq, error):
+            assert error is None, error
+            answered.append(threading.get_ident())
+            if len(answered) == 20:
+                all_answered.set()
+
+        def write_all():
+            for i in range(20):
+                replica.write_now(i * 4096, b"\x11" * 4096, False, answer)
+
+        scheduled.clear()
+        threadsafe(write_all)
+        assert all_answered.wait(WAIT)
+        assert set(answered) == {thread.ident}
+        assert "_take_inbox" not in scheduled, scheduled
+        replica.close()
+        session.join(WAIT)
+    finally:
+        threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()

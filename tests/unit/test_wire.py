@@ -295,6 +295,43 @@ def test_a_reader_that_may_not_wait_refuses_a_large_frame_before_its_body():
         c.close()
 
 
+def test_a_reader_that_may_not_wait_takes_sealed_frames_up_to_the_limit():
+    """Sealed, the limit counts the body, not the tag: a body of LOOP_FRAME bytes is
+    taken, one more is refused, and a length too short for a tag fails its check."""
+    from bmig.errors import IntegrityError
+    from bmig.wire.channel import LOOP_FRAME
+
+    keys = (b"k" * 32, b"j" * 32)
+    left, right = channel_pair(authenticated=False)
+    left.authenticated(keys)
+    right.authenticated((keys[1], keys[0]))
+    body = os.urandom(LOOP_FRAME)
+    sender = threading.Thread(target=left.send, args=(body,))
+    sender.start()
+    got = None
+    while got is None:
+        if not right.fill_nowait():
+            select.select([right.stream.sock], [], [], 10)
+        got = right.buffered()
+    sender.join(10)
+    assert bytes(got) == body
+    left.send(body + b"x")
+    while not right.fill_nowait():
+        select.select([right.stream.sock], [], [], 10)
+    with pytest.raises(FrameTooLarge):
+        right.buffered()
+    other, far = channel_pair(authenticated=False)
+    other.authenticated(keys)
+    far.authenticated((keys[1], keys[0]))
+    other.stream.sock.sendall((5).to_bytes(4, "little") + b"12345")
+    while not far.fill_nowait():
+        select.select([far.stream.sock], [], [], 10)
+    with pytest.raises(IntegrityError):
+        far.buffered()
+    for c in (left, right, other, far):
+        c.close()
+
+
 def test_a_reader_that_may_not_wait_keeps_room_for_a_whole_frame(monkeypatch):
     """A frame begun near the end of the buffer, then one of the largest kind: the
     buffer is compacted so that the frame fits, and nothing is lost on the way."""
