@@ -55,11 +55,22 @@ class SocketStream:
             raise
 
     def send(self, parts: Sequence[Buffer]) -> None:
-        if self._tls or len(parts) == 1:     # SSLSocket has no sendmsg
+        if self._tls:                        # SSLSocket has no sendmsg
             for part in parts:
                 self.sock.sendall(part)
             return
-        send_all(self.sock.sendmsg, parts)
+        send_all(self._sendmsg, parts)
+
+    def _sendmsg(self, views: list[memoryview]) -> int:
+        """sendmsg that waits for room even when the descriptor was made non-blocking
+        under us (an event loop watching it: libuv does that, for a moment)."""
+        while True:
+            try:
+                return self.sock.sendmsg(views)
+            except BlockingIOError:
+                poller = select.poll()
+                poller.register(self.sock, select.POLLOUT)
+                poller.poll()
 
     @property
     def nowait(self) -> bool:

@@ -252,6 +252,40 @@ def test_a_stream_that_ends_inside_a_frame_is_a_protocol_error():
     right.close()
 
 
+def test_a_socket_made_non_blocking_under_the_stream_still_sends_everything(monkeypatch):
+    """An event loop that watches the socket may make its descriptor non-blocking (libuv
+    does): a send that finds the socket full waits for room all the same, and nothing
+    is lost or sent twice. Nothing is read until the sender has found it full."""
+    waiting = threading.Event()
+    real_poll = select.poll
+
+    class Poll:
+        def __init__(self):
+            self._poll = real_poll()
+            self.register = self._poll.register
+
+        def poll(self, *timeout):
+            waiting.set()
+            return self._poll.poll(*timeout)
+
+    monkeypatch.setattr(select, "poll", Poll)
+    left, right = channel_pair()
+    os.set_blocking(left.stream.sock.fileno(), False)
+    payload = os.urandom(3 << 20)                   # far more than the socket holds
+    sender = threading.Thread(target=lambda: [left.send(b"h%d" % i, payload)
+                                              for i in range(2)])
+    sender.start()
+    assert waiting.wait(10), "the send never waited for room"
+    right.stream.sock.settimeout(10)
+    for i in range(2):
+        body = right.read()
+        assert bytes(body[:2]) == b"h%d" % i and bytes(body[2:]) == payload
+    sender.join(10)
+    assert not sender.is_alive()
+    left.close()
+    right.close()
+
+
 def test_a_reader_that_may_not_wait_takes_frames_whole_however_the_bytes_come():
     """fill_nowait and buffered (an event loop's reader): a frame is handed on only
     once whole, whether its bytes come a few at a time or with the next frame's."""
