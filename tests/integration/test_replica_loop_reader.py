@@ -363,3 +363,33 @@ def test_acknowledgements_read_on_the_loop_answer_writers_without_a_wake_up(tmp_
         threadsafe(loop.stop)
         thread.join(WAIT)
         loop.close()
+
+
+def test_a_receiver_that_stops_answering_is_aborted_and_let_go(loop):
+    """Nothing acknowledged for ack_timeout: the replica fails, abort() shuts the socket
+    down (the loop still watches it, so it is not closed there), the loop hears the end,
+    and close() closes it once the loop no longer watches it."""
+    receiver = GatedReceiver()                 # reads nothing until the end of the test
+    sock = receiver.connect()
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        replica = Replica(target, "C", loop, ack_timeout=1.0)
+        on_loop(loop, lambda: None)
+        outcome: list = []
+        answered = threading.Event()
+
+        def answer(seq, error):
+            outcome.append(error)
+            answered.set()
+
+        loop.call_soon_threadsafe(replica.write_now, 0, b"\x22" * 4096, False, answer)
+        assert answered.wait(WAIT)
+        assert "acknowledged nothing" in outcome[0].message
+        assert sock.fileno() != -1             # shut down, not closed under the loop
+        wait_until(lambda: not target._watched, timeout=WAIT, what="the loop to let go")
+        replica.close()
+        assert sock.fileno() == -1
+    finally:
+        receiver.close()
