@@ -29,7 +29,7 @@ from bmig.framing import ConnectionClosed
 from bmig.limits import MAX_HASHES, MAX_RESYNC_RANGES
 from bmig.lineage import hex_id
 from bmig.wire import handshake
-from bmig.wire.channel import LOOP_FRAME, Channel
+from bmig.wire.channel import Channel
 from bmig.wire.options import ConnectOptions
 from bmig.wire.protocol import (Message, T, decode_json, error_from, pack_data,
                                 pack_seq, pack_zero, type_of, unpack_hashes, unpack_seq)
@@ -185,6 +185,7 @@ class WireTarget:
         fd = self.channel.stream.fileno()        # type: ignore[attr-defined]
         try:
             self._loop.add_reader(fd, self._readable)
+            self._watched = True
             # libuv (uvloop) makes the descriptor non-blocking, for every user of it:
             # the sender thread's sends must still wait for room, so it is made
             # blocking again; the loop's own reads never wait (MSG_DONTWAIT).
@@ -193,7 +194,6 @@ class WireTarget:
             self._unwatch()
             self._reader_stops(UnreachableError(f"lost {self.description}: {exc}"))
             return
-        self._watched = True
         self._readable(fill=False)       # what the thread's last receive brought
 
     def _readable(self, fill: bool = True) -> None:
@@ -430,19 +430,18 @@ class WireTarget:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._send(Message(T.BYE, {}))
-        except BmigError:
-            pass
+        if self._loop is not None and self._on_loop():
+            self._bye_from_the_loop()
         else:
-            reader = self._reader
-            if reader is not None and reader is not threading.current_thread():
-                reader.join(timeout=BYE_WAIT)      # it ends at the receiver's close
-            if self._loop is not None and reader is not None and not reader.is_alive():
-                if self._on_loop():                # the loop cannot wait for itself
-                    self._unwatch()
-                    self._read_here(BYE_WAIT)
-                else:
+            try:
+                self._send(Message(T.BYE, {}))
+            except BmigError:
+                pass
+            else:
+                reader = self._reader
+                if reader is not None and reader is not threading.current_thread():
+                    reader.join(timeout=BYE_WAIT)      # it ends at the receiver's close
+                if self._loop is not None and reader is not None and not reader.is_alive():
                     self._read_ended.wait(BYE_WAIT)
         if self._stop_watching():
             self.channel.close()
@@ -458,14 +457,28 @@ class WireTarget:
         if self._reader is not None:
             self._reader.join(timeout=10)
 
-    def _read_here(self, timeout: float) -> None:
-        """Read, in this thread, until the receiver closes or ``timeout`` has passed
-        (in all: a receiver that trickles frames does not keep us), small frames only."""
-        deadline = time.monotonic() + timeout
+    def _bye_from_the_loop(self) -> None:
+        """``close`` on the loop's own thread (a replica replaced by another), which may
+        wait neither for the socket nor for itself: BYE only if the socket takes it at
+        once, then the last frames read here, for BYE_WAIT in all."""
+        bye = [(Message(T.BYE, {}).encode(), None)]
+        if self.channel.try_send_many(bye) != []:     # not taken whole: no BYE, and
+            return                                    # the receiver sees the close
+        reader = self._reader
+        if reader is not None and reader.is_alive():  # not handed over yet
+            reader.join(timeout=BYE_WAIT)
+            return
+        self._unwatch()
+        deadline = time.monotonic() + BYE_WAIT
+        stream = self.channel.stream
         try:
-            while (left := deadline - time.monotonic()) > 0:
-                self.channel.stream.settimeout(left)   # type: ignore[attr-defined]
-                self._dispatch(self.channel.read(cap=LOOP_FRAME))
+            while True:
+                while (body := self.channel.buffered()) is not None:
+                    self._dispatch(body)
+                left = deadline - time.monotonic()
+                if left <= 0 or not stream.readable(left):   # type: ignore[attr-defined]
+                    return
+                self.channel.fill_nowait()
         except BmigError:
             pass
 

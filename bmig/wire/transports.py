@@ -95,6 +95,12 @@ class SocketStream:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def readable(self, timeout: float) -> bool:
+        """Something to read (or the end) within ``timeout`` seconds."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+
     def shutdown(self) -> None:
         """End both directions, waking whoever waits on the socket, without closing
         it (an event loop may still watch its descriptor)."""

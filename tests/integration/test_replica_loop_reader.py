@@ -49,6 +49,12 @@ def loop(request):
     loop.close()
 
 
+def settle(loop) -> None:
+    """Let the loop run what a replica's close left it (its last callbacks, a task)."""
+    for _ in range(3):
+        on_loop(loop, lambda: None)
+
+
 def on_loop(loop, function):
     """Run ``function`` in the loop's thread and return what it returned."""
     async def call():
@@ -210,13 +216,15 @@ def test_a_frame_too_large_for_an_acknowledgement_ends_the_replica(loop):
 
 class GatedReceiver:
     """A receiver that answers OPEN at once, then reads nothing until ``go`` is set, and
-    from then on answers each DATA with WRITTEN and each FLUSH with DURABLE; or, with
-    ``trickle``, sends a DURABLE every ``trickle`` seconds after BYE until ``stop``."""
+    from then on answers each DATA with WRITTEN and each FLUSH with DURABLE; with
+    ``trickle``, after BYE it sends a DURABLE every ``trickle`` seconds until ``stop``
+    (``bytewise``: one frame, a byte every ``trickle`` seconds)."""
 
-    def __init__(self, trickle: float = 0.0):
+    def __init__(self, trickle: float = 0.0, bytewise: bool = False):
         self.go = threading.Event()
         self.stop = threading.Event()
         self.trickle = trickle
+        self.bytewise = bytewise          # trickle one frame a byte at a time instead
         self.fake = FakeReceiver(self._script)
 
     def connect(self) -> socket.socket:
@@ -236,6 +244,12 @@ class GatedReceiver:
                 break
             seq = unpack_seq(body) if kind == T.FLUSH else DATA_HEAD.unpack_from(body)[4]
             channel.send(pack_seq(T.DURABLE if kind == T.FLUSH else T.WRITTEN, seq))
+        if self.bytewise:                 # a frame's length, then a byte at a time
+            channel.stream.sock.sendall((100).to_bytes(4, "little"))
+            for _ in range(100):
+                if self.stop.wait(self.trickle):
+                    return
+                channel.stream.sock.sendall(b"x")
         while self.trickle and not self.stop.wait(self.trickle):
             channel.send(pack_seq(T.DURABLE, 1))
 
@@ -256,8 +270,8 @@ def test_a_burst_larger_than_the_socket_waits_for_room_on_every_loop(loop):
         assert target.read_on(loop)
         target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
         replica = Replica(target, "C", loop, ack_timeout=4 * WAIT)
-        on_loop(loop, lambda: None)            # the hand-over's _watch has run
-        assert target._watched and os.get_blocking(sock.fileno())
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        assert on_loop(loop, lambda: os.get_blocking(sock.fileno()))
 
         async def burst():
             return await asyncio.gather(*(replica.write(i << 20, b"\x5a" * (1 << 20), False)
@@ -270,6 +284,7 @@ def test_a_burst_larger_than_the_socket_waits_for_room_on_every_loop(loop):
         assert replica.error is None, replica.error
         assert not [r for r in results if isinstance(r, BaseException)], results
         replica.close()
+        settle(loop)
     finally:
         receiver.close()
 
@@ -285,8 +300,53 @@ def test_the_loops_close_is_bounded_when_the_receiver_trickles_frames(loop, monk
         target = target_over(sock)
         target.read_on(loop)
         target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-        on_loop(loop, lambda: None)
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
         on_loop(loop, target.close)           # WAIT: an unbounded read would outlast it
+        assert sock.fileno() == -1
+    finally:
+        receiver.close()
+
+
+def test_the_loops_close_is_bounded_when_the_receiver_trickles_bytes(loop, monkeypatch):
+    """... and so is it when the receiver sends one frame a byte at a time: the bound
+    is on the whole read, not on each receive."""
+    monkeypatch.setattr(client_module, "BYE_WAIT", 1.0)
+    receiver = GatedReceiver(trickle=0.5, bytewise=True)
+    receiver.go.set()
+    sock = receiver.connect()
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        on_loop(loop, target.close)           # WAIT: 100 bytes at 0.5 s outlast it
+        assert sock.fileno() == -1
+    finally:
+        receiver.close()
+
+
+def test_the_loops_close_does_not_wait_for_room_for_its_bye(loop):
+    """A receiver that reads nothing, a socket full to the brim: the loop's own close
+    sends no BYE rather than wait for room (the receiver sees the close instead)."""
+    receiver = GatedReceiver()                 # reads nothing until the end of the test
+    sock = receiver.connect()
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        payload = b"\x33" * 65536
+
+        def fill() -> int:
+            for seq in range(1, 100_000):
+                frame = target.data_frame(seq, 0, codec.RAW, payload, len(payload),
+                                          codec.checksum(payload), FLAG_ACK_WRITTEN)
+                if target.try_send_batch([frame]) != []:
+                    return seq
+            raise AssertionError("the socket never filled")
+
+        assert on_loop(loop, fill) > 1
+        on_loop(loop, target.close)           # WAIT: a BYE waiting for room would hang
         assert sock.fileno() == -1
     finally:
         receiver.close()
@@ -305,8 +365,7 @@ def test_a_loop_too_busy_to_let_go_closes_the_socket_itself(loop, monkeypatch):
         target = target_over(sock)
         target.read_on(loop)
         target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-        on_loop(loop, lambda: None)
-        assert target._watched
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
         loop.call_soon_threadsafe(lambda: release.wait(WAIT))   # the loop is busy
         target.close()
         assert sock.fileno() != -1             # not closed while watched
@@ -338,7 +397,8 @@ def test_acknowledgements_read_on_the_loop_answer_writers_without_a_wake_up(tmp_
         target.read_on(loop)
         target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
         replica = Replica(target, "C", loop)
-        on_loop(loop, lambda: None)
+        wait_until(lambda: target._watched and replica._loop_thread is not None,
+                   timeout=WAIT, what="the hand-over")
         answered: list[int] = []
         all_answered = threading.Event()
 
@@ -358,6 +418,7 @@ def test_acknowledgements_read_on_the_loop_answer_writers_without_a_wake_up(tmp_
         assert set(answered) == {thread.ident}
         assert "_take_inbox" not in scheduled, scheduled
         replica.close()
+        settle(loop)
         session.join(WAIT)
     finally:
         threadsafe(loop.stop)
@@ -376,7 +437,7 @@ def test_a_receiver_that_stops_answering_is_aborted_and_let_go(loop):
         target.read_on(loop)
         target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
         replica = Replica(target, "C", loop, ack_timeout=1.0)
-        on_loop(loop, lambda: None)
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
         outcome: list = []
         answered = threading.Event()
 
@@ -390,6 +451,32 @@ def test_a_receiver_that_stops_answering_is_aborted_and_let_go(loop):
         assert sock.fileno() != -1             # shut down, not closed under the loop
         wait_until(lambda: not target._watched, timeout=WAIT, what="the loop to let go")
         replica.close()
+        settle(loop)
         assert sock.fileno() == -1
     finally:
         receiver.close()
+
+
+def test_a_bug_in_handling_an_acknowledgement_ends_the_replica_not_the_loop(loop, tmp_path):
+    """An exception other than the product's own while the loop handles what it read is
+    logged, and ends the replication as a lost connection would: the loop stops
+    watching and goes on."""
+    sock, session = in_process_receiver(tmp_path)
+    target = target_over(sock)
+
+    class Broken(Heard):
+        def written(self, seq: int) -> None:
+            raise RuntimeError("a bug")
+
+    heard = Broken()
+    target.read_on(loop)
+    target.set_acks(heard)
+    target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+    wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+    send_data(target, 1, 2)
+    heard.wait_for("fatal")
+    assert "internal error" in heard.errors[0].message
+    wait_until(lambda: not target._watched, timeout=WAIT, what="the loop to let go")
+    on_loop(loop, lambda: None)               # the loop runs on
+    target.close()
+    session.join(WAIT)
