@@ -78,6 +78,7 @@ log = logging.getLogger("bmig-nbd")
 
 FLUSH_DELAY = 0.05                    # seconds from an unflushed frame to its FLUSH
 ACK_TIMEOUT = 10.0                    # seconds a DURABLE may keep us waiting (ping: half)
+SENDER_WAIT = 30.0                    # seconds a close waits for the frames still queued
 # Frames queued in one loop turn leave every HAND_OVER_EVERY frames, not only at its end:
 # breceive starts on them while the loop goes on with the turn's other requests, and on
 # two cores the two overlap (bench/cutover.py, protocol C at iodepth 32: ~15 % more
@@ -474,7 +475,13 @@ class Replica:
         if self.error is not None:       # nothing more is owed: do not wait on the link
             self.target.abort()
         self._outbox.put(None)
-        self._sender.join(timeout=30)
+        self._sender.join(timeout=SENDER_WAIT)
+        if self._sender.is_alive():      # stuck in a send to a receiver that reads nothing
+            log.warning("replication to %s: %s still unsent after %g s; the connection "
+                        "is dropped", self.description,
+                        "frames" if self._in_thread else "a frame", SENDER_WAIT)
+            self.target.abort()          # wakes the send; BYE would wait for it for ever
+            self._sender.join(timeout=SENDER_WAIT)
         try:
             self.target.close()
         except BmigError:

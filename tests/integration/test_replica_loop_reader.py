@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 from bmig.errors import BmigError, FrameTooLarge
+from bmig.nbd import replica as replica_module
 from bmig.nbd.replica import Replica
 from bmig.receiver.policy import Policy, TargetConfig
 from bmig.receiver.session import Session
@@ -480,3 +481,36 @@ def test_a_bug_in_handling_an_acknowledgement_ends_the_replica_not_the_loop(loop
     on_loop(loop, lambda: None)               # the loop runs on
     target.close()
     session.join(WAIT)
+
+
+def test_a_close_with_frames_stuck_behind_a_receiver_that_reads_nothing_ends(loop,
+                                                                               monkeypatch):
+    """Protocol A answers writers at once; with the receiver reading nothing, the
+    sender thread is stuck in a send. Stopping the replication drops the link after
+    SENDER_WAIT rather than wait for ever (BYE would wait for the stuck send)."""
+    monkeypatch.setattr(replica_module, "SENDER_WAIT", 1.0)
+    monkeypatch.setattr(client_module, "BYE_WAIT", 1.0)
+    receiver = GatedReceiver()                 # reads nothing until the end of the test
+    sock = receiver.connect()
+    try:
+        target = target_over(sock)
+        target.read_on(loop)
+        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        replica = Replica(target, "A", loop, ack_timeout=4 * WAIT)
+        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+
+        async def burst():
+            for i in range(32):                # answered at once: queued, not sent
+                await replica.write(i << 20, b"\x44" * (1 << 20), False)
+
+        asyncio.run_coroutine_threadsafe(burst(), loop).result(WAIT)
+        wait_until(lambda: replica._in_thread, timeout=WAIT,
+                   what="the sender thread to take frames the socket did not")
+        closer = threading.Thread(target=replica.close, daemon=True)
+        closer.start()
+        closer.join(WAIT)
+        assert not closer.is_alive(), "the close waited for the stuck send"
+        settle(loop)
+        assert sock.fileno() == -1
+    finally:
+        receiver.close()
