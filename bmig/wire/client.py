@@ -8,8 +8,14 @@ was written) and ``fatal(error)`` (the target is gone; nothing more will be made
 durable). A pass (bmig.sender.passes) commits chunks in breqd only on ``durable``
 (invariant 3); a replica (bmig.nbd.replica) also hears ``received`` and ``written``.
 
+A reader thread reads what the receiver sends. A replica over a plain socket hands that
+to its event loop instead (``read_on``): the loop watches the socket and reads without
+waiting; whoever closes the connection first makes sure the loop no longer watches it, so
+that the loop never watches a descriptor closed and perhaps reused.
+
 The handshake is bmig.wire.handshake's; the connection itself (TCP, TLS, SSH) is
-bmig.wire.connect's. This module knows messages and threads, not sockets or URLs.
+bmig.wire.connect's. This module knows messages, threads and that one event loop, not
+sockets or URLs.
 """
 
 from __future__ import annotations
