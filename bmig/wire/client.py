@@ -82,9 +82,19 @@ class WireTarget:
 
     def __init__(self, stream: Stream, url: TargetUrl, options: ConnectOptions,
                  receiver_verified: bool, hint: str = ""):
-        self.description = str(url)
-        self.export = url.export
-        self.channel = Channel(stream)
+        self._unread(Channel(stream), str(url), url.export)
+        agreed = handshake.sender(self.channel, options.secret, receiver_verified, hint)
+        self.server = agreed.peer
+        self.sealed = agreed.sealed
+        self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
+        self._reader.start()
+
+    def _unread(self, channel: Channel, description: str, export: str) -> None:
+        """The state of a target on ``channel`` that nothing has read from yet (the
+        fuzz drivers start here too, and read by hand)."""
+        self.description = description
+        self.export = export
+        self.channel = channel
         self._replies: queue.Queue[Message | memoryview | BmigError] = queue.Queue()
         self._acks: Acks | None = None
         self._reader: threading.Thread | None = None
@@ -99,11 +109,6 @@ class WireTarget:
         self._let_go = False                    # the loop no longer watches the socket
         self._letting_go = threading.Lock()     # between those two
         self._read_ended = threading.Event()
-        agreed = handshake.sender(self.channel, options.secret, receiver_verified, hint)
-        self.server = agreed.peer
-        self.sealed = agreed.sealed
-        self._reader = threading.Thread(target=self._read_loop, name="acks", daemon=True)
-        self._reader.start()
 
     # -- control -----------------------------------------------------------------------
 

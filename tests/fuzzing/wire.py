@@ -12,7 +12,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import queue
 import random
 import socket
 import threading
@@ -84,6 +83,9 @@ class MemoryStream:
         buf[:n] = self._data[self._pos:self._pos + n]
         self._pos += n
         return n
+
+    def recv_nowait(self, buf: memoryview) -> int:      # everything is there at once
+        return self.recv_into(buf)
 
     def send(self, parts) -> None:
         with self._lock:
@@ -466,16 +468,10 @@ class WireAcks(Driver):
 
     def run(self, data: bytes) -> str | None:
         target = WireTarget.__new__(WireTarget)
-        target.description = "fuzz receiver"
-        target.export = "a"
-        target.channel = Channel(MemoryStream(data))
+        target._unread(Channel(MemoryStream(data)), "fuzz receiver", "a")
         target.channel.authenticated()
-        target._replies = queue.Queue()
         target._acks = _Acks()
-        target._reader = None
-        target._closed = False
-        target.error = None
-        target._read_loop()
+        self.read(target)
         replies = []
         while not target._replies.empty():
             replies.append(target._replies.get_nowait())
@@ -495,6 +491,23 @@ class WireAcks(Driver):
         if isinstance(why, UnreachableError) and why.message.endswith("closed the connection"):
             return None          # every frame read: the receiver closed, as it may
         return f"{type(why).__name__}: {normalize(why.message)}"
+
+
+    def read(self, target: WireTarget) -> None:
+        target._read_loop()
+
+
+class WireAcksOnLoop(WireAcks):
+    name = "wire-acks-loop"
+    what = ("the same read on bmig-nbd's event loop over tcp:// (WireTarget._readable, "
+            "Channel.fill_nowait and buffered)")
+
+    def read(self, target: WireTarget) -> None:
+        for _ in range(1 << 20):       # each call takes at least a byte, or ends
+            if target._read_ended.is_set():
+                return
+            target._readable()
+        raise Violation("the loop's reader never ended")
 
 
 # -- the codec -----------------------------------------------------------------------------
@@ -539,4 +552,4 @@ class WireCodec(Driver):
 
 
 DRIVERS = (WireHandshakeReceiver, WireHandshakeSender, WireSession, WireSealed, WireAcks,
-           WireCodec)
+           WireAcksOnLoop, WireCodec)
