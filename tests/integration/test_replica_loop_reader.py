@@ -17,8 +17,6 @@ import uvloop
 from bmig.errors import BmigError, FrameTooLarge
 from bmig.nbd import replica as replica_module
 from bmig.nbd.replica import Replica
-from bmig.receiver.policy import Policy, TargetConfig
-from bmig.receiver.session import Session
 from bmig.wire import client as client_module
 from bmig.wire import codec, handshake
 from bmig.wire.channel import LOOP_FRAME, Channel
@@ -31,7 +29,7 @@ from bmig.wire.urls import parse_target_url
 
 from tests.daemon import wait_until
 
-from .wire_helpers import IN_PROCESS_SIZE, SECRET, WAIT, FakeReceiver, SessionThread
+from .wire_helpers import IN_PROCESS_SIZE, SECRET, WAIT, FakeReceiver, session_in_process
 
 SOURCE = SourceInfo("t", 0xAA, 0xBB, IN_PROCESS_SIZE, 65536)
 REPLICATE = {"protocol": "C", "acks": "cumulative", "window": 0}
@@ -105,16 +103,16 @@ def target_over(sock: socket.socket) -> WireTarget:
                       ConnectOptions(secret=SECRET), receiver_verified=False)
 
 
-def in_process_receiver(tmp_path) -> tuple[socket.socket, SessionThread]:
-    """breceive's own Session on one end of a socket pair; the other end."""
-    path = str(tmp_path / "t.img")
-    with open(path, "wb") as f:
-        f.truncate(IN_PROCESS_SIZE)
-    policy = Policy({"t": TargetConfig("t", path)}, str(tmp_path), SECRET)
-    a, b = socket.socketpair()
-    thread = SessionThread(Session(Channel(SocketStream(a, "sender")), policy, False, "s"))
-    thread.start()
-    return b, thread
+def opened(loop, sock: socket.socket, acks: Heard | None = None) -> WireTarget:
+    """A replication session on ``sock``, its reading handed to ``loop`` (and
+    ``acks`` listening from the start), once the loop watches the socket."""
+    target = target_over(sock)
+    assert target.read_on(loop)
+    if acks is not None:
+        target.set_acks(acks)
+    assert target.open(SOURCE, False, mode="replicate", extra=REPLICATE) in ("new", "same")
+    wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+    return target
 
 
 def send_data(target: WireTarget, first: int, count: int) -> None:
@@ -126,12 +124,9 @@ def send_data(target: WireTarget, first: int, count: int) -> None:
 
 
 def test_acknowledgements_after_opened_are_heard_in_the_loops_thread(loop, tmp_path):
-    sock, session = in_process_receiver(tmp_path)
-    target = target_over(sock)
+    sock, session = session_in_process(tmp_path)
     heard = Heard()
-    assert target.read_on(loop) is True
-    target.set_acks(heard)
-    assert target.open(SOURCE, False, mode="replicate", extra=REPLICATE) in ("new", "same")
+    target = opened(loop, sock, heard)
     loop_thread = on_loop(loop, threading.get_ident)
     send_data(target, 1, 20)
     heard.wait_for("durable", 21)
@@ -151,12 +146,9 @@ def test_a_close_in_the_loops_own_thread_does_not_wait_for_the_loop(loop, tmp_pa
     cannot wait for its own reading to end, so it stops watching and reads the last
     frames itself until the receiver has ended the session."""
     monkeypatch.setattr(client_module, "BYE_WAIT", 4 * WAIT)   # a wait would outlast WAIT
-    sock, session = in_process_receiver(tmp_path)
-    target = target_over(sock)
+    sock, session = session_in_process(tmp_path)
     heard = Heard()
-    target.read_on(loop)
-    target.set_acks(heard)
-    target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+    target = opened(loop, sock, heard)
     send_data(target, 1, 4)
     heard.wait_for("durable", 5)
     on_loop(loop, target.close)
@@ -166,12 +158,9 @@ def test_a_close_in_the_loops_own_thread_does_not_wait_for_the_loop(loop, tmp_pa
 
 
 def test_a_receiver_that_goes_away_is_heard_and_no_longer_watched(loop, tmp_path):
-    sock, session = in_process_receiver(tmp_path)
-    target = target_over(sock)
+    sock, session = session_in_process(tmp_path)
     heard = Heard()
-    target.read_on(loop)
-    target.set_acks(heard)
-    target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+    target = opened(loop, sock, heard)
     send_data(target, 1, 2)
     heard.wait_for("durable", 3)
     fd = sock.fileno()
@@ -267,11 +256,8 @@ def test_a_burst_larger_than_the_socket_waits_for_room_on_every_loop(loop):
     receiver = GatedReceiver()
     sock = receiver.connect()
     try:
-        target = target_over(sock)
-        assert target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        target = opened(loop, sock)
         replica = Replica(target, "C", loop, ack_timeout=4 * WAIT)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
         assert on_loop(loop, lambda: os.get_blocking(sock.fileno()))
 
         async def burst():
@@ -298,10 +284,7 @@ def test_the_loops_close_is_bounded_when_the_receiver_trickles_frames(loop, monk
     receiver.go.set()
     sock = receiver.connect()
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        target = opened(loop, sock)
         on_loop(loop, target.close)           # WAIT: an unbounded read would outlast it
         assert sock.fileno() == -1
     finally:
@@ -316,10 +299,7 @@ def test_the_loops_close_is_bounded_when_the_receiver_trickles_bytes(loop, monke
     receiver.go.set()
     sock = receiver.connect()
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        target = opened(loop, sock)
         on_loop(loop, target.close)           # WAIT: 100 bytes at 0.5 s outlast it
         assert sock.fileno() == -1
     finally:
@@ -332,10 +312,7 @@ def test_the_loops_close_does_not_wait_for_room_for_its_bye(loop):
     receiver = GatedReceiver()                 # reads nothing until the end of the test
     sock = receiver.connect()
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        target = opened(loop, sock)
         payload = b"\x33" * 65536
 
         def fill() -> int:
@@ -363,10 +340,7 @@ def test_a_loop_too_busy_to_let_go_closes_the_socket_itself(loop, monkeypatch):
     sock = receiver.connect()
     release = threading.Event()
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+        target = opened(loop, sock)
         loop.call_soon_threadsafe(lambda: release.wait(WAIT))   # the loop is busy
         target.close()
         assert sock.fileno() != -1             # not closed while watched
@@ -384,7 +358,7 @@ def test_acknowledgements_read_on_the_loop_answer_writers_without_a_wake_up(tmp_
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    sock, session = in_process_receiver(tmp_path)
+    sock, session = session_in_process(tmp_path)
     scheduled: list[str] = []
     threadsafe = loop.call_soon_threadsafe
 
@@ -394,12 +368,10 @@ def test_acknowledgements_read_on_the_loop_answer_writers_without_a_wake_up(tmp_
 
     loop.call_soon_threadsafe = counting
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        target = opened(loop, sock)
         replica = Replica(target, "C", loop)
-        wait_until(lambda: target._watched and replica._loop_thread is not None,
-                   timeout=WAIT, what="the hand-over")
+        wait_until(lambda: replica._loop_thread is not None, timeout=WAIT,
+                   what="the replica's start on the loop")
         answered: list[int] = []
         all_answered = threading.Event()
 
@@ -434,11 +406,8 @@ def test_a_receiver_that_stops_answering_is_aborted_and_let_go(loop):
     receiver = GatedReceiver()                 # reads nothing until the end of the test
     sock = receiver.connect()
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        target = opened(loop, sock)
         replica = Replica(target, "C", loop, ack_timeout=1.0)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
         outcome: list = []
         answered = threading.Event()
 
@@ -462,18 +431,13 @@ def test_a_bug_in_handling_an_acknowledgement_ends_the_replica_not_the_loop(loop
     """An exception other than the product's own while the loop handles what it read is
     logged, and ends the replication as a lost connection would: the loop stops
     watching and goes on."""
-    sock, session = in_process_receiver(tmp_path)
-    target = target_over(sock)
-
     class Broken(Heard):
         def written(self, seq: int) -> None:
             raise RuntimeError("a bug")
 
+    sock, session = session_in_process(tmp_path)
     heard = Broken()
-    target.read_on(loop)
-    target.set_acks(heard)
-    target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
-    wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
+    target = opened(loop, sock, heard)
     send_data(target, 1, 2)
     heard.wait_for("fatal")
     assert "internal error" in heard.errors[0].message
@@ -493,11 +457,8 @@ def test_a_close_with_frames_stuck_behind_a_receiver_that_reads_nothing_ends(loo
     receiver = GatedReceiver()                 # reads nothing until the end of the test
     sock = receiver.connect()
     try:
-        target = target_over(sock)
-        target.read_on(loop)
-        target.open(SOURCE, False, mode="replicate", extra=REPLICATE)
+        target = opened(loop, sock)
         replica = Replica(target, "A", loop, ack_timeout=4 * WAIT)
-        wait_until(lambda: target._watched, timeout=WAIT, what="the hand-over")
 
         async def burst():
             for i in range(32):                # answered at once: queued, not sent

@@ -254,9 +254,9 @@ class SessionThread(threading.Thread):
             self.raised.append(exc)
 
 
-def replicating_in_process(tmp_path) -> tuple[Channel, SessionThread]:
-    """A replication session of export "t" (a 4 MiB file in ``tmp_path``, breceive's
-    state there too), opened; the sender's end of it and the session's thread."""
+def session_in_process(tmp_path) -> tuple[socket.socket, SessionThread]:
+    """breceive's own Session for export "t" (a 4 MiB file in ``tmp_path``, breceive's
+    state there too) on one end of a socket pair, in a thread; the other end."""
     target = str(tmp_path / "t.img")
     with open(target, "wb") as f:
         f.truncate(IN_PROCESS_SIZE)
@@ -264,6 +264,13 @@ def replicating_in_process(tmp_path) -> tuple[Channel, SessionThread]:
     a, b = socket.socketpair()
     thread = SessionThread(Session(Channel(SocketStream(a, "sender")), policy, False, "s"))
     thread.start()
+    return b, thread
+
+
+def replicating_in_process(tmp_path) -> tuple[Channel, SessionThread]:
+    """A replication session of export "t", opened by hand; the sender's end of it and
+    the session's thread."""
+    b, thread = session_in_process(tmp_path)
     sender = Channel(SocketStream(b, "receiver"))
     sender.stream.settimeout(WAIT)
     handshake.sender(sender, SECRET, receiver_verified=False)
