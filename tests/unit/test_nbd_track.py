@@ -128,6 +128,67 @@ def test_a_write_to_a_held_chunk_needs_no_message_to_breqd():
     assert events == ["hold [(0, 100)]", "write 0+100", "write 200+100"]
 
 
+def fast_path_is_consistent(layer: TrackLayer) -> bool:
+    """The fast path's bit for a chunk (``_plain``) says it is held and its Hold tainted,
+    never more: a write under the bit skips the mark and the tainting."""
+    return all(c in layer.held and layer.held[c].tainted for c in layer._plain.search(1))
+
+
+def test_a_chunk_let_go_is_marked_again_before_its_next_write():
+    events: list[str] = []
+    layer, _ = make(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)
+        assert layer.write_now(memoryview(b"b"), 0, False)
+        sweep(layer)
+        assert 0 not in layer.held and fast_path_is_consistent(layer)
+        assert not layer.write_now(memoryview(b"c"), 0, False)
+        await layer.write(memoryview(b"c"), 0, False)
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith(("hold", "release"))] == [
+        "hold [(0, 1)]", f"release [(0, {CHUNK})]", "hold [(0, 1)]"]
+
+
+def test_after_breqds_connection_changed_no_write_goes_under_a_forgotten_hold():
+    """Holds end with the connection: once a write on the new one has made the layer
+    start afresh, a chunk held on the old one is marked again before it is written."""
+    events: list[str] = []
+    layer, tracker = make(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)            # held on session 1
+        tracker.lose_connection()
+        await layer.write(memoryview(b"b"), CHUNK, False)        # held on session 2
+        assert set(layer.held) == {1} and fast_path_is_consistent(layer)
+        assert layer.write_now(memoryview(b"c"), CHUNK, False)
+        assert not layer.write_now(memoryview(b"d"), 0, False)
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith("hold")] == [
+        "hold [(0, 1)]", f"hold [({CHUNK}, 1)]"]
+
+
+def test_past_the_hold_limit_a_write_on_the_fast_path_counts_as_recent():
+    events: list[str] = []
+    layer = TrackLayer(Recorder(events), FakeTracker(events), "d", CHUNK, hold_limit=2,
+                       idle=3600)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)
+        await layer.write(memoryview(b"b"), CHUNK, False)
+        layer._release()                                         # a sweep: both older
+        assert layer.write_now(memoryview(b"c"), 0, False)      # chunk 0 written since
+        await layer.write(memoryview(b"d"), 2 * CHUNK, False)    # one too many
+        assert set(layer.held) == {0, 2}
+        await layer.close()
+
+    asyncio.run(main())
+
+
 def test_a_failed_mark_fails_the_request_and_writes_nothing():
     events: list[str] = []
     layer, _ = make(events, fail=True)
@@ -355,6 +416,21 @@ def test_a_replicated_write_is_released_synced_only_once_durable_on_the_target()
     assert [e for e in events if e.startswith(("sync-hold", "release"))] == [
         "sync-hold [(0, 1)]", f"sync-hold [({CHUNK}, 1)]",
         f"release-synced [(0, {CHUNK})]", f"release-synced [({CHUNK}, {CHUNK})]"]
+
+
+def test_a_hold_taken_while_replicating_stays_off_the_fast_path():
+    """A replicated write's hold keeps a replication record (it is not tainted): the
+    fast path, which would write under it with no record, must not take it."""
+    events: list[str] = []
+    layer, _, _ = make_replicated(events)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 0, False)
+        assert 0 in layer.held and not layer.held[0].tainted
+        assert fast_path_is_consistent(layer)
+        await layer.close()
+
+    asyncio.run(main())
 
 
 def test_a_write_that_missed_the_target_is_released_plain_at_once():

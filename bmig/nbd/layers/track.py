@@ -40,6 +40,8 @@ import logging
 from collections import Counter
 from typing import Any, Awaitable, Callable, Protocol
 
+from bitarray.util import zeros
+
 from bmig.chunkmath import chunk_span
 from bmig.constants import HOLD_IDLE, HOLD_IDLE_SWEEPS
 from bmig.errors import BmigError
@@ -122,6 +124,16 @@ class TrackLayer(Layer):
         self._session = -1
         self._sweeps = 0                      # sweeps done; ``Hold.seen`` counts in them
         self._unrecorded: Ranges = []         # written, but the mark again failed
+        # The fast path's tables, a bit per chunk of the device (two bits where breqd
+        # keeps four or five): ``_plain``, the chunk is held with no replication record
+        # to keep (its Hold is tainted), so a write to it only sets its bit in
+        # ``_written``, which the sweeps fold into ``Hold.seen``. A dict lookup and two
+        # stores into a Hold, on every write to a random place, missed the CPU's caches
+        # (measured: bench/README.md, "bench/nbd.py"). ``_plain`` is set only for a
+        # chunk in ``held`` whose Hold is tainted, and cleared whenever it leaves.
+        chunks = -(-self.size // chunk_size)
+        self._plain = zeros(chunks)
+        self._written = zeros(chunks)
         self._sweeper: asyncio.Task | None = None
         # What replicated writes left in the holds (invariant 6), when there is a mirror.
         self._mirrored = (MirroredHolds(mirror, self.held, self._busy)
@@ -143,10 +155,26 @@ class TrackLayer(Layer):
             log.info("%s: breqd connection changed; %d held chunks forgotten", self.device,
                      len(self.held))
         self.held.clear()
+        self._plain.setall(0)
+        self._written.setall(0)
         if self._mirrored is not None:
             self._mirrored.forget()
         self._session = tracker.session
         return False
+
+    def _fold_written(self) -> None:
+        """Bring ``Hold.seen`` up to date with what the fast path wrote since the last
+        fold. The sweep count has not moved since (a fold comes before each sweep), so
+        ``seen`` gets what it would have got at the write."""
+        written = self._written
+        if not written.any():
+            return
+        held, now = self.held, self._sweeps
+        for c in written.search(1):
+            hold = held.get(c)
+            if hold is not None:
+                hold.seen = now
+        written.setall(0)
 
     def _saw(self, chunks: range) -> None:
         """The held ones among ``chunks`` were written: not idle since this sweep."""
@@ -184,13 +212,15 @@ class TrackLayer(Layer):
         self._holds_valid()              # a new connection answered: start afresh
         if session != self._session:     # ... and has been lost since: hold nothing
             return session
-        held = self.held
+        held, plain = self.held, self._plain
         mirrored_runs = _ChunkRuns(in_mirror, self.chunk_size)
         for range_offset, range_length in ranges:
             for c in self._span(range_offset, range_length):
                 if c not in held:
                     held[c] = Hold(tainted=not mirrored, seen=self._sweeps,
                                    mirrored=c in mirrored_runs)
+                    if not mirrored:
+                        plain[c] = 1
         self._saw(chunks)
         if len(held) > self.hold_limit:
             self._let_go_oldest(keep=chunks)
@@ -282,8 +312,10 @@ class TrackLayer(Layer):
         release's ``synced`` field); if not, breqd marks the chunks again."""
         if not chunks:
             return
+        held, plain = self.held, self._plain
         for c in chunks:
-            del self.held[c]
+            del held[c]
+            plain[c] = 0
         ranges = self._byte_ranges(chunks)
         for start in range(0, len(ranges), 65536):
             done = self.tracker.release(self.device, ranges[start:start + 65536], settled)
@@ -314,6 +346,7 @@ class TrackLayer(Layer):
         so: letting it go sooner would mean a round trip to breqd on most of them."""
         if not self._holds_valid():
             return
+        self._fold_written()
         self._sweeps += 1
         held, busy = self.held, self._busy
         # While replicating, a hold whose writes are still on their way to the target
@@ -343,6 +376,7 @@ class TrackLayer(Layer):
         now, it would be written with no hold and no mark after it)."""
         if not self._holds_valid():
             return
+        self._fold_written()
         held, busy = self.held, self._busy
         want = len(held) - self.hold_limit + self.hold_limit // 8
         self._let_go_settled_or_plain(heapq.nsmallest(
@@ -384,7 +418,8 @@ class TrackLayer(Layer):
 
     def write_now(self, data: memoryview, offset: int, fua: bool) -> bool:
         # The hot path of the whole proxy, hence written out: a write inside one chunk
-        # held on the current breqd connection goes straight on, with no message.
+        # held on the current breqd connection goes straight on, with no message, and
+        # leaves one bit (``_plain`` and ``_written``: see ``__init__``).
         if self.tracker.session != self._session:     # a lost connection changes it too
             return False
         mirror = self.mirror
@@ -392,21 +427,20 @@ class TrackLayer(Layer):
             return False
         cs = self.chunk_size
         first = offset // cs
-        if (offset + len(data) - 1) // cs == first:
-            hold = self.held.get(first)
-            if hold is None or not self.inner.write_now(data, offset, fua):
+        if (offset + len(data) - 1) // cs == first and self._plain[first]:
+            if not self.inner.write_now(data, offset, fua):
                 return False
-            hold.tainted = True
-            hold.seen = self._sweeps
+            self._written[first] = 1
             return True
         chunks = self._span(offset, len(data))
         if not self._holds_all(chunks) or not self.inner.write_now(data, offset, fua):
             return False
-        held, now = self.held, self._sweeps
+        held, now, plain = self.held, self._sweeps, self._plain
         for c in chunks:
             hold = held[c]
             hold.tainted = True
             hold.seen = now
+            plain[c] = 1
         return True
 
     def write_later(self, data: memoryview, offset: int, fua: bool,
