@@ -14,7 +14,7 @@ import threading
 import pytest
 import uvloop
 
-from bmig.errors import BmigError, FrameTooLarge
+from bmig.errors import BmigError, FrameTooLarge, TargetFull
 from bmig.nbd import replica as replica_module
 from bmig.nbd.replica import Replica
 from bmig.wire import client as client_module
@@ -23,7 +23,7 @@ from bmig.wire.channel import LOOP_FRAME, Channel
 from bmig.wire.client import SourceInfo, WireTarget
 from bmig.wire.options import ConnectOptions
 from bmig.wire.protocol import (DATA_HEAD, FLAG_ACK_WRITTEN, Message, T, decode_json,
-                                pack_seq, type_of, unpack_seq)
+                                error_message, pack_seq, type_of, unpack_seq)
 from bmig.wire.transports import SocketStream
 from bmig.wire.urls import parse_target_url
 
@@ -475,3 +475,67 @@ def test_a_close_with_frames_stuck_behind_a_receiver_that_reads_nothing_ends(loo
         assert sock.fileno() == -1
     finally:
         receiver.close()
+
+
+def test_a_failed_send_raises_the_receivers_reason_read_by_the_loop(loop):
+    """The receiver sends a fatal ERROR and closes; the sender's next send fails with
+    a broken connection before the loop has read the ERROR (the loop is held up).
+    The send waits for the loop's reading to end and raises the receiver's reason,
+    not the broken pipe that followed it."""
+    def refusing_receiver(channel: Channel) -> None:
+        handshake.receiver(channel, SECRET, False, "refusing", [])
+        assert decode_json(channel.read()).type == T.OPEN
+        channel.send(Message(T.OPENED, {"relation": "same", "target": {}}).encode())
+        assert type_of(channel.read()) == T.DATA
+        channel.send(error_message(TargetFull("the target disk is full"),
+                                   fatal=True).encode())
+        channel.stream.sock.shutdown(socket.SHUT_RDWR)
+
+    class Waited(threading.Event):
+        """``_read_ended``, telling when somebody starts waiting on it."""
+
+        def __init__(self):
+            super().__init__()
+            self.waiting = threading.Event()
+
+        def wait(self, timeout=None):
+            self.waiting.set()
+            return super().wait(timeout)
+
+    receiver = FakeReceiver(refusing_receiver)
+    sock = socket.create_connection(("127.0.0.1", receiver.port), timeout=WAIT)
+    sock.settimeout(None)
+    held_up = threading.Event()
+    try:
+        target = opened(loop, sock, Heard())
+        target._read_ended = read_ended = Waited()
+        holding = threading.Event()
+
+        def hold_up() -> None:                             # the loop reads nothing
+            holding.set()
+            held_up.wait(WAIT)
+
+        loop.call_soon_threadsafe(hold_up)
+        assert holding.wait(WAIT)
+        outcome: list[BaseException] = []
+
+        def send_until_refused() -> None:
+            try:
+                for seq in range(1, 10_000):
+                    send_data(target, seq, 1)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send_until_refused, daemon=True)
+        sender.start()
+        wait_until(lambda: read_ended.waiting.is_set() or outcome, timeout=WAIT,
+                   what="the failed send to wait for the loop")
+        held_up.set()
+        sender.join(WAIT)
+        assert not sender.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], TargetFull), outcome
+        assert "the target disk is full" in outcome[0].message
+        target.close()
+    finally:
+        held_up.set()
+        receiver.stop()
