@@ -5,6 +5,7 @@ These fixtures touch only the test's tmp_path."""
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,6 +19,13 @@ from tests.daemon import RUNNING, Daemon, breqd_argv
 # Collected here as well, its tests would only be reported skipped, and a summary that
 # always says "skipped" hides the skip that means a test did not run.
 collect_ignore = [] if os.environ.get("RUN_IN_VM") else ["kernel"]
+
+# A shell without job control starts a command put in the background with SIGINT ignored,
+# and the commands it runs inherit that: the tests that stop `bmigrate events` or `status
+# --watch` with Ctrl-C (SIGINT) would wait for ever. The suite gives its children SIGINT as
+# a terminal would, however it was started.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 @dataclass
 class BreqdInstance:
