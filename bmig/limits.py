@@ -36,8 +36,9 @@ MAX_QUERY_RUNS = MAX_RANGES_PER_FRAME      # runs one QUERY reply carries
 
 # Chunks per device. ChunkMap keeps four bit arrays (dirty, in flight, held, mirrored),
 # and a fifth for the activity log unless it is off: 2^32 chunks are 2.5 GiB of memory
-# (256 TiB at 64 KiB chunks); bmig-nbd's tracking layer keeps two more for its fast path
-# (1 GiB). A bigger device is refused.
+# (256 TiB at 64 KiB chunks). bmig-nbd's tracking layer keeps two more of its own for its
+# fast path, per export (bmig/nbd/layers/track.py): 1 GiB at this cap. A bigger device is
+# refused.
 MAX_CHUNKS = 1 << 32
 # Disjoint runs one connection may hold (marked with "hold", not yet released).
 MAX_HELD_RUNS = 1 << 18

@@ -130,8 +130,10 @@ def test_a_write_to_a_held_chunk_needs_no_message_to_breqd():
 
 def fast_path_is_consistent(layer: TrackLayer) -> bool:
     """The fast path's bit for a chunk (``_plain``) says it is held and its Hold tainted,
-    never more: a write under the bit skips the mark and the tainting."""
-    return all(c in layer.held and layer.held[c].tainted for c in layer._plain.search(1))
+    never more: a write under the bit skips the mark and the tainting. Its record of
+    writes (``_written``) is only ever of held chunks."""
+    return (all(c in layer.held and layer.held[c].tainted for c in layer._plain.search(1))
+            and all(c in layer.held for c in layer._written.search(1)))
 
 
 def test_a_chunk_let_go_is_marked_again_before_its_next_write():
@@ -160,6 +162,7 @@ def test_after_breqds_connection_changed_no_write_goes_under_a_forgotten_hold():
 
     async def main():
         await layer.write(memoryview(b"a"), 0, False)            # held on session 1
+        assert layer.write_now(memoryview(b"a"), 0, False)
         tracker.lose_connection()
         await layer.write(memoryview(b"b"), CHUNK, False)        # held on session 2
         assert set(layer.held) == {1} and fast_path_is_consistent(layer)
@@ -170,6 +173,28 @@ def test_after_breqds_connection_changed_no_write_goes_under_a_forgotten_hold():
     asyncio.run(main())
     assert [e for e in events if e.startswith("hold")] == [
         "hold [(0, 1)]", f"hold [({CHUNK}, 1)]"]
+
+
+def test_a_write_to_the_last_partial_chunk_takes_the_fast_path_and_is_let_go():
+    class Short(Recorder):
+        @property
+        def size(self) -> int:
+            return 3 * CHUNK + 1
+
+    events: list[str] = []
+    layer = TrackLayer(Short(events), FakeTracker(events), "d", CHUNK, idle=3600)
+
+    async def main():
+        await layer.write(memoryview(b"a"), 3 * CHUNK, False)
+        assert layer.write_now(memoryview(b"b"), 3 * CHUNK, False)
+        sweep(layer)
+        await asyncio.sleep(0)
+        assert not layer.held and fast_path_is_consistent(layer)
+        await layer.close()
+
+    asyncio.run(main())
+    assert [e for e in events if e.startswith(("hold", "release"))] == [
+        f"hold [({3 * CHUNK}, 1)]", f"release [({3 * CHUNK}, 1)]"]
 
 
 def test_past_the_hold_limit_a_write_on_the_fast_path_counts_as_recent():
@@ -418,9 +443,9 @@ def test_a_replicated_write_is_released_synced_only_once_durable_on_the_target()
         f"release-synced [(0, {CHUNK})]", f"release-synced [({CHUNK}, {CHUNK})]"]
 
 
-def test_a_hold_taken_while_replicating_stays_off_the_fast_path():
+def test_a_hold_taken_while_replicating_is_not_marked_for_the_fast_path():
     """A replicated write's hold keeps a replication record (it is not tainted): the
-    fast path, which would write under it with no record, must not take it."""
+    fast path's bit, under which a write would skip the tainting, is not set for it."""
     events: list[str] = []
     layer, _, _ = make_replicated(events)
 
@@ -428,6 +453,53 @@ def test_a_hold_taken_while_replicating_stays_off_the_fast_path():
         await layer.write(memoryview(b"a"), 0, False)
         assert 0 in layer.held and not layer.held[0].tainted
         assert fast_path_is_consistent(layer)
+        await layer.close()
+
+    asyncio.run(main())
+
+
+def test_after_replication_stops_a_fast_write_under_a_replicated_hold_taints_it():
+    """A hold taken while replicating, still held when replication stops (its write
+    runs): the next write to it with no replication takes the fast path, and taints
+    it, so no later replication counts it as settled."""
+    events: list[str] = []
+    layer, inner, mirror = make_replicated(events)
+
+    async def main():
+        gate = inner.gate = asyncio.Event()
+        write = asyncio.ensure_future(layer.write(memoryview(b"a"), 0, False))
+        while 0 not in layer._busy:
+            await asyncio.sleep(0)
+        mirror.active, mirror.generation = False, 2
+        for callback in mirror.listeners:
+            callback()
+        assert 0 in layer.held and not layer.held[0].tainted and not layer._plain[0]
+        inner.gate = None
+        assert layer.write_now(memoryview(b"b"), 10, False)
+        assert layer.held[0].tainted and layer._plain[0]
+        assert fast_path_is_consistent(layer)
+        gate.set()
+        await write
+        await layer.close()
+
+    asyncio.run(main())
+
+
+def test_holds_let_go_when_replication_starts_leave_no_fast_path_record():
+    """Tracking only, a chunk written on the fast path; replication starts and lets
+    its tainted hold go at once (no sweep, so nothing folded its record first)."""
+    events: list[str] = []
+    layer, _, mirror = make_replicated(events)
+
+    async def main():
+        mirror.active = False
+        await layer.write(memoryview(b"a"), 0, False)
+        assert layer.write_now(memoryview(b"b"), 0, False)
+        mirror.active, mirror.generation = True, 2
+        for callback in mirror.listeners:
+            callback()
+        await asyncio.sleep(0)
+        assert 0 not in layer.held and fast_path_is_consistent(layer)
         await layer.close()
 
     asyncio.run(main())

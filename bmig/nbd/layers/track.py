@@ -129,8 +129,9 @@ class TrackLayer(Layer):
         # to keep (its Hold is tainted), so a write to it only sets its bit in
         # ``_written``, which the sweeps fold into ``Hold.seen``. A dict lookup and two
         # stores into a Hold, on every write to a random place, missed the CPU's caches
-        # (measured: bench/README.md, "bench/nbd.py"). ``_plain`` is set only for a
-        # chunk in ``held`` whose Hold is tainted, and cleared whenever it leaves.
+        # (bench/README.md, "Figures: the fast path's bits"). Both bits are set only for
+        # a chunk in ``held`` (``_plain``: whose Hold is tainted) and cleared when it
+        # leaves, so the sweeps and a lost connection touch only the held chunks' bits.
         chunks = -(-self.size // chunk_size)
         self._plain = zeros(chunks)
         self._written = zeros(chunks)
@@ -154,9 +155,10 @@ class TrackLayer(Layer):
         if self.held:
             log.info("%s: breqd connection changed; %d held chunks forgotten", self.device,
                      len(self.held))
+        plain, written = self._plain, self._written
+        for c in self.held:
+            plain[c] = written[c] = 0
         self.held.clear()
-        self._plain.setall(0)
-        self._written.setall(0)
         if self._mirrored is not None:
             self._mirrored.forget()
         self._session = tracker.session
@@ -165,16 +167,13 @@ class TrackLayer(Layer):
     def _fold_written(self) -> None:
         """Bring ``Hold.seen`` up to date with what the fast path wrote since the last
         fold. The sweep count has not moved since (a fold comes before each sweep), so
-        ``seen`` gets what it would have got at the write."""
-        written = self._written
-        if not written.any():
-            return
-        held, now = self.held, self._sweeps
-        for c in written.search(1):
-            hold = held.get(c)
-            if hold is not None:
+        ``seen`` gets what it would have got at the write. Walks the held chunks, not
+        the device's bits: its cost follows the holds, as the sweep's does."""
+        written, now = self._written, self._sweeps
+        for c, hold in self.held.items():
+            if written[c]:
                 hold.seen = now
-        written.setall(0)
+                written[c] = 0
 
     def _saw(self, chunks: range) -> None:
         """The held ones among ``chunks`` were written: not idle since this sweep."""
@@ -312,10 +311,10 @@ class TrackLayer(Layer):
         release's ``synced`` field); if not, breqd marks the chunks again."""
         if not chunks:
             return
-        held, plain = self.held, self._plain
+        held, plain, written = self.held, self._plain, self._written
         for c in chunks:
             del held[c]
-            plain[c] = 0
+            plain[c] = written[c] = 0
         ranges = self._byte_ranges(chunks)
         for start in range(0, len(ranges), 65536):
             done = self.tracker.release(self.device, ranges[start:start + 65536], settled)
