@@ -160,6 +160,7 @@ class Setup:
     size: int
     servers: dict[str, Server] = field(default_factory=dict)
     breqd: Proc | None = None
+    jobs: int = 1          # fio jobs, each with its own NBD connection
 
     @property
     def control(self) -> str:
@@ -182,7 +183,7 @@ def start_server(setup: Setup, name: str) -> Server:
     log = os.path.join(setup.tmp, f"{name}.log")
     if name == "qemu-nbd":
         p = Proc(name, ["qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads",
-                        "-k", sock, "-t", setup.backing], log)
+                        "-e", str(setup.jobs), "-k", sock, "-t", setup.backing], log)
         return Server(name, sock, "", start_probed(p, sock))
     if name == "nbdkit":
         p = Proc(name, ["nbdkit", "-f", "-U", sock, "file", setup.backing], log)
@@ -199,9 +200,13 @@ def start_server(setup: Setup, name: str) -> Server:
 
 # -- one fio run -------------------------------------------------------------------------
 
-def fio_argv(server: Server, w: Workload, runtime: int, ramp: int, out: str) -> list[str]:
+def fio_argv(server: Server, w: Workload, runtime: int, ramp: int, out: str,
+             jobs: int = 1) -> list[str]:
+    """One fio run; ``jobs`` > 1: that many jobs, each on its own NBD connection (as qemu
+    opens several when the server offers NBD_FLAG_CAN_MULTI_CONN), reported together."""
     return ["fio", f"--name={w.name}", "--ioengine=nbd", f"--uri={server.uri()}",
-            f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", "--numjobs=1",
+            f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--numjobs={jobs}",
+            *(["--group_reporting"] if jobs > 1 else []),
             "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}",
             "--norandommap", "--randrepeat=0",
             "--output-format=json", f"--output={out}"]
@@ -218,7 +223,7 @@ def breqd_counters(setup: Setup) -> dict[str, int]:
 def run_once(setup: Setup, server: Server, w: Workload, runtime: int, ramp: int, tag: str,
              clear_bitmap: bool) -> dict:
     out = os.path.join(setup.tmp, f"fio-{tag}.json")
-    fio = Proc(f"fio {tag}", fio_argv(server, w, runtime, ramp, out),
+    fio = Proc(f"fio {tag}", fio_argv(server, w, runtime, ramp, out, setup.jobs),
                os.path.join(setup.tmp, f"fio-{tag}.log"))
     if clear_bitmap and setup.breqd is not None and server.name == "bmig-nbd":
         with setup.tracker() as c:
@@ -433,7 +438,9 @@ def report(out: dict) -> str:
         rows = [s for s in out["summary"] if s["workload"] == key]
         if not rows:
             continue
-        parts.append(f"\n{w.key}. {w.title} ({rows[0]['runs']} run(s) of {out['runtime']} s "
+        jobs = out.get("jobs", 1)
+        title = w.title + (f", {jobs} jobs (NBD connections)" if jobs > 1 else "")
+        parts.append(f"\n{w.key}. {title} ({rows[0]['runs']} run(s) of {out['runtime']} s "
                      f"each after {out.get('ramp', 0)} s of ramp; medians, min-max over runs)")
         parts.append(table(
             ["server", "IOPS", "IOPS min-max", "MB/s", "MB/s min-max", "p50 ms", "p99 ms",
@@ -740,6 +747,10 @@ def parse_args() -> argparse.Namespace:
                    help="workloads: a/randwrite, b/seqwrite, c/randread [a,b,c]")
     p.add_argument("--servers", default=",".join(SERVERS),
                    help=f"servers to compare [{','.join(SERVERS)}]")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="fio jobs per run, each on its own NBD connection at the "
+                        "workload's iodepth (qemu's multi-conn; qemu-nbd is started with "
+                        "-e JOBS); the figures are their sum [1]")
     p.add_argument("--clear-bitmap", action="store_true",
                    help="clear breqd's bitmap before each tracked run, so writes are "
                         "first-time marks that wait for an fdatasync (default: the new "
@@ -773,9 +784,11 @@ def parse_args() -> argparse.Namespace:
     except Exception as exc:
         p.error(str(exc))
     if (args.runtime < 1 or args.repeat < 1 or args.ramp < 0 or args.size < MiB
-            or args.size % (4 * KiB)):
-        p.error("--runtime and --repeat must be positive, --size at least 1M and a "
-                "multiple of 4K")
+            or args.size % (4 * KiB) or not 1 <= args.jobs <= 16):
+        p.error("--runtime and --repeat must be positive, --jobs 1 to 16, --size at "
+                "least 1M and a multiple of 4K")
+    if args.hot and args.jobs != 1:
+        p.error("--hot runs one fio job")
     args.workloads = [next(k for k, w in WORKLOADS.items() if item in (k, w.name))
                       for item in _list(args.only, [*WORKLOADS, *(w.name for w in
                                                                    WORKLOADS.values())],
@@ -798,12 +811,13 @@ def main() -> int:
     facts = provenance(fio=["fio", "--version"], qemu_nbd=["qemu-nbd", "--version"],
                        nbdkit=["nbdkit", "--version"])
     out: dict = {**facts, "quick": args.quick, "runtime": args.runtime, "ramp": args.ramp,
-                 "repeat": args.repeat,
+                 "repeat": args.repeat, "jobs": args.jobs,
                  "size": args.size, "workloads": args.workloads,
                  "servers": args.server_list, "clear_bitmap": args.clear_bitmap, "runs": []}
     print(f"NBD servers benchmark: {', '.join(args.server_list)}; workloads "
           f"{','.join(args.workloads)}; {args.repeat} x {args.runtime} s each; "
-          f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}", flush=True)
+          + (f"{args.jobs} fio jobs (NBD connections) each; " if args.jobs > 1 else "")
+          + f"{args.size / MiB:,.0f} MiB backing in {args.backing_dir}", flush=True)
     print(provenance_line(facts), flush=True)
     t0 = time.monotonic()
     try:
@@ -816,7 +830,7 @@ def main() -> int:
         if args.hot:
             run_hot(args, Setup(tmp, backing, args.size), out)
         else:
-            run_all(args, Setup(tmp, backing, args.size), out)
+            run_all(args, Setup(tmp, backing, args.size, jobs=args.jobs), out)
     except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
