@@ -53,6 +53,15 @@ class Capabilities:
 class Layer(abc.ABC):
     def __init__(self, inner: "Layer | None" = None):
         self.inner = inner
+        if inner is not None:
+            # A layer that leaves reads alone hands them straight to the layer below
+            # (which did the same when it was made): a read of the tracked chain is one
+            # call into the file layer, not two per layer on the way down.
+            cls = type(self)
+            if cls.read_now is Layer.read_now:
+                self.read_now = inner.read_now  # type: ignore[method-assign]
+            if cls.read is Layer.read:
+                self.read = inner.read  # type: ignore[method-assign]
 
     def _next(self) -> "Layer":
         if self.inner is None:
