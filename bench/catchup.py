@@ -11,7 +11,11 @@ bytes_sent: after compression; the data is random, so about what was read), the
 amplification (sent / written), and its floor: every chunk fio touched shipped exactly
 once (distinct chunks x chunk size / written, from fio's I/O log). Target: at most 2x the
 bytes written at 64 KiB chunks, where the floor allows it; the figure that matters is
-sent / floor (1.0: each touched chunk went once).
+sent / floor (1.0: each touched chunk went once). A second floor counts the bursts of
+writes per chunk (a chunk written again after HOLD_IDLE seconds of quiet starts a new
+one): a shipper that keeps the copy within seconds of the source ships a chunk once its
+writes settle, and once more for each later burst; sent / that floor is what such a
+shipper wastes.
 
     .venv/bin/python bench/catchup.py [--quick] [--rounds N] [--seconds S] [--rate 2m]
 """
@@ -35,7 +39,7 @@ from benchlib import (BMIGRATE, PATHS, child_env, cleanup,  # noqa: E402
 from cutover import Bench, Proc, fio_argv, read_fio, write_file, write_secret  # noqa: E402
 
 from bmig.config import parse_size  # noqa: E402
-from bmig.constants import KiB, MiB  # noqa: E402
+from bmig.constants import HOLD_IDLE, KiB, MiB  # noqa: E402
 from bmig.processes import Stopped  # noqa: E402
 
 CHUNK = 64 * KiB
@@ -66,7 +70,30 @@ def distinct_chunks(iolog: str) -> int:
     return len(chunks)
 
 
-def one_round(b: Bench, k: int, seconds: float, rate: str) -> dict:
+def write_bursts(iolog: str, quiet_ms: float) -> int | None:
+    """Bursts of writes per chunk, summed over the chunks: a burst ends after ``quiet_ms``
+    without a write to the chunk. A shipper that keeps the copy fresh ships a chunk once
+    its writes settle, so a chunk written again after a quiet spell ships again: one
+    shipment per burst is the floor of such a shipper. None for an I/O log without
+    times (fio's version 2)."""
+    last: dict[int, float] = {}
+    bursts = 0
+    with open(iolog) as f:
+        if "version 3" not in f.readline():
+            return None
+        for line in f:
+            parts = line.split()
+            if len(parts) == 5 and parts[2] == "write":
+                at, offset, length = float(parts[0]), int(parts[3]), int(parts[4])
+                for c in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1):
+                    if c not in last or at - last[c] > quiet_ms:
+                        bursts += 1
+                    last[c] = at
+    return bursts
+
+
+def one_round(b: Bench, k: int, seconds: float, rate: str,
+              interval: float | None = None) -> dict:
     name = f"c{k}"
     src, dst = b.path(f"{name}.img"), b.path(f"{name}-target.img")
     PATHS.extend([src, dst])
@@ -80,7 +107,9 @@ def one_round(b: Bench, k: int, seconds: float, rate: str) -> dict:
         out = b.path(f"{name}-run.json")
         run = benchlib.Proc(f"bmigrate run {name}",
                    [*BMIGRATE, "run", name, "--source", src, "--to", recv.url(name),
-                    "--secret-file", b.secret, "--json"], b.path(f"{name}-run.log"))
+                    "--secret-file", b.secret, "--json",
+                    *([] if interval is None else ["--interval", f"{interval:g}"])],
+                   b.path(f"{name}-run.log"))
         with open(out, "w") as stdout:
             run.start(b.env(), stdout=stdout)
         iolog, fio_out = b.path(f"{name}.iolog"), b.path(f"{name}-fio.json")
@@ -96,19 +125,26 @@ def one_round(b: Bench, k: int, seconds: float, rate: str) -> dict:
         summary = next(e for e in reversed(events) if e.get("event") == "summary")
         written = int(job["write"]["io_bytes"])
         touched = distinct_chunks(iolog)
+        bursts = write_bursts(iolog, HOLD_IDLE * 1000)
         sent = int(summary["bytes_sent"])
-        row = {"round": k, "seconds": seconds, "rate": rate, "written": written,
+        row = {"round": k, "seconds": seconds, "rate": rate, "interval": interval,
+               "written": written,
                "chunks_touched": touched, "floor_bytes": touched * CHUNK,
                "bytes_sent": sent, "bytes_read": int(summary.get("bytes_read", 0)),
                "passes": int(summary.get("passes", 0)),
                "amplification": round(sent / written, 3) if written else None,
                "floor": round(touched * CHUNK / written, 3) if written else None,
                "sent_per_floor": round(sent / (touched * CHUNK), 3) if touched else None,
+               "bursts": bursts,
+               "sent_per_burst_floor": (round(sent / (bursts * CHUNK), 3) if bursts
+                                        else None),
                "caught_up_after_s": round(settle, 2)}
         print(f"  round {k}: written {written / MiB:.1f} MiB, {touched} chunks touched, "
               f"sent {sent / MiB:.1f} MiB in {row['passes']} passes: {row['amplification']}x "
               f"the bytes written (floor {row['floor']}x), {row['sent_per_floor']}x the "
-              "floor", flush=True)
+              f"floor; {bursts} bursts of writes (a chunk written again after "
+              f"{HOLD_IDLE:g} s of quiet), {row['sent_per_burst_floor']}x one shipment "
+              "per burst", flush=True)
         return row
     finally:
         if run is not None:
@@ -125,6 +161,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--rate", default="2m", help="fio's --rate (default 2m: 2 MiB/s)")
+    ap.add_argument("--interval", type=float,
+                    help="bmigrate run's --interval: how often it looks for new writes "
+                         "(its default if not given); a longer one lets the copy lag and "
+                         "ships a chunk's bursts together")
     ap.add_argument("--tmp-root", default="/var/tmp")
     ap.add_argument("--json", metavar="FILE", help="save the results there too")
     args = ap.parse_args()
@@ -143,7 +183,7 @@ def main() -> int:
         b.secret = write_secret(b.path("secret"))
         b.start_breqd()
         for k in range(args.rounds):
-            out["rounds"].append(one_round(b, k, args.seconds, args.rate))
+            out["rounds"].append(one_round(b, k, args.seconds, args.rate, args.interval))
     except (KeyboardInterrupt, Stopped):
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
@@ -157,8 +197,10 @@ def main() -> int:
         amp = sorted(r["amplification"] for r in rows)[len(rows) // 2]
         per_floor = sorted(r["sent_per_floor"] for r in rows)[len(rows) // 2]
         floor = sorted(r["floor"] for r in rows)[len(rows) // 2]
+        per_burst = sorted(r["sent_per_burst_floor"] or 0 for r in rows)[len(rows) // 2]
         print(f"median: sent {amp}x the bytes written (target <= 2x; the floor of one "
-              f"shipment per touched chunk is {floor}x), {per_floor}x the floor")
+              f"shipment per touched chunk is {floor}x), {per_floor}x the floor, "
+              f"{per_burst}x one shipment per burst of writes")
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         save_json(os.path.join(HERE, "results",
                                f"catchup-{time.strftime('%Y%m%d-%H%M%S')}.json"), out)
