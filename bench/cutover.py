@@ -523,10 +523,13 @@ def latency(b: Bench, out: dict) -> None:
     PATHS.append(d)
     src, dst = os.path.join(d, "source.img"), os.path.join(d, "target.img")
     sec = out["latency"] = {"dir": d, "fs": fs_type(d), "size": size,
-                            "runtime": args.runtime, "rounds": args.rounds, "runs": [],
+                            "runtime": args.runtime, "rounds": args.rounds,
+                            "jobs": args.jobs, "runs": [],
                             "checks": []}
     print(f"\nlatency: {size / GiB:g} GiB device in {d} ({sec['fs']}); modes "
-          f"{', '.join(args.modes)}; iodepth {', '.join(map(str, args.depths))}; {args.rounds} "
+          f"{', '.join(args.modes)}; iodepth {', '.join(map(str, args.depths))}"
+          + (f" x {args.jobs} fio jobs (NBD connections)" if args.jobs > 1 else "")
+          + f"; {args.rounds} "
           f"round(s) of {args.runtime} s runs", flush=True)
     write_file(src, size, True)
     write_file(dst, size, False)
@@ -600,8 +603,10 @@ class Latency:
             if not status.get("replicating") or status.get("protocol") != mode:
                 raise RuntimeError(f"bmigrate replicate --protocol {mode}: {status}")
         out = b.path(f"fio-{tag}.json")
+        jobs = ([f"--numjobs={args.jobs}", "--group_reporting"] if args.jobs > 1 else [])
         fio = Proc(f"fio {tag}", fio_argv(self.name, self.sock, out, "--bs=4k",
-                                          f"--iodepth={depth}", f"--runtime={args.runtime}"),
+                                          f"--iodepth={depth}", f"--runtime={args.runtime}",
+                                          *jobs),
                    b.path(f"fio-{tag}.log"))
         procs = {"nbd": self.nbd, "breqd": b.breqd, "breceive": self.recv.proc}
         marks0 = b.stats(self.name)["marks"]
@@ -843,6 +848,9 @@ def parse_args() -> argparse.Namespace:
                    help="modes of the latency section, comma-separated [%(default)s]")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)),
                    help="fio iodepths of the latency section [%(default)s]")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="latency section: fio jobs per run, each on its own NBD connection "
+                        "at the iodepth (qemu's multi-conn); the figures are their sum [1]")
     p.add_argument("--latency-size", default="1G", help="device size for the latency section "
                    "[1G]")
     p.add_argument("--shm-dir", default="/dev/shm",
@@ -866,6 +874,8 @@ def parse_args() -> argparse.Namespace:
             p.error(f"{what} must be at least 64M and a multiple of 64K")
     if args.repeat < 1 or args.runtime < 1 or args.rounds < 1 or args.load_seconds < 0:
         p.error("--repeat, --runtime and --rounds must be positive, --load-seconds >= 0")
+    if not 1 <= args.jobs <= 16:
+        p.error("--jobs takes 1 to 16")
     args.modes = tuple(m for m in args.modes.split(",") if m)
     if not args.modes or set(args.modes) - set(MODES):
         p.error(f"--modes takes some of {','.join(MODES)}")
