@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import benchlib  # noqa: E402
-from benchlib import (BMIGRATE, PATHS, child_env, cleanup,  # noqa: E402
+from benchlib import (BMIGRATE, PATHS, cleanup,  # noqa: E402
                       install_signal_handlers, provenance, provenance_line, save_json)
 from cutover import Bench, Proc, fio_argv, read_fio, write_file, write_secret  # noqa: E402
 
@@ -70,12 +70,13 @@ def distinct_chunks(iolog: str) -> int:
     return len(chunks)
 
 
-def write_bursts(iolog: str, quiet_ms: float) -> int | None:
-    """Bursts of writes per chunk, summed over the chunks: a burst ends after ``quiet_ms``
-    without a write to the chunk. A shipper that keeps the copy fresh ships a chunk once
-    its writes settle, so a chunk written again after a quiet spell ships again: one
-    shipment per burst is the floor of such a shipper. None for an I/O log without
-    times (fio's version 2)."""
+def write_bursts(iolog: str, quiet_us: float) -> int | None:
+    """Bursts of writes per chunk, summed over the chunks: a burst ends after ``quiet_us``
+    microseconds without a write to the chunk. A shipper that keeps the copy fresh ships a
+    chunk once its writes settle, so a chunk written again after a quiet spell ships
+    again: one shipment per burst is about the floor of such a shipper. None for an I/O
+    log without times (fio's version 2; version 3 starts each line with microseconds
+    since the log began)."""
     last: dict[int, float] = {}
     bursts = 0
     with open(iolog) as f:
@@ -83,10 +84,10 @@ def write_bursts(iolog: str, quiet_ms: float) -> int | None:
             return None
         for line in f:
             parts = line.split()
-            if len(parts) == 5 and parts[2] == "write":
-                at, offset, length = float(parts[0]), int(parts[3]), int(parts[4])
+            if len(parts) >= 5 and parts[-3] == "write":
+                at, offset, length = float(parts[0]), int(parts[-2]), int(parts[-1])
                 for c in range(offset // CHUNK, (offset + length - 1) // CHUNK + 1):
-                    if c not in last or at - last[c] > quiet_ms:
+                    if c not in last or at - last[c] > quiet_us:
                         bursts += 1
                     last[c] = at
     return bursts
@@ -125,7 +126,7 @@ def one_round(b: Bench, k: int, seconds: float, rate: str,
         summary = next(e for e in reversed(events) if e.get("event") == "summary")
         written = int(job["write"]["io_bytes"])
         touched = distinct_chunks(iolog)
-        bursts = write_bursts(iolog, HOLD_IDLE * 1000)
+        bursts = write_bursts(iolog, HOLD_IDLE * 1e6)
         sent = int(summary["bytes_sent"])
         row = {"round": k, "seconds": seconds, "rate": rate, "interval": interval,
                "written": written,
@@ -142,9 +143,9 @@ def one_round(b: Bench, k: int, seconds: float, rate: str,
         print(f"  round {k}: written {written / MiB:.1f} MiB, {touched} chunks touched, "
               f"sent {sent / MiB:.1f} MiB in {row['passes']} passes: {row['amplification']}x "
               f"the bytes written (floor {row['floor']}x), {row['sent_per_floor']}x the "
-              f"floor; {bursts} bursts of writes (a chunk written again after "
-              f"{HOLD_IDLE:g} s of quiet), {row['sent_per_burst_floor']}x one shipment "
-              "per burst", flush=True)
+              "floor; " + (f"{bursts} bursts of writes (a chunk written again after "
+                           f"{HOLD_IDLE:g} s of quiet), {row['sent_per_burst_floor']}x one "
+                           "shipment per burst" if bursts else "bursts n/a"), flush=True)
         return row
     finally:
         if run is not None:
@@ -170,6 +171,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 10.0
+    if args.interval is not None and not 0.05 <= args.interval <= 3600:
+        ap.error("--interval takes 0.05 to 3600 seconds, as bmigrate run does")
     parse_size(args.rate)                       # a size fio and we both read
     install_signal_handlers()
     facts = provenance(fio=["fio", "--version"])
@@ -197,10 +200,13 @@ def main() -> int:
         amp = sorted(r["amplification"] for r in rows)[len(rows) // 2]
         per_floor = sorted(r["sent_per_floor"] for r in rows)[len(rows) // 2]
         floor = sorted(r["floor"] for r in rows)[len(rows) // 2]
-        per_burst = sorted(r["sent_per_burst_floor"] or 0 for r in rows)[len(rows) // 2]
+        bursts = sorted(r["sent_per_burst_floor"] for r in rows
+                        if r["sent_per_burst_floor"] is not None)
+        per_burst = (f"{bursts[len(bursts) // 2]}x one shipment per burst of writes"
+                     if bursts else "bursts n/a (fio wrote no times in its I/O log)")
         print(f"median: sent {amp}x the bytes written (target <= 2x; the floor of one "
               f"shipment per touched chunk is {floor}x), {per_floor}x the floor, "
-              f"{per_burst}x one shipment per burst of writes")
+              f"{per_burst}")
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         save_json(os.path.join(HERE, "results",
                                f"catchup-{time.strftime('%Y%m%d-%H%M%S')}.json"), out)

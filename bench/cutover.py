@@ -273,7 +273,9 @@ def read_fio(path: str, fio: Proc) -> dict:
                            f"{fio.log_tail()}") from None
 
 
-def write_side(job: dict) -> dict:
+def write_side(job: dict, jobs: int = 1) -> dict:
+    """fio's write figures; with several jobs (--group_reporting) fio sums the I/O and
+    gives the CPU as one job's average, so that is multiplied back."""
     w = job["write"]
     pct = w.get("clat_ns", {}).get("percentile", {})
     ms = lambda ns: round(ns / 1e6, 4)  # noqa: E731
@@ -283,7 +285,7 @@ def write_side(job: dict) -> dict:
             "clat_ms_mean": ms(w["clat_ns"]["mean"]), "clat_ms_max": ms(w["clat_ns"]["max"]),
             "clat_ms_p50": ms(pct.get("50.000000", 0)), "clat_ms_p99": ms(pct.get("99.000000", 0)),
             "clat_ms_p999": ms(pct.get("99.900000", 0)),
-            "fio_cpu": round((job["usr_cpu"] + job["sys_cpu"]) / 100, 3),
+            "fio_cpu": round((job["usr_cpu"] + job["sys_cpu"]) / 100 * jobs, 3),
             "error": int(job.get("error", 0))}
 
 
@@ -623,7 +625,7 @@ class Latency:
         marks = b.stats(self.name)["marks"] - marks0
         fio.stop()
         job = read_fio(out, fio)
-        r = {"mode": mode, "iodepth": depth, "round": rnd, **write_side(job),
+        r = {"mode": mode, "iodepth": depth, "round": rnd, **write_side(job, args.jobs),
              "wall_s": round(wall, 3)}
         remove(out)
         remove(fio.log_path)
@@ -850,7 +852,8 @@ def parse_args() -> argparse.Namespace:
                    help="fio iodepths of the latency section [%(default)s]")
     p.add_argument("--jobs", type=int, default=1,
                    help="latency section: fio jobs per run, each on its own NBD connection "
-                        "at the iodepth (qemu's multi-conn); the figures are their sum [1]")
+                        "at the iodepth, as a multi-conn client opens them; the figures "
+                        "are their sum [1]")
     p.add_argument("--latency-size", default="1G", help="device size for the latency section "
                    "[1G]")
     p.add_argument("--shm-dir", default="/dev/shm",

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Compare NBD servers in one run: qemu-nbd, nbdkit's file plugin, bmig-nbd with and without
-tracking, all driven by fio's nbd engine over a Unix socket, one connection each.
+tracking, all driven by fio's nbd engine over a Unix socket, one connection each (--jobs N:
+N fio jobs, a connection each).
 
     .venv/bin/python bench/nbd.py                   # 3 workloads x 4 servers x 3 x 18 s (~11 min)
     .venv/bin/python bench/nbd.py --quick           # 5 s runs, 1 repeat, 512 MiB (~110 s)
@@ -251,7 +252,7 @@ def run_once(setup: Setup, server: Server, w: Workload, runtime: int, ramp: int,
             raise ServerDied(f"{p.label} exited with {p.proc.returncode} during the "
                              f"{w.name} run on {server.name}:\n{p.log_tail(8)}")
     counters1 = breqd_counters(setup)
-    r = parse_fio(out, fio, w)
+    r = parse_fio(out, fio, w, setup.jobs)
     # fio counts no I/O during the ramp, the CPU clocks do: per I/O figures assume the
     # ramp ran at the measured rate.
     ios = max(1.0, r["iops"] * wall)
@@ -266,7 +267,9 @@ def run_once(setup: Setup, server: Server, w: Workload, runtime: int, ramp: int,
     return r
 
 
-def parse_fio(path: str, fio: Proc, w: Workload) -> dict:
+def parse_fio(path: str, fio: Proc, w: Workload, jobs: int = 1) -> dict:
+    """The run's figures; with several jobs (--group_reporting) fio sums the I/O and
+    gives the CPU as one job's average, so that is multiplied back."""
     try:
         with open(path, errors="replace") as f:
             text = f.read()
@@ -286,7 +289,7 @@ def parse_fio(path: str, fio: Proc, w: Workload) -> dict:
             "lat_ms_mean": round(side["lat_ns"]["mean"] / 1e6, 3),
             "clat_ms_p50": round(pct.get("50.000000", 0) / 1e6, 3),
             "clat_ms_p99": round(pct.get("99.000000", 0) / 1e6, 3),
-            "fio_cpu": round((job["usr_cpu"] + job["sys_cpu"]) / 100, 3)}
+            "fio_cpu": round((job["usr_cpu"] + job["sys_cpu"]) / 100 * jobs, 3)}
 
 
 # -- the whole run -----------------------------------------------------------------------
@@ -749,8 +752,8 @@ def parse_args() -> argparse.Namespace:
                    help=f"servers to compare [{','.join(SERVERS)}]")
     p.add_argument("--jobs", type=int, default=1,
                    help="fio jobs per run, each on its own NBD connection at the "
-                        "workload's iodepth (qemu's multi-conn; qemu-nbd is started with "
-                        "-e JOBS); the figures are their sum [1]")
+                        "workload's iodepth, as a multi-conn client opens them (qemu-nbd "
+                        "is started with -e JOBS); the figures are their sum [1]")
     p.add_argument("--clear-bitmap", action="store_true",
                    help="clear breqd's bitmap before each tracked run, so writes are "
                         "first-time marks that wait for an fdatasync (default: the new "
