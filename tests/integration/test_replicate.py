@@ -112,8 +112,8 @@ def test_replication_over_tls_is_acknowledged_by_the_reader_thread(breqd, tmp_pa
 
 def test_several_connections_writing_the_same_blocks_leave_the_target_equal(breqd, setup,
                                                                           tmp_path):
-    """bmig-nbd offers NBD_FLAG_CAN_MULTI_CONN, so qemu may open several connections to
-    one export. Four fio jobs, one connection each, write fresh random data at random over
+    """bmig-nbd offers NBD_FLAG_CAN_MULTI_CONN, so a client that uses it (the kernel's
+    nbd-client -C, libnbd's tools) opens several connections to one export. Four fio jobs, one connection each, write fresh random data at random over
     the same 1 MiB at once (writes of one frame, 4-128 KiB: many land on a block another
     connection writes in the same loop turn); then a flush. Every chunk ends clean and the
     target equals the source: the writes reached both sides in one order."""
@@ -122,8 +122,8 @@ def test_several_connections_writing_the_same_blocks_leave_the_target_equal(breq
     replicate(breqd, server, r, "--protocol", "C")
     done = subprocess.run(
         ["fio", "--name=multi", "--ioengine=nbd", f"--uri={server.uri}", "--numjobs=4",
-         "--rw=randwrite", "--bsrange=4k-128k", "--iodepth=8", "--offset=1M", "--size=1M",
-         "--io_size=6M", "--norandommap", "--randseed=42", "--refill_buffers",
+         "--thread", "--rw=randwrite", "--bsrange=4k-128k", "--iodepth=8", "--offset=1M",
+         "--size=1M", "--io_size=6M", "--norandommap", "--randseed=42", "--refill_buffers",
          "--end_fsync=1", "--group_reporting", "--output-format=json",
          f"--output={tmp_path / 'fio.json'}"],
         capture_output=True, text=True, timeout=120)

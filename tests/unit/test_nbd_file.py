@@ -167,8 +167,8 @@ class Shifted(Layer):
 def test_reads_skip_the_layers_that_leave_them_alone(tmp_path):
     """The tracking chain (control, tracking, replication) does nothing to a read: a read
     from its top is one call into the file layer (each layer on the way cost a call or
-    two per read, ~0.4 us of bmig-nbd's ~8 us: bench/README.md); a layer that changes
-    reads is kept in their way."""
+    two per read: ~0.4 us of bmig-nbd's ~8 us, bench/README.md "Figures: several
+    connections"); a layer that changes reads is kept in their way."""
     path = tmp_path / "b.img"
     path.write_bytes(b"a" * 4096 + b"b" * 4096)
     bottom = file_layer.FileLayer(str(path))

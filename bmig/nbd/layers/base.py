@@ -1,6 +1,8 @@
 """The contract every layer keeps.
 
-A layer passes reads, flushes and block status through to the next one by default. The
+A layer passes reads, flushes and block status through to the next one by default (reads
+it does not override are bound, when it is made, to the read methods of the layer below:
+they skip it, and reach the nearest layer down that handles them). The
 write-like commands (WRITE, TRIM, WRITE_ZEROES) have no default: a layer that forgot one
 would let a write slip past it, so each layer must handle each of them by name.
 
@@ -16,8 +18,9 @@ started at once, with no task, and ``done(result, error)`` is called once it is 
 from the event loop (perhaps before ``write_later`` returns). False: nothing was done,
 use ``write``. It defaults to False too.
 
-The contract holds no state and does no I/O. A layer knows the one below it (``inner``)
-and may not reach past it into the chain.
+The contract does no I/O. A layer knows the one below it (``inner``, fixed when it is
+made) and may not reach past it into the chain; the read binding above is the contract's
+own doing, not a layer's.
 """
 
 from __future__ import annotations
