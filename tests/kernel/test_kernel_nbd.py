@@ -7,7 +7,9 @@ tests/integration/test_kernel_vm.py boots one and runs this directory in it.
 mkfs, a file tree copied in, fsync, unmount and disconnect, all through the block layer
 and the kernel's NBD client: the backing file must hold a clean ext4 file system that
 mounts again with the same files, and every chunk the server was asked to write, trim or
-zero must be dirty in breqd (invariants 1 and 4).
+zero must be dirty in breqd (invariants 1 and 4). Once over one connection, once over
+four (nbd-client -C 4: the kernel opens them only when the server offers
+NBD_FLAG_CAN_MULTI_CONN, and spreads its requests over them).
 """
 
 from __future__ import annotations
@@ -51,15 +53,20 @@ def chunks_of(ranges, chunk: int) -> set[int]:
     return out
 
 
+@pytest.mark.parametrize("connections", [1, 4])
 def test_ext4_through_the_kernel_nbd_client_is_clean_and_every_written_chunk_is_dirty(
-        breqd, tmp_path, nbd_module):
+        breqd, tmp_path, nbd_module, connections):
+    """With 4 connections (nbd-client -C, which bmig-nbd's NBD_FLAG_CAN_MULTI_CONN
+    allows) the kernel spreads the requests over them and sends a FLUSH on one of them
+    only: bmig-nbd must make every write completed on any connection durable with it."""
     size = 128 * MiB
     server = start_nbd(breqd, tmp_path, size)
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
     connected = mounted = False
     try:
-        run("nbd-client", "-unix", server.socket, nbd_module, "-N", "d1")
+        run("nbd-client", "-unix", server.socket, nbd_module, "-N", "d1",
+            *(["-C", str(connections)] if connections > 1 else []))
         connected = True
         assert run("blockdev", "--getsize64", nbd_module).stdout.strip() == str(size)
         run("mkfs.ext4", "-q", "-F", nbd_module)
@@ -92,6 +99,7 @@ def test_ext4_through_the_kernel_nbd_client_is_clean_and_every_written_chunk_is_
     requests = logged_requests(server.daemon.log())
     commands = {cmd for cmd, _, _ in requests}
     assert {"NBD_CMD_WRITE", "NBD_CMD_FLUSH"} <= commands, commands
+    assert server.daemon.log().count(": transmission on d1") == connections
     chunk = breqd.client().stats("d1")["chunk_size"]
     written = chunks_of([(o, n) for cmd, o, n in requests if cmd in WRITE_LIKE], chunk)
     runs, _ = breqd.client().query("d1", 0, size)
