@@ -57,8 +57,9 @@ def chunks_of(ranges, chunk: int) -> set[int]:
 def test_ext4_through_the_kernel_nbd_client_is_clean_and_every_written_chunk_is_dirty(
         breqd, tmp_path, nbd_module, connections):
     """With 4 connections (nbd-client -C, which bmig-nbd's NBD_FLAG_CAN_MULTI_CONN
-    allows) the kernel spreads the requests over them and sends a FLUSH on one of them
-    only: bmig-nbd must make every write completed on any connection durable with it."""
+    allows) the kernel spreads the requests over them and sends each FLUSH on one of
+    them; that it covers the writes of the others (one file descriptor, one fdatasync)
+    would show only after a power cut. Here: the file system and the tracking hold."""
     size = 128 * MiB
     server = start_nbd(breqd, tmp_path, size)
     mnt = str(tmp_path / "mnt")
