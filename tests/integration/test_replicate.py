@@ -113,10 +113,11 @@ def test_replication_over_tls_is_acknowledged_by_the_reader_thread(breqd, tmp_pa
 def test_several_connections_writing_the_same_blocks_leave_the_target_equal(breqd, setup,
                                                                           tmp_path):
     """bmig-nbd offers NBD_FLAG_CAN_MULTI_CONN, so a client that uses it (the kernel's
-    nbd-client -C, libnbd's tools) opens several connections to one export. Four fio jobs, one connection each, write fresh random data at random over
-    the same 1 MiB at once (writes of one frame, 4-128 KiB: many land on a block another
-    connection writes in the same loop turn); then a flush. Every chunk ends clean and the
-    target equals the source: the writes reached both sides in one order."""
+    nbd-client -C, libnbd's tools) opens several connections to one export. Four fio
+    jobs, one connection each, write fresh random data at random over the same 1 MiB at
+    once (writes of one frame, 4-128 KiB: many land on a block another connection writes
+    in the same loop turn); then a flush. Every chunk ends clean and the target equals
+    the source: the writes reached both sides in one order."""
     require("fio")
     server, r, target = setup
     replicate(breqd, server, r, "--protocol", "C")
