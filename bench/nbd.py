@@ -203,8 +203,8 @@ def start_server(setup: Setup, name: str) -> Server:
 
 def fio_argv(server: Server, w: Workload, runtime: int, ramp: int, out: str,
              jobs: int = 1) -> list[str]:
-    """One fio run; ``jobs`` > 1: that many jobs, each on its own NBD connection (as qemu
-    opens several when the server offers NBD_FLAG_CAN_MULTI_CONN), reported together."""
+    """One fio run; ``jobs`` > 1: that many jobs, each on its own NBD connection (as a
+    client that uses NBD_FLAG_CAN_MULTI_CONN opens them), reported together."""
     return ["fio", f"--name={w.name}", "--ioengine=nbd", f"--uri={server.uri()}",
             f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", f"--numjobs={jobs}",
             *(["--group_reporting"] if jobs > 1 else []),
