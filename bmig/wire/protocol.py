@@ -82,13 +82,18 @@ FLAG_ACK_WRITTEN = 1 << 2   # WRITTEN(seq) once written to the target (protocol 
 KNOWN_FLAGS = FLAG_FUA | FLAG_ACK_RECEIVED | FLAG_ACK_WRITTEN
 
 
+# Every type by its byte: ``T(byte)`` costs ~0.7 us, and both ends take the type of
+# every frame and acknowledgement (the receiver's busiest loop, bmig-nbd's replica).
+_TYPE_OF_BYTE: dict[int, T] = {t.value: t for t in T}
+
+
 def type_of(body: memoryview | bytes) -> T:
     if len(body) < 1:
         raise ProtocolError("empty message")
-    try:
-        return T(body[0])
-    except ValueError:
-        raise ProtocolError(f"unknown message type {body[0]}") from None
+    kind = _TYPE_OF_BYTE.get(body[0])
+    if kind is None:
+        raise ProtocolError(f"unknown message type {body[0]}")
+    return kind
 
 
 # -- JSON messages ---------------------------------------------------------------------

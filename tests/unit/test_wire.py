@@ -17,7 +17,7 @@ from bmig.wire import auth, codec
 from bmig.wire.channel import Channel
 from bmig.wire.protocol import (MAX_DATA, MAX_JSON, Message, T, decode_json, pack_data,
                                 pack_hashes, pack_seq, pack_zero, unpack_data, unpack_hashes,
-                                unpack_seq, unpack_zero)
+                                type_of, unpack_seq, unpack_zero)
 from bmig.wire.seal import transcript
 from bmig.wire.transports import SocketStream
 from bmig.wire.urls import parse_target_url
@@ -97,6 +97,20 @@ def test_json_messages_round_trip_and_unknown_fields_are_kept_for_the_reader():
 def test_the_decoder_refuses_malformed_messages(body, match):
     with pytest.raises(ProtocolError, match=match):
         decode_json(memoryview(body))
+
+
+def test_every_byte_is_a_known_type_or_a_protocol_error():
+    known = {t.value for t in T}
+    for byte in range(256):
+        body = memoryview(bytes([byte, 0, 0, 0]))
+        if byte in known:
+            kind = type_of(body)
+            assert kind is T(byte) and isinstance(kind, T)
+        else:
+            with pytest.raises(ProtocolError, match=f"unknown message type {byte}$"):
+                type_of(body)
+    with pytest.raises(ProtocolError, match="empty message"):
+        type_of(memoryview(b""))
 
 
 @pytest.mark.parametrize("fields,getter", [
