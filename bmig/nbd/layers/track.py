@@ -56,6 +56,15 @@ Ranges = list[tuple[int, int]]
 
 DEFAULT_HOLD_IDLE = HOLD_IDLE     # seconds without a write before a chunk is let go
 IDLE_SWEEPS = HOLD_IDLE_SWEEPS    # sweeps per idle period: a chunk goes idle..1.25 idle late
+# While replicating, a hold kept because breqd called its chunk mirrored goes this many
+# idle periods after it was taken, even if still written (``_sweep_idle``). Every time it
+# goes, the next write to the chunk takes it again with a MARK: after one idle period,
+# as before, that was one MARK per hot chunk every ~2.2 s, 0.02-0.46 MARKs per
+# replicated write at iodepth 32 and most of breqd's CPU (bench/README.md, "Latency
+# figures: kept mirrored holds"). The cost of a longer life: a chunk that something else
+# made plain dirty under such a hold (a plain MARK, set-dirty) waits this long to be
+# made clean, within the 30 s after which ``bmigrate run`` ships held chunks anyway.
+KEPT_MIRRORED_IDLES = 8
 DIRTY = 1                         # qemu:dirty-bitmap extent flag
 
 
@@ -354,14 +363,16 @@ class TrackLayer(Layer):
         if mirrored is not None and not mirrored.mirror.active:
             mirrored = None
         # Seen before the sweep IDLE_SWEEPS ago: not written for a whole idle time. A
-        # hold kept because breqd called its chunk mirrored goes after an idle time even
-        # if still written: breqd may have made the chunk plain dirty since (a plain
-        # mark, set-dirty), and a sender can make it clean only between holds.
+        # hold kept because breqd called its chunk mirrored goes KEPT_MIRRORED_IDLES
+        # idle times after it was taken even if still written: breqd may have made the
+        # chunk plain dirty since (a plain mark, set-dirty), and a sender can make it
+        # clean only between holds.
         oldest = self._sweeps - IDLE_SWEEPS
+        oldest_kept = self._sweeps - IDLE_SWEEPS * KEPT_MIRRORED_IDLES
         self._let_go_settled_or_plain(
             [c for c, hold in held.items()
              if (hold.seen < oldest or (mirrored is not None and hold.mirrored
-                                        and hold.taken < oldest))
+                                        and hold.taken < oldest_kept))
              and c not in busy
              and not (mirrored is not None and mirrored.awaits_target(hold))])
 
