@@ -40,9 +40,11 @@ once (plain), so the resync beside ships them. A hold that settled goes at once
 reply): a chunk that was dirty when held must be free now and then for a sender to make
 it clean, while a mirrored one is left alone by senders anyway, so its hold is kept like
 a hold of tracking only (the next write to it needs no MARK) and the idle sweep lets it
-go, synced once settled: an idle time after its last write, or at the latest
-``KEPT_MIRRORED_IDLES`` idle times after it was taken (bmig.nbd.layers.track). The idle sweep never lets go a hold that still waits for the
-target, or the next pass would ship again what the target is about to have.
+go, synced once settled: an idle time after its last write, or, written or not,
+``KEPT_MIRRORED_IDLES`` idle times after it was taken (bmig.nbd.layers.track), in
+either case only at a sweep that finds no write running on it. The idle sweep never
+lets go a hold that still waits for the target, or the next pass would ship again what
+the target is about to have.
 
 This module keeps that bookkeeping and decides; the tracking layer (bmig.nbd.layers.track)
 owns the holds, asks it, and sends the releases. It may not talk to breqd or to the

@@ -57,13 +57,15 @@ Ranges = list[tuple[int, int]]
 DEFAULT_HOLD_IDLE = HOLD_IDLE     # seconds without a write before a chunk is let go
 IDLE_SWEEPS = HOLD_IDLE_SWEEPS    # sweeps per idle period: a chunk goes idle..1.25 idle late
 # While replicating, a hold kept because breqd called its chunk mirrored goes this many
-# idle periods after it was taken, even if still written (``_sweep_idle``). Every time it
-# goes, the next write to the chunk takes it again with a MARK: after one idle period,
-# as before, that was one MARK per hot chunk every ~2.2 s, 0.02-0.46 MARKs per
-# replicated write at iodepth 32 and most of breqd's CPU (bench/README.md, "Latency
-# figures: kept mirrored holds"). The cost of a longer life: a chunk that something else
-# made plain dirty under such a hold (a plain MARK, set-dirty) waits this long to be
-# made clean, within the 30 s after which ``bmigrate run`` ships held chunks anyway.
+# idle periods after it was taken, even if still written (``_sweep_idle``: 16-16.5 s).
+# Every time it goes, the next write to the chunk takes it again with a MARK: after one
+# idle period, as before, that was one MARK per hot chunk every ~2.2 s; at iodepth 32,
+# 0.02 MARKs per replicated write on a 64 MiB device and 0.41-0.48 on a 1 GiB one, where
+# breqd used half a core (bench/README.md, "Latency figures: kept mirrored holds"). The
+# cost of a longer life: a chunk that something else made plain dirty under such a hold
+# (a plain MARK, set-dirty) is let go that much later, and only then can a pass make it
+# clean (``bmigrate run``'s hot refresh ships held chunks every 30 s by default, but
+# they stay dirty while held).
 KEPT_MIRRORED_IDLES = 8
 DIRTY = 1                         # qemu:dirty-bitmap extent flag
 
